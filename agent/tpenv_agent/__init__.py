@@ -1,0 +1,1 @@
+"""tpenv-agent: the in-cluster program (sidecar and manager roles)."""

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Workspace task runner for tpenv. Standard library only: it runs before anything is installed.
+
+    python3 devspace.py setup            create .venv/ and install tpenv with its test extras
+    python3 devspace.py test [ARGS]      setup, bring the local cluster up (unless KUBECONFIG is set), run the suite
+    python3 devspace.py demo [--once]    the main job on the local cluster (examples/hello)
+    python3 devspace.py cluster up|down|env|status
+    python3 devspace.py images           build and import the cluster's images
+    python3 devspace.py bench [--quick]  benchmarks against the local cluster
+
+Build outputs (Go builds, rootfs, images) are cached in ~/.cache/tpenv (override: TPENV_CACHE).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+VENV_PY = VENV / "bin" / "python"
+SETUP_STAMP = VENV / ".tpenv-setup"
+
+
+def say(msg: str) -> None:
+    print(f"devspace: {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def _setup_key() -> str:
+    # Re-install when the declared dependencies change, not on every run.
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def setup(_argv: list[str] | None = None) -> int:
+    key = _setup_key()
+    if VENV_PY.exists() and SETUP_STAMP.exists() and SETUP_STAMP.read_text() == key:
+        return 0
+    if not VENV_PY.exists():
+        say(f"creating {VENV.relative_to(ROOT)}/")
+        run([sys.executable, "-m", "venv", str(VENV)])
+    say("installing tpenv and its test extras (pip)")
+    run([str(VENV_PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    run([str(VENV_PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"])
+    SETUP_STAMP.write_text(key)
+    return 0
+
+
+def _cluster_module():
+    sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+    import cli as cluster_cli  # tests/cluster/cli.py, stdlib only
+
+    return cluster_cli
+
+
+def cluster(argv: list[str]) -> int:
+    return _cluster_module().main(argv)
+
+
+def images(argv: list[str]) -> int:
+    return _cluster_module().main(["images", *argv])
+
+
+def _cluster_env() -> dict[str, str]:
+    """The environment for tools that talk to the cluster: KUBECONFIG as given, else the local cluster."""
+    env = dict(os.environ)
+    if not env.get("KUBECONFIG"):
+        mod = _cluster_module()
+        rc = mod.main(["up"])
+        if rc != 0:
+            raise SystemExit(f"devspace: the local cluster did not come up (exit {rc}); see the lines above")
+        env["KUBECONFIG"] = str(mod.kubeconfig_path())
+    return env
+
+
+def test(argv: list[str]) -> int:
+    setup()
+    env = _cluster_env()
+    env.setdefault("TPENV_E2E", "1")
+    cmd = [str(VENV_PY), "-m", "pytest", "-ra", *argv]
+    say("running: " + " ".join(cmd[2:]))
+    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if rc == 5:
+        say("pytest collected no tests: that is a failure here")
+        return 1
+    return rc
+
+
+def _venv_script(name: str, argv: list[str]) -> int:
+    setup()
+    env = _cluster_env()
+    return subprocess.run([str(VENV_PY), str(ROOT / name), *argv], cwd=ROOT, env=env).returncode
+
+
+def demo(argv: list[str]) -> int:
+    return _venv_script("examples/demo.py", argv)
+
+
+def bench(argv: list[str]) -> int:
+    return _venv_script("bench/run.py", argv)
+
+
+COMMANDS = {"setup": setup, "test": test, "demo": demo, "cluster": cluster, "images": images, "bench": bench}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except subprocess.CalledProcessError as e:
+        say(f"command failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""tpenv: the client. See docs/ and ../shared/DESIGN.md."""

@@ -1,0 +1,125 @@
+"""tpenv's exception tree. Every error tpenv raises on purpose is one of these.
+
+    TpenvError                      base; ``exit_code`` and ``hint`` drive the CLI's message
+    ├── ConfigError                 telepresence.yaml or flags are wrong (exit 2); holds Problems
+    ├── UsageError                  a CLI invocation that cannot work as given (exit 2)
+    ├── NotBuiltYet                 a verb whose engine is not built yet (exit 3)
+    ├── PermanentError              retrying will not help (exit 1)
+    │   ├── NotFound                workload / service / namespace / port missing
+    │   ├── Forbidden               RBAC refuses the action
+    │   ├── Conflict                another session holds the intercept
+    │   └── MissingTool             a local program or kernel feature is absent (sshfs, FUSE)
+    └── TransientError              worth retrying after ``retry_after`` seconds (exit 1)
+        ├── ClusterUnreachable      API server down or network cut
+        ├── TunnelDropped           port-forward or SSH connection lost
+        └── RolloutStalled          pods did not become ready in time
+
+Errors from kubernetes, asyncssh, websockets and the OS are wrapped at the edges with
+``raise ... from e``; only the CLI maps these to messages and exit codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class TpenvError(Exception):
+    """Base of every error tpenv raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a config file: where, what, and what to do."""
+
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+    message: str
+    suggestion: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.file}:{self.line}:{self.column}: {self.message}"
+        if self.suggestion:
+            text += f" ({self.suggestion})"
+        return text
+
+
+class ConfigError(TpenvError):
+    """The configuration is invalid; carries every problem found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem] | str, *, hint: str | None = None) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("<config>", 1, 1, problems)]
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems), hint=hint)
+
+
+class UsageError(TpenvError):
+    exit_code = 2
+
+
+class NotBuiltYet(TpenvError):
+    """A verb that exists in the CLI but whose engine does not exist yet. Never pretends to work."""
+
+    exit_code = 3
+
+
+class PermanentError(TpenvError):
+    """Retrying will not help until something changes."""
+
+
+class NotFound(PermanentError):
+    pass
+
+
+class Forbidden(PermanentError):
+    pass
+
+
+class Conflict(PermanentError):
+    pass
+
+
+class MissingTool(PermanentError):
+    pass
+
+
+class TransientError(TpenvError):
+    """Worth retrying; ``retry_after`` is the suggested first delay in seconds."""
+
+    retry_after: float = 1.0
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, hint=hint)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class ClusterUnreachable(TransientError):
+    retry_after = 2.0
+
+
+class TunnelDropped(TransientError):
+    retry_after = 0.5
+
+
+class RolloutStalled(TransientError):
+    retry_after = 5.0
+
+
+__all__ = [
+    "TpenvError", "Problem", "ConfigError", "UsageError", "NotBuiltYet", "PermanentError", "NotFound",
+    "Forbidden", "Conflict", "MissingTool", "TransientError", "ClusterUnreachable", "TunnelDropped",
+    "RolloutStalled",
+]

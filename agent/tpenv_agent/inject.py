@@ -1,0 +1,461 @@
+"""Agent injection as pure functions over plain dicts (docs/protocol.md §1).
+
+    inject(workload, service, port, *, container=None, settings)  -> (workload', service' | None, record)
+    restore(workload, service)                                     -> (workload', service' | None)
+    inject_pod(pod, settings)                                      -> pod'   (the manager's webhook)
+
+Nothing here mutates its inputs: every function deep-copies first and edits its own copy.
+
+The sidecar container is built in Python here, not rendered from ``templates/``: this module runs
+inside the agent image (the webhook), which ships without jinja2 or a YAML parser, and the client
+imports the same code, so patch mode and webhook mode cannot drift apart. ``templates/`` holds
+only the manager's install manifests, which only the client renders.
+
+``settings`` keys (all optional): ``agent_image`` (default ``tpenv/agent:<version>``),
+``image_pull_policy`` (default ``IfNotPresent``), ``lease`` (seconds, default 5).
+
+Restore records, kept as JSON annotations so ``restore`` needs nothing but the objects:
+
+- workload ``tpenv.io/restore``: ``{"v": 1, "container": <app container>, "ports": [{"name",
+  "agent_port", "app_port", "renamed"?}], "created": [<dotted paths of dicts/lists inject
+  created, removed again when empty>]}``
+- Service ``tpenv.io/restore-service``: ``{"v": 1, "ports": [{"port", "protocol",
+  "targetPort"}], "created": [...]}``; ``targetPort: null`` means the key was absent.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import metadata
+
+AGENT_CONTAINER = "tpenv-agent"
+AUTH_VOLUME = "tpenv-auth"
+AUTH_SECRET = "tpenv-auth"
+AUTH_DIR = "/tpenv/auth"
+MOUNTS_ROOT = "/tpenv/mounts"
+SSH_ADDR = "127.0.0.1:7922"
+HEALTH_PORT = 7921
+FIRST_AGENT_PORT = 7900
+RESERVED_PORTS = frozenset({HEALTH_PORT, 7922})
+
+LABEL_AGENT = "tpenv.io/agent"
+LABEL_INJECT = "tpenv.io/inject-agent"  # pod label the webhook's objectSelector matches
+ANN_RESTORE = "tpenv.io/restore"
+ANN_RESTORE_SERVICE = "tpenv.io/restore-service"
+ANN_INJECT_PORTS = "tpenv.io/inject-ports"  # webhook: which container ports the agent takes
+ANN_INJECT_CONTAINER = "tpenv.io/inject-container"  # webhook: which container is the app
+ANN_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet")
+PORT_NAME_MAX = 15  # IANA_SVC_NAME, enforced by the API server
+
+
+class InjectError(ValueError):
+    """The objects cannot be injected as asked; the message says what to change."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tpenv")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def default_settings() -> dict:
+    return {"agent_image": f"tpenv/agent:{_version()}", "image_pull_policy": "IfNotPresent", "lease": 5}
+
+
+def _settings(settings: dict | None) -> dict:
+    merged = default_settings()
+    merged.update({k: v for k, v in (settings or {}).items() if v is not None})
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers over our own copies
+
+
+def _ensure(root: dict, path: str, created: list[str], empty) -> object:
+    """Walk ``path`` (dotted) creating missing parts; record what we created so restore can drop it."""
+    node = root
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if node.get(part) is None:
+            node[part] = empty() if i == len(parts) - 1 else {}
+            sub = ".".join(parts[: i + 1])
+            if sub not in created:
+                created.append(sub)
+        node = node[part]
+    return node
+
+
+def _drop_created(root: dict, created: list[str]) -> None:
+    # Deepest first, so a parent we created is seen empty after its child is gone.
+    for path in sorted(created, key=lambda p: p.count("."), reverse=True):
+        *parents, last = path.split(".")
+        node = root
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and last in node and not node[last]:
+            del node[last]
+
+
+def _port_int(value) -> int | str:
+    """A targetPort as Kubernetes reads it: digits are a number, anything else a port name."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
+
+
+def _agent_port_name(target: int | str) -> str:
+    return target if isinstance(target, str) else f"tpenv-{target}"
+
+
+def _renamed(name: str) -> str:
+    return f"tpx-{name}"[:PORT_NAME_MAX]
+
+
+def _names(containers: list[dict]) -> str:
+    return ", ".join(c["name"] for c in containers) or "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# the agent container
+
+
+def _mount_copy(mount: dict) -> dict:
+    m = {k: copy.deepcopy(v) for k, v in mount.items() if k != "mountPropagation"}  # Bidirectional needs privileged
+    m["mountPath"] = MOUNTS_ROOT + "/" + mount["mountPath"].lstrip("/")
+    return m
+
+
+def _env_copy(env: dict, app: str) -> dict:
+    # A resourceFieldRef without containerName means "this container": pin it to the app's.
+    env = copy.deepcopy(env)  # never share sub-objects between the app and the agent
+    ref = (env.get("valueFrom") or {}).get("resourceFieldRef")
+    if ref is not None and not ref.get("containerName"):
+        ref["containerName"] = app
+    return env
+
+
+def agent_container(app: dict, entries: list[dict], settings: dict) -> dict:
+    """The sidecar for app container ``app`` serving ``entries`` (records of taken ports)."""
+    args = ["sidecar", "--container", app["name"]]
+    for e in entries:
+        args += ["--listen", f"{e['agent_port']}:{e['app_port']}:{e['name']}"]
+    args += ["--ssh", SSH_ADDR, "--health", f"0.0.0.0:{HEALTH_PORT}", "--auth-dir", AUTH_DIR,
+             "--mounts", MOUNTS_ROOT, "--lease", str(settings["lease"])]
+    probe = lambda path: {"httpGet": {"path": path, "port": HEALTH_PORT}, "periodSeconds": 5}  # noqa: E731
+    c: dict = {
+        "name": AGENT_CONTAINER,
+        "image": settings["agent_image"],
+        "imagePullPolicy": settings["image_pull_policy"],
+        # command as well as args: the container must not depend on the image's ENTRYPOINT.
+        "command": ["tpenv-agent"],
+        "args": args,
+        "ports": [{"name": e["name"], "containerPort": e["agent_port"], "protocol": "TCP"} for e in entries],
+    }
+    if app.get("env"):
+        c["env"] = [_env_copy(e, app["name"]) for e in app["env"]]
+    if app.get("envFrom"):
+        c["envFrom"] = copy.deepcopy(app["envFrom"])
+    c["volumeMounts"] = [_mount_copy(m) for m in app.get("volumeMounts") or []]
+    c["volumeMounts"].append({"name": AUTH_VOLUME, "mountPath": AUTH_DIR, "readOnly": True})
+    c["readinessProbe"] = probe("/readyz")
+    c["livenessProbe"] = probe("/livez")
+    return c
+
+
+def auth_volume() -> dict:
+    items = [{"key": "ca.pub", "path": "ca.pub"}, {"key": "host_key", "path": "host_key"}]
+    return {"name": AUTH_VOLUME, "secret": {"secretName": AUTH_SECRET, "items": items}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the pod template (shared by inject and inject_pod)
+
+
+def _app_containers(spec: dict) -> list[dict]:
+    return [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+
+
+def _pick_container(spec: dict, target: int | str, explicit: str | None, where: str) -> dict:
+    containers = _app_containers(spec)
+    if explicit:
+        found = [c for c in containers if c["name"] == explicit]
+        if not found:
+            raise InjectError(f"{where} has no container named {explicit!r} (containers: {_names(containers)})")
+        c = found[0]
+        if isinstance(target, str) and not any(p.get("name") == target for p in c.get("ports") or []):
+            raise InjectError(f"container {explicit!r} of {where} declares no port named {target!r}; "
+                              f"add it to the container's ports or pick another container")
+        return c
+    if isinstance(target, str):
+        found = [c for c in containers if any(p.get("name") == target for p in c.get("ports") or [])]
+        if not found:
+            raise InjectError(f"no container of {where} declares a port named {target!r} (containers: "
+                              f"{_names(containers)}); name the app's port {target!r} in its ports or "
+                              f"point the Service's targetPort at a declared port")
+    else:
+        found = [c for c in containers if any(p.get("containerPort") == target for p in c.get("ports") or [])]
+        if not found and len(containers) == 1:
+            found = containers  # undeclared ports still receive traffic; one container leaves no doubt
+        if not found:
+            raise InjectError(f"no container of {where} declares containerPort {target} and it has "
+                              f"several containers ({_names(containers)}); pass --container NAME")
+    if len(found) > 1:
+        raise InjectError(f"port {target!r} is declared by several containers of {where} "
+                          f"({_names(found)}); pass --container NAME")
+    return found[0]
+
+
+def _used_ports(spec: dict) -> set[int]:
+    used = set(RESERVED_PORTS)
+    for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+        used.update(p.get("containerPort") for p in c.get("ports") or [])
+    return used
+
+
+def _take_port(spec: dict, app: dict, target: int | str, where: str) -> dict:
+    """Hand ``target`` of container ``app`` to the agent (in our copy); return the port record."""
+    used = _used_ports(spec)
+    agent_port = next(p for p in range(FIRST_AGENT_PORT, 65536) if p not in used)
+    entry: dict = {"name": _agent_port_name(target), "agent_port": agent_port}
+    if isinstance(target, str):
+        port = next(p for p in app["ports"] if p.get("name") == target)
+        if str(port.get("protocol", "TCP")).upper() != "TCP":
+            raise InjectError(f"port {target!r} of container {app['name']!r} is {port['protocol']}; "
+                              f"the agent only carries TCP")
+        new_name = _renamed(target)
+        taken = {p.get("name") for c in spec.get("containers") or [] for p in c.get("ports") or []}
+        if new_name in taken:
+            raise InjectError(f"cannot rename port {target!r} of {where} to {new_name!r}: that name is taken")
+        port["name"] = new_name
+        entry.update(app_port=port["containerPort"], renamed=new_name)
+    else:
+        entry["app_port"] = target
+    return entry
+
+
+def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) -> None:
+    """(Re)build the agent container from the app container and the record, in our copy ``tpl``.
+
+    ``created`` collects the paths (relative to ``tpl``) this call had to create."""
+    spec = tpl["spec"]
+    app = next(c for c in spec["containers"] if c["name"] == record["container"])
+    agent = agent_container(app, record["ports"], settings)
+    containers = spec["containers"]
+    index = next((i for i, c in enumerate(containers) if c["name"] == AGENT_CONTAINER), None)
+    if index is None:
+        containers.append(agent)
+    else:
+        containers[index] = agent
+    volumes = _ensure(tpl, "spec.volumes", created, list)
+    if not any(v.get("name") == AUTH_VOLUME for v in volumes):
+        volumes.append(auth_volume())
+    _ensure(tpl, "metadata.labels", created, dict)[LABEL_AGENT] = "injected"
+
+
+def _uninstall_agent(tpl: dict, record: dict) -> None:
+    spec = tpl.get("spec") or {}
+    spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    for c in spec["containers"]:
+        if c["name"] != record.get("container"):
+            continue
+        back = {e["renamed"]: e["name"] for e in record.get("ports") or [] if e.get("renamed")}
+        for p in c.get("ports") or []:
+            if p.get("name") in back:
+                p["name"] = back[p["name"]]
+    if isinstance(spec.get("volumes"), list):
+        spec["volumes"] = [v for v in spec["volumes"] if v.get("name") != AUTH_VOLUME]
+    (tpl.get("metadata") or {}).get("labels", {}).pop(LABEL_AGENT, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+def _read(obj: dict, key: str) -> dict | None:
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise InjectError(f"annotation {key} is not valid JSON; remove it by hand (kubectl annotate "
+                          f"... {key}-) and inject again") from e
+    if not isinstance(record, dict) or record.get("v") != 1:
+        raise InjectError(f"annotation {key} has an unknown format (written by a newer tpenv?)")
+    return record
+
+
+def _write(obj: dict, key: str, record: dict) -> None:
+    # The record's own container (metadata.annotations) may be created here: record it first.
+    if ((obj.get("metadata") or {}).get("annotations")) is None and "metadata.annotations" not in record["created"]:
+        record["created"].append("metadata.annotations")
+    annotations = _ensure(obj, "metadata.annotations", [], dict)
+    annotations[key] = json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+def _where(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind', 'object')}/{meta.get('name') or meta.get('generateName') or '?'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the Service
+
+
+def _service_port(service: dict, port: str | int) -> dict:
+    ports = (service.get("spec") or {}).get("ports") or []
+    key = _port_int(port) if isinstance(port, str) else port
+    found = [p for p in ports if (p.get("name") == key if isinstance(key, str) else p.get("port") == key)]
+    if not found:
+        listed = ", ".join(f"{p.get('name') or '-'}={p.get('port')}" for p in ports) or "none"
+        raise InjectError(f"{_where(service)} exposes no port {port!r} (its ports: {listed}); "
+                          f"give a Service port name or number")
+    sp = found[0]
+    if str(sp.get("protocol", "TCP")).upper() != "TCP":
+        raise InjectError(f"port {port!r} of {_where(service)} is {sp['protocol']}; the agent only carries TCP")
+    return sp
+
+
+def _rewrite_service(svc: dict, sp: dict, new_target: str) -> None:
+    record = _read(svc, ANN_RESTORE_SERVICE) or {"v": 1, "ports": [], "created": []}
+    if not any(e["port"] == sp["port"] and e["protocol"] == sp.get("protocol", "TCP") for e in record["ports"]):
+        record["ports"].append({"port": sp["port"], "protocol": sp.get("protocol", "TCP"),
+                                "targetPort": sp.get("targetPort")})
+    sp["targetPort"] = new_target
+    _write(svc, ANN_RESTORE_SERVICE, record)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def inject(workload: dict, service: dict, port: str | int, *, container: str | None = None,
+           settings: dict | None = None) -> tuple[dict, dict | None, dict]:
+    """Add (or extend) the agent so it takes Service port ``port`` of ``service`` from ``workload``.
+
+    Returns (patched workload, patched Service or None when the Service needs no change, the
+    workload's restore record). Injecting a port the agent already serves changes nothing.
+    """
+    settings = _settings(settings)
+    wl = copy.deepcopy(workload)
+    svc = copy.deepcopy(service)
+    where = _where(wl)
+    if wl.get("kind") not in WORKLOAD_KINDS:
+        raise InjectError(f"cannot inject into {where}: only {', '.join(WORKLOAD_KINDS)} are supported")
+    tpl = (wl.get("spec") or {}).get("template")
+    if not isinstance(tpl, dict) or not (tpl.get("spec") or {}).get("containers"):
+        raise InjectError(f"{where} has no pod template with containers")
+    if (svc.get("spec") or {}).get("clusterIP") == "None":
+        raise InjectError(f"{_where(svc)} is headless: callers connect to pod IPs on the app's own port, "
+                          f"which the agent cannot take over; intercept through a Service with a cluster IP "
+                          f"selecting the same pods")
+
+    sp = _service_port(svc, port)
+    target = _port_int(sp.get("targetPort", sp["port"]))
+    record = _read(wl, ANN_RESTORE) or {"v": 1, "container": None, "ports": [], "created": []}
+    name = _agent_port_name(target)
+    wl_changed = not any(e["name"] == name for e in record["ports"])
+    if wl_changed:
+        app = _pick_container(tpl["spec"], target, container or record["container"], where)
+        if record["container"] not in (None, app["name"]):
+            raise InjectError(f"the agent in {where} already serves container {record['container']!r}; "
+                              f"port {port!r} belongs to {app['name']!r}: one agent serves one container")
+        record["ports"].append(_take_port(tpl["spec"], app, target, where))
+        record["container"] = app["name"]
+        # One list of created paths, relative to the workload; the template's carry its prefix.
+        prefix = "spec.template."
+        tpl_created = [p[len(prefix):] for p in record["created"] if p.startswith(prefix)]
+        _install_agent(tpl, record, settings, tpl_created)
+        record["created"] = [p for p in record["created"] if not p.startswith(prefix)]
+        record["created"] += [prefix + p for p in tpl_created]
+        _ensure(wl, "metadata.labels", record["created"], dict)[LABEL_AGENT] = "injected"
+        _write(wl, ANN_RESTORE, record)
+    svc_changed = isinstance(target, int)
+    if svc_changed:
+        _rewrite_service(svc, sp, name)
+    return (wl if wl_changed else copy.deepcopy(workload)), (svc if svc_changed else None), record
+
+
+def restore(workload: dict, service: dict | None = None) -> tuple[dict, dict | None]:
+    """Undo every ``inject`` on these objects, from their annotations. Service is None if unchanged."""
+    wl = copy.deepcopy(workload)
+    record = _read(wl, ANN_RESTORE)
+    if record is not None:
+        tpl = wl["spec"]["template"]
+        _uninstall_agent(tpl, record)
+        wl["metadata"].get("labels", {}).pop(LABEL_AGENT, None)
+        wl["metadata"]["annotations"].pop(ANN_RESTORE, None)
+        _drop_created(wl, record["created"])
+    if service is None:
+        return wl, None
+    svc = copy.deepcopy(service)
+    srecord = _read(svc, ANN_RESTORE_SERVICE)
+    if srecord is None:
+        return wl, None
+    for sp in (svc.get("spec") or {}).get("ports") or []:
+        for e in srecord["ports"]:
+            if e["port"] == sp.get("port") and e["protocol"] == sp.get("protocol", "TCP"):
+                if e["targetPort"] is None:
+                    sp.pop("targetPort", None)
+                else:
+                    sp["targetPort"] = e["targetPort"]
+    svc["metadata"]["annotations"].pop(ANN_RESTORE_SERVICE, None)
+    _drop_created(svc, srecord["created"])
+    return wl, svc
+
+
+def _pod_targets(pod: dict, app: dict) -> list[int | str]:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    raw = annotations.get(ANN_INJECT_PORTS)
+    if raw:
+        return [_port_int(t.strip()) for t in raw.split(",") if t.strip()]
+    targets = [p["name"] for p in app.get("ports") or []
+               if p.get("name") and str(p.get("protocol", "TCP")).upper() == "TCP"]
+    if not targets:
+        raise InjectError(f"container {app['name']!r} has no named TCP port to give the agent; name its "
+                          f"ports or list them in the pod annotation {ANN_INJECT_PORTS}")
+    return targets
+
+
+def inject_pod(pod: dict, settings: dict | None = None) -> dict:
+    """The webhook's injection: the pod as it should be created (a new dict; unchanged if already injected).
+
+    App container: annotation ``tpenv.io/inject-container``, else ``kubectl.kubernetes.io/default-container``,
+    else the first container. Ports: annotation ``tpenv.io/inject-ports`` (comma-separated container
+    port names or numbers), else every named TCP port of the app container.
+    """
+    settings = _settings(settings)
+    p = copy.deepcopy(pod)
+    spec = p.get("spec") or {}
+    if any(c.get("name") == AGENT_CONTAINER for c in spec.get("containers") or []):
+        return p  # already injected (patch mode, or the API server re-invoked us)
+    containers = _app_containers(spec)
+    if not containers:
+        raise InjectError("the pod has no containers")
+    annotations = (p.get("metadata") or {}).get("annotations") or {}
+    name = annotations.get(ANN_INJECT_CONTAINER) or annotations.get(ANN_DEFAULT_CONTAINER) or containers[0]["name"]
+    where = "the pod"
+    app = _pick_container(spec, 0, name, where)
+    record: dict = {"v": 1, "container": app["name"], "ports": [], "created": []}
+    for target in _pod_targets(p, app):
+        if isinstance(target, str) and not any(q.get("name") == target for q in app.get("ports") or []):
+            raise InjectError(f"container {app['name']!r} declares no port named {target!r} "
+                              f"(from {ANN_INJECT_PORTS})")
+        if _agent_port_name(target) not in {e["name"] for e in record["ports"]}:
+            record["ports"].append(_take_port(spec, app, target, where))
+    _install_agent(p, record, settings, record["created"])
+    _write(p, ANN_RESTORE, record)
+    return p
+
+
+__all__ = [
+    "InjectError", "inject", "restore", "inject_pod", "agent_container", "auth_volume", "default_settings",
+    "AGENT_CONTAINER", "AUTH_SECRET", "LABEL_AGENT", "LABEL_INJECT", "ANN_RESTORE", "ANN_RESTORE_SERVICE",
+    "ANN_INJECT_PORTS", "ANN_INJECT_CONTAINER", "WORKLOAD_KINDS",
+]

@@ -1,0 +1,462 @@
+"""The Kubernetes kit: kubeconfig loading, an async face over the sync API client, workload lookup.
+
+Everything the engines need from the API server goes through :class:`Kube`:
+
+- kubeconfig and context loading is the ``kubernetes`` package's own (client certificates,
+  bearer tokens, exec plugins, auth providers), so tpenv authenticates exactly like kubectl;
+  :meth:`Kube.auth_headers` and :meth:`Kube.ssl_context` hand the same credentials to the
+  port-forward transport, re-reading exec-plugin tokens when they expire;
+- API calls run the sync client in a worker thread (``asyncio.to_thread``); objects come back
+  as plain JSON dicts (camelCase, as ``kubectl get -o json`` shows them), because that is what
+  the injector patches and what a byte-for-byte restore compares;
+- watches are async iterators, each fed by one daemon thread (a watch is one long HTTP response);
+- API errors are wrapped at this edge: 404 → NotFound, 401/403 → Forbidden naming the verb and
+  resource (with the ``kubectl auth can-i`` line to check it), connection errors and 5xx →
+  ClusterUnreachable.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.rest import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UsageError
+
+log = logging.getLogger("tpenv.kube")
+
+# The workload kinds tpenv intercepts, by the names a user may type (kubectl's short names too).
+WORKLOAD_KINDS: dict[str, str] = {
+    "deployment": "Deployment", "deployments": "Deployment", "deploy": "Deployment",
+    "statefulset": "StatefulSet", "statefulsets": "StatefulSet", "sts": "StatefulSet",
+    "replicaset": "ReplicaSet", "replicasets": "ReplicaSet", "rs": "ReplicaSet",
+}
+# Lookup order for a bare name: the same as Telepresence ("Using Deployment hello").
+_BARE_NAME_ORDER = ("Deployment", "StatefulSet", "ReplicaSet")
+_PLURAL = {"Deployment": "deployments", "StatefulSet": "statefulsets", "ReplicaSet": "replicasets"}
+
+
+@dataclass(frozen=True)
+class What:
+    """What an API call does, for error messages: ``verb`` on ``resource`` (``name``) in ``namespace``."""
+
+    verb: str
+    resource: str
+    namespace: str | None = None
+    name: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.verb} {self.resource}"
+        if self.name:
+            text += f" {self.name!r}"
+        if self.namespace:
+            text += f" in namespace {self.namespace!r}"
+        return text
+
+    def can_i(self) -> str:
+        ns = f" -n {self.namespace}" if self.namespace else ""
+        return f"kubectl auth can-i {self.verb} {self.resource}{ns}"
+
+
+def _api_message(e: ApiException) -> str:
+    """The API server's own sentence from a Status body, else the HTTP reason."""
+    try:
+        body = json.loads(e.body or b"{}")
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    except (ValueError, TypeError):
+        pass
+    return str(e.reason or e.status)
+
+
+def wrap_api_error(e: Exception, what: What) -> Exception:
+    """Map an exception from the kubernetes client to tpenv's tree (the caller raises it ``from e``)."""
+    if isinstance(e, ApiException):
+        msg = _api_message(e)
+        if e.status == 404:
+            return NotFound(f"{what}: not found ({msg})",
+                            hint="check the name and the namespace (-n), e.g. with kubectl get")
+        if e.status in (401, 403):
+            return Forbidden(f"forbidden: cannot {what} ({msg})",
+                             hint=f"check your rights with: {what.can_i()}")
+        if e.status == 409:
+            return TransientError(f"{what}: conflict ({msg})", retry_after=0.2)
+        if e.status == 422 or e.status == 400:
+            return UsageError(f"{what}: rejected by the API server ({msg})")
+        if e.status == 0 or e.status >= 500:
+            return ClusterUnreachable(f"{what}: the API server answered {e.status} ({msg})")
+        return TransientError(f"{what}: HTTP {e.status} ({msg})")
+    if isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
+        return ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})",
+                                  hint="is the cluster up and your kubeconfig's server address right?")
+    return e
+
+
+@dataclass
+class Workload:
+    """A Deployment, StatefulSet or ReplicaSet, as the API server returned it (JSON dict)."""
+
+    kind: str
+    name: str
+    namespace: str
+    obj: dict[str, Any] = field(repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind.lower()}/{self.name}"
+
+    @property
+    def template(self) -> dict[str, Any]:
+        return self.obj["spec"]["template"]
+
+    @property
+    def template_labels(self) -> dict[str, str]:
+        return self.template.get("metadata", {}).get("labels") or {}
+
+    @property
+    def selector(self) -> str:
+        """The workload's pod selector as a label-selector string."""
+        return selector_string(self.obj["spec"].get("selector") or {})
+
+    @property
+    def containers(self) -> list[dict[str, Any]]:
+        return self.template["spec"]["containers"]
+
+
+def selector_string(sel: dict[str, Any]) -> str:
+    """A LabelSelector (matchLabels + matchExpressions) as the string the list calls accept."""
+    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for expr in sel.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In":
+            parts.append(f"{key} in ({','.join(values)})")
+        elif op == "NotIn":
+            parts.append(f"{key} notin ({','.join(values)})")
+        elif op == "Exists":
+            parts.append(key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{key}")
+    return ",".join(parts)
+
+
+def service_selects(service: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Service's selector picks pods with ``labels`` (an empty selector picks none)."""
+    sel = (service.get("spec") or {}).get("selector") or {}
+    return bool(sel) and all(labels.get(k) == v for k, v in sel.items())
+
+
+def pod_is_ready(pod: dict[str, Any]) -> bool:
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+class Kube:
+    """One cluster connection: a loaded kubeconfig context and the API groups tpenv uses."""
+
+    def __init__(self, cfg: k8s.Configuration, *, context: str | None, namespace: str) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.namespace = namespace
+        self.api = k8s.ApiClient(cfg)
+        self.core = k8s.CoreV1Api(self.api)
+        self.apps = k8s.AppsV1Api(self.api)
+        self.auth = k8s.AuthorizationV1Api(self.api)
+        self._watches: set[_Watch] = set()
+        self._closed = False
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    async def load(cls, config_file: str | None = None, context: str | None = None) -> "Kube":
+        """Load a kubeconfig (``$KUBECONFIG`` / ``~/.kube/config`` by default) and a context."""
+        return await asyncio.to_thread(cls._load_sync, config_file, context)
+
+    @classmethod
+    def _load_sync(cls, config_file: str | None, context: str | None) -> "Kube":
+        cfg = k8s.Configuration()
+        try:
+            # Runs exec plugins and writes inline CA/cert data to temp files; hence the thread.
+            k8s_config.load_kube_config(config_file=config_file, context=context, client_configuration=cfg)
+            contexts, active = k8s_config.list_kube_config_contexts(config_file=config_file)
+        except ConfigException as e:
+            raise ConfigError(f"kubeconfig: {e}",
+                              hint="set KUBECONFIG or pass --context; `kubectl config get-contexts` lists them") from e
+        except OSError as e:
+            raise ConfigError(f"kubeconfig: cannot read it ({e})", hint="set KUBECONFIG to your cluster's config") from e
+        chosen = next((c for c in contexts if c["name"] == context), active) if context else active
+        namespace = (chosen.get("context") or {}).get("namespace") or "default"
+        log.debug("[kube/%s] server %s, namespace %s", chosen["name"], cfg.host, namespace)
+        return cls(cfg, context=chosen["name"], namespace=namespace)
+
+    # -- credentials for other transports (port-forward) ---------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.cfg.host.rstrip("/")
+
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate like the API client does (refreshes expired exec tokens)."""
+        headers: dict[str, str] = {}
+        for setting in self.cfg.auth_settings().values():
+            if setting["in"] == "header" and setting["value"]:
+                headers[setting["key"]] = setting["value"]
+        if self.cfg.username and self.cfg.password and "authorization" not in {k.lower() for k in headers}:
+            headers["authorization"] = self.cfg.get_basic_auth_token()
+        return headers
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the kubeconfig (CA, client certificate); None for a plain http server."""
+        if not self.host.startswith("https"):
+            return None
+        ctx = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert) if self.cfg.ssl_ca_cert \
+            else ssl.create_default_context()
+        if not self.cfg.verify_ssl:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.cfg.cert_file:
+            ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
+        return ctx
+
+    @property
+    def tls_server_name(self) -> str | None:
+        return getattr(self.cfg, "tls_server_name", None)
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Any], *args: Any, what: What, **kw: Any) -> Any:
+        """Run one sync API call in a thread; JSON dict result; errors wrapped."""
+        return await asyncio.to_thread(self._call_sync, fn, args, kw, what)
+
+    @staticmethod
+    def _call_sync(fn: Callable[..., Any], args: tuple, kw: dict, what: What) -> Any:
+        try:
+            resp = fn(*args, _preload_content=False, _request_timeout=(10, 60), **kw)
+            data = resp.data
+        except Exception as e:  # noqa: BLE001 - classified by wrap_api_error
+            wrapped = wrap_api_error(e, what)
+            if wrapped is e:
+                raise
+            raise wrapped from e
+        return json.loads(data) if data else None
+
+    # -- workloads -----------------------------------------------------------------------------
+
+    async def get_workload(self, ref: str, namespace: str | None = None) -> Workload:
+        """``name``, ``deployment/name``, ``statefulset/name`` or ``replicaset/name`` → Workload."""
+        ns = namespace or self.namespace
+        kind, name = parse_workload_ref(ref)
+        await self.require_namespace(ns)
+        kinds = [kind] if kind else list(_BARE_NAME_ORDER)
+        for k in kinds:
+            try:
+                obj = await self.call(self._getter(k), name, ns, what=What("get", _PLURAL[k], ns, name))
+            except NotFound:
+                continue
+            return Workload(k, name, ns, obj)
+        tried = "/".join(_PLURAL[k] for k in kinds)
+        raise NotFound(f"no workload {ref!r} in namespace {ns!r} (looked for {tried})",
+                       hint=f"list them with: kubectl get {','.join(_PLURAL[k] for k in kinds)} -n {ns}")
+
+    def _getter(self, kind: str) -> Callable[..., Any]:
+        return {"Deployment": self.apps.read_namespaced_deployment,
+                "StatefulSet": self.apps.read_namespaced_stateful_set,
+                "ReplicaSet": self.apps.read_namespaced_replica_set}[kind]
+
+    def _patcher(self, kind: str) -> Callable[..., Any]:
+        return {"Deployment": self.apps.patch_namespaced_deployment,
+                "StatefulSet": self.apps.patch_namespaced_stateful_set,
+                "ReplicaSet": self.apps.patch_namespaced_replica_set}[kind]
+
+    def _replacer(self, kind: str) -> Callable[..., Any]:
+        return {"Deployment": self.apps.replace_namespaced_deployment,
+                "StatefulSet": self.apps.replace_namespaced_stateful_set,
+                "ReplicaSet": self.apps.replace_namespaced_replica_set}[kind]
+
+    def _lister(self, kind: str) -> Callable[..., Any]:
+        return {"Deployment": self.apps.list_namespaced_deployment,
+                "StatefulSet": self.apps.list_namespaced_stateful_set,
+                "ReplicaSet": self.apps.list_namespaced_replica_set}[kind]
+
+    async def reload(self, w: Workload) -> Workload:
+        obj = await self.call(self._getter(w.kind), w.name, w.namespace,
+                              what=What("get", _PLURAL[w.kind], w.namespace, w.name))
+        return Workload(w.kind, w.name, w.namespace, obj)
+
+    async def replace_workload(self, w: Workload, obj: dict[str, Any]) -> Workload:
+        """PUT the whole object (carries resourceVersion: a concurrent edit fails instead of being lost)."""
+        new = await self.call(self._replacer(w.kind), w.name, w.namespace, obj,
+                              what=What("update", _PLURAL[w.kind], w.namespace, w.name))
+        return Workload(w.kind, w.name, w.namespace, new)
+
+    async def list_workloads(self, namespace: str | None = None) -> list[Workload]:
+        """Deployments, StatefulSets and the ReplicaSets no Deployment owns."""
+        ns = namespace or self.namespace
+        out: list[Workload] = []
+        for kind in _BARE_NAME_ORDER:
+            data = await self.call(self._lister(kind), ns, what=What("list", _PLURAL[kind], ns))
+            for obj in data.get("items", []):
+                if kind == "ReplicaSet" and obj["metadata"].get("ownerReferences"):
+                    continue
+                out.append(Workload(kind, obj["metadata"]["name"], ns, obj))
+        return out
+
+    async def require_namespace(self, namespace: str) -> None:
+        try:
+            await self.call(self.core.read_namespace, namespace, what=What("get", "namespaces", None, namespace))
+        except NotFound as e:
+            raise NotFound(f"namespace {namespace!r} does not exist",
+                           hint="pick an existing one with -n; `kubectl get namespaces` lists them") from e
+        except Forbidden:
+            pass  # a user may work in a namespace without the right to read Namespace objects
+
+    async def services_for(self, w: Workload) -> list[dict[str, Any]]:
+        """Services in the workload's namespace whose selector picks its pods."""
+        data = await self.call(self.core.list_namespaced_service, w.namespace,
+                               what=What("list", "services", w.namespace))
+        return [s for s in data.get("items", []) if service_selects(s, w.template_labels)]
+
+    async def pods_of(self, w: Workload) -> list[dict[str, Any]]:
+        data = await self.call(self.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
+                               what=What("list", "pods", w.namespace))
+        return data.get("items", [])
+
+    async def ready_pods(self, w: Workload) -> list[dict[str, Any]]:
+        return [p for p in await self.pods_of(w) if pod_is_ready(p)]
+
+    # -- watches -------------------------------------------------------------------------------
+
+    def watch(self, fn: Callable[..., Any], *args: Any, what: What, **kw: Any) -> "_Watch":
+        """An async iterator of ``(type, object dict)`` events of a list call's watch.
+
+        Use as ``async with kube.watch(...) as events: async for kind, obj in events``. The thread
+        re-opens the watch when the server ends it (its timeout) and ends on close().
+        """
+        w = _Watch(self, fn, args, kw, what)
+        self._watches.add(w)
+        return w
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in list(self._watches):
+            await w.close()
+        await asyncio.to_thread(self.api.close)
+
+    async def __aenter__(self) -> "Kube":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def parse_workload_ref(ref: str) -> tuple[str | None, str]:
+    """``deployment/hello`` → ("Deployment", "hello"); ``hello`` → (None, "hello")."""
+    if "/" not in ref:
+        return None, ref
+    kind, _, name = ref.partition("/")
+    canonical = WORKLOAD_KINDS.get(kind.lower().split(".")[0])
+    if not canonical or not name:
+        raise UsageError(f"{ref!r} is not a workload I can intercept",
+                         hint="use NAME, deployment/NAME, statefulset/NAME or replicaset/NAME")
+    return canonical, name
+
+
+_STOP = object()
+
+
+class _Watch:
+    """One watch: a daemon thread reading the chunked response, an asyncio queue to the consumer."""
+
+    def __init__(self, kube: Kube, fn: Callable[..., Any], args: tuple, kw: dict, what: What) -> None:
+        self._kube, self._fn, self._args, self._kw, self._what = kube, fn, args, kw, what
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._resp: Any = None
+        # A daemon thread, not to_thread: the default executor would hold asyncio.run's exit.
+        self._thread = threading.Thread(target=self._run, name=f"watch {what}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self) -> None:
+        rv = self._kw.pop("resource_version", None)
+        try:
+            while not self._stop.is_set():
+                resp = self._fn(*self._args, watch=True, resource_version=rv, timeout_seconds=300,
+                                allow_watch_bookmarks=True, _preload_content=False,
+                                _request_timeout=(10, 330), **self._kw)
+                self._resp = resp
+                buf = b""
+                for chunk in resp.stream(65536, decode_content=True):
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if not line.strip():
+                            continue
+                        ev = json.loads(line)
+                        obj = ev.get("object") or {}
+                        if ev.get("type") == "ERROR":
+                            if obj.get("code") == 410:  # resourceVersion too old: list again from now
+                                rv = None
+                                break
+                            raise ApiException(status=obj.get("code", 500), reason=obj.get("message"))
+                        rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
+                        if ev.get("type") != "BOOKMARK":
+                            self._put((ev["type"], obj))
+                resp.release_conn()
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, wrapped
+            if not self._stop.is_set():
+                wrapped = wrap_api_error(e, self._what)
+                if wrapped is not e:
+                    wrapped.__cause__ = e
+                self._put(wrapped)
+        finally:
+            self._put(_STOP)
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        while True:
+            item = await self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        resp = self._resp
+        if resp is not None:
+            # Unblocks the thread's read at once instead of at the server's timeout.
+            try:
+                resp.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on an already broken response
+                pass
+        self._kube._watches.discard(self)
+
+    async def __aenter__(self) -> "_Watch":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,314 @@
+"""Async streaming port-forward over the API server's ``pods/<name>/portforward`` WebSocket.
+
+The wire format (verified against kubelet ``pkg/cri/streaming/portforward/websocket.go`` and
+apimachinery ``wsstream/conn.go``): the client asks for subprotocol ``v4.channel.k8s.io`` and
+``?ports=P``; the API server proxies the upgrade to the kubelet, which opens, for each port,
+a data channel (0) and an error channel (1). Every binary message starts with its channel byte.
+The first message the server sends on each channel is the port as 2 bytes little-endian. The
+client writes ``0x00 + bytes`` to send. When the pod side fails (nothing listens, pod gone) the
+kubelet writes the reason on the error channel and closes the WebSocket; v4 has no half-close.
+
+One WebSocket carries one TCP stream, so there is no multiplexing to get wrong and no thread:
+each stream is an asyncio Transport (:class:`PortForwardTransport`) driven by two tasks (read,
+write). It fits both ``asyncio.StreamReader``/``StreamWriter`` (:meth:`PodTunnel.open_stream`)
+and asyncssh (``asyncssh.connect(..., tunnel=PodTunnel(kube, ns, pod))``).
+
+A dropped stream surfaces at once as :class:`~tpenv.errors.TunnelDropped` carrying the
+kubelet's error text (``connection_lost(exc)`` on the protocol).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any, Callable, Protocol
+from urllib.parse import quote
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect as ws_connect
+
+from tpenv.errors import ClusterUnreachable, Forbidden, NotFound, TunnelDropped
+
+log = logging.getLogger("tpenv.portforward")
+
+SUBPROTOCOL = "v4.channel.k8s.io"
+DATA, ERROR = 0, 1
+_MAX_FRAME = 64 * 1024  # payload per outgoing message: big enough to stream, small enough to interleave
+_HIGH_WATER = 1024 * 1024  # pause the protocol's writing above this many buffered bytes
+_LOW_WATER = 256 * 1024
+
+
+class KubeAccess(Protocol):
+    """What the transport needs from :class:`tpenv.kits.kube.Kube` (host, credentials, TLS)."""
+
+    host: str
+
+    def auth_headers(self) -> dict[str, str]: ...
+
+    def ssl_context(self) -> Any: ...
+
+    @property
+    def tls_server_name(self) -> str | None: ...
+
+
+def portforward_url(host: str, namespace: str, pod: str, port: int) -> str:
+    base = host.rstrip("/")
+    scheme = "wss" if base.startswith("https") else "ws"
+    base = scheme + base[base.index(":"):]
+    return f"{base}/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/portforward?ports={port}"
+
+
+async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
+                         *, open_timeout: float = 15.0) -> ClientConnection:
+    """Upgrade to the port-forward WebSocket; HTTP refusals become NotFound/Forbidden/TunnelDropped."""
+    url = portforward_url(kube.host, namespace, pod, port)
+    what = f"port-forward to pod {pod!r} port {port} in namespace {namespace!r}"
+    kw: dict[str, Any] = {}
+    ctx = kube.ssl_context()
+    if ctx is not None:
+        kw["ssl"] = ctx
+        if kube.tls_server_name:
+            kw["server_hostname"] = kube.tls_server_name
+    try:
+        return await ws_connect(
+            url, subprotocols=[SUBPROTOCOL], additional_headers=kube.auth_headers(),
+            compression=None,  # the kubelet does not speak permessage-deflate
+            proxy=None,  # the kubeconfig, not the environment, says how to reach the API server
+            open_timeout=open_timeout, max_size=None, max_queue=64,
+            ping_interval=15, ping_timeout=15, **kw)
+    except websockets.InvalidStatus as e:
+        status = e.response.status_code
+        body = (e.response.body or b"").decode("utf-8", "replace").strip()
+        text = _status_message(body) or f"HTTP {status}"
+        if status == 404:
+            raise NotFound(f"{what}: {text}", hint="is the pod still there? `kubectl get pods` shows it") from e
+        if status in (401, 403):
+            raise Forbidden(f"forbidden: cannot {what} ({text})",
+                            hint=f"check with: kubectl auth can-i create pods/portforward -n {namespace}") from e
+        raise TunnelDropped(f"{what}: refused ({text})") from e
+    except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as e:
+        raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
+
+
+def _status_message(body: str) -> str:
+    """The ``message`` of a Kubernetes Status JSON body, or the body itself."""
+    import json
+
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict) and data.get("message"):
+            return str(data["message"])
+    except ValueError:
+        pass
+    return body[:300]
+
+
+class PortForwardTransport(asyncio.Transport):
+    """One port-forwarded TCP stream as an asyncio Transport over one WebSocket."""
+
+    def __init__(self, ws: ClientConnection, protocol: asyncio.BaseProtocol, *,
+                 name: str, peer: tuple[str, int],
+                 on_lost: Callable[["PortForwardTransport"], None] | None = None) -> None:
+        super().__init__()
+        self._on_lost = on_lost
+        self._ws = ws
+        self._protocol = protocol
+        self._name = name
+        self._extra = {"peername": peer, "sockname": ("portforward", 0)}
+        self._outbuf = bytearray()
+        self._out_wake = asyncio.Event()
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._closing = False
+        self._lost = False
+        self._writing_paused = False
+        self._error_text = ""
+        self._seen_port = {DATA: False, ERROR: False}
+        self._reader = asyncio.ensure_future(self._read_loop())
+        self._writer = asyncio.ensure_future(self._write_loop())
+
+    # -- asyncio.Transport -------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def is_reading(self) -> bool:
+        return self._reading.is_set()
+
+    def pause_reading(self) -> None:
+        # The read loop stops taking messages; websockets then stops reading the socket: TCP backpressure.
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def can_write_eof(self) -> bool:
+        return False  # v4.channel.k8s.io has no half-close
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._outbuf)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._lost or not data:
+            return
+        self._outbuf += data
+        self._out_wake.set()
+        if not self._writing_paused and len(self._outbuf) > _HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def close(self) -> None:
+        """Send what is buffered, then close the WebSocket (safe to call twice)."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        self._out_wake.set()
+
+    def abort(self) -> None:
+        if self._lost:
+            return
+        self._closing = True
+        self._outbuf.clear()
+        self._writer.cancel()
+        asyncio.ensure_future(self._ws.close())
+
+    # -- the two loops -----------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._out_wake.wait()
+                self._out_wake.clear()
+                while self._outbuf:
+                    chunk = bytes(self._outbuf[:_MAX_FRAME])
+                    del self._outbuf[:_MAX_FRAME]
+                    await self._ws.send(b"\x00" + chunk)
+                    if self._writing_paused and len(self._outbuf) <= _LOW_WATER:
+                        self._writing_paused = False
+                        self._protocol.resume_writing()
+                if self._closing:
+                    await self._ws.close()
+                    return
+        except asyncio.CancelledError:
+            raise
+        except websockets.ConnectionClosed:
+            pass  # the read loop reports why
+        except Exception as e:  # noqa: BLE001 - reported through connection_lost by the read loop
+            log.debug("[portforward/%s] write failed: %r", self._name, e)
+            await self._ws.close()
+
+    async def _read_loop(self) -> None:
+        exc: BaseException | None = None
+        clean = False
+        try:
+            while True:
+                await self._reading.wait()
+                try:
+                    msg = await self._ws.recv()
+                except websockets.ConnectionClosedOK:
+                    clean = True
+                    break
+                if isinstance(msg, str) or not msg:
+                    continue  # v4 binary only; text frames would be the base64 variant we did not ask for
+                channel, payload = msg[0], msg[1:]
+                if channel in self._seen_port and not self._seen_port[channel]:
+                    # The kubelet's first message on each channel is the port, little-endian.
+                    self._seen_port[channel] = True
+                    if len(payload) >= 2:
+                        port = struct.unpack("<H", payload[:2])[0]
+                        log.debug("[portforward/%s] channel %d open for port %d", self._name, channel, port)
+                    payload = payload[2:]
+                if not payload:
+                    continue
+                if channel == DATA:
+                    self._protocol.data_received(payload)  # type: ignore[attr-defined]
+                elif channel == ERROR:
+                    self._error_text += payload.decode("utf-8", "replace")
+        except asyncio.CancelledError:
+            raise
+        except websockets.ConnectionClosedError as e:
+            exc = TunnelDropped(f"port-forward {self._name}: connection lost ({e})")
+        except Exception as e:  # noqa: BLE001 - anything here ends the stream, reported below
+            exc = TunnelDropped(f"port-forward {self._name}: {e.__class__.__name__}: {e}")
+            exc.__cause__ = e
+        if self._error_text:
+            exc = TunnelDropped(f"port-forward {self._name}: {self._error_text.strip()}")
+        elif exc is None and not clean and not self._closing:
+            exc = TunnelDropped(f"port-forward {self._name}: closed by the API server")
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._writer.cancel()
+        if exc is not None:
+            log.debug("[portforward/%s] dropped: %s", self._name, exc)
+        elif not self._closing:
+            # The pod side ended the stream cleanly: tell the protocol like a TCP FIN.
+            try:
+                self._protocol.eof_received()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a protocol's bug must not hide the close
+                log.exception("[portforward/%s] eof_received failed", self._name)
+        if self._on_lost is not None:
+            self._on_lost(self)
+        self._protocol.connection_lost(exc)
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+        await self._ws.wait_closed()
+
+
+class PodTunnel:
+    """Port-forward streams to one pod; also an asyncssh ``tunnel`` (``create_connection``).
+
+    ``host`` given to create_connection is ignored (the pod is fixed); ``port`` is the pod port.
+    """
+
+    def __init__(self, kube: KubeAccess, namespace: str, pod: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.pod = pod
+        self.logger = log  # asyncssh logs "via <tunnel>" with this
+        self._transports: set[PortForwardTransport] = set()
+
+    def __repr__(self) -> str:
+        return f"PodTunnel({self.namespace}/{self.pod})"
+
+    async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                                host: str, port: int) -> tuple[PortForwardTransport, asyncio.BaseProtocol]:
+        ws = await open_websocket(self.kube, self.namespace, self.pod, port)
+        protocol = protocol_factory()
+        transport = PortForwardTransport(ws, protocol, name=f"{self.namespace}/{self.pod}:{port}",
+                                         peer=(f"{self.pod}.{self.namespace}", port),
+                                         on_lost=self._transports.discard)
+        self._transports.add(transport)
+        protocol.connection_made(transport)
+        return transport, protocol
+
+    async def open_stream(self, port: int, *, limit: int = 2 ** 16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain (reader, writer) pair to ``port`` in the pod."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await self.create_connection(lambda: protocol, self.pod, port)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return reader, writer
+
+    def close(self) -> None:
+        """Close every stream this tunnel opened (safe twice)."""
+        for t in list(self._transports):
+            t.close()
+
+    async def wait_closed(self) -> None:
+        for t in list(self._transports):
+            await t.wait_closed()

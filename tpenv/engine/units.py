@@ -66,6 +66,9 @@ class UnitEvent:
     key: Key | None = None
     error: str | None = None
     detail: Any = None
+    # The unit instance that sent it (set by the reconciler's notify): a late event from a
+    # unit already replaced must not restart its successor.
+    source: Any = field(default=None, compare=False, repr=False)
 
 
 Notify = Callable[[UnitEvent], None]

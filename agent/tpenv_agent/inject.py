@@ -218,9 +218,9 @@ def _used_ports(spec: dict) -> set[int]:
     return used
 
 
-def _take_port(spec: dict, app: dict, target: int | str, where: str) -> dict:
+def _take_port(spec: dict, app: dict, target: int | str, where: str, record: dict) -> dict:
     """Hand ``target`` of container ``app`` to the agent (in our copy); return the port record."""
-    used = _used_ports(spec)
+    used = _used_ports(spec) | {e["agent_port"] for e in record["ports"]}
     agent_port = next(p for p in range(FIRST_AGENT_PORT, 65536) if p not in used)
     entry: dict = {"name": _agent_port_name(target), "agent_port": agent_port}
     if isinstance(target, str):
@@ -366,7 +366,7 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
         if record["container"] not in (None, app["name"]):
             raise InjectError(f"the agent in {where} already serves container {record['container']!r}; "
                               f"port {port!r} belongs to {app['name']!r}: one agent serves one container")
-        record["ports"].append(_take_port(tpl["spec"], app, target, where))
+        record["ports"].append(_take_port(tpl["spec"], app, target, where, record))
         record["container"] = app["name"]
         # One list of created paths, relative to the workload; the template's carry its prefix.
         prefix = "spec.template."
@@ -448,7 +448,7 @@ def inject_pod(pod: dict, settings: dict | None = None) -> dict:
             raise InjectError(f"container {app['name']!r} declares no port named {target!r} "
                               f"(from {ANN_INJECT_PORTS})")
         if _agent_port_name(target) not in {e["name"] for e in record["ports"]}:
-            record["ports"].append(_take_port(spec, app, target, where))
+            record["ports"].append(_take_port(spec, app, target, where, record))
     _install_agent(p, record, settings, record["created"])
     _write(p, ANN_RESTORE, record)
     return p

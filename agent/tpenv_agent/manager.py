@@ -1,0 +1,239 @@
+"""``tpenv-agent manager``: the HTTPS mutating webhook that injects the agent at pod creation.
+
+    tpenv-agent manager --tls-dir DIR [--listen HOST:PORT] [--port-file PATH]
+                        [--agent-image REF] [--agent-pull-policy P] [--lease S]
+
+Routes: ``POST /mutate`` (AdmissionReview v1, answered by webhook.mutate) and ``GET /healthz``.
+``--tls-dir`` holds ``tls.crt`` and ``tls.key`` (the install's Secret, mounted); the API server
+checks them against the caBundle of the webhook configuration. With ``--listen HOST:0`` the
+kernel picks the port: the bound address is printed as ``listening on https://HOST:PORT`` on
+stdout and, with ``--port-file``, written there (tests use both).
+
+When a pod gets an agent, the manager makes sure its namespace has the ``tpenv-auth`` Secret
+(docs/protocol.md §2), in the background: the kubelet retries the Secret volume until it exists.
+That is the webhook's only side effect, skipped for dry-run requests (``sideEffects:
+NoneOnDryRun``). It needs the in-cluster service account; outside a cluster it is skipped.
+
+HTTP/1.1 only, by design: the API server's webhook client speaks it when ALPN offers nothing
+else, and a small reader keeps this stdlib-only. The outbound relay (SSH ``direct-tcpip``) is a
+later piece of this role, not built here.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .inject import AUTH_SECRET, default_settings
+from .webhook import mutate
+
+log = logging.getLogger("tpenv_agent.manager")
+
+MAX_BODY = 8 * 1024 * 1024  # AdmissionReviews of big pods stay well under this
+HEADER_LIMIT = 100
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = default_settings()
+    p = argparse.ArgumentParser(prog="tpenv-agent manager", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tls-dir", required=True, type=Path, help="directory with tls.crt and tls.key")
+    p.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT to serve HTTPS on (PORT 0: any)")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    p.add_argument("--agent-image", default=os.environ.get("TPENV_AGENT_IMAGE") or defaults["agent_image"])
+    p.add_argument("--agent-pull-policy", default=defaults["image_pull_policy"])
+    p.add_argument("--lease", type=int, default=defaults["lease"])
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv[1:] if argv[:1] == ["manager"] else argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/1.1 over TLS, just enough for the API server's webhook calls
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
+    line = await reader.readline()
+    if not line:
+        return None
+    method, target, _version = line.decode("latin-1").split(" ", 2)
+    headers: dict[str, str] = {}
+    for _ in range(HEADER_LIMIT):
+        raw = await reader.readline()
+        if raw in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = raw.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise ValueError("too many headers")
+    length = int(headers.get("content-length") or 0)
+    if length > MAX_BODY:
+        raise ValueError("body too large")
+    body = await reader.readexactly(length) if length else b""
+    return method, target.split("?", 1)[0], headers, body
+
+
+def _response(status: int, reason: str, body: bytes, ctype: str, close: bool) -> bytes:
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+class Manager:
+    def __init__(self, settings: dict) -> None:
+        self.settings = settings
+        self.ready_namespaces: set[str] = set()
+        self.tasks: set[asyncio.Task] = set()
+
+    def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes, str]:
+        if path == "/healthz" and method == "GET":
+            return 200, "OK", b"ok\n", "text/plain"
+        if path == "/mutate" and method == "POST":
+            try:
+                review = json.loads(body)
+            except ValueError:
+                return 400, "Bad Request", b"AdmissionReview JSON expected\n", "text/plain"
+            answer, injected = mutate(review, self.settings)
+            request = review.get("request") or {}
+            where = f"{request.get('namespace', '?')}/{(request.get('object') or {}).get('metadata', {}).get('generateName', '?')}"
+            log.info("[webhook/mutate] pod %s: %s", where, "agent injected" if injected else
+                     "; ".join(answer["response"].get("warnings") or ["unchanged"]))
+            if injected and request.get("namespace"):
+                self._ensure_auth_later(request["namespace"])
+            return 200, "OK", json.dumps(answer).encode(), "application/json"
+        return 404, "Not Found", b"not found\n", "text/plain"
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                if request is None:
+                    break
+                method, path, headers, body = request
+                status, reason, payload, ctype = self.route(method, path, body)
+                close = headers.get("connection", "").lower() == "close"
+                writer.write(_response(status, reason, payload, ctype, close))
+                await writer.drain()
+                if close:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError) as e:
+            log.debug("[webhook/conn] dropped: %s", type(e).__name__)
+        finally:
+            writer.close()
+
+    def _ensure_auth_later(self, namespace: str) -> None:
+        if namespace in self.ready_namespaces or not (SA_DIR / "token").exists():
+            return
+        self.ready_namespaces.add(namespace)
+        task = asyncio.get_running_loop().create_task(self._ensure_auth(namespace))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _ensure_auth(self, namespace: str) -> None:
+        try:
+            created = await asyncio.to_thread(create_auth_secret, namespace)
+            log.info("[auth/%s] Secret %s %s", namespace, AUTH_SECRET, "created" if created else "already there")
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            self.ready_namespaces.discard(namespace)  # try again on the next pod
+            log.warning("[auth/%s] could not create Secret %s: %s", namespace, AUTH_SECRET, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tpenv-auth Secret (docs/protocol.md §2), created with the pod's own service account
+
+
+def auth_material() -> dict[str, bytes]:
+    """A fresh user CA and agent host key, OpenSSH-encoded ed25519 (protocol §2's four keys)."""
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def pair() -> tuple[bytes, bytes]:
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.OpenSSH, s.NoEncryption())
+        return private, key.public_key().public_bytes(s.Encoding.OpenSSH, s.PublicFormat.OpenSSH) + b"\n"
+
+    ca_key, ca_pub = pair()
+    host_key, host_pub = pair()
+    return {"ca_key": ca_key, "ca.pub": ca_pub, "host_key": host_key, "host_key.pub": host_pub}
+
+
+def create_auth_secret(namespace: str) -> bool:
+    """POST the Secret through the in-cluster API; False when it already exists (409). Blocking."""
+    host = os.environ["KUBERNETES_SERVICE_HOST"]
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    host = f"[{host}]" if ":" in host else host
+    secret = {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": AUTH_SECRET, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "tpenv"}},
+        "data": {k: base64.b64encode(v).decode() for k, v in auth_material().items()},
+    }
+    req = urllib.request.Request(
+        f"https://{host}:{port}/api/v1/namespaces/{namespace}/secrets", method="POST",
+        data=json.dumps(secret).encode(),
+        headers={"Authorization": f"Bearer {(SA_DIR / 'token').read_text().strip()}",
+                 "Content-Type": "application/json"})
+    ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10):
+            return True
+    except urllib.error.HTTPError as e:
+        if e.code == 409:
+            return False
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def tls_context(tls_dir: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls_dir / "tls.crt", tls_dir / "tls.key")
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def run_manager(argv: list[str]) -> int:
+    """Serve the webhook until SIGTERM/SIGINT. ``argv``: the arguments after ``manager``."""
+    args = parse_args(argv)
+    try:
+        from . import log as agent_log
+
+        agent_log.setup(args.log_level)
+    except ImportError:  # the sidecar's log module is optional for this role
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    settings = {"agent_image": args.agent_image, "image_pull_policy": args.agent_pull_policy, "lease": args.lease}
+    try:
+        ctx = tls_context(args.tls_dir)
+    except (OSError, ssl.SSLError) as e:
+        print(f"tpenv-agent manager: cannot load tls.crt/tls.key from {args.tls_dir}: {e}", file=sys.stderr)
+        return 2
+    host, _, port = args.listen.rpartition(":")
+    manager = Manager(settings)
+    server = await asyncio.start_server(manager.serve_connection, host.strip("[]") or None, int(port), ssl=ctx)
+    bound = server.sockets[0].getsockname()[1]
+    if args.port_file:
+        args.port_file.write_text(f"{bound}\n")
+    print(f"listening on https://{host}:{bound}", flush=True)
+    log.info("[webhook/server] listening on %s:%d, injecting %s", host, bound, settings["agent_image"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+    log.info("[webhook/server] stopped")
+    return 0
+
+
+if __name__ == "__main__":  # python -m tpenv_agent.manager, for tests and debugging
+    sys.exit(asyncio.run(run_manager(sys.argv[1:])))

@@ -1,0 +1,137 @@
+"""pytest plugin: the cluster for e2e tests, a namespace per test, and a kubectl helper.
+
+Fixtures
+    kubeconfig  (session)  Path of a kubeconfig: $KUBECONFIG when set (any cluster: kind,
+                           k3s, cloud), else the local cluster, brought up by `cluster up`.
+                           Sets $KUBECONFIG for the rest of the session so subprocesses
+                           and the kubernetes client see the same cluster.
+    namespace   (function) A fresh namespace `t-<test name>-<random>`, labelled
+                           tpenv.io/test=true, with its default ServiceAccount ready;
+                           deleted after the test without waiting.
+    kubectl     (function) the `kubectl` helper below, after the cluster is up.
+
+Helpers, importable by any test (``from tests.cluster.pytest_plugin import kubectl``):
+    kubectl(*args, ns=None, input=None, check=True, timeout=120) -> CompletedProcess (text)
+    kubectl_json(*args, ns=None) -> dict                 `kubectl ... -o json`, parsed
+    apply(obj_or_list, ns=None)                          `kubectl apply -f -` of dicts
+    wait_until(what, fn, timeout=60, interval=0.5)       poll fn() until truthy, return it
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+_CLUSTER_DIR = Path(__file__).resolve().parent
+if str(_CLUSTER_DIR) not in sys.path:
+    sys.path.insert(0, str(_CLUSTER_DIR))
+
+import build as _build  # noqa: E402  (tests/cluster/build.py)
+import cli as _cluster_cli  # noqa: E402  (tests/cluster/cli.py)
+
+TEST_LABEL = "tpenv.io/test"
+
+
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"kubectl {' '.join(self.cmd[1:])} failed (exit {self.returncode}):\n{(self.stderr or '').strip()}"
+
+
+def _kubeconfig_env() -> str:
+    kc = os.environ.get("KUBECONFIG")
+    return kc if kc else str(_cluster_cli.kubeconfig_path())
+
+
+def kubectl_binary() -> str:
+    """The kubectl we built for the local cluster; for an external cluster, the one on PATH if any."""
+    built = _build.kubectl_bin()
+    local = _kubeconfig_env() == str(_cluster_cli.kubeconfig_path())
+    if local and built.exists():
+        return str(built)
+    return shutil.which("kubectl") or str(built)
+
+
+def kubectl(*args: str, ns: str | None = None, input: str | None = None, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run kubectl against the test cluster; on failure the exception carries its stderr."""
+    cmd = [kubectl_binary(), *(["-n", ns] if ns else []), *map(str, args)]
+    env = dict(os.environ, KUBECONFIG=_kubeconfig_env())
+    cp = subprocess.run(cmd, input=input, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise KubectlError(cp.returncode, cmd, cp.stdout, cp.stderr)
+    return cp
+
+
+def kubectl_json(*args: str, ns: str | None = None) -> Any:
+    return json.loads(kubectl(*args, "-o", "json", ns=ns).stdout)
+
+
+def apply(obj: dict | list, ns: str | None = None) -> subprocess.CompletedProcess:
+    items = obj if isinstance(obj, list) else [obj]
+    doc = {"apiVersion": "v1", "kind": "List", "items": items}
+    return kubectl("apply", "-f", "-", ns=ns, input=json.dumps(doc))
+
+
+def wait_until(what: str, fn: Callable[[], Any], timeout: float = 60, interval: float = 0.5) -> Any:
+    """Poll ``fn`` until it returns something truthy; fail the test with ``what`` and the last error."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            result = fn()
+            if result:
+                return result
+            last = result
+        except Exception as e:  # noqa: BLE001 - retried; shown if it never succeeds
+            last = e
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})", pytrace=False)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> Path:
+    given = os.environ.get("KUBECONFIG")
+    if given:
+        return Path(given.split(os.pathsep)[0])
+    rc = _cluster_cli.main(["up"])
+    if rc != 0:
+        pytest.fail(f"the local cluster did not come up (`cluster up` exit {rc}); see the `cluster:` lines "
+                    f"above, `python3 devspace.py cluster status` and {_cluster_cli.state_dir() / 'logs'}",
+                    pytrace=False)
+    path = _cluster_cli.kubeconfig_path()
+    os.environ["KUBECONFIG"] = str(path)
+    return path
+
+
+def _slug(text: str, size: int) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:size].strip("-") or "x"
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, kubeconfig: Path) -> str:
+    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+    name = f"t-{_slug(request.node.name.removeprefix('test_'), 63 - 3 - len(suffix) - 1)}-{suffix}"
+    apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {TEST_LABEL: "true"}}})
+    # Pods are refused until the controller-manager has made the namespace's default ServiceAccount.
+    wait_until(f"ServiceAccount default in {name}",
+               lambda: kubectl("get", "serviceaccount", "default", ns=name, check=False).returncode == 0, 30)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture(name="kubectl")
+def kubectl_fixture(kubeconfig: Path) -> Callable[..., subprocess.CompletedProcess]:
+    return kubectl

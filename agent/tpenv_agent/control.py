@@ -1,0 +1,140 @@
+"""The ``tpenv-control`` subsystem (contract §3): newline-delimited JSON, one request at a time.
+
+One ``ControlChannel`` per open control channel. The intercepts it registers are its own:
+they end when the channel closes, when the SSH connection drops, or when no ``ping`` came
+for ``lease`` seconds (the client was SIGKILLed, the laptop slept, the network is cut).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from . import log as logs
+from .registry import ControlError, Intercept, Match
+
+if TYPE_CHECKING:
+    from .sidecar import Sidecar
+    from .sshd import ConnState
+
+
+class ControlChannel:
+    def __init__(self, sidecar: "Sidecar", state: "ConnState", process: Any) -> None:
+        self.sidecar, self.state, self.process = sidecar, state, process
+        self.session = state.username
+        self.log = logs.unit("session", self.session)
+        self._pinged = asyncio.Event()
+
+    async def run(self) -> None:
+        self.state.controls.append(self)
+        watchdog = asyncio.ensure_future(self._lease())
+        try:
+            while True:
+                line = await self.process.stdin.readline()
+                if not line:
+                    break
+                answer = self._answer(line)
+                self.process.stdout.write(json.dumps(answer).encode() + b"\n")
+                await self.process.stdout.drain()
+        except (OSError, ConnectionError, asyncio.IncompleteReadError) as e:
+            self.log.info("control channel lost: %s", type(e).__name__)
+        finally:
+            watchdog.cancel()
+            self.end("control channel closed")
+            self.state.controls.remove(self)
+            try:
+                self.process.exit(0)
+            except (OSError, RuntimeError):
+                pass
+
+    def end(self, why: str) -> None:
+        for icpt in self.sidecar.registry.remove_owned_by(self):
+            self.log.info("intercept %s ended: %s", icpt.intercept_id, why)
+
+    async def _lease(self) -> None:
+        """Ends this channel's intercepts when pings stop; the connection is closed too, so the
+        client learns it lost them instead of believing it still holds them."""
+        lease = self.sidecar.lease
+        while True:
+            try:
+                await asyncio.wait_for(self._pinged.wait(), lease)
+            except asyncio.TimeoutError:
+                self.log.warning("no ping for %ss: lease expired", lease)
+                self.end("lease expired")
+                self.state.conn.close()
+                return
+            self._pinged.clear()
+
+    # --- requests -----------------------------------------------------------------------
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        rid = None
+        try:
+            try:
+                req = json.loads(line)
+            except ValueError:
+                raise ControlError("bad-request", "not a JSON object") from None
+            if not isinstance(req, dict):
+                raise ControlError("bad-request", "not a JSON object")
+            rid = req.get("id")
+            op = req.get("op")
+            handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise ControlError("bad-request", f"unknown op {op!r}")
+            self._pinged.set()  # any request proves the client alive
+            return {"id": rid, "ok": True, **handler(req)}
+        except ControlError as e:
+            return {"id": rid, "ok": False, "error": {"code": e.code, "message": e.message}}
+        except Exception as e:  # a bug here must not kill the channel
+            self.log.exception("request failed")
+            return {"id": rid, "ok": False, "error": {"code": "internal", "message": type(e).__name__}}
+
+    def _op_hello(self, req: dict) -> dict:
+        if req.get("session") not in (None, self.session):
+            raise ControlError("bad-request", "session must equal the SSH user (the certificate principal)")
+        self.log.info("hello from client %s", str(req.get("client", "?"))[:40])
+        sc = self.sidecar
+        return {
+            "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
+            "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
+            "lease": sc.lease,
+        }
+
+    def _op_ping(self, req: dict) -> dict:
+        return {"time": time.time()}
+
+    def _op_intercept(self, req: dict) -> dict:
+        iid = req.get("intercept_id")
+        if not isinstance(iid, str) or not iid.startswith(self.session + ":") or iid == self.session + ":":
+            raise ControlError("bad-request", "intercept_id must be '<session>:<name>' of this session")
+        port = self.sidecar.registry.find_port(req.get("port"))
+        match = None if req.get("match") is None else Match(req["match"])
+        fwd = req.get("forward")
+        if not isinstance(fwd, dict) or not isinstance(fwd.get("host"), str) or not isinstance(fwd.get("port"), int):
+            raise ControlError("bad-request", "forward must be {host, port} registered with tcpip-forward")
+        forward = (fwd["host"].lower(), fwd["port"])
+        if forward not in self.state.forwards:
+            raise ControlError("bad-request", "forward was not registered with tcpip-forward on this connection")
+        icpt = Intercept(iid, self.session, port, match, forward, owner=self, opener=self.state.opener(forward))
+        self.sidecar.registry.add(icpt)
+        self.log.info("intercept %s on port %s (%s)", iid, port.name, "all TCP" if match is None else "HTTP match")
+        return {"intercept": icpt.describe()}
+
+    def _op_leave(self, req: dict) -> dict:
+        iid = req.get("intercept_id")
+        mine = [i for i in self.sidecar.registry.all() if i.intercept_id == iid and i.session == self.session]
+        if not mine:
+            raise ControlError("not-found", f"no intercept {iid} of this session")
+        self.sidecar.registry.remove(mine[0].intercept_id)
+        self.log.info("intercept %s left", iid)
+        return {}
+
+    def _op_list(self, req: dict) -> dict:
+        return {"intercepts": [i.describe() for i in self.sidecar.registry.all()]}
+
+    def _op_env(self, req: dict) -> dict:
+        return {"env": self.sidecar.app_env()}
+
+    def _op_mounts(self, req: dict) -> dict:
+        return {"root": self.sidecar.mounts_root, "mounts": self.sidecar.mount_paths()}

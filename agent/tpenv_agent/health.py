@@ -1,0 +1,51 @@
+"""``/livez`` and ``/readyz`` on the health port, nothing else (contract §1).
+
+``/livez`` answers while the event loop runs; ``/readyz`` once the sidecar says it is ready
+(listeners and SSH bound).
+"""
+from __future__ import annotations
+
+import asyncio
+
+from . import log as logs
+
+
+class HealthServer:
+    def __init__(self, host: str, port: int, ready: asyncio.Event) -> None:
+        self.host, self.port, self.ready = host, port, ready
+        self._server: asyncio.AbstractServer | None = None
+        self.log = logs.unit("health", "http")
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.split()
+            path = parts[1].decode("latin-1") if len(parts) >= 2 else ""
+            if path == "/livez":
+                status, body = "200 OK", b"ok\n"
+            elif path == "/readyz":
+                status, body = ("200 OK", b"ok\n") if self.ready.is_set() else ("503 Service Unavailable", b"not ready\n")
+            else:
+                status, body = "404 Not Found", b"not found\n"
+            writer.write(f"HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
+                         "connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (OSError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()

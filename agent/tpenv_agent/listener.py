@@ -1,0 +1,173 @@
+"""One agent port: accepts callers and sends each connection, request or stream where the
+registry says, at the moment it arrives.
+
+- No intercept on the port: raw splice to the app (``splice.Half``), the hot path.
+- Only an all-TCP intercept: raw splice to a channel to its client (app if that fails).
+- Header intercepts: sniff the first bytes: HTTP/1.x -> per request, h2c preface -> per
+  stream, anything else (or nothing within ``sniff_timeout``: a server-speaks-first
+  protocol) -> the all-TCP holder or the app.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from . import log as logs
+from .http1 import Http1Relay, Pool, looks_like_http1
+from .http2 import PREFACE, H2Router
+from .registry import Intercept, PortSpec
+from .splice import Buffered, Half, close_writer, join, splice_streams
+
+if TYPE_CHECKING:
+    from .sidecar import Sidecar
+
+
+class _Entry(Half):
+    """The caller's side of a connection; decides the route in connection_made."""
+
+    def __init__(self, listener: "PortListener") -> None:
+        super().__init__()
+        self.listener = listener
+
+    def connection_made(self, transport: Any) -> None:
+        lst = self.listener
+        header, holder = lst.sidecar.registry.on_port(lst.spec)
+        if header:
+            lst.spawn(lst.sniff(transport))
+            return
+        super().connection_made(transport)  # paused until the other half is up
+        lst.spawn(lst.splice_to(self, holder))
+
+
+class PortListener:
+    def __init__(self, sidecar: "Sidecar", spec: PortSpec, bind_host: str) -> None:
+        self.sidecar, self.spec, self.bind_host = sidecar, spec, bind_host
+        self.log = logs.unit("listener", spec.name)
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.app_pool = Pool(self.open_app)
+        self._icpt_pools: dict[Intercept, Pool] = {}
+        sidecar.registry.on_end.append(self._intercept_ended)
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Entry(self), self.bind_host, self.spec.agent_port,
+                                                reuse_address=True, backlog=1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    def spawn(self, coro: Any) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.app_pool.close()
+        for p in self._icpt_pools.values():
+            p.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # --- destinations --------------------------------------------------------------------
+    async def open_app(self) -> tuple[Buffered, Any]:
+        r, w = await asyncio.open_connection(self.sidecar.app_host, self.spec.app_port)
+        return Buffered(r), w
+
+    def _pool_for(self, icpt: Intercept) -> Pool:
+        pool = self._icpt_pools.get(icpt)
+        if pool is None or pool.closed:
+            pool = self._icpt_pools[icpt] = Pool(icpt.opener)  # type: ignore[arg-type]
+        return pool
+
+    def _intercept_ended(self, icpt: Intercept) -> None:
+        pool = self._icpt_pools.pop(icpt, None)
+        if pool is not None:
+            pool.close()  # idle channels only; requests in flight finish on theirs
+
+    # --- connections ---------------------------------------------------------------------
+    async def splice_to(self, entry: _Entry, holder: Intercept | None) -> None:
+        loop = asyncio.get_running_loop()
+        other: Half | None = None
+        if holder is not None and not holder.ended:
+            try:
+                other = await holder.opener.session(Half, entry.transport.get_extra_info("peername") or ("", 0))  # type: ignore[union-attr]
+            except Exception as e:
+                self.log.info("channel to %s failed (%s); connection goes to the app", holder.intercept_id,
+                              type(e).__name__)
+        if other is None:
+            try:
+                _, other = await loop.create_connection(Half, self.sidecar.app_host, self.spec.app_port)
+            except OSError as e:
+                self.log.warning("app port %s unreachable: %s", self.spec.app_port, type(e).__name__)
+                entry.abort()
+                return
+        if entry.transport.is_closing():
+            other.close()
+            return
+        join(entry, other)
+
+    async def sniff(self, transport: Any) -> None:
+        loop = asyncio.get_running_loop()
+        sr = asyncio.StreamReader(limit=1 << 20)
+        proto = asyncio.StreamReaderProtocol(sr)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, proto, sr, loop)
+        reader = Buffered(sr)
+        try:
+            first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
+        except asyncio.TimeoutError:
+            first = b""
+        except (OSError, ConnectionError):
+            close_writer(writer)
+            return
+        if first.startswith(PREFACE):
+            await H2Router(reader, writer, self._route_h2, self._open_h2_dest, self.log).run()
+        elif looks_like_http1(first):
+            await Http1Relay(reader, writer, self._route_h1, self.log).run()
+        else:
+            await self._stream_splice(reader, writer)
+
+    @staticmethod
+    async def _first_bytes(reader: Buffered) -> bytes:
+        """Enough bytes to tell h2c's preface and an HTTP/1 method from anything else."""
+        data = await reader.peek(1)
+        while data and len(data) < len(PREFACE) and (PREFACE.startswith(data) or b" " not in data[:8]):
+            more = await reader.peek(len(data) + 1)
+            if len(more) == len(data):
+                break
+            data = more
+        return data
+
+    async def _stream_splice(self, reader: Buffered, writer: Any) -> None:
+        _, holder = self.sidecar.registry.on_port(self.spec)
+        up = None
+        if holder is not None:
+            try:
+                up = await holder.opener(writer.get_extra_info("peername") or ("", 0))  # type: ignore[misc]
+            except Exception:
+                up = None
+        if up is None:
+            try:
+                up = await self.open_app()
+            except OSError:
+                close_writer(writer)
+                return
+        await splice_streams(reader, writer, up[0], up[1])
+
+    def _route_h1(self, head: Any) -> tuple[Pool, Pool | None]:
+        icpt = self.sidecar.registry.route_request(self.spec, head.headers, head.start[1])
+        if icpt is None:
+            return self.app_pool, None
+        return self._pool_for(icpt), self.app_pool
+
+    def _route_h2(self, headers: dict, path: bytes) -> Intercept | None:
+        return self.sidecar.registry.route_request(self.spec, headers, path)
+
+    async def _open_h2_dest(self, key: Intercept | None) -> tuple[Buffered, Any]:
+        if key is None or key.ended:
+            return await self.open_app()
+        return await key.opener()  # type: ignore[misc]

@@ -1,0 +1,176 @@
+"""``tpenv-agent sidecar``: listeners, SSH server and health server of one pod's agent.
+
+Prints one JSON line on stdout when ready, ``{"ready": true, "ssh": port, "health": port,
+"listeners": {name: agent_port}}``, so a parent that bound port 0 learns the real ports
+without polling. Logs are JSON lines on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import envreport
+from . import log as logs
+from . import sshd
+from .health import HealthServer
+from .listener import PortListener
+from .registry import PortSpec, Registry
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"want HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpenv-agent sidecar", description="The traffic agent in an app's pod.")
+    p.add_argument("--container", default="app", help="the app container's name")
+    p.add_argument("--listen", action="append", default=[], type=PortSpec.parse,
+                   metavar="AGENT_PORT:APP_PORT[:NAME]", help="one per intercepted port")
+    p.add_argument("--ssh", type=_hostport, default=("127.0.0.1", 7922), metavar="HOST:PORT")
+    p.add_argument("--health", type=_hostport, default=None, metavar="HOST:PORT")
+    p.add_argument("--auth-dir", default="/tpenv/auth")
+    p.add_argument("--mounts", default="/tpenv/mounts")
+    p.add_argument("--lease", type=float, default=5.0, help="seconds without a ping before intercepts end")
+    p.add_argument("--bind-host", default="0.0.0.0", help="address of the agent ports")
+    p.add_argument("--app-host", default="127.0.0.1", help="where the app listens")
+    p.add_argument("--mount", action="append", default=None, metavar="PATH",
+                   help="an app mount path (default: the mount points found under --mounts)")
+    p.add_argument("--image-env", default=os.environ.get("TPENV_IMAGE_ENV", envreport.DEFAULT_IMAGE_ENV),
+                   help="JSON list of the agent image's own variable names")
+    p.add_argument("--sniff-timeout", type=float, default=2.0,
+                   help="seconds to wait for a caller's first bytes on a port with header intercepts")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+class Sidecar:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.container = args.container
+        self.lease = args.lease
+        self.app_host = args.app_host
+        self.sniff_timeout = args.sniff_timeout
+        self.mounts_root = os.path.abspath(args.mounts)
+        self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+        self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()
+        self.registry = Registry(list(args.listen))
+        self.ssh_conns: dict[Any, Any] = {}
+        self.ready = asyncio.Event()
+        self.log = logs.unit("sidecar", self.container)
+        self._image_env = envreport.load_image_env(args.image_env)
+        self._listeners: list[PortListener] = []
+        self._ssh: Any = None
+        self._health: HealthServer | None = None
+        self._closed = asyncio.Event()
+
+    async def __aenter__(self) -> "Sidecar":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def start(self) -> dict[str, Any]:
+        # Health first, so /livez answers while the rest comes up.
+        health_port = None
+        if self.args.health is not None:
+            self._health = HealthServer(*self.args.health, self.ready)
+            health_port = await self._health.start()
+        bound = {}
+        specs = []
+        for spec in self.registry.ports:
+            lst = PortListener(self, spec, self.args.bind_host)
+            port = await lst.start()
+            self._listeners.append(lst)
+            # Record the bound port (port 0 in tests); listeners route by the same object.
+            real = PortSpec(port, spec.app_port, spec.name)
+            lst.spec = real
+            specs.append(real)
+            bound[spec.name] = port
+        self.registry.ports[:] = specs
+        self._ssh = await sshd.start(self, *self.args.ssh, self.args.auth_dir)
+        ssh_port = self._ssh.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.log.info("ready: %d listener(s), ssh and health up", len(bound))
+        return {"ready": True, "ssh": ssh_port, "health": health_port, "listeners": bound}
+
+    def app_env(self) -> dict[str, str]:
+        return envreport.app_env(self._image_env)
+
+    def mount_paths(self) -> list[str]:
+        if self.args.mount is not None:
+            return list(self.args.mount)
+        root = self.mounts_root.rstrip("/") + "/"
+        found = []
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8") as f:
+                for line in f:
+                    point = line.split()[4].replace("\\040", " ")
+                    if point.startswith(root):
+                        found.append("/" + point[len(root):])
+        except OSError:
+            pass
+        return sorted(set(found))
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for lst in self._listeners:
+            lst.close()
+        if self._ssh is not None:
+            self._ssh.close()
+        if self._health is not None:
+            self._health.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+        for lst in self._listeners:
+            await lst.wait_closed()
+        if self._ssh is not None:
+            await self._ssh.wait_closed()
+        if self._health is not None:
+            await self._health.wait_closed()
+
+
+def _sa_namespace() -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return "default"
+
+
+async def run_sidecar(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    logs.setup(args.log_level)
+    if not args.listen:
+        print("tpenv-agent sidecar: at least one --listen is needed", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sidecar = Sidecar(args)
+    try:
+        info = await sidecar.start()
+    except (OSError, ValueError) as e:
+        sidecar.log.error("cannot start: %s", e)
+        sidecar.close()
+        return 1
+    print(json.dumps(info), flush=True)
+    await stop.wait()
+    sidecar.log.info("stopping")
+    sidecar.close()
+    await sidecar.wait_closed()
+    return 0

@@ -1,0 +1,133 @@
+"""The agent's SSH server (contract §2, §4, §6): certificates only, no sockets for forwards.
+
+Clients authenticate with an OpenSSH user certificate signed by the namespace's CA
+(``ca.pub`` in ``--auth-dir``) whose principal is the SSH user name; there is no password,
+keyboard-interactive or plain-key login. ``tcpip-forward`` requests are accepted without
+opening a socket (``server_requested`` returns a socketless listener): the agent opens
+``forwarded-tcpip`` channels to them itself when traffic matches an intercept.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Callable
+
+import asyncssh
+
+from . import log as logs
+from .control import ControlChannel
+from .splice import Buffered
+
+if TYPE_CHECKING:
+    from .sidecar import Sidecar
+
+
+class _Forward(asyncssh.SSHListener):
+    """A forward registration: the client's (listen_host, listen_port); nothing listens."""
+
+    def __init__(self, state: "ConnState", key: tuple[str, int]) -> None:
+        super().__init__()
+        self._state, self._key = state, key
+
+    def get_port(self) -> int:
+        return self._key[1]
+
+    def close(self) -> None:  # cancel-tcpip-forward, or the connection went away
+        self._state.forwards.discard(self._key)
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+class ConnState(asyncssh.SSHServer):
+    """One SSH connection: its user (= session id), forwards and control channels."""
+
+    def __init__(self, sidecar: "Sidecar") -> None:
+        self.sidecar = sidecar
+        self.conn: Any = None
+        self.username = ""
+        self.forwards: set[tuple[str, int]] = set()
+        self.controls: list[ControlChannel] = []
+        self._next_dynamic = 40000
+        self.log = logs.unit("ssh", "server")
+
+    def connection_made(self, conn: Any) -> None:
+        self.conn = conn
+        self.sidecar.ssh_conns[conn] = self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sidecar.ssh_conns.pop(self.conn, None)
+        for ctl in list(self.controls):
+            ctl.end("SSH connection lost")
+        if self.username:
+            self.log.info("session %s disconnected", self.username)
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        if listen_port == 0:
+            self._next_dynamic += 1
+            listen_port = self._next_dynamic
+        key = (listen_host.lower(), listen_port)
+        self.forwards.add(key)
+        return _Forward(self, key)
+
+    def opener(self, forward: tuple[str, int]) -> Callable[..., Any]:
+        """Opens a forwarded-tcpip channel to ``forward``: as streams, or with a session factory."""
+        conn = self.conn
+
+        async def open_streams(orig: tuple[str, int] = ("", 0)) -> tuple[Buffered, Any]:
+            r, w = await conn.open_connection(forward[0], forward[1], orig[0], orig[1])
+            return Buffered(r), w
+
+        async def open_session(factory: Callable[[], Any], orig: tuple[str, int] = ("", 0)) -> Any:
+            _, session = await conn.create_connection(factory, forward[0], forward[1], orig[0], orig[1])
+            return session
+
+        open_streams.session = open_session  # type: ignore[attr-defined]
+        return open_streams
+
+
+def read_auth(auth_dir: str) -> tuple[Any, Any]:
+    """(host key, authorized keys trusting only the CA)."""
+    with open(os.path.join(auth_dir, "ca.pub"), encoding="ascii") as f:
+        ca_pub = f.read().strip()
+    host_key = asyncssh.read_private_key(os.path.join(auth_dir, "host_key"))
+    authorized = asyncssh.import_authorized_keys(f"cert-authority {ca_pub}\n")
+    return host_key, authorized
+
+
+async def start(sidecar: "Sidecar", host: str, port: int, auth_dir: str) -> Any:
+    host_key, authorized = read_auth(auth_dir)
+
+    async def process(proc: Any) -> None:
+        state = sidecar.ssh_conns.get(proc.get_extra_info("connection"))
+        if proc.subsystem != "tpenv-control" or state is None:
+            proc.stderr.write(b"only the tpenv-control and sftp subsystems are served\n")
+            proc.exit(1)
+            return
+        await ControlChannel(sidecar, state, proc).run()
+
+    def sftp(chan: Any) -> asyncssh.SFTPServer:
+        return asyncssh.SFTPServer(chan, chroot=sidecar.mounts_root)
+
+    return await asyncssh.create_server(
+        lambda: ConnState(sidecar), host, port,
+        server_host_keys=[host_key],
+        authorized_client_keys=authorized,
+        process_factory=process,
+        sftp_factory=sftp,
+        allow_scp=False,
+        encoding=None,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        keepalive_interval=5,
+        keepalive_count_max=3,
+    )

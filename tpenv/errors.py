@@ -41,13 +41,14 @@ class Problem:
     """One problem in a config file: where, what, and what to do."""
 
     file: str
-    line: int  # 1-based
-    column: int  # 1-based
+    line: int  # 1-based; 0 when the problem is the whole file (missing, unreadable)
+    column: int  # 1-based; 0 with line 0
     message: str
     suggestion: str | None = None
 
     def __str__(self) -> str:
-        text = f"{self.file}:{self.line}:{self.column}: {self.message}"
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        text = f"{where}: {self.message}"
         if self.suggestion:
             text += f" ({self.suggestion})"
         return text

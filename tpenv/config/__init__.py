@@ -1,0 +1,8 @@
+"""telepresence.yaml: the models (models.py), loading with located errors (loader.py), env rendering (env.py)."""
+from tpenv.config.env import render_env, write_env_file
+from tpenv.config.loader import load_config
+from tpenv.config.models import (Config, Connect, EnvSpec, Forward, Intercept, Match, MountSpec, PortMap, RunSpec,
+                                 parse_port)
+
+__all__ = ["Config", "Connect", "EnvSpec", "Forward", "Intercept", "Match", "MountSpec", "PortMap", "RunSpec",
+           "load_config", "parse_port", "render_env", "write_env_file"]

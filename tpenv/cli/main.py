@@ -1,0 +1,135 @@
+"""The ``tpenv`` command: builds the parser from the verb modules, runs one, maps errors to exit codes.
+
+This is the only place that turns exceptions into messages: verbs raise TpenvError
+subclasses and let them through. Exit codes: 0 ok, ``exc.exit_code`` for our errors
+(1 runtime, 2 bad config or usage, 3 not built yet), 130 on Ctrl-C, 70 for a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from tpenv.cli.context import OUTPUTS, CliContext, dump
+from tpenv.cli.verbs import VERBS
+from tpenv.errors import ConfigError, TpenvError
+from tpenv.logs import setup_logging
+from tpenv.settings import env_overrides, load_settings
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_INTERRUPTED = 130
+
+
+def verb_module(name: str) -> ModuleType:
+    return importlib.import_module(f"tpenv.cli.verbs.{name}")
+
+
+def _common_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # The flags exist on the top parser (tpenv -f x up) and on every verb (tpenv up -f x). On the verb
+    # they default to SUPPRESS, so a verb that does not repeat a flag keeps the value given before it.
+    def d(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    group = parser.add_argument_group("common options")
+    group.add_argument("-f", "--file", type=Path, default=d(Path("telepresence.yaml")), metavar="FILE",
+                       help="the config file (default: ./telepresence.yaml)")
+    group.add_argument("-n", "--namespace", default=d(None), metavar="NS",
+                       help="namespace (default: the file's, else the kube context's)")
+    group.add_argument("--context", dest="kube_context", default=d(None), metavar="NAME",
+                       help="kube context (default: the file's, else the current one)")
+    group.add_argument("-o", "--output", choices=OUTPUTS, default=d("text"),
+                       help="output for people (text) or scripts (json, yaml)")
+    group.add_argument("--debug", action="store_true", default=d(False),
+                       help="debug logs, the noisy libraries' too, and tracebacks")
+
+
+def _settings_epilog() -> str:
+    lines = ["settings (environment variables):"]
+    for var, _section, _name, default, description in env_overrides():
+        lines.append(f"  {var} (default {default})")
+        lines.append(f"      {description}")
+    lines.append("")
+    lines.append("exit codes: 0 ok, 1 runtime error, 2 bad config or usage, 3 not built yet, 70 internal error")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpenv", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Develop against a remote Kubernetes cluster from your machine, declared in telepresence.yaml.",
+        epilog=_settings_epilog())
+    _common_flags(parser, defaults=True)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    sub.required = True
+    for name in VERBS:
+        module = verb_module(name)
+        verb = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(verb)
+        _common_flags(verb, defaults=False)
+    return parser
+
+
+def _report(exc: BaseException, output: str, debug: bool) -> None:
+    """Print an error on stderr: one line per problem, the hint below, a traceback only with --debug."""
+    err = sys.stderr
+    if debug:
+        traceback.print_exception(exc, file=err)
+    if isinstance(exc, TpenvError):
+        if output != "text":
+            data = {"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}}
+            if isinstance(exc, ConfigError):
+                data["error"]["problems"] = [vars(p) for p in exc.problems]
+            err.write(dump(data, output))
+            return
+        lines = exc.message.splitlines() or [type(exc).__name__]
+        prefix = "" if isinstance(exc, ConfigError) else "tpenv: error: "
+        for line in lines:
+            err.write(f"{prefix}{line}\n")
+        if exc.hint:
+            err.write(f"hint: {exc.hint}\n")
+    else:
+        err.write(f"tpenv: internal error: {type(exc).__name__}: {exc}\n")
+        if not debug:
+            err.write("hint: run again with --debug for the traceback, and report it\n")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; what follows the first ``--`` is the verb's ``command`` (intercept ... -- CMD ARGS)."""
+    parser = build_parser()
+    head, tail = argv, None
+    if "--" in argv:
+        i = argv.index("--")
+        head, tail = argv[:i], argv[i + 1:]
+    args = parser.parse_args(head)
+    if tail is not None:
+        if not hasattr(args, "command"):
+            parser.error(f"tpenv {args.verb} takes no command after --")
+        args.command = [*args.command, *tail]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        setup_logging(args.debug, json=args.output == "json")
+        ctx = CliContext(settings=load_settings(), output=args.output, debug=args.debug, config_file=args.file,
+                         namespace=args.namespace, kube_context=args.kube_context)
+        return int(asyncio.run(verb_module(args.verb).run(args, ctx)) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("tpenv: interrupted\n")
+        return EXIT_INTERRUPTED
+    except TpenvError as e:
+        _report(e, args.output, args.debug)
+        return e.exit_code
+    except Exception as e:  # a bug: say so plainly, never pretend it was the user's fault
+        _report(e, args.output, args.debug)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

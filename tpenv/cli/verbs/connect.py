@@ -1,0 +1,16 @@
+"""tpenv connect: stub until a later issue replaces this file."""
+from __future__ import annotations
+
+import argparse
+
+from tpenv.errors import NotBuiltYet
+
+HELP = "Reach cluster services from this machine by name (outbound)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+async def run(args: argparse.Namespace, ctx) -> int:
+    raise NotBuiltYet("tpenv connect is not built yet (a later issue)")

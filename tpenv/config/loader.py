@@ -1,0 +1,333 @@
+"""Reading telepresence.yaml: YAML with positions → plain data → models, every problem located.
+
+ruamel.yaml's round-trip loader keeps the line and column of every key and value.
+We convert its tree to plain data (expanding ``${VAR}`` on the way) while indexing
+those positions by path, validate with pydantic, and map each pydantic error's
+``loc`` back to a position. Nothing stops at the first problem: the user gets
+the whole list, and ConfigError (exit 2) carries it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
+
+from tpenv.config import checks
+from tpenv.config.models import Config, did_you_mean
+from tpenv.errors import ConfigError, Problem
+
+Path_ = tuple[str | int, ...]
+_REF = re.compile(r"\$(\$?)\{([^}]*)(\}?)")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Locator:
+    """Positions (1-based line, column) of every key and value of one file, by path."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.values: dict[Path_, tuple[int, int]] = {}
+        self.keys: dict[Path_, tuple[int, int]] = {}
+        self.containers: set[Path_] = set()
+
+    def at(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
+        # Containers and empty values are best shown at their key; scalars at the value itself.
+        if key or path in self.containers or path not in self.values:
+            if path in self.keys:
+                return self.keys[path]
+        for n in range(len(path), -1, -1):  # nearest known ancestor (merge keys, aliases)
+            if path[:n] in self.values:
+                return self.values[path[:n]]
+        return (1, 1)
+
+    def problem(self, path: Path_, message: str, suggestion: str | None = None, *, key: bool = False) -> Problem:
+        line, col = self.at(path, key=key)
+        return Problem(self.file, line, col, message, suggestion)
+
+
+def dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "the file"
+
+
+# --- YAML → plain data --------------------------------------------------------------------------------------------
+
+class _Converter:
+    def __init__(self, loc: Locator, environ: Mapping[str, str]) -> None:
+        self.loc, self.environ = loc, environ
+        self.problems: list[Problem] = []
+        self.memo: dict[int, Any] = {}  # aliases: convert a shared node once (and survive alias bombs)
+
+    def convert(self, node: Any, path: Path_) -> Any:
+        if isinstance(node, (CommentedMap, CommentedSeq)):
+            self.loc.containers.add(path)
+            if id(node) in self.memo:
+                return self.memo[id(node)]
+        if isinstance(node, CommentedMap):
+            out: dict[str, Any] = {}
+            self.memo[id(node)] = out
+            for k, v in node.items():
+                kpos = _lc(node, "key", k)
+                vpos = _lc(node, "value", k)
+                if not isinstance(k, str):
+                    line, col = kpos or (1, 1)
+                    self.problems.append(Problem(self.loc.file, line, col,
+                                                 f"{dotted(path)}: keys must be strings, got {_kind(k)} {k!r}"))
+                    continue
+                sub = (*path, k)
+                if kpos:
+                    self.loc.keys[sub] = kpos
+                if vpos and v is not None:
+                    self.loc.values[sub] = vpos
+                out[k] = self.convert(v, sub)
+            return out
+        if isinstance(node, CommentedSeq):
+            items: list[Any] = []
+            self.memo[id(node)] = items
+            for i, v in enumerate(node):
+                pos = _lc(node, "item", i)
+                if pos:
+                    self.loc.values[(*path, i)] = pos
+                items.append(self.convert(v, (*path, i)))
+            return items
+        if isinstance(node, TaggedScalar):
+            return self.convert(node.value, path)
+        if isinstance(node, bool):
+            return bool(node)
+        if isinstance(node, int):
+            return int(node)
+        if isinstance(node, float):
+            return float(node)
+        if isinstance(node, str):
+            return self.expand(str(node), path)
+        return node  # dates, None, binary: pydantic says what it expected instead
+
+    def expand(self, text: str, path: Path_) -> str:
+        def sub(m: re.Match[str]) -> str:
+            escaped, body, closed = m.groups()
+            if escaped:
+                return "${" + body + closed  # $${X} is a literal ${X}
+            name, sep, default = body.partition(":-")
+            if not closed or not _VAR_NAME.fullmatch(name):
+                self.problems.append(self.loc.problem(path, f"{dotted(path)}: malformed reference {m.group(0)!r}: "
+                                                            "write ${NAME} or ${NAME:-default}"))
+                return ""
+            if self.environ.get(name):
+                return self.environ[name]
+            if sep:
+                return default
+            if name in self.environ:
+                return ""
+            self.problems.append(self.loc.problem(
+                path, f"{dotted(path)}: environment variable {name} is not set",
+                f"set it, or give a default: ${{{name}:-default}}"))
+            return ""
+        return _REF.sub(sub, text) if "$" in text else text
+
+
+def _lc(node: Any, kind: str, arg: Any) -> tuple[int, int] | None:
+    try:
+        line, col = getattr(node.lc, kind)(arg)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None  # keys brought in by a `<<:` merge have no position of their own
+    return (line + 1, col + 1)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+# --- pydantic errors → problems -----------------------------------------------------------------------------------
+
+_EXPECTED = {
+    "string_type": "a string", "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false", "bool_parsing": "true or false",
+    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+
+
+def _resolve(data: Any, loc: tuple) -> tuple[Path_, bool]:
+    """The longest real path along ``loc`` (skipping union tags); True when the whole loc resolved."""
+    path: list[str | int] = []
+    node, whole = data, True
+    for el in loc:
+        if isinstance(node, dict) and isinstance(el, str) and el in node:
+            node = node[el]
+        elif isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
+            node = node[el]
+        else:
+            whole = False
+            continue
+        path.append(el)
+    return tuple(path), whole
+
+
+def _fields_at(data: Any, path: Path_) -> list[str]:
+    """The keys the model at ``path`` allows, for "did you mean"."""
+    model: Any = Config
+    for el in path:
+        if isinstance(el, int):
+            continue
+        field = model.model_fields.get(el) or next(
+            (f for f in model.model_fields.values() if f.alias == el), None)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    origin = getattr(annotation, "__origin__", None)
+    return _model_in(origin) if origin is not None and origin is not annotation else None
+
+
+def _problems_from(e: ValidationError, data: Any, loc: Locator) -> list[Problem]:
+    out = []
+    for err in e.errors(include_url=False):
+        path, whole = _resolve(data, err["loc"])
+        etype, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        where = dotted(path)
+        suggestion = ctx.get("suggestion") if isinstance(ctx, dict) else None
+        if etype == "extra_forbidden":
+            name = str(path[-1]) if path else "?"
+            parent = path[:-1]
+            allowed = _fields_at(data, parent)
+            msg = f"unknown key '{name}'" + (f" in {dotted(parent)}" if parent else "")
+            suggestion = did_you_mean(name, allowed) or (f"allowed: {', '.join(allowed)}" if allowed else None)
+            out.append(loc.problem(path, msg, suggestion, key=True))
+            continue
+        if etype == "missing":
+            name = str(err["loc"][-1])
+            msg = f"missing required key '{name}'" + (f" in {where}" if path else "")
+            out.append(loc.problem(path, msg))
+            continue
+        if etype == "literal_error":
+            choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+            msg = f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+            suggestion = did_you_mean(str(value), choices) if isinstance(value, str) else None
+        elif etype in _EXPECTED:
+            msg = f"{where}: expected {_EXPECTED[etype]}, got {_kind(value)}"
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                msg += f" {value!r}"
+        elif etype == "tpenv":
+            msg = f"{where}: {ctx.get('message', err['msg'])}"
+        else:
+            text = err["msg"]
+            text = text.removeprefix("Value error, ")
+            msg = f"{where}: {text[:1].lower()}{text[1:]}"
+        out.append(loc.problem(path, msg, suggestion))
+    return out
+
+
+# --- the entry point ----------------------------------------------------------------------------------------------
+
+def _read(path: Path, file: str) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise ConfigError([Problem(file, 0, 0, "no such file")],
+                          hint="create one with `tpenv init WORKLOAD`, or point at it with -f FILE") from e
+    except IsADirectoryError as e:
+        raise ConfigError([Problem(file, 0, 0, "is a directory, not a file")]) from e
+    except OSError as e:
+        raise ConfigError([Problem(file, 0, 0, f"cannot read: {e.strerror or e}")]) from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        before = raw[:e.start]
+        line = before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        raise ConfigError([Problem(file, line, col, "the file is not UTF-8 text")]) from e
+
+
+def _parse(text: str, file: str) -> Any:
+    try:
+        return YAML(typ="rt").load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(p for p in (e.context, e.problem) if p) or "invalid YAML"
+        raise ConfigError([Problem(file, line, col, f"invalid YAML: {what}")]) from e
+    except ReaderError as e:
+        before = text[:e.position]
+        line, col = before.count("\n") + 1, e.position - (before.rfind("\n") + 1) + 1
+        raise ConfigError([Problem(file, line, col, f"invalid YAML: {e.reason} (character {e.character!r})")]) from e
+    except (YAMLError, RecursionError, ValueError, TypeError, AttributeError) as e:
+        # ruamel.yaml raises plain exceptions on some malformed input; it is the edge, so wrap them.
+        raise ConfigError([Problem(file, 1, 1, f"invalid YAML: {e}")]) from e
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a telepresence.yaml; ConfigError lists every problem with file:line:column."""
+    path = Path(path)
+    file = str(path)
+    environ = os.environ if environ is None else environ
+    text = _read(path, file)
+    tree = _parse(text, file)
+
+    loc = Locator(file)
+    conv = _Converter(loc, environ)
+    if isinstance(tree, CommentedMap):
+        loc.values[()] = (tree.lc.line + 1, tree.lc.col + 1)
+    try:
+        data = conv.convert(tree, ())
+    except RecursionError as e:
+        raise ConfigError([Problem(file, 1, 1, "the document is nested too deeply")]) from e
+    problems = list(conv.problems)
+    if data is None:
+        data = {}  # an empty file is a valid file that asks for nothing
+    if not isinstance(data, dict):
+        raise ConfigError([*problems, loc.problem((), f"expected a mapping at the top level, got {_kind(data)}")])
+
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        problems += _problems_from(e, data, loc)
+    except RecursionError as e:  # cyclic aliases (&a [*a])
+        raise ConfigError([Problem(file, 1, 1, "the document refers to itself (recursive alias)")]) from e
+    problems += checks.check(data, loc, path.parent)
+
+    if problems:
+        raise ConfigError(sorted(set(problems), key=lambda p: (p.line, p.column, p.message)),
+                          hint="`tpenv schema` prints every key the file may have")
+    assert config is not None
+    config._source = path.resolve()
+    for i, ic in enumerate(config.intercepts):
+        for name in ic.env.rewrite:
+            line, col = loc.at(("intercepts", i, "env", "rewrite", name))
+            ic.env._where[name] = (file, line, col)
+    return config
+
+
+__all__ = ["load_config", "Locator", "dotted"]

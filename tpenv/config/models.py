@@ -1,0 +1,462 @@
+"""The pydantic models of telepresence.yaml: the truth about what the file may say.
+
+Every field carries a description (it becomes the JSON Schema and docs/config.md).
+Validators raise ``_fail`` errors whose context carries a ``suggestion``; the loader
+(loader.py) turns every pydantic error into a located ``Problem``. Checks that need
+the whole file (duplicate names and ports, watch globs on disk) live in checks.py.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import jinja2
+import jinja2.meta
+import jinja2.sandbox
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      WithJsonSchema, model_validator)
+from pydantic_core import PydanticCustomError
+
+API_VERSION = "tpenv/v1"
+PERSONAL_HEADER = "x-telepresence-intercept-id"  # same name as Telepresence, so existing tooling keeps working
+TEMPLATE_VARIABLES = ("value", "name", "namespace", "env", "mount_root", "intercept_id")
+WORKLOAD_KINDS = {"deployment": "deployment", "deploy": "deployment", "statefulset": "statefulset",
+                  "sts": "statefulset", "replicaset": "replicaset", "rs": "replicaset"}
+ENV_FORMATS = ("docker", "sh", "json", "compose")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")  # what Kubernetes accepts as an env var name
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+
+
+def _fail(message: str, suggestion: str | None = None) -> PydanticCustomError:
+    # "{message}" as the template: our messages may hold braces (Jinja sources) that must not be formatted.
+    return PydanticCustomError("tpenv", "{message}", {"message": message, "suggestion": suggestion})
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+# --- small validated strings --------------------------------------------------------------------------------------
+
+def _dns_label(what: str):
+    def check(value: str) -> str:
+        if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+            raise _fail(f"{value!r} is not a valid {what}: lowercase letters, digits and '-', at most 63 characters")
+        return value
+    return AfterValidator(check)
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise _fail(f"{value!r} is not a valid environment variable name")
+    return value
+
+
+Namespace = Annotated[str, _dns_label("namespace name")]
+ServiceName = Annotated[str, _dns_label("service name")]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+
+def _port_number(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise _fail(f"port {value} is out of range (1-65535)")
+    return value
+
+
+PortNumber = Annotated[int, AfterValidator(_port_number)]
+
+
+def _by_kind(**kinds: type) -> Any:
+    """A discriminator choosing a union branch by the YAML node's kind, so errors come from one branch only."""
+    def kind(value: Any) -> str | None:
+        for tag, types in kinds.items():
+            if isinstance(value, types) and not (isinstance(value, bool) and bool not in _flat(types)):
+                return tag
+        return None
+    return kind
+
+
+def _flat(types: Any) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+# --- ports ----------------------------------------------------------------------------------------------------------
+
+class PortMap(BaseModel):
+    """A local port and the workload's port it takes traffic from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local: PortNumber = Field(description="Port on this machine where the handler listens.")
+    remote: Union[PortNumber, str, None] = Field(
+        None, description="Service port name or number to intercept; empty: the workload's only port.")
+
+    def __str__(self) -> str:
+        return f"{self.local}:{self.remote}" if self.remote is not None else str(self.local)
+
+
+_PORT_HELP = "expected LOCAL[:REMOTE], e.g. 8080, 8080:80 or 8080:http"
+
+
+def parse_port(value: Any) -> Any:
+    """``8080`` | ``"8080"`` | ``"8080:http"`` | ``"8080:80"`` → PortMap fields; also used by the CLI's --port."""
+    if isinstance(value, (PortMap, dict)):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _fail(f"{value!r} is not a port: {_PORT_HELP}")
+    local, sep, remote = str(value).strip().partition(":")
+    if not local.isdecimal() or (sep and not remote):
+        raise _fail(f"{str(value)!r} is not a port: {_PORT_HELP}")
+    result: dict[str, Any] = {"local": _port_number(int(local))}
+    if sep:
+        if remote.isdecimal():
+            result["remote"] = _port_number(int(remote))
+        elif len(remote) > 15 or not _PORT_NAME.fullmatch(remote):
+            raise _fail(f"{remote!r} is not a port name: lowercase letters, digits and '-', at most 15 characters")
+        else:
+            result["remote"] = remote
+    return result
+
+
+PortSpec = Annotated[PortMap, BeforeValidator(parse_port), WithJsonSchema({
+    "description": "LOCAL[:REMOTE]: the local port, and the service port (name or number) it takes over.",
+    "anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+              {"type": "string", "pattern": r"^[0-9]{1,5}(:([0-9]{1,5}|[a-z0-9]([-a-z0-9]*[a-z0-9])?))?$"}],
+})]
+
+
+# --- match --------------------------------------------------------------------------------------------------------
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME.fullmatch(value):
+        raise _fail(f"{value!r} is not a valid HTTP header name")
+    return value
+
+
+@functools.lru_cache(maxsize=512)
+def compile_regex(source: str) -> re.Pattern[str]:
+    return re.compile(source)
+
+
+def _regex(value: str) -> str:
+    try:
+        compile_regex(value)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise _fail(f"{value!r} is not a valid regular expression: {e}") from e
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_regex)]
+HeaderRules = Annotated[Union[
+    Annotated[dict[Annotated[str, AfterValidator(_header_name)], Regex], Tag("mapping")],
+    Annotated[Literal["auto"], Tag("auto")],
+], Discriminator(_by_kind(mapping=dict, auto=str), custom_error_type="tpenv",
+                 custom_error_message="expected a mapping of header name to regex, or 'auto'")]
+
+
+class Match(BaseModel):
+    """Which HTTP requests go to this machine; every rule given must match. Absent: all TCP traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    headers: HeaderRules | None = Field(None, description=(
+        "Header name → regex the whole value must match (names are case-insensitive). "
+        f"'auto': the personal header {PERSONAL_HEADER}: <intercept id>."))
+    path_prefix: str | None = Field(None, description="Requests whose path starts with this prefix.")
+    path_equal: str | None = Field(None, description="Requests whose path is exactly this.")
+    path_regex: Regex | None = Field(None, description="Requests whose whole path matches this regex.")
+
+    @model_validator(mode="after")
+    def _one_path_rule(self) -> "Match":
+        given = [k for k in ("path_prefix", "path_equal", "path_regex") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise _fail(f"{' and '.join(given)} are both given: use at most one path rule")
+        for key in ("path_prefix", "path_equal"):
+            value = getattr(self, key)
+            if value is not None and not value.startswith("/"):
+                raise _fail(f"{key} {value!r} must start with '/'", f"did you mean '/{value}'?")
+        return self
+
+    def header_rules(self, intercept_id: str) -> dict[str, str]:
+        """The header regexes with 'auto' resolved to the personal header of ``intercept_id``."""
+        if self.headers == "auto":
+            return {PERSONAL_HEADER: re.escape(intercept_id)}
+        return dict(self.headers or {})
+
+    def wire(self, intercept_id: str) -> dict[str, Any]:
+        """This rule as the control channel's ``match`` object (docs/protocol.md §3)."""
+        path = None
+        for kind in ("equal", "prefix", "regex"):
+            value = getattr(self, f"path_{kind}")
+            if value is not None:
+                path = {kind: value}
+        return {"headers": self.header_rules(intercept_id), "path": path}
+
+
+# --- env ----------------------------------------------------------------------------------------------------------
+
+_JINJA = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                             keep_trailing_newline=True)
+
+
+@functools.lru_cache(maxsize=512)
+def compile_template(source: str) -> jinja2.Template:
+    return _JINJA.from_string(source)
+
+
+def _template(source: str) -> str:
+    try:
+        ast = _JINJA.parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise _fail(f"template {source!r} does not compile: {e.message}") from e
+    unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - set(TEMPLATE_VARIABLES))
+    if unknown:
+        raise _fail(f"template {source!r} uses unknown variable '{unknown[0]}'; known: {', '.join(TEMPLATE_VARIABLES)}",
+                    did_you_mean(unknown[0], TEMPLATE_VARIABLES))
+    compile_template(source)
+    return source
+
+
+def _env_value(value: Any) -> Any:
+    # YAML reads `PORT: 8080` and `DEBUG: true` as numbers and booleans; env values are strings.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+Template = Annotated[str, AfterValidator(_template)]
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+
+
+class EnvSpec(BaseModel):
+    """The handler's environment: the app container's, then ``set``, then ``rewrite``; written to ``file``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str | None = Field(None, description="Also write the environment to this file (relative to the config file).")
+    format: Literal["docker", "sh", "json", "compose"] = Field(
+        "docker", description="Syntax of `file`: docker (--env-file), sh (`. file`), json, compose (.env).")
+    set: dict[EnvName, EnvValue] = Field(default_factory=dict, description="Variables to set or override.")
+    rewrite: dict[EnvName, Template] = Field(default_factory=dict, description=(
+        "Variable → Jinja2 template giving its new value. Variables: " + ", ".join(TEMPLATE_VARIABLES)
+        + " (value: the variable's current value, '' when unset; env: the whole environment so far)."))
+    # rewrite key → (file, line, col), filled by the loader so render-time errors are located too
+    _where: dict[str, tuple[str, int, int]] = PrivateAttr(default_factory=dict)
+
+
+# --- mount --------------------------------------------------------------------------------------------------------
+
+MountPath = Annotated[Union[
+    Annotated[bool, Tag("bool")],
+    Annotated[str, Tag("str")],
+], Discriminator(_by_kind(bool=bool, str=str), custom_error_type="tpenv",
+                 custom_error_message="expected a directory, true (a temporary directory) or false (no mount)")]
+
+
+
+
+class MountSpec(BaseModel):
+    """The app container's volumes, mounted on this machine (``mount: false`` for none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: MountPath = Field(True, description=(
+        "Local directory for the volumes (relative to the config file); true: a temporary directory; false: no mount."))
+    rewrite_env: list[EnvName] = Field(default_factory=list, description=(
+        "Variables holding paths inside the container; their values get the local mount root as prefix."))
+
+
+def _mount_shorthand(value: Any) -> Any:
+    return value if isinstance(value, MountSpec) else MountSpec(path=value)
+
+
+# `mount: false`, `mount: ./dir` and `mount: {path: ..., rewrite_env: [...]}` all say the same kind of thing.
+MountField = Annotated[Union[
+    Annotated[MountSpec, Tag("mapping")],
+    Annotated[bool, Tag("bool")],
+    Annotated[str, Tag("str")],
+], Discriminator(_by_kind(mapping=(dict, MountSpec), bool=bool, str=str), custom_error_type="tpenv",
+                 custom_error_message="expected a mapping (path, rewrite_env), a directory, true or false"),
+    AfterValidator(_mount_shorthand)]
+
+
+# --- run ----------------------------------------------------------------------------------------------------------
+
+Command = Annotated[Union[
+    Annotated[list[str], Tag("list")],
+    Annotated[str, Tag("str")],
+], Discriminator(_by_kind(list=list, str=str), custom_error_type="tpenv",
+                 custom_error_message="expected a command: a list of strings, or one string for the shell")]
+
+
+def _nonempty_command(value: list[str] | str) -> list[str] | str:
+    if not value or (isinstance(value, str) and not value.strip()):
+        raise _fail("the command is empty")
+    return value
+
+
+class RunSpec(BaseModel):
+    """The local process serving the intercept, supervised by tpenv."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Annotated[Command, AfterValidator(_nonempty_command)] = Field(
+        description="The program and its arguments; one string runs through `sh -c`.")
+    cwd: str = Field(".", description="Working directory, relative to the config file.")
+    watch: list[str] = Field(default_factory=list, description=(
+        "Globs (relative to cwd, ** for any depth): a change to a matching file restarts the process."))
+    ignore: list[str] = Field(default_factory=list, description="Globs (relative to cwd) whose changes are ignored.")
+    restart: Literal["on-failure", "always", "never"] = Field(
+        "on-failure", description="When the process exits: restart on a non-zero exit, always, or never.")
+
+    def argv(self) -> list[str]:
+        return ["sh", "-c", self.command] if isinstance(self.command, str) else list(self.command)
+
+
+# --- intercepts, forwards, connect --------------------------------------------------------------------------------
+
+def _workload(value: str) -> str:
+    kind, sep, name = value.rpartition("/")
+    if sep and kind.lower() not in WORKLOAD_KINDS:
+        raise _fail(f"unknown workload kind {kind!r}: expected deployment/, statefulset/ or replicaset/",
+                    did_you_mean(kind.lower(), ["deployment", "statefulset", "replicaset"]))
+    if not name or len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        raise _fail(f"{name!r} is not a valid workload name: lowercase letters, digits, '-' and '.'")
+    return value
+
+
+def _name(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise _fail(f"{value!r} is not a valid intercept name: lowercase letters, digits and '-', at most 63 characters")
+    return value
+
+
+class Intercept(BaseModel):
+    """Traffic of one workload port, sent to a process on this machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, AfterValidator(_name)] | None = Field(
+        None, description="Name of the intercept (`tpenv leave NAME`); default: the workload's name.")
+    workload: Annotated[str, AfterValidator(_workload)] = Field(description=(
+        "The workload: NAME, deployment/NAME, statefulset/NAME or replicaset/NAME."))
+    namespace: Namespace | None = Field(None, description="Namespace of the workload; default: the file's namespace.")
+    port: PortSpec = Field(description="LOCAL[:REMOTE]: local port, and the service port (name or number) taken over.")
+    service: ServiceName | None = Field(None, description="Service to intercept when several select the workload.")
+    match: Match | None = Field(None, description="HTTP rules selecting the requests to intercept; absent: all TCP.")
+    env: EnvSpec = Field(default_factory=EnvSpec, description=EnvSpec.__doc__)
+    mount: MountField = Field(default_factory=MountSpec, description=MountSpec.__doc__)
+    run: RunSpec | None = Field(None, description="The handler process; absent: run it yourself.")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "Intercept":
+        if self.name is None:
+            self.name = self.workload_name
+        return self
+
+    @property
+    def workload_kind(self) -> str | None:
+        """deployment, statefulset, replicaset, or None (any kind, looked up in that order)."""
+        kind, sep, _ = self.workload.rpartition("/")
+        return WORKLOAD_KINDS[kind.lower()] if sep else None
+
+    @property
+    def workload_name(self) -> str:
+        return self.workload.rpartition("/")[2]
+
+
+def _port_name(value: str) -> str:
+    if len(value) > 15 or not _PORT_NAME.fullmatch(value):
+        raise _fail(f"{value!r} is not a port name: lowercase letters, digits and '-', at most 15 characters")
+    return value
+
+
+def _numeric_port(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.isdecimal() else value
+
+
+ServicePort = Annotated[Annotated[Union[
+    Annotated[PortNumber, Tag("int")],
+    Annotated[str, AfterValidator(_port_name), Tag("str")],
+], Discriminator(_by_kind(int=int, str=str), custom_error_type="tpenv",
+                 custom_error_message="expected a port number or name")], BeforeValidator(_numeric_port)]
+
+
+class Forward(BaseModel):
+    """A cluster service port reachable on a local port."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: ServiceName = Field(description="Name of the Service.")
+    namespace: Namespace | None = Field(None, description="Namespace of the Service; default: the file's namespace.")
+    port: ServicePort = Field(description="Service port, by number or name.")
+    local: PortNumber | None = Field(None, description="Local port; default: the same number as `port`.")
+
+    @model_validator(mode="after")
+    def _local_default(self) -> "Forward":
+        if self.local is None:
+            if isinstance(self.port, str):
+                raise _fail(f"'local' is required when port is a name ({self.port!r})")
+            self.local = self.port
+        return self
+
+
+class Connect(BaseModel):
+    """Outbound access: this machine's processes reach cluster services by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "root", "rootless", "off"] = Field("auto", description=(
+        "root: transparent redirect and DNS (needs root); rootless: local forwards and env rewrites; "
+        "auto: root when permitted, else rootless; off: no outbound access."))
+    namespaces: list[Namespace] = Field(default_factory=list, description=(
+        "Namespaces whose short service names resolve locally; default: the file's namespace."))
+
+
+class Config(BaseModel):
+    """telepresence.yaml: what `tpenv up` brings up and keeps up."""
+
+    model_config = ConfigDict(extra="forbid", title="telepresence.yaml")
+
+    api_version: Literal["tpenv/v1"] = Field(API_VERSION, alias="apiVersion", description="Version of this format.")
+    context: str | None = Field(None, description="Kubernetes context; default: the current context.")
+    namespace: Namespace | None = Field(None, description="Default namespace; default: the context's namespace.")
+    connect: Connect = Field(default_factory=Connect, description=Connect.__doc__)
+    forwards: list[Forward] = Field(default_factory=list, description="Service ports made reachable on local ports.")
+    intercepts: list[Intercept] = Field(default_factory=list, description="Workload ports sent to this machine.")
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this was loaded from (None when built in code)."""
+        return self._source
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the file, relative to the file's directory (or the working directory)."""
+        base = self._source.parent if self._source else Path.cwd()
+        return (base / Path(path).expanduser()).resolve()
+
+    def namespace_of(self, item: Intercept | Forward) -> str | None:
+        """The item's namespace, else the file's; None means the kube context's namespace."""
+        return item.namespace or self.namespace
+
+    def intercept(self, name: str) -> Intercept:
+        for ic in self.intercepts:
+            if ic.name == name:
+                return ic
+        raise KeyError(name)
+
+
+__all__ = ["Config", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec", "Forward", "Connect", "PortMap",
+           "parse_port", "compile_regex", "compile_template", "did_you_mean", "API_VERSION", "PERSONAL_HEADER",
+           "TEMPLATE_VARIABLES", "ENV_FORMATS", "WORKLOAD_KINDS"]

@@ -1,0 +1,129 @@
+"""Tunables the engines share: one pydantic model, overridable from the environment.
+
+Every field is ``TPENV_<SECTION>_<FIELD>`` in the environment (``TPENV_AGENT_IMAGE``,
+``TPENV_TUNNELS_CONNECT_TIMEOUT``...). The descriptions here are the documentation: they
+feed ``tpenv --help`` and docs/config.md, so write them for a user.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tpenv.errors import UsageError
+
+ENV_PREFIX = "TPENV_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AgentSettings(_Section):
+    """The in-pod traffic agent that tpenv injects."""
+
+    image: str = Field("tpenv/agent:dev", description="Container image of the injected agent.")
+    image_pull_policy: str = Field(
+        "IfNotPresent", description="imagePullPolicy of the agent container (Never on the local test cluster)."
+    )
+    ssh_port: int = Field(7922, ge=1, le=65535, description="Agent SSH port, on the pod's loopback only.")
+    health_port: int = Field(7921, ge=1, le=65535, description="Agent health port (/readyz, /livez).")
+    first_port: int = Field(7900, ge=1, le=65535, description="First agent listener port; one per intercepted port.")
+    lease_seconds: float = Field(
+        5.0, gt=0, description="Seconds without a ping after which the agent ends a session's intercepts."
+    )
+
+
+class TunnelSettings(_Section):
+    """Port-forward and SSH connections from the laptop to agents."""
+
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a tunnel to an agent to open.")
+    keepalive_interval: float = Field(2.0, gt=0, description="Seconds between SSH keepalives on a tunnel.")
+    retry_initial: float = Field(0.5, gt=0, description="First delay in seconds before reopening a dropped tunnel.")
+    retry_max: float = Field(10.0, gt=0, description="Longest delay in seconds between tunnel retries (backoff cap).")
+
+
+class HandlerSettings(_Section):
+    """Local processes (``run:``) that serve intercepts."""
+
+    stop_grace: float = Field(3.0, ge=0, description="Seconds after SIGINT before a handler gets SIGTERM.")
+    term_grace: float = Field(2.0, ge=0, description="Seconds after SIGTERM before a handler gets SIGKILL.")
+    restart_initial: float = Field(0.5, gt=0, description="First delay in seconds before restarting a crashed handler.")
+    restart_max: float = Field(30.0, gt=0, description="Longest delay in seconds between crash restarts (backoff cap).")
+    debounce: float = Field(0.2, ge=0, description="Seconds of quiet after a file change before a handler restarts.")
+
+
+class KubeSettings(_Section):
+    """Calls to the Kubernetes API server."""
+
+    request_timeout: float = Field(15.0, gt=0, description="Seconds before one Kubernetes API request times out.")
+    rollout_timeout: float = Field(120.0, gt=0, description="Seconds to wait for a patched workload's pods to be ready.")
+
+
+class SessionSettings(_Section):
+    """Local bookkeeping of running sessions."""
+
+    state_dir: Path = Field(
+        Path("~/.cache/tpenv/sessions"),
+        validate_default=True,
+        description="Directory holding the state of running sessions (used by status and down).",
+    )
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class Settings(BaseModel):
+    """Every tunable of tpenv; defaults suit a laptop against a nearby cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: AgentSettings = Field(default_factory=AgentSettings, description=AgentSettings.__doc__)
+    tunnels: TunnelSettings = Field(default_factory=TunnelSettings, description=TunnelSettings.__doc__)
+    handlers: HandlerSettings = Field(default_factory=HandlerSettings, description=HandlerSettings.__doc__)
+    kube: KubeSettings = Field(default_factory=KubeSettings, description=KubeSettings.__doc__)
+    session: SessionSettings = Field(default_factory=SessionSettings, description=SessionSettings.__doc__)
+
+
+def env_overrides() -> Iterator[tuple[str, str, str, object, str]]:
+    """(env var, section, field, default, description) for every setting, in declaration order."""
+    for section, sfield in Settings.model_fields.items():
+        model = sfield.annotation
+        for name, field in model.model_fields.items():  # type: ignore[union-attr]
+            var = f"{ENV_PREFIX}{section}_{name}".upper()
+            yield var, section, name, field.default, field.description or ""
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
+    """Settings from the defaults and ``TPENV_<SECTION>_<FIELD>`` variables; UsageError when one is wrong."""
+    known = {var: (section, name) for var, section, name, _, _ in env_overrides()}
+    sections = {f"{ENV_PREFIX}{s}_".upper() for s in Settings.model_fields}
+    data: dict[str, dict[str, str]] = {}
+    problems: list[str] = []
+    for var, value in env.items():
+        if var in known:
+            section, name = known[var]
+            data.setdefault(section, {})[name] = value
+        elif any(var.startswith(prefix) for prefix in sections):
+            # A typo in a setting name would otherwise be ignored without a word.
+            close = difflib.get_close_matches(var, known, n=1)
+            problems.append(f"unknown setting {var}" + (f" (did you mean {close[0]}?)" if close else ""))
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            section, name = str(err["loc"][0]), str(err["loc"][-1])
+            var = f"{ENV_PREFIX}{section}_{name}".upper()
+            problems.append(f"{var}={err.get('input')!r}: {err['msg'].lower()}")
+    if problems:
+        raise UsageError("; ".join(problems), hint="fix or unset these environment variables (see `tpenv --help`)")
+    return settings
+
+
+__all__ = ["Settings", "AgentSettings", "TunnelSettings", "HandlerSettings", "KubeSettings", "SessionSettings",
+           "load_settings", "env_overrides"]

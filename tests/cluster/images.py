@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -87,6 +88,8 @@ def _lock():
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    # pip as root is expected here (it writes to our cache, not the system): no warning about it.
+    kw.setdefault("env", {**os.environ, "PIP_ROOT_USER_ACTION": "ignore"})
     return subprocess.run(cmd, check=True, **kw)
 
 
@@ -115,18 +118,323 @@ def build_pause(log=print) -> Path:
     return out
 
 
+# --- the shared Debian base -------------------------------------------------------------
+
+SUITE = "bookworm"
+BASE_PACKAGES = ["python3", "ca-certificates", "curl"]
+# Bump when the cleanup below changes: the rootfs tarball is keyed by it.
+BASE_RECIPE = "base-v1"
+# What a running container never needs; dropping it keeps the base near half its size.
+BASE_PRUNE = [
+    "dev/*", "proc/*", "sys/*", "run/*", "tmp/*", "var/tmp/*",
+    "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/lib/apt/lists/*",
+    "var/cache/debconf/*-old", "var/lib/dpkg/*-old", "var/log/*",
+    "usr/share/man/*", "usr/share/info/*", "usr/share/locale/*", "usr/share/lintian/*",
+    "etc/resolv.conf", "etc/hostname",
+]
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses for the suite (deb822 or one-line sources)."""
+    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for f in files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
+                if "deb" in fields.get("Types", "").split() and SUITE in fields.get("Suites", "").split():
+                    return fields["URIs"].split()[0]
+        else:
+            for line in text.splitlines():
+                words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
+                    return words[1]
+    return "http://deb.debian.org/debian"
+
+
+def base_rootfs(log=print) -> Path:
+    """Debian bookworm minbase with python3, as a rootfs tarball (numeric owners, original mtimes)."""
+    key = _hash(BASE_RECIPE, SUITE, *BASE_PACKAGES, *BASE_PRUNE)
+    out = _cached(f"rootfs-{SUITE}", key, ".tar")
+    if out.exists():
+        return out
+    mirror = apt_mirror()
+    log(f"images: debootstrap {SUITE} from {mirror} (about a minute)")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tpenv-rootfs-", dir=cache_dir()) as tmp:
+        root = Path(tmp) / "root"
+        r = subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), SUITE, str(root), mirror],
+            capture_output=True, text=True,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"debootstrap failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}")
+        for pattern in BASE_PRUNE:
+            for p in root.glob(pattern):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        # Keep only the licence files of the docs.
+        for p in (root / "usr/share/doc").rglob("*"):
+            if p.is_file() and p.name != "copyright":
+                p.unlink()
+        (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        tmp_out = Path(tmp) / "rootfs.tar"
+        _run(["tar", "--numeric-owner", "--sort=name", "-cf", str(tmp_out), "-C", str(root), "."])
+        os.replace(tmp_out, out)
+    _prune(f"rootfs-{SUITE}", out, ".tar")
+    log(f"images: rootfs {SUITE} in {time.monotonic() - t0:.0f}s ({out.stat().st_size >> 20} MiB)")
+    return out
+
+
+def _cached_layer(stem: str, key: str, fill, log=print) -> oci.Layer:
+    """A layer cached as <stem>-<key>.tar.gz plus its digests in .json; `fill(LayerWriter)` builds it."""
+    out = _cached(stem, key, ".tar.gz")
+    meta = out.with_name(out.name[: -len(".tar.gz")] + ".json")
+    if out.exists() and meta.exists():
+        d = json.loads(meta.read_text())
+        return oci.Layer(out, d["digest"], d["diff_id"], d["size"])
+    t0 = time.monotonic()
+    tmp = out.with_name(out.name + ".tmp")
+    with oci.LayerWriter(tmp) as lw:
+        fill(lw)
+        layer = lw.close()
+    os.replace(tmp, out)
+    layer = oci.Layer(out, layer.digest, layer.diff_id, layer.size)
+    meta.write_text(json.dumps(layer.to_json()))
+    _prune(stem, out, ".tar.gz")
+    _prune(stem, meta, ".json")
+    log(f"images: layer {stem} in {time.monotonic() - t0:.1f}s ({_size(layer.size)} gzip)")
+    return layer
+
+
+def _cached_image(names: list[str], layers: list[oci.Layer], config: dict, log=print, t0: float | None = None) -> Path:
+    """The image tarball, keyed by its layers' digests, config and names: a warm call only stats a file."""
+    key = _hash("image", json.dumps(config, sort_keys=True), *names, *(l.digest for l in layers))
+    stem = _slug(names[0].rsplit(":", 1)[0])
+    out = _cached(stem, key, ".oci.tar")
+    if not out.exists():
+        oci.write_image(out, names, layers, config)
+        _prune(stem, out, ".oci.tar")
+        took = f" in {time.monotonic() - t0:.1f}s" if t0 is not None else ""
+        log(f"images: built {', '.join(names)}{took} ({_size(sum(l.size for l in layers))} compressed)")
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n / 1024:.0f} KiB"
+
+
+def base_layer(log=print) -> oci.Layer:
+    """The base rootfs as a gzip layer, shared by every Python image (containerd stores it once)."""
+    rootfs = base_rootfs(log)
+    key = _hash("base-layer", rootfs.name, _tool_hash())
+    return _cached_layer("layer-base", key, lambda lw: lw.add_tarball(rootfs), log)
+
+
+# --- Python packages from PyPI, downloaded on the host ---------------------------------
+
+PY_VERSION = "3.11"  # bookworm's python3
+SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's sys.path, owned by no package
+# bookworm has glibc 2.36; pip expands each manylinux_2_N tag to the older ones.
+PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_36_x86_64"]
+# Pinned so an image built on another day or machine has the same packages.
+TESTAPP_PACKAGES = ["h2==4.4.1", "grpcio==1.85.1"]
+AGENT_PACKAGES = ["asyncssh==2.24.1", "cryptography==50.0.2", "h2==4.4.1"]
+
+
+def _pip() -> list[str]:
+    """A Python with pip on the host: this one, else the project's venv (Debian's python3 may lack pip)."""
+    for py in (sys.executable, str(REPO / ".venv" / "bin" / "python"), "python3"):
+        if py and subprocess.run([py, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return [py, "-m", "pip"]
+    raise RuntimeError("no pip on this machine: install python3-pip (the images' packages come from PyPI)")
+
+
+def _target_args() -> list[str]:
+    args = ["--python-version", PY_VERSION, "--implementation", "cp", "--only-binary=:all:"]
+    for plat in PLATFORMS:
+        args += ["--platform", plat]
+    return args
+
+
+def wheels(packages: list[str], log=print) -> Path:
+    """The wheels for `packages` and their dependencies, for the image's Python, in a cached directory."""
+    key = _hash("wheels-v1", PY_VERSION, *PLATFORMS, *packages)
+    d = cache_dir() / f"wheels-{key[:16]}"
+    if (d / ".complete").exists():
+        return d
+    log(f"images: pip download {' '.join(packages)}")
+    tmp = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache_dir()))
+    try:
+        _run([*_pip(), "download", "-q", *_target_args(), "-d", str(tmp), *packages], stdout=subprocess.DEVNULL)
+        (tmp / ".complete").write_text("\n".join(packages) + "\n")
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+def _pyc_tag() -> str:
+    # Part of a layer's key: whether (and for which bytecode) it got precompiled here.
+    return f"pyc-{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _compile(tree: Path, ddir: str) -> None:
+    """Precompile .py files so containers start without compiling (and without writing pyc).
+
+    Only when this Python is the image's minor version (same bytecode). unchecked-hash
+    pycs never look at mtimes, which the layer writer rewrites anyway.
+    """
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" != PY_VERSION:
+        return
+    import compileall
+    import py_compile
+
+    compileall.compile_dir(
+        str(tree), quiet=2, ddir=ddir, workers=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
+    )
+
+
+def site_layer(name: str, packages: list[str], log=print) -> oci.Layer:
+    """`packages` installed (pip --target, on the host, from the cached wheels) as a dist-packages layer."""
+    wheel_dir = wheels(packages, log)
+    names = sorted(p.name for p in wheel_dir.glob("*.whl"))
+    key = _hash("site-v1", *packages, *names, _tool_hash(), _pyc_tag())
+
+    def fill(lw: oci.LayerWriter) -> None:
+        with tempfile.TemporaryDirectory(prefix="site-", dir=cache_dir()) as tmp:
+            stage = Path(tmp) / "site"
+            _run(
+                [*_pip(), "install", "-q", "--no-index", "--find-links", str(wheel_dir), "--no-compile",
+                 "--target", str(stage), *_target_args(), *packages],
+                stdout=subprocess.DEVNULL,
+            )
+            shutil.rmtree(stage / "bin", ignore_errors=True)  # console scripts with the host's shebang
+            _compile(stage, "/" + SITE_PACKAGES)
+            lw.add_tree(stage, SITE_PACKAGES)
+
+    return _cached_layer(f"layer-site-{name}", key, fill, log)
+
+
+def _tree_hash(root: Path, pattern: str = "*") -> list[bytes]:
+    """(relative path, content) of every file under root, in order, without bytecode caches."""
+    parts = []
+    for p in sorted(root.rglob(pattern), key=lambda p: p.relative_to(root).as_posix()):
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+            parts += [p.relative_to(root).as_posix().encode(), p.read_bytes()]
+    return parts
+
+
+def _stage_layer(stem: str, key_parts: list, stage_fill, log=print) -> oci.Layer:
+    """A layer from a staging directory that `stage_fill(dir)` writes, precompiled, keyed by key_parts."""
+    key = _hash(stem, *key_parts, _tool_hash(), _pyc_tag())
+
+    def fill(lw: oci.LayerWriter) -> None:
+        with tempfile.TemporaryDirectory(prefix="stage-", dir=cache_dir()) as tmp:
+            stage_fill(Path(tmp))
+            _compile(Path(tmp), "/")  # ddir "/" + relative path = the path in the image
+            lw.add_tree(Path(tmp), "")
+
+    return _cached_layer(stem, key, fill, log)
+
+
+BASE_ENV = [PATH_ENV, "LANG=C.UTF-8", "PYTHONUNBUFFERED=1"]
+
+
+# --- tpenv/testapp ----------------------------------------------------------------------
+
+TESTAPP_REF = "tpenv/testapp:dev"
+APPS = HERE / "apps"
+# Commands in the image: name -> module in tests/cluster/apps.
+APP_COMMANDS = {"tpenv-echo": "echo", "tpenv-get": "get"}
+
+
+def build_testapp(log=print) -> Path:
+    t0 = time.monotonic()
+    base = base_layer(log)
+    site = site_layer("testapp", TESTAPP_PACKAGES, log)
+
+    def stage(d: Path) -> None:
+        shutil.copytree(APPS, d / "opt/tpenv-apps", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (d / "usr/local/bin").mkdir(parents=True)
+        for cmd, mod in APP_COMMANDS.items():
+            f = d / "usr/local/bin" / cmd
+            f.write_text(
+                f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, '/opt/tpenv-apps')\n"
+                f"from {mod} import main\nsys.exit(main())\n"
+            )
+            f.chmod(0o755)
+
+    apps = _stage_layer("layer-testapp", [*_tree_hash(APPS), *APP_COMMANDS], stage, log)
+    cfg = oci.image_config([base, site, apps], cmd=["tpenv-echo"], env=BASE_ENV, exposed_ports=["8080/tcp"])
+    return _cached_image([TESTAPP_REF], [base, site, apps], cfg, log, t0)
+
+
+# --- tpenv/agent --------------------------------------------------------------------------
+
+AGENT_PKG = REPO / "agent" / "tpenv_agent"
+AGENT_ENV = [*BASE_ENV, "PYTHONDONTWRITEBYTECODE=1"]
+
+
+def project_version() -> str:
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    return m.group(1) if m else "0.0.0"
+
+
+def agent_version() -> str:
+    """'<project version>-<12 hex>': sha256 over agent/tpenv_agent/**/*.py (sorted relative
+    paths, each as length-prefixed path then content) and then pyproject.toml."""
+    parts = _tree_hash(AGENT_PKG, "*.py") + [b"pyproject.toml", (REPO / "pyproject.toml").read_bytes()]
+    return f"{project_version()}-{_hash(*parts)[:12]}"
+
+
+def agent_image_ref() -> str:
+    return f"tpenv/agent:{agent_version()}"
+
+
+def build_agent(log=print) -> Path:
+    t0 = time.monotonic()
+    base = base_layer(log)
+    site = site_layer("agent", AGENT_PACKAGES, log)
+    # The image's own variables, by name (docs/protocol.md §5): the agent leaves them out of the app's env.
+    image_env = json.dumps(sorted(e.split("=", 1)[0] for e in AGENT_ENV)) + "\n"
+
+    def stage(d: Path) -> None:
+        shutil.copytree(AGENT_PKG, d / SITE_PACKAGES / "tpenv_agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (d / "usr/local/bin").mkdir(parents=True)
+        launcher = d / "usr/local/bin/tpenv-agent"
+        launcher.write_text("#!/usr/bin/python3\nimport sys\nfrom tpenv_agent.main import main\nsys.exit(main())\n")
+        launcher.chmod(0o755)
+        (d / "etc/tpenv").mkdir(parents=True)
+        (d / "etc/tpenv/image-env.json").write_text(image_env)
+
+    # Every file of the package (data files too) is an input of the layer; the version uses the .py files.
+    layer = _stage_layer("layer-agent", [*_tree_hash(AGENT_PKG), image_env], stage, log)
+    # root for now: the sidecar reads the app's volumes whatever their owners.
+    cfg = oci.image_config(
+        [base, site, layer], entrypoint=["tpenv-agent"], env=AGENT_ENV,
+        labels={"io.tpenv.agent.version": agent_version()},
+    )
+    return _cached_image([agent_image_ref(), "tpenv/agent:dev"], [base, site, layer], cfg, log, t0)
+
+
 # --- build and import ------------------------------------------------------------------
 
 
 def build_all(log=print) -> list[Path]:
     """Build (or reuse from the cache) every image; return the OCI tarballs, pause first."""
     with _lock():
-        return [build_pause(log)]
+        return [build_pause(log), build_testapp(log), build_agent(log)]
 
 
 def image_names(path: Path) -> dict[str, str]:
     """{image name: manifest digest} from an OCI layout tarball's index.json (read without scanning blobs)."""
-    import json
     import tarfile
 
     with tarfile.open(path, "r") as tf:
@@ -179,6 +487,9 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "import":
         import_all(build_all(), address=address)
+        return 0
+    if cmd == "ref":
+        print(agent_image_ref())
         return 0
     print(__doc__.strip())
     return 2

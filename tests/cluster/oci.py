@@ -139,7 +139,7 @@ class LayerWriter:
     def add_tree(self, src: Path, prefix: str, exclude: Callable[[str], bool] | None = None) -> None:
         """Add the directory `src` at `prefix` in the layer: sorted, fixed mtime, root-owned.
 
-        Modes are kept (executable bits matter); symlinks are kept as symlinks;
+        Modes are normalized to 0755 (directories, executables) or 0644; symlinks stay symlinks;
         `exclude(relative_path)` drops an entry (and, for a directory, what is under it).
         """
         src = Path(src)
@@ -160,7 +160,7 @@ class LayerWriter:
                     filenames.append(d)
                     continue
                 kept.append(d)
-                self.add_dir(_join(prefix, rel), stat.S_IMODE(os.lstat(full).st_mode))
+                self.add_dir(_join(prefix, rel), 0o755)
             dirnames[:] = kept
             for f in sorted(filenames):
                 rel = os.path.join(rel_dir, f)
@@ -171,7 +171,9 @@ class LayerWriter:
                 if stat.S_ISLNK(st.st_mode):
                     self.add_symlink(_join(prefix, rel), os.readlink(full))
                 elif stat.S_ISREG(st.st_mode):
-                    self.add_file(_join(prefix, rel), Path(full).read_bytes(), stat.S_IMODE(st.st_mode))
+                    # Only the executable bit is taken from the disk: the builder's umask must not matter.
+                    mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+                    self.add_file(_join(prefix, rel), Path(full).read_bytes(), mode)
                 # sockets, fifos, devices: never part of an image built from a directory
 
     # -- entries copied from a rootfs tarball ---------------------------------------
@@ -238,6 +240,7 @@ def image_config(
     workdir: str = "/",
     user: str = "",
     labels: dict[str, str] | None = None,
+    exposed_ports: list[str] | None = None,
     arch: str = "amd64",
 ) -> dict:
     cfg: dict = {"Env": list(env or []), "WorkingDir": workdir}
@@ -249,6 +252,8 @@ def image_config(
         cfg["User"] = user
     if labels:
         cfg["Labels"] = dict(labels)
+    if exposed_ports:
+        cfg["ExposedPorts"] = {p: {} for p in exposed_ports}
     return {
         "architecture": arch,
         "os": "linux",

@@ -136,7 +136,7 @@ class App:
                     writer.write(data)
                     await writer.drain()
                 return
-            if path.startswith("/big"):
+            if "/big?n=" in path:
                 n = int(path.split("n=")[1])
                 writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-who: " + self.name.encode() + b"\r\n\r\n")
                 left = n
@@ -260,6 +260,7 @@ class H2Caller:
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self._streams: dict[int, dict] = {}
         self._task: asyncio.Task | None = None
+        self._window = asyncio.Event()
 
     async def __aenter__(self) -> "H2Caller":
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -275,6 +276,9 @@ class H2Caller:
     async def _read(self) -> None:
         while data := await self.reader.read(65536):
             for ev in self.conn.receive_data(data):
+                if isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                    self._window.set()
+                    self._window = asyncio.Event()
                 s = self._streams.get(getattr(ev, "stream_id", 0))
                 if s is None:
                     continue
@@ -305,9 +309,15 @@ class H2Caller:
             hdrs += [("content-type", "application/grpc"), ("te", "trailers")]
         hdrs += list((headers or {}).items())
         self.conn.send_headers(sid, hdrs, end_stream=not body)
-        if body:
-            self.conn.send_data(sid, body, end_stream=True)
         self.writer.write(self.conn.data_to_send())
+        while body:  # within the peer's flow-control window
+            n = min(len(body), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if n == 0:
+                await self._window.wait()
+                continue
+            self.conn.send_data(sid, body[:n], end_stream=n == len(body))
+            body = body[n:]
+            self.writer.write(self.conn.data_to_send())
         result = await s["done"]
         result["json"] = json.loads(result["body"]) if result["body"] else None
         return result

@@ -23,11 +23,19 @@ if TYPE_CHECKING:
 
 
 class _Entry(Half):
-    """The caller's side of a connection; decides the route in connection_made."""
+    """The caller's side of a connection; decides the route in connection_made.
+
+    On the raw path to the app it still looks at the caller's first bytes (one
+    ``startswith``, nothing more): an h2c preface means a long-lived HTTP/2 or gRPC
+    connection, which is handed to the per-stream router even with no intercept yet, so an
+    intercept started later still sees its streams. Server-speaks-first protocols are not
+    delayed: the app is connected before any caller byte is awaited.
+    """
 
     def __init__(self, listener: "PortListener") -> None:
         super().__init__()
         self.listener = listener
+        self._sniff: bytearray | None = None
 
     def connection_made(self, transport: Any) -> None:
         lst = self.listener
@@ -36,7 +44,34 @@ class _Entry(Half):
             lst.spawn(lst.sniff(transport))
             return
         super().connection_made(transport)  # paused until the other half is up
+        if holder is None and lst.sidecar.h2_always:
+            self._sniff = bytearray()
         lst.spawn(lst.splice_to(self, holder))
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        if self._sniff is None:
+            self.peer.transport.write(data)  # type: ignore[union-attr]
+            return
+        self._sniff += data
+        if len(self._sniff) < len(PREFACE) and PREFACE.startswith(self._sniff):
+            return  # could still be the preface
+        first, self._sniff = bytes(self._sniff), None
+        if not first.startswith(PREFACE):
+            self.peer.transport.write(first)  # type: ignore[union-attr]
+            return
+        # HTTP/2: drop the raw app connection (nothing was sent on it) and route per stream.
+        other, self.peer = self.peer, None
+        if other is not None:
+            other.peer = None
+            other.close()
+        self.listener.spawn(self.listener.sniff(self.transport, first))
+
+    def eof_received(self) -> bool:
+        if self._sniff is not None and self._sniff:
+            first, self._sniff = bytes(self._sniff), None
+            self.peer.transport.write(first)  # type: ignore[union-attr]
+        self._sniff = None
+        return super().eof_received()
 
 
 class PortListener:
@@ -109,14 +144,15 @@ class PortListener:
             return
         join(entry, other)
 
-    async def sniff(self, transport: Any) -> None:
+    async def sniff(self, transport: Any, initial: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
         sr = asyncio.StreamReader(limit=1 << 20)
         proto = asyncio.StreamReaderProtocol(sr)
         transport.set_protocol(proto)
         proto.connection_made(transport)
+        transport.resume_reading()
         writer = asyncio.StreamWriter(transport, proto, sr, loop)
-        reader = Buffered(sr)
+        reader = Buffered(sr, initial)
         try:
             first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
         except asyncio.TimeoutError:

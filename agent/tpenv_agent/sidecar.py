@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
                    help="JSON list of the agent image's own variable names")
     p.add_argument("--sniff-timeout", type=float, default=2.0,
                    help="seconds to wait for a caller's first bytes on a port with header intercepts")
+    p.add_argument("--h2-passthrough", choices=("route", "raw"), default="route",
+                   help="route: h2c connections always go through the per-stream router, so intercepts "
+                        "started later see streams of long-lived (gRPC) connections; raw: splice them")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -59,6 +62,7 @@ class Sidecar:
         self.lease = args.lease
         self.app_host = args.app_host
         self.sniff_timeout = args.sniff_timeout
+        self.h2_always = args.h2_passthrough == "route"
         self.mounts_root = os.path.abspath(args.mounts)
         self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()

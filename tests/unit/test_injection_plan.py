@@ -1,0 +1,79 @@
+"""Client-side injection glue: plans from tpenv settings, the tpenv-auth Secret, restore plans."""
+from __future__ import annotations
+
+import base64
+import copy
+
+import pytest
+
+from tpenv.engine.injection import auth_secret_manifest, inject_settings, plan_injection, restore_plan
+from tpenv.errors import PermanentError
+from tpenv.settings import Settings
+
+WORKLOAD = {
+    "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "hello", "namespace": "dev"},
+    "spec": {"selector": {"matchLabels": {"app": "hello"}},
+             "template": {"metadata": {"labels": {"app": "hello"}},
+                          "spec": {"containers": [{"name": "hello", "image": "hello:1",
+                                                   "ports": [{"name": "http", "containerPort": 8000}]}]}}},
+}
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hello", "namespace": "dev"},
+           "spec": {"selector": {"app": "hello"}, "ports": [{"name": "http", "port": 80, "targetPort": 8000}]}}
+
+
+def agent_of(workload):
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "tpenv-agent")
+
+
+# --- stage 1: settings reach the agent container ------------------------------------------------
+
+def test_settings_model_becomes_the_agent_image_and_lease():
+    s = Settings.model_validate({"agent": {"image": "me/agent:7", "image_pull_policy": "Never", "lease_seconds": 3}})
+    assert inject_settings(s) == {"agent_image": "me/agent:7", "image_pull_policy": "Never", "lease": 3}
+    plan = plan_injection(WORKLOAD, SERVICE, "http", s)
+    agent = agent_of(plan.workload)
+    assert agent["image"] == "me/agent:7" and agent["imagePullPolicy"] == "Never"
+    assert agent["args"][agent["args"].index("--lease") + 1] == "3"
+
+
+# --- stage 2: plans ---------------------------------------------------------------------------------
+
+def test_first_plan_changes_workload_and_numeric_service_and_needs_the_secret():
+    before = copy.deepcopy((WORKLOAD, SERVICE))
+    plan = plan_injection(WORKLOAD, SERVICE, 80, Settings())
+    assert plan.workload_changed and plan.needs_auth_secret
+    assert plan.service["spec"]["ports"][0]["targetPort"] == "tpenv-8000"
+    assert plan.record["ports"] == [{"name": "tpenv-8000", "agent_port": 7900, "app_port": 8000}]
+    assert (WORKLOAD, SERVICE) == before
+
+
+def test_planning_an_injected_port_again_changes_nothing():
+    first = plan_injection(WORKLOAD, SERVICE, "http", Settings())
+    again = plan_injection(first.workload, first.service, "http", Settings(), auth_secret_exists=True)
+    assert not again.workload_changed and again.service is None and not again.needs_auth_secret
+
+
+def test_inject_errors_become_permanent_errors_naming_the_workload():
+    with pytest.raises(PermanentError, match=r"Deployment/hello.*exposes no port 'grpc'"):
+        plan_injection(WORKLOAD, SERVICE, "grpc", Settings())
+
+
+def test_restore_plan_undoes_the_injection():
+    plan = plan_injection(WORKLOAD, SERVICE, "http", Settings())
+    back = restore_plan(plan.workload, plan.service)
+    assert back.workload_changed and back.workload == WORKLOAD and back.service == SERVICE
+    untouched = restore_plan(WORKLOAD, SERVICE)
+    assert not untouched.workload_changed and untouched.service is None
+
+
+# --- stage 3: the auth Secret of protocol §2 ---------------------------------------------------------
+
+def test_auth_secret_holds_the_four_keys_base64():
+    material = {"ca_key": b"CA-PRIV", "ca.pub": b"ssh-ed25519 AAA ca", "host_key": b"HOST-PRIV",
+                "host_key.pub": b"ssh-ed25519 BBB host"}
+    secret = auth_secret_manifest("dev", material)
+    assert secret["metadata"] == {"name": "tpenv-auth", "namespace": "dev",
+                                  "labels": {"app.kubernetes.io/managed-by": "tpenv"}}
+    assert {k: base64.b64decode(v) for k, v in secret["data"].items()} == material
+    with pytest.raises(ValueError, match="host_key"):
+        auth_secret_manifest("dev", {"ca_key": b"x", "ca.pub": b"y"})

@@ -1,0 +1,143 @@
+"""The manager's install manifests: rendered from templates/manager, parsed, validated, and
+carrying the security-relevant choices (webhook policy, RBAC, TLS) the design asks for."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import ssl
+
+import pytest
+from cryptography import x509
+from ruamel.yaml import YAML
+
+from tpenv.engine import manager as m
+from tpenv.settings import Settings
+
+SETTINGS = {"agent_image": "tpenv/agent:t1", "image_pull_policy": "Never", "lease": 5}
+
+
+@pytest.fixture(scope="module")
+def tls():
+    return m.generate_tls()
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+# --- stage 1: the set of objects, their labels and namespace ----------------------------------
+
+def test_every_object_is_labelled_and_namespaced_in_tpenv(tls):
+    docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
+    assert [d["kind"] for d in docs] == [
+        "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+        "ConfigMap", "Secret", "Deployment", "Service", "MutatingWebhookConfiguration"]
+    for d in docs:
+        assert d["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tpenv"
+        if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+            assert d["metadata"]["namespace"] == "tpenv"
+
+
+def test_dry_run_stream_parses_back_to_the_same_documents(tls):
+    docs = m.render_manager(SETTINGS, team_mode=True, tls=tls)
+    text = m.to_yaml_stream(docs)
+    assert text.startswith("---\n")
+    assert list(YAML(typ="safe", pure=True).load_all(text)) == docs
+
+
+def test_team_mode_is_stored_for_clients(tls):
+    for team, value in ((True, "true"), (False, "false")):
+        (cm,) = by_kind(m.render_manager(SETTINGS, team_mode=team, tls=tls), "ConfigMap")
+        assert cm["metadata"]["name"] == "tpenv-manager" and cm["data"]["team_mode"] == value
+
+
+# --- stage 2: the webhook configuration ---------------------------------------------------------
+
+def test_webhook_never_blocks_pods_and_opts_in_by_pod_label(tls):
+    (cfg,) = by_kind(m.render_manager(SETTINGS, team_mode=False, tls=tls), "MutatingWebhookConfiguration")
+    (hook,) = cfg["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "NoneOnDryRun"
+    assert hook["timeoutSeconds"] <= 10
+    assert hook["objectSelector"] == {"matchLabels": {"tpenv.io/inject-agent": "enabled"}}
+    (expr,) = hook["namespaceSelector"]["matchExpressions"]
+    assert expr["operator"] == "NotIn" and "tpenv" in expr["values"]
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                              "resources": ["pods"], "scope": "Namespaced"}]
+    assert hook["clientConfig"]["service"] == {"name": "tpenv-manager", "namespace": "tpenv", "path": "/mutate",
+                                               "port": 443}
+    assert base64.b64decode(hook["clientConfig"]["caBundle"]) == tls["ca.crt"]
+
+
+def test_rbac_grants_only_secret_creation_and_config_reading(tls):
+    docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
+    (role,) = by_kind(docs, "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpenv-manager"],
+                              "verbs": ["get"]}]
+
+
+# --- stage 3: the Deployment takes its images from settings -------------------------------------
+
+def test_deployment_runs_the_manager_role_with_settings(tls):
+    (dep,) = by_kind(m.render_manager(SETTINGS, team_mode=False, tls=tls), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "tpenv/agent:t1" and c["imagePullPolicy"] == "Never"
+    assert c["command"] == ["tpenv-agent"] and c["args"][:3] == ["manager", "--tls-dir", "/tpenv/tls"]
+    assert c["args"][c["args"].index("--agent-image") + 1] == "tpenv/agent:t1"
+    assert c["args"][c["args"].index("--lease") + 1] == "5"
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_settings_model_is_accepted(tls):
+    s = Settings.model_validate({"agent": {"image": "reg.example/tpenv/agent:9", "image_pull_policy": "Always"}})
+    (dep,) = by_kind(m.render_manager(s, team_mode=False, tls=tls), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "reg.example/tpenv/agent:9" and c["imagePullPolicy"] == "Always"
+
+
+def test_a_broken_template_is_reported_not_applied(tmp_path, monkeypatch, tls):
+    (tmp_path / "00-bad.yaml.j2").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n")
+    monkeypatch.setattr(m, "TEMPLATES", tmp_path)
+    with pytest.raises(m.TemplateError, match="no metadata.name"):
+        m.render_manager(SETTINGS, team_mode=False, tls=tls)
+
+
+# --- stage 4: TLS material ----------------------------------------------------------------------
+
+def test_serving_certificate_is_signed_by_the_ca_for_the_service_name(tls):
+    ca = x509.load_pem_x509_certificate(tls["ca.crt"])
+    cert = x509.load_pem_x509_certificate(tls["tls.crt"])
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "tpenv-manager.tpenv.svc" in names
+
+
+def test_existing_tls_is_reused_until_it_nears_expiry(tls):
+    secret = {"data": {k: base64.b64encode(v).decode() for k, v in tls.items()}}
+    assert m.reusable_tls(secret) == tls
+    later = dt.datetime.now(dt.timezone.utc) + m.CERT_LIFETIME - dt.timedelta(days=10)
+    assert m.reusable_tls(secret, now=later) is None
+    assert m.reusable_tls({"data": {"tls.crt": secret["data"]["tls.crt"]}}) is None
+    assert m.reusable_tls(None) is None
+
+
+async def test_the_agent_manager_serves_the_generated_certificate(tmp_path, tls):
+    """The pair as the API server uses it: verify the webhook's certificate by caBundle and name."""
+    from tpenv_agent.manager import Manager, tls_context
+
+    for k in ("tls.crt", "tls.key"):
+        (tmp_path / k).write_bytes(tls[k])
+    server = await asyncio.start_server(Manager(SETTINGS).serve_connection, "127.0.0.1", 0,
+                                        ssl=tls_context(tmp_path))
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context(cadata=tls["ca.crt"].decode())
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                       server_hostname="tpenv-manager.tpenv.svc")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok\n")

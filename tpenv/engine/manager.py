@@ -1,0 +1,319 @@
+"""The optional in-cluster manager: render its manifests, install, upgrade and uninstall them.
+
+    render_manager(settings, *, team_mode, tls=None) -> [manifest dicts]     pure
+    await install(kube, settings, *, team_mode)      create-or-replace every object
+    await upgrade(kube, settings, *, team_mode=None) the same on an existing install (keeps team mode)
+    await uninstall(kube)                            delete every object, webhook first
+
+Manifests come from ``templates/manager/*.yaml.j2`` (Jinja2, values through ``tojson``), are
+parsed with ruamel.yaml and validated; nothing here formats YAML by hand. Every object carries
+``app.kubernetes.io/managed-by: tpenv``. Objects are written with server-side apply (field
+manager ``tpenv``, forced), which creates or replaces in one call and leaves fields other
+controllers own alone.
+
+The TLS material (CA + serving certificate for ``tpenv-manager.tpenv.svc``) is generated with
+``cryptography`` at the first install and reused by later installs and upgrades while it has
+more than 30 days left, so an upgrade never races a new caBundle against an old serving pod.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from kubernetes import client as k8s
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from tpenv.errors import NotFound, TpenvError
+from tpenv.kits.kube import Kube, What
+
+NAMESPACE = "tpenv"
+NAME = "tpenv-manager"
+TLS_SECRET = "tpenv-manager-tls"
+CONFIGMAP = "tpenv-manager"
+WEBHOOK = "tpenv-agent-injector"
+FIELD_MANAGER = "tpenv"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "manager"
+RENEW_BEFORE = dt.timedelta(days=30)
+CERT_LIFETIME = dt.timedelta(days=5 * 365)
+
+
+class TemplateError(TpenvError):
+    """A manager template renders to something that is not a valid manifest: a bug in templates/."""
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tpenv")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def manager_values(settings: Any) -> dict[str, Any]:
+    """The values the templates need, from tpenv's Settings model or a plain dict.
+
+    Plain dict keys: ``agent_image``, ``image_pull_policy``, ``lease``, and optionally
+    ``manager_image`` (default: the agent image; one image, two roles).
+    """
+    if isinstance(settings, dict):
+        agent_image = settings.get("agent_image") or f"tpenv/agent:{_version()}"
+        pull = settings.get("image_pull_policy") or "IfNotPresent"
+        lease = settings.get("lease", 5)
+        image = settings.get("manager_image") or agent_image
+    else:  # tpenv.settings.Settings
+        agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
+        lease, image = settings.agent.lease_seconds, settings.agent.image
+    return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image,
+            "image_pull_policy": pull, "lease": max(1, round(float(lease)))}
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+def generate_tls(namespace: str = NAMESPACE, *, now: dt.datetime | None = None) -> dict[str, bytes]:
+    """A fresh CA and a serving certificate for the manager's Service, PEM: ca.crt, tls.crt, tls.key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    start, end = now - dt.timedelta(minutes=5), now + CERT_LIFETIME  # tolerate small clock skew
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tpenv-manager-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    dns = [NAME, f"{NAME}.{namespace}", f"{NAME}.{namespace}.svc", f"{NAME}.{namespace}.svc.cluster.local"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[2])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return {
+        "ca.crt": ca.public_bytes(pem),
+        "tls.crt": cert.public_bytes(pem),
+        "tls.key": key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    }
+
+
+def reusable_tls(secret: dict | None, namespace: str = NAMESPACE, *, now: dt.datetime | None = None) -> dict[str, bytes] | None:
+    """The TLS material of an installed manager's Secret, if complete, for this Service and not expiring."""
+    from cryptography import x509
+
+    data = (secret or {}).get("data") or {}
+    if not all(k in data for k in ("ca.crt", "tls.crt", "tls.key")):
+        return None
+    try:
+        tls = {k: base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")}
+        cert = x509.load_pem_x509_certificate(tls["tls.crt"])
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc - now < RENEW_BEFORE or f"{NAME}.{namespace}.svc" not in names:
+        return None
+    return tls
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering (pure)
+
+
+def _environment() -> jinja2.Environment:
+    # StrictUndefined: a value a template expects but we forgot is an error, not an empty string.
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                              autoescape=False, keep_trailing_newline=True)
+
+
+def _validate(doc: Any, source: str) -> dict:
+    if not isinstance(doc, dict):
+        raise TemplateError(f"{source}: a document is not a mapping")
+    for key in ("apiVersion", "kind"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise TemplateError(f"{source}: a document has no {key}")
+    name = (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise TemplateError(f"{source}: {doc['kind']} has no metadata.name")
+    labels = doc["metadata"].get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != "tpenv":
+        raise TemplateError(f"{source}: {doc['kind']}/{name} is not labelled app.kubernetes.io/managed-by: tpenv")
+    return doc
+
+
+def render_manager(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | None = None,
+                   namespace: str = NAMESPACE) -> list[dict]:
+    """Every manifest of the manager install, in apply order (plain dicts, validated)."""
+    tls = tls if tls is not None else generate_tls(namespace)
+    values = manager_values(settings)
+    selector = {"app.kubernetes.io/name": NAME}
+    context = {
+        **values,
+        "namespace": namespace,
+        "team_mode": team_mode,
+        "version": _version(),
+        "selector": selector,
+        "labels": {**selector, "app.kubernetes.io/part-of": "tpenv", **MANAGED_BY},
+        "tls": {k: base64.b64encode(v).decode() for k, v in tls.items()},
+        "tls_checksum": hashlib.sha256(tls["tls.crt"] + tls["ca.crt"]).hexdigest()[:16],
+    }
+    env = _environment()
+    yaml = YAML(typ="safe", pure=True)
+    docs: list[dict] = []
+    for name in sorted(env.list_templates(filter_func=lambda n: n.endswith(".yaml.j2"))):
+        text = env.get_template(name).render(**context)
+        try:
+            loaded = list(yaml.load_all(text))
+        except YAMLError as e:
+            raise TemplateError(f"templates/manager/{name}: not valid YAML after rendering: {e}") from e
+        docs += [_validate(d, f"templates/manager/{name}") for d in loaded if d is not None]
+    return docs
+
+
+def to_yaml_stream(docs: list[dict]) -> str:
+    """The manifests as one YAML stream (``---`` separated), for ``--dry-run`` and GitOps."""
+    out = io.StringIO()
+    yaml = YAML()
+    yaml.default_flow_style = False
+    yaml.explicit_start = True
+    yaml.dump_all(docs, out)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# applying (Kubernetes API, through tpenv.kits.kube)
+
+
+def _kinds(kube: Kube) -> dict[str, tuple[Any, Any, Any, bool]]:
+    """kind -> (patch, delete, read, namespaced) of the typed client."""
+    rbac = k8s.RbacAuthorizationV1Api(kube.api)
+    adm = k8s.AdmissionregistrationV1Api(kube.api)
+    core, apps = kube.core, kube.apps
+    return {
+        "Namespace": (core.patch_namespace, core.delete_namespace, core.read_namespace, False),
+        "ServiceAccount": (core.patch_namespaced_service_account, core.delete_namespaced_service_account,
+                           core.read_namespaced_service_account, True),
+        "ClusterRole": (rbac.patch_cluster_role, rbac.delete_cluster_role, rbac.read_cluster_role, False),
+        "ClusterRoleBinding": (rbac.patch_cluster_role_binding, rbac.delete_cluster_role_binding,
+                               rbac.read_cluster_role_binding, False),
+        "Role": (rbac.patch_namespaced_role, rbac.delete_namespaced_role, rbac.read_namespaced_role, True),
+        "RoleBinding": (rbac.patch_namespaced_role_binding, rbac.delete_namespaced_role_binding,
+                        rbac.read_namespaced_role_binding, True),
+        "ConfigMap": (core.patch_namespaced_config_map, core.delete_namespaced_config_map,
+                      core.read_namespaced_config_map, True),
+        "Secret": (core.patch_namespaced_secret, core.delete_namespaced_secret, core.read_namespaced_secret, True),
+        "Deployment": (apps.patch_namespaced_deployment, apps.delete_namespaced_deployment,
+                       apps.read_namespaced_deployment, True),
+        "Service": (core.patch_namespaced_service, core.delete_namespaced_service, core.read_namespaced_service, True),
+        "MutatingWebhookConfiguration": (adm.patch_mutating_webhook_configuration,
+                                         adm.delete_mutating_webhook_configuration,
+                                         adm.read_mutating_webhook_configuration, False),
+    }
+
+
+def _ref(doc: dict) -> tuple[str, str, str | None]:
+    meta = doc["metadata"]
+    return doc["kind"], meta["name"], meta.get("namespace")
+
+
+async def _read(kube: Kube, kind: str, name: str, namespace: str | None) -> dict | None:
+    _, _, read, namespaced = _kinds(kube)[kind]
+    args = (name, namespace) if namespaced else (name,)
+    try:
+        return await kube.call(read, *args, what=What("get", kind.lower() + "s", namespace, name))
+    except NotFound:
+        return None
+
+
+async def _apply(kube: Kube, doc: dict) -> None:
+    kind, name, namespace = _ref(doc)
+    patch, _, _, namespaced = _kinds(kube)[kind]
+    args = (name, namespace, doc) if namespaced else (name, doc)
+    await kube.call(patch, *args, field_manager=FIELD_MANAGER, force=True,
+                    _content_type="application/apply-patch+yaml",
+                    what=What("apply", kind.lower() + "s", namespace, name))
+
+
+async def _current(kube: Kube, namespace: str) -> tuple[dict[str, bytes] | None, bool | None]:
+    """(reusable TLS material, installed team mode) of an existing install, each None if absent."""
+    secret = await _read(kube, "Secret", TLS_SECRET, namespace)
+    cm = await _read(kube, "ConfigMap", CONFIGMAP, namespace)
+    team = None if cm is None else ((cm.get("data") or {}).get("team_mode") == "true")
+    return reusable_tls(secret, namespace), team
+
+
+async def install(kube: Kube, settings: Any, *, team_mode: bool, namespace: str = NAMESPACE) -> list[dict]:
+    """Create or replace every object of the manager; returns the manifests applied."""
+    tls, _ = await _current(kube, namespace)
+    docs = render_manager(settings, team_mode=team_mode, tls=tls, namespace=namespace)
+    for doc in docs:
+        await _apply(kube, doc)
+    return docs
+
+
+async def upgrade(kube: Kube, settings: Any, *, team_mode: bool | None = None,
+                  namespace: str = NAMESPACE) -> list[dict]:
+    """Re-apply the manager with these settings; team mode stays as installed unless given."""
+    tls, installed_team = await _current(kube, namespace)
+    if installed_team is None:
+        raise NotFound(f"the tpenv manager is not installed (no ConfigMap {CONFIGMAP} in namespace {namespace})",
+                       hint="install it with: tpenv manager install")
+    team = installed_team if team_mode is None else team_mode
+    docs = render_manager(settings, team_mode=team, tls=tls, namespace=namespace)
+    for doc in docs:
+        await _apply(kube, doc)
+    return docs
+
+
+async def uninstall(kube: Kube, namespace: str = NAMESPACE) -> list[str]:
+    """Delete every object the install makes (absent ones are skipped); returns ``kind/name`` deleted.
+
+    The webhook goes first, so no pod creation is sent to a manager being removed; the
+    namespace goes last and takes what is left in it. The tpenv-auth Secrets the manager
+    created in workload namespaces stay: agents still running mount them (``tpenv uninstall
+    --everything`` removes them).
+    """
+    docs = render_manager({}, team_mode=False, tls=_PLACEHOLDER_TLS, namespace=namespace)
+    kinds = _kinds(kube)
+    deleted = []
+    for doc in reversed(docs):
+        kind, name, ns = _ref(doc)
+        _, delete, _, namespaced = kinds[kind]
+        args = (name, ns) if namespaced else (name,)
+        try:
+            await kube.call(delete, *args, propagation_policy="Foreground" if kind == "Namespace" else "Background",
+                            what=What("delete", kind.lower() + "s", ns, name))
+        except NotFound:
+            continue
+        deleted.append(f"{kind}/{name}")
+    return deleted
+
+
+# Names are all uninstall needs; rendering with placeholder material avoids generating keys.
+_PLACEHOLDER_TLS = {"ca.crt": b"-", "tls.crt": b"-", "tls.key": b"-"}
+
+
+__all__ = ["render_manager", "to_yaml_stream", "install", "upgrade", "uninstall", "generate_tls", "reusable_tls",
+           "manager_values", "TemplateError", "NAMESPACE", "CONFIGMAP", "WEBHOOK"]

@@ -1,19 +1,55 @@
-"""tpenv manager: stub until issue 4 replaces this file."""
+"""tpenv manager install | upgrade | uninstall: the optional in-cluster manager (webhook injection).
+
+``--dry-run`` prints the manifests as one YAML stream for GitOps (install/upgrade) or the
+objects it would delete (uninstall), touching nothing. Note that the install stream holds the
+webhook's private key (Secret tpenv-manager-tls): treat it like any Secret manifest.
+"""
 from __future__ import annotations
 
 import argparse
 
-from tpenv.errors import NotBuiltYet
+from tpenv.engine import manager as engine
 
-HELP = "Install, upgrade or uninstall the optional in-cluster manager (webhook, outbound relay)."
+HELP = "Install, upgrade or uninstall the optional in-cluster manager (webhook injection)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("install", "upgrade", "uninstall"), help="what to do")
-    parser.add_argument("--dry-run", action="store_true", help="print the manifests instead of applying them")
-    parser.add_argument("--team-mode", action="store_true",
-                        help="inject agents by webhook (GitOps): workloads annotated tpenv.io/inject-agent: enabled")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the manifests (a YAML stream, for GitOps) instead of applying them")
+    parser.add_argument("--team-mode", action=argparse.BooleanOptionalAction, default=None,
+                        help="make personal header intercepts the default for every client of this cluster "
+                             "(stored in ConfigMap tpenv/tpenv-manager; install default: off, upgrade: unchanged)")
+
+
+def _names(docs: list[dict]) -> list[str]:
+    return [f"{d['kind']}/{d['metadata']['name']}" for d in docs]
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv manager is not built yet (issue 4)")
+    if args.dry_run:
+        docs = engine.render_manager(ctx.settings, team_mode=bool(args.team_mode))
+        if args.action == "uninstall":
+            names = list(reversed(_names(docs)))
+            ctx.emit("would delete:\n" + "\n".join(f"  {n}" for n in names), {"delete": names})
+        else:
+            ctx.emit(engine.to_yaml_stream(docs), docs)
+        return 0
+
+    from tpenv.kits.kube import Kube
+
+    async with await Kube.load(context=ctx.kube_context) as kube:
+        if args.action == "install":
+            docs = await engine.install(kube, ctx.settings, team_mode=bool(args.team_mode))
+        elif args.action == "upgrade":
+            docs = await engine.upgrade(kube, ctx.settings, team_mode=args.team_mode)
+        else:
+            deleted = await engine.uninstall(kube)
+            text = ("deleted:\n" + "\n".join(f"  {n}" for n in deleted)) if deleted else "the manager was not installed"
+            ctx.emit(text, {"deleted": deleted})
+            return 0
+    team = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["team_mode"] == "true"
+    ctx.emit(f"manager {args.action}ed in namespace {engine.NAMESPACE} (team mode {'on' if team else 'off'}); "
+             f"label pod templates tpenv.io/inject-agent: enabled to get the agent at pod creation",
+             {"applied": _names(docs), "team_mode": team})
+    return 0

@@ -134,9 +134,10 @@ BASE_PRUNE = [
 ]
 
 
-def apt_mirror() -> str:
+def apt_mirror(files: list[Path] | None = None) -> str:
     """The Debian mirror this machine's apt uses for the suite (deb822 or one-line sources)."""
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    if files is None:
+        files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for f in files:
         try:
             text = f.read_text()

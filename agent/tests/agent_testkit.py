@@ -332,9 +332,16 @@ class Agent:
     health: int | None
     listeners: dict[str, int]
     stderr: list[bytes] = field(default_factory=list)
+    watchers: list[tuple[bytes, asyncio.Future]] = field(default_factory=list)
 
     def port(self, name: str) -> int:
         return self.listeners[name]
+
+    def log_seen(self, text: str) -> asyncio.Future:
+        """A future resolved when a log line containing ``text`` appears (from now on)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.watchers.append((text.encode(), fut))
+        return fut
 
 
 @contextlib.asynccontextmanager
@@ -354,10 +361,14 @@ async def run_agent(tmp: Path, material: dict[str, bytes], listens: list[str], *
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO / "agent"), **(env or {})})
     errors: list[bytes] = []
+    watchers: list[tuple[bytes, asyncio.Future]] = []
 
     async def drain_stderr() -> None:
         while line := await proc.stderr.readline():
             errors.append(line)
+            for text, fut in list(watchers):
+                if text in line and not fut.done():
+                    fut.set_result(line)
 
     drainer = asyncio.ensure_future(drain_stderr())
     line = await proc.stdout.readline()
@@ -366,7 +377,7 @@ async def run_agent(tmp: Path, material: dict[str, bytes], listens: list[str], *
         await drainer
         raise RuntimeError("agent did not start:\n" + b"".join(errors).decode())
     info = json.loads(line)
-    agent = Agent(proc, info["ssh"], info["health"], info["listeners"], errors)
+    agent = Agent(proc, info["ssh"], info["health"], info["listeners"], errors, watchers)
     try:
         yield agent
     finally:

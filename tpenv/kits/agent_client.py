@@ -1,0 +1,286 @@
+"""The client side of the agent protocol (docs/protocol.md §2–§6): one SSH session to one agent.
+
+    material = make_auth_material()                    # the Secret tpenv-auth's four keys
+    async with AgentSession("sess1", ca_key=material["ca_key"],
+                            host_key_pub=material["host_key.pub"], port=agent_ssh_port) as s:
+        info = await s.hello()                          # done by __aenter__ too
+        await s.intercept("web", port="http", match={"headers": {"x-dev": "alice"}}, local_port=8080)
+        ...
+        await s.leave("web")
+
+Transport. By default the session dials ``host:port`` over TCP (tests). In a cluster the
+agent's SSH port listens on the pod's loopback and is reached through the API server's
+port-forward; pass ``tunnel=`` an object with
+
+    async def create_connection(session_factory, host, port) -> (transport, protocol)
+
+exactly as asyncssh's ``connect(tunnel=...)`` uses it: call ``protocol = session_factory()``
+(an asyncio.Protocol, the SSH connection), then ``protocol.connection_made(transport)`` with
+an asyncio-transport-like object (``write``, ``write_eof``/``can_write_eof``, ``close``,
+``abort``, ``is_closing``, ``get_extra_info``, ``pause_reading``/``resume_reading``), feed
+it ``data_received(bytes)``, ``eof_received()`` and ``connection_lost(exc)``, and honour its
+``pause_writing``/``resume_writing`` calls; return ``(transport, protocol)``. ``host`` and
+``port`` are passed through unchanged (the port-forward uses ``port``: the agent's SSH
+port, 7922). The session never closes the tunnel object; its owner does.
+
+Lease. The session pings every ``lease/5`` s (the agent's lease from ``hello``); when the
+SSH connection or the control channel goes away, ``closed`` is set and every intercept of
+this session is gone on the agent: reconnect and intercept again.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from typing import Any
+
+import asyncssh
+
+from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
+
+CLIENT_VERSION = "tpenv/0.1.0"
+CERT_VALIDITY = 12 * 3600
+FORWARD_HOST = "tpenv"
+
+log = logging.getLogger("tpenv.kits.agent_client")
+
+
+def make_auth_material() -> dict[str, bytes]:
+    """The four keys of Secret ``tpenv-auth`` (§2): a user CA and the agents' host key, ed25519."""
+    ca = asyncssh.generate_private_key("ssh-ed25519", comment="tpenv user CA")
+    host = asyncssh.generate_private_key("ssh-ed25519", comment="tpenv agent host key")
+    return {
+        "ca_key": ca.export_private_key(),
+        "ca.pub": ca.export_public_key(),
+        "host_key": host.export_private_key(),
+        "host_key.pub": host.export_public_key(),
+    }
+
+
+def issue_session_key(ca_key: bytes | str | asyncssh.SSHKey, session_id: str) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
+    """A fresh ed25519 key and its user certificate: key id and principal = ``session_id``, 12 h."""
+    ca = ca_key if isinstance(ca_key, asyncssh.SSHKey) else asyncssh.import_private_key(ca_key)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    now = int(time.time())
+    cert = ca.generate_user_certificate(
+        key, session_id, principals=[session_id],
+        valid_after=now - 300,  # tolerate clock skew between laptop and cluster
+        valid_before=now + CERT_VALIDITY,
+        permit_x11_forwarding=False, permit_agent_forwarding=False, permit_pty=False,
+        permit_user_rc=False,
+    )
+    return key, cert
+
+
+_ERRORS = {"conflict": Conflict, "not-found": NotFound, "bad-request": UsageError}
+
+
+class AgentSession:
+    """One SSH connection and control channel to one agent, usable as ``async with``."""
+
+    def __init__(self, session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey, host_key_pub: bytes | str,
+                 host: str = "127.0.0.1", port: int = 7922, tunnel: Any = None,
+                 client_version: str = CLIENT_VERSION, connect_timeout: float = 15.0) -> None:
+        if ":" in session_id or not session_id:
+            raise UsageError(f"bad session id {session_id!r}: it may not be empty or contain ':'")
+        self.session_id = session_id
+        self._ca_key = ca_key
+        self._host_key = asyncssh.import_public_key(host_key_pub)
+        self._host, self._port, self._tunnel = host, port, tunnel
+        self._client_version = client_version
+        self._connect_timeout = connect_timeout
+        self.log = logging.LoggerAdapter(log, {})
+        self._prefix = f"[agent/{session_id}]"
+        self.closed = asyncio.Event()
+        self.info: dict[str, Any] = {}
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._stdin: Any = None
+        self._stdout: Any = None
+        self._ids = itertools.count(1)
+        self._ports = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._forwards: dict[str, asyncssh.SSHListener] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> "AgentSession":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def connect(self) -> dict[str, Any]:
+        """Dial, authenticate, open the control channel, say hello, start pinging."""
+        key, cert = issue_session_key(self._ca_key, self.session_id)
+        try:
+            self._conn = await asyncio.wait_for(asyncssh.connect(
+                self._host, self._port, tunnel=self._tunnel,
+                username=self.session_id, client_keys=[(key, cert)],
+                known_hosts=([self._host_key], [], []),
+                preferred_auth="publickey", agent_path=None, config=[],
+                keepalive_interval=5, keepalive_count_max=3,
+            ), self._connect_timeout)
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise PermanentError("the agent's host key is not the one in Secret tpenv-auth",
+                                 hint="someone may be impersonating the agent, or the Secret was recreated: "
+                                      "restart the agent pods") from e
+        except asyncssh.PermissionDenied as e:
+            raise Forbidden("the agent refused this session's certificate",
+                            hint="the Secret tpenv-auth may have been recreated: restart the agent pods") from e
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
+            raise TunnelDropped(f"cannot reach the agent: {type(e).__name__}: {e}") from e
+        try:
+            self._stdin, self._stdout, _ = await self._conn.open_session(subsystem="tpenv-control", encoding=None)
+        except (OSError, asyncssh.Error) as e:
+            self._conn.close()
+            raise TunnelDropped(f"the agent refused the control channel: {e}") from e
+        self._tasks.append(asyncio.ensure_future(self._read_answers()))
+        self.info = await self.hello()
+        lease = float(self.info.get("lease") or 5)
+        self._tasks.append(asyncio.ensure_future(self._ping_loop(lease / 5)))
+        self.log.info("%s connected to pod %s", self._prefix, self.info.get("pod"))
+        return self.info
+
+    def close(self) -> None:
+        """Ends the session: the agent drops its intercepts at once. Safe to call twice."""
+        if self._closing:
+            return
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        if self._conn is not None:
+            self._conn.close()
+        self._fail_pending(TunnelDropped("the agent session was closed"))
+        self.closed.set()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+        if self._conn is not None:
+            await self._conn.wait_closed()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _lost(self, why: str) -> None:
+        if not self.closed.is_set():
+            self.log.warning("%s session lost: %s", self._prefix, why)
+        self.close()
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+
+    # --- control channel ---------------------------------------------------------------
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                line = await self._stdout.readline()
+                if not line:
+                    break
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    continue
+                fut = self._pending.pop(answer.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+        except (OSError, asyncssh.Error) as e:
+            self._lost(type(e).__name__)
+            return
+        self._lost("control channel closed by the agent")
+
+    async def _ping_loop(self, every: float) -> None:
+        # A timer, not a readiness poll: the lease needs a heartbeat.
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.request("ping")
+            except TunnelDropped:
+                return
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """One request/answer on the control channel; errors mapped to tpenv.errors."""
+        if self.closed.is_set() or self._stdin is None:
+            raise TunnelDropped("the agent session is closed")
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self._stdin.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
+        except (OSError, asyncssh.Error) as e:
+            self._pending.pop(rid, None)
+            self._lost(type(e).__name__)
+            raise TunnelDropped(f"the agent session broke: {e}") from e
+        answer = await fut
+        if answer.get("ok"):
+            return answer
+        err = answer.get("error") or {}
+        cls = _ERRORS.get(err.get("code"), TransientError if err.get("code") == "internal" else PermanentError)
+        raise cls(f"agent: {err.get('message', 'unknown error')}")
+
+    # --- operations --------------------------------------------------------------------
+    async def hello(self) -> dict[str, Any]:
+        answer = await self.request("hello", session=self.session_id, client=self._client_version)
+        return {k: v for k, v in answer.items() if k not in ("id", "ok")}
+
+    async def intercept(self, name: str, port: str | int, match: dict[str, Any] | None, local_port: int) -> dict[str, Any]:
+        """Route the agent port's traffic (all of it, or the HTTP requests ``match`` selects) to
+        ``127.0.0.1:local_port``. Calling it again with the same name replaces the rule."""
+        assert self._conn is not None
+        listen_port = next(self._ports)
+        try:
+            listener = await self._conn.forward_remote_port(FORWARD_HOST, listen_port, "127.0.0.1", local_port)
+        except (OSError, asyncssh.Error) as e:
+            raise TunnelDropped(f"the agent refused the forward: {e}") from e
+        try:
+            answer = await self.request("intercept", intercept_id=f"{self.session_id}:{name}", port=port,
+                                        match=match, forward={"host": FORWARD_HOST, "port": listen_port})
+        except BaseException:
+            listener.close()
+            raise
+        old = self._forwards.pop(name, None)
+        self._forwards[name] = listener
+        if old is not None:
+            old.close()
+        return answer["intercept"]
+
+    async def leave(self, name: str) -> None:
+        await self.request("leave", intercept_id=f"{self.session_id}:{name}")
+        listener = self._forwards.pop(name, None)
+        if listener is not None:
+            listener.close()
+
+    async def list(self) -> list[dict[str, Any]]:
+        return (await self.request("list"))["intercepts"]
+
+    async def env(self) -> dict[str, str]:
+        return (await self.request("env"))["env"]
+
+    async def mounts(self) -> dict[str, Any]:
+        """``{"root": "/tpenv/mounts", "mounts": [app mount paths]}``."""
+        answer = await self.request("mounts")
+        return {"root": answer["root"], "mounts": answer["mounts"]}
+
+    async def open_sftp_channel(self) -> tuple[Any, Any]:
+        """(stdin writer, stdout reader) of a channel running the agent's ``sftp`` subsystem,
+        for ``sshfs -o passive`` (copy bytes between these and sshfs's stdio)."""
+        assert self._conn is not None
+        try:
+            stdin, stdout, _ = await self._conn.open_session(subsystem="sftp", encoding=None)
+        except (OSError, asyncssh.Error) as e:
+            raise TunnelDropped(f"the agent refused the sftp channel: {e}") from e
+        return stdin, stdout
+
+    async def sftp(self) -> asyncssh.SFTPClient:
+        """An asyncssh SFTP client on the agent's mounts (sync mode, tests)."""
+        assert self._conn is not None
+        return await self._conn.start_sftp_client()

@@ -113,13 +113,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+def run_verb(module: ModuleType, args: argparse.Namespace) -> int:
+    """Run one verb module to its exit code; the only place exceptions become messages."""
     try:
         setup_logging(args.debug, json=args.output == "json")
         ctx = CliContext(settings=load_settings(), output=args.output, debug=args.debug, config_file=args.file,
                          namespace=args.namespace, kube_context=args.kube_context)
-        return int(asyncio.run(verb_module(args.verb).run(args, ctx)) or 0)
+        return int(asyncio.run(module.run(args, ctx)) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("tpenv: interrupted\n")
         return EXIT_INTERRUPTED
@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: say so plainly, never pretend it was the user's fault
         _report(e, args.output, args.debug)
         return EXIT_INTERNAL
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    return run_verb(verb_module(args.verb), args)
 
 
 if __name__ == "__main__":

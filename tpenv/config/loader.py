@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class _Converter:
         self.loc, self.environ = loc, environ
         self.problems: list[Problem] = []
         self.memo: dict[int, Any] = {}  # aliases: convert a shared node once (and survive alias bombs)
+        self.bad_paths: set[Path_] = set()  # values whose ${VAR} failed: pydantic's view of them would be noise
 
     def convert(self, node: Any, path: Path_) -> Any:
         if isinstance(node, (CommentedMap, CommentedSeq)):
@@ -119,6 +121,7 @@ class _Converter:
                 return "${" + body + closed  # $${X} is a literal ${X}
             name, sep, default = body.partition(":-")
             if not closed or not _VAR_NAME.fullmatch(name):
+                self.bad_paths.add(path)
                 self.problems.append(self.loc.problem(path, f"{dotted(path)}: malformed reference {m.group(0)!r}: "
                                                             "write ${NAME} or ${NAME:-default}"))
                 return ""
@@ -128,6 +131,7 @@ class _Converter:
                 return default
             if name in self.environ:
                 return ""
+            self.bad_paths.add(path)
             self.problems.append(self.loc.problem(
                 path, f"{dotted(path)}: environment variable {name} is not set",
                 f"set it, or give a default: ${{{name}:-default}}"))
@@ -168,20 +172,19 @@ _EXPECTED = {
 }
 
 
-def _resolve(data: Any, loc: tuple) -> tuple[Path_, bool]:
-    """The longest real path along ``loc`` (skipping union tags); True when the whole loc resolved."""
+def _resolve(data: Any, loc: tuple) -> Path_:
+    """The longest real path along pydantic's ``loc``, skipping union tags and the key that is missing."""
     path: list[str | int] = []
-    node, whole = data, True
+    node = data
     for el in loc:
         if isinstance(node, dict) and isinstance(el, str) and el in node:
             node = node[el]
         elif isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
             node = node[el]
         else:
-            whole = False
             continue
         path.append(el)
-    return tuple(path), whole
+    return tuple(path)
 
 
 def _fields_at(data: Any, path: Path_) -> list[str]:
@@ -211,10 +214,12 @@ def _model_in(annotation: Any) -> Any:
     return _model_in(origin) if origin is not None and origin is not annotation else None
 
 
-def _problems_from(e: ValidationError, data: Any, loc: Locator) -> list[Problem]:
+def _problems_from(e: ValidationError, data: Any, loc: Locator, skip: set[Path_]) -> list[Problem]:
     out = []
     for err in e.errors(include_url=False):
-        path, whole = _resolve(data, err["loc"])
+        path = _resolve(data, err["loc"])
+        if path in skip:
+            continue
         etype, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
         where = dotted(path)
         suggestion = ctx.get("suggestion") if isinstance(ctx, dict) else None
@@ -272,7 +277,9 @@ def _read(path: Path, file: str) -> str:
 
 def _parse(text: str, file: str) -> Any:
     try:
-        return YAML(typ="rt").load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ruamel warns (reused anchors) on stderr; not our user's concern
+            return YAML(typ="rt").load(text)
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -313,7 +320,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        problems += _problems_from(e, data, loc)
+        problems += _problems_from(e, data, loc, conv.bad_paths)
     except RecursionError as e:  # cyclic aliases (&a [*a])
         raise ConfigError([Problem(file, 1, 1, "the document refers to itself (recursive alias)")]) from e
     problems += checks.check(data, loc, path.parent)

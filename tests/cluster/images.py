@@ -156,6 +156,26 @@ def apt_mirror(files: list[Path] | None = None) -> str:
     return "http://deb.debian.org/debian"
 
 
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/mounts") as f:
+        mounts = [line.split()[1].replace("\\040", " ") for line in f]
+    return sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a build directory, unmounting what debootstrap left mounted in it first.
+
+    debootstrap mounts /proc and /sys in its target; a killed run can leave them, and
+    removing the tree must never walk into the host's /proc or /sys.
+    """
+    for m in _mounts_under(path):
+        subprocess.run(["umount", "-l", m], capture_output=True)
+    if _mounts_under(path):
+        raise RuntimeError(f"{path} still has mounts ({', '.join(_mounts_under(path))}): not removing it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def base_rootfs(log=print) -> Path:
     """Debian bookworm minbase with python3, as a rootfs tarball (numeric owners, original mtimes)."""
     key = _hash(BASE_RECIPE, SUITE, *BASE_PACKAGES, *BASE_PRUNE)
@@ -165,7 +185,11 @@ def base_rootfs(log=print) -> Path:
     mirror = apt_mirror()
     log(f"images: debootstrap {SUITE} from {mirror} (about a minute)")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tpenv-rootfs-", dir=cache_dir()) as tmp:
+    # Leftovers of an interrupted build (we hold the lock: nobody else is building).
+    for stale in cache_dir().glob("tpenv-rootfs-*"):
+        _remove_tree(stale)
+    tmp = tempfile.mkdtemp(prefix="tpenv-rootfs-", dir=cache_dir())
+    try:
         root = Path(tmp) / "root"
         r = subprocess.run(
             ["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), SUITE, str(root), mirror],
@@ -173,6 +197,8 @@ def base_rootfs(log=print) -> Path:
         )
         if r.returncode != 0:
             raise RuntimeError(f"debootstrap failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}")
+        if _mounts_under(root):
+            raise RuntimeError(f"debootstrap left mounts in {root}: {_mounts_under(root)}")
         for pattern in BASE_PRUNE:
             for p in root.glob(pattern):
                 if p.is_dir() and not p.is_symlink():
@@ -187,6 +213,8 @@ def base_rootfs(log=print) -> Path:
         tmp_out = Path(tmp) / "rootfs.tar"
         _run(["tar", "--numeric-owner", "--sort=name", "-cf", str(tmp_out), "-C", str(root), "."])
         os.replace(tmp_out, out)
+    finally:
+        _remove_tree(Path(tmp))
     _prune(f"rootfs-{SUITE}", out, ".tar")
     log(f"images: rootfs {SUITE} in {time.monotonic() - t0:.0f}s ({out.stat().st_size >> 20} MiB)")
     return out

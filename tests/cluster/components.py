@@ -115,6 +115,9 @@ class Layout:
             ('sandbox_image = "registry.k8s.io/pause:3.6"', f'sandbox_image = "{PAUSE_IMAGE}"'),
             ('bin_dir = "/opt/cni/bin"', 'bin_dir = "/usr/lib/cni"'),
             ('conf_dir = "/etc/cni/net.d"', f'conf_dir = "{self.etc / "cni"}"'),
+            # This VM's root lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj below containerd's own
+            # (the pause container asks for -998 and fails with "can't get final child's PID from pipe").
+            ("restrict_oom_score_adj = false", "restrict_oom_score_adj = true"),
         ]
         for old, new in subs:
             if old not in text:

@@ -1,0 +1,157 @@
+"""Passthrough cost of the traffic agent, measured locally in one run.
+
+The same requests go to the app directly and through the sidecar (no intercept: the raw
+splice path), interleaved in rounds so background load hits both alike:
+
+- latency: sequential requests on one keep-alive connection (p50, p99), and on a fresh
+  connection each (connect + request);
+- throughput: C concurrent keep-alive connections for T seconds (requests/s), and bulk
+  transfer of a large chunked response (MB/s).
+
+The app and the sidecar each run as their own process (the app is the test helper's
+asyncio HTTP server), the load generator is this process. Run:
+
+    .venv/bin/python bench/agent_passthrough.py [--requests 2000] [--seconds 3] [--concurrency 16]
+
+Prints a table, then one JSON line with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "agent" / "tests"))
+from agent_testkit import Http1, auth_material, run_agent  # noqa: E402
+
+APP = r"""
+import asyncio, sys
+sys.path.insert(0, %r)
+from agent_testkit import App
+async def main():
+    async with App("app") as app:
+        print(app.port, flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+""" % str(REPO / "agent" / "tests")
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+async def keepalive_latencies(port: int, n: int) -> list[float]:
+    out = []
+    async with Http1(port) as c:
+        for _ in range(n):
+            t = time.perf_counter()
+            status, _, _ = await c.request("/bench")
+            out.append(time.perf_counter() - t)
+            assert status == 200
+    return out
+
+
+async def fresh_latencies(port: int, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        async with Http1(port) as c:
+            status, _, _ = await c.request("/bench")
+        out.append(time.perf_counter() - t)
+        assert status == 200
+    return out
+
+
+async def throughput(port: int, seconds: float, concurrency: int) -> float:
+    stop = time.perf_counter() + seconds
+    counts = [0] * concurrency
+
+    async def worker(i: int) -> None:
+        async with Http1(port) as c:
+            while time.perf_counter() < stop:
+                status, _, _ = await c.request("/bench")
+                assert status == 200
+                counts[i] += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return sum(counts) / (time.perf_counter() - t)
+
+
+async def bulk(port: int, size: int) -> float:
+    async with Http1(port) as c:
+        t = time.perf_counter()
+        _, _, body = await c.request(f"/big?n={size}")
+        assert len(body) == size
+        return size / (time.perf_counter() - t) / 1e6
+
+
+async def run(args: argparse.Namespace) -> dict:
+    app = await asyncio.create_subprocess_exec(sys.executable, "-c", APP, stdout=asyncio.subprocess.PIPE)
+    app_port = int(await app.stdout.readline())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            async with run_agent(Path(tmp), auth_material(), [f"0:{app_port}:http"]) as agent:
+                targets = {"direct": app_port, "agent": agent.port("http")}
+                lat = {k: [] for k in targets}
+                fresh = {k: [] for k in targets}
+                rps = {k: [] for k in targets}
+                mbs = {k: [] for k in targets}
+                for k, p in targets.items():  # warm up both paths
+                    await keepalive_latencies(p, 100)
+                rounds = args.rounds
+                for _ in range(rounds):
+                    for k, p in targets.items():
+                        lat[k] += await keepalive_latencies(p, args.requests // rounds)
+                        fresh[k] += await fresh_latencies(p, args.requests // rounds // 4)
+                        rps[k].append(await throughput(p, args.seconds / rounds, args.concurrency))
+                        mbs[k].append(await bulk(p, args.bulk_mb * 1_000_000))
+    finally:
+        app.kill()
+        await app.wait()
+    res: dict = {"requests": args.requests, "concurrency": args.concurrency, "seconds": args.seconds}
+    for k in ("direct", "agent"):
+        res[k] = {
+            "keepalive_p50_ms": pct(lat[k], 50) * 1e3, "keepalive_p99_ms": pct(lat[k], 99) * 1e3,
+            "fresh_p50_ms": pct(fresh[k], 50) * 1e3, "fresh_p99_ms": pct(fresh[k], 99) * 1e3,
+            "rps": statistics.fmean(rps[k]), "bulk_MBps": statistics.fmean(mbs[k]),
+        }
+    d, a = res["direct"], res["agent"]
+    res["added_p50_ms"] = a["keepalive_p50_ms"] - d["keepalive_p50_ms"]
+    res["added_p99_ms"] = a["keepalive_p99_ms"] - d["keepalive_p99_ms"]
+    res["added_fresh_p50_ms"] = a["fresh_p50_ms"] - d["fresh_p50_ms"]
+    res["throughput_ratio"] = a["rps"] / d["rps"]
+    res["bulk_ratio"] = a["bulk_MBps"] / d["bulk_MBps"]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--bulk-mb", type=int, default=20)
+    args = p.parse_args()
+    res = asyncio.run(run(args))
+    d, a = res["direct"], res["agent"]
+    rows = [("keep-alive p50 (ms)", "keepalive_p50_ms"), ("keep-alive p99 (ms)", "keepalive_p99_ms"),
+            ("fresh conn p50 (ms)", "fresh_p50_ms"), ("fresh conn p99 (ms)", "fresh_p99_ms"),
+            (f"requests/s (c={args.concurrency})", "rps"), ("bulk MB/s", "bulk_MBps")]
+    print(f"{'':24} {'direct':>10} {'agent':>10}")
+    for label, key in rows:
+        print(f"{label:24} {d[key]:10.3f} {a[key]:10.3f}")
+    print(f"added p50 {res['added_p50_ms']:.3f} ms (target <= 0.3), p99 {res['added_p99_ms']:.3f} ms; "
+          f"throughput ratio {res['throughput_ratio']:.2%} (target >= 85%), bulk ratio {res['bulk_ratio']:.2%}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -168,6 +168,7 @@ class Reconciler:
         self._restarts: dict[Key, int] = {}
         self._started_once: set[Key] = set()
         self._stop_requested = False
+        self._aborted = False
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._pass_task: asyncio.Task | None = None
@@ -193,6 +194,10 @@ class Reconciler:
         notify.box = box  # type: ignore[attr-defined]  # filled once the unit exists
         return notify
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
     def request_stop(self) -> None:
         """Graceful stop: the loop stops every unit (dependents first) and returns."""
         if not self._stop_requested:
@@ -203,7 +208,13 @@ class Reconciler:
             self._pass_task.cancel()  # a long start must not delay the stop
 
     def abort(self) -> None:
-        """Second Ctrl-C: best-effort, synchronous teardown of everything still running."""
+        """Second Ctrl-C: best-effort, synchronous teardown of everything still running; the
+        loop then ends without the graceful stops (cluster-side, the agents' leases expire)."""
+        self._aborted = True
+        self._stop_requested = True
+        self.queue.put_nowait(UnitEvent("stop"))
+        if self._pass_task is not None and not self._pass_task.done():
+            self._pass_task.cancel()
         for key, unit in list(self.running.items()):
             try:
                 unit.abort()
@@ -398,6 +409,9 @@ class Reconciler:
             self.log.error("%s failed to stop: %s", key_text(key), e)
 
     async def _stop_everything(self) -> None:
+        if self._aborted:
+            self.running.clear()
+            return
         p = plan({}, self.running)
         for wave in p.stop_waves:
             await asyncio.gather(*(self._stop_unit(k, "shutting down") for k in wave))

@@ -114,11 +114,12 @@ class FileWatcher:
         on_change: Callable[[set[str]], None],
         debounce: float = 0.2,
         name: str = "files",
+        recursive: bool = True,
     ) -> None:
         self.root = Path(root).resolve()
         self.filter = GlobFilter(self.root, watch, ignore)
         self.on_change, self.debounce = on_change, debounce
-        self.name = name
+        self.name, self.recursive = name, recursive
         self.log = unit_logger("watch", name)
         self.ready = asyncio.Event()
         self._task: NamedTask | None = None
@@ -140,7 +141,7 @@ class FileWatcher:
         # awatch's debounce is the upper bound of one burst; `step` the quiet time that ends it.
         debounce_ms = max(STEP_MS, int(self.debounce * 1000))
         async for changes in awatch(self.root, watch_filter=self.filter, debounce=debounce_ms,
-                                    step=STEP_MS, stop_event=self._flag):
+                                    step=STEP_MS, stop_event=self._flag, recursive=self.recursive):
             rel = set()
             for _change, path in changes:
                 try:

@@ -239,7 +239,7 @@ EnvValue = Annotated[str, BeforeValidator(_env_value)]
 
 
 class EnvSpec(BaseModel):
-    """The handler's environment: the app container's, then ``set``, then ``rewrite``; written to ``file``."""
+    """The handler's environment: the app container's, then `set`, then `rewrite`; written to `file`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -266,7 +266,7 @@ MountPath = Annotated[Union[
 
 
 class MountSpec(BaseModel):
-    """The app container's volumes, mounted on this machine (``mount: false`` for none)."""
+    """The app container's volumes, mounted on this machine (`mount: false` for none)."""
 
     model_config = ConfigDict(extra="forbid")
 

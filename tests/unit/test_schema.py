@@ -45,3 +45,28 @@ def test_shorthands_are_in_the_schema():
     assert {"type": "integer", "minimum": 1, "maximum": 65535} in props["port"]["anyOf"]
     assert {"type": "boolean"} in props["mount"]["oneOf"]
     assert json.dumps(config_schema()["properties"]["apiVersion"]["const"]) == '"tpenv/v1"'
+
+
+# --- stage 3: an editor using the schema agrees with tpenv on real files -------------------------------------------
+
+def _yaml(text: str):
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe").load(text)
+
+
+def test_examples_are_valid_against_the_schema():
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(config_schema())
+    for path in sorted(ROOT.glob("examples/*/telepresence.yaml")):
+        assert not list(validator.iter_errors(_yaml(path.read_text()))), path
+
+
+def test_schema_rejects_what_tpenv_rejects():
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(config_schema())
+    for doc in ["wokload: x", "intercepts: [{workload: w, port: abc}]", "intercepts: [{workload: w, port: 70000}]",
+                "connect: {mode: roo}", "intercepts: [{workload: w, port: 1, mount: 5}]"]:
+        assert list(validator.iter_errors(_yaml(doc))), doc

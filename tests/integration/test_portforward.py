@@ -290,3 +290,49 @@ async def test_asyncssh_runs_over_pod_tunnel(kube):
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- stage 5: sshfs in passive mode over an sftp channel over the tunnel (the mount data path) -----
+
+async def test_sshfs_mount_over_pod_tunnel_reads_and_writes(kube, tmp_path):
+    from tpenv.engine.mounts import SshfsMount, is_mounted
+
+    served = tmp_path / "pod"  # what the agent serves at /tpenv/mounts
+    (served / "var" / "data").mkdir(parents=True)
+    (served / "var" / "data" / "from-cluster.txt").write_text("written in the pod\n")
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username):
+            return True
+
+        def public_key_auth_supported(self):
+            return True
+
+        def validate_public_key(self, username, key):
+            return key.public_data == client_key.public_data
+
+    server = await asyncssh.create_server(Server, "127.0.0.1", 0, server_host_keys=[host_key],
+                                          sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(served)))
+    port = server.sockets[0].getsockname()[1]
+    local = tmp_path / "vol"
+    try:
+        async with asyncssh.connect("pod", port, tunnel=PodTunnel(kube, "team", "hello-1"), username="dev",
+                                    client_keys=[client_key], known_hosts=None) as conn:
+            async def open_sftp():
+                writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
+                return writer, reader
+
+            mount = SshfsMount(open_sftp, local, name="hello")
+            async with mount:
+                assert is_mounted(local)
+                got = await asyncio.to_thread((local / "var" / "data" / "from-cluster.txt").read_text)
+                assert got == "written in the pod\n"
+                await asyncio.to_thread((local / "var" / "data" / "from-laptop.txt").write_text, "hi pod\n")
+            await mount.stop()  # safe twice
+            assert not is_mounted(local)
+        assert (served / "var" / "data" / "from-laptop.txt").read_text() == "hi pod\n"
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,262 @@
+"""Remote volumes on a local directory: sshfs in passive mode over an SSH ``sftp`` channel.
+
+``sshfs -o passive`` speaks SFTP on its stdin/stdout instead of starting ``ssh``; we connect
+those pipes to an SSH channel for the agent's ``sftp`` subsystem (chrooted at the agent's
+``/tpenv/mounts``), so the app's mount paths appear under the local directory, read-write
+(docs/protocol.md §6). sshfs runs in the foreground (``-f``) as our child: we own its life.
+
+Readiness is an event, not a poll: the kernel flags ``/proc/self/mountinfo`` (POLLPRI/POLLERR)
+whenever the mount table changes; the event loop watches that file descriptor and re-reads it.
+
+``rewrite_env`` is the IRSA case of seed 004: path-valued variables (a token file named by
+``AWS_WEB_IDENTITY_TOKEN_FILE``) are prefixed with the mount root so they open locally.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from tpenv.engine.units import State, UnitState
+from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
+
+log = logging.getLogger("tpenv.mounts")
+
+# (writer, reader) of an SSH channel running the agent's sftp subsystem, bytes mode.
+OpenSftp = Callable[[], Awaitable[tuple[Any, Any]]]
+MOUNT_TIMEOUT = 30.0
+
+
+def check_fuse() -> str:
+    """Path of sshfs, or MissingTool saying what to install (sshfs, /dev/fuse)."""
+    sshfs = shutil.which("sshfs")
+    if not sshfs:
+        raise MissingTool("sshfs is not installed: remote volumes cannot be mounted",
+                          hint="install it (Debian/Ubuntu: apt-get install sshfs; macOS: macFUSE + "
+                               "gromgit/fuse/sshfs-mac), or run with --mount false")
+    if not os.path.exists("/dev/fuse"):
+        raise MissingTool("/dev/fuse is missing: the kernel's FUSE is not available here",
+                          hint="load it (modprobe fuse), or in a container pass --device /dev/fuse; "
+                               "or run with --mount false")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MissingTool("/dev/fuse is not accessible to this user",
+                          hint="add yourself to the group owning /dev/fuse, or run with --mount false")
+    return sshfs
+
+
+def rewrite_env(env: dict[str, str], names: list[str], mount_root: str) -> dict[str, str]:
+    """Prefix the values of ``names`` (absolute paths in the pod) with the local mount root."""
+    out = dict(env)
+    root = mount_root.rstrip("/")
+    for name in names:
+        value = out.get(name)
+        if value and value.startswith("/"):
+            out[name] = root + value
+    return out
+
+
+def is_mounted(path: str | Path) -> bool:
+    # abspath, never realpath/stat: a stat of our own FUSE mount from the event loop's thread
+    # would wait for sshfs, which waits for the loop to pump its channel: a deadlock.
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == target for line in f if len(line.split()) > 4)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo octal-escapes spaces, tabs, newlines and backslashes.
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
+    """Until ``path`` is a mount point (mountinfo change events), sshfs exits, or the timeout."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY)
+    loop.add_reader(fd, changed.set)
+    exited = asyncio.ensure_future(proc.wait())
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                # Reading the file to its end re-arms the kernel's change notification.
+                os.lseek(fd, 0, os.SEEK_SET)
+                while os.read(fd, 65536):
+                    pass
+                changed.clear()
+                if is_mounted(path):
+                    return
+                waiter = asyncio.ensure_future(changed.wait())
+                done, _ = await asyncio.wait({waiter, exited}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if exited in done:
+                    raise _SshfsExited(proc.returncode)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+        if not exited.done():
+            exited.cancel()
+
+
+class _SshfsExited(Exception):
+    def __init__(self, code: int | None) -> None:
+        self.code = code
+
+
+class SshfsMount:
+    """One sshfs mount of the agent's volumes; a unit with start/stop/health.
+
+    ``path``: the local directory (created if missing; must be empty). None: a fresh temp dir,
+    like Telepresence's ``telfs-*``.
+    """
+
+    def __init__(self, open_sftp: OpenSftp, path: str | Path | None, *, name: str,
+                 key: tuple = (), extra_options: list[str] | None = None) -> None:
+        self.open_sftp = open_sftp
+        self.name = name
+        self.key = key or ("mount", name)
+        self._given = Path(path) if path is not None else None
+        self.path: Path | None = None
+        self._created_dir = False
+        self._options = ["passive", "transform_symlinks", "dir_cache=no", *(extra_options or [])]
+        self._proc: asyncio.subprocess.Process | None = None
+        self._channel: tuple[Any, Any] | None = None
+        self._pumps: list[asyncio.Task] = []
+        self._state = UnitState()
+        self._stopped = False
+        self._stderr = b""
+
+    def health(self) -> UnitState:
+        if self._state.state is State.READY and self._proc is not None and self._proc.returncode is not None:
+            self._state.set(State.FAILED, error=f"sshfs exited ({self._proc.returncode})")
+        return self._state
+
+    async def start(self) -> None:
+        sshfs = check_fuse()
+        self._state.set(State.STARTING)
+        if self._given is None:
+            self.path = Path(os.path.realpath(tempfile.mkdtemp(prefix="telfs-")))
+            self._created_dir = True
+        else:
+            given = self._given.expanduser().absolute()
+            # Resolve symlinks of the parent now, before anything is mounted (see is_mounted).
+            self.path = Path(os.path.realpath(given.parent)) / given.name
+            if self.path.exists() and not self.path.is_dir():
+                raise UsageError(f"mount point {self.path} exists and is not a directory")
+            if is_mounted(self.path):
+                raise UsageError(f"{self.path} is already a mount point (a previous session's?)",
+                                 hint=f"unmount it: fusermount3 -u {self.path}")
+            if self.path.is_dir() and any(self.path.iterdir()):
+                raise UsageError(f"mount point {self.path} is not empty",
+                                 hint="give an empty or new directory with --mount DIR")
+            if not self.path.exists():
+                self.path.mkdir(parents=True)
+                self._created_dir = True
+        try:
+            writer, reader = await self.open_sftp()
+            self._channel = (writer, reader)
+            self._proc = await asyncio.create_subprocess_exec(
+                sshfs, "-f", "-o", ",".join(self._options), "tpenv-agent:/", str(self.path),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)  # a Ctrl-C to our group must not kill sshfs before we unmount
+            self._pumps = [asyncio.ensure_future(self._pump(reader, self._proc.stdin, close=True)),
+                           asyncio.ensure_future(self._pump(self._proc.stdout, writer, close=False)),
+                           asyncio.ensure_future(self._collect_stderr())]
+            await _wait_mounted(str(self.path), self._proc, MOUNT_TIMEOUT)
+        except _SshfsExited as e:
+            await self._cleanup()
+            text = self._stderr.decode(errors="replace").strip()
+            raise TransientError(f"[mount/{self.name}] sshfs exited ({e.code}) before mounting: {text or 'no output'}") \
+                from None
+        except TimeoutError as e:
+            await self._cleanup()
+            raise TransientError(f"[mount/{self.name}] sshfs did not mount {self.path} within {MOUNT_TIMEOUT:.0f}s") \
+                from e
+        except BaseException:
+            await self._cleanup()
+            raise
+        log.info("[mount/%s] volumes mounted at %s", self.name, self.path)
+        self._state.set(State.READY, detail=str(self.path))
+
+    async def _pump(self, src: Any, dst: Any, *, close: bool) -> None:
+        try:
+            while True:
+                data = await src.read(65536)
+                if not data:
+                    break
+                dst.write(data)
+                if hasattr(dst, "drain"):
+                    await dst.drain()
+        except (ConnectionError, BrokenPipeError, OSError, TpenvError) as e:
+            log.debug("[mount/%s] pump ended: %r", self.name, e)
+        except Exception as e:  # noqa: BLE001 - asyncssh channel errors; the mount's health reports it
+            log.debug("[mount/%s] pump ended: %r", self.name, e)
+        finally:
+            if close:
+                with contextlib.suppress(Exception):
+                    dst.close()
+            elif not self._stopped and self._state.state is State.READY:
+                self._state.set(State.FAILED, error="the sftp channel closed")
+
+    async def _collect_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        while line := await self._proc.stderr.readline():
+            self._stderr = (self._stderr + line)[-4096:]
+            log.debug("[mount/%s] sshfs: %s", self.name, line.decode(errors="replace").rstrip())
+
+    async def stop(self) -> None:
+        """Unmount (lazily if the directory is busy), end sshfs and the channel. Safe twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._state.set(State.STOPPING)
+        await self._cleanup()
+        self._state.set(State.STOPPED)
+
+    async def _cleanup(self) -> None:
+        if self.path is not None and is_mounted(self.path):
+            for args in (["-u"], ["-uz"]):  # -z: lazy, when a handler still has a file open
+                p = await asyncio.create_subprocess_exec("fusermount3", *args, str(self.path),
+                                                         stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.PIPE)
+                _, err = await p.communicate()
+                if p.returncode == 0:
+                    break
+                log.debug("[mount/%s] fusermount3 %s: %s", self.name, args, err.decode(errors="replace").strip())
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await self._proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+                await self._proc.wait()
+        for t in self._pumps:
+            t.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        self._pumps = []
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                self._channel[0].close()
+            self._channel = None
+        if self._created_dir and self.path is not None and not is_mounted(self.path):
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def abort(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    async def __aenter__(self) -> "SshfsMount":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -8,6 +8,7 @@ watchfiles' default filter also drops .git, __pycache__, node_modules and editor
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -16,6 +17,10 @@ from pathlib import Path
 from watchfiles import DefaultFilter, awatch
 
 from tpenv.kits.aio import NamedTask, unit_logger
+
+# watchfiles logs "1 change detected" at INFO for every save; ours says which file and why.
+if logging.getLogger("watchfiles").level == logging.NOTSET:
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 READY_TIMEOUT = 30.0  # inotify setup of a big tree on a loaded machine
 STEP_MS = 50

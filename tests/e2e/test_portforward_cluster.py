@@ -1,0 +1,114 @@
+"""The port-forward transport against the real API server and kubelet.
+
+A testapp pod runs tpenv-echo on 8080 and a raw TCP echo on 9000 (python3 in the image).
+Checked: HTTP through many concurrent streams, a large transfer both ways by sha256, the
+kubelet's error text when nothing listens, NotFound for a missing pod.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+
+import pytest
+
+from tests.cluster.pytest_plugin import apply, kubectl
+from tpenv.errors import NotFound, TunnelDropped
+from tpenv.kits.kube import Kube
+from tpenv.kits.portforward import PodTunnel
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+TCP_ECHO = """
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000)); s.listen(64)
+def serve(c):
+    while True:
+        d = c.recv(65536)
+        if not d: break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def echo_pod(namespace):
+    apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo", "labels": {"app": "echo"}},
+           "spec": {"containers": [
+               {"name": "http", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}},
+               {"name": "tcp", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                "command": ["python3", "-c", TCP_ECHO],
+                "readinessProbe": {"tcpSocket": {"port": 9000}, "periodSeconds": 1}}]}}, ns=namespace)
+    kubectl("wait", "--for=condition=Ready", "pod/echo", "--timeout=120s", ns=namespace, timeout=150)
+    return "echo"
+
+
+@pytest.fixture
+async def kube(kubeconfig):
+    k = await Kube.load(str(kubeconfig))
+    yield k
+    await k.close()
+
+
+async def http_get(tunnel: PodTunnel, path: str) -> dict:
+    reader, writer = await tunnel.open_stream(8080)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body)
+
+
+# -- stage 1: many concurrent HTTP streams to one pod ---------------------------------------------
+
+async def test_many_concurrent_streams_to_a_pod(kube, namespace, echo_pod):
+    tunnel = PodTunnel(kube, namespace, echo_pod)
+    answers = await asyncio.gather(*(http_get(tunnel, f"/n/{i}") for i in range(40)))
+    assert sorted(a["path"] for a in answers) == sorted(f"/n/{i}" for i in range(40))
+    assert {a["pod"] for a in answers} == {"echo"}
+
+
+# -- stage 2: a large transfer, both ways, checked by hash ---------------------------------------
+
+async def test_large_transfer_by_hash(kube, namespace, echo_pod):
+    reader, writer = await PodTunnel(kube, namespace, echo_pod).open_stream(9000)
+    size = 32 * 1024 * 1024
+    sent, got = hashlib.sha256(), hashlib.sha256()
+
+    async def pump():
+        for _ in range(size // 65536):
+            block = os.urandom(65536)
+            sent.update(block)
+            writer.write(block)
+            await writer.drain()
+
+    task = asyncio.ensure_future(pump())
+    n = 0
+    while n < size:
+        data = await reader.read(1 << 18)
+        assert data, f"stream ended after {n} bytes"
+        got.update(data)
+        n += len(data)
+    await task
+    writer.close()
+    assert got.hexdigest() == sent.hexdigest()
+
+
+# -- stage 3: the API server's and kubelet's refusals -------------------------------------------
+
+async def test_closed_port_reports_the_kubelets_error(kube, namespace, echo_pod):
+    reader, writer = await PodTunnel(kube, namespace, echo_pod).open_stream(9999)
+    with pytest.raises(TunnelDropped) as err:
+        await asyncio.wait_for(reader.read(), 30)
+    assert "9999" in str(err.value)
+
+
+async def test_missing_pod_is_not_found(kube, namespace):
+    with pytest.raises(NotFound):
+        await PodTunnel(kube, namespace, "no-such-pod").open_stream(80)

@@ -10,6 +10,8 @@ from typing import Any, TextIO
 from pydantic import BaseModel
 
 from tpenv.config import Config, load_config
+from tpenv.config.models import is_dns_label
+from tpenv.errors import UsageError
 from tpenv.settings import Settings
 
 OUTPUTS = ("text", "json", "yaml")
@@ -65,6 +67,9 @@ class CliContext:
         """The config file with the -n / --context flags applied; ConfigError when it is wrong."""
         config = load_config(self.config_file)
         if self.namespace:
+            if not is_dns_label(self.namespace):
+                raise UsageError(f"-n {self.namespace!r}: not a valid namespace name",
+                                 hint="lowercase letters, digits and '-', at most 63 characters")
             config.namespace = self.namespace
         if self.kube_context:
             config.context = self.kube_context

@@ -54,6 +54,11 @@ def _dns_label(what: str):
     return AfterValidator(check)
 
 
+def is_dns_label(value: str) -> bool:
+    """A valid Kubernetes namespace (or service) name."""
+    return len(value) <= 63 and bool(_DNS_LABEL.fullmatch(value))
+
+
 def _env_name(value: str) -> str:
     if not _ENV_NAME.fullmatch(value):
         raise _fail(f"{value!r} is not a valid environment variable name")
@@ -458,5 +463,5 @@ class Config(BaseModel):
 
 
 __all__ = ["Config", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec", "Forward", "Connect", "PortMap",
-           "parse_port", "compile_regex", "compile_template", "did_you_mean", "API_VERSION", "PERSONAL_HEADER",
+           "parse_port", "is_dns_label", "compile_regex", "compile_template", "did_you_mean", "API_VERSION", "PERSONAL_HEADER",
            "TEMPLATE_VARIABLES", "ENV_FORMATS", "WORKLOAD_KINDS"]

@@ -16,18 +16,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def run(args: argparse.Namespace, ctx) -> int:
     files = args.files or [ctx.config_file]
-    problems = []
+    errors: list[ConfigError] = []
     summary = []
     for file in files:
         try:
             config = load_config(file)
         except ConfigError as e:
-            problems += e.problems  # keep going: one run reports every file
+            errors.append(e)  # keep going: one run reports every file
             continue
         names = [ic.name for ic in config.intercepts]
         summary.append({"file": str(file), "intercepts": names, "forwards": [f.service for f in config.forwards]})
-    if problems:
-        raise ConfigError(problems, hint="`tpenv schema` prints every key a telepresence.yaml may have")
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigError([p for e in errors for p in e.problems], hint=errors[0].hint)
     text = "\n".join(f"{s['file']}: ok ({len(s['intercepts'])} intercepts, {len(s['forwards'])} forwards)"
                      for s in summary)
     ctx.emit(text, {"ok": True, "files": summary})

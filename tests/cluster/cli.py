@@ -72,6 +72,29 @@ def _images(log) -> None:
         raise RuntimeError(f"tests/cluster/images.py is missing or broken ({e}): no pause image, no pods") from e
     paths = images.build_all(log=log)
     images.import_all(paths, log=log, address=str(containerd_address()))
+    _normalize_image_names()
+
+
+def _normalize_image_names() -> None:
+    """Tag `tpenv/x:dev` also as `docker.io/tpenv/x:dev`.
+
+    The kubelet asks the CRI for the normalized reference (docker.io/ prefixed, as in
+    Docker), and containerd's CRI looks it up by that exact name: an image imported as
+    plain `tpenv/x:dev` gives ErrImageNeverPull.
+    """
+    ctr = ["ctr", "--address", containerd_address(), "-n", "k8s.io", "images"]
+    # `ctr images ls` columns: REF TYPE DIGEST ...
+    digests = {ln.split()[0]: ln.split()[2] for ln in run([*ctr, "ls"], quiet=True).stdout.splitlines()[1:]
+               if len(ln.split()) > 2}
+    for name, digest in sorted(digests.items()):
+        if name.startswith("sha256:"):
+            continue
+        first = name.split("/", 1)[0]
+        if "/" in name and ("." in first or ":" in first or first == "localhost"):
+            continue  # already has a registry host
+        full = "docker.io/" + (name if "/" in name else f"library/{name}")
+        if digests.get(full) != digest:
+            run([*ctr, "tag", "--force", name, full], quiet=True)
 
 
 def dns_query(name: str, server: str = net.NODE_IP, timeout: float = 2.0) -> tuple[int, int]:
@@ -115,7 +138,7 @@ def up(argv: list[str]) -> int:
 
     def image_job() -> None:
         try:
-            _images(log=lambda m: say(f"images: {m}"))
+            _images(log=say)
         except BaseException as e:  # noqa: BLE001 - reported after the join
             errors.append(e)
 
@@ -247,7 +270,7 @@ def images_cmd(argv: list[str]) -> int:
     if d.pid("containerd") is None:
         say("containerd is not running: `python3 devspace.py cluster up` builds and imports the images")
         return 1
-    _images(log=lambda m: say(f"images: {m}"))
+    _images(log=say)
     return 0
 
 

@@ -17,6 +17,7 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,21 +72,55 @@ def _cached(stem: str, key: str, suffix: str) -> Path:
 
 
 def _prune(stem: str, keep: Path, suffix: str) -> None:
-    """Drop older builds of the same thing so the cache does not grow with every edit."""
+    """Drop older builds of the same thing so the cache does not grow with every edit.
+
+    Files touched in the last ten minutes stay: another process may be importing one.
+    """
     for p in cache_dir().glob(f"{stem}-*{suffix}"):
         if p != keep and re.fullmatch(re.escape(stem) + r"-[0-9a-f]{16}" + re.escape(suffix), p.name):
-            p.unlink(missing_ok=True)
+            try:
+                if time.time() - p.stat().st_mtime > 600:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+_process_lock = threading.RLock()
+_lock_depth = 0
 
 
 @contextmanager
 def _lock():
-    # Two `cluster up`s (or a test and a CLI run) must not write the same files at once.
-    with open(cache_dir() / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One builder at a time across processes (a `cluster up`, a test calling build_agent, the CLI).
+
+    Reentrant inside a process: build_all holds it while calling build_agent, which takes it too.
+    """
+    global _lock_depth
+    with _process_lock:
+        if _lock_depth:
+            _lock_depth += 1
+            try:
+                yield
+            finally:
+                _lock_depth -= 1
+            return
+        with open(cache_dir() / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            _lock_depth = 1
+            try:
+                yield
+            finally:
+                _lock_depth = 0
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _locked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        with _lock():
+            return fn(*args, **kw)
+
+    return wrapper
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -96,6 +132,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 # --- pause ---------------------------------------------------------------------------
 
 
+@_locked
 def build_pause(log=print) -> Path:
     src = (HERE / "pause.c").read_bytes()
     key = _hash("pause-v1", src, _tool_hash())
@@ -226,13 +263,21 @@ def _cached_layer(stem: str, key: str, fill, log=print) -> oci.Layer:
     meta = out.with_name(out.name[: -len(".tar.gz")] + ".json")
     if out.exists() and meta.exists():
         d = json.loads(meta.read_text())
-        return oci.Layer(out, d["digest"], d["diff_id"], d["size"])
+        if out.stat().st_size == d["size"]:  # a cheap check against a truncated file
+            return oci.Layer(out, d["digest"], d["diff_id"], d["size"])
     t0 = time.monotonic()
-    tmp = out.with_name(out.name + ".tmp")
-    with oci.LayerWriter(tmp) as lw:
-        fill(lw)
-        layer = lw.close()
-    os.replace(tmp, out)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=cache_dir())
+    os.close(fd)
+    try:
+        with oci.LayerWriter(Path(tmp)) as lw:
+            fill(lw)
+            layer = lw.close()
+        meta.unlink(missing_ok=True)  # never a .json describing another .tar.gz
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     layer = oci.Layer(out, layer.digest, layer.diff_id, layer.size)
     meta.write_text(json.dumps(layer.to_json()))
     _prune(stem, out, ".tar.gz")
@@ -243,21 +288,37 @@ def _cached_layer(stem: str, key: str, fill, log=print) -> oci.Layer:
 
 def _cached_image(names: list[str], layers: list[oci.Layer], config: dict, log=print, t0: float | None = None) -> Path:
     """The image tarball, keyed by its layers' digests, config and names: a warm call only stats a file."""
-    key = _hash("image", json.dumps(config, sort_keys=True), *names, *(l.digest for l in layers))
     stem = _slug(names[0].rsplit(":", 1)[0])
+    names = [n for ref in names for n in normalized_names(ref)]
+    key = _hash("image", json.dumps(config, sort_keys=True), *names, *(l.digest for l in layers))
     out = _cached(stem, key, ".oci.tar")
     if not out.exists():
         oci.write_image(out, names, layers, config)
         _prune(stem, out, ".oci.tar")
         took = f" in {time.monotonic() - t0:.1f}s" if t0 is not None else ""
-        log(f"images: built {', '.join(names)}{took} ({_size(sum(l.size for l in layers))} compressed)")
+        short = ", ".join(n for n in names if not n.startswith("docker.io/"))
+        log(f"images: built {short}{took} ({_size(sum(l.size for l in layers))} compressed)")
     return out
+
+
+def normalized_names(ref: str) -> list[str]:
+    """`ref`, plus its docker.io/ form when it names no registry host.
+
+    The kubelet asks containerd's CRI for the normalized reference (tpenv/agent:dev is
+    docker.io/tpenv/agent:dev), and the CRI looks images up by that exact name; ctr and
+    people use the short one. Both names point at the same manifest.
+    """
+    first = ref.split("/", 1)[0]
+    if "/" in ref and ("." in first or ":" in first or first == "localhost"):
+        return [ref]
+    return [ref, "docker.io/" + (ref if "/" in ref else f"library/{ref}")]
 
 
 def _size(n: int) -> str:
     return f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n / 1024:.0f} KiB"
 
 
+@_locked
 def base_layer(log=print) -> oci.Layer:
     """The base rootfs as a gzip layer, shared by every Python image (containerd stores it once)."""
     rootfs = base_rootfs(log)
@@ -322,14 +383,17 @@ def _compile(tree: Path, ddir: str) -> None:
     """
     if f"{sys.version_info[0]}.{sys.version_info[1]}" != PY_VERSION:
         return
-    import compileall
-    import py_compile
-
-    compileall.compile_dir(
-        str(tree), quiet=2, ddir=ddir, workers=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
+    # In a child with a fixed hash seed: set constants in the bytecode then come out in
+    # the same order every time, so the same sources give the same layer digest.
+    code = (
+        "import compileall, py_compile, sys\n"
+        "ok = compileall.compile_dir(sys.argv[1], quiet=2, ddir=sys.argv[2], workers=1,\n"
+        "    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
     )
+    subprocess.run([sys.executable, "-c", code, str(tree), ddir], check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
 
 
+@_locked
 def site_layer(name: str, packages: list[str], log=print) -> oci.Layer:
     """`packages` installed (pip --target, on the host, from the cached wheels) as a dist-packages layer."""
     wheel_dir = wheels(packages, log)
@@ -384,6 +448,7 @@ APPS = HERE / "apps"
 APP_COMMANDS = {"tpenv-echo": "echo", "tpenv-get": "get"}
 
 
+@_locked
 def build_testapp(log=print) -> Path:
     t0 = time.monotonic()
     base = base_layer(log)
@@ -427,6 +492,7 @@ def agent_image_ref() -> str:
     return f"tpenv/agent:{agent_version()}"
 
 
+@_locked
 def build_agent(log=print) -> Path:
     t0 = time.monotonic()
     base = base_layer(log)
@@ -456,10 +522,10 @@ def build_agent(log=print) -> Path:
 # --- build and import ------------------------------------------------------------------
 
 
+@_locked
 def build_all(log=print) -> list[Path]:
     """Build (or reuse from the cache) every image; return the OCI tarballs, pause first."""
-    with _lock():
-        return [build_pause(log), build_testapp(log), build_agent(log)]
+    return [build_pause(log), build_testapp(log), build_agent(log)]
 
 
 def image_names(path: Path) -> dict[str, str]:
@@ -479,14 +545,19 @@ def image_names(path: Path) -> dict[str, str]:
 
 
 def present_images(address: str = DEFAULT_ADDRESS) -> dict[str, str]:
-    """{image name: target digest} of what containerd's k8s.io namespace holds."""
+    """{image name: target digest} of the complete images in containerd's k8s.io namespace.
+
+    `ctr images check` rather than `ls`: an image whose content went missing (an import
+    cut short) shows as incomplete, and is imported again rather than skipped.
+    """
     out = subprocess.run(
-        ["ctr", "-a", address, "-n", "k8s.io", "images", "ls"], check=True, capture_output=True, text=True
+        ["ctr", "-a", address, "-n", "k8s.io", "images", "check"], check=True, capture_output=True, text=True
     ).stdout
     images = {}
+    # Columns: REF TYPE DIGEST STATUS (complete (2/2) | incomplete (1/2)) SIZE UNPACKED
     for line in out.splitlines()[1:]:
         cols = line.split()
-        if len(cols) >= 3 and cols[2].startswith("sha256:"):
+        if len(cols) >= 4 and cols[2].startswith("sha256:") and cols[3] == "complete":
             images[cols[0]] = cols[2]
     return images
 
@@ -500,7 +571,8 @@ def import_all(paths: list[Path], log=print, address: str = DEFAULT_ADDRESS) -> 
             continue
         t0 = time.monotonic()
         _run(["ctr", "-a", address, "-n", "k8s.io", "images", "import", str(p)], stdout=subprocess.DEVNULL)
-        log(f"images: imported {', '.join(sorted(want))} in {time.monotonic() - t0:.1f}s")
+        short = ", ".join(sorted(n for n in want if not n.startswith("docker.io/")))
+        log(f"images: imported {short} in {time.monotonic() - t0:.1f}s")
 
 
 def main(argv: list[str]) -> int:

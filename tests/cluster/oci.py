@@ -23,6 +23,7 @@ import json
 import os
 import stat
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -305,7 +306,21 @@ def write_image(out: Path, names: list[str], layers: list[Layer], config: dict) 
         ],
     }
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    # A private temporary name: two writers of the same image never mix their bytes.
+    fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write_layout(tmp, index, layers, (cfg_digest, cfg_bytes), (man_digest, man_bytes))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return man_digest
+
+
+def _write_layout(tmp: Path, index: dict, layers: list[Layer], cfg: tuple[str, bytes], man: tuple[str, bytes]) -> None:
+    (cfg_digest, cfg_bytes), (man_digest, man_bytes) = cfg, man
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
         def put(name: str, data: bytes | None = None, path: Path | None = None, dir_: bool = False) -> None:
             ti = tarfile.TarInfo(name)
@@ -333,8 +348,6 @@ def write_image(out: Path, names: list[str], layers: list[Layer], config: dict) 
                 put("blobs/sha256/" + l.digest.split(":", 1)[1], path=l.path)
         put("blobs/sha256/" + cfg_digest.split(":", 1)[1], cfg_bytes)
         put("blobs/sha256/" + man_digest.split(":", 1)[1], man_bytes)
-    os.replace(tmp, out)
-    return man_digest
 
 
 def read_layout(path: Path) -> dict:

@@ -83,6 +83,12 @@ def test_wrong_types(tmp_path):
     ]
 
 
+def test_bad_names_are_shown_at_the_key(tmp_path):
+    text = HEAD + "    port: 1\n    env:\n      set:\n        GOOD: x\n        BAD NAME: y\n"
+    assert problems(tmp_path, text) == [
+        "F:7:9: intercepts[0].env.set.BAD NAME: 'BAD NAME' is not a valid environment variable name"]
+
+
 def test_unknown_workload_kind(tmp_path):
     assert problems(tmp_path, "intercepts:\n  - workload: deploymnet/web\n    port: 1\n") == [
         "F:2:15: intercepts[0].workload: unknown workload kind 'deploymnet': "

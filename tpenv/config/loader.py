@@ -250,7 +250,8 @@ def _problems_from(e: ValidationError, data: Any, loc: Locator, skip: set[Path_]
             text = err["msg"]
             text = text.removeprefix("Value error, ")
             msg = f"{where}: {text[:1].lower()}{text[1:]}"
-        out.append(loc.problem(path, msg, suggestion))
+        # A dict key's own error (loc ends in "[key]") is shown at the key, not at its value.
+        out.append(loc.problem(path, msg, suggestion, key=err["loc"][-1:] == ("[key]",)))
     return out
 
 

@@ -373,3 +373,18 @@ def read_layout(path: Path) -> dict:
             c = man["config"]["digest"]
             out["configs"][c] = json.loads(read("blobs/sha256/" + c.split(":", 1)[1]))
     return out
+
+
+def bad_blobs(path: Path) -> list[str]:
+    """Names of the blobs whose content does not hash to their name (empty when the layout is sound)."""
+    bad = []
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            if m.isreg() and m.name.startswith("blobs/sha256/"):
+                h = hashlib.sha256()
+                f = tf.extractfile(m)
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                if h.hexdigest() != m.name.rsplit("/", 1)[1]:
+                    bad.append(m.name)
+    return bad

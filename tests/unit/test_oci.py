@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -97,6 +98,14 @@ def test_several_names_point_at_one_manifest(tmp_path):
     assert list(layout["manifests"]) == [man_digest]
 
 
+def test_normalized_names_for_the_cri():
+    # The kubelet asks for docker.io/...; names with a registry host stay as they are.
+    assert images.normalized_names("tpenv/agent:dev") == ["tpenv/agent:dev", "docker.io/tpenv/agent:dev"]
+    assert images.normalized_names("busybox:1") == ["busybox:1", "docker.io/library/busybox:1"]
+    assert images.normalized_names("registry.k8s.io/pause:3.10") == ["registry.k8s.io/pause:3.10"]
+    assert images.normalized_names("localhost:5000/x:y") == ["localhost:5000/x:y"]
+
+
 def test_split_ref():
     assert oci.split_ref("registry.k8s.io/pause:3.10") == ("registry.k8s.io/pause", "3.10")
     assert oci.split_ref("localhost:5000/app") == ("localhost:5000/app", "latest")
@@ -156,6 +165,16 @@ def test_rootfs_tarball_keeps_owners_and_mtimes(tmp_path):
     assert layer.diff_id == sha(gzip.decompress(layer.path.read_bytes()))
 
 
+def test_bad_blobs_finds_a_corrupted_blob(tmp_path):
+    out, man_digest = build(tmp_path, make_tree(tmp_path / "src", 1), ["x/y:z"])
+    assert oci.bad_blobs(out) == []
+    data = bytearray(out.read_bytes())
+    at = data.index(b'"schemaVersion"', data.index(b"blobs/sha256/" + man_digest.split(":")[1].encode()))
+    data[at + 1] = ord("S")  # one byte of the manifest blob
+    out.write_bytes(bytes(data))
+    assert oci.bad_blobs(out) == ["blobs/sha256/" + man_digest.split(":")[1]]
+
+
 # --- stage 3: the same input gives the same bytes, a different input different digests ------
 
 
@@ -191,6 +210,19 @@ def test_pause_image_is_cached_by_its_inputs(tmp_path, monkeypatch):
     layout = oci.read_layout(first)
     (cfg,) = layout["configs"].values()
     assert cfg["config"]["Entrypoint"] == ["/pause"] and cfg["config"]["User"] == "65535:65535"
+
+
+def test_concurrent_builders_agree(tmp_path):
+    # A `cluster up` and a test calling build_pause at once: one builds, the other waits
+    # and reuses, and the tarball is sound (the lock and private temp names at work).
+    env = {**os.environ, "TPENV_CACHE": str(tmp_path / "cache")}
+    code = f"import sys; sys.path.insert(0, {str(Path(images.__file__).parent)!r}); import images; print(images.build_pause(lambda m: None))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    (path,) = outs
+    assert oci.bad_blobs(Path(path)) == []
+    assert [p.name for p in (tmp_path / "cache" / "images").glob("*.tmp")] == []
 
 
 def test_agent_version_tracks_the_agent_sources(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +41,13 @@ async def main():
         await asyncio.Event().wait()
 asyncio.run(main())
 """ % str(REPO / "agent" / "tests")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -103,6 +111,7 @@ async def run(args: argparse.Namespace) -> dict:
                 lat = {k: [] for k in targets}
                 fresh = {k: [] for k in targets}
                 rps = {k: [] for k in targets}
+                agent_cpu, agent_reqs = 0.0, 0
                 mbs = {k: [] for k in targets}
                 for k, p in targets.items():  # warm up both paths
                     await keepalive_latencies(p, 100)
@@ -111,7 +120,12 @@ async def run(args: argparse.Namespace) -> dict:
                     for k, p in targets.items():
                         lat[k] += await keepalive_latencies(p, args.requests // rounds)
                         fresh[k] += await fresh_latencies(p, args.requests // rounds // 4)
+                        c0 = cpu_seconds(agent.proc.pid)
+                        t0 = time.perf_counter()
                         rps[k].append(await throughput(p, args.seconds / rounds, args.concurrency))
+                        if k == "agent":
+                            agent_cpu += cpu_seconds(agent.proc.pid) - c0
+                            agent_reqs += int(rps[k][-1] * (time.perf_counter() - t0))
                         mbs[k].append(await bulk(p, args.bulk_mb * 1_000_000))
     finally:
         app.kill()
@@ -129,6 +143,9 @@ async def run(args: argparse.Namespace) -> dict:
     res["added_fresh_p50_ms"] = a["fresh_p50_ms"] - d["fresh_p50_ms"]
     res["throughput_ratio"] = a["rps"] / d["rps"]
     res["bulk_ratio"] = a["bulk_MBps"] / d["bulk_MBps"]
+    res["agent_cpu_us_per_request"] = agent_cpu / max(agent_reqs, 1) * 1e6
+    res["cpus"] = os.cpu_count()
+    res["loadavg_after"] = os.getloadavg()[0]
     return res
 
 
@@ -150,6 +167,8 @@ def main() -> None:
         print(f"{label:24} {d[key]:10.3f} {a[key]:10.3f}")
     print(f"added p50 {res['added_p50_ms']:.3f} ms (target <= 0.3), p99 {res['added_p99_ms']:.3f} ms; "
           f"throughput ratio {res['throughput_ratio']:.2%} (target >= 85%), bulk ratio {res['bulk_ratio']:.2%}")
+    print(f"agent CPU per passthrough request: {res['agent_cpu_us_per_request']:.1f} us "
+          f"({res['cpus']} CPUs, load average {res['loadavg_after']:.1f}: the agent, app and load generator share them)")
     print(json.dumps(res))
 
 

@@ -113,6 +113,9 @@ async def test_second_all_tcp_intercept_is_refused_naming_the_holder(tmp_path):
             refused = await b.intercept("web", "http", None, dev.port)
             assert refused["ok"] is False and refused["error"]["code"] == "conflict"
             assert "alice:web" in refused["error"]["message"]
+            # Another name of the same session is refused too: one all-TCP holder per port.
+            again = await a.intercept("web2", "http", None, dev.port)
+            assert again["error"]["code"] == "conflict" and "alice:web" in again["error"]["message"]
             # The same id again replaces (idempotent), it does not conflict with itself.
             assert (await a.intercept("web", "http", None, dev.port))["ok"]
             listed = (await b.call("list"))["intercepts"]
@@ -165,3 +168,15 @@ async def test_bad_requests_get_error_answers(tmp_path):
             assert (await s.call("leave", intercept_id="s1:none"))["error"]["code"] == "not-found"
             assert (await s.call("frobnicate"))["error"]["code"] == "bad-request"
             assert (await s.call("ping"))["ok"]
+
+
+async def test_http1_methods_beyond_the_common_ones_are_routed_per_request(tmp_path):
+    m = auth_material()
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+        async with RawSession(agent, m, "s1") as s:
+            assert (await s.intercept("web", "http", ALICE, dev.port))["ok"]
+            async with Http1(agent.port("http")) as c:
+                _, _, body = await c.request("/dav", {"x-dev": "alice"}, method="PROPFIND")
+                assert b'"who": "dev"' in body
+                _, _, body = await c.request("/dav", method="PROPFIND")
+                assert b'"who": "app"' in body

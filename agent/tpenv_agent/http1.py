@@ -9,6 +9,7 @@ spliced whole to their destination; ``Connection: close`` and HTTP/1.0 end the c
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -16,12 +17,14 @@ from .splice import Buffered, close_writer, splice_streams
 
 HEAD_LIMIT = 64 * 1024
 CHUNK = 64 * 1024
-METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH")
+# A method token (RFC 9110: GET, PROPFIND, M-SEARCH...) then a space: HTTP/1.x.
+_METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} ")
+METHOD_SNIFF = 21
 
 
 def looks_like_http1(first: bytes) -> bool:
-    """The first bytes of a connection start with a known method and a space."""
-    return any(first.startswith(m + b" ") for m in METHODS)
+    """The first bytes of a connection start with a method token and a space."""
+    return _METHOD.match(first) is not None
 
 
 class BadMessage(Exception):

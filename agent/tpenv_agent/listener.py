@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from . import log as logs
-from .http1 import Http1Relay, Pool, looks_like_http1
+from .http1 import METHOD_SNIFF, Http1Relay, Pool, looks_like_http1
 from .http2 import PREFACE, H2Router
 from .registry import Intercept, PortSpec
 from .splice import Buffered, Half, close_writer, join, splice_streams
@@ -47,6 +47,12 @@ class _Entry(Half):
         if holder is None and lst.sidecar.h2_always:
             self._sniff = bytearray()
         lst.spawn(lst.splice_to(self, holder))
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._sniff is None:
+            super().buffer_updated(nbytes)
+        else:
+            self.data_received(bytes(self._view[:nbytes]))
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         if self._sniff is None:
@@ -171,7 +177,7 @@ class PortListener:
     async def _first_bytes(reader: Buffered) -> bytes:
         """Enough bytes to tell h2c's preface and an HTTP/1 method from anything else."""
         data = await reader.peek(1)
-        while data and len(data) < len(PREFACE) and (PREFACE.startswith(data) or b" " not in data[:8]):
+        while data and len(data) < len(PREFACE) and (PREFACE.startswith(data) or b" " not in data[:METHOD_SNIFF]):
             more = await reader.peek(len(data) + 1)
             if len(more) == len(data):
                 break

@@ -128,8 +128,8 @@ class Registry:
     def add(self, icpt: Intercept) -> Intercept:
         if icpt.match is None:
             for other in self._by_id.values():
-                if (other.port is icpt.port and other.match is None and other.session != icpt.session
-                        and other.intercept_id != icpt.intercept_id):
+                # Also within one session: one port has at most one all-TCP holder.
+                if other.port is icpt.port and other.match is None and other.intercept_id != icpt.intercept_id:
                     raise ControlError(
                         "conflict",
                         f"port {icpt.port.name} is already intercepted (all TCP) by {other.intercept_id}")

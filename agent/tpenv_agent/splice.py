@@ -10,19 +10,28 @@ all-TCP intercept uses it too.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
 
 
-class Half(asyncio.Protocol):
-    """One end of a splice. ``peer`` is the other end; until it is connected, reading pauses."""
+class Half(asyncio.BufferedProtocol):
+    """One end of a splice. ``peer`` is the other end; until it is connected, reading pauses.
+
+    A BufferedProtocol: the kernel reads into one buffer per half (``recv_into``), so the hot
+    path allocates nothing per read; ``transport.write`` sends at once or copies what is left.
+    SSH channels (asyncssh sessions) call ``data_received`` instead, which is kept.
+    """
 
     def __init__(self) -> None:
+        self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
         self.transport: Any = None
         self.peer: Half | None = None
         self.eof = False
+        self.zero_copy = False
         self.closed = asyncio.get_running_loop().create_future()
 
     # asyncio.Protocol / asyncssh session interface ---------------------------------------
@@ -35,7 +44,19 @@ class Half(asyncio.Protocol):
         if self.peer is None or self.peer.transport is None:
             transport.pause_reading()
 
-    def data_received(self, data: bytes, datatype: Any = None) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Handing the peer a view of our buffer is safe only where its write() copies what it
+        # cannot send at once: asyncio socket transports on 3.11 (3.12 queues the view as is)
+        # but not SSH channels, which keep the object.
+        if self.zero_copy:
+            self.peer.transport.write(self._view[:nbytes])  # type: ignore[union-attr]
+        else:
+            self.peer.transport.write(bytes(self._view[:nbytes]))  # type: ignore[union-attr]
+
+    def data_received(self, data: Any, datatype: Any = None) -> None:
         self.peer.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
@@ -90,8 +111,15 @@ class Half(asyncio.Protocol):
 def join(a: Half, b: Half) -> None:
     """Wire two connected halves together and start the bytes flowing."""
     a.peer, b.peer = b, a
+    a.zero_copy = _copies_on_write(b.transport)
+    b.zero_copy = _copies_on_write(a.transport)
     a.transport.resume_reading()
     b.transport.resume_reading()
+
+
+def _copies_on_write(transport: Any) -> bool:
+    return sys.version_info < (3, 12) and isinstance(transport, asyncio.Transport) \
+        and type(transport).__name__ == "_SelectorSocketTransport"
 
 
 class Buffered:

@@ -1,0 +1,81 @@
+"""`tpenv intercept` flags → the same Intercept model telepresence.yaml gives, so both mean one thing.
+
+The verb (issue 5) calls ``intercept_from_flags(args, namespace=ctx.namespace)``; a bad flag is
+a UsageError naming the flag, with the model's own message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pydantic import ValidationError
+
+from tpenv.config.models import Intercept
+from tpenv.errors import UsageError
+
+DEFAULT_PORT = "8080"  # Telepresence's default local port
+_FLAG = {"workload": "WORKLOAD", "port": "--port", "service": "--service", "headers": "--http-header",
+         "path_prefix": "--http-path-prefix", "path_equal": "--http-path-equal", "path_regex": "--http-path-regex",
+         "format": "--env-syntax", "file": "--env-file", "mount": "--mount", "namespace": "-n", "command": "CMD"}
+
+
+def _headers(values: list[str]) -> Any:
+    if not values:
+        return None
+    if values == ["auto"]:
+        return "auto"
+    headers: dict[str, str] = {}
+    for item in values:
+        name, sep, regex = item.partition("=")
+        if item == "auto" or not sep or not name:
+            raise UsageError(f"--http-header {item!r}: expected NAME=REGEX, or 'auto' alone",
+                             hint="e.g. --http-header x-dev=alice, or --http-header auto for your personal header")
+        headers[name] = regex
+    return headers
+
+
+def _mount(value: str | None) -> Any:
+    if value is None or value.lower() == "true":
+        return True
+    if value.lower() == "false":
+        return False
+    return os.path.abspath(value)  # a flag's path is relative to where the user stands
+
+
+def intercept_from_flags(args: argparse.Namespace, *, namespace: str | None = None) -> Intercept:
+    """The Intercept that ``tpenv intercept WORKLOAD --port ... [-- CMD]`` asks for."""
+    match: dict[str, Any] = {"headers": _headers(getattr(args, "http_header", None) or [])}
+    for kind in ("prefix", "equal", "regex"):
+        value = getattr(args, f"http_path_{kind}", None)
+        if value is not None:
+            match[f"path_{kind}"] = value
+    has_match = any(v is not None for v in match.values())
+    command = list(getattr(args, "command", None) or [])
+    data: dict[str, Any] = {
+        "workload": args.workload,
+        "port": args.port or DEFAULT_PORT,
+        "service": getattr(args, "service", None),
+        "namespace": namespace,
+        "match": match if has_match else None,
+        "env": {"file": os.path.abspath(args.env_file) if getattr(args, "env_file", None) else None,
+                "format": getattr(args, "env_syntax", None) or "docker"},
+        "mount": _mount(getattr(args, "mount", None)),
+        "run": {"command": command, "cwd": os.getcwd(), "restart": "never"}
+        if command and not getattr(args, "docker_run", False) else None,
+    }
+    try:
+        return Intercept.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            ctx = err.get("ctx") or {}
+            message = ctx.get("message") if isinstance(ctx, dict) and "message" in ctx else err["msg"]
+            flag = next((_FLAG[str(el)] for el in reversed(err["loc"]) if str(el) in _FLAG), None)
+            if flag is None:  # a rule across keys (match): name the first flag its message mentions
+                flag = next((f for key, f in _FLAG.items() if key in message), "a flag")
+            problems.append(f"{flag}: {message}")
+        raise UsageError("; ".join(dict.fromkeys(problems))) from e
+
+
+__all__ = ["intercept_from_flags", "DEFAULT_PORT"]

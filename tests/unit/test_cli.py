@@ -210,8 +210,8 @@ def test_emit_formats(output, parse, capsys):
     from tpenv.settings import load_settings
 
     out = io.StringIO()
-    CliContext(settings=load_settings({}), output=output, stdout=out).emit("ignored", {"a": [1, Path("/x")]})
+    CliContext(settings=load_settings({}), output=output, stdout=out).emit("ignored", {"z": [1, Path("/x")], "a": 2})
     if parse:
-        assert parse(out.getvalue()) == {"a": [1, "/x"]}
+        assert parse(out.getvalue()) == {"z": [1, "/x"], "a": 2}
     else:
-        assert out.getvalue() == "a:\n- 1\n- /x\n"
+        assert out.getvalue() == "z:\n- 1\n- /x\na: 2\n"  # the verb's order, not sorted

@@ -38,6 +38,7 @@ def dump(data: Any, output: str) -> str:
 
         yaml = YAML(typ="safe", pure=True)
         yaml.default_flow_style = False
+        yaml.sort_base_mapping_type_on_output = False  # keep the order the verb chose, like JSON does
         buf = StringIO()
         yaml.dump(plain(data), buf)
         return buf.getvalue()

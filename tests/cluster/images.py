@@ -11,7 +11,9 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
     tpenv/agent:<version>, :dev  base + asyncssh, cryptography, h2 + agent/tpenv_agent
 
     python3 tests/cluster/images.py build     build (or reuse) every image, print the tarballs
-    python3 tests/cluster/images.py import    build, then import into containerd
+    python3 tests/cluster/images.py import [--address SOCK]
+                                              build, then import into containerd (default: $CONTAINERD_ADDRESS,
+                                              else the local cluster's socket if it runs, else /run/containerd)
     python3 tests/cluster/images.py ref       print the agent image reference
 """
 from __future__ import annotations
@@ -575,9 +577,20 @@ def import_all(paths: list[Path], log=print, address: str = DEFAULT_ADDRESS) -> 
         log(f"images: imported {short} in {time.monotonic() - t0:.1f}s")
 
 
+def _local_cluster_address() -> str | None:
+    """The local cluster's containerd socket when it runs (tests/cluster/components.py), for the CLI."""
+    try:
+        import components
+
+        sock = components.containerd_address()
+    except Exception:  # noqa: BLE001 - the CLI then falls back to the system socket
+        return None
+    return str(sock) if Path(sock).is_socket() else None
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "build"
-    address = os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS)
+    address = os.environ.get("CONTAINERD_ADDRESS") or _local_cluster_address() or DEFAULT_ADDRESS
     if "--address" in argv:
         address = argv[argv.index("--address") + 1]
     if cmd == "build":

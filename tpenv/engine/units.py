@@ -13,9 +13,13 @@ A unit reports what happens to it on its own through the ``notify`` callable it 
 creation (see :class:`UnitEvent`): ``unit_failed`` asks the reconciler to restart it (and
 its dependents) with backoff; ``unit_changed`` just refreshes status. Units that heal
 themselves (a handler restarting its process) only report state changes.
+
+:class:`TaskUnit` is a base for the common case: a unit whose work is one long-running
+coroutine (a tunnel, a forward) that says when it is ready and fails by raising.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import json
@@ -23,6 +27,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from tpenv.errors import TransientError
+from tpenv.kits.aio import NamedTask, unit_logger
 
 Key = tuple[Any, ...]
 
@@ -114,3 +121,76 @@ def hash_spec(*parts: Any) -> str:
 def key_text(key: Key) -> str:
     """``("intercept", "ns", "web", 8080)`` -> ``intercept/ns/web/8080`` for logs and status."""
     return "/".join(str(k) for k in key)
+
+
+
+class TaskUnit:
+    """A base for units whose work is one long-running coroutine (a tunnel, a forward, an
+    intercept's keep-alive). Subclass and implement ``run(stopping, ready)``:
+
+    - call ``ready()`` once the unit serves: ``start()`` returns then;
+    - return when ``stopping`` is set (``stop()`` cancels after ``stop_grace`` otherwise);
+    - raise to fail: before ``ready()`` it fails ``start()``; after it, the reconciler gets
+      ``unit_failed`` and restarts the unit (and its dependents) with backoff. Ending without
+      an error while not asked to stop also counts as a failure: units are meant to run.
+
+    Logs go through ``self.log`` (``[kind/rest-of-key]``); ``set_state()`` updates status.
+    """
+
+    def __init__(self, key: Key, spec_hash: str, notify: Notify, *, depends_on: frozenset[Key] = frozenset(),
+                 stop_grace: float = 3.0) -> None:
+        self.key, self.spec_hash, self.depends_on = key, spec_hash, frozenset(depends_on)
+        self.notify, self.stop_grace = notify, stop_grace
+        self.kind, self.name = str(key[0]), key_text(key[1:]) or str(key[0])
+        self.log = unit_logger(self.kind, self.name)
+        self.state = UnitState()
+        self._task: NamedTask | None = None
+        self._ready = asyncio.Event()
+        self._stop_requested = False
+
+    async def run(self, stopping: asyncio.Event, ready: Callable[[], None]) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def set_state(self, state: State, *, error: str | None = None, detail: str | None = None) -> None:
+        """Change what status shows, and tell the loop (status only, no restart)."""
+        self.state.set(state, error=error, detail=detail)
+        self.notify(UnitEvent("unit_changed", self.key, detail=state.value))
+
+    async def start(self) -> None:
+        self.set_state(State.STARTING)
+        self._task = NamedTask(self.kind, self.name, lambda stopping: self.run(stopping, self._ready.set),
+                               logger=self.log, on_done=self._ended, stop_grace=self.stop_grace)
+        waits = {asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self._task.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not self._ready.is_set():
+            if self._task.error is not None:
+                raise self._task.error
+            raise TransientError(f"{key_text(self.key)} ended before it was ready")
+        if self.state.state is State.STARTING:
+            self.set_state(State.READY)
+
+    def _ended(self, task: NamedTask) -> None:
+        if self._stop_requested or not self._ready.is_set():
+            return  # asked to stop, or start() reports the failure itself
+        error = str(task.error) if task.error is not None else "ended unexpectedly"
+        self.state.set(State.FAILED, error=error)
+        self.notify(UnitEvent("unit_failed", self.key, error=error))
+
+    async def stop(self) -> None:
+        self._stop_requested = True
+        if self._task is not None and not self._task.done:
+            self.set_state(State.STOPPING)
+            await self._task.stop()
+        self.state.set(State.STOPPED)
+
+    def abort(self) -> None:
+        self._stop_requested = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def health(self) -> UnitState:
+        return self.state

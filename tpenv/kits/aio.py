@@ -117,6 +117,11 @@ class NamedTask:
             return False
         return True
 
+    def cancel(self) -> None:
+        """Cancel without waiting (for synchronous callers: abort paths)."""
+        self.stopping.set()
+        self._task.cancel()
+
     close = stop
 
     async def wait_closed(self) -> None:

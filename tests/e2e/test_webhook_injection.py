@@ -1,0 +1,151 @@
+"""Webhook mode against a real cluster: `tpenv manager install`, a labelled Deployment's pods get
+the agent at creation, an unlabelled one does not, `tpenv manager uninstall` leaves nothing.
+
+Stages (in file order; the install is shared by the module, the uninstall is the last test):
+(1) install through the CLI with the locally built agent image, wait until the webhook answers
+(a server-side dry-run pod comes back injected); (2) a labelled Deployment's pod carries the
+agent container with the protocol's args, its Secret tpenv-auth is created by the manager, and
+the pod runs with the agent ready; (3) pods without the label are untouched; (4) uninstall
+removes every object the install created.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+
+import components  # noqa: E402  tests/cluster, on sys.path through the plugin
+import images  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+APP_IMAGE = "tpenv/testapp:dev"
+INSTALLED = [  # (kubectl resource, namespace or None) of every object the install makes
+    ("namespace/tpenv", None), ("clusterrole/tpenv-manager", None), ("clusterrolebinding/tpenv-manager", None),
+    ("mutatingwebhookconfiguration/tpenv-agent-injector", None),
+    ("serviceaccount/tpenv-manager", "tpenv"), ("deployment/tpenv-manager", "tpenv"),
+    ("service/tpenv-manager", "tpenv"), ("secret/tpenv-manager-tls", "tpenv"), ("configmap/tpenv-manager", "tpenv"),
+    ("role/tpenv-client-config", "tpenv"), ("rolebinding/tpenv-client-config", "tpenv"),
+]
+
+
+def tpenv(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tpenv.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def agent_image(kubeconfig: Path) -> tuple[str, str]:
+    """(image ref, pull policy): on the local cluster, this checkout's agent, built and imported."""
+    if Path(kubeconfig) == components.kubeconfig_path():
+        images.import_all([images.build_agent(log=print)], log=print, address=str(components.containerd_address()))
+        return images.agent_image_ref(), "Never"
+    return os.environ.get("TPENV_AGENT_IMAGE") or images.agent_image_ref(), "IfNotPresent"
+
+
+@pytest.fixture(scope="module")
+def cli_env(kubeconfig: Path, agent_image: tuple[str, str]) -> dict:
+    ref, policy = agent_image
+    return {**os.environ, "KUBECONFIG": str(kubeconfig), "TPENV_AGENT_IMAGE": ref,
+            "TPENV_AGENT_IMAGE_PULL_POLICY": policy}
+
+
+def pod(name: str, *, labelled: bool) -> dict:
+    labels = {"app": name, **({"tpenv.io/inject-agent": "enabled"} if labelled else {})}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "echo", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                                     "command": ["tpenv-echo"], "env": [{"name": "GREETING", "value": "hi"}],
+                                     "ports": [{"name": "http", "containerPort": 8080}]}]}}
+
+
+def dry_run_containers(ns: str, labelled: bool = True) -> list[str]:
+    cp = kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", ns=ns,
+                 input=json.dumps(pod("probe", labelled=labelled)))
+    return [c["name"] for c in json.loads(cp.stdout)["spec"]["containers"]]
+
+
+@pytest.fixture(scope="module")
+def manager(cli_env: dict):
+    # A leftover install from an interrupted run would make "uninstall leaves nothing" meaningless.
+    tpenv("manager", "uninstall", env=cli_env)
+    wait_until("namespace tpenv gone before install",
+               lambda: kubectl("get", "namespace", "tpenv", check=False).returncode != 0, 120)
+    cp = tpenv("manager", "install", env=cli_env)
+    assert cp.returncode == 0, cp.stderr
+    yield cp
+    tpenv("manager", "uninstall", env=cli_env)
+
+
+# --- stage 1: install, and the webhook answers ----------------------------------------------------
+
+def test_install_brings_the_webhook_up(manager, namespace, cli_env):
+    assert "team mode off" in manager.stdout
+    kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
+    # Ready pod is not enough: the API server must reach it through the Service with our caBundle.
+    wait_until("the webhook to inject a dry-run pod", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
+    cm = kubectl_json("get", "configmap", "tpenv-manager", ns="tpenv")
+    assert cm["data"]["team_mode"] == "false"
+
+
+# --- stage 2: a labelled Deployment's pods get the agent -------------------------------------------
+
+def test_labelled_deployment_pod_gets_the_agent(manager, namespace, cli_env, agent_image):
+    wait_until("the webhook", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
+    template = pod("web", labelled=True)
+    apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": template["metadata"]["labels"]}, "spec": template["spec"]}}},
+          ns=namespace)
+    pods = wait_until("a pod of deployment web",
+                      lambda: kubectl_json("get", "pods", "-l", "app=web", ns=namespace)["items"], 60)
+    spec = pods[0]["spec"]
+    names = [c["name"] for c in spec["containers"]]
+    assert names == ["echo", "tpenv-agent"]
+    app, agent = spec["containers"]
+    assert app["ports"][0]["name"] == "tpx-http"
+    assert agent["image"] == agent_image[0] and agent["imagePullPolicy"] == agent_image[1]
+    assert agent["command"] == ["tpenv-agent"]
+    assert agent["args"] == ["sidecar", "--container", "echo", "--listen", "7900:8080:http",
+                             "--ssh", "127.0.0.1:7922", "--health", "0.0.0.0:7921", "--auth-dir", "/tpenv/auth",
+                             "--mounts", "/tpenv/mounts", "--lease", "5"]
+    assert {"name": "GREETING", "value": "hi"} in agent["env"]
+    assert pods[0]["metadata"]["labels"]["tpenv.io/agent"] == "injected"
+    # The manager's one side effect: the namespace's auth Secret, with protocol §2's keys.
+    wait_until("Secret tpenv-auth made by the manager",
+               lambda: kubectl("get", "secret", "tpenv-auth", ns=namespace, check=False).returncode == 0, 30)
+    secret = kubectl_json("get", "secret", "tpenv-auth", ns=namespace)
+    assert set(secret["data"]) == {"ca_key", "ca.pub", "host_key", "host_key.pub"}
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tpenv"
+    # With the Secret there, the pod runs: app and agent both ready.
+    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=namespace, timeout=140)
+
+
+# --- stage 3: everything else is left alone ----------------------------------------------------------
+
+def test_unlabelled_pods_are_not_injected(manager, namespace):
+    wait_until("the webhook", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
+    assert dry_run_containers(namespace, labelled=False) == ["echo"]
+
+
+# --- stage 4: uninstall leaves nothing behind --------------------------------------------------------
+
+def test_uninstall_removes_every_object(manager, cli_env):
+    cp = tpenv("manager", "uninstall", env=cli_env)
+    assert cp.returncode == 0, cp.stderr
+    assert "MutatingWebhookConfiguration/tpenv-agent-injector" in cp.stdout
+
+    def gone() -> bool:
+        for resource, ns in INSTALLED:
+            if kubectl("get", resource, *(["-n", ns] if ns else []), check=False).returncode == 0:
+                return False
+        return True
+
+    wait_until("every manager object deleted", gone, 180)
+    again = tpenv("manager", "uninstall", env=cli_env)
+    assert again.returncode == 0 and "not installed" in again.stdout

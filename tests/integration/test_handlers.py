@@ -14,7 +14,7 @@ import pytest
 from tpenv.engine.handlers import HandlerSpec
 from tpenv.engine.units import State, UnitEvent
 from tpenv.engine.watcher import FileWatcher, glob_to_regex
-from tpenv.errors import MissingTool
+from tpenv.errors import MissingTool, NotFound
 from tpenv.kits.procs import ProcessGroup, setpriv_prefix, wait_gone
 
 PY = sys.executable
@@ -135,6 +135,11 @@ async def test_ignoring_sigint_gets_term_then_kill(tmp_path, ignore_term, code):
 async def test_missing_program_is_a_clear_error(tmp_path):
     with pytest.raises(MissingTool, match="no-such-program"):
         await ProcessGroup(["no-such-program-xyz"], cwd=tmp_path).start()
+
+
+async def test_missing_cwd_is_a_clear_error(tmp_path):
+    with pytest.raises(NotFound, match="does not exist"):
+        await ProcessGroup([PY, "-c", "pass"], cwd=tmp_path / "nowhere").start()
 
 
 async def test_output_is_relayed_line_by_line_even_without_a_final_newline(tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tpenv.engine.statusd import StatusServer, find_sessions, request_down, request_status
-from tpenv.errors import NotFound
+from tpenv.errors import NotFound, UsageError
 
 WAIT = 20.0
 pytestmark = pytest.mark.timeout(60)
@@ -93,3 +93,10 @@ async def test_files_of_dead_sessions_are_ignored_and_removed(tmp_path):
 async def test_no_session_is_a_clear_error(tmp_path):
     with pytest.raises(NotFound, match="not running"):
         await request_down(tmp_path / "nobody.sock")
+
+
+async def test_unwritable_state_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UsageError, match="cannot publish"):
+        await server(blocker / "sessions").start()

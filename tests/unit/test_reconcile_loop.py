@@ -274,3 +274,14 @@ async def test_stop_interrupts_a_slow_start(world, desired):
     async with rec:
         assert await rec.wait_until(lambda r: H in r.running, WAIT)
     assert rec.running == {}  # the stop did not wait for the start to finish
+
+
+async def test_events_from_another_thread_wake_the_loop(world, desired):
+    import threading
+
+    async with fast(desired) as rec:
+        assert await rec.wait_until(all_ready(T, I, H), WAIT)
+        desired.set(desired.spec(T), desired.spec(I, deps=[T]))
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=rec.notify_threadsafe, args=(UnitEvent("kube"), loop)).start()
+        assert await rec.wait_until(lambda r: H not in r.running, WAIT)

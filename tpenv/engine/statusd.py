@@ -103,6 +103,14 @@ class StatusServer:
         self._closed = False
 
     async def start(self) -> None:
+        try:
+            await self._publish()
+        except OSError as e:
+            await self.stop()
+            raise UsageError(f"cannot publish the session in {self.state_dir}: {e.strerror or e}",
+                             hint="set TPENV_SESSION_STATE_DIR to a writable directory") from e
+
+    async def _publish(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sock = Path(self.info.socket)
         sock.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 
-from tpenv.errors import MissingTool
+from tpenv.errors import MissingTool, NotFound
 from tpenv.kits.aio import unit_logger
 
 PR_SET_PDEATHSIG = 1
@@ -141,6 +141,8 @@ class ProcessGroup:
 
     def _check_program(self) -> None:
         # Through setpriv a missing program would only show as exit code 127; say it plainly.
+        if self.cwd is not None and not os.path.isdir(self.cwd):
+            raise NotFound(f"working directory {os.fspath(self.cwd)!r} does not exist", hint="check run.cwd")
         prog = self.argv[0]
         path = (self.env or os.environ).get("PATH", os.defpath)
         if "/" in prog:

@@ -93,6 +93,11 @@ def state_of(rec, key):
     return None
 
 
+def hash_of(rec, key):
+    unit = rec.running.get(key)
+    return unit.spec_hash if unit is not None else None
+
+
 def all_ready(*keys):
     return lambda rec: all((s := state_of(rec, k)) and s["state"] == "ready" for k in keys)
 
@@ -135,7 +140,7 @@ async def test_spec_change_restarts_only_that_unit(world, desired):
         world.journal.clear()
         desired.set(desired.spec(T), desired.spec(I, deps=[T]), desired.spec(H, "2"))
         rec.notify(UnitEvent("config"))
-        assert await rec.wait_until(lambda r: r.running[H].spec_hash == "2", WAIT)
+        assert await rec.wait_until(lambda r: hash_of(r, H) == "2" and all_ready(H)(r), WAIT)
         assert world.journal == [("stop", H), ("start", H)]
 
 
@@ -145,7 +150,7 @@ async def test_dependency_change_restarts_its_dependents_around_it(world, desire
         world.journal.clear()
         desired.set(desired.spec(T, "2"), desired.spec(I, deps=[T]), desired.spec(H))
         rec.notify(UnitEvent("kube"))
-        assert await rec.wait_until(lambda r: r.running[T].spec_hash == "2" and all_ready(I)(r), WAIT)
+        assert await rec.wait_until(lambda r: hash_of(r, T) == "2" and all_ready(T, I)(r), WAIT)
         assert world.journal == [("stop", I), ("stop", T), ("start", T), ("start", I)]
 
 
@@ -225,7 +230,7 @@ async def test_late_failure_of_a_replaced_unit_is_ignored(world, desired):
         old = world.units[H]
         desired.set(desired.spec(T), desired.spec(I, deps=[T]), desired.spec(H, "2"))
         rec.notify(UnitEvent("config"))
-        assert await rec.wait_until(lambda r: r.running[H].spec_hash == "2", WAIT)
+        assert await rec.wait_until(lambda r: hash_of(r, H) == "2" and all_ready(H)(r), WAIT)
         world.journal.clear()
         before = rec.passes
         old.notify(UnitEvent("unit_failed", error="old news"))

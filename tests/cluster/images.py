@@ -8,7 +8,8 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
     registry.k8s.io/pause:3.10   pause.c, gcc -static
     (shared base layer)          Debian bookworm minbase + python3, curl, ca-certificates (debootstrap)
     tpenv/testapp:dev            base + h2, grpcio + tests/cluster/apps (tpenv-echo, tpenv-get)
-    tpenv/agent:<version>, :dev  base + asyncssh, cryptography, h2 + agent/tpenv_agent
+    tpenv/agent:<version>        base + asyncssh, cryptography, h2 + agent/tpenv_agent
+      (also :dev and :0.1.0)     version = <project version>-<hash of the agent sources>
 
     python3 tests/cluster/images.py build     build (or reuse) every image, print the tarballs
     python3 tests/cluster/images.py import [--address SOCK]
@@ -518,7 +519,10 @@ def build_agent(log=print) -> Path:
         [base, site, layer], entrypoint=["tpenv-agent"], env=AGENT_ENV,
         labels={"io.tpenv.agent.version": agent_version()},
     )
-    return _cached_image([agent_image_ref(), "tpenv/agent:dev"], [base, site, layer], cfg, log, t0)
+    # Also tagged :dev (tpenv's settings default) and :<project version> (the injector's
+    # default), so every default resolves on the local cluster to this build.
+    names = [agent_image_ref(), "tpenv/agent:dev", f"tpenv/agent:{project_version()}"]
+    return _cached_image(names, [base, site, layer], cfg, log, t0)
 
 
 # --- build and import ------------------------------------------------------------------

@@ -93,7 +93,9 @@ def test_build_all_images_are_in_containerd(built, containerd):
     for path in built:
         for name, digest in images.image_names(path).items():
             assert have.get(name) == digest, f"{name} not imported (or another digest)"
-    assert images.agent_image_ref() in have and "tpenv/agent:dev" in have
+    agent = have[images.agent_image_ref()]
+    for alias in ["tpenv/agent:dev", f"tpenv/agent:{images.project_version()}", "docker.io/tpenv/agent:dev"]:
+        assert have.get(alias) == agent, alias
     assert images.PAUSE_REF in have
 
 

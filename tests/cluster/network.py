@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -93,12 +95,15 @@ def check() -> list[str]:
     return problems
 
 
-def _flush_chains(table: str, prefixes: tuple[str, ...]) -> None:
+def _flush_chains(table: str, prefixes: tuple[str, ...], ip6: bool = False) -> None:
     """Remove the jumps to, then the chains named with ``prefixes`` in ``table``."""
+    def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run(["ip6tables" if ip6 else "iptables", "-w", *args], check=check, quiet=True)
+
     rules = _ipt("-t", table, "-S", check=False).stdout.splitlines()
     chains = [r.split()[1] for r in rules if r.startswith("-N ") and r.split()[1].startswith(prefixes)]
     for r in rules:
-        parts = r.split()
+        parts = shlex.split(r)  # comments are quoted and contain spaces
         if parts[0] == "-A" and "-j" in parts and parts[parts.index("-j") + 1] in chains \
                 and not parts[1].startswith(prefixes):
             _ipt("-t", table, "-D", *parts[1:], check=False)
@@ -111,6 +116,10 @@ def _flush_chains(table: str, prefixes: tuple[str, ...]) -> None:
 def teardown() -> None:
     for table in ("filter", "nat", "mangle"):
         _flush_chains(table, ("KUBE-", "CNI-", "TPENV-"))
+    # kube-proxy also writes IPv6 chains when the host has IPv6.
+    if shutil.which("ip6tables"):
+        for table in ("filter", "nat", "mangle"):
+            _flush_chains(table, ("KUBE-",), ip6=True)
     for cidr in (POD_CIDR, SERVICE_CIDR):
         _ip("route", "del", "unreachable", cidr, check=False)
     # Pods' veths go with the bridge.

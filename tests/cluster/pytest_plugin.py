@@ -98,14 +98,29 @@ def wait_until(what: str, fn: Callable[[], Any], timeout: float = 60, interval: 
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})", pytrace=False)
 
 
+def cluster_command(*args: str) -> int:
+    """`cluster up|down|status` in a child process (as a user would type it), output to the terminal.
+
+    A child, not an in-process call: the daemons it starts are not our children then, and
+    outlive the test session cleanly.
+    """
+    return subprocess.run([sys.executable, str(_CLUSTER_DIR / "cli.py"), *args]).returncode
+
+
 # ---------------------------------------------------------------- fixtures
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests in test_zz_*.py files (the cluster down/up test) run after everything else,
+    whatever the order of testpaths: they take the cluster away for a while."""
+    items.sort(key=lambda item: Path(str(item.fspath)).name.startswith("test_zz_"))
+
 
 @pytest.fixture(scope="session")
 def kubeconfig() -> Path:
     given = os.environ.get("KUBECONFIG")
     if given:
         return Path(given.split(os.pathsep)[0])
-    rc = _cluster_cli.main(["up"])
+    rc = cluster_command("up")
     if rc != 0:
         pytest.fail(f"the local cluster did not come up (`cluster up` exit {rc}); see the `cluster:` lines "
                     f"above, `python3 devspace.py cluster status` and {_cluster_cli.state_dir() / 'logs'}",

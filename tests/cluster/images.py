@@ -231,10 +231,12 @@ def base_rootfs(log=print) -> Path:
     tmp = tempfile.mkdtemp(prefix="tpenv-rootfs-", dir=cache_dir())
     try:
         root = Path(tmp) / "root"
-        r = subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), SUITE, str(root), mirror],
-            capture_output=True, text=True,
-        )
+        cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), SUITE, str(root), mirror]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:  # once more from scratch: a mirror hiccup should not fail a cold CI run
+            log(f"images: debootstrap failed (exit {r.returncode}), retrying once")
+            _remove_tree(root)
+            r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"debootstrap failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}")
         if _mounts_under(root):
@@ -528,9 +530,26 @@ def build_agent(log=print) -> Path:
 # --- build and import ------------------------------------------------------------------
 
 
+# Debian packages the builders call: debootstrap, gcc with glibc's static libc, strip.
+BUILD_PACKAGES = ["debootstrap", "gcc", "libc6-dev", "binutils"]
+
+
+def _ensure_tools() -> None:
+    """Install the builders' Debian packages when one is missing (through the cluster's packages.py)."""
+    have = all(shutil.which(t) for t in ("debootstrap", "gcc", "strip", "tar"))
+    if have and Path("/usr/lib/x86_64-linux-gnu/libc.a").exists():
+        return
+    try:
+        import packages  # tests/cluster/packages.py: apt-get install when missing
+    except ImportError:
+        raise RuntimeError(f"install the Debian packages {' '.join(BUILD_PACKAGES)} to build the images") from None
+    packages.ensure(BUILD_PACKAGES)
+
+
 @_locked
 def build_all(log=print) -> list[Path]:
     """Build (or reuse from the cache) every image; return the OCI tarballs, pause first."""
+    _ensure_tools()
     return [build_pause(log), build_testapp(log), build_agent(log)]
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def containerd(kubeconfig: Path) -> str:
-    if Path(kubeconfig) != components.kubeconfig_path():
+    if Path(kubeconfig).resolve() != components.kubeconfig_path().resolve():
         pytest.skip("ctr needs the local cluster's containerd; KUBECONFIG points at another cluster")
     return str(components.containerd_address())
 

@@ -358,11 +358,22 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
 
     sp = _service_port(svc, port)
     target = _port_int(sp.get("targetPort", sp["port"]))
-    record = _read(wl, ANN_RESTORE) or {"v": 1, "container": None, "ports": [], "created": []}
+    record = _read(wl, ANN_RESTORE)
+    if record is None:
+        if any(c.get("name") == AGENT_CONTAINER for c in tpl["spec"]["containers"]):
+            raise InjectError(f"{where} has a {AGENT_CONTAINER} container but no {ANN_RESTORE} annotation, so "
+                              f"tpenv cannot tell what it changed; remove that container by hand and inject again")
+        record = {"v": 1, "container": None, "ports": [], "created": []}
     name = _agent_port_name(target)
     wl_changed = not any(e["name"] == name for e in record["ports"])
     if wl_changed:
-        app = _pick_container(tpl["spec"], target, container or record["container"], where)
+        try:
+            app = _pick_container(tpl["spec"], target, container, where)
+        except InjectError:
+            if container or not record["container"] or isinstance(target, str):
+                raise
+            # An undeclared numeric port on a pod of several containers: the served one is the guess.
+            app = _pick_container(tpl["spec"], target, record["container"], where)
         if record["container"] not in (None, app["name"]):
             raise InjectError(f"the agent in {where} already serves container {record['container']!r}; "
                               f"port {port!r} belongs to {app['name']!r}: one agent serves one container")

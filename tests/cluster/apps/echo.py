@@ -123,6 +123,7 @@ async def serve_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
     import h2.config
     import h2.connection
     import h2.events
+    import h2.exceptions
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
     conn.initiate_connection()
@@ -145,6 +146,12 @@ async def serve_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         del pending[sid]
 
     async def respond(sid: int, req: dict) -> None:
+        try:
+            await answer_stream(sid, req)
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError, ConnectionError):
+            pass  # the caller reset the stream or went away while we slept
+
+    async def answer_stream(sid: int, req: dict) -> None:
         h = req["headers"]
         method, path = h.pop(":method", "GET"), h.pop(":path", "/")
         if ":authority" in h:

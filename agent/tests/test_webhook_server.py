@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def manager(tmp_path):
     tls = _cert(tmp_path)
     port_file = tmp_path / "port"
     proc = _start(["--tls-dir", str(tls), "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                   "--agent-image", "tpenv/agent:e2e", "--agent-pull-policy", "Never"])
+                   "--agent-image", "tpenv/agent:e2e", "--agent-pull-policy", "Never", "--idle-timeout", "1"])
     deadline = time.monotonic() + 20
     while not (port_file.exists() and port_file.read_text().strip()):
         assert proc.poll() is None, proc.stderr.read()
@@ -131,6 +132,15 @@ def test_bad_requests_get_http_errors(manager):
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
     conn.request("GET", "/elsewhere")
     assert conn.getresponse().status == 404
+
+
+def test_idle_connections_are_closed(manager):
+    _, port, ctx = manager
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            started = time.monotonic()
+            assert tls.recv(1) == b""  # the server closed it, without a request
+            assert 0.5 < time.monotonic() - started < 8
 
 
 # --- stage 3: lifecycle -------------------------------------------------------------------------

@@ -41,6 +41,9 @@ log = logging.getLogger("tpenv_agent.manager")
 MAX_BODY = 8 * 1024 * 1024  # AdmissionReviews of big pods stay well under this
 HEADER_LIMIT = 100
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# The API server keeps idle connections for reuse; a bound on idleness (and on a slow sender)
+# keeps a stuck or hostile client from holding a connection forever.
+IDLE_TIMEOUT = 120.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--agent-image", default=os.environ.get("TPENV_AGENT_IMAGE") or defaults["agent_image"])
     p.add_argument("--agent-pull-policy", default=defaults["image_pull_policy"])
     p.add_argument("--lease", type=int, default=defaults["lease"])
+    p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                   help="seconds a connection may sit between requests before it is closed")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv[1:] if argv[:1] == ["manager"] else argv)
 
@@ -88,8 +93,9 @@ def _response(status: int, reason: str, body: bytes, ctype: str, close: bool) ->
 
 
 class Manager:
-    def __init__(self, settings: dict) -> None:
+    def __init__(self, settings: dict, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.settings = settings
+        self.idle_timeout = idle_timeout
         self.ready_namespaces: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
 
@@ -114,7 +120,7 @@ class Manager:
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                request = await _read_request(reader)
+                request = await asyncio.wait_for(_read_request(reader), self.idle_timeout)
                 if request is None:
                     break
                 method, path, headers, body = request
@@ -124,7 +130,7 @@ class Manager:
                 await writer.drain()
                 if close:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError) as e:
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError, TimeoutError) as e:
             log.debug("[webhook/conn] dropped: %s", type(e).__name__)
         finally:
             writer.close()
@@ -218,7 +224,7 @@ async def run_manager(argv: list[str]) -> int:
         print(f"tpenv-agent manager: cannot load tls.crt/tls.key from {args.tls_dir}: {e}", file=sys.stderr)
         return 2
     host, _, port = args.listen.rpartition(":")
-    manager = Manager(settings)
+    manager = Manager(settings, args.idle_timeout)
     server = await asyncio.start_server(manager.serve_connection, host.strip("[]") or None, int(port), ssl=ctx)
     bound = server.sockets[0].getsockname()[1]
     if args.port_file:

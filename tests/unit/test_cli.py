@@ -215,3 +215,12 @@ def test_emit_formats(output, parse, capsys):
         assert parse(out.getvalue()) == {"z": [1, "/x"], "a": 2}
     else:
         assert out.getvalue() == "z:\n- 1\n- /x\na: 2\n"  # the verb's order, not sorted
+
+
+def test_a_verb_that_fails_to_import_only_breaks_itself(capsys):
+    import tpenv.cli.main as cli_main
+
+    broken = cli_main._BrokenVerb("up", ImportError("no module named kubernetes"))
+    assert "unavailable: ImportError" in broken.HELP
+    assert run_verb(broken, args_for()) == EXIT_INTERNAL
+    assert capsys.readouterr().err.startswith("tpenv: internal error: ImportError: no module named kubernetes\n")

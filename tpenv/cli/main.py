@@ -24,8 +24,25 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_INTERRUPTED = 130
 
 
-def verb_module(name: str) -> ModuleType:
-    return importlib.import_module(f"tpenv.cli.verbs.{name}")
+class _BrokenVerb:
+    """Stands in for a verb module that fails to import: that verb exits 70, the others still work."""
+
+    def __init__(self, name: str, exc: Exception) -> None:
+        self.name, self.exc = name, exc
+        self.HELP = f"(unavailable: {type(exc).__name__}: {exc})"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    async def run(self, args: argparse.Namespace, ctx: CliContext) -> int:
+        raise self.exc
+
+
+def verb_module(name: str) -> ModuleType | _BrokenVerb:
+    try:
+        return importlib.import_module(f"tpenv.cli.verbs.{name}")
+    except Exception as e:  # a bug in one verb's module (or its imports) must not take down `tpenv validate`
+        return _BrokenVerb(name, e)
 
 
 def _common_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:

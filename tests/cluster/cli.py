@@ -11,6 +11,8 @@ Standard library only: this runs before any virtualenv exists. See docs/cluster.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -48,14 +50,30 @@ def _ensure(d: Daemons, c: Component) -> bool:
     fp_file = d.pids / f"{c.name}.fingerprint"
     fp = c.fingerprint()
     if d.pid(c.name) is not None:
-        if fp_file.exists() and fp_file.read_text() == fp:
+        if not (fp_file.exists() and fp_file.read_text() == fp):
+            say(f"{c.name}: settings changed, restarting")
+        elif _healthy_within(c, 10):
             return False
-        say(f"{c.name}: settings changed, restarting")
+        else:
+            say(f"{c.name}: running but not healthy for 10s, restarting")
         d.stop(c.name)
     say(f"starting {c.name}")
     d.start(c.name, c.cmd)
     fp_file.write_text(fp)
     return True
+
+
+def _healthy_within(c: Component, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if c.healthy():
+                return True
+        except Exception:  # noqa: BLE001 - not healthy
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
 
 
 def _wait_healthy(d: Daemons, c: Component) -> None:
@@ -274,6 +292,20 @@ def images_cmd(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _exclusive():
+    """One up/down at a time: several test sessions on this machine may call `up` together."""
+    lock = state_dir() / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another `cluster up/down` is running; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 COMMANDS = {"up": up, "down": down, "env": env, "status": status, "images": images_cmd}
 
 
@@ -282,6 +314,9 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 2
     try:
+        if argv[0] in ("up", "down", "images"):
+            with _exclusive():
+                return COMMANDS[argv[0]](argv[1:]) or 0
         return COMMANDS[argv[0]](argv[1:]) or 0
     except (RuntimeError, subprocess.CalledProcessError) as e:
         say(f"FAILED: {e}")

@@ -15,10 +15,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from tpenv.config.models import Intercept, compile_template
+from tpenv.config.models import ENV_FORMATS, Intercept, compile_template
 from tpenv.errors import ConfigError, PermanentError, Problem, UsageError
 
-FORMATS = ("docker", "sh", "json", "compose")
+FORMATS = ENV_FORMATS
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

@@ -46,17 +46,17 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
 
 # --- small validated strings --------------------------------------------------------------------------------------
 
-def _dns_label(what: str):
-    def check(value: str) -> str:
-        if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
-            raise _fail(f"{value!r} is not a valid {what}: lowercase letters, digits and '-', at most 63 characters")
-        return value
-    return AfterValidator(check)
-
-
 def is_dns_label(value: str) -> bool:
     """A valid Kubernetes namespace (or service) name."""
     return len(value) <= 63 and bool(_DNS_LABEL.fullmatch(value))
+
+
+def _dns_label(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not is_dns_label(value):
+            raise _fail(f"{value!r} is not a valid {what}: lowercase letters, digits and '-', at most 63 characters")
+        return value
+    return AfterValidator(check)
 
 
 def _env_name(value: str) -> str:

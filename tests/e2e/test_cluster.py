@@ -116,6 +116,16 @@ def test_service_answers_by_short_name_fqdn_and_cluster_ip_from_both_replicas(ec
     assert seen == pods
 
 
+def test_pods_reach_the_api_server_as_kubernetes_default_with_their_token(echo):
+    # In-cluster clients (tpenv's manager, the agents) use this path: DNS name, ClusterIP
+    # 10.96.0.1 DNATed to the API server on the host, the SA token and the cluster CA.
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    script = (f'curl -sSf --max-time 5 --cacert {sa}/ca.crt -H "Authorization: Bearer $(cat {sa}/token)" '
+              f'https://kubernetes.default.svc/version')
+    version = json.loads(kubectl("exec", "client", "--", "sh", "-c", script, ns=echo).stdout)
+    assert version["major"] == "1"
+
+
 # ---------------------------------------------------------------- 3. port-forward, exec, logs
 
 def test_port_forward_exec_and_logs(echo):

@@ -55,7 +55,7 @@ def setup() -> None:
     for cidr in (POD_CIDR, SERVICE_CIDR):
         _ip("route", "replace", "unreachable", cidr)
     # Same-bridge Service traffic must see conntrack; the host routes between pods.
-    if not Path("/proc/sys/net/bridge").exists():
+    if not Path("/proc/sys/net/bridge").exists() and shutil.which("modprobe"):
         run(["modprobe", "br_netfilter"], check=False, quiet=True)
     _sysctl("net.bridge.bridge-nf-call-iptables", "1")
     _sysctl("net.ipv4.ip_forward", "1")

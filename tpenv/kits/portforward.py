@@ -230,6 +230,8 @@ class PortForwardTransport(asyncio.Transport):
                 if not payload:
                     continue
                 if channel == DATA:
+                    if self._closing:
+                        continue  # like a socket transport: no data_received after close()
                     self._protocol.data_received(payload)  # type: ignore[attr-defined]
                 elif channel == ERROR:
                     self._error_text += payload.decode("utf-8", "replace")

@@ -1,18 +1,45 @@
-"""tpenv intercept: stub until issue 5 replaces this file."""
+"""tpenv intercept: a workload port's traffic to a local port, with the app's env and volumes.
+
+A one-unit run of the reconciler machinery (tpenv.engine.intercepts.InterceptRun): inject the
+agent if needed, keep a tunnel to every ready replica, read the env and mount the volumes, then
+run ``-- CMD ARGS`` with that env (the intercept ends when it exits) or hold until Ctrl-C or
+``tpenv leave NAME`` from another shell.
+"""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
 
-from tpenv.errors import NotBuiltYet
+from pydantic import ValidationError
+
+from tpenv.config.env import write_env_file
+from tpenv.config.models import Intercept
+from tpenv.engine.intercepts import InterceptRun
+from tpenv.engine.session import publish_session
+from tpenv.errors import UsageError
+from tpenv.kits.kube import Kube
 
 HELP = "Send a workload port's traffic (all of it, or matching HTTP requests) to a local port."
+
+# Variables of this machine a local command needs to run at all; the pod's values would break it.
+KEEP_LOCAL = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TMPDIR", "LANG", "DISPLAY",
+              "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "VIRTUAL_ENV", "PYTHONPATH")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", metavar="WORKLOAD",
                         help="NAME, deployment/NAME, statefulset/NAME or replicaset/NAME")
-    parser.add_argument("--port", metavar="L[:R]", help="local port, and the service port (name or number) taken over")
+    parser.add_argument("--port", metavar="L[:R]", default="8080",
+                        help="local port, and the service port (name or number) taken over (default: 8080)")
+    parser.add_argument("--name", metavar="NAME", help="name of the intercept (default: the workload's name)")
     parser.add_argument("--service", metavar="NAME", help="the service, when several select the workload")
+    parser.add_argument("--container", metavar="NAME", help="the app container, when the port leaves a doubt")
     parser.add_argument("--http-header", action="append", default=[], metavar="K=V",
                         help="only requests whose header K matches regex V (repeatable); 'auto': your personal header")
     path = parser.add_mutually_exclusive_group()
@@ -25,10 +52,152 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-json", metavar="F", help="write the app's environment to F as JSON")
     parser.add_argument("--mount", metavar="DIR|true|false", default="true",
                         help="mount the app's volumes at DIR (true: a temporary directory; false: no mount)")
-    parser.add_argument("--docker-run", action="store_true", help="CMD is `docker run` arguments; tpenv adds the env")
+    parser.add_argument("--docker-run", action="store_true",
+                        help="the command is `IMAGE ARGS`: run it with `docker run`, the env file, mounts and port")
+    parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the tunnels once the agent runs (default: 60)")
     parser.add_argument("command", nargs="*", metavar="-- CMD ARGS",
                         help="run CMD with the intercept's env; the intercept ends when it exits")
 
 
+def build_intercept(args: argparse.Namespace) -> Intercept:
+    """The config model of this intercept, from the flags; UsageError naming the bad flag."""
+    match: dict | None = None
+    headers: dict[str, str] | str | None = None
+    for h in args.http_header:
+        if h == "auto":
+            headers = "auto"
+            continue
+        key, sep, value = h.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--http-header {h!r}: expected K=V (V a regex) or 'auto'")
+        if headers == "auto":
+            raise UsageError("--http-header auto cannot be combined with other headers")
+        headers = {**(headers or {}), key: value}
+    path = {k: v for k, v in (("path_prefix", args.http_path_prefix), ("path_equal", args.http_path_equal),
+                              ("path_regex", args.http_path_regex)) if v is not None}
+    if headers is not None or path:
+        match = {"headers": headers, **path}
+    mount: bool | str = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount)
+    data = {"workload": args.workload, "port": args.port, "match": match, "mount": mount,
+            "env": {"file": args.env_file, "format": args.env_syntax}}
+    if args.name:
+        data["name"] = args.name
+    if args.service:
+        data["service"] = args.service
+    try:
+        return Intercept.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'intercept'}: {err['msg']}" for err in e.errors())
+        raise UsageError(f"bad intercept flags: {problems}") from None
+
+
+def describe_text(d: dict) -> str:
+    rows = [("Intercept name", d["name"]), ("State", d["state"]), ("Workload kind", d["workload_kind"]),
+            ("Destination", d["destination"]), ("Service Port Identifier", d["service_port"]),
+            ("Volume Mount Point", d["mount_point"] or "(none)"), ("Intercepting", intercepting_text(d["match"]))]
+    width = max(len(k) for k, _ in rows)
+    return "intercepted\n" + "\n".join(f"    {k:<{width}}: {v}" for k, v in rows)
+
+
+def intercepting_text(match: dict | None) -> str:
+    if not match:
+        return "all TCP connections"
+    parts = [f"header({k!r}) ~ /{v}/" for k, v in (match.get("headers") or {}).items()]
+    for kind, value in (match.get("path") or {}).items():
+        parts.append(f"path {kind} {value!r}")
+    return "HTTP requests that match all of: " + ", ".join(parts)
+
+
+def command_env(app_env: dict[str, str]) -> dict[str, str]:
+    env = dict(app_env)
+    for name in KEEP_LOCAL:
+        if name in os.environ:
+            env[name] = os.environ[name]
+        else:
+            env.pop(name, None)
+    return env
+
+
+def docker_argv(args: argparse.Namespace, env_file: str, mount_point: str | None, mounts: list[str],
+                local_port: int) -> list[str]:
+    argv = ["docker", "run", "--rm", "--env-file", env_file, "-p", f"{local_port}:{local_port}"]
+    if mount_point:
+        for m in mounts:
+            argv += ["-v", f"{mount_point.rstrip('/')}{m}:{m}"]
+    return argv + list(args.command)
+
+
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv intercept is not built yet (issue 5)")
+    intercept = build_intercept(args)
+    if args.docker_run and not args.command:
+        raise UsageError("--docker-run needs `-- IMAGE [ARGS]`")
+    say = (lambda text: print(text, file=sys.stderr, flush=True))
+    async with await Kube.load(context=ctx.kube_context) as kube:
+        namespace = ctx.namespace or intercept.namespace or kube.namespace
+        from tpenv.engine.statusd import new_session_id
+
+        session_id = new_session_id()
+        irun = InterceptRun(kube, intercept, namespace, session_id, ctx.settings, progress=say,
+                            env_json=args.env_json, container=args.container)
+        resolved = await irun.resolve()
+        say(f"Using {resolved.workload.kind} {resolved.workload.name}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            async with publish_session(ctx.settings, session_id, irun.snapshot, stop.set), irun:
+                waiting = asyncio.ensure_future(irun.wait_ready(args.ready_timeout))
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not waiting.done():
+                    waiting.cancel()
+                    return 130
+                waiting.result()
+                desc = irun.describe()
+                ctx.emit(describe_text(desc), desc)
+                unit = irun.env_unit()
+                assert unit is not None
+                if not args.command:
+                    await stop.wait()
+                    return 0
+                return await _run_command(args, intercept, unit, stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, stop: asyncio.Event) -> int:
+    env = command_env(unit.env)
+    tmp_env: str | None = None
+    argv = list(args.command)
+    if args.docker_run:
+        fd, tmp_env = tempfile.mkstemp(prefix="tpenv-", suffix=".env")
+        os.close(fd)
+        write_env_file(unit.env, tmp_env, "docker")
+        argv = docker_argv(args, tmp_env, str(unit.mount_point) if unit.mount_point else None, unit.mounts,
+                           intercept.port.local)
+    try:
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, env=env)
+        except OSError as e:
+            raise UsageError(f"cannot run {argv[0]!r}: {e.strerror or e}") from e
+        waiter = asyncio.ensure_future(proc.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not waiter.done():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await waiter
+        return proc.returncode if proc.returncode is not None and proc.returncode >= 0 else 128 - (proc.returncode or 0)
+    finally:
+        if tmp_env:
+            Path(tmp_env).unlink(missing_ok=True)

@@ -1,0 +1,244 @@
+"""Agents: make sure a workload's pods carry the tpenv agent for a port, and take it out again.
+
+Patch mode (docs/protocol.md §1): :func:`ensure_agent` plans the injection with
+``tpenv.engine.injection`` (pure), creates Secret ``tpenv-auth`` when missing, replaces the
+workload (with its resourceVersion: a concurrent edit fails instead of being lost), waits for
+the rollout while printing a progress line, and only then rewrites the Service's numeric
+``targetPort`` (so no caller ever hits a pod that does not have the agent's named port yet).
+
+A stalled rollout fails fast with its cause, read from the pods: an image that cannot be
+pulled, a pod the scheduler cannot place, a container that crashes, a readiness probe failing.
+
+:func:`remove_agent` is the reverse: the Service first (back to the app's port, which every pod
+still serves), then the workload, both from the ``tpenv.io/restore*`` annotations, byte for byte.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tpenv.engine.injection import plan_injection, restore_plan
+from tpenv.errors import NotFound, RolloutStalled, UsageError
+from tpenv.kits.aio import unit_logger
+from tpenv.kits.kube import Kube, What, Workload, pod_is_ready
+from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT
+
+Progress = Callable[[str], None]
+# Waiting reasons that never heal by themselves: fail at once, naming them.
+_PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+_UNSCHEDULABLE_GRACE = 15.0  # the scheduler may still place it when another pod goes away
+
+
+@dataclass
+class AgentReady:
+    workload: Workload
+    service: dict[str, Any]
+    record: dict[str, Any]  # the restore record: container, ports
+    port_name: str  # the agent port name to give the control channel's `intercept`
+    container: str  # the app container
+    rolled_out: bool  # False when the agent was already there
+
+
+def has_agent(obj: dict[str, Any]) -> bool:
+    return LABEL_AGENT in ((obj.get("metadata") or {}).get("labels") or {})
+
+
+def pod_serves(pod: dict[str, Any], port_name: str) -> bool:
+    """Whether the pod's agent container listens for ``port_name`` (``--listen A:P:NAME``)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == AGENT_CONTAINER:
+            return any(isinstance(a, str) and a.endswith(":" + port_name) for a in c.get("args") or [])
+    return False
+
+
+def service_port(service: dict[str, Any], remote: str | int | None) -> dict[str, Any]:
+    """The Service port a user means by ``remote`` (name or number; None when there is one)."""
+    ports = (service.get("spec") or {}).get("ports") or []
+    name = service["metadata"]["name"]
+    listed = ", ".join(f"{p.get('name') or '-'}={p['port']}" for p in ports) or "none"
+    if remote is None:
+        if len(ports) == 1:
+            return ports[0]
+        raise UsageError(f"Service {name!r} has several ports ({listed}); say which with --port LOCAL:REMOTE",
+                         hint=f"e.g. --port 8080:{ports[0].get('name') or ports[0]['port']}")
+    found = [p for p in ports if (p.get("name") == remote if isinstance(remote, str) else p["port"] == remote)]
+    if not found:
+        raise NotFound(f"Service {name!r} exposes no port {remote!r} (its ports: {listed})",
+                       hint="give one of its port names or numbers after the colon in --port")
+    return found[0]
+
+
+def agent_port_name(sp: dict[str, Any]) -> str:
+    """The agent's port name for a Service port (protocol §1): the named targetPort, or tpenv-<n>."""
+    target = sp.get("targetPort", sp["port"])
+    if isinstance(target, str) and not target.isdigit():
+        return target
+    return f"tpenv-{int(target)}"
+
+
+async def pick_service(kube: Kube, w: Workload, name: str | None) -> dict[str, Any]:
+    services = await kube.services_for(w)
+    if name:
+        chosen = [s for s in services if s["metadata"]["name"] == name]
+        if not chosen:
+            names = ", ".join(s["metadata"]["name"] for s in services) or "none"
+            raise NotFound(f"Service {name!r} does not select {w.ref} in {w.namespace!r} (Services that do: {names})")
+        return chosen[0]
+    if not services:
+        raise NotFound(f"no Service in namespace {w.namespace!r} selects {w.ref}",
+                       hint="intercepts take over a Service port: expose the workload (kubectl expose) first")
+    if len(services) > 1:
+        names = ", ".join(s["metadata"]["name"] for s in services)
+        raise UsageError(f"several Services select {w.ref} ({names}); pick one with --service NAME")
+    return services[0]
+
+
+async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], settings: Any, *,
+                       progress: Progress | None = None, container: str | None = None) -> AgentReady:
+    """Inject the agent for Service port ``sp`` unless it is there; wait until the pods run it."""
+    log = unit_logger("agent", f"{w.namespace}/{w.name}")
+    say = progress or (lambda text: log.info("%s", text))
+    port_name = agent_port_name(sp)
+    secret_exists = await _secret_exists(kube, w.namespace)
+    port_key = sp.get("name") or sp["port"]
+    plan = plan_injection(w.obj, service, port_key, settings, container=container, auth_secret_exists=secret_exists)
+    rolled_out = False
+    if plan.workload_changed:
+        if not secret_exists:
+            from tpenv.engine.tunnels import ensure_auth_material
+
+            await ensure_auth_material(kube, w.namespace)
+        say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
+        w = await kube.replace_workload(w, plan.workload)
+        rolled_out = True
+    timeout = float(getattr(getattr(settings, "kube", None), "rollout_timeout", 120.0))
+    w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
+    if plan.service is not None:
+        await kube.call(kube.core.replace_namespaced_service, service["metadata"]["name"], w.namespace,
+                        plan.service, what=What("update", "services", w.namespace, service["metadata"]["name"]))
+        service = plan.service
+    return AgentReady(w, service, plan.record, port_name, plan.record["container"], rolled_out)
+
+
+async def _secret_exists(kube: Kube, namespace: str) -> bool:
+    try:
+        await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace,
+                        what=What("get", "secrets", namespace, AUTH_SECRET))
+    except NotFound:
+        return False
+    return True
+
+
+def _stall_cause(pod: dict[str, Any], now: float, since: float) -> str | None:
+    """Why this pod will not become ready by itself, or None while it may still."""
+    name = pod["metadata"]["name"]
+    status = pod.get("status") or {}
+    for cs in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in _PULL_FAILURES:
+            return (f"image pull failed for container {cs['name']!r} of pod {name} ({reason}: "
+                    f"{waiting.get('message') or cs.get('image')}); is the image {cs.get('image')!r} available "
+                    f"to the cluster? (setting agent.image / agent.image_pull_policy)")
+        if reason == "CrashLoopBackOff":
+            term = (cs.get("lastState") or {}).get("terminated") or {}
+            return (f"container {cs['name']!r} of pod {name} keeps crashing (exit {term.get('exitCode', '?')}, "
+                    f"{term.get('reason', '')}); see: kubectl logs {name} -c {cs['name']} --previous")
+        if reason in ("CreateContainerConfigError", "CreateContainerError"):
+            return f"container {cs['name']!r} of pod {name} cannot be created ({reason}: {waiting.get('message', '')})"
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                and cond.get("reason") == "Unschedulable" and now - since > _UNSCHEDULABLE_GRACE:
+            return f"pod {name} cannot be scheduled: {cond.get('message', '')}"
+    return None
+
+
+def _readiness_cause(pods: list[dict[str, Any]]) -> str:
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if not cs.get("ready") and "running" in (cs.get("state") or {}):
+                return (f"container {cs['name']!r} of pod {pod['metadata']['name']} runs but is not ready "
+                        f"(readiness probe failing); see: kubectl describe pod {pod['metadata']['name']}")
+    return "no pod became ready"
+
+
+async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: float,
+                       progress: Progress) -> Workload:
+    """Until every replica is a ready pod whose agent serves ``port_name`` and no pod without it is
+    left (terminating ones aside); driven by the pod watch, with the stall cause on failure."""
+    started = time.monotonic()
+    pods: dict[str, dict[str, Any]] = {}
+    last_line = ""
+
+    def replicas() -> int:
+        spec = w.obj.get("spec") or {}
+        return int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1)
+
+    def done() -> bool:
+        live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
+        good = [p for p in live if pod_serves(p, port_name) and pod_is_ready(p)]
+        stale = [p for p in live if not pod_serves(p, port_name)]
+        return len(good) >= replicas() and not stale
+
+    def line() -> str:
+        live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
+        good = sum(1 for p in live if pod_serves(p, port_name) and pod_is_ready(p))
+        return f"Waiting for {w.ref}: {good}/{replicas()} pods ready with the agent"
+
+    try:
+        async with asyncio.timeout(timeout):
+            async with kube.watch(kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
+                                  what=What("watch", "pods", w.namespace)) as events:
+                async for kind, pod in events:
+                    if kind == "DELETED":
+                        pods.pop(pod["metadata"]["uid"], None)
+                    else:
+                        pods[pod["metadata"]["uid"]] = pod
+                        if pod_serves(pod, port_name) and not pod_is_ready(pod):
+                            cause = _stall_cause(pod, time.monotonic(), started)
+                            if cause:
+                                raise RolloutStalled(f"the rollout of {w.ref} stalled: {cause}", retry_after=10)
+                    if done():
+                        return await kube.reload(w)
+                    text = line()
+                    if text != last_line:
+                        last_line = text
+                        progress(text)
+    except TimeoutError as e:
+        serving = [p for p in pods.values() if pod_serves(p, port_name)]
+        raise RolloutStalled(f"the rollout of {w.ref} did not finish within {timeout:.0f}s: "
+                             f"{_readiness_cause(serving)}") from e
+    raise RolloutStalled(f"the pod watch of {w.ref} ended before the rollout finished")
+
+
+async def remove_agent(kube: Kube, w: Workload, *, progress: Progress | None = None) -> bool:
+    """Restore the workload and every Service that selects it from tpenv's annotations.
+
+    Returns False when there was nothing to restore."""
+    changed = False
+    services = await kube.services_for(w) if w.template_labels else []
+    for svc in services:
+        if ANN_RESTORE_SERVICE not in (svc["metadata"].get("annotations") or {}):
+            continue
+        _, restored = restore_plan_service(w.obj, svc)
+        if restored is not None:
+            name = svc["metadata"]["name"]
+            await kube.call(kube.core.replace_namespaced_service, name, w.namespace, restored,
+                            what=What("update", "services", w.namespace, name))
+            changed = True
+    if ANN_RESTORE in (w.obj["metadata"].get("annotations") or {}) or has_agent(w.obj):
+        plan = restore_plan(w.obj, None)
+        if plan.workload_changed:
+            if progress:
+                progress(f"Removing the tpenv agent from {w.ref}")
+            await kube.replace_workload(w, plan.workload)
+            changed = True
+    return changed
+
+
+def restore_plan_service(workload: dict[str, Any], service: dict[str, Any]) -> tuple[dict, dict | None]:
+    plan = restore_plan(workload, service)
+    return plan.workload, plan.service

@@ -1,0 +1,335 @@
+"""Intercepts: one workload port's traffic to a local port, with the app's env and volumes.
+
+The pieces are reconciler units (``tpenv.engine.units``):
+
+- ``("tunnel", ns, pod)`` for every ready pod whose agent serves the port (tunnels.py), each
+  registering this session's intercept on that replica: traffic to any replica reaches us;
+- ``("intercept", ns, workload, port)``: the env and the mount, read through one replica's
+  session (the first ready pod by name; it moves when that pod goes), depending on its tunnel.
+
+:class:`InterceptRun` is what ``tpenv intercept`` runs: it resolves the workload, Service and
+port, makes sure the agent is injected (agents.py), then runs a :class:`Reconciler` over
+:meth:`InterceptRun.desired`, fed by a pod watch. ``tpenv up`` can use the same specs.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpenv.config.env import render_env, write_env_file
+from tpenv.config.models import Intercept
+from tpenv.engine.agents import AgentReady, ensure_agent, pick_service, pod_serves, service_port
+from tpenv.engine.mounts import SshfsMount
+from tpenv.engine.reconciler import Reconciler
+from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
+from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
+from tpenv.errors import TpenvError
+from tpenv.kits.aio import unit_logger
+from tpenv.kits.kube import Kube, What, Workload, pod_is_ready
+
+
+def intercept_key(namespace: str, workload: str, port: Any) -> Key:
+    return ("intercept", namespace, workload, str(port))
+
+
+@dataclass(frozen=True)
+class EnvMountSpec:
+    """Desired: the env (and mount) of one intercept, read from ``pod``'s agent."""
+
+    registry: TunnelRegistry = field(compare=False, repr=False)
+    intercept: Intercept = field(compare=False, repr=False)
+    namespace: str
+    workload: str
+    pod: str
+    intercept_id: str
+    container: str
+    base_dir: Path = Path(".")
+    env_json: str | None = None  # an extra JSON env file (--env-json)
+
+    @property
+    def key(self) -> Key:
+        return intercept_key(self.namespace, self.workload, self.intercept.port)
+
+    @property
+    def tunnel_key(self) -> Key:
+        return ("tunnel", self.namespace, self.pod)
+
+    @property
+    def spec_hash(self) -> str:
+        return hash_spec(self.pod, self.intercept.model_dump(mode="json"), self.env_json)
+
+    @property
+    def depends_on(self) -> frozenset[Key]:
+        return frozenset({self.tunnel_key})
+
+    def create(self, notify: Notify) -> "EnvMountUnit":
+        return EnvMountUnit(self, notify)
+
+
+class EnvMountUnit:
+    """Reads the app's env and mounts through the agent, mounts the volumes, writes env files."""
+
+    def __init__(self, spec: EnvMountSpec, notify: Notify | None = None) -> None:
+        self.spec = spec
+        self.key, self.spec_hash, self.depends_on = spec.key, spec.spec_hash, spec.depends_on
+        self._notify = notify
+        self.log = unit_logger("intercept", spec.intercept.name or spec.workload)
+        self._state = UnitState()
+        self.mount: SshfsMount | None = None
+        self.env: dict[str, str] = {}
+        self.mounts: list[str] = []
+        self.mount_point: Path | None = None
+
+    def health(self) -> UnitState:
+        if self.mount is not None and self._state.state is State.READY:
+            ms = self.mount.health()
+            if ms.state is State.FAILED:
+                self._state.set(State.FAILED, error=ms.last_error)
+        return self._state
+
+    async def start(self) -> None:
+        s = self.spec
+        self._state.set(State.STARTING)
+        session = s.registry.session(s.tunnel_key)
+        base = await session.env()
+        mounts = (await session.mounts())["mounts"]
+        self.mounts = list(mounts)
+        mount_spec = s.intercept.mount
+        if mount_spec.path is not False and mounts:
+            path = None if mount_spec.path is True else (s.base_dir / str(mount_spec.path))
+            self.mount = SshfsMount(session.open_sftp_channel, path, name=s.intercept.name or s.workload)
+            await self.mount.start()
+            self.mount_point = self.mount.path
+        base = dict(base)
+        base["TELEPRESENCE_CONTAINER"] = s.container
+        base["TELEPRESENCE_MOUNTS"] = ":".join(mounts)
+        self.env = render_env(base, s.intercept, str(self.mount_point) if self.mount_point else None,
+                              s.intercept_id, namespace=s.namespace)
+        if s.intercept.env.file:
+            write_env_file(self.env, s.base_dir / s.intercept.env.file, s.intercept.env.format)
+        if s.env_json:
+            write_env_file(self.env, s.base_dir / s.env_json, "json")
+        self.log.info("env ready (%d variables)%s", len(self.env),
+                      f", volumes at {self.mount_point}" if self.mount_point else "")
+        self._state.set(State.READY, detail=str(self.mount_point) if self.mount_point else None)
+
+    async def stop(self) -> None:
+        if self._state.state in (State.STOPPING, State.STOPPED):
+            return
+        self._state.set(State.STOPPING)
+        if self.mount is not None:
+            await self.mount.stop()
+        self._state.set(State.STOPPED)
+
+    def abort(self) -> None:
+        if self.mount is not None:
+            self.mount.abort()
+
+
+@dataclass
+class Resolved:
+    """What an intercept resolved to in the cluster."""
+
+    workload: Workload
+    service: dict[str, Any]
+    service_port: dict[str, Any]
+    agent: AgentReady
+
+
+class InterceptRun:
+    """One intercept kept alive by a reconciler: ``async with InterceptRun(...) as run: ...``."""
+
+    def __init__(self, kube: Kube, intercept: Intercept, namespace: str, session_id: str, settings: Any, *,
+                 progress=None, base_dir: Path = Path("."), env_json: str | None = None,
+                 container: str | None = None) -> None:
+        self.kube = kube
+        self.intercept = intercept
+        self.namespace = namespace
+        self.session_id = session_id
+        self.settings = settings
+        self.progress = progress
+        self.base_dir = base_dir
+        self.env_json = env_json
+        self.container = container
+        self.intercept_id = f"{session_id}:{intercept.name}"
+        self.registry = TunnelRegistry()
+        self.resolved: Resolved | None = None
+        self.material: dict[str, bytes] = {}
+        self.rec: Reconciler | None = None
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._watch_task: asyncio.Task | None = None
+        self.log = unit_logger("intercept", intercept.name or intercept.workload)
+
+    # -- resolving ------------------------------------------------------------------------
+
+    async def resolve(self) -> Resolved:
+        """Workload, Service, port; inject the agent when needed (progress lines while rolling out)."""
+        ic = self.intercept
+        w = await self.kube.get_workload(ic.workload, self.namespace)
+        service = await pick_service(self.kube, w, ic.service)
+        sp = service_port(service, ic.port.remote)
+        agent = await ensure_agent(self.kube, w, service, sp, self.settings, progress=self.progress,
+                                   container=self.container)
+        self.material = await ensure_auth_material(self.kube, self.namespace)
+        self.resolved = Resolved(agent.workload, agent.service, sp, agent)
+        return self.resolved
+
+    # -- the units ----------------------------------------------------------------------------
+
+    @property
+    def key(self) -> Key:
+        return intercept_key(self.namespace, self.intercept.workload_name, self.intercept.port)
+
+    def registration(self) -> Registration:
+        assert self.resolved is not None
+        match = self.intercept.match.wire(self.intercept_id) if self.intercept.match else None
+        return Registration(self.intercept.name or "", self.resolved.agent.port_name, match, self.intercept.port.local)
+
+    def ready_pods(self) -> list[dict[str, Any]]:
+        assert self.resolved is not None
+        name = self.resolved.agent.port_name
+        pods = [p for p in self._pods.values() if pod_is_ready(p) and pod_serves(p, name)]
+        return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+    def desired(self) -> dict[Key, Any]:
+        assert self.resolved is not None
+        specs: dict[Key, Any] = {}
+        t = self.settings.tunnels if self.settings is not None else None
+        for pod in self.ready_pods():
+            spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
+                              pod["metadata"]["uid"], self.session_id, self.material, (self.registration(),),
+                              ssh_port=self.settings.agent.ssh_port if self.settings is not None else 7922,
+                              connect_timeout=t.connect_timeout if t is not None else 15.0)
+            specs[spec.key] = spec
+        pods = self.ready_pods()
+        if pods:
+            em = EnvMountSpec(self.registry, self.intercept, self.namespace, self.intercept.workload_name,
+                              pods[0]["metadata"]["name"], self.intercept_id, self.resolved.agent.container,
+                              self.base_dir, self.env_json)
+            specs[em.key] = em
+        return specs
+
+    async def _watch_pods(self) -> None:
+        assert self.resolved is not None and self.rec is not None
+        w = self.resolved.workload
+        async with self.kube.watch(self.kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
+                                   what=What("watch", "pods", w.namespace)) as events:
+            async for kind, pod in events:
+                uid = pod["metadata"]["uid"]
+                if kind == "DELETED":
+                    self._pods.pop(uid, None)
+                else:
+                    self._pods[uid] = pod
+                self.rec.notify(UnitEvent("kube", detail=("pod", kind, pod["metadata"]["name"])))
+
+    async def start(self) -> None:
+        if self.resolved is None:
+            await self.resolve()
+        assert self.resolved is not None
+        pods = await self.kube.pods_of(self.resolved.workload)
+        self._pods = {p["metadata"]["uid"]: p for p in pods}
+        t = self.settings.tunnels if self.settings is not None else None
+        self.rec = Reconciler(self.desired, debounce=0.1,
+                              restart_initial=t.retry_initial if t is not None else 0.5,
+                              restart_max=t.retry_max if t is not None else 10.0,
+                              name=self.intercept.name or "intercept")
+        await self.rec.__aenter__()
+        self._watch_task = asyncio.ensure_future(self._watch_pods())
+
+    # -- state for the CLI -------------------------------------------------------------------
+
+    def env_unit(self) -> EnvMountUnit | None:
+        if self.rec is None:
+            return None
+        unit = self.rec.running.get(self.key)
+        return unit if isinstance(unit, EnvMountUnit) else None
+
+    def first_error(self) -> TpenvError | str | None:
+        """A unit's last error while nothing is ready (shown to the user instead of waiting forever)."""
+        assert self.rec is not None
+        for u in self.rec.snapshot()["units"]:
+            if u["state"] == State.FAILED.value and u["last_error"]:
+                return u["last_error"]
+        return None
+
+    def is_ready(self) -> bool:
+        if self.rec is None:
+            return False
+        unit = self.env_unit()
+        if unit is None or unit.health().state is not State.READY:
+            return False
+        tunnels = [k for k in self.rec.specs if k[0] == "tunnel"]
+        return bool(tunnels) and all(k in self.rec.running and self.rec.running[k].health().state is State.READY
+                                     for k in tunnels)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Until every tunnel and the env are ready; the first unit error ends the wait."""
+        assert self.rec is not None
+        from tpenv.errors import TransientError
+
+        ok = await self.rec.wait_until(lambda r: self.is_ready() or self.first_error() is not None, timeout)
+        if self.is_ready():
+            return
+        err = self.first_error()
+        if err is not None:
+            raise _as_error(err)
+        if not ok:
+            raise TransientError(f"the intercept {self.intercept.name} was not ready within {timeout:.0f}s")
+
+    def snapshot(self) -> dict[str, Any]:
+        out = self.rec.snapshot() if self.rec is not None else {"units": []}
+        out["intercepts"] = [self.describe()]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        r = self.resolved
+        unit = self.env_unit()
+        return {
+            "name": self.intercept.name,
+            "id": self.intercept_id,
+            "namespace": self.namespace,
+            "workload": r.workload.name if r else self.intercept.workload_name,
+            "workload_kind": r.workload.kind if r else None,
+            "service": r.service["metadata"]["name"] if r else None,
+            "service_port": r.service_port.get("name") or r.service_port["port"] if r else None,
+            "destination": f"127.0.0.1:{self.intercept.port.local}",
+            "mount_point": str(unit.mount_point) if unit and unit.mount_point else None,
+            "match": self.intercept.match.wire(self.intercept_id) if self.intercept.match else None,
+            "pods": [k[2] for k in (self.rec.running if self.rec else {}) if k[0] == "tunnel"],
+            "state": "ACTIVE" if self.is_ready() else "WAITING",
+        }
+
+    async def stop(self) -> None:
+        """Leave: stop the reconciler (each tunnel leaves and closes), end the watch. Safe twice."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch_task
+            self._watch_task = None
+        if self.rec is not None:
+            await self.rec.close()
+
+    def abort(self) -> None:
+        if self.rec is not None:
+            self.rec.abort()
+
+    async def __aenter__(self) -> "InterceptRun":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _as_error(err: Any) -> TpenvError:
+    if isinstance(err, TpenvError):
+        return err
+    from tpenv.errors import Conflict, PermanentError
+
+    text = str(err)
+    if "conflict" in text.lower() or "already intercepted" in text.lower() or "held by" in text.lower():
+        return Conflict(text)
+    return PermanentError(text)

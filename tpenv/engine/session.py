@@ -1,0 +1,63 @@
+"""Sessions of `tpenv intercept`: an id, a published state file, and finding the one holding a name.
+
+A session is one running `tpenv intercept` (or `tpenv up`) process. Its id (``new_session_id``)
+is the SSH principal and the first half of every intercept id (``<session>:<name>``). It is
+published with the same mechanism as `tpenv up` (tpenv.engine.statusd: a state file and a Unix
+socket under ``settings.session.state_dir``), so `tpenv status`, `tpenv leave NAME` and
+`tpenv list` reach it from another shell; a killed session's files are ignored and removed.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from tpenv.engine.statusd import SessionInfo, StatusServer, find_sessions, new_session_id, request_down, \
+    request_status
+from tpenv.errors import NotFound, TpenvError
+
+__all__ = ["new_session_id", "publish_session", "running_intercepts", "find_intercept", "leave"]
+
+
+def _state_dir(settings: Any):
+    return settings.session.state_dir
+
+
+@contextlib.asynccontextmanager
+async def publish_session(settings: Any, session_id: str, snapshot: Callable[[], dict[str, Any]],
+                          on_down: Callable[[], None]) -> AsyncIterator[StatusServer]:
+    """Publish this session while the block runs; `down`/`leave` from elsewhere call ``on_down``."""
+    async with StatusServer(snapshot=snapshot, on_down=on_down, state_dir=_state_dir(settings),
+                            session_id=session_id) as server:
+        yield server
+
+
+async def running_intercepts(settings: Any) -> list[tuple[SessionInfo, dict[str, Any]]]:
+    """Every intercept of every running session on this machine, with its session."""
+    out = []
+    for s in find_sessions(_state_dir(settings)):
+        try:
+            status = await request_status(s, timeout=3)
+        except TpenvError:
+            continue  # it went away while we asked
+        for ic in status.get("intercepts") or []:
+            out.append((s, ic))
+    return out
+
+
+async def find_intercept(settings: Any, name: str) -> tuple[SessionInfo, dict[str, Any]]:
+    found = [(s, ic) for s, ic in await running_intercepts(settings) if ic.get("name") == name]
+    if not found:
+        raise NotFound(f"no running intercept named {name!r} on this machine",
+                       hint="`tpenv list` shows the intercepts; an intercept of a killed session ends by "
+                            "itself within the agent's lease")
+    return found[0]
+
+
+async def leave(settings: Any, name: str, *, wait: float = 30.0) -> dict[str, Any]:
+    """End intercept ``name``: its session leaves (agents back to passthrough), unmounts and exits."""
+    session, ic = await find_intercept(settings, name)
+    if not await request_down(session, wait=wait):
+        raise TpenvError(f"the session holding {name!r} (pid {session.pid}) did not stop within {wait:.0f}s",
+                         hint=f"kill it (kill {session.pid}); the agents end its intercepts within their lease")
+    return ic

@@ -1,0 +1,186 @@
+"""Tunnels: one SSH session to the agent of each ready pod, over the API server's port-forward.
+
+A :class:`TunnelUnit` (key ``("tunnel", namespace, pod)``) opens an :class:`AgentSession` over a
+:class:`PodTunnel` to the agent's loopback SSH port and registers this session's intercepts on
+that replica (each with a ``tcpip-forward`` to ``127.0.0.1:<local port>``). When the SSH session
+ends (pod deleted, port-forward dropped, agent restarted) the unit reports ``unit_failed``; the
+reconciler reopens it with backoff, or forgets it when the pod is gone from the desired set.
+
+The credentials come from Secret ``tpenv-auth`` in the namespace (docs/protocol.md §2), created
+here on first use (:func:`ensure_auth_material`).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpenv.engine.injection import AUTH_KEYS, auth_secret_manifest
+from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
+from tpenv.errors import NotFound, PermanentError, TransientError, TunnelDropped
+from tpenv.kits.agent_client import AgentSession, make_auth_material
+from tpenv.kits.aio import unit_logger
+from tpenv.kits.kube import Kube, What
+from tpenv.kits.portforward import PodTunnel
+from tpenv_agent.inject import AUTH_SECRET
+
+
+async def ensure_auth_material(kube: Kube, namespace: str) -> dict[str, bytes]:
+    """The four keys of Secret tpenv-auth in ``namespace``; the Secret is created when missing."""
+    what = What("get", "secrets", namespace, AUTH_SECRET)
+    for _ in range(2):
+        try:
+            secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace, what=what)
+        except NotFound:
+            manifest = auth_secret_manifest(namespace, make_auth_material())
+            try:
+                secret = await kube.call(kube.core.create_namespaced_secret, namespace, manifest,
+                                         what=What("create", "secrets", namespace, AUTH_SECRET))
+            except TransientError:  # 409: another client created it between our get and create
+                continue
+        data = secret.get("data") or {}
+        missing = [k for k in AUTH_KEYS if k not in data]
+        if missing:
+            raise PermanentError(f"Secret {AUTH_SECRET} in namespace {namespace!r} lacks {', '.join(missing)}",
+                                 hint=f"delete it (kubectl delete secret {AUTH_SECRET} -n {namespace}) and "
+                                      f"restart the agent pods; tpenv creates a new one")
+        return {k: base64.b64decode(data[k]) for k in AUTH_KEYS}
+    raise TransientError(f"Secret {AUTH_SECRET} in {namespace!r} keeps changing; retry")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One intercept this session holds on every replica of a workload."""
+
+    name: str  # the intercept name; the agent's id is "<session>:<name>"
+    port: str | int  # the agent port name as given in --listen (protocol §3)
+    match: dict[str, Any] | None  # None: all TCP
+    local_port: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "port": self.port, "match": self.match, "local_port": self.local_port}
+
+
+class TunnelRegistry:
+    """The running tunnels by key, so dependents (env, mounts) can reach a pod's session."""
+
+    def __init__(self) -> None:
+        self.units: dict[Key, "TunnelUnit"] = {}
+
+    def session(self, key: Key) -> AgentSession:
+        unit = self.units.get(key)
+        if unit is None or unit.session is None or unit.session.closed.is_set():
+            raise TunnelDropped(f"no open tunnel {'/'.join(map(str, key))}")
+        return unit.session
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """Desired: a session to the agent of ``pod`` holding ``registrations``."""
+
+    kube: Kube = field(compare=False, repr=False)
+    registry: TunnelRegistry = field(compare=False, repr=False)
+    namespace: str
+    pod: str
+    pod_uid: str
+    session_id: str
+    material: dict[str, bytes] = field(compare=False, repr=False)
+    registrations: tuple[Registration, ...] = ()
+    ssh_port: int = 7922
+    connect_timeout: float = 15.0
+
+    @property
+    def key(self) -> Key:
+        return ("tunnel", self.namespace, self.pod)
+
+    @property
+    def spec_hash(self) -> str:
+        # A new pod with the same name (StatefulSet) is a new tunnel: the uid is part of it.
+        return hash_spec(self.pod_uid, self.session_id, [r.as_json() for r in self.registrations], self.ssh_port)
+
+    @property
+    def depends_on(self) -> frozenset[Key]:
+        return frozenset()
+
+    def create(self, notify: Notify) -> "TunnelUnit":
+        return TunnelUnit(self, notify)
+
+
+class TunnelUnit:
+    """A running tunnel; see the module docstring."""
+
+    def __init__(self, spec: TunnelSpec, notify: Notify | None = None) -> None:
+        self.spec = spec
+        self.key = spec.key
+        self.spec_hash = spec.spec_hash
+        self.depends_on = spec.depends_on
+        self._notify = notify
+        self.log = unit_logger("tunnel", f"{spec.namespace}/{spec.pod}")
+        self.tunnel = PodTunnel(spec.kube, spec.namespace, spec.pod)
+        self.session: AgentSession | None = None
+        self._state = UnitState()
+        self._watch: asyncio.Task | None = None
+        self._stopping = False
+
+    def health(self) -> UnitState:
+        return self._state
+
+    async def start(self) -> None:
+        s = self.spec
+        self._state.set(State.STARTING, detail=f"port-forward to {s.pod}:{s.ssh_port}")
+        session = AgentSession(s.session_id, ca_key=s.material["ca_key"], host_key_pub=s.material["host_key.pub"],
+                               host=s.pod, port=s.ssh_port, tunnel=self.tunnel, connect_timeout=s.connect_timeout)
+        try:
+            await session.connect()
+            for r in s.registrations:
+                await session.intercept(r.name, port=r.port, match=r.match, local_port=r.local_port)
+                self.log.info("intercept %s registered (port %s -> 127.0.0.1:%d)", r.name, r.port, r.local_port)
+        except BaseException:
+            session.close()
+            with contextlib.suppress(Exception):
+                await session.wait_closed()
+            self.tunnel.close()
+            raise
+        self.session = session
+        self.spec.registry.units[self.key] = self
+        self._watch = asyncio.ensure_future(self._watch_session())
+        self._state.set(State.READY, detail=f"agent {session.info.get('agent', '?')} in {s.pod}")
+
+    async def _watch_session(self) -> None:
+        assert self.session is not None
+        await self.session.closed.wait()
+        if self._stopping:
+            return
+        self._state.set(State.FAILED, error="the agent session ended (pod gone or port-forward dropped)")
+        if self.spec.registry.units.get(self.key) is self:
+            del self.spec.registry.units[self.key]
+        if self._notify is not None:
+            self._notify(UnitEvent("unit_failed", self.key, error="agent session lost"))
+
+    async def stop(self) -> None:
+        """Close the session: the agent ends this session's intercepts at once. Safe twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._state.set(State.STOPPING)
+        if self.spec.registry.units.get(self.key) is self:
+            del self.spec.registry.units[self.key]
+        if self.session is not None:
+            for r in self.spec.registrations:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.session.leave(r.name), 3)
+            self.session.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.session.wait_closed(), 5)
+        if self._watch is not None:
+            self._watch.cancel()
+        self.tunnel.close()
+        self._state.set(State.STOPPED)
+
+    def abort(self) -> None:
+        self._stopping = True
+        if self.session is not None:
+            self.session.close()
+        self.tunnel.close()

@@ -190,8 +190,12 @@ class LayerWriter:
                 name = _clean(ti.name)
                 if not name or (exclude and exclude(name)):
                     continue
+                if ".." in name.split("/"):
+                    raise ValueError(f"{src}: entry {ti.name!r} leaves the root")
                 ti.name = name
                 ti.uname = ti.gname = ""
+                # Dropped: owner names, sub-second times, xattrs (nothing in our rootfs needs
+                # file capabilities); tarfile writes a fresh pax header for long names.
                 ti.pax_headers = {}
                 if ti.islnk():
                     ti.linkname = _clean(ti.linkname)

@@ -20,8 +20,8 @@ SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "telepresence.sc
 
 def config_schema() -> dict[str, Any]:
     schema = Config.model_json_schema(by_alias=True, mode="validation")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://tpenv.dev/schemas/telepresence.schema.json", **schema}
+    # No $id: there is no published URL yet; editors use a file path (see docs/config.md).
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def schema_text() -> str:

@@ -242,3 +242,61 @@ async def remove_agent(kube: Kube, w: Workload, *, progress: Progress | None = N
 def restore_plan_service(workload: dict[str, Any], service: dict[str, Any]) -> tuple[dict, dict | None]:
     plan = restore_plan(workload, service)
     return plan.workload, plan.service
+
+
+async def injected_workloads(kube: Kube, namespace: str | None) -> list[Workload]:
+    """Workloads carrying tpenv's agent label or restore record, in one namespace or all (None)."""
+    out: list[Workload] = []
+    listers = {"Deployment": (kube.apps.list_namespaced_deployment, kube.apps.list_deployment_for_all_namespaces),
+               "StatefulSet": (kube.apps.list_namespaced_stateful_set, kube.apps.list_stateful_set_for_all_namespaces),
+               "ReplicaSet": (kube.apps.list_namespaced_replica_set, kube.apps.list_replica_set_for_all_namespaces)}
+    for kind, (one, every) in listers.items():
+        plural = {"Deployment": "deployments", "StatefulSet": "statefulsets", "ReplicaSet": "replicasets"}[kind]
+        if namespace:
+            data = await kube.call(one, namespace, what=What("list", plural, namespace))
+        else:
+            data = await kube.call(every, what=What("list", plural))
+        for obj in data.get("items", []):
+            meta = obj["metadata"]
+            if kind == "ReplicaSet" and meta.get("ownerReferences"):
+                continue  # a Deployment's: restored through its Deployment
+            if has_agent(obj) or ANN_RESTORE in (meta.get("annotations") or {}):
+                obj.setdefault("kind", kind)
+                obj.setdefault("apiVersion", "apps/v1")
+                out.append(Workload(kind, meta["name"], meta["namespace"], obj))
+    return out
+
+
+async def wait_agent_gone(kube: Kube, w: Workload, *, timeout: float, progress: Progress | None = None) -> None:
+    """Until no live pod of ``w`` runs the agent container (the restored template rolled out)."""
+    pods: dict[str, dict[str, Any]] = {}
+
+    def with_agent() -> int:
+        return sum(1 for p in pods.values() if not p["metadata"].get("deletionTimestamp")
+                   and any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or []))
+
+    pods = {p["metadata"]["uid"]: p for p in await kube.pods_of(w)}
+    if with_agent() == 0:
+        return
+    if progress:
+        progress(f"Waiting for the pods of {w.ref} to drop the agent")
+    try:
+        async with asyncio.timeout(timeout):
+            async with kube.watch(kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
+                                  what=What("watch", "pods", w.namespace)) as events:
+                async for kind, pod in events:
+                    if kind == "DELETED":
+                        pods.pop(pod["metadata"]["uid"], None)
+                    else:
+                        pods[pod["metadata"]["uid"]] = pod
+                    # The first events replay the current pods; decide once every pod was seen.
+                    if with_agent() == 0 and await _all_seen(kube, w, pods):
+                        return
+    except TimeoutError as e:
+        raise RolloutStalled(f"pods of {w.ref} still run the agent after {timeout:.0f}s",
+                             hint=f"see: kubectl get pods -n {w.namespace} -l {w.selector}") from e
+
+
+async def _all_seen(kube: Kube, w: Workload, pods: dict[str, dict[str, Any]]) -> bool:
+    current = await kube.pods_of(w)
+    return all(p["metadata"]["uid"] in pods for p in current)

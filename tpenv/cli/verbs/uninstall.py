@@ -1,9 +1,19 @@
-"""tpenv uninstall: stub until issue 5 replaces this file."""
+"""tpenv uninstall: take tpenv out of the cluster, restoring what it changed byte for byte.
+
+``--agent W`` and ``--all-agents`` restore workloads (and the Services whose targetPort tpenv
+rewrote) from the ``tpenv.io/restore*`` annotations and wait until no pod runs the agent.
+``--everything`` does that in every namespace, then deletes the ``tpenv-auth`` Secrets and the
+manager, so the cluster is as it was before tpenv touched it.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from tpenv.errors import NotBuiltYet
+from tpenv.engine.agents import injected_workloads, remove_agent, wait_agent_gone
+from tpenv.errors import NotFound
+from tpenv.kits.kube import Kube, What
+from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, restore
 
 HELP = "Remove agents from workloads, restoring them exactly as they were."
 
@@ -14,7 +24,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all-agents", action="store_true", help="remove every agent in the namespace")
     which.add_argument("--everything", action="store_true",
                        help="remove every trace of tpenv: agents, secrets, the manager")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for the pods to drop the agent")
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv uninstall is not built yet (issue 5)")
+    say = (lambda text: print(text, file=sys.stderr, flush=True))
+    done: dict[str, list[str]] = {"workloads": [], "services": [], "secrets": [], "manager": []}
+    async with await Kube.load(context=ctx.kube_context) as kube:
+        ns = ctx.namespace or kube.namespace
+        if args.agent:
+            workloads = [await kube.get_workload(args.agent, ns)]
+        else:
+            workloads = await injected_workloads(kube, None if args.everything else ns)
+        for w in workloads:
+            if await remove_agent(kube, w, progress=say):
+                done["workloads"].append(f"{w.namespace}/{w.ref}")
+        if args.everything:
+            done["services"] = await _restore_stray_services(kube)
+            done["secrets"] = await _delete_secrets(kube)
+            from tpenv.engine import manager
+
+            done["manager"] = await manager.uninstall(kube)
+        if not args.no_wait:
+            timeout = float(ctx.settings.kube.rollout_timeout)
+            for w in workloads:
+                await wait_agent_gone(kube, w, timeout=timeout, progress=say)
+    if args.agent and not done["workloads"]:
+        ctx.emit(f"{args.agent}: no tpenv agent to remove", done)
+    else:
+        lines = [f"restored {x}" for x in done["workloads"] + done["services"]]
+        lines += [f"deleted Secret {x}" for x in done["secrets"]] + [f"deleted {x}" for x in done["manager"]]
+        ctx.emit("\n".join(lines) or "nothing of tpenv's was found", done)
+    return 0
+
+
+async def _restore_stray_services(kube: Kube) -> list[str]:
+    """Services still carrying a restore record (their workload gone or never injected by us)."""
+    data = await kube.call(kube.core.list_service_for_all_namespaces, what=What("list", "services"))
+    out = []
+    for svc in data.get("items", []):
+        if ANN_RESTORE_SERVICE not in (svc["metadata"].get("annotations") or {}):
+            continue
+        _, restored = restore({"metadata": {}}, svc)
+        if restored is not None:
+            name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+            await kube.call(kube.core.replace_namespaced_service, name, ns, restored,
+                            what=What("update", "services", ns, name))
+            out.append(f"{ns}/service/{name}")
+    return out
+
+
+async def _delete_secrets(kube: Kube) -> list[str]:
+    data = await kube.call(kube.core.list_secret_for_all_namespaces,
+                           label_selector="app.kubernetes.io/managed-by=tpenv",
+                           field_selector=f"metadata.name={AUTH_SECRET}", what=What("list", "secrets"))
+    out = []
+    for s in data.get("items", []):
+        name, ns = s["metadata"]["name"], s["metadata"]["namespace"]
+        try:
+            await kube.call(kube.core.delete_namespaced_secret, name, ns, what=What("delete", "secrets", ns, name))
+        except NotFound:
+            continue
+        out.append(f"{ns}/{name}")
+    return out

@@ -1,16 +1,18 @@
-"""tpenv status: stub until issue 6 replaces this file."""
+"""tpenv status: every unit of the running session(s), its state, since when, last error."""
 from __future__ import annotations
 
 import argparse
 
-from tpenv.errors import NotBuiltYet
+from tpenv.engine.up import format_status, run_status
 
 HELP = "Show every unit of the running session, its state and last error."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--session", metavar="ID", help="only this session (default: every running one)")
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv status is not built yet (issue 6)")
+    replies = await run_status(ctx.settings, session_id=args.session)
+    ctx.emit(format_status(replies), {"sessions": replies})
+    return 0

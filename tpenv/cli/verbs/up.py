@@ -1,17 +1,21 @@
-"""tpenv up: stub until issue 6 replaces this file."""
+"""tpenv up: keep everything telepresence.yaml declares running until Ctrl-C or `tpenv down`."""
 from __future__ import annotations
 
 import argparse
 
-from tpenv.errors import NotBuiltYet
+from tpenv.engine.desired import UpFactory
+from tpenv.engine.up import run_up
 
 HELP = "Bring up everything telepresence.yaml declares and keep it up until Ctrl-C."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", action="append", metavar="NAME", default=[],
-                        help="only this intercept or forward (repeatable)")
+                        help="only this intercept (by name) or forward (by Service name); repeatable")
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv up is not built yet (issue 6)")
+    factory = UpFactory(ctx.settings, kube_context=ctx.kube_context)
+    # ctx.load_config applies -n/--context to every load, including reloads after a save.
+    return await run_up(ctx.config_file, ctx.settings, only=args.only, unit_factory=factory,
+                        load=lambda _path: ctx.load_config())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from tpenv.engine.up import run_down
 
 HELP = "Stop the running session: leave every intercept, stop every handler."
 
@@ -15,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
+    from tpenv.engine.up import run_down
+
     stopped = await run_down(ctx.settings, session_id=args.session, wait=args.wait)
     ctx.emit("\n".join(f"stopped session {s}" for s in stopped), {"stopped": stopped})
     return 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from tpenv.engine.up import format_status, run_status
 
 HELP = "Show every unit of the running session, its state and last error."
 
@@ -13,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
+    from tpenv.engine.up import format_status, run_status
+
     replies = await run_status(ctx.settings, session_id=args.session)
     ctx.emit(format_status(replies), {"sessions": replies})
     return 0

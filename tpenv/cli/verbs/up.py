@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from tpenv.engine.desired import UpFactory
-from tpenv.engine.up import run_up
-
 HELP = "Bring up everything telepresence.yaml declares and keep it up until Ctrl-C."
 
 
@@ -15,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
+    # Imported here: the engines pull in kubernetes, which every other verb need not pay for.
+    from tpenv.engine.desired import UpFactory
+    from tpenv.engine.up import run_up
+
     factory = UpFactory(ctx.settings, kube_context=ctx.kube_context)
     # ctx.load_config applies -n/--context to every load, including reloads after a save.
     return await run_up(ctx.config_file, ctx.settings, only=args.only, unit_factory=factory,

@@ -93,6 +93,11 @@ def _images(log) -> None:
     _normalize_image_names()
 
 
+def _pause_image(log) -> None:
+    import images
+    images.import_all([images.build_pause(log=log)], log=log, address=str(containerd_address()))
+
+
 def _normalize_image_names() -> None:
     """Tag `tpenv/x:dev` also as `docker.io/tpenv/x:dev`.
 
@@ -148,10 +153,11 @@ def up(argv: list[str]) -> int:
     d = Daemons(state_dir())
     comps = {c.name: c for c in lay.components()}
 
-    # containerd first; images go in while the control plane starts (the sandbox image
-    # must be there before the first pod, which needs a Ready node anyway).
+    # containerd first, with the pause image in before any kubelet exists: a sandbox without
+    # it would make containerd try to pull it. The other images go in while the control plane starts.
     _ensure(d, comps["containerd"])
     _wait_healthy(d, comps["containerd"])
+    _pause_image(log=say)
     errors: list[BaseException] = []
 
     def image_job() -> None:

@@ -24,6 +24,8 @@ PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 CLUSTER_DOMAIN = "cluster.local"
 DNS_IP = net.NODE_IP  # CoreDNS runs on the host, on the bridge address
 API_PORT = 6443
+REGISTRIES = ["docker.io", "registry.k8s.io", "k8s.gcr.io", "gcr.io", "ghcr.io", "quay.io", "mcr.microsoft.com",
+              "public.ecr.aws", "registry.gitlab.com"]
 
 
 def state_dir() -> Path:
@@ -118,6 +120,8 @@ class Layout:
             # This VM's root lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj below containerd's own
             # (the pause container asks for -998 and fails with "can't get final child's PID from pipe").
             ("restrict_oom_score_adj = false", "restrict_oom_score_adj = true"),
+            # Registry hosts we know are rewritten to a closed local port (see registry_hosts()).
+            ('config_path = ""', f'config_path = "{self.registry_hosts()}"'),
         ]
         for old, new in subs:
             if old not in text:
@@ -127,6 +131,23 @@ class Layout:
         if "SystemdCgroup = false" not in text:
             raise RuntimeError("containerd's default config does not say SystemdCgroup = false")
         return self._write("containerd.toml", text)
+
+    def registry_hosts(self) -> Path:
+        """hosts.toml per well-known registry, pointing at 127.0.0.1:1 (nothing listens there).
+
+        Images are built here and pods use imagePullPolicy: Never, so nothing should ever be
+        pulled; this makes sure a stray pull (a manifest with IfNotPresent, a missing pause
+        image) fails at once on this machine instead of reaching for the internet.
+        """
+        root = self.etc / "certs.d"
+        for host in REGISTRIES:
+            # containerd 1.6 rejects a hosts.toml without a [host] table (and then falls back to
+            # the real registry), so the closed port is named twice.
+            self._write(f"certs.d/{host}/hosts.toml",
+                        f"# tpenv: images are built locally, never pulled from {host}\n"
+                        'server = "http://127.0.0.1:1"\n\n'
+                        '[host."http://127.0.0.1:1"]\n  capabilities = ["pull", "resolve"]\n')
+        return root
 
     def cni_config(self) -> Path:
         conf = {

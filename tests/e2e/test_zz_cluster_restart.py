@@ -23,19 +23,29 @@ def _local(kubeconfig: Path) -> bool:
     return Path(kubeconfig) == _cluster_cli.kubeconfig_path()
 
 
-def _tpenv_processes() -> list[str]:
-    """Command lines of running processes started from the cluster's binaries or state dirs."""
-    roots = (str(_cluster_cli.state_dir()), str(_cluster_cli.build.cache_root() / "bin"))
+DAEMONS = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "coredns"}
+
+
+def _cluster_daemons() -> list[str]:
+    """Command lines of the cluster's daemons (and containerd and its shims for our socket) still running.
+
+    kubectl is left out on purpose: other sessions on this machine may be running it.
+    """
+    bin_root = str(_cluster_cli.build.cache_root() / "bin")
+    state = str(_cluster_cli.state_dir())
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            args = cmdline.read_bytes().split(b"\0")
+            args = [a.decode(errors="replace") for a in cmdline.read_bytes().split(b"\0") if a]
         except OSError:
             continue
-        text = " ".join(a.decode(errors="replace") for a in args)
-        if args and (args[0].decode(errors="replace").startswith(roots[1]) or
-                     (b"containerd" in args[0] and roots[0] in text)):
-            found.append(text[:120])
+        if not args:
+            continue
+        text = " ".join(args)
+        ours = (args[0].startswith(bin_root) and Path(args[0]).name in DAEMONS) or \
+            ("containerd" in Path(args[0]).name and state in text)
+        if ours:
+            found.append(text[:160])
     return found
 
 
@@ -60,7 +70,7 @@ def test_cluster_down_then_up_gives_a_working_cluster(kubeconfig, namespace):
     try:
         # Stage 2: down stops every daemon and removes what it added to the host.
         assert cluster_command("down") == 0
-        assert _tpenv_processes() == []
+        assert _cluster_daemons() == []
         assert cluster_command("status") != 0
         routes = subprocess.run(["ip", "route", "show", "type", "unreachable"], capture_output=True,
                                 text=True).stdout

@@ -186,10 +186,10 @@ def test_deleted_pod_is_replaced_and_endpoints_follow(echo):
     wait_until(f"endpoints {sorted(want)}", lambda: endpoint_ips() == want, timeout=30)
     assert victim_ip not in endpoint_ips() or victim_ip in want  # an IP may be reused by the new pod
 
-    # Stage 3: traffic reaches the new set of pods.
-    _first_answer(ns, f"http://echo.{ns}/")
-    seen = {a["pod"] for a in _get_from_client(ns, f"http://echo.{ns}/", n=30)}
-    assert seen == {p["metadata"]["name"] for p in pods}
+    # Stage 3: traffic reaches the new set of pods (once kube-proxy has synced: retried).
+    names = {p["metadata"]["name"] for p in pods}
+    wait_until(f"answers from exactly {sorted(names)}",
+               lambda: {a["pod"] for a in _get_from_client(ns, f"http://echo.{ns}/", n=30)} == names, timeout=30)
 
 
 # ---------------------------------------------------------------- 5. a mutating webhook in the cluster

@@ -1,12 +1,17 @@
-"""Webhook mode against a real cluster: `tpenv manager install`, a labelled Deployment's pods get
-the agent at creation, an unlabelled one does not, `tpenv manager uninstall` leaves nothing.
+"""Injection against a real cluster, in both modes.
 
-Stages (in file order; the install is shared by the module, the uninstall is the last test):
-(1) install through the CLI with the locally built agent image, wait until the webhook answers
-(a server-side dry-run pod comes back injected); (2) a labelled Deployment's pod carries the
-agent container with the protocol's args, its Secret tpenv-auth is created by the manager, and
-the pod runs with the agent ready; (3) pods without the label are untouched; (4) uninstall
-removes every object the install created.
+Stage 0 (patch mode, no manager): inject()'s objects are accepted by the API server, the pod
+runs with the agent ready, traffic through the Service reaches the app through the agent, and
+restore() brings the workload and Service back exactly as the server had them.
+
+Webhook mode: `tpenv manager install`, a labelled Deployment's pods get the agent at creation,
+an unlabelled one does not, `tpenv manager upgrade` keeps the certificate, `tpenv manager
+uninstall` leaves nothing. In file order; the install is shared by the module, the uninstall is
+the last test: (1) install through the CLI with the locally built agent image, wait until the
+webhook answers (a server-side dry-run pod comes back injected); (2) a labelled Deployment's pod
+carries the agent container with the protocol's args, its Secret tpenv-auth is created by the
+manager, and the pod runs with the agent ready; (3) pods without the label are untouched;
+(4) upgrade; (5) uninstall removes every object the install created.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tpenv.engine.injection import auth_secret_manifest, plan_injection, restore_plan
+from tpenv.kits.agent_client import make_auth_material
 
 import components  # noqa: E402  tests/cluster, on sys.path through the plugin
 import images  # noqa: E402
@@ -69,6 +76,75 @@ def dry_run_containers(ns: str, labelled: bool = True) -> list[str]:
                  input=json.dumps(pod("probe", labelled=labelled)))
     return [c["name"] for c in json.loads(cp.stdout)["spec"]["containers"]]
 
+
+# --- stage 0: patch mode, straight from inject() to the API server and back ---------------------
+
+SERVER_OWNED = ("resourceVersion", "generation", "uid", "creationTimestamp", "managedFields")
+
+
+def _comparable(obj: dict) -> dict:
+    """What restore promises to bring back: everything but the server's bookkeeping."""
+    meta = {k: v for k, v in obj["metadata"].items() if k not in SERVER_OWNED}
+    meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items()
+                           if k != "deployment.kubernetes.io/revision"} or None
+    return {"metadata": meta, "spec": obj["spec"]}
+
+
+def _replace(obj: dict, ns: str) -> None:
+    kubectl("replace", "-f", "-", ns=ns, input=json.dumps(obj))
+
+
+def test_patch_mode_round_trip(namespace, agent_image):
+    ref, policy = agent_image
+    template = pod("web", labelled=False)
+    # `kubectl create`, not apply: apply's last-applied annotation would be rewritten by `replace`.
+    objects = [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                         "template": {"metadata": {"labels": template["metadata"]["labels"]}, "spec": template["spec"]}}},
+               {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                                                               {"name": "alt", "port": 81, "targetPort": 8080}]}}]
+    kubectl("create", "-f", "-", ns=namespace, input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=namespace, timeout=140)
+    original_wl = kubectl_json("get", "deployment", "web", ns=namespace)
+    original_svc = kubectl_json("get", "service", "web", ns=namespace)
+
+    # A named and a numeric targetPort: the agent takes both, the Service's numeric one is rewritten.
+    settings = {"agent_image": ref, "image_pull_policy": policy}
+    first = plan_injection(original_wl, original_svc, "http", settings)
+    second = plan_injection(first.workload, original_svc, 81, settings)
+    assert first.service is None and second.service["spec"]["ports"][1]["targetPort"] == "tpenv-8080"
+    apply(auth_secret_manifest(namespace, make_auth_material()), ns=namespace)
+    _replace(second.workload, namespace)
+    _replace(second.service, namespace)
+    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=namespace, timeout=140)
+
+    def live_pods():  # the old pod may still be terminating
+        items = kubectl_json("get", "pods", "-l", "app=web", ns=namespace)["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    pods = wait_until("only the injected pod left", lambda: len(live_pods()) == 1 and live_pods(), 60)
+    assert [c["name"] for c in pods[0]["spec"]["containers"]] == ["echo", "tpenv-agent"]
+
+    # Both Service ports now resolve to the agent's ports (the data path is the sidecar's tests' job).
+    def endpoint_ports():
+        slices = kubectl_json("get", "endpointslices", "-l", "kubernetes.io/service-name=web", ns=namespace)["items"]
+        ready = [s for s in slices if any((e.get("conditions") or {}).get("ready") for e in s.get("endpoints") or [])]
+        return {p["name"]: p["port"] for s in ready for p in s.get("ports") or []}
+
+    wait_until("the Service's endpoints on the agent ports", lambda: endpoint_ports() == {"http": 7900, "alt": 7901}, 60)
+
+    back = restore_plan(kubectl_json("get", "deployment", "web", ns=namespace),
+                        kubectl_json("get", "service", "web", ns=namespace))
+    _replace(back.workload, namespace)
+    _replace(back.service, namespace)
+    restored_wl = kubectl_json("get", "deployment", "web", ns=namespace)
+    restored_svc = kubectl_json("get", "service", "web", ns=namespace)
+    assert _comparable(restored_wl) == _comparable(original_wl)
+    assert _comparable(restored_svc) == _comparable(original_svc)
+
+
+# --- webhook mode ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def manager(cli_env: dict):
@@ -133,7 +209,20 @@ def test_unlabelled_pods_are_not_injected(manager, namespace):
     assert dry_run_containers(namespace, labelled=False) == ["echo"]
 
 
-# --- stage 4: uninstall leaves nothing behind --------------------------------------------------------
+# --- stage 4: upgrade keeps the certificate and takes a new team mode --------------------------------
+
+def test_upgrade_keeps_tls_and_switches_team_mode(manager, namespace, cli_env):
+    before = kubectl_json("get", "secret", "tpenv-manager-tls", ns="tpenv")["data"]
+    cp = tpenv("manager", "upgrade", "--team-mode", env=cli_env)
+    assert cp.returncode == 0, cp.stderr
+    assert kubectl_json("get", "configmap", "tpenv-manager", ns="tpenv")["data"]["team_mode"] == "true"
+    assert kubectl_json("get", "secret", "tpenv-manager-tls", ns="tpenv")["data"] == before
+    cp = tpenv("manager", "upgrade", env=cli_env)  # no flag: team mode stays as installed
+    assert cp.returncode == 0 and "team mode on" in cp.stdout, cp.stderr
+    wait_until("the webhook after upgrade", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
+
+
+# --- stage 5: uninstall leaves nothing behind --------------------------------------------------------
 
 def test_uninstall_removes_every_object(manager, cli_env):
     cp = tpenv("manager", "uninstall", env=cli_env)

@@ -106,6 +106,13 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     port_key = sp.get("name") or sp["port"]
     plan = plan_injection(w.obj, service, port_key, settings, container=container, auth_secret_exists=secret_exists)
     rolled_out = False
+    svc_name = service["metadata"]["name"]
+    # Dry runs first: a refusal (RBAC, admission, validation) must come before any change.
+    if plan.workload_changed:
+        await kube.replace_workload(w, plan.workload, dry_run=True)
+    if plan.service is not None:
+        await kube.call(kube.core.replace_namespaced_service, svc_name, w.namespace, plan.service, dry_run="All",
+                        what=What("update", "services", w.namespace, svc_name))
     if plan.workload_changed:
         if not secret_exists:
             from tpenv.engine.tunnels import ensure_auth_material

@@ -295,10 +295,13 @@ class Kube:
                               what=What("get", _PLURAL[w.kind], w.namespace, w.name))
         return Workload(w.kind, w.name, w.namespace, obj)
 
-    async def replace_workload(self, w: Workload, obj: dict[str, Any]) -> Workload:
-        """PUT the whole object (carries resourceVersion: a concurrent edit fails instead of being lost)."""
+    async def replace_workload(self, w: Workload, obj: dict[str, Any], *, dry_run: bool = False) -> Workload:
+        """PUT the whole object (carries resourceVersion: a concurrent edit fails instead of being lost).
+
+        ``dry_run``: the API server checks RBAC, admission and validation but stores nothing."""
+        kw = {"dry_run": "All"} if dry_run else {}
         new = await self.call(self._replacer(w.kind), w.name, w.namespace, obj,
-                              what=What("update", _PLURAL[w.kind], w.namespace, w.name))
+                              what=What("update", _PLURAL[w.kind], w.namespace, w.name), **kw)
         return Workload(w.kind, w.name, w.namespace, new)
 
     async def list_workloads(self, namespace: str | None = None) -> list[Workload]:

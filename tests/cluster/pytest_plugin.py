@@ -1,7 +1,7 @@
 """pytest plugin: the cluster for e2e tests, a namespace per test, and a kubectl helper.
 
 Fixtures
-    kubeconfig  (session)  Path of a kubeconfig: $KUBECONFIG when set (any cluster: kind,
+    kubeconfig  (session)  Path of a kubeconfig: $KUBECONFIG when set to another cluster (kind,
                            k3s, cloud), else the local cluster, brought up by `cluster up`.
                            Sets $KUBECONFIG for the rest of the session so subprocesses
                            and the kubernetes client see the same cluster.
@@ -118,16 +118,18 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session")
 def kubeconfig() -> Path:
     given = os.environ.get("KUBECONFIG")
-    if given:
+    local = _cluster_cli.kubeconfig_path()
+    if given and Path(given.split(os.pathsep)[0]) != local:
         return Path(given.split(os.pathsep)[0])
+    # The local cluster: `up` is idempotent (about a second when it runs) and repairs a cluster
+    # someone took down since.
     rc = cluster_command("up")
     if rc != 0:
         pytest.fail(f"the local cluster did not come up (`cluster up` exit {rc}); see the `cluster:` lines "
                     f"above, `python3 devspace.py cluster status` and {_cluster_cli.state_dir() / 'logs'}",
                     pytrace=False)
-    path = _cluster_cli.kubeconfig_path()
-    os.environ["KUBECONFIG"] = str(path)
-    return path
+    os.environ["KUBECONFIG"] = str(local)
+    return local
 
 
 def _slug(text: str, size: int) -> str:

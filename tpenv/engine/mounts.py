@@ -122,7 +122,9 @@ class SshfsMount:
         self._given = Path(path) if path is not None else None
         self.path: Path | None = None
         self._created_dir = False
-        self._options = ["passive", "transform_symlinks", "dir_cache=no", *(extra_options or [])]
+        # follow_symlinks: ConfigMap, Secret and projected volumes are "..data" symlink farms; the
+        # server resolves them, so the handler sees plain files (and needs no readlink support).
+        self._options = ["passive", "follow_symlinks", "dir_cache=no", *(extra_options or [])]
         self._proc: asyncio.subprocess.Process | None = None
         self._channel: tuple[Any, Any] | None = None
         self._pumps: list[asyncio.Task] = []

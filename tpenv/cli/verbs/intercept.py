@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-json", metavar="F", help="write the app's environment to F as JSON")
     parser.add_argument("--mount", metavar="DIR|true|false", default="true",
                         help="mount the app's volumes at DIR (true: a temporary directory; false: no mount)")
+    parser.add_argument("--rewrite-env", action="append", default=[], metavar="NAME",
+                        help="prefix this path-valued variable with the mount root (repeatable; e.g. "
+                             "AWS_WEB_IDENTITY_TOKEN_FILE)")
     parser.add_argument("--docker-run", action="store_true",
                         help="the command is `IMAGE ARGS`: run it with `docker run`, the env file, mounts and port")
     parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
@@ -79,6 +82,10 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
     if headers is not None or path:
         match = {"headers": headers, **path}
     mount: bool | str = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount)
+    if args.rewrite_env:
+        if mount is False:
+            raise UsageError("--rewrite-env needs a mount (it prefixes paths with the mount root)")
+        mount = {"path": mount, "rewrite_env": list(args.rewrite_env)}
     data = {"workload": args.workload, "port": args.port, "match": match, "mount": mount,
             "env": {"file": args.env_file, "format": args.env_syntax}}
     if args.name:

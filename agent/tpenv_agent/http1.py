@@ -31,6 +31,10 @@ class BadMessage(Exception):
     pass
 
 
+class _Unreachable(Exception):
+    """Neither the chosen destination nor its fallback could be connected."""
+
+
 @dataclass
 class Head:
     raw: bytes
@@ -208,16 +212,28 @@ class Http1Relay:
         try:
             up, reused = await pool.get()
             return up, reused, pool
-        except Exception:
+        except Exception as e:
             if fallback is None:
-                raise
-            # The intercept's client is gone; the app is better than an error.
-            self.log.info("channel to the client failed; request goes to the app")
+                self.log.warning("upstream unreachable: %s", type(e).__name__)
+                raise _Unreachable() from e
+        # The intercept's client is gone; the app is better than an error.
+        self.log.info("channel to the client failed; request goes to the app")
+        try:
             up, reused = await fallback.get()
-            return up, reused, fallback
+        except Exception as e:
+            raise _Unreachable() from e
+        return up, reused, fallback
 
     async def _one(self, head: Head) -> bool:
         """One request/response exchange. Returns whether the caller connection lives on."""
+        try:
+            return await self._exchange(head)
+        except _Unreachable:
+            self.writer.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await self.writer.drain()
+            return False
+
+    async def _exchange(self, head: Head) -> bool:
         pool, fallback = self.route(head)
         version = head.start[2]
         if b"upgrade" in head.tokens(b"connection") and head.values(b"upgrade"):

@@ -56,14 +56,14 @@ class _Entry(Half):
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         if self._sniff is None:
-            self.peer.transport.write(data)  # type: ignore[union-attr]
+            super().data_received(data)
             return
         self._sniff += data
         if len(self._sniff) < len(PREFACE) and PREFACE.startswith(self._sniff):
             return  # could still be the preface
         first, self._sniff = bytes(self._sniff), None
         if not first.startswith(PREFACE):
-            self.peer.transport.write(first)  # type: ignore[union-attr]
+            Half.data_received(self, first)
             return
         # HTTP/2: drop the raw app connection (nothing was sent on it) and route per stream.
         other, self.peer = self.peer, None
@@ -75,7 +75,7 @@ class _Entry(Half):
     def eof_received(self) -> bool:
         if self._sniff is not None and self._sniff:
             first, self._sniff = bytes(self._sniff), None
-            self.peer.transport.write(first)  # type: ignore[union-attr]
+            Half.data_received(self, first)
         self._sniff = None
         return super().eof_received()
 

@@ -33,6 +33,10 @@ class Half(asyncio.BufferedProtocol):
         self.eof = False
         self.zero_copy = False
         self.closed = asyncio.get_running_loop().create_future()
+        # Bytes read before the peer is joined. pause_reading() in connection_made should make
+        # this impossible, but CPython before 3.11.4 (Debian bookworm's 3.11.2, the agent image)
+        # re-adds the reader right after connection_made, so early bytes do arrive.
+        self.early = bytearray()
 
     # asyncio.Protocol / asyncssh session interface ---------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -48,6 +52,9 @@ class Half(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.peer is None or self.peer.transport is None:
+            self._hold(self._view[:nbytes])
+            return
         # Handing the peer a view of our buffer is safe only where its write() copies what it
         # cannot send at once: asyncio socket transports on 3.11 (3.12 queues the view as is)
         # but not SSH channels, which keep the object.
@@ -57,14 +64,22 @@ class Half(asyncio.BufferedProtocol):
             self.peer.transport.write(bytes(self._view[:nbytes]))  # type: ignore[union-attr]
 
     def data_received(self, data: Any, datatype: Any = None) -> None:
+        if self.peer is None or self.peer.transport is None:
+            self._hold(data)
+            return
         self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def _hold(self, data: Any) -> None:
+        self.early += data
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
         if peer is None or peer.transport is None:
-            self.close()
-            return False
+            # Not joined yet: keep the half-closed connection; join() passes the EOF on.
+            return True
         if peer.eof:
             # Both directions are done: close after the buffers flush.
             self.close()
@@ -113,6 +128,15 @@ def join(a: Half, b: Half) -> None:
     a.peer, b.peer = b, a
     a.zero_copy = _copies_on_write(b.transport)
     b.zero_copy = _copies_on_write(a.transport)
+    for src, dst in ((a, b), (b, a)):
+        if src.early:
+            dst.transport.write(bytes(src.early))
+            src.early.clear()
+    for src in (a, b):
+        if src.eof:  # ended before the join: replay the EOF now that there is a peer
+            src.eof = False
+            if not src.eof_received():
+                src.close()
     a.transport.resume_reading()
     b.transport.resume_reading()
 

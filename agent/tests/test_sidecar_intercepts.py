@@ -180,3 +180,17 @@ async def test_http1_methods_beyond_the_common_ones_are_routed_per_request(tmp_p
                 assert b'"who": "dev"' in body
                 _, _, body = await c.request("/dav", method="PROPFIND")
                 assert b'"who": "app"' in body
+
+
+async def test_http1_route_mode_routes_keepalive_connections_opened_before_the_intercept(tmp_path):
+    m = auth_material()
+    async with App("app") as app, App("dev") as dev, \
+            run_agent(tmp_path, m, [f"0:{app.port}:http"], extra=["--http1-passthrough", "route"]) as agent:
+        async with Http1(agent.port("http")) as early, RawSession(agent, m, "s1") as s:
+            _, _, body = await early.request("/", ALICE["headers"])
+            assert b'"who": "app"' in body
+            assert (await s.intercept("web", "http", ALICE, dev.port))["ok"]
+            _, _, body = await early.request("/", ALICE["headers"])
+            assert b'"who": "dev"' in body
+            _, _, body = await early.request("/")
+            assert b'"who": "app"' in body

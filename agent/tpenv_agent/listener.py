@@ -10,6 +10,7 @@ registry says, at the moment it arrives.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING, Any
 
 from . import log as logs
@@ -21,6 +22,8 @@ from .splice import Buffered, Half, close_writer, join, splice_streams
 if TYPE_CHECKING:
     from .sidecar import Sidecar
 
+_METHOD_SO_FAR = re.compile(rb"[A-Z][A-Z0-9_-]*")
+
 
 class _Entry(Half):
     """The caller's side of a connection; decides the route in connection_made.
@@ -28,7 +31,9 @@ class _Entry(Half):
     On the raw path to the app it still looks at the caller's first bytes (one
     ``startswith``, nothing more): an h2c preface means a long-lived HTTP/2 or gRPC
     connection, which is handed to the per-stream router even with no intercept yet, so an
-    intercept started later still sees its streams. Server-speaks-first protocols are not
+    intercept started later still sees its streams (``--h2-passthrough route``, default).
+    ``--http1-passthrough route`` does the same for HTTP/1.x (off by default: it costs the
+    request parsing on every passthrough request). Server-speaks-first protocols are not
     delayed: the app is connected before any caller byte is awaited.
     """
 
@@ -44,7 +49,7 @@ class _Entry(Half):
             lst.spawn(lst.sniff(transport))
             return
         super().connection_made(transport)  # paused until the other half is up
-        if holder is None and lst.sidecar.h2_always:
+        if holder is None and (lst.sidecar.h2_always or lst.sidecar.h1_always):
             self._sniff = bytearray()
         lst.spawn(lst.splice_to(self, holder))
 
@@ -59,13 +64,17 @@ class _Entry(Half):
             super().data_received(data)
             return
         self._sniff += data
+        sc = self.listener.sidecar
         if len(self._sniff) < len(PREFACE) and PREFACE.startswith(self._sniff):
             return  # could still be the preface
+        if sc.h1_always and len(self._sniff) < METHOD_SNIFF and _METHOD_SO_FAR.fullmatch(self._sniff):
+            return  # could still be a request line
         first, self._sniff = bytes(self._sniff), None
-        if not first.startswith(PREFACE):
+        routed = (sc.h2_always and first.startswith(PREFACE)) or (sc.h1_always and looks_like_http1(first))
+        if not routed:
             Half.data_received(self, first)
             return
-        # HTTP/2: drop the raw app connection (nothing was sent on it) and route per stream.
+        # HTTP: drop the raw app connection (nothing was sent on it) and route per request.
         other, self.peer = self.peer, None
         if other is not None:
             other.peer = None

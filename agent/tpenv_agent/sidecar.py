@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--h2-passthrough", choices=("route", "raw"), default="route",
                    help="route: h2c connections always go through the per-stream router, so intercepts "
                         "started later see streams of long-lived (gRPC) connections; raw: splice them")
+    p.add_argument("--http1-passthrough", choices=("route", "raw"), default="raw",
+                   help="raw: HTTP/1.x connections accepted while the port has no header intercept are "
+                        "spliced (cheap; keep-alive ones stay with the app); route: parse them too")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -63,6 +66,7 @@ class Sidecar:
         self.app_host = args.app_host
         self.sniff_timeout = args.sniff_timeout
         self.h2_always = args.h2_passthrough == "route"
+        self.h1_always = args.http1_passthrough == "route"
         self.mounts_root = os.path.abspath(args.mounts)
         self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()

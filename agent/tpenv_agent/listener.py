@@ -41,6 +41,7 @@ class _Entry(Half):
         super().__init__()
         self.listener = listener
         self._sniff: bytearray | None = None
+        self.handed_off = False
 
     def connection_made(self, transport: Any) -> None:
         lst = self.listener
@@ -75,6 +76,7 @@ class _Entry(Half):
             Half.data_received(self, first)
             return
         # HTTP: drop the raw app connection (nothing was sent on it) and route per request.
+        self.handed_off = True  # splice_to must not join a half that is still connecting
         other, self.peer = self.peer, None
         if other is not None:
             other.peer = None
@@ -154,7 +156,7 @@ class PortListener:
                 self.log.warning("app port %s unreachable: %s", self.spec.app_port, type(e).__name__)
                 entry.abort()
                 return
-        if entry.transport.is_closing():
+        if entry.transport.is_closing() or entry.handed_off:
             other.close()
             return
         join(entry, other)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "agent" / "tests"))
-from agent_testkit import Http1, auth_material, run_agent  # noqa: E402
+from agent_testkit import H2Caller, Http1, auth_material, run_agent  # noqa: E402
 
 APP = r"""
 import asyncio, sys
@@ -93,6 +93,32 @@ async def throughput(port: int, seconds: float, concurrency: int) -> float:
     return sum(counts) / (time.perf_counter() - t)
 
 
+async def h2_latencies(port: int, n: int) -> list[float]:
+    out = []
+    async with H2Caller(port) as c:
+        for _ in range(n):
+            t = time.perf_counter()
+            r = await c.request("/pkg.Svc/Call", grpc=True, body=b"\0\0\0\0\0")
+            out.append(time.perf_counter() - t)
+            assert r["trailers"].get("grpc-status") == "0"
+    return out
+
+
+async def h2_throughput(port: int, seconds: float, concurrency: int) -> float:
+    """Concurrent gRPC-like calls multiplexed on one h2c connection."""
+    stop = time.perf_counter() + seconds
+    count = 0
+    async with H2Caller(port) as c:
+        async def worker() -> None:
+            nonlocal count
+            while time.perf_counter() < stop:
+                await c.request("/pkg.Svc/Call", grpc=True, body=b"\0\0\0\0\0")
+                count += 1
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count / (time.perf_counter() - t)
+
+
 async def bulk(port: int, size: int) -> float:
     async with Http1(port) as c:
         t = time.perf_counter()
@@ -106,13 +132,16 @@ async def run(args: argparse.Namespace) -> dict:
     app_port = int(await app.stdout.readline())
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            async with run_agent(Path(tmp), auth_material(), [f"0:{app_port}:http"]) as agent:
+            async with run_agent(Path(tmp), auth_material(), [f"0:{app_port}:http"],
+                                 extra=args.agent_arg) as agent:
                 targets = {"direct": app_port, "agent": agent.port("http")}
                 lat = {k: [] for k in targets}
                 fresh = {k: [] for k in targets}
                 rps = {k: [] for k in targets}
                 agent_cpu, agent_reqs = 0.0, 0
                 mbs = {k: [] for k in targets}
+                h2lat = {k: [] for k in targets}
+                h2rps = {k: [] for k in targets}
                 for k, p in targets.items():  # warm up both paths
                     await keepalive_latencies(p, 100)
                 rounds = args.rounds
@@ -127,6 +156,8 @@ async def run(args: argparse.Namespace) -> dict:
                             agent_cpu += cpu_seconds(agent.proc.pid) - c0
                             agent_reqs += int(rps[k][-1] * (time.perf_counter() - t0))
                         mbs[k].append(await bulk(p, args.bulk_mb * 1_000_000))
+                        h2lat[k] += await h2_latencies(p, args.requests // rounds // 2)
+                        h2rps[k].append(await h2_throughput(p, args.seconds / rounds, args.concurrency))
     finally:
         app.kill()
         await app.wait()
@@ -136,6 +167,8 @@ async def run(args: argparse.Namespace) -> dict:
             "keepalive_p50_ms": pct(lat[k], 50) * 1e3, "keepalive_p99_ms": pct(lat[k], 99) * 1e3,
             "fresh_p50_ms": pct(fresh[k], 50) * 1e3, "fresh_p99_ms": pct(fresh[k], 99) * 1e3,
             "rps": statistics.fmean(rps[k]), "bulk_MBps": statistics.fmean(mbs[k]),
+            "h2_p50_ms": pct(h2lat[k], 50) * 1e3, "h2_p99_ms": pct(h2lat[k], 99) * 1e3,
+            "h2_rps": statistics.fmean(h2rps[k]),
         }
     d, a = res["direct"], res["agent"]
     res["added_p50_ms"] = a["keepalive_p50_ms"] - d["keepalive_p50_ms"]
@@ -143,6 +176,9 @@ async def run(args: argparse.Namespace) -> dict:
     res["added_fresh_p50_ms"] = a["fresh_p50_ms"] - d["fresh_p50_ms"]
     res["throughput_ratio"] = a["rps"] / d["rps"]
     res["bulk_ratio"] = a["bulk_MBps"] / d["bulk_MBps"]
+    res["h2_added_p50_ms"] = a["h2_p50_ms"] - d["h2_p50_ms"]
+    res["h2_throughput_ratio"] = a["h2_rps"] / d["h2_rps"]
+    res["agent_args"] = args.agent_arg
     res["agent_cpu_us_per_request"] = agent_cpu / max(agent_reqs, 1) * 1e6
     res["cpus"] = os.cpu_count()
     res["loadavg_after"] = os.getloadavg()[0]
@@ -156,17 +192,23 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--bulk-mb", type=int, default=20)
+    p.add_argument("--agent-arg", action="append", default=[],
+                   help="extra sidecar option, repeatable (e.g. --agent-arg=--http1-passthrough --agent-arg=route)")
     args = p.parse_args()
     res = asyncio.run(run(args))
     d, a = res["direct"], res["agent"]
     rows = [("keep-alive p50 (ms)", "keepalive_p50_ms"), ("keep-alive p99 (ms)", "keepalive_p99_ms"),
             ("fresh conn p50 (ms)", "fresh_p50_ms"), ("fresh conn p99 (ms)", "fresh_p99_ms"),
-            (f"requests/s (c={args.concurrency})", "rps"), ("bulk MB/s", "bulk_MBps")]
-    print(f"{'':24} {'direct':>10} {'agent':>10}")
+            (f"requests/s (c={args.concurrency})", "rps"), ("bulk MB/s", "bulk_MBps"),
+            ("h2 call p50 (ms)", "h2_p50_ms"), ("h2 call p99 (ms)", "h2_p99_ms"),
+            (f"h2 calls/s (1 conn, c={args.concurrency})", "h2_rps")]
+    print(f"{'':28} {'direct':>10} {'agent':>10}")
     for label, key in rows:
-        print(f"{label:24} {d[key]:10.3f} {a[key]:10.3f}")
+        print(f"{label:28} {d[key]:10.3f} {a[key]:10.3f}")
     print(f"added p50 {res['added_p50_ms']:.3f} ms (target <= 0.3), p99 {res['added_p99_ms']:.3f} ms; "
           f"throughput ratio {res['throughput_ratio']:.2%} (target >= 85%), bulk ratio {res['bulk_ratio']:.2%}")
+    print(f"h2 (gRPC-like, always routed per stream): added p50 {res['h2_added_p50_ms']:.3f} ms, "
+          f"throughput ratio {res['h2_throughput_ratio']:.2%}")
     print(f"agent CPU per passthrough request: {res['agent_cpu_us_per_request']:.1f} us "
           f"({res['cpus']} CPUs, load average {res['loadavg_after']:.1f}: the agent, app and load generator share them)")
     print(json.dumps(res))

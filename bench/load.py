@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""The bench's load generator: runs tasks, prints one JSON line per task.
+
+Standard library only (gRPC tasks need ``grpcio``, present in the tpenv/testapp image), so the
+same file runs on the host (loopback, port-forward) and inside a client pod, fed on stdin:
+
+    kubectl exec -i client -- python3 - '<json list of tasks>' < bench/load.py
+    python3 bench/load.py '<json list of tasks>'
+
+Task kinds (every task has "kind", "label", "host", "port"):
+
+    latency  one keep-alive connection, "n" requests of "size" bytes at a fixed "rate" (req/s),
+             optional "headers"; then, if "idle" > 0, one more request after that many seconds idle
+    conc     "conns" keep-alive connections sharing a fixed total "rate" for "seconds": errors, p99
+    rps      "conns" connections, closed loop (next request when the answer is in) for "seconds"
+    bulk     one transfer of "bytes": "dir" down (GET, the server sends) or up (POST, we send)
+    hol      "latency" on one connection while another keeps downloading "bytes" per request
+    grpc     one gRPC channel, "n" unary calls at "rate", optional "headers" (metadata)
+
+Latency is the time from writing a request to its last response byte (service time; requests
+are paced at the fixed rate, and a slow answer delays the next one rather than queueing it).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+BLOCK = os.urandom(1 << 20)
+TIMEOUT = 30.0
+
+
+def pct(samples: list[float], p: float) -> float | None:
+    if not samples:
+        return None
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def summary(lat: list[float]) -> dict:
+    ms = [x * 1e3 for x in lat]
+    return {"p50_ms": pct(ms, 50), "p90_ms": pct(ms, 90), "p99_ms": pct(ms, 99),
+            "max_ms": max(ms) if ms else None, "mean_ms": sum(ms) / len(ms) if ms else None}
+
+
+class Conn:
+    def __init__(self, host: str, port: int, headers: dict | None = None) -> None:
+        self.host, self.port = host, port
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.sides: dict[str, int] = {}  # X-Bench-Side of the answers: "cluster" (the app) or "laptop"
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, method: str = "GET", path: str = "/", body: int = 0, sink: list | None = None) -> int:
+        """One request; returns the number of body bytes received (status must be 200)."""
+        if self.writer is None:
+            await self.open()
+        w, r = self.writer, self.reader
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n").encode() + self.extra
+        if method == "POST":
+            head += b"Content-Length: %d\r\n" % body
+        w.write(head + b"\r\n")
+        left = body
+        while left > 0:
+            n = min(left, len(BLOCK))
+            w.write(BLOCK if n == len(BLOCK) else BLOCK[:n])
+            left -= n
+            await w.drain()
+        resp = await r.readuntil(b"\r\n\r\n")
+        status = int(resp[9:12])
+        length = None
+        for line in resp.split(b"\r\n")[1:]:
+            low = line[:15].lower()
+            if low == b"content-length:":
+                length = int(line[15:])
+            elif low == b"x-bench-side: c" or low == b"x-bench-side: l" or low == b"x-bench-side: h":
+                side = line[13:].strip().decode()
+                self.sides[side] = self.sides.get(side, 0) + 1
+        if length is None:
+            raise ConnectionError(f"answer without Content-Length (status {status})")
+        got = 0
+        while got < length:
+            chunk = await r.read(min(length - got, 1 << 20))
+            if not chunk:
+                raise ConnectionError(f"connection closed after {got} of {length} body bytes")
+            got += len(chunk)
+            if sink is not None:
+                sink.append((time.perf_counter(), got))
+        if status != 200:
+            raise ConnectionError(f"status {status}")
+        return got
+
+
+async def paced(conn: Conn, n: int | None, rate: float, size: int, until: float | None, lat: list, errs: list,
+                phase: float = 0.0, stop: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    interval = 1.0 / rate if rate > 0 else 0.0
+    nxt = loop.time() + phase
+    i = 0
+    path = f"/?size={size}"
+    while (n is None or i < n) and (until is None or time.perf_counter() < until) and not (stop and stop.is_set()):
+        delay = nxt - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        nxt += interval
+        i += 1
+        t = time.perf_counter()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await conn.request("GET", path)
+            lat.append(time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            errs.append(f"{type(e).__name__}: {e}"[:200])
+            conn.close()
+
+
+async def t_latency(t: dict) -> dict:
+    conn = Conn(t["host"], t["port"], t.get("headers"))
+    lat: list[float] = []
+    errs: list[str] = []
+    await conn.request("GET", "/?size=1")  # connect and warm up outside the samples
+    t0 = time.perf_counter()
+    await paced(conn, t["n"], t["rate"], t.get("size", 1024), None, lat, errs)
+    took = time.perf_counter() - t0
+    out = {"n": len(lat) + len(errs), "errors": len(errs), "error_samples": errs[:3], **summary(lat),
+           "rate_target": t["rate"], "rps": (len(lat) + len(errs)) / took}
+    if t.get("raw"):
+        out["samples_ms"] = [round(x * 1e3, 4) for x in lat]
+    if t.get("idle"):
+        await asyncio.sleep(t["idle"])
+        s = time.perf_counter()
+        try:
+            await conn.request("GET", f"/?size={t.get('size', 1024)}")
+            out["idle_ms"] = (time.perf_counter() - s) * 1e3
+        except Exception as e:  # noqa: BLE001
+            out["idle_ms"] = None
+            out["idle_error"] = str(e)
+    out["answered_by"] = conn.sides
+    conn.close()
+    return out
+
+
+async def t_conc(t: dict) -> dict:
+    conns = [Conn(t["host"], t["port"], t.get("headers")) for _ in range(t["conns"])]
+    connect_errs: list[str] = []
+
+    async def opener(c: Conn) -> None:
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await c.request("GET", "/?size=1")
+        except Exception as e:  # noqa: BLE001
+            connect_errs.append(f"{type(e).__name__}: {e}"[:200])
+            c.close()
+
+    await asyncio.gather(*(opener(c) for c in conns))
+    lat: list[float] = []
+    errs: list[str] = []
+    per = t["rate"] / len(conns)
+    t0 = time.perf_counter()
+    until = t0 + t["seconds"]
+    await asyncio.gather(*(paced(c, None, per, t.get("size", 1024), until, lat, errs, phase=i / t["rate"])
+                           for i, c in enumerate(conns)))
+    took = time.perf_counter() - t0
+    sides: dict[str, int] = {}
+    for c in conns:
+        c.close()
+        for k, v in c.sides.items():
+            sides[k] = sides.get(k, 0) + v
+    return {"answered_by": sides, "conns": len(conns), "seconds": t["seconds"], "rate_target": t["rate"], "requests": len(lat),
+            "errors": len(errs) + len(connect_errs), "connect_errors": len(connect_errs),
+            "error_samples": (connect_errs + errs)[:5], "rps": len(lat) / took, **summary(lat)}
+
+
+async def t_rps(t: dict) -> dict:
+    lat: list[float] = []
+    errs: list[str] = []
+    until = time.perf_counter() + t["seconds"]
+    path = f"/?size={t.get('size', 1024)}"
+
+    async def worker() -> None:
+        c = Conn(t["host"], t["port"], t.get("headers"))
+        while time.perf_counter() < until:
+            s = time.perf_counter()
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await c.request("GET", path)
+                lat.append(time.perf_counter() - s)
+            except Exception as e:  # noqa: BLE001
+                errs.append(str(e)[:200])
+                c.close()
+        c.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(t["conns"])))
+    took = time.perf_counter() - t0
+    return {"conns": t["conns"], "requests": len(lat), "errors": len(errs), "error_samples": errs[:3],
+            "rps": len(lat) / took, **summary(lat)}
+
+
+async def t_bulk(t: dict) -> dict:
+    c = Conn(t["host"], t["port"], t.get("headers"))
+    await c.request("GET", "/?size=1")
+    s = time.perf_counter()
+    async with asyncio.timeout(t.get("timeout", 600)):
+        if t["dir"] == "down":
+            got = await c.request("GET", f"/?size={t['bytes']}")
+            assert got == t["bytes"], (got, t["bytes"])
+        else:
+            await c.request("POST", "/", body=t["bytes"])
+    took = time.perf_counter() - s
+    c.close()
+    return {"bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
+
+
+async def t_hol(t: dict) -> dict:
+    stop = asyncio.Event()
+    moved = [0]
+    bulk_errs: list[str] = []
+
+    async def bulk() -> None:
+        c = Conn(t["host"], t["port"], t.get("headers"))
+        while not stop.is_set():
+            try:
+                moved[0] += await c.request("GET", f"/?size={t['bytes']}")
+            except Exception as e:  # noqa: BLE001
+                bulk_errs.append(str(e)[:200])
+                c.close()
+                await asyncio.sleep(0.1)
+        c.close()
+
+    b = asyncio.ensure_future(bulk())
+    await asyncio.sleep(t.get("lead", 0.5))  # the transfer is under way before we sample
+    conn = Conn(t["host"], t["port"], t.get("headers"))
+    lat: list[float] = []
+    errs: list[str] = []
+    t0 = time.perf_counter()
+    m0 = moved[0]
+    await paced(conn, t["n"], t["rate"], t.get("size", 1024), None, lat, errs)
+    took = time.perf_counter() - t0
+    stop.set()
+    conn.close()
+    b.cancel()
+    try:
+        await b
+    except BaseException:  # noqa: BLE001
+        pass
+    return {"n": len(lat) + len(errs), "errors": len(errs), "error_samples": errs[:3], **summary(lat),
+            "bulk_MBps_during": (moved[0] - m0) / took / 1e6, "bulk_errors": len(bulk_errs)}
+
+
+async def t_grpc(t: dict) -> dict:
+    import grpc  # in the testapp image
+    import grpc.aio
+
+    async with grpc.aio.insecure_channel(f"{t['host']}:{t['port']}") as ch:
+        call = ch.unary_unary("/tpenv.Bench/Echo", request_serializer=None, response_deserializer=None)
+        md = [(k.lower(), v) for k, v in (t.get("headers") or {}).items()]
+        await call(b"warm", metadata=md, timeout=TIMEOUT)
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / t["rate"]
+        nxt = loop.time()
+        lat: list[float] = []
+        errs: list[str] = []
+        sources: dict[str, int] = {}
+        for _ in range(t["n"]):
+            d = nxt - loop.time()
+            if d > 0:
+                await asyncio.sleep(d)
+            nxt += interval
+            s = time.perf_counter()
+            try:
+                resp = await call(b"x" * t.get("size", 16), metadata=md, timeout=TIMEOUT)
+                lat.append(time.perf_counter() - s)
+                try:
+                    src = json.loads(resp).get("pod", "?")
+                except ValueError:
+                    src = "?"
+                sources[src] = sources.get(src, 0) + 1
+            except grpc.RpcError as e:
+                errs.append(f"{e.code().name}: {e.details()}"[:200])
+    return {"n": len(lat) + len(errs), "errors": len(errs), "error_samples": errs[:3], "answered_by": sources,
+            **summary(lat)}
+
+
+KINDS = {"latency": t_latency, "conc": t_conc, "rps": t_rps, "bulk": t_bulk, "hol": t_hol, "grpc": t_grpc}
+
+
+async def amain(tasks: list[dict]) -> None:
+    for t in tasks:
+        s = time.perf_counter()
+        try:
+            res = await KINDS[t["kind"]](t)
+        except Exception as e:  # noqa: BLE001 - the task's failure is its result
+            res = {"failed": f"{type(e).__name__}: {e}"[:300]}
+        res.update(label=t.get("label", t["kind"]), kind=t["kind"], wall_s=time.perf_counter() - s)
+        print(json.dumps(res), flush=True)
+
+
+def main() -> None:
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    tasks = json.loads(sys.argv[1])
+    asyncio.run(amain(tasks))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""The bench's HTTP server: the app in the cluster and the developer's handler on the host.
+
+Standard library only (HTTP/2 and gRPC through tpenv-echo's ``serve_h2`` when it is importable:
+in the tpenv/testapp image, or on the host from tests/cluster/apps with ``h2`` installed).
+
+    GET  /?size=N   200 with an N-byte body (default 1024), incompressible bytes
+    POST /          reads the body (Content-Length or chunked), answers {"received": n}
+    h2c / gRPC      tpenv-echo's answer (a small JSON; gRPC status 0)
+
+HTTP/1.1 keep-alive; no logging per request. Port: $PORT or --port (0: any; the chosen port is
+printed on stdout as the first line). Same code on both ends so a figure through tpenv and its
+baseline differ only by the path, not by the server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from urllib.parse import parse_qs, urlsplit
+
+for _p in ("/opt/tpenv-apps", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "cluster", "apps")):
+    if os.path.isdir(_p) and _p not in sys.path:
+        sys.path.insert(0, _p)
+
+H2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+BLOCK = os.urandom(1 << 20)
+SIDE = os.environ.get("BENCH_SIDE", "host").encode()  # who answered: the cluster's app or the laptop  # repeated for big bodies: no compressor in the path can shrink it
+MAX_HEAD = 64 * 1024
+
+
+async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> int:
+    total = 0
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        while True:
+            size = int((await reader.readuntil(b"\n")).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (await reader.readuntil(b"\n")).strip():
+                    pass
+                return total
+            left = size
+            while left:
+                chunk = await reader.read(min(left, 1 << 20))
+                if not chunk:
+                    raise asyncio.IncompleteReadError(b"", left)
+                left -= len(chunk)
+            await reader.readexactly(2)
+            total += size
+    left = int(headers.get("content-length", "0") or 0)
+    while left:
+        chunk = await reader.read(min(left, 1 << 20))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", left)
+        left -= len(chunk)
+        total += len(chunk)
+    return total
+
+
+async def send_body(writer: asyncio.StreamWriter, size: int) -> None:
+    while size > 0:
+        n = min(size, len(BLOCK))
+        writer.write(BLOCK[:n] if n < len(BLOCK) else BLOCK)
+        size -= n
+        await writer.drain()
+
+
+async def serve_http1(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while head:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split()
+        if len(parts) != 3:
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        method, target, version = parts[0], parts[1].decode("latin-1"), parts[2]
+        headers: dict[str, str] = {}
+        for h in lines[1:]:
+            if h:
+                name, _, value = h.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        received = await read_body(reader, headers)
+        conn = headers.get("connection", "").lower()
+        keep = "close" not in conn if version == b"HTTP/1.1" else "keep-alive" in conn
+        tail = b"" if keep else b"Connection: close\r\n"
+        if method == b"POST" or method == b"PUT":
+            body = b'{"received": %d}\n' % received
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Bench-Side: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+                         % (SIDE, len(body), tail, body))
+        else:
+            q = parse_qs(urlsplit(target).query)
+            try:
+                size = int(q.get("size", ["1024"])[0])
+            except ValueError:
+                size = 1024
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Bench-Side: %s\r\nContent-Length: %d\r\n%s\r\n"
+                         % (SIDE, size, tail))
+            if method != b"HEAD":
+                if size <= len(BLOCK):
+                    writer.write(BLOCK[:size])
+                else:
+                    await send_body(writer, size)
+        await writer.drain()
+        if not keep:
+            return
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head == H2_PREFACE[:len(head)] and head.startswith(H2_PREFACE_LINE):
+            await reader.readexactly(len(H2_PREFACE) - len(head))
+            import echo  # tpenv-echo's HTTP/2 + gRPC answers
+
+            echo.QUIET = True
+            await echo.serve_h2(reader, writer)
+        else:
+            await serve_http1(head, reader, writer)
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ImportError):
+        pass
+    finally:
+        writer.close()
+
+
+async def amain(host: str, port: int) -> None:
+    server = await asyncio.start_server(handle, host, port, reuse_address=True, limit=MAX_HEAD, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    args = p.parse_args(argv)
+    asyncio.run(amain(args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

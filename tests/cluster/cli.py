@@ -224,6 +224,7 @@ def down(argv: list[str]) -> int:
     for m in sorted((ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
                      if ln.split()[1].startswith(cd_root)), key=len, reverse=True):
         run(["umount", "-l", m], check=False, quiet=True)
+    _remove_pod_cgroups()
     say("removing iptables chains (KUBE-*, CNI-*, TPENV-*), routes and the cni0 bridge")
     net.teardown()
     shutil.rmtree(state_dir() / "cni" / "ipam", ignore_errors=True)
@@ -234,6 +235,16 @@ def down(argv: list[str]) -> int:
     del lay
     say("cluster down (certs, etcd data and images kept for the next `up`)")
     return 0
+
+
+def _remove_pod_cgroups() -> None:
+    """The kubelet's kubepods cgroups, deepest first (rmdir only works on empty ones; busy ones stay)."""
+    for top in Path("/sys/fs/cgroup").glob("*/kubepods"):
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
 
 
 def _remove_containers() -> None:

@@ -196,16 +196,19 @@ def up(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- down
 
-def _kubelet_mounts() -> list[str]:
-    root = str(state_dir() / "kubelet")
+def _mounts_under(root: Path) -> list[str]:
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     # Deepest first, so nested mounts go before their parents.
-    return sorted((m for m in mounts if m.startswith(root)), key=len, reverse=True)
+    return sorted((m for m in mounts if m.startswith(str(root) + "/")), key=len, reverse=True)
+
+
+def _unmount_under(root: Path) -> None:
+    for m in _mounts_under(root):
+        run(["umount", "-l", m], check=False, quiet=True)
 
 
 def down(argv: list[str]) -> int:
     d = Daemons(state_dir())
-    lay = Layout()
     # Stop the things that recreate pods and rules first, then remove the pods while
     # containerd still runs, then containerd itself.
     for name in ("kube-proxy", "kubelet", "kube-scheduler", "kube-controller-manager", "coredns"):
@@ -217,22 +220,22 @@ def down(argv: list[str]) -> int:
     for name in ("containerd", "kube-apiserver", "etcd"):
         if d.stop(name):
             say(f"stopped {name}")
-    for m in _kubelet_mounts():
-        run(["umount", "-l", m], check=False, quiet=True)
-    # Container rootfs mounts of a killed containerd would otherwise stay.
-    cd_root = str(state_dir() / "containerd")
-    for m in sorted((ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
-                     if ln.split()[1].startswith(cd_root)), key=len, reverse=True):
-        run(["umount", "-l", m], check=False, quiet=True)
+    # Volumes (secrets, emptyDirs, subPath binds) and the rootfs mounts a killed containerd leaves.
+    _unmount_under(state_dir() / "kubelet")
+    _unmount_under(state_dir() / "containerd")
     _remove_pod_cgroups()
     say("removing iptables chains (KUBE-*, CNI-*, TPENV-*), routes and the cni0 bridge")
     net.teardown()
     shutil.rmtree(state_dir() / "cni" / "ipam", ignore_errors=True)
     for p in Path("/var/lib/cni/results").glob("tpenv-*") if Path("/var/lib/cni/results").exists() else []:
         p.unlink(missing_ok=True)
-    # Kubelet's pod state refers to sandboxes that no longer exist.
-    shutil.rmtree(state_dir() / "kubelet" / "pods", ignore_errors=True)
-    del lay
+    # Kubelet's pod state refers to sandboxes that no longer exist. Never rmtree through a mount
+    # (a subPath bind of a hostPath would take host files with it).
+    pods = state_dir() / "kubelet" / "pods"
+    if _mounts_under(pods):
+        say(f"left {pods} in place: still mounted there: {', '.join(_mounts_under(pods)[:3])}")
+    else:
+        shutil.rmtree(pods, ignore_errors=True)
     say("cluster down (certs, etcd data and images kept for the next `up`)")
     return 0
 

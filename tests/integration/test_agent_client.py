@@ -130,3 +130,27 @@ async def test_session_closed_event_fires_when_the_agent_goes_away(tmp_path):
                 await s.list()
             s.close()
             await s.wait_closed()
+
+
+class LoopbackTunnel:
+    """The documented hook, as the port-forward transport implements it, over plain TCP."""
+
+    def __init__(self, real_port: int) -> None:
+        self.real_port = real_port
+        self.asked: list[tuple[str, int]] = []
+
+    async def create_connection(self, session_factory, host, port):
+        self.asked.append((host, port))
+        import asyncio
+        return await asyncio.get_running_loop().create_connection(session_factory, "127.0.0.1", self.real_port)
+
+
+async def test_session_runs_over_a_pluggable_tunnel(tmp_path):
+    m = make_auth_material()
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+        tunnel = LoopbackTunnel(agent.ssh)
+        async with AgentSession("t1", ca_key=m["ca_key"], host_key_pub=m["host_key.pub"],
+                                host="pod/web-0", port=7922, tunnel=tunnel) as s:
+            await s.intercept("web", "http", None, dev.port)
+            assert (await get_once(agent.port("http")))["who"] == "dev"
+        assert tunnel.asked == [("pod/web-0", 7922)]

@@ -1,0 +1,84 @@
+"""The registry's match rules and holder rules, as pure functions (no sockets)."""
+from __future__ import annotations
+
+import pytest
+
+from tpenv_agent.registry import ControlError, Intercept, Match, PortSpec, Registry
+
+
+def H(**kv: str) -> dict[bytes, list[bytes]]:
+    return {k.replace("_", "-").encode(): [v.encode()] for k, v in kv.items()}
+
+
+def test_listen_spec_parses_with_and_without_a_name():
+    assert PortSpec.parse("7900:8080:http") == PortSpec(7900, 8080, "http")
+    assert PortSpec.parse("7900:8080") == PortSpec(7900, 8080, "8080")
+    with pytest.raises(ValueError):
+        PortSpec.parse("http:8080")
+
+
+def test_header_regex_must_match_the_whole_value_and_names_ignore_case():
+    m = Match({"headers": {"X-Dev": "alice|bob"}})
+    assert m.matches(H(x_dev="alice"), b"/")
+    assert m.matches(H(x_dev="bob"), b"/")
+    assert not m.matches(H(x_dev="alice2"), b"/")
+    assert not m.matches({}, b"/")
+
+
+def test_repeated_header_matches_if_any_value_does():
+    m = Match({"headers": {"x-dev": "alice"}})
+    assert m.matches({b"x-dev": [b"bob", b"alice"]}, b"/")
+
+
+def test_path_rules_equal_prefix_regex_ignore_the_query():
+    assert Match({"path": {"equal": "/a"}}).matches({}, b"/a?x=1")
+    assert not Match({"path": {"equal": "/a"}}).matches({}, b"/ab")
+    assert Match({"path": {"prefix": "/api/"}}).matches({}, b"/api/v1")
+    assert Match({"path": {"regex": "/u/[0-9]+"}}).matches({}, b"/u/42?x")
+    assert not Match({"path": {"regex": "/u/[0-9]+"}}).matches({}, b"/u/42/x")
+
+
+@pytest.mark.parametrize("spec", [{"headers": {"a": "("}}, {"path": {"regex": "("}}, {"path": {"nope": "/"}},
+                                  {"path": "/x"}, {"headers": ["a"]}, "all"])
+def test_bad_match_specs_are_bad_requests(spec):
+    with pytest.raises(ControlError) as e:
+        Match(spec)
+    assert e.value.code == "bad-request"
+
+
+def icpt(reg: Registry, iid: str, match: dict | None, owner: object = None) -> Intercept:
+    return Intercept(iid, iid.split(":")[0], reg.ports[0], None if match is None else Match(match),
+                     ("tpenv", 1), owner)
+
+
+def test_routing_checks_header_intercepts_before_the_all_tcp_holder():
+    reg = Registry([PortSpec(7900, 8080, "http")])
+    port = reg.ports[0]
+    assert reg.route_request(port, H(x_dev="a"), b"/") is None
+    reg.add(icpt(reg, "all:x", None))
+    reg.add(icpt(reg, "a:x", {"headers": {"x-dev": "a"}}))
+    assert reg.route_request(port, H(x_dev="a"), b"/").intercept_id == "a:x"
+    assert reg.route_request(port, H(x_dev="b"), b"/").intercept_id == "all:x"
+
+
+def test_conflicts_name_the_holder_and_same_id_replaces():
+    reg = Registry([PortSpec(7900, 8080, "http")])
+    first = reg.add(icpt(reg, "alice:web", None))
+    with pytest.raises(ControlError) as e:
+        reg.add(icpt(reg, "bob:web", None))
+    assert e.value.code == "conflict" and "alice:web" in e.value.message
+    ended = []
+    reg.on_end.append(ended.append)
+    reg.add(icpt(reg, "alice:web", None))
+    assert ended == [first] and first.ended and len(reg.all()) == 1
+
+
+def test_remove_owned_by_ends_only_that_owners_intercepts():
+    reg = Registry([PortSpec(7900, 8080, "http")])
+    a, b = object(), object()
+    reg.add(icpt(reg, "s1:x", {"headers": {"x": "1"}}, owner=a))
+    reg.add(icpt(reg, "s2:x", {"headers": {"x": "2"}}, owner=b))
+    assert [i.intercept_id for i in reg.remove_owned_by(a)] == ["s1:x"]
+    assert [i.intercept_id for i in reg.all()] == ["s2:x"]
+    with pytest.raises(ControlError):
+        reg.remove("s1:x")

@@ -1,0 +1,163 @@
+"""`python3 devspace.py demo`: the main job of tpenv, on the local cluster, in one command.
+
+1. deploys examples/hello (an echo server Deployment and Service, port 80 -> 8080) into the
+   namespace `tpenv-demo`, with a client pod to send requests from inside the cluster;
+2. runs `tpenv up` on examples/hello/telepresence.yaml: the agent is injected, the
+   Service's traffic goes to server.py on this machine, with the pod's env;
+3. sends a request from the client pod and shows who answered;
+4. keeps `tpenv up` running and says what to try (`--once`: stops it, checks the cluster
+   answers again, removes the namespace, and exits 0 only if the laptop had answered).
+
+devspace.py runs this with the project's venv and KUBECONFIG pointing at the cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HELLO = HERE / "hello"
+NS = "tpenv-demo"
+TPENV = str(Path(sys.executable).parent / "tpenv")
+LAPTOP = "hello from the laptop"
+
+
+def say(msg: str) -> None:
+    print(f"demo: {msg}", flush=True)
+
+
+def kubectl_cmd() -> list[str]:
+    sys.path.insert(0, str(HERE.parent / "tests" / "cluster"))
+    from pytest_plugin import kubectl_binary  # noqa: PLC0415 - the cluster kit picks the right kubectl
+
+    return [kubectl_binary()]
+
+
+def kubectl(*args: str, check: bool = True, input: str | None = None, timeout: float = 180) -> str:
+    cp = subprocess.run([*KUBECTL, *args], capture_output=True, text=True, input=input, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise SystemExit(f"demo: kubectl {' '.join(args)} failed:\n{cp.stderr.strip()}")
+    return cp.stdout
+
+
+def in_cluster_get(path: str) -> str:
+    """A request from the client pod, as any caller in the cluster would send it."""
+    cp = subprocess.run([*KUBECTL, "-n", NS, "exec", "demo-client", "--", "curl", "-s", "-m", "5",
+                         f"http://hello.{NS}{path}"], capture_output=True, text=True, timeout=30)
+    return cp.stdout.strip() if cp.returncode == 0 else f"(no answer: {cp.stderr.strip() or cp.returncode})"
+
+
+def who(answer: str) -> str:
+    if answer.startswith(LAPTOP) or "EDITED" in answer:
+        return "this machine"
+    try:
+        return f"the cluster (pod {json.loads(answer)['pod']})"
+    except (ValueError, KeyError):
+        return "nobody"
+
+
+def deploy() -> None:
+    deadline = time.monotonic() + 180
+    while kubectl("get", "namespace", NS, "-o", "jsonpath={.status.phase}", check=False) == "Terminating":
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: namespace {NS} is still being deleted from an earlier run; try again later")
+        say(f"waiting for the previous run's namespace {NS} to be deleted")
+        time.sleep(3)
+    say(f"deploying examples/hello into namespace {NS}")
+    kubectl("create", "namespace", NS, check=False)
+    kubectl("-n", NS, "apply", "-f", str(HELLO / "k8s.yaml"))
+    kubectl("-n", NS, "run", "demo-client", "--image=tpenv/testapp:dev", "--image-pull-policy=Never",
+            "--restart=Never", "--command", "--", "sleep", "infinity", check=False)
+    kubectl("-n", NS, "rollout", "status", "deployment/hello", "--timeout=180s", timeout=200)
+    kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/demo-client", "--timeout=120s", timeout=150)
+    say(f"before tpenv: GET http://hello.{NS}/ is answered by {who(in_cluster_get('/'))}")
+
+
+class Up:
+    """`tpenv up` as a child: its output passes through, and we watch it for readiness."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        cmd = [TPENV, "up", "-f", str(HELLO / "telepresence.yaml"), "-n", NS]
+        say("running: tpenv up -f examples/hello/telepresence.yaml -n " + NS)
+        self.proc = subprocess.Popen(cmd, cwd=HELLO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            sys.stdout.write("  | " + line)
+            sys.stdout.flush()
+            if "handler/hello started" in line:
+                self.ready.set()
+        self.ready.set()  # ended: stop waiting either way
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="devspace.py demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true",
+                        help="one round trip, then clean up; exit 0 only if the laptop answered")
+    args = parser.parse_args()
+    with socket.socket() as probe:  # server.py must get 127.0.0.1:8080, where the intercept delivers
+        if probe.connect_ex(("127.0.0.1", 8080)) == 0:
+            say("127.0.0.1:8080 is in use on this machine (another tpenv up or server?); stop it and try again")
+            return 1
+    deploy()
+    up = Up()
+    if not up.ready.wait(240) or up.proc.poll() is not None:
+        say("tpenv up did not come up; its output is above")
+        up.stop()
+        return 1
+    # The handler has started; give the intercept's first request a few tries while
+    # server.py binds its port.
+    answer = ""
+    for _ in range(20):
+        answer = in_cluster_get("/from-the-cluster")
+        if answer.startswith(LAPTOP):
+            break
+        time.sleep(0.5)
+    answered = answer.startswith(LAPTOP)
+    say(f"with tpenv up: GET http://hello.{NS}/from-the-cluster is answered by {who(answer)}: {answer!r}")
+    if args.once:
+        rc = up.stop()
+        after = ""
+        for _ in range(30):
+            after = in_cluster_get("/")
+            if who(after).startswith("the cluster"):
+                break
+            time.sleep(1)
+        say(f"after tpenv up stopped (exit {rc}): answered by {who(after)}")
+        kubectl("delete", "namespace", NS, "--wait=false", check=False)
+        ok = answered and rc == 0 and who(after).startswith("the cluster")
+        say("OK: the laptop answered, and the cluster was left as it was" if ok else "FAILED: see above")
+        return 0 if ok else 1
+    say(f"""tpenv up keeps running; try, in another shell (export KUBECONFIG={os.environ.get('KUBECONFIG')}):
+    - edit examples/hello/server.py (the greeting): the handler restarts; ask again with
+        kubectl -n {NS} exec demo-client -- curl -s http://hello.{NS}/
+    - delete the pod: kubectl -n {NS} delete pod -l app=hello   (the intercept comes back by itself)
+    - add a header match in examples/hello/telepresence.yaml (match: {{headers: auto}}): only your
+      requests (x-telepresence-intercept-id) reach this machine, the rest stay in the cluster
+    - .venv/bin/tpenv status     (every unit, from another shell)
+    - Ctrl-C here, or .venv/bin/tpenv down: the cluster answers again""")
+    try:
+        return up.proc.wait()
+    except KeyboardInterrupt:
+        return up.stop()
+
+
+KUBECTL = kubectl_cmd()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -140,9 +140,15 @@ class AgentSession:
             self._conn.close()
             raise TunnelDropped(f"the agent refused the control channel: {e}") from e
         self._tasks.append(asyncio.ensure_future(self._read_answers()))
-        self.info = await self.hello()
+        try:
+            self.info = await asyncio.wait_for(self.hello(), self._connect_timeout)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, asyncio.TimeoutError):
+                raise TunnelDropped("the agent did not answer hello") from e
+            raise
         lease = float(self.info.get("lease") or 5)
-        self._tasks.append(asyncio.ensure_future(self._ping_loop(lease / 5)))
+        self._tasks.append(asyncio.ensure_future(self._ping_loop(lease / 5, lease)))
         self.log.info("%s connected to pod %s", self._prefix, self.info.get("pod"))
         return self.info
 
@@ -198,12 +204,17 @@ class AgentSession:
             return
         self._lost("control channel closed by the agent")
 
-    async def _ping_loop(self, every: float) -> None:
-        # A timer, not a readiness poll: the lease needs a heartbeat.
+    async def _ping_loop(self, every: float, lease: float) -> None:
+        # A timer, not a readiness poll: the lease needs a heartbeat. A ping unanswered for a
+        # whole lease means the agent has dropped our intercepts already: say so now rather
+        # than when SSH keepalives give up.
         while True:
             await asyncio.sleep(every)
             try:
-                await self.request("ping")
+                await asyncio.wait_for(self.request("ping"), max(lease, 1.0))
+            except asyncio.TimeoutError:
+                self._lost("no answer to ping within the lease")
+                return
             except TunnelDropped:
                 return
 
@@ -239,7 +250,7 @@ class AgentSession:
         listen_port = next(self._ports)
         try:
             listener = await self._conn.forward_remote_port(FORWARD_HOST, listen_port, "127.0.0.1", local_port)
-        except (OSError, asyncssh.Error) as e:
+        except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as e:
             raise TunnelDropped(f"the agent refused the forward: {e}") from e
         try:
             answer = await self.request("intercept", intercept_id=f"{self.session_id}:{name}", port=port,

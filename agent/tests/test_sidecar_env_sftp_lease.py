@@ -62,7 +62,7 @@ async def test_sftp_lists_reads_and_writes_the_mounts_chrooted(tmp_path):
 
 async def test_intercepts_end_when_pings_stop_for_a_lease(tmp_path):
     m = auth_material()
-    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"], lease=1) as agent:
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"], lease=3) as agent:
         async with RawSession(agent, m, "s1") as s:
             assert (await s.intercept("all", "http", None, dev.port))["ok"]
             assert (await get_once(agent.port("http")))["who"] == "dev"

@@ -121,7 +121,7 @@ async def test_steady_stream_has_zero_failures_across_intercept_start_stop_freez
     client_auth.mkdir()
     (client_auth / "ca_key").write_bytes(m["ca_key"])
     (client_auth / "host_key.pub").write_bytes(m["host_key.pub"])
-    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"], lease=1) as agent:
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"], lease=3) as agent:
         port = agent.port("http")
         # Stage 1: the stream runs.
         stream = Stream(port)

@@ -169,6 +169,24 @@ def test_install_brings_the_webhook_up(manager, namespace, cli_env):
     assert cm["data"]["team_mode"] == "false"
 
 
+def test_manager_rights_are_least_privilege(manager, namespace):
+    def can(*what: str, as_: str = "system:serviceaccount:tpenv:tpenv-manager") -> bool:
+        cp = kubectl("auth", "can-i", *what, f"--as={as_}", ns=namespace, check=False)
+        return cp.stdout.strip() == "yes"
+
+    assert can("create", "secrets")
+    assert not can("get", "secrets") and not can("list", "secrets") and not can("delete", "secrets")
+    assert not can("get", "pods") and not can("patch", "deployments")
+    # Every user may read the client defaults, and nothing else in tpenv through that Role.
+    user = "some-developer"
+    cp = kubectl("auth", "can-i", "get", "configmap/tpenv-manager", f"--as={user}",
+                 "--as-group=system:authenticated", ns="tpenv", check=False)
+    assert cp.stdout.strip() == "yes"
+    cp = kubectl("auth", "can-i", "get", "secret/tpenv-manager-tls", f"--as={user}",
+                 "--as-group=system:authenticated", ns="tpenv", check=False)
+    assert cp.stdout.strip() == "no"
+
+
 # --- stage 2: a labelled Deployment's pods get the agent -------------------------------------------
 
 def test_labelled_deployment_pod_gets_the_agent(manager, namespace, cli_env, agent_image):

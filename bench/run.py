@@ -161,13 +161,18 @@ def manifests(ns: str) -> list[dict]:
     ]
 
 
+def short_err(text: str) -> str:
+    """kubectl's stderr without the long URLs it quotes, last 300 characters."""
+    return re.sub(r'"?https?://[^"\s]*"?', "<url>", " ".join(text.split()))[-300:]
+
+
 def in_cluster(ns: str, tasks: list[dict], budget: float) -> list[dict]:
     """Run load tasks in the client pod; one result per task (a failed task carries "failed")."""
     cp = kubectl("exec", "-i", "bench-client", "--", "python3", "-", json.dumps(tasks), ns=ns, input=LOAD,
                  timeout=budget + 60, check=False)
     out = [json.loads(line) for line in cp.stdout.splitlines() if line.startswith("{")]
     if len(out) < len(tasks):
-        raise Unavailable(f"load in the client pod stopped (exit {cp.returncode}): {cp.stderr.strip()[-300:]}")
+        raise Unavailable(f"load in the client pod stopped (exit {cp.returncode}): {short_err(cp.stderr)}")
     return out
 
 
@@ -350,7 +355,7 @@ class PortForward:
         t.join(30)
         if not got:
             self.stop()
-            raise Unavailable(f"kubectl port-forward did not start: {(self.proc.stderr.read() or '')[-300:]}")
+            raise Unavailable(f"kubectl port-forward did not start: {short_err(self.proc.stderr.read() or '')}")
         self.port = got[0]
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
@@ -378,6 +383,70 @@ class LocalServer:
             self.proc.wait(5)
         if self.proc.poll() is None:
             self.proc.kill()
+
+
+class Profile:
+    """py-spy (PyPI) sampling host pids while a step runs: collapsed stacks + a top-functions summary."""
+
+    def __init__(self, out: Path | None, name: str, pids: dict[str, list[int]]) -> None:
+        self.out, self.name, self.pids, self.procs = out, name, pids, []
+
+    def __enter__(self) -> "Profile":
+        spy = Path(sys.executable).parent / "py-spy"
+        if self.out is None or not spy.exists():
+            return self
+        for who, pids in self.pids.items():
+            for pid in pids[:1]:
+                f = self.out / f"{self.name}-{who}.txt"
+                self.procs.append((who, f, subprocess.Popen(
+                    [str(spy), "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(f), "--nonblocking",
+                     "-d", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        time.sleep(0.5)
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.monotonic() - self.t0 if self.procs else 0.0
+        for _, _, p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for _, _, p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def summaries(self) -> dict[str, dict]:
+        return {who: top_functions(f, self.seconds) for who, f, _ in self.procs if f.exists()}
+
+
+# Leaf frames of a thread that waits (py-spy does not always see idleness inside a container).
+IDLE_LEAVE = re.compile(r"^(\w+\.)?(select|_worker|wait|get|sleep) \((.*/)?(selectors|thread|threading|queue)\.py:")
+
+
+def top_functions(path: Path, seconds: float = 0.0, rate: int = 250, n: int = 12) -> dict:
+    """From py-spy's collapsed stacks (waiting threads left out): the share of busy samples each function
+    had on top of the stack (self) and anywhere in it (total); busy = busy samples / (seconds x rate)."""
+    self_c: dict[str, int] = {}
+    total_c: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        if IDLE_LEAVE.match(stack.rsplit(";", 1)[-1]):
+            continue
+        c = int(count)
+        samples += c
+        frames = [re.sub(r" \((.*/)?([^/]+)\)", r" (\2)", f) for f in stack.split(";")]
+        self_c[frames[-1]] = self_c.get(frames[-1], 0) + c
+        for f in set(frames):
+            total_c[f] = total_c.get(f, 0) + c
+
+    def top(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, round(v / max(samples, 1), 3)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+
+    return {"samples": samples, "busy": round(samples / (seconds * rate), 3) if seconds else None,
+            "self": top(self_c), "total": top(total_c), "file": str(path)}
 
 
 # ------------------------------------------------------------------------------ mount
@@ -428,8 +497,10 @@ print("ok")
 # ------------------------------------------------------------------------------ the run
 
 class Bench:
-    def __init__(self, mode: str, out_dir: Path, keep: bool) -> None:
+    def __init__(self, mode: str, out_dir: Path, keep: bool, profile: Path | None = None) -> None:
         self.mode, self.m, self.out_dir, self.keep = mode, MODES[mode], out_dir, keep
+        self.profile_dir = profile
+        self.profiles: dict[str, dict] = {}
         self.ns = "tpenv-bench-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
         self.rows: dict[tuple[str, str], Any] = {}
         self.notes: list[str] = []
@@ -485,6 +556,14 @@ class Bench:
     def grpc(self, label: str, host: str, port: int, headers: dict | None = None) -> dict:
         return {"kind": "grpc", "label": label, "host": host, "port": port, "n": self.m["grpc_n"],
                 "rate": self.m["grpc_rate"], "headers": headers or {}}
+
+    @contextlib.contextmanager
+    def profile(self, name: str, pids: dict[str, list[int]]):
+        prof = Profile(self.profile_dir, name, pids)
+        with prof:
+            yield
+        for who, summary in prof.summaries().items():
+            self.profiles[f"{name}/{who}"] = summary
 
     @staticmethod
     def checked(r: dict) -> dict:
@@ -598,9 +677,12 @@ class Bench:
 
             self.step("intercept: latency", [("latency", "intercept")], latency)
 
+            who = {"client": [ic.proc.pid], "agent": apids}
+
             def bulk() -> None:
                 c0, a0, i0 = client.sample()[0], self.agent_procs.sample()[0] if self.agent_procs else 0, infra.sample()[0]
-                r = self.cluster([self.bulk("down", ip, port, "down"), self.bulk("up", ip, port, "up")])
+                with self.profile("intercept-bulk", who):
+                    r = self.cluster([self.bulk("down", ip, port, "down"), self.bulk("up", ip, port, "up")])
                 c1, a1, i1 = client.sample()[0], self.agent_procs.sample()[0] if self.agent_procs else 0, infra.sample()[0]
                 self.put("bulk", "intercept", bulk_row(r[0], r[1]))
                 gb = 2 * self.m["bulk"] / 1e9
@@ -613,7 +695,8 @@ class Bench:
                                           ("resources", "agent_cpu_per_gb"), ("resources", "infra_cpu_per_gb")], bulk)
 
             def conc() -> None:
-                with PeakRss(client) as cp, PeakRss(self.agent_procs or Procs([])) as ap:
+                with PeakRss(client) as cp, PeakRss(self.agent_procs or Procs([])) as ap, \
+                        self.profile("intercept-concurrency", who):
                     r = self.checked(self.cluster([self.conc("conc", ip, port)])[0])
                 self.put("concurrency", "intercept", r)
                 self.put("resources", "client_rss_load", {"MiB": cp.peak / MiB})
@@ -673,7 +756,9 @@ class Bench:
                                   "conns": self.m["pt_conns"], "seconds": self.m["pt_s"] / rounds, "size": KiB}]
                     tasks.append(self.bulk(f"bulk-down:{k}", ip, 80, "down", self.m["pt_bulk"] // rounds))
                     tasks.append(self.bulk(f"bulk-up:{k}", ip, 80, "up", self.m["pt_bulk"] // rounds))
-                for r in self.cluster(tasks):
+                with self.profile(f"passthrough-round{i}", {"agent": self.agent_procs.pids if self.agent_procs else []}):
+                    results = self.cluster(tasks)
+                for r in results:
                     kind, k = r["label"].split(":")
                     self.checked(r)
                     {"lat": lat, "rps": rps}.get(kind, bulks)[k].append(r)
@@ -791,6 +876,7 @@ class Bench:
 
     def run(self) -> dict:
         load0 = os.getloadavg()
+        api0 = infra_pids()
         try:
             self.setup()
             self.phase_loopback()
@@ -805,6 +891,9 @@ class Bench:
         finally:
             self.cleanup()
         self.unavailable([(g, k) for g, k, _ in ROWS], "not measured")
+        if infra_pids() != api0:
+            self.notes.append(f"the cluster's daemons restarted during this run (pids {api0} -> {infra_pids()}: "
+                              "another session's `cluster down/up`?); rows measured around it are suspect")
         return self.report(load0)
 
     def report(self, load0: tuple) -> dict:
@@ -816,6 +905,7 @@ class Bench:
             "duration_s": time.monotonic() - self.started, "namespace": self.ns,
             "machine": machine(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
             "rows": rows, "targets": targets(self.rows), "notes": self.notes,
+            **({"profiles": self.profiles} if self.profiles else {}),
         }
 
 
@@ -958,6 +1048,13 @@ def table(res: dict) -> str:
             group = r["group"]
             lines.append(f"\n[{group}]")
         lines.append(f"  {r['label']:<66} {cell(r['group'], r['value'])}")
+    for name, prof in res.get("profiles", {}).items():
+        busy = f", busy {prof['busy']:.0%} of the step" if prof.get("busy") is not None else ""
+        lines.append(f"\nprofile {name} ({prof['samples']} busy samples{busy}), most time on top of the stack:")
+        for fn, share in prof["self"][:6]:
+            lines.append(f"  {share:6.1%}  {fn}")
+    for n in res["notes"]:
+        lines.append(f"\nnote: {n}")
     lines.append("\n[targets]")
     for t in res["targets"]:
         lines.append(f"  {t['target']:<56} {fmt(t['measured'], 3):>10}  want {t['wanted']:<8} {t['status']}"
@@ -1021,10 +1118,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--smoke", action="store_true", help="every row once with tiny counts (CI), under a minute")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory (default bench/results)")
     p.add_argument("--keep", action="store_true", help="keep the bench namespace afterwards")
+    p.add_argument("--profile", action="store_true",
+                   help="sample the tpenv client and the agent with py-spy during the intercept's bulk and "
+                        "concurrency steps and the passthrough rounds (top functions in the JSON)")
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.out.mkdir(parents=True, exist_ok=True)
-    b = Bench(mode, args.out, args.keep)
+    stamp0 = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    prof = args.out / f"profiles-{stamp0}" if args.profile else None
+    if prof:
+        prof.mkdir(parents=True, exist_ok=True)
+    b = Bench(mode, args.out, args.keep, prof)
 
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt

@@ -78,7 +78,13 @@ def deploy() -> None:
             "--restart=Never", "--command", "--", "sleep", "infinity", check=False)
     kubectl("-n", NS, "rollout", "status", "deployment/hello", "--timeout=180s", timeout=200)
     kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/demo-client", "--timeout=120s", timeout=150)
-    say(f"before tpenv: GET http://hello.{NS}/ is answered by {who(in_cluster_get('/'))}")
+    before = ""
+    for _ in range(30):  # rolled out is not yet routed: the Service's endpoints follow readiness
+        before = in_cluster_get("/")
+        if who(before).startswith("the cluster"):
+            break
+        time.sleep(1)
+    say(f"before tpenv: GET http://hello.{NS}/ is answered by {who(before)}")
 
 
 class Up:

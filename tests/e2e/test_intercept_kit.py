@@ -136,7 +136,7 @@ def client_pod(ns: str, name: str = "client") -> str:
 
 
 def curl(ns: str, url: str, *headers: str, pod: str = "client") -> str:
-    args = ["exec", pod, "--", "curl", "-sS", "-m", "10"]
+    args = ["exec", pod, "--", "curl", "-sS", "-m", "10", "--connect-timeout", "3"]
     for h in headers:
         args += ["-H", h]
     return kubectl(*args, url, ns=ns).stdout

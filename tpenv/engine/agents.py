@@ -127,6 +127,8 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         await kube.call(kube.core.replace_namespaced_service, service["metadata"]["name"], w.namespace,
                         plan.service, what=What("update", "services", w.namespace, service["metadata"]["name"]))
         service = plan.service
+    agent_port = next(e["agent_port"] for e in plan.record["ports"] if e["name"] == port_name)
+    await wait_endpoints(kube, w, service, sp, agent_port, port_name, progress=say)
     return AgentReady(w, service, plan.record, port_name, plan.record["container"], rolled_out)
 
 
@@ -307,3 +309,67 @@ async def wait_agent_gone(kube: Kube, w: Workload, *, timeout: float, progress: 
 async def _all_seen(kube: Kube, w: Workload, pods: dict[str, dict[str, Any]]) -> bool:
     current = await kube.pods_of(w)
     return all(p["metadata"]["uid"] in pods for p in current)
+
+
+async def prune_agent_history(kube: Kube, w: Workload) -> list[str]:
+    """Delete a Deployment's old ReplicaSets (scaled to 0) whose template carries the agent: the
+    rollout history tpenv created; the cluster should look as if tpenv never patched it."""
+    if w.kind != "Deployment":
+        return []
+    data = await kube.call(kube.apps.list_namespaced_replica_set, w.namespace, label_selector=w.selector,
+                           what=What("list", "replicasets", w.namespace))
+    uid = w.obj["metadata"].get("uid")
+    deleted = []
+    for rs in data.get("items", []):
+        meta = rs["metadata"]
+        owned = any(o.get("uid") == uid for o in meta.get("ownerReferences") or [])
+        tpl_labels = ((rs["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+        if owned and LABEL_AGENT in tpl_labels and not (rs["spec"].get("replicas") or 0) \
+                and not (rs.get("status") or {}).get("replicas"):
+            try:
+                await kube.call(kube.apps.delete_namespaced_replica_set, meta["name"], w.namespace,
+                                what=What("delete", "replicasets", w.namespace, meta["name"]))
+            except NotFound:
+                continue
+            deleted.append(meta["name"])
+    return deleted
+
+
+async def wait_endpoints(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], agent_port: int,
+                         port_name: str, *, timeout: float = 30.0, progress: Progress | None = None) -> bool:
+    """Until the Service's EndpointSlices send this port only to agents (port ``agent_port`` on pods
+    whose agent serves ``port_name``): the rollout being done is not enough, the EndpointSlice
+    controller lags behind it (and behind a targetPort rewrite). False on timeout (not an error:
+    traffic still flows, through the app directly, until the slices catch up)."""
+    svc = service["metadata"]["name"]
+    slice_port = sp.get("name") or ""
+    slices: dict[str, dict[str, Any]] = {}
+    pods = {p["metadata"]["name"] for p in await kube.pods_of(w) if pod_serves(p, port_name)}
+
+    def settled() -> bool:
+        ready_refs, ports_ok = [], True
+        for s in slices.values():
+            nums = [p.get("port") for p in s.get("ports") or [] if (p.get("name") or "") == slice_port]
+            eps = [e for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")]
+            if eps and nums and any(n != agent_port for n in nums):
+                ports_ok = False
+            ready_refs += [((e.get("targetRef") or {}).get("name")) for e in eps]
+        return ports_ok and bool(ready_refs) and all(r in pods for r in ready_refs)
+
+    try:
+        async with asyncio.timeout(timeout):
+            async with kube.watch(kube.discovery.list_namespaced_endpoint_slice, w.namespace,
+                                  label_selector=f"kubernetes.io/service-name={svc}",
+                                  what=What("watch", "endpointslices.discovery.k8s.io", w.namespace)) as events:
+                async for kind, s in events:
+                    if kind == "DELETED":
+                        slices.pop(s["metadata"]["name"], None)
+                    else:
+                        slices[s["metadata"]["name"]] = s
+                    if settled():
+                        return True
+    except TimeoutError:
+        if progress:
+            progress(f"Service {svc}: its endpoints did not switch to the agents within {timeout:.0f}s")
+        return False
+    return False

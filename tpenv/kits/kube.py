@@ -174,6 +174,7 @@ class Kube:
         self.core = k8s.CoreV1Api(self.api)
         self.apps = k8s.AppsV1Api(self.api)
         self.auth = k8s.AuthorizationV1Api(self.api)
+        self.discovery = k8s.DiscoveryV1Api(self.api)
         self._watches: set[_Watch] = set()
         self._closed = False
 

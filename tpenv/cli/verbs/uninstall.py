@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpenv.engine.agents import injected_workloads, remove_agent, wait_agent_gone
+from tpenv.engine.agents import injected_workloads, prune_agent_history, remove_agent, wait_agent_gone
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, restore
@@ -49,6 +49,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
             timeout = float(ctx.settings.kube.rollout_timeout)
             for w in workloads:
                 await wait_agent_gone(kube, w, timeout=timeout, progress=say)
+                await prune_agent_history(kube, await kube.reload(w))
     if args.agent and not done["workloads"]:
         ctx.emit(f"{args.agent}: no tpenv agent to remove", done)
     else:

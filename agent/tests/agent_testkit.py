@@ -68,6 +68,8 @@ class App:
         self.port = 0
         self.requests = 0
         self.connections = 0
+        self.gate = asyncio.Event()      # paths starting with /slow wait for it
+        self.arrived = asyncio.Event()   # set when a /slow request arrives
         self._server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> "App":
@@ -136,6 +138,9 @@ class App:
                     writer.write(data)
                     await writer.drain()
                 return
+            if path.startswith("/slow"):
+                self.arrived.set()
+                await self.gate.wait()
             if "/big?n=" in path:
                 n = int(path.split("n=")[1])
                 writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-who: " + self.name.encode() + b"\r\n\r\n")
@@ -175,6 +180,10 @@ class App:
                     r = reqs.pop(ev.stream_id)
                     self.requests += 1
                     h = r["headers"]
+                    if h[":path"].startswith("/slow"):
+                        self.arrived.set()
+                        writer.write(conn.data_to_send())
+                        await self.gate.wait()
                     body = self.answer(h[":path"], r["body"], h.get("x-probe"))
                     grpc = h.get("content-type", "").startswith("application/grpc")
                     conn.send_headers(ev.stream_id, [(":status", "200"), ("content-type", h.get("content-type", "application/json"))])

@@ -177,3 +177,44 @@ def test_pod_record_allows_restore_like_a_workload():
     assert record["container"] == "app" and record["ports"][0]["renamed"] == "tpx-http"
     assert p == pod(container("app", {"name": "http", "containerPort": 8080}))  # input untouched
     assert copy.deepcopy(injected) == injected
+
+
+# --- stage 5: a served port again refreshes a stale agent, and only then ---------------------------
+
+def _served():
+    app = container("app", {"name": "http", "containerPort": 8080})
+    app["env"] = [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    svc = service({"name": "http", "port": 80, "targetPort": "http"})
+    out, _, _ = inject(deployment(app), svc, "http", settings=SETTINGS)
+    return out, svc
+
+
+def test_server_defaults_do_not_count_as_stale():
+    out, svc = _served()
+    a = agent(out)  # what the API server adds when it stores the object
+    a.update(terminationMessagePath="/dev/termination-log", terminationMessagePolicy="File", resources={})
+    a["readinessProbe"].update(timeoutSeconds=1, successThreshold=1, failureThreshold=3)
+    a["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
+    a["env"][0]["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
+    again, again_svc, _ = inject(out, svc, "http", settings=SETTINGS)
+    assert again == out and again_svc is None
+
+
+def test_new_image_or_app_env_rebuilds_only_the_agent():
+    out, svc = _served()
+    newer, _, _ = inject(out, svc, "http", settings={**SETTINGS, "agent_image": "tpenv/agent:t2"})
+    assert agent(newer)["image"] == "tpenv/agent:t2"
+    assert newer["metadata"] == out["metadata"]  # same record: restore still knows the originals
+    edited = copy.deepcopy(out)
+    edited["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "NEW", "value": "1"})
+    refreshed, _, _ = inject(edited, svc, "http", settings=SETTINGS)
+    assert {"name": "NEW", "value": "1"} in agent(refreshed)["env"]
+    assert refreshed["spec"]["template"]["spec"]["containers"][0] == edited["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_lost_agent_container_is_reported():
+    out, svc = _served()
+    broken = copy.deepcopy(out)
+    broken["spec"]["template"]["spec"]["containers"].pop()
+    with pytest.raises(InjectError, match="lost its agent container"):
+        inject(broken, svc, "http", settings=SETTINGS)

@@ -340,7 +340,9 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
     """Add (or extend) the agent so it takes Service port ``port`` of ``service`` from ``workload``.
 
     Returns (patched workload, patched Service or None when the Service needs no change, the
-    workload's restore record). Injecting a port the agent already serves changes nothing.
+    workload's restore record). Injecting a port the agent already serves changes nothing,
+    unless the agent is stale (other settings, or the app's env/mounts changed): then only the
+    agent container is rebuilt.
     """
     settings = _settings(settings)
     wl = copy.deepcopy(workload)
@@ -387,10 +389,37 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
         record["created"] += [prefix + p for p in tpl_created]
         _ensure(wl, "metadata.labels", record["created"], dict)[LABEL_AGENT] = "injected"
         _write(wl, ANN_RESTORE, record)
+    else:
+        wl_changed = _refresh_agent(tpl, record, settings)
     svc_changed = isinstance(target, int)
     if svc_changed:
         _rewrite_service(svc, sp, name)
     return (wl if wl_changed else copy.deepcopy(workload)), (svc if svc_changed else None), record
+
+
+def _covers(actual, wanted) -> bool:
+    """Whether ``actual`` holds everything ``wanted`` sets. The API server adds defaults
+    (probe timeouts, fieldRef apiVersion, terminationMessagePath...) but never drops our fields."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(k in actual and _covers(actual[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(actual, list) and len(actual) == len(wanted) and all(map(_covers, actual, wanted))
+    return actual == wanted
+
+
+def _refresh_agent(tpl: dict, record: dict, settings: dict) -> bool:
+    """Rebuild the agent in our copy if it is stale (another image, the app's env or mounts changed)."""
+    containers = tpl["spec"]["containers"]
+    app = next((c for c in containers if c["name"] == record["container"]), None)
+    index = next((i for i, c in enumerate(containers) if c["name"] == AGENT_CONTAINER), None)
+    if app is None or index is None:
+        raise InjectError(f"the pod template lost its {'app' if app is None else 'agent'} container since "
+                          f"injection; run `tpenv uninstall --agent` for this workload, then inject again")
+    fresh = agent_container(app, record["ports"], settings)
+    if _covers(containers[index], fresh):
+        return False
+    containers[index] = fresh
+    return True
 
 
 def restore(workload: dict, service: dict | None = None) -> tuple[dict, dict | None]:

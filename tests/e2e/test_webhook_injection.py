@@ -134,6 +134,12 @@ def test_patch_mode_round_trip(namespace, agent_image):
 
     wait_until("the Service's endpoints on the agent ports", lambda: endpoint_ports() == {"http": 7900, "alt": 7901}, 60)
 
+    # Planning again from what the server stored (with its defaults) finds nothing to do: no rollout.
+    for port in ("http", 81):
+        again = plan_injection(kubectl_json("get", "deployment", "web", ns=namespace),
+                               kubectl_json("get", "service", "web", ns=namespace), port, settings)
+        assert not again.workload_changed and again.service is None
+
     back = restore_plan(kubectl_json("get", "deployment", "web", ns=namespace),
                         kubectl_json("get", "service", "web", ns=namespace))
     _replace(back.workload, namespace)

@@ -107,6 +107,7 @@ async def run_up(
     unit_factory: UnitFactory = local_units,
     session_id: str | None = None,
     load: Callable[[Path], Any] | None = None,
+    view: Callable[[Callable[[], dict[str, Any]]], contextlib.AbstractAsyncContextManager] | None = None,
 ) -> int:
     """Run a session until Ctrl-C, SIGTERM or `tpenv down`. Returns 0 after a clean stop,
     130 after a forced one; raises ConfigError/UsageError when the config is wrong at start
@@ -155,6 +156,8 @@ async def run_up(
             await stack.enter_async_context(FileWatcher(
                 config_path.parent, [config_path.name], on_change=lambda _: rec.notify(UnitEvent("config")),
                 debounce=h.debounce, name=config_path.name, recursive=False))
+            if view is not None:  # e.g. the live table in a terminal (liveview.py)
+                await stack.enter_async_context(view(rec.snapshot))
             log.info("session %s: %s", session_id, config_path)
             running = asyncio.create_task(rec.run(), name="reconciler/run")
             aborting = asyncio.create_task(forced.wait())

@@ -9,6 +9,8 @@ HELP = "Bring up everything telepresence.yaml declares and keep it up until Ctrl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", action="append", metavar="NAME", default=[],
                         help="only this intercept (by name) or forward (by Service name); repeatable")
+    parser.add_argument("--plain", action="store_true",
+                        help="plain log lines even in a terminal (no live table of the units)")
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
@@ -16,7 +18,11 @@ async def run(args: argparse.Namespace, ctx) -> int:
     from tpenv.engine.desired import UpFactory
     from tpenv.engine.up import run_up
 
+    from tpenv.engine.liveview import LiveView
+
     factory = UpFactory(ctx.settings, kube_context=ctx.kube_context)
+    # A live table when a person watches a terminal; plain lines for scripts, CI and -o json.
+    view = None if ctx.output != "text" or args.plain else LiveView
     # ctx.load_config applies -n/--context to every load, including reloads after a save.
     return await run_up(ctx.config_file, ctx.settings, only=args.only, unit_factory=factory,
-                        load=lambda _path: ctx.load_config())
+                        load=lambda _path: ctx.load_config(), view=view)

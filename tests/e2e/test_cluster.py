@@ -290,3 +290,47 @@ def test_mutating_webhook_in_the_cluster_patches_new_pods(namespace):
                                           .get("labels") or {})
     finally:
         kubectl("delete", "mutatingwebhookconfiguration", config_name, "--ignore-not-found", check=False)
+
+
+# ---------------------------------------------------------------- network safety (local cluster only)
+
+def _local_cluster(kubeconfig) -> bool:
+    from tests.cluster.pytest_plugin import _cluster_cli
+    return Path(kubeconfig) == _cluster_cli.kubeconfig_path()
+
+
+def _guard_rejects() -> int:
+    """Packets rejected so far by TPENV-FORWARD's "pods never leave this machine" rule."""
+    out = subprocess.run(["iptables", "-w", "-L", "TPENV-FORWARD", "-v", "-x", "-n"], capture_output=True,
+                         text=True, check=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if "pods never leave" in line)
+
+
+def test_cluster_addresses_and_names_stay_on_this_machine(kubeconfig, echo):
+    if not _local_cluster(kubeconfig):
+        pytest.skip("checks the local cluster's host setup; an external cluster has its own")
+    ns = echo
+
+    # Stage 1: the host routes the cluster ranges nowhere but to its own bridge.
+    def route(ip):
+        cp = subprocess.run(["ip", "route", "get", ip], capture_output=True, text=True)
+        return cp.stdout + cp.stderr
+    assert "No route to host" in route("10.96.123.45")  # what `ip` says for an unreachable route
+    assert "No route to host" in route("10.244.77.7")
+    assert "dev cni0" in route("10.244.0.200")
+
+    # Stage 2: a pod cannot open a connection off the machine: the host's TPENV-FORWARD chain
+    # rejects it (checked present first, so the attempt itself never leaves the host).
+    assert subprocess.run(["iptables", "-w", "-C", "FORWARD", "-j", "TPENV-FORWARD"]).returncode == 0
+    connect = ("import socket\ntry: socket.create_connection(('203.0.113.1', 80), timeout=5)\n"
+               "except OSError as e: print(type(e).__name__)\nelse: print('connected')")
+    before = _guard_rejects()
+    out = kubectl("exec", "client", "--", "python3", "-c", connect, ns=ns).stdout.strip()
+    assert out == "ConnectionRefusedError", out  # REJECT answers at once; a lost SYN would time out
+    assert _guard_rejects() > before  # and it was our rule that answered, not something upstream
+
+    # Stage 3: names outside the cluster do not resolve (CoreDNS has no upstream).
+    out = kubectl("exec", "client", "--", "python3", "-c",
+                  "import socket,sys\ntry: socket.getaddrinfo('example.com', 80)\n"
+                  "except socket.gaierror as e: sys.exit(print('no', e))\nprint('resolved')", ns=ns, check=False)
+    assert out.stdout.startswith("no"), out.stdout + out.stderr

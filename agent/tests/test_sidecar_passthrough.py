@@ -6,6 +6,7 @@ through the agent port with HTTP/1.1, h2c and raw bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -76,3 +77,13 @@ def test_cli_without_role_prints_usage_and_unknown_role_fails():
     assert out.returncode == 2 and "sidecar" in out.stdout
     out = subprocess.run([sys.executable, "-m", "tpenv_agent", "bogus"], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "unknown role" in out.stderr
+
+
+def test_sidecar_without_auth_material_exits_1_with_one_json_error_line(tmp_path):
+    env = {"PYTHONPATH": "agent"}
+    out = subprocess.run([sys.executable, "-m", "tpenv_agent", "sidecar", "--listen", "0:1:http",
+                          "--ssh", "127.0.0.1:0", "--bind-host", "127.0.0.1", "--auth-dir", str(tmp_path / "none"),
+                          "--mounts", str(tmp_path)], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 1 and out.stdout == ""
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert lines[-1]["level"] == "error" and "cannot start" in lines[-1]["msg"] and "ca.pub" in lines[-1]["msg"]

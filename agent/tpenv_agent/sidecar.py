@@ -172,8 +172,8 @@ async def run_sidecar(argv: list[str]) -> int:
     sidecar = Sidecar(args)
     try:
         info = await sidecar.start()
-    except (OSError, ValueError) as e:
-        sidecar.log.error("cannot start: %s", e)
+    except Exception as e:  # a missing auth dir, a bad key, a port in use: one clear line, exit 1
+        sidecar.log.error("cannot start: %s: %s", type(e).__name__, e)
         sidecar.close()
         return 1
     print(json.dumps(info), flush=True)

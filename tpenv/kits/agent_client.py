@@ -32,19 +32,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import logging
 import time
 from typing import Any
 
 import asyncssh
 
+from tpenv.logs import unit_logger
 from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
 
 CLIENT_VERSION = "tpenv/0.1.0"
 CERT_VALIDITY = 12 * 3600
 FORWARD_HOST = "tpenv"
-
-log = logging.getLogger("tpenv.kits.agent_client")
 
 
 def make_auth_material() -> dict[str, bytes]:
@@ -91,8 +89,7 @@ class AgentSession:
         self._host, self._port, self._tunnel = host, port, tunnel
         self._client_version = client_version
         self._connect_timeout = connect_timeout
-        self.log = logging.LoggerAdapter(log, {})
-        self._prefix = f"[agent/{session_id}]"
+        self.log = unit_logger("agent", session_id)
         self.closed = asyncio.Event()
         self.info: dict[str, Any] = {}
         self._conn: asyncssh.SSHClientConnection | None = None
@@ -149,7 +146,7 @@ class AgentSession:
             raise
         lease = float(self.info.get("lease") or 5)
         self._tasks.append(asyncio.ensure_future(self._ping_loop(lease / 5, lease)))
-        self.log.info("%s connected to pod %s", self._prefix, self.info.get("pod"))
+        self.log.info("connected to pod %s", self.info.get("pod"))
         return self.info
 
     def close(self) -> None:
@@ -176,7 +173,7 @@ class AgentSession:
 
     def _lost(self, why: str) -> None:
         if not self.closed.is_set():
-            self.log.warning("%s session lost: %s", self._prefix, why)
+            self.log.warning("session lost: %s", why)
         self.close()
 
     def _fail_pending(self, exc: Exception) -> None:

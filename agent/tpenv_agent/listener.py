@@ -47,7 +47,7 @@ class _Entry(Half):
         lst = self.listener
         header, holder = lst.sidecar.registry.on_port(lst.spec)
         if header:
-            lst.spawn(lst.sniff(transport))
+            lst.sniff(transport)
             return
         super().connection_made(transport)  # paused until the other half is up
         if holder is None and (lst.sidecar.h2_always or lst.sidecar.h1_always):
@@ -81,7 +81,7 @@ class _Entry(Half):
         if other is not None:
             other.peer = None
             other.close()
-        self.listener.spawn(self.listener.sniff(self.transport, first))
+        self.listener.sniff(self.transport, first)
 
     def eof_received(self) -> bool:
         if self._sniff is not None and self._sniff:
@@ -161,7 +161,9 @@ class PortListener:
             return
         join(entry, other)
 
-    async def sniff(self, transport: Any, initial: bytes = b"") -> None:
+    def sniff(self, transport: Any, initial: bytes = b"") -> None:
+        """Hand the connection to stream-based routing. The protocol switch happens here,
+        synchronously, so no byte can reach the old protocol once this returns."""
         loop = asyncio.get_running_loop()
         sr = asyncio.StreamReader(limit=1 << 20)
         proto = asyncio.StreamReaderProtocol(sr)
@@ -169,7 +171,9 @@ class PortListener:
         proto.connection_made(transport)
         transport.resume_reading()
         writer = asyncio.StreamWriter(transport, proto, sr, loop)
-        reader = Buffered(sr, initial)
+        self.spawn(self._route_streams(Buffered(sr, initial), writer))
+
+    async def _route_streams(self, reader: Buffered, writer: Any) -> None:
         try:
             first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
         except asyncio.TimeoutError:

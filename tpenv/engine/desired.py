@@ -7,14 +7,18 @@
   env and mount), which keeps itself current across pod restarts with its own inner loop;
 - ``("forward", ns, service, port)`` per forward (forwards.py);
 - ``("handler", name)`` per intercept with ``run:``, depending on its intercept, started with
-  that intercept's env as it is at each (re)start.
+  that intercept's env as it is at each (re)start; it is part of the desired set only once its
+  intercept (as currently specified) serves, so it never starts with a half-made env.
+
+An intercept unit's ``start()`` returns at once: injection rollouts and a workload that does not
+exist yet (waited for with a watch) never hold the session's other units.
 
 The Kube connection is opened on the first pass that needs one and lives for the session.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,10 @@ from typing import Any
 from tpenv.config.models import Config, Intercept
 from tpenv.engine.forwards import forward_specs
 from tpenv.engine.intercepts import InterceptRun, intercept_key
-from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitSpec, hash_spec
+from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.up import UpContext, handler_specs
-from tpenv.kits.kube import Kube
+from tpenv.errors import NotFound, TransientError
+from tpenv.kits.kube import Kube, What
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ class InterceptSpec:
     session_id: str
     settings: Any = field(compare=False, repr=False)
     base_dir: Path = Path(".")
-    runs: dict = field(default_factory=dict, compare=False, repr=False)  # key -> InterceptRun, shared
+    runs: dict = field(default_factory=dict, compare=False, repr=False)  # key -> ready InterceptRun, shared
+    ready_hashes: dict = field(default_factory=dict, compare=False, repr=False)  # key -> spec_hash of that run
 
     @property
     def key(self) -> Key:
@@ -57,7 +63,13 @@ class InterceptSpec:
 
 class InterceptUnit(TaskUnit):
     """One intercept of ``up``: ready once every ready replica's agent routes to us and the env
-    (and mount) are in place. Pod restarts are healed inside the InterceptRun."""
+    (and mount) are in place. Pod restarts are healed inside the InterceptRun.
+
+    ``start()`` returns at once (state ``pending`` with what it is doing as the detail), so a
+    rollout or a missing workload never holds the session's other units. A workload, namespace
+    or Service that does not exist yet is waited for with a watch, said once; once the intercept
+    serves, the unit sends a ``kube`` event so the next pass adds its handler (handlers start
+    with the intercept's env, so only once the intercept is ready)."""
 
     def __init__(self, spec: InterceptSpec, notify: Notify) -> None:
         super().__init__(spec.key, spec.spec_hash, notify,
@@ -65,24 +77,67 @@ class InterceptUnit(TaskUnit):
         self.spec = spec
         self.irun: InterceptRun | None = None
 
+    def _progress(self, line: str) -> None:
+        self.log.info("%s", line)
+        if self.state.state is State.PENDING:
+            self.set_state(State.PENDING, detail=line)
+
     async def run(self, stopping: asyncio.Event, ready: Callable[[], None]) -> None:
         s = self.spec
-        self.irun = InterceptRun(s.kube, s.intercept, s.namespace, s.session_id, s.settings,
-                                 progress=lambda line: self.log.info("%s", line), base_dir=s.base_dir)
+        self.set_state(State.PENDING, detail=f"resolving {s.intercept.workload} in {s.namespace}")
+        ready()  # start() returns now: the rest is progress, shown in the status
+        said: str | None = None
         try:
-            await self.irun.start()
+            while True:
+                self.irun = InterceptRun(s.kube, s.intercept, s.namespace, s.session_id, s.settings,
+                                         progress=self._progress, base_dir=s.base_dir)
+                try:
+                    await self.irun.start()
+                    break
+                except NotFound as e:
+                    await self.irun.stop()
+                    waiting, change = await self._missing(e)
+                    if waiting != said:  # once per cause, not at every retry
+                        self.log.info("%s", waiting)
+                        said = waiting
+                    self.set_state(State.PENDING, detail=waiting)
+                    if not await _first_of(change, stopping.wait()):
+                        return
             timeout = s.settings.kube.rollout_timeout if s.settings else 120.0
             await self.irun.wait_ready(timeout)
             s.runs[self.key] = self.irun
+            s.ready_hashes[self.key] = s.spec_hash
             d = self.irun.describe()
             self.log.info("intercepting %s -> %s (%s)", d["service"], d["destination"],
                           "HTTP " + str(d["match"]) if d["match"] else "all TCP")
-            ready()
+            self.set_state(State.READY)
+            self.notify(UnitEvent("kube", self.key, detail="intercept ready"))  # its handler may start
             await stopping.wait()
         finally:
             if s.runs.get(self.key) is self.irun:
                 del s.runs[self.key]
-            await self.irun.stop()
+                s.ready_hashes.pop(self.key, None)
+            if self.irun is not None:
+                await self.irun.stop()
+
+    async def _missing(self, error: NotFound) -> tuple[str, Awaitable[None]]:
+        """What is missing (the workload, else a Service or port of it) and a coroutine that
+        returns on the next change that may fix it (a watch from now on, not a poll)."""
+        s, kube = self.spec, self.spec.kube
+        ic = s.intercept
+        kinds = [ic.workload_kind] if ic.workload_kind else list(_WORKLOAD_LISTERS)
+        try:
+            await kube.get_workload(ic.workload, s.namespace)
+        except NotFound:
+            what = ic.workload if ic.workload_kind else f"workload {ic.workload} ({', '.join(k.lower() for k in kinds)})"
+            waits = [_appears(kube, getattr(kube.apps, _WORKLOAD_LISTERS[k]), s.namespace, _PLURAL_OF[k],
+                              name=ic.workload_name) for k in kinds]
+            return f"waiting for {what} to exist in namespace {s.namespace}", _first_done(waits)
+        # The workload is there: a Service (or its port) is not. Any Service or workload change may fix it.
+        waits = [_appears(kube, kube.core.list_namespaced_service, s.namespace, "services")]
+        waits += [_appears(kube, getattr(kube.apps, _WORKLOAD_LISTERS[k]), s.namespace, _PLURAL_OF[k],
+                           name=ic.workload_name, changed=True) for k in kinds]
+        return f"waiting: {error}", _first_done(waits)
 
     def health(self):
         # Show the inner loop's truth: a replica being replaced makes the intercept "starting".
@@ -98,6 +153,56 @@ class InterceptUnit(TaskUnit):
         return dict(unit.env) if unit else {}
 
 
+_WORKLOAD_LISTERS = {"Deployment": "list_namespaced_deployment", "StatefulSet": "list_namespaced_stateful_set",
+                     "ReplicaSet": "list_namespaced_replica_set"}
+_PLURAL_OF = {"Deployment": "deployments", "StatefulSet": "statefulsets", "ReplicaSet": "replicasets"}
+
+
+async def _appears(kube: Kube, lister: Callable[..., Any], namespace: str, plural: str, *,
+                   name: str | None = None, changed: bool = False) -> None:
+    """Return once an object of ``lister`` (named ``name`` if given) exists (unless ``changed``)
+    or changes after now. A list gives the resourceVersion the watch starts from, so objects that
+    were there before are not mistaken for news."""
+    kw = {"field_selector": f"metadata.name={name}"} if name else {}
+    data = await kube.call(lister, namespace, what=What("list", plural, namespace), **kw)
+    if name and (data or {}).get("items") and not changed:
+        return
+    rv = ((data or {}).get("metadata") or {}).get("resourceVersion")
+    async with kube.watch(lister, namespace, resource_version=rv, what=What("watch", plural, namespace),
+                          **kw) as events:
+        async for _kind, _obj in events:
+            return
+    raise TransientError(f"the watch of {plural} in {namespace} ended")
+
+
+async def _first_done(aws: list[Awaitable[None]]) -> None:
+    """The first of several waits to end (its error raised); the others cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _first_of(change: Awaitable[None], stopped: Awaitable[Any]) -> bool:
+    """Wait for ``change`` or a stop; True when ``change`` came first (its error raised)."""
+    c, st = asyncio.ensure_future(change), asyncio.ensure_future(stopped)
+    try:
+        await asyncio.wait({c, st}, return_when=asyncio.FIRST_COMPLETED)
+        if st.done():
+            return False
+        c.result()
+        return True
+    finally:
+        for t in (c, st):
+            t.cancel()
+        await asyncio.gather(c, st, return_exceptions=True)
+
+
 class UpFactory:
     """``factory(config, uctx)`` for run_up: intercepts, forwards and handlers."""
 
@@ -109,6 +214,7 @@ class UpFactory:
         self.namespace_override = namespace_override
         self.kube: Kube | None = None
         self.runs: dict[Key, InterceptRun] = {}
+        self.ready_hashes: dict[Key, str] = {}
 
     async def _kube(self, config: Config, uctx: UpContext) -> Kube:
         if self.kube is None:
@@ -132,13 +238,20 @@ class UpFactory:
         kube = await self._kube(config, uctx)
         base_dir = config.source.parent if config.source else Path.cwd()
         keys: dict[str, Key] = {}
+        waiting: set[str] = set()
         for ic in wanted:
             ns = self.namespace_override or ic.namespace or config.namespace or kube.namespace
-            spec = InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir, self.runs)
+            spec = InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir, self.runs,
+                                 self.ready_hashes)
             specs[spec.key] = spec
             keys[ic.name] = spec.key
+            # A handler runs with its intercept's env: only once that intercept (as now specified)
+            # serves. Until then it is left out; the intercept's "ready" event brings it in.
+            if self.ready_hashes.get(spec.key) != spec.spec_hash:
+                waiting.add(ic.name)
         t = self.settings.tunnels if self.settings else None
         specs.update(forward_specs(config, kube, uctx.wanted, connect_timeout=t.connect_timeout if t else 10.0))
-        specs.update(handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name]),
-                                   depends_on=lambda ic: frozenset({keys[ic.name]})))
+        handlers = handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name]),
+                                 depends_on=lambda ic: frozenset({keys[ic.name]}))
+        specs.update({k: h for k, h in handlers.items() if h.name not in waiting})
         return specs

@@ -72,3 +72,37 @@ def test_bad_input_fails_with_one_line_and_changes_nothing(namespace, tmp_path):
     assert spec_of("deployment", "hello", ns) == before["deployment"]
     assert spec_of("service", "hello", ns) == before["service"]
     assert kubectl("get", "secret", "tpenv-auth", ns=ns, check=False).returncode != 0
+
+
+def test_stalled_rollout_names_the_cause_and_restores(namespace, tmp_path):
+    ns = namespace
+    deploy_hello(ns)
+    before = spec_of("deployment", "hello", ns)
+    # Stage 1: an agent image the node does not have (pull policy Never): the rollout stalls at once.
+    cp = tpenv(tmp_path, "intercept", "hello", "--port", "8080", "--mount", "false", "-n", ns, check=False,
+               env={"TPENV_AGENT_IMAGE": "tpenv/agent:no-such-tag"}, timeout=240)
+    assert cp.returncode == 1, cp.stderr
+    line = error_lines(cp)[0]
+    assert line.startswith("tpenv: error: the rollout of deployment/hello stalled: image pull failed")
+    assert "tpenv/agent:no-such-tag" in line and line.endswith("deployment/hello was restored as it was")
+    # Stage 2: the workload is back as it was.
+    assert spec_of("deployment", "hello", ns) == before
+
+
+def test_second_all_tcp_intercept_is_a_conflict_naming_the_holder(namespace, tmp_path):
+    from test_intercept_kit import Intercepting, LocalServer
+
+    ns = namespace
+    deploy_hello(ns)
+    local = LocalServer("first")
+    first = Intercepting(tmp_path, "hello", "--port", str(local.port), "--mount", "false", "-n", ns)
+    try:
+        holder = first.ready()["id"]
+        cp = tpenv(tmp_path, "intercept", "hello", "--name", "other", "--port", "9", "--mount", "false", "-n", ns,
+                   check=False)
+        assert cp.returncode == 1
+        line = error_lines(cp)[0]
+        assert line.startswith("tpenv: error: agent: port tpenv-8080 is already intercepted") and holder in line
+    finally:
+        first.stop()
+        local.close()

@@ -122,7 +122,14 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         w = await kube.replace_workload(w, plan.workload)
         rolled_out = True
     timeout = float(getattr(getattr(settings, "kube", None), "rollout_timeout", 120.0))
-    w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
+    try:
+        w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
+    except RolloutStalled as e:
+        if not rolled_out:
+            raise
+        # We broke it: put the workload back as it was, so the app keeps serving as before.
+        await remove_agent(kube, await kube.reload(w), progress=say)
+        raise RolloutStalled(f"{e.message}; {w.ref} was restored as it was", hint=e.hint) from e
     if plan.service is not None:
         await kube.call(kube.core.replace_namespaced_service, service["metadata"]["name"], w.namespace,
                         plan.service, what=What("update", "services", w.namespace, service["metadata"]["name"]))

@@ -22,7 +22,9 @@ import h2.connection
 import h2.events
 
 REPO = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
+# The sidecar's interpreter: this one, or another to check the image's Python (the agent
+# image runs Debian bookworm's 3.11.2): TPENV_AGENT_PYTHON=/path/to/python3 pytest agent/tests
+PYTHON = os.environ.get("TPENV_AGENT_PYTHON") or sys.executable
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 

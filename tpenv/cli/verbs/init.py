@@ -1,9 +1,25 @@
-"""tpenv init: stub until issue 5 replaces this file."""
+"""tpenv init: a starter telepresence.yaml for a workload that exists in the cluster.
+
+Reads the workload and the Service selecting it, and writes (never over an existing file) one
+intercept: the workload by kind, its namespace, ``port: LOCAL:REMOTE`` (the Service port; the
+local port defaults to the container port behind it), an env file, a mount when the container
+has volumes, and ``run.command`` when the container's command is known. The file is validated
+with the same loader `tpenv up` uses before it is kept.
+"""
 from __future__ import annotations
 
 import argparse
+import io
+import os
+from pathlib import Path
 
-from tpenv.errors import NotBuiltYet
+from ruamel.yaml import YAML
+
+from tpenv.config import load_config
+from tpenv.config.models import parse_port
+from tpenv.engine.agents import pick_service, service_port
+from tpenv.errors import TpenvError, UsageError
+from tpenv.kits.kube import Kube
 
 HELP = "Write a starter telepresence.yaml for a workload in the cluster (never overwrites)."
 
@@ -12,7 +28,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", metavar="WORKLOAD",
                         help="NAME, deployment/NAME, statefulset/NAME or replicaset/NAME")
     parser.add_argument("--port", metavar="L[:R]", help="local port and service port (default: from the workload)")
+    parser.add_argument("--service", metavar="NAME", help="the service, when several select the workload")
+
+
+def _container_port(w, sp: dict) -> int | None:
+    target = sp.get("targetPort", sp["port"])
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        return int(target)
+    for c in w.containers:
+        for p in c.get("ports") or []:
+            if p.get("name") == target:
+                return int(p["containerPort"])
+    return None
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv init is not built yet (issue 5)")
+    path = Path(ctx.config_file)
+    if path.exists():
+        raise UsageError(f"{path} exists; tpenv init never overwrites a file",
+                         hint="edit it, or pass -f OTHER.yaml to write another one")
+    given = parse_port(args.port) if args.port else {}
+    if hasattr(given, "model_dump"):
+        given = given.model_dump()
+    async with await Kube.load(context=ctx.kube_context) as kube:
+        ns = ctx.namespace or kube.namespace
+        w = await kube.get_workload(args.workload, ns)
+        service = await pick_service(kube, w, args.service)
+        sp = service_port(service, given.get("remote"))
+    remote = sp.get("name") or sp["port"]
+    local = given.get("local") or _container_port(w, sp) or 8080
+    services = [service["metadata"]["name"]]
+    app = w.containers[0]
+    intercept: dict = {"name": w.name, "workload": w.ref, "port": f"{local}:{remote}"}
+    if args.service:
+        intercept["service"] = services[0]
+    intercept["env"] = {"file": f"{w.name}.env", "format": "docker"}
+    intercept["mount"] = f"./{w.name}.vol" if app.get("volumeMounts") else False
+    command = list(app.get("command") or []) + list(app.get("args") or [])
+    if command:
+        intercept["run"] = {"command": command}
+    doc = {"apiVersion": "tpenv/v1"}
+    if ctx.kube_context:
+        doc["context"] = ctx.kube_context
+    doc["namespace"] = ns
+    doc["intercepts"] = [intercept]
+    yaml = YAML()
+    yaml.default_flow_style = False
+    buf = io.StringIO()
+    buf.write(f"# Written by `tpenv init {args.workload}`: {w.kind} {w.name} in namespace {ns}, Service "
+              f"{services[0]} port {remote}.\n# `tpenv up` runs it; the command is the container's, "
+              f"adjust it to run the app on this machine.\n")
+    yaml.dump(doc, buf)
+    text = buf.getvalue()
+    tmp = path.with_name(f".{path.name}.tpenv-init")
+    tmp.write_text(text)
+    try:
+        load_config(tmp)  # what we write must load: a starter that fails to validate helps nobody
+    except TpenvError:
+        tmp.unlink()
+        raise
+    try:
+        os.link(tmp, path)  # atomic and refuses to replace a file created meanwhile
+    except FileExistsError as e:
+        raise UsageError(f"{path} appeared meanwhile; not overwritten") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    ctx.emit(f"wrote {path}: intercept {w.name} ({w.ref}, port {local}:{remote})",
+             {"file": str(path), "config": doc})
+    return 0

@@ -20,6 +20,9 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
+        unit = getattr(record, "unit", None)
+        if unit:
+            entry["unit"] = unit
         if record.exc_info and record.exc_info[1] is not None:
             # The exception's type and text, not a traceback full of locals.
             exc = record.exc_info[1]
@@ -39,7 +42,9 @@ def setup(level: str = "info") -> None:
 
 class _UnitAdapter(logging.LoggerAdapter):
     def process(self, msg, kwargs):
-        return f"{self.extra['unit']} {msg}", kwargs
+        unit = self.extra["unit"]
+        kwargs["extra"] = {**kwargs.get("extra", {}), "unit": unit[1:-1]}
+        return f"{unit} {msg}", kwargs
 
 
 def unit(kind: str, name: object) -> logging.LoggerAdapter:

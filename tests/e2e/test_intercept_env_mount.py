@@ -106,3 +106,11 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
 
     # Stage 4: the intercept ended with the command: unmounted, the directory left empty.
     assert not vol.exists() or not any(vol.iterdir())
+
+    # Stage 5: `tpenv env NAME` (from a config naming the intercept) prints the same app env.
+    tpenv(tmp_path, "-f", "store.yaml", "init", "store", "-n", ns)
+    printed = json.loads(tpenv(tmp_path, "-f", "store.yaml", "-o", "json", "env", "store").stdout)
+    assert {k: v for k, v in printed.items() if not k.startswith("TELEPRESENCE_")} == \
+        {**{k: v for k, v in env_file.items() if not k.startswith("TELEPRESENCE_")},
+         "AWS_WEB_IDENTITY_TOKEN_FILE": f"{TOKEN_DIR}/token"}
+    assert printed["TELEPRESENCE_CONTAINER"] == "app"

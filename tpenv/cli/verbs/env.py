@@ -1,9 +1,24 @@
-"""tpenv env: stub until issue 5 replaces this file."""
+"""tpenv env: the environment an intercept's handler gets, printed in an env-file syntax.
+
+For intercept NAME of telepresence.yaml: asks the agent of a ready pod of its workload (over a
+short SSH session through the port-forward) for the app container's environment, adds the
+TELEPRESENCE_ variables, applies the config's ``set`` and ``rewrite``, and prints it. The agent
+must be installed already (`tpenv up` or `tpenv intercept` installs it); nothing is changed.
+"""
 from __future__ import annotations
 
 import argparse
+import base64
 
-from tpenv.errors import NotBuiltYet
+from tpenv.config.env import format_env, render_env
+from tpenv.engine.agents import agent_port_name, pick_service, pod_serves, service_port
+from tpenv.engine.injection import AUTH_KEYS
+from tpenv.engine.statusd import new_session_id
+from tpenv.errors import NotFound
+from tpenv.kits.agent_client import AgentSession
+from tpenv.kits.kube import Kube, What
+from tpenv.kits.portforward import PodTunnel
+from tpenv_agent.inject import AUTH_SECRET
 
 HELP = "Print or write the environment of an intercept's app container."
 
@@ -15,4 +30,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    raise NotBuiltYet("tpenv env is not built yet (issue 5)")
+    config = ctx.load_config()
+    found = [ic for ic in config.intercepts if ic.name == args.name]
+    if not found:
+        names = ", ".join(ic.name or "?" for ic in config.intercepts) or "none"
+        raise NotFound(f"no intercept named {args.name!r} in {ctx.config_file} (intercepts: {names})")
+    ic = found[0]
+    async with await Kube.load(context=config.context or ctx.kube_context) as kube:
+        ns = ic.namespace or config.namespace or kube.namespace
+        w = await kube.get_workload(ic.workload, ns)
+        service = await pick_service(kube, w, ic.service)
+        port_name = agent_port_name(service_port(service, ic.port.remote))
+        pods = sorted((p for p in await kube.ready_pods(w) if pod_serves(p, port_name)),
+                      key=lambda p: p["metadata"]["name"])
+        if not pods:
+            raise NotFound(f"no ready pod of {w.ref} runs the tpenv agent for this port",
+                           hint=f"start the intercept once (tpenv up, or tpenv intercept {ic.workload}) to install it")
+        secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, ns,
+                                 what=What("get", "secrets", ns, AUTH_SECRET))
+        material = {k: base64.b64decode(secret["data"][k]) for k in AUTH_KEYS}
+        pod = pods[0]["metadata"]["name"]
+        tunnel = PodTunnel(kube, ns, pod)
+        session_id = new_session_id()
+        try:
+            async with AgentSession(session_id, ca_key=material["ca_key"], host_key_pub=material["host_key.pub"],
+                                    host=pod, port=ctx.settings.agent.ssh_port, tunnel=tunnel) as session:
+                base = dict(await session.env())
+                mounts = (await session.mounts())["mounts"]
+                container = session.info.get("container") or ""
+        finally:
+            tunnel.close()
+    base["TELEPRESENCE_CONTAINER"] = container
+    base["TELEPRESENCE_MOUNTS"] = ":".join(mounts)
+    env = render_env(base, ic, None, f"{session_id}:{ic.name}", namespace=ns)
+    ctx.emit(format_env(env, args.format).rstrip("\n"), env)
+    return 0

@@ -81,3 +81,28 @@ async def test_non_http_bytes_on_a_parsing_port_are_spliced_to_the_app(tmp_path)
             w.write(b"\x16\x03\x01 not http at all")
             assert await r.readexactly(19) == b"\x16\x03\x01 NOT HTTP AT ALL"
             w.close()
+
+
+async def test_request_head_is_forwarded_before_a_body_that_waits_for_100_continue(tmp_path):
+    m = auth_material()
+
+    async def continuing(reader, writer):
+        # Answers 100 Continue only once the head has arrived; the body follows only then.
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + body.upper())
+        await writer.drain()
+
+    server = await asyncio.start_server(continuing, "127.0.0.1", 0)
+    async with server, App("dev") as dev, \
+            run_agent(tmp_path, m, [f"0:{server.sockets[0].getsockname()[1]}:http"]) as agent:
+        async with RawSession(agent, m, "s1") as s:
+            assert (await s.intercept("web", "http", ALICE, dev.port))["ok"]
+            r, w = await asyncio.open_connection("127.0.0.1", agent.port("http"))
+            w.write(b"PUT /up HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n")
+            assert await r.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            w.write(b"hello")
+            status, _, body = await read_response(r)
+            assert status == 200 and body == b"HELLO"
+            w.close()

@@ -93,46 +93,80 @@ async def read_head(reader: Buffered, request: bool) -> Head | None:
     return parse_head(raw, request)
 
 
-async def copy_body(src: Buffered, writer: Any, head: Head, *, response_to: bytes | None = None) -> bool:
-    """Relay one message body as framed by ``head``. Returns False when the body ran to EOF
-    (no framing), so the connection cannot be reused."""
+class _Out:
+    """Coalesces a message's small pieces (head, chunk lines, small bodies) into one write:
+    each write is a syscall and a wake-up of the peer, the main cost of relaying small
+    requests. Bytes are never held across a read that may wait."""
+
+    def __init__(self, writer: Any, prefix: bytes) -> None:
+        self.w = writer
+        self.buf = bytearray(prefix)
+
+    async def add(self, data: bytes, src: Buffered) -> None:
+        if not self.buf and len(data) >= CHUNK:
+            self.w.write(data)
+            await self.w.drain()
+            return
+        self.buf += data
+        if len(self.buf) >= CHUNK or src.buffered() == 0:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.buf:
+            self.w.write(bytes(self.buf))
+            self.buf.clear()
+            await self.w.drain()
+
+
+async def copy_body(src: Buffered, writer: Any, head: Head, *, response_to: bytes | None = None,
+                    prefix: bytes = b"") -> bool:
+    """Relay one message body as framed by ``head``, after ``prefix`` (the head, written with
+    the first piece of body). Returns False when the body ran to EOF (no framing), so the
+    connection cannot be reused."""
+    out = _Out(writer, prefix)
+    if src.buffered() == 0:
+        # The body is not here yet (Expect: 100-continue, a slow or streaming sender): the
+        # head must not wait for it.
+        await out.flush()
     if response_to is not None:
         status = int(head.start[1]) if head.start[1].isdigit() else 0
         if response_to == b"HEAD" or status in (204, 304) or 100 <= status < 200:
+            await out.flush()
             return True
     if head.chunked:
         while True:
             line = await src.readuntil(b"\r\n", HEAD_LIMIT)
             if not line:
                 raise asyncio.IncompleteReadError(b"", None)
-            writer.write(line)
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
             except ValueError:
                 raise BadMessage("bad chunk size") from None
+            await out.add(line, src)
             if size == 0:
                 # Trailers, then the empty line.
                 while True:
                     t = await src.readuntil(b"\r\n", HEAD_LIMIT)
                     if not t:
                         raise asyncio.IncompleteReadError(b"", None)
-                    writer.write(t)
+                    out.buf += t
                     if t == b"\r\n":
                         break
-                await writer.drain()
+                await out.flush()
                 return True
             remaining = size + 2
             while remaining:
                 data = await src.read_some(min(CHUNK, remaining))
                 if not data:
                     raise asyncio.IncompleteReadError(b"", remaining)
-                writer.write(data)
                 remaining -= len(data)
-                await writer.drain()
+                await out.add(data, src)
     n = head.content_length
     if n is None:
         if response_to is None:
+            await out.flush()
             return True  # a request without framing has no body
+        await out.flush()
         while True:  # response delimited by close
             data = await src.read_some(CHUNK)
             if not data:
@@ -144,9 +178,12 @@ async def copy_body(src: Buffered, writer: Any, head: Head, *, response_to: byte
         data = await src.read_some(min(CHUNK, remaining))
         if not data:
             raise asyncio.IncompleteReadError(b"", remaining)
-        writer.write(data)
         remaining -= len(data)
-        await writer.drain()
+        if not remaining:
+            out.buf += data
+            break
+        await out.add(data, src)
+    await out.flush()
     return True
 
 
@@ -244,8 +281,11 @@ class Http1Relay:
         has_body = head.chunked or (head.content_length or 0) > 0
         for attempt in (0, 1):
             (up_r, up_w), reused, used = await self._upstream(pool, fallback)
-            up_w.write(head.raw)
-            body = asyncio.ensure_future(copy_body(self.reader, up_w, head)) if has_body else None
+            if has_body:  # the head goes out with the first piece of body
+                body = asyncio.ensure_future(copy_body(self.reader, up_w, head, prefix=head.raw))
+            else:
+                up_w.write(head.raw)
+                body = None
             try:
                 resp = await read_head(up_r, request=False)
                 while resp is not None and resp.start[1].startswith(b"1") and resp.start[1] != b"101":
@@ -268,9 +308,7 @@ class Http1Relay:
                 body.cancel()
             await splice_streams(self.reader, self.writer, up_r, up_w)
             return False
-        self.writer.write(resp.raw)
-        framed = await copy_body(up_r, self.writer, resp, response_to=head.start[0])
-        await self.writer.drain()
+        framed = await copy_body(up_r, self.writer, resp, response_to=head.start[0], prefix=resp.raw)
         if body is not None:
             await body
         up_alive = framed and resp.keep_alive(resp.start[0])

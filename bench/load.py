@@ -219,7 +219,7 @@ async def t_bulk(t: dict) -> dict:
             await c.request("POST", "/", body=t["bytes"])
     took = time.perf_counter() - s
     c.close()
-    return {"bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
+    return {"answered_by": c.sides, "bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
 
 
 async def t_hol(t: dict) -> dict:
@@ -255,7 +255,7 @@ async def t_hol(t: dict) -> dict:
     except BaseException:  # noqa: BLE001
         pass
     return {"n": len(lat) + len(errs), "errors": len(errs), "error_samples": errs[:3], **summary(lat),
-            "bulk_MBps_during": (moved[0] - m0) / took / 1e6, "bulk_errors": len(bulk_errs)}
+            "answered_by": conn.sides, "bulk_MBps_during": (moved[0] - m0) / took / 1e6, "bulk_errors": len(bulk_errs)}
 
 
 async def t_grpc(t: dict) -> dict:

@@ -109,6 +109,9 @@ ROWS: list[tuple[str, str, str]] = [
 ]
 
 
+PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header")
+
+
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
@@ -269,14 +272,36 @@ class PeakRss:
         self.peak = max(self.peak, self.procs.sample()[1])
 
 
+def local_cluster() -> bool:
+    import cli as cluster_cli  # tests/cluster/cli.py (on sys.path through the pytest plugin's import)
+
+    return os.path.realpath(os.environ.get("KUBECONFIG", "")) == os.path.realpath(cluster_cli.kubeconfig_path())
+
+
+def agent_image() -> str | None:
+    """$TPENV_AGENT_IMAGE, else on the local cluster the image of this checkout's agent code, built and
+    imported now when missing (cached layers: about a second); None: tpenv's default."""
+    if os.environ.get("TPENV_AGENT_IMAGE"):
+        return os.environ["TPENV_AGENT_IMAGE"]
+    if not local_cluster():
+        return None
+    from tests.cluster.images import agent_image_ref
+
+    cp = subprocess.run([sys.executable, str(REPO / "tests" / "cluster" / "cli.py"), "images"], capture_output=True,
+                        text=True, timeout=900)
+    if cp.returncode != 0:
+        log(f"building the images failed (exit {cp.returncode}): {cp.stderr.strip()[-300:]}")
+    return agent_image_ref()
+
+
+AGENT_IMAGE: str | None = None
+
+
 def tpenv_env(state: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TPENV_AGENT_IMAGE_PULL_POLICY", "Never")
-    if "TPENV_AGENT_IMAGE" not in env:
-        with contextlib.suppress(Exception):
-            from tests.cluster.images import agent_image_ref
-
-            env["TPENV_AGENT_IMAGE"] = agent_image_ref()
+    if AGENT_IMAGE:
+        env["TPENV_AGENT_IMAGE"] = AGENT_IMAGE
     env.update(TPENV_SESSION_STATE_DIR=str(state), TPENV_KUBE_ROLLOUT_TIMEOUT="120")
     return env
 
@@ -497,7 +522,9 @@ print("ok")
 # ------------------------------------------------------------------------------ the run
 
 class Bench:
-    def __init__(self, mode: str, out_dir: Path, keep: bool, profile: Path | None = None) -> None:
+    def __init__(self, mode: str, out_dir: Path, keep: bool, profile: Path | None = None,
+                 only: set[str] | None = None) -> None:
+        self.only = set(only or PHASES)
         self.mode, self.m, self.out_dir, self.keep = mode, MODES[mode], out_dir, keep
         self.profile_dir = profile
         self.profiles: dict[str, dict] = {}
@@ -566,9 +593,15 @@ class Bench:
             self.profiles[f"{name}/{who}"] = summary
 
     @staticmethod
-    def checked(r: dict) -> dict:
+    def checked(r: dict, by: str | None = None) -> dict:
+        """The task's result; Unavailable when it failed or (``by``) when not every answer came from there."""
         if "failed" in r:
             raise Unavailable(r["failed"])
+        if by is not None:
+            sides = r.get("answered_by") or {}
+            if set(sides) != {by}:
+                raise Unavailable(f"answers should all come from the {by}, came from {sides}: the path changed "
+                                  "during the step (intercept lost?)")
         return r
 
     def cluster(self, tasks: list[dict]) -> list[dict]:
@@ -585,6 +618,9 @@ class Bench:
         kubectl("apply", "-f", "-", ns=self.ns, input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                    "items": manifests(self.ns)}))
         self.server = LocalServer()
+        global AGENT_IMAGE
+        AGENT_IMAGE = agent_image()
+        log(f"agent image {AGENT_IMAGE or '(tpenv default)'}")
         kubectl("rollout", "status", "deployment/bench-app", "--timeout=120s", ns=self.ns, timeout=150)
         kubectl("wait", "--for=condition=Ready", "pod/bench-client", "--timeout=120s", ns=self.ns, timeout=150)
         self.app_ip = kjson("get", "service", "bench-app", ns=self.ns)["spec"]["clusterIP"]
@@ -636,6 +672,18 @@ class Bench:
         ic.info = info  # type: ignore[attr-defined]
         return ic
 
+    def inject_only(self) -> None:
+        """The agent put in by the real machinery, the first `tpenv intercept`, left at once (passthrough)."""
+        log("injecting the agent with a first tpenv intercept, then leaving")
+        try:
+            ic = self.start_intercept("first_intercept_s", "--mount", "false")
+            ic.stop()
+            pod = self.app_pod()
+            apids = container_pids(self.ns, pod, "tpenv-agent")
+            self.agent_procs = Procs(apids) if apids else None
+        except Exception as e:  # noqa: BLE001 - phase_passthrough then says there is no agent
+            self.unavailable([("setup", "first_intercept_s")], f"tpenv intercept: {e}")
+
     def phase_intercept(self) -> None:
         ikeys = [("latency", "intercept"), ("bulk", "intercept"), ("concurrency", "intercept"), ("hol", "intercept"),
                  ("resources", "client_rss_idle"), ("resources", "client_rss_load"), ("resources", "agent_rss_idle"),
@@ -670,10 +718,7 @@ class Bench:
                       idle_rss)
 
             def latency() -> None:
-                r = self.checked(self.cluster([self.lat("lat", ip, port)])[0])
-                if r.get("answered_by", {}).get("laptop", 0) == 0:
-                    raise Unavailable(f"requests were not answered by the laptop: {r.get('answered_by')}")
-                self.put("latency", "intercept", r)
+                self.put("latency", "intercept", self.checked(self.cluster([self.lat("lat", ip, port)])[0], "laptop"))
 
             self.step("intercept: latency", [("latency", "intercept")], latency)
 
@@ -684,7 +729,7 @@ class Bench:
                 with self.profile("intercept-bulk", who):
                     r = self.cluster([self.bulk("down", ip, port, "down"), self.bulk("up", ip, port, "up")])
                 c1, a1, i1 = client.sample()[0], self.agent_procs.sample()[0] if self.agent_procs else 0, infra.sample()[0]
-                self.put("bulk", "intercept", bulk_row(r[0], r[1]))
+                self.put("bulk", "intercept", bulk_row(self.checked(r[0], "laptop"), self.checked(r[1], "laptop")))
                 gb = 2 * self.m["bulk"] / 1e9
                 self.put("resources", "client_cpu_per_gb", {"cpu_s_per_GB": (c1 - c0) / gb})
                 if self.agent_procs:
@@ -697,16 +742,16 @@ class Bench:
             def conc() -> None:
                 with PeakRss(client) as cp, PeakRss(self.agent_procs or Procs([])) as ap, \
                         self.profile("intercept-concurrency", who):
-                    r = self.checked(self.cluster([self.conc("conc", ip, port)])[0])
+                    r = self.checked(self.cluster([self.conc("conc", ip, port)])[0], "laptop")
                 self.put("concurrency", "intercept", r)
                 self.put("resources", "client_rss_load", {"MiB": cp.peak / MiB})
-                if self.agent_procs:
+                if self.agent_procs and ap.peak:
                     self.put("resources", "agent_rss_load", {"MiB": ap.peak / MiB})
 
             self.step("intercept: concurrency", [("concurrency", "intercept"), ("resources", "client_rss_load"),
                                                  ("resources", "agent_rss_load")], conc)
             self.step("intercept: head-of-line", [("hol", "intercept")],
-                      lambda: self.put("hol", "intercept", self.checked(self.cluster([self.hol("hol", ip, port)])[0])))
+                      lambda: self.put("hol", "intercept", self.checked(self.cluster([self.hol("hol", ip, port)])[0], "laptop")))
             self.step("intercept: mount", mkeys, lambda: self.mount(ic, pod))
         finally:
             ic.stop()
@@ -735,6 +780,9 @@ class Bench:
                 ("throughput", "passthrough"), ("bulk", "direct"), ("bulk", "passthrough")]
         targets = {"direct": self.direct_ip, "passthrough": self.app_ip}
         why = self.agent_missing()
+        if not why:
+            apids = container_pids(self.ns, self.app_pod(), "tpenv-agent")
+            self.agent_procs = Procs(apids) if apids else None
         if why:
             self.unavailable([*keys, ("resources", "agent_cpu_per_gb_passthrough"), ("concurrency", "passthrough"),
                               ("grpc", "passthrough")], why)
@@ -760,7 +808,7 @@ class Bench:
                     results = self.cluster(tasks)
                 for r in results:
                     kind, k = r["label"].split(":")
-                    self.checked(r)
+                    self.checked(r, None if kind == "rps" else "cluster")
                     {"lat": lat, "rps": rps}.get(kind, bulks)[k].append(r)
             for k in targets:
                 samples = [x for r in lat[k] for x in r.pop("samples_ms")]
@@ -786,11 +834,17 @@ class Bench:
         self.step("(a)/(d) direct vs agent passthrough, interleaved", keys, run)
 
         def cpu() -> None:
-            if not self.agent_procs:
+            apids = container_pids(self.ns, self.app_pod(), "tpenv-agent")
+            if not apids:
                 raise Unavailable("agent process not found on this host")
-            a0 = self.agent_procs.sample()[0]
-            self.cluster([self.bulk("down", self.app_ip, 80, "down"), self.bulk("up", self.app_ip, 80, "up")])
-            a1 = self.agent_procs.sample()[0]
+            procs = Procs(apids)
+            a0 = procs.sample()[0]
+            r = self.cluster([self.bulk("down", self.app_ip, 80, "down"), self.bulk("up", self.app_ip, 80, "up")])
+            a1 = procs.sample()[0]
+            for x in r:
+                self.checked(x, "cluster")
+            if a1 <= a0:
+                raise Unavailable("no agent CPU time seen (the agent process went away?)")
             self.put("resources", "agent_cpu_per_gb_passthrough", {"cpu_s_per_GB": (a1 - a0) / (2 * self.m["bulk"] / 1e9)})
 
         self.step("agent CPU per GB in passthrough", [("resources", "agent_cpu_per_gb_passthrough")], cpu)
@@ -879,18 +933,26 @@ class Bench:
         api0 = infra_pids()
         try:
             self.setup()
-            self.phase_loopback()
-            self.phase_intercept()
-            self.phase_passthrough()
-            self.phase_port_forward()
-            self.phase_header()
+            if "loopback" in self.only:
+                self.phase_loopback()
+            if "intercept" in self.only:
+                self.phase_intercept()
+            elif "passthrough" in self.only or "header" in self.only:
+                self.inject_only()
+            if "passthrough" in self.only:
+                self.phase_passthrough()
+            if "port-forward" in self.only:
+                self.phase_port_forward()
+            if "header" in self.only:
+                self.phase_header()
         except Exception as e:  # noqa: BLE001 - setup broke: every row not measured says so
             log(f"run stopped: {type(e).__name__}: {e}")
             self.notes.append(f"run stopped: {type(e).__name__}: {e}")
             self.unavailable([(g, k) for g, k, _ in ROWS], f"the run stopped early: {type(e).__name__}: {e}")
         finally:
             self.cleanup()
-        self.unavailable([(g, k) for g, k, _ in ROWS], "not measured")
+        self.unavailable([(g, k) for g, k, _ in ROWS], "not measured" if self.only == set(PHASES)
+                         else f"not measured (--only {','.join(sorted(self.only))})")
         if infra_pids() != api0:
             self.notes.append(f"the cluster's daemons restarted during this run (pids {api0} -> {infra_pids()}: "
                               "another session's `cluster down/up`?); rows measured around it are suspect")
@@ -903,7 +965,7 @@ class Bench:
         return {
             "mode": self.mode, "params": self.m, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "duration_s": time.monotonic() - self.started, "namespace": self.ns,
-            "machine": machine(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "machine": machine(), "agent_image": AGENT_IMAGE, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
             "rows": rows, "targets": targets(self.rows), "notes": self.notes,
             **({"profiles": self.profiles} if self.profiles else {}),
         }
@@ -1081,7 +1143,8 @@ def chart(res: dict, path: Path) -> str | None:
     ax.bar([x - 0.2 for x in xs], [v["p50_ms"] for _, v in lat], 0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], [v["p99_ms"] for _, v in lat], 0.4, label="p99")
     ax.set_xticks(list(xs), [n for n, _ in lat], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
     ax.set_title("1 KiB request latency (keep-alive, fixed rate)")
     ax.legend()
     bulk = [(names[k], v) for (g, k), v in rows.items() if g == "bulk" and isinstance(v, dict)]
@@ -1121,14 +1184,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="sample the tpenv client and the agent with py-spy during the intercept's bulk and "
                         "concurrency steps and the passthrough rounds (top functions in the JSON)")
+    p.add_argument("--only", metavar="PHASE,...", help=f"run only these phases of {','.join(PHASES)} "
+                   "(the agent is still injected by a first tpenv intercept when a phase needs it)")
     args = p.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(PHASES)
+    if only - set(PHASES):
+        p.error(f"--only: unknown phase(s) {', '.join(sorted(only - set(PHASES)))}; known: {', '.join(PHASES)}")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.out.mkdir(parents=True, exist_ok=True)
     stamp0 = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     prof = args.out / f"profiles-{stamp0}" if args.profile else None
     if prof:
         prof.mkdir(parents=True, exist_ok=True)
-    b = Bench(mode, args.out, args.keep, prof)
+    b = Bench(mode, args.out, args.keep, prof, only)
 
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt
@@ -1136,6 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     res = b.run()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    res["only"] = sorted(only)
+    if only != set(PHASES):
+        mode = f"{mode}-{'-'.join(sorted(only))}"
     png = args.out / f"{stamp}-{mode}.png"
     why = chart(res, png)
     if why:

@@ -169,6 +169,8 @@ class InterceptRun:
         """Workload, Service, port; inject the agent when needed (progress lines while rolling out)."""
         ic = self.intercept
         w = await self.kube.get_workload(ic.workload, self.namespace)
+        if self.progress is not None:
+            self.progress(f"Using {w.kind} {w.name}")  # Telepresence's first line
         service = await pick_service(self.kube, w, ic.service)
         sp = service_port(service, ic.port.remote)
         agent = await ensure_agent(self.kube, w, service, sp, self.settings, progress=self.progress,

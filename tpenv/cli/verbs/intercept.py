@@ -147,8 +147,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
         session_id = new_session_id()
         irun = InterceptRun(kube, intercept, namespace, session_id, ctx.settings, progress=say,
                             env_json=args.env_json, container=args.container)
-        resolved = await irun.resolve()
-        say(f"Using {resolved.workload.kind} {resolved.workload.name}")
+        await irun.resolve()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -117,3 +117,27 @@ def test_docker_run_line():
                        ["/data", "/var/run/x"], 8080)
     assert argv == ["docker", "run", "--rm", "--env-file", "/tmp/e.env", "-p", "8080:8080",
                     "-v", "/tmp/vol/data:/data", "-v", "/tmp/vol/var/run/x:/var/run/x", "img:1", "serve"]
+
+
+# -- stage 4: webhook mode and missing tools ---------------------------------------------------
+
+def test_webhook_mode_is_the_template_label_and_the_container_comes_from_the_agent():
+    from tpenv.engine.agents import pod_agent_container_arg, webhook_mode
+    from tpenv.kits.kube import Workload
+
+    tpl = {"metadata": {"labels": {"app": "web", "tpenv.io/inject-agent": "enabled"}}, "spec": {"containers": []}}
+    assert webhook_mode(Workload("Deployment", "web", "ns", {"spec": {"template": tpl}}))
+    tpl["metadata"]["labels"].pop("tpenv.io/inject-agent")
+    assert not webhook_mode(Workload("Deployment", "web", "ns", {"spec": {"template": tpl}}))
+    pod = {"spec": {"containers": [{"name": "tpenv-agent", "args": ["sidecar", "--container", "app", "--listen", "x"]}]}}
+    assert pod_agent_container_arg(pod) == "app"
+
+
+def test_missing_sshfs_is_a_missing_tool_error(monkeypatch, tmp_path):
+    from tpenv.engine.mounts import check_fuse
+    from tpenv.errors import MissingTool
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without sshfs: the real lookup, nothing mocked
+    with pytest.raises(MissingTool, match="sshfs is not installed") as err:
+        check_fuse()
+    assert "--mount false" in err.value.hint

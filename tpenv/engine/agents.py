@@ -24,7 +24,7 @@ from tpenv.engine.injection import plan_injection, restore_plan
 from tpenv.errors import NotFound, RolloutStalled, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready
-from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT
+from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, LABEL_INJECT
 
 Progress = Callable[[str], None]
 # Waiting reasons that never heal by themselves: fail at once, naming them.
@@ -102,6 +102,8 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     log = unit_logger("agent", f"{w.namespace}/{w.name}")
     say = progress or (lambda text: log.info("%s", text))
     port_name = agent_port_name(sp)
+    if webhook_mode(w):
+        return await _webhook_agent(kube, w, service, sp, port_name, say)
     secret_exists = await _secret_exists(kube, w.namespace)
     port_key = sp.get("name") or sp["port"]
     plan = plan_injection(w.obj, service, port_key, settings, container=container, auth_secret_exists=secret_exists)
@@ -380,3 +382,35 @@ async def wait_endpoints(kube: Kube, w: Workload, service: dict[str, Any], sp: d
             progress(f"Service {svc}: its endpoints did not switch to the agents within {timeout:.0f}s")
         return False
     return False
+
+
+def webhook_mode(w: Workload) -> bool:
+    """The pod template opts in to the manager's webhook (GitOps): tpenv must not patch it."""
+    return w.template_labels.get(LABEL_INJECT) == "enabled"
+
+
+def pod_agent_container_arg(pod: dict[str, Any]) -> str | None:
+    """The app container the pod's agent serves (its ``--container`` argument)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == AGENT_CONTAINER:
+            args = [a for a in c.get("args") or [] if isinstance(a, str)]
+            if "--container" in args[:-1]:
+                return args[args.index("--container") + 1]
+    return None
+
+
+async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], port_name: str,
+                         say: Progress) -> AgentReady:
+    """Webhook mode: the manager injected the agent at pod creation; check it serves the port."""
+    if port_name.startswith("tpenv-"):
+        raise UsageError(f"{w.ref} uses webhook injection, which takes named container ports; Service "
+                         f"{service['metadata']['name']!r} targets port number {sp.get('targetPort', sp['port'])}",
+                         hint="name the container port and point the Service's targetPort at the name")
+    pods = [p for p in await kube.ready_pods(w) if pod_serves(p, port_name)]
+    if not pods:
+        raise RolloutStalled(f"no ready pod of {w.ref} runs the webhook-injected agent for port {port_name!r}",
+                             hint=f"is the manager installed (tpenv manager install)? pods created before it need "
+                                  f"a restart: kubectl rollout restart {w.ref} -n {w.namespace}")
+    say(f"Using the agent the webhook injected into {w.ref}")
+    container = pod_agent_container_arg(pods[0]) or w.containers[0]["name"]
+    return AgentReady(w, service, {"container": container, "ports": []}, port_name, container, False)

@@ -36,9 +36,22 @@ async def run(args: argparse.Namespace, ctx) -> int:
             workloads = [await kube.get_workload(args.agent, ns)]
         else:
             workloads = await injected_workloads(kube, None if args.everything else ns)
+        if args.everything:
+            # A namespace being deleted takes its workloads with it; updates there are refused.
+            data = await kube.call(kube.core.list_namespace, what=What("list", "namespaces"))
+            gone = {n["metadata"]["name"] for n in data.get("items", []) if n["metadata"].get("deletionTimestamp")}
+            workloads = [w for w in workloads if w.namespace not in gone]
+        restored = []
         for w in workloads:
-            if await remove_agent(kube, w, progress=say):
-                done["workloads"].append(f"{w.namespace}/{w.ref}")
+            try:
+                if await remove_agent(kube, w, progress=say):
+                    done["workloads"].append(f"{w.namespace}/{w.ref}")
+                restored.append(w)
+            except NotFound:
+                if args.agent:
+                    raise
+                continue  # deleted meanwhile: nothing left to restore
+        workloads = restored
         if args.everything:
             done["services"] = await _restore_stray_services(kube)
             done["secrets"] = await _delete_secrets(kube)
@@ -48,8 +61,11 @@ async def run(args: argparse.Namespace, ctx) -> int:
         if not args.no_wait:
             timeout = float(ctx.settings.kube.rollout_timeout)
             for w in workloads:
-                await wait_agent_gone(kube, w, timeout=timeout, progress=say)
-                await prune_agent_history(kube, await kube.reload(w))
+                try:
+                    await wait_agent_gone(kube, w, timeout=timeout, progress=say)
+                    await prune_agent_history(kube, await kube.reload(w))
+                except NotFound:
+                    continue
     if args.agent and not done["workloads"]:
         ctx.emit(f"{args.agent}: no tpenv agent to remove", done)
     else:

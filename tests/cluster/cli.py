@@ -145,6 +145,8 @@ def up(argv: list[str]) -> int:
     if os.geteuid() != 0:
         say("must run as root (it starts containerd, kubelet, and changes routes and iptables)")
         return 1
+    if len(str(containerd_address())) > 100:  # sun_path is 108 bytes
+        raise RuntimeError(f"{containerd_address()} is too long for a unix socket: use a shorter TPENV_CACHE")
     packages.ensure()
     build.build_all(log=say)
     lay = Layout()

@@ -182,6 +182,9 @@ class App:
                     r = reqs.pop(ev.stream_id)
                     self.requests += 1
                     h = r["headers"]
+                    if h[":path"].startswith("/reset"):  # the handler gives up on this stream
+                        conn.reset_stream(ev.stream_id, 8)  # CANCEL
+                        continue
                     if h[":path"].startswith("/slow"):
                         self.arrived.set()
                         writer.write(conn.data_to_send())

@@ -194,3 +194,16 @@ async def test_http1_route_mode_routes_keepalive_connections_opened_before_the_i
             assert b'"who": "dev"' in body
             _, _, body = await early.request("/")
             assert b'"who": "app"' in body
+
+
+async def test_h2_rst_stream_from_the_handler_reaches_the_caller_and_the_connection_lives_on(tmp_path):
+    m = auth_material()
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:grpc"]) as agent:
+        async with RawSession(agent, m, "s1") as s, H2Caller(agent.port("grpc")) as c:
+            assert (await s.intercept("g", "grpc", ALICE, dev.port))["ok"]
+            with pytest.raises(ConnectionError, match="reset 8"):
+                await c.request("/reset", {"x-dev": "alice"}, grpc=True)
+            with pytest.raises(ConnectionError, match="reset 8"):
+                await c.request("/reset", None, grpc=True)
+            assert (await c.request("/after", {"x-dev": "alice"}, grpc=True))["json"]["who"] == "dev"
+            assert (await c.request("/after", None, grpc=True))["json"]["who"] == "app"

@@ -72,6 +72,9 @@ class App:
         self.connections = 0
         self.gate = asyncio.Event()      # paths starting with /slow wait for it
         self.arrived = asyncio.Event()   # set when a /slow request arrives
+        self.reset_seen = asyncio.Event()  # set when a caller resets an h2 stream
+        self.stream_seen = asyncio.Event()  # set when an h2 request's headers arrive
+        self.resets: list[int] = []
         self._server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> "App":
@@ -174,10 +177,15 @@ class App:
             for ev in conn.receive_data(data):
                 if isinstance(ev, h2.events.RequestReceived):
                     reqs[ev.stream_id] = {"headers": dict(ev.headers), "body": 0}
+                    self.stream_seen.set()
                 elif isinstance(ev, h2.events.DataReceived):
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                     if ev.stream_id in reqs:
                         reqs[ev.stream_id]["body"] += len(ev.data)
+                elif isinstance(ev, h2.events.StreamReset):
+                    reqs.pop(ev.stream_id, None)
+                    self.resets.append(ev.error_code)
+                    self.reset_seen.set()
                 elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in reqs:
                     r = reqs.pop(ev.stream_id)
                     self.requests += 1
@@ -311,6 +319,19 @@ class H2Caller:
         for s in self._streams.values():
             if not s["done"].done():
                 s["done"].set_exception(ConnectionError("connection closed"))
+
+    def open_stream(self, path: str, headers: dict[str, str] | None = None) -> int:
+        """Start a request (headers, no end of stream); see reset()."""
+        sid = self.conn.get_next_available_stream_id()
+        hdrs = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "app")]
+        self.conn.send_headers(sid, hdrs + list((headers or {}).items()), end_stream=False)
+        self.writer.write(self.conn.data_to_send())
+        return sid
+
+    def reset(self, sid: int, code: int = 8) -> None:
+        """Cancel a stream, as a gRPC client does on a deadline."""
+        self.conn.reset_stream(sid, code)
+        self.writer.write(self.conn.data_to_send())
 
     async def request(self, path: str, headers: dict[str, str] | None = None, body: bytes = b"",
                       grpc: bool = False) -> dict:

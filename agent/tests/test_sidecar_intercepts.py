@@ -207,3 +207,16 @@ async def test_h2_rst_stream_from_the_handler_reaches_the_caller_and_the_connect
                 await c.request("/reset", None, grpc=True)
             assert (await c.request("/after", {"x-dev": "alice"}, grpc=True))["json"]["who"] == "dev"
             assert (await c.request("/after", None, grpc=True))["json"]["who"] == "app"
+
+
+async def test_h2_rst_stream_from_the_caller_reaches_the_handler(tmp_path):
+    m = auth_material()
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:grpc"]) as agent:
+        async with RawSession(agent, m, "s1") as s, H2Caller(agent.port("grpc")) as c:
+            assert (await s.intercept("g", "grpc", ALICE, dev.port))["ok"]
+            sid = c.open_stream("/cancelled", {"x-dev": "alice"})
+            await dev.stream_seen.wait()
+            c.reset(sid, 8)
+            await dev.reset_seen.wait()
+            assert dev.resets == [8] and app.resets == []
+            assert (await c.request("/after", {"x-dev": "alice"}, grpc=True))["json"]["who"] == "dev"

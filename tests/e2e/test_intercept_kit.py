@@ -7,6 +7,7 @@ Every tpenv process gets the agent image of this checkout (``agent_image_ref()``
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -26,9 +27,15 @@ REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "k8s.yaml"
 
 
+@functools.lru_cache(maxsize=1)
+def agent_image() -> str:
+    # Once per test session: the image `cluster up` imported, even if agent/ is edited meanwhile.
+    return agent_image_ref()
+
+
 def tpenv_env(state_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(TPENV_AGENT_IMAGE=agent_image_ref(), TPENV_AGENT_IMAGE_PULL_POLICY="Never",
+    env.update(TPENV_AGENT_IMAGE=agent_image(), TPENV_AGENT_IMAGE_PULL_POLICY="Never",
                TPENV_SESSION_STATE_DIR=str(state_dir), TPENV_KUBE_ROLLOUT_TIMEOUT="120")
     return env
 

@@ -1124,6 +1124,26 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(res: dict) -> str:
+    """The table as Markdown (for docs/performance.md)."""
+    m = res["machine"]
+    out = [f"Run `{res['mode']}` of {res['started']} ({res['duration_s']:.0f} s), commit `{m['commit']}`, "
+           f"{m['cpus']} CPUs ({m['cpu_model']}), {m['mem_GiB']} GiB, Linux {m['kernel']}, Python {m['python']}; "
+           f"load average {res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}.", ""]
+    group = None
+    for r in res["rows"]:
+        if r["group"] != group:
+            group = r["group"]
+            out += ["", f"**{group}**", "", "| path | figure |", "|---|---|"]
+        out.append(f"| {r['label']} | {cell(r['group'], r['value']).replace('|', '/')} |")
+    out += ["", "**targets**", "", "| target | measured | wanted | |", "|---|---|---|---|"]
+    for t in res["targets"]:
+        out.append(f"| {t['target']} | {fmt(t['measured'], 3)} | {t['wanted']} | {t['status']} |")
+    for n in res["notes"]:
+        out += ["", f"Note: {n}"]
+    return "\n".join(out) + "\n"
+
+
 def chart(res: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -1217,6 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(res, indent=1)
     (args.out / f"{stamp}-{mode}.json").write_text(text)
     (args.out / f"latest-{mode}.json").write_text(text)
+    (args.out / f"latest-{mode}.md").write_text(markdown(res))
     print(table(res))
     print(f"\nJSON: {args.out / f'{stamp}-{mode}.json'}" + (f"\nchart: {png}" if not why else f"\n{why}"))
     return 0

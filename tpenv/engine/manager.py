@@ -39,7 +39,8 @@ CONFIGMAP = "tpenv-manager"
 WEBHOOK = "tpenv-agent-injector"
 FIELD_MANAGER = "tpenv"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "manager"
+# tpenv/templates is a symlink to the top-level templates/ (DESIGN layout), so wheels carry it too.
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "manager"
 RENEW_BEFORE = dt.timedelta(days=30)
 CERT_LIFETIME = dt.timedelta(days=5 * 365)
 

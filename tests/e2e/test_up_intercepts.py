@@ -51,8 +51,8 @@ def test_two_intercepts_heal_after_pod_delete_then_down_and_sigterm(namespace, t
         with UpSession(tmp_path) as up:
             # -- stage 2: both intercepts serve the in-cluster client from the laptop ----------------
             up.wait_ready(f"intercept/{ns_a}/alpha", f"intercept/{ns_b}/beta", "handler/alpha", "handler/beta")
-            wait_until(f"alpha from the laptop\n{up.output}", answered_by_laptop(ns_a, url_a, name="alpha"), 30)
-            wait_until(f"beta from the laptop\n{up.output}", answered_by_laptop(ns_a, url_b, name="beta"), 30)
+            up.until("alpha from the laptop", answered_by_laptop(ns_a, url_a, name="alpha"), 30)
+            up.until("beta from the laptop", answered_by_laptop(ns_a, url_b, name="beta"), 30)
 
             # -- stage 3: delete alpha's pod; once its replacement is Ready, the laptop answers again,
             #    with no command typed. The gap is printed, not asserted (timing is the benchmark's).
@@ -62,7 +62,7 @@ def test_two_intercepts_heal_after_pod_delete_then_down_and_sigterm(namespace, t
             new = wait_until("alpha's replacement pod Ready",
                              lambda: [p for p in ready_pods(ns_a, "alpha") if p not in old], 120, interval=0.2)
             pod_ready = time.monotonic()
-            wait_until(f"alpha from the laptop again (new pod {new})\n{up.output}",
+            up.until(f"alpha from the laptop again (new pod {new})",
                        answered_by_laptop(ns_a, url_a, name="alpha"), 60, interval=0.2)
             serving = time.monotonic()
             print(f"\npod delete -> replacement Ready {pod_ready - deleted:.2f}s; "
@@ -84,8 +84,8 @@ def test_two_intercepts_heal_after_pod_delete_then_down_and_sigterm(namespace, t
         # -- stage 5: up again (agents already there), then SIGTERM: the same clean end ------------------
         with UpSession(tmp_path) as up:
             up.wait_ready(f"intercept/{ns_a}/alpha", f"intercept/{ns_b}/beta", "handler/alpha", "handler/beta")
-            wait_until(f"alpha from the laptop\n{up.output}", answered_by_laptop(ns_a, url_a, name="alpha"), 30)
-            wait_until(f"beta from the laptop\n{up.output}", answered_by_laptop(ns_a, url_b, name="beta"), 30)
+            up.until("alpha from the laptop", answered_by_laptop(ns_a, url_a, name="alpha"), 30)
+            up.until("beta from the laptop", answered_by_laptop(ns_a, url_b, name="beta"), 30)
             pids = [up.handler_pid("alpha"), up.handler_pid("beta")]
             assert all(pids), pids
             assert up.stop() == 0, up.output  # SIGTERM
@@ -107,14 +107,14 @@ def test_edits_restart_only_what_changed(namespace, tmp_path):
 
         with UpSession(tmp_path) as up:
             up.wait_ready(f"intercept/{ns_a}/alpha", f"intercept/{ns_b}/beta", "handler/alpha", "handler/beta")
-            wait_until(f"alpha v1\n{up.output}", answered_by_laptop(ns_a, url_a, name="alpha", version="v1"), 30)
-            wait_until(f"beta v1\n{up.output}", answered_by_laptop(ns_a, url_b, name="beta", version="v1"), 30)
+            up.until("alpha v1", answered_by_laptop(ns_a, url_a, name="alpha", version="v1"), 30)
+            up.until("beta v1", answered_by_laptop(ns_a, url_b, name="beta", version="v1"), 30)
             beta_before = {k: up.unit(k) for k in (f"intercept/{ns_b}/beta", "handler/beta")}
             pid_a, pid_b = up.handler_pid("alpha"), up.handler_pid("beta")
 
             # -- stage 2: a watched source edit restarts alpha's handler; the next request sees it --------
             set_version(tmp_path / "a" / "server.py", "v2")
-            a = wait_until(f"alpha v2 from the cluster\n{up.output}",
+            a = up.until("alpha v2 from the cluster",
                            answered_by_laptop(ns_a, url_a, name="alpha", version="v2"), 30, interval=0.2)
             assert a["pid"] != pid_a
             pid_a = wait_until("alpha's new pid in the status", lambda: up.handler_pid("alpha"), 10)
@@ -136,7 +136,7 @@ def test_edits_restart_only_what_changed(namespace, tmp_path):
 
             # -- stage 4: add a header match to alpha in telepresence.yaml: only alpha changes ----------
             config.write_text(two_intercepts(w, ns_a, ns_b, match_a="{headers: {x-dev: alice}}"))
-            wait_until(f"alpha intercepted for x-dev: alice only\n{up.output}",
+            up.until("alpha intercepted for x-dev: alice only",
                        lambda: answered_by_laptop(ns_a, url_a, "x-dev: alice", name="alpha")()
                        and answered_by_cluster(ns_a, url_a, "x-dev: bob")(), 60, interval=0.2)
             assert answered_by_cluster(ns_a, url_a)(), "without the header: the cluster"

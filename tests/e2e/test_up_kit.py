@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
 from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_json, wait_until
@@ -220,10 +221,16 @@ class UpSession(TpenvProcess):
         units = self.units()
         return all(any(n.startswith(p) and u["state"] == "ready" for n, u in units.items()) for p in prefixes)
 
+    def until(self, what: str, fn, timeout: float = 60, interval: float = 0.5):
+        """wait_until, failing with the output of `tpenv up` as it is at the end of the wait."""
+        try:
+            return wait_until(what, fn, timeout, interval)
+        except pytest.fail.Exception as e:
+            pytest.fail(f"{e.msg}\n--- tpenv up output:\n{self.output}", pytrace=False)
+
     def wait_ready(self, *prefixes: str, timeout: float = 150) -> dict[str, dict]:
         self.assert_running()
-        wait_until(f"units {prefixes} ready\n--- tpenv up output:\n{self.output}",
-                   lambda: self.assert_running() or self.all_ready(*prefixes), timeout)
+        self.until(f"units {prefixes} ready", lambda: self.assert_running() or self.all_ready(*prefixes), timeout)
         return self.units()
 
     def assert_running(self) -> None:
@@ -234,7 +241,7 @@ class UpSession(TpenvProcess):
         return [line for line in list(self.lines) if rx.search(line)]
 
     def wait_output(self, pattern: str, timeout: float = 60, count: int = 1) -> list[str]:
-        return wait_until(f"{count}x /{pattern}/ in the output of tpenv up\n--- output:\n{self.output}",
+        return self.until(f"{count}x /{pattern}/ in the output of tpenv up",
                           lambda: (lambda m: m if len(m) >= count else None)(self.lines_matching(pattern)), timeout,
                           interval=0.1)
 

@@ -29,7 +29,7 @@ from tpenv.engine.intercepts import InterceptRun, intercept_key
 from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.up import UpContext, handler_specs
 from tpenv.errors import NotFound, TransientError
-from tpenv.kits.kube import Kube, What
+from tpenv.kits.kube import Kube, What, parse_workload_ref
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,12 @@ class InterceptUnit(TaskUnit):
         returns on the next change that may fix it (a watch from now on, not a poll)."""
         s, kube = self.spec, self.spec.kube
         ic = s.intercept
-        kinds = [ic.workload_kind] if ic.workload_kind else list(_WORKLOAD_LISTERS)
+        kind = parse_workload_ref(ic.workload)[0]
+        kinds = [kind] if kind else list(_WORKLOAD_LISTERS)
         try:
             await kube.get_workload(ic.workload, s.namespace)
         except NotFound:
-            what = ic.workload if ic.workload_kind else f"workload {ic.workload} ({', '.join(k.lower() for k in kinds)})"
+            what = ic.workload if kind else f"workload {ic.workload} ({', '.join(k.lower() for k in kinds)})"
             waits = [_appears(kube, getattr(kube.apps, _WORKLOAD_LISTERS[k]), s.namespace, _PLURAL_OF[k],
                               name=ic.workload_name) for k in kinds]
             return f"waiting for {what} to exist in namespace {s.namespace}", _first_done(waits)

@@ -26,8 +26,8 @@ from tpenv.engine.mounts import SshfsMount
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
 from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
-from tpenv.errors import TpenvError
-from tpenv.kits.aio import unit_logger
+from tpenv.errors import TpenvError, TransientError
+from tpenv.kits.aio import Backoff, unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready
 
 
@@ -215,17 +215,35 @@ class InterceptRun:
         return specs
 
     async def _watch_pods(self) -> None:
+        """Keep ``_pods`` current. A watch that fails (API server unreachable, connection cut) is
+        opened again with backoff, after a fresh list: pods deleted meanwhile are forgotten."""
         assert self.resolved is not None and self.rec is not None
         w = self.resolved.workload
-        async with self.kube.watch(self.kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
-                                   what=What("watch", "pods", w.namespace)) as events:
-            async for kind, pod in events:
-                uid = pod["metadata"]["uid"]
-                if kind == "DELETED":
-                    self._pods.pop(uid, None)
-                else:
-                    self._pods[uid] = pod
-                self.rec.notify(UnitEvent("kube", detail=("pod", kind, pod["metadata"]["name"])))
+        t = self.settings.tunnels if self.settings is not None else None
+        backoff = Backoff(t.retry_initial if t is not None else 0.5, t.retry_max if t is not None else 10.0)
+        relist = False
+        while True:
+            try:
+                if relist:
+                    self._pods = {p["metadata"]["uid"]: p for p in await self.kube.pods_of(w)}
+                    self.rec.notify(UnitEvent("kube", detail=("pods", "listed again")))
+                    self.log.info("watching the pods of %s again", w.ref)
+                backoff.started()
+                async with self.kube.watch(self.kube.core.list_namespaced_pod, w.namespace,
+                                           label_selector=w.selector, what=What("watch", "pods", w.namespace)) as events:
+                    async for kind, pod in events:
+                        uid = pod["metadata"]["uid"]
+                        if kind == "DELETED":
+                            self._pods.pop(uid, None)
+                        else:
+                            self._pods[uid] = pod
+                        self.rec.notify(UnitEvent("kube", detail=("pod", kind, pod["metadata"]["name"])))
+                raise TransientError(f"the watch of {w.ref}'s pods ended")
+            except Exception as e:  # noqa: BLE001 - retried; cancellation is not an Exception
+                delay = backoff.failed()
+                self.log.warning("watch of %s's pods failed: %s (again in %.1fs)", w.ref, e, delay)
+                relist = True
+                await asyncio.sleep(delay)
 
     async def start(self) -> None:
         if self.resolved is None:

@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""`tpenv up` latencies (issue 6, done-when 7), against the cluster of $KUBECONFIG:
+
+1. `tpenv up` started -> the first in-cluster request answered by the laptop's handler,
+   a) with the agent already installed, b) with the agent injected by this `up` (a fresh Deployment);
+2. a deleted pod's replacement Ready -> the intercept serving again;
+3. a handler source file saved -> the restarted handler answering in-cluster requests.
+
+    KUBECONFIG=... .venv/bin/python bench/up_latency.py [--runs 3] [--keep]
+
+The in-cluster client is a pod running `curl` in a loop (a new connection each time, ~20 ms
+apart); every answer is stamped on this machine as its line arrives, so each figure has that
+resolution (plus the `kubectl exec` stream's latency). Pod readiness comes from a
+`kubectl get -w` stream, stamped the same way. The `tpenv up` output is stamped too, to show
+where the time of (1) goes. Median of --runs runs each (every wait bounded by a timeout; a run
+that times out is reported, not counted). Output: a table, and bench/results/up-latency-<time>.json
+plus bench/results/up-latency-latest.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.cluster.images import agent_image_ref  # noqa: E402
+from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_binary  # noqa: E402
+from tests.e2e.test_up_kit import echo_app, set_version, write_handler  # noqa: E402
+
+TPENV = str(Path(sys.executable).parent / "tpenv")
+TARGETS = {"up_to_first_answer_installed": 1.5, "up_to_first_answer_injecting": 1.5,
+           "pod_ready_to_serving": 2.0, "save_to_new_handler_answering": 1.0}
+
+
+def say(msg: str) -> None:
+    print(f"[up-latency] {msg}", flush=True)
+
+
+class Stream:
+    """A line-producing subprocess; every line stamped with time.monotonic() as it arrives."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=cwd, start_new_session=True)
+        self.lines: list[tuple[float, str]] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cv:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+                self._cv.notify_all()
+
+    def first(self, pred: Callable[[str], bool], after: float, timeout: float) -> float | None:
+        """The stamp of the first line after ``after`` matching ``pred``; None on timeout."""
+        end = time.monotonic() + timeout
+        i = 0
+        with self._cv:
+            while True:
+                while i < len(self.lines):
+                    t, line = self.lines[i]
+                    i += 1
+                    if t >= after and pred(line):
+                        return t
+                left = end - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and i >= len(self.lines):
+                    return None
+                self._cv.wait(min(left, 0.5))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+
+def answers(ns: str, url: str) -> Stream:
+    """The in-cluster client: curl in a loop, one JSON answer (or an empty line) per request."""
+    loop = f"while :; do curl -s -m 1 {url}; echo; sleep 0.02; done"
+    return Stream([kubectl_binary(), "-n", ns, "exec", "-i", "client", "--", "sh", "-c", loop])
+
+
+def laptop(version: str | None = None) -> Callable[[str], bool]:
+    def pred(line: str) -> bool:
+        try:
+            a = json.loads(line)
+        except ValueError:
+            return False
+        return a.get("source") == "laptop" and (version is None or a.get("version") == version)
+    return pred
+
+
+def cluster(line: str) -> bool:
+    try:
+        return json.loads(line).get("source") == "cluster"
+    except ValueError:
+        return False
+
+
+def deploy(name: str, ns: str) -> None:
+    apply(echo_app(name), ns=ns)
+    kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
+
+
+class Up:
+    """`tpenv up` on a one-intercept telepresence.yaml in ``work``."""
+
+    def __init__(self, work: Path, ns: str, name: str, port: int) -> None:
+        self.work, self.ns, self.name, self.port = work, ns, name, port
+        (work / "telepresence.yaml").write_text(
+            f"apiVersion: tpenv/v1\nnamespace: {ns}\nintercepts:\n"
+            f"  - name: {name}\n    workload: deployment/{name}\n    port: {port}:web\n"
+            f"    env: {{set: {{PORT: \"{port}\", NAME: {name}}}}}\n    mount: false\n"
+            f"    run: {{command: [{sys.executable}, server.py], cwd: h, watch: [\"*.py\"]}}\n")
+        self.env = dict(os.environ, TPENV_AGENT_IMAGE=agent_image_ref(), TPENV_AGENT_IMAGE_PULL_POLICY="Never",
+                        TPENV_SESSION_STATE_DIR=str(work / "state"))
+        self.stream: Stream | None = None
+        self.started = 0.0
+
+    def start(self) -> float:
+        self.started = time.monotonic()
+        self.stream = Stream([TPENV, "up"], env=self.env, cwd=self.work)
+        return self.started
+
+    def stop(self) -> None:
+        assert self.stream is not None
+        rc = self.stream.stop(signal.SIGTERM)
+        if rc != 0:
+            raise RuntimeError(f"tpenv up exited {rc}:\n" + "\n".join(x for _, x in self.stream.lines[-40:]))
+
+    def marks(self) -> dict[str, float]:
+        """Where the time went: seconds from start to the first line of each phase."""
+        assert self.stream is not None
+        out: dict[str, float] = {}
+        phases = {"session": r"\] session ", "resolved": r"Using |Injecting|Waiting for deployment",
+                  "tunnel": r"intercept \S+ registered", "intercepting": r"\] intercepting ",
+                  "handler_spawned": r"\[handler/\S+\] running", "handler_listening": r"^\[handler/\S+\] serving"}
+        for key, rx in phases.items():
+            t = next((t for t, line in self.stream.lines if re.search(rx, line)), None)
+            if t is not None:
+                out[key] = round(t - self.started, 3)
+        return out
+
+
+def median(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=90.0, help="bound of every single wait, in seconds")
+    ap.add_argument("--keep", action="store_true", help="keep the namespace")
+    args = ap.parse_args()
+    runs, to = max(1, args.runs), args.timeout
+
+    ns = "tpenv-uplat-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+    work = Path(tempfile.mkdtemp(prefix="up-latency-"))
+    write_handler(work / "h")
+    server = work / "h" / "server.py"
+    results: dict[str, list[float]] = {k: [] for k in TARGETS}
+    failures: dict[str, list[str]] = {k: [] for k in TARGETS}
+    marks: dict[str, list[dict[str, float]]] = {"installed": [], "injecting": []}
+    extra: dict[str, list[float]] = {"pod_delete_to_ready": []}
+    say(f"namespace {ns}, work dir {work}, {runs} run(s) each")
+    apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {TEST_LABEL: "true"}}})
+    try:
+        for _ in range(60):
+            if kubectl("get", "serviceaccount", "default", ns=ns, check=False).returncode == 0:
+                break
+            time.sleep(0.5)
+        apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
+               "spec": {"terminationGracePeriodSeconds": 0, "containers": [
+                   {"name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                    "command": ["sleep", "36000"]}]}}, ns=ns)
+        deploy("warm", ns)
+        kubectl("wait", "--for=condition=Ready", "pod/client", "--timeout=120s", ns=ns, timeout=150)
+        port = int(subprocess.check_output([sys.executable, "-c", "import socket; s=socket.socket(); "
+                                            "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"]))
+        warm = Up(work, ns, "warm", port)
+        stream = answers(ns, f"http://warm.{ns}/")
+        try:
+            # Inject the agent once (untimed): the "installed" runs start from there.
+            warm.start()
+            if stream.first(laptop(), warm.started, to) is None:
+                raise RuntimeError("the first `tpenv up` never served; output:\n"
+                                   + "\n".join(x for _, x in warm.stream.lines[-40:]))
+            warm.stop()
+
+            # -- 1a: up -> first answer, agent installed ---------------------------------------
+            for i in range(runs):
+                if stream.first(cluster, time.monotonic(), to) is None:
+                    raise RuntimeError("the cluster did not answer again after `up` stopped")
+                t0 = warm.start()
+                t = stream.first(laptop(), t0, to)
+                (results["up_to_first_answer_installed"].append(round(t - t0, 3)) if t else
+                 failures["up_to_first_answer_installed"].append(f"run {i}: no laptop answer within {to}s"))
+                marks["installed"].append(warm.marks() | ({"first_answer": round(t - t0, 3)} if t else {}))
+                say(f"1a run {i}: {t - t0 if t else None}")
+                if i < runs - 1:
+                    warm.stop()
+
+            # -- 2: pod replacement Ready -> serving again (up still running from the last 1a run) ---
+            for i in range(runs):
+                old = set(kubectl("get", "pods", "-l", "app=warm", "-o", "jsonpath={.items[*].metadata.name}",
+                                  ns=ns).stdout.split())
+                pods = Stream([kubectl_binary(), "-n", ns, "get", "pods", "-l", "app=warm", "-w", "-o",
+                               'jsonpath={.metadata.name} {.status.conditions[?(@.type=="Ready")].status} '
+                               '{.metadata.deletionTimestamp}{"\\n"}'])
+                try:
+                    time.sleep(0.5)  # the watch's first listing
+                    t_del = time.monotonic()
+                    kubectl("delete", "pod", *old, "--wait=false", ns=ns)
+
+                    def new_ready(line: str) -> bool:
+                        parts = line.split()
+                        return len(parts) == 2 and parts[0] not in old and parts[1] == "True"
+
+                    t_ready = pods.first(new_ready, t_del, to)
+                finally:
+                    pods.stop()
+                if t_ready is None:
+                    failures["pod_ready_to_serving"].append(f"run {i}: no replacement Ready within {to}s")
+                    continue
+                extra["pod_delete_to_ready"].append(round(t_ready - t_del, 3))
+                t = stream.first(laptop(), t_ready, to)
+                (results["pod_ready_to_serving"].append(round(t - t_ready, 3)) if t else
+                 failures["pod_ready_to_serving"].append(f"run {i}: not serving within {to}s of Ready"))
+                say(f"2 run {i}: {t - t_ready if t else None}")
+
+            # -- 3: save -> the restarted handler answers ----------------------------------------
+            for i in range(runs):
+                version = f"v{i + 2}"
+                time.sleep(1.0)  # let the previous restart settle (not part of any figure)
+                t0 = time.monotonic()
+                set_version(server, version)
+                t = stream.first(laptop(version), t0, to)
+                (results["save_to_new_handler_answering"].append(round(t - t0, 3)) if t else
+                 failures["save_to_new_handler_answering"].append(f"run {i}: {version} not seen within {to}s"))
+                say(f"3 run {i}: {t - t0 if t else None}")
+            warm.stop()
+        finally:
+            stream.stop()
+            if warm.stream is not None and warm.stream.proc.poll() is None:
+                warm.stream.stop()
+
+        # -- 1b: up -> first answer, with injection (a fresh Deployment each run) --------------------
+        for i in range(runs):
+            name = f"fresh{i}"
+            deploy(name, ns)
+            up = Up(work, ns, name, port)
+            s = answers(ns, f"http://{name}.{ns}/")
+            try:
+                if s.first(cluster, time.monotonic(), to) is None:
+                    raise RuntimeError(f"{name} does not answer")
+                t0 = up.start()
+                t = s.first(laptop(), t0, to)
+                (results["up_to_first_answer_injecting"].append(round(t - t0, 3)) if t else
+                 failures["up_to_first_answer_injecting"].append(f"run {i}: no laptop answer within {to}s"))
+                marks["injecting"].append(up.marks() | ({"first_answer": round(t - t0, 3)} if t else {}))
+                say(f"1b run {i}: {t - t0 if t else None}")
+                up.stop()
+            finally:
+                s.stop()
+                if up.stream is not None and up.stream.proc.poll() is None:
+                    up.stream.stop()
+            kubectl("delete", "deployment,service", name, "--wait=false", ns=ns, check=False)
+    finally:
+        if not args.keep:
+            kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+
+    # -- report ------------------------------------------------------------------------------------
+    rows = []
+    for key, target in TARGETS.items():
+        m = median(results[key])
+        rows.append({"figure": key, "median_s": m, "runs_s": results[key], "target_s": target,
+                     "met": m is not None and m <= target, "failures": failures[key]})
+    report = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs": runs,
+              "host": {"cpus": os.cpu_count(), "load": os.getloadavg()}, "figures": rows,
+              "phases_of_up": {k: {p: median([m[p] for m in v if p in m]) for p in
+                                   sorted({p for m in v for p in m}, key=lambda p: median([m[p] for m in v if p in m]))}
+                               for k, v in marks.items()},
+              "pod_delete_to_ready_s": extra["pod_delete_to_ready"]}
+    print()
+    print(f"{'figure':<34} {'median':>8} {'target':>7}  runs")
+    for r in rows:
+        med = f"{r['median_s']:.2f}s" if r["median_s"] is not None else "-"
+        print(f"{r['figure']:<34} {med:>8} {r['target_s']:>6.1f}s  "
+              f"{', '.join(f'{x:.2f}' for x in r['runs_s'])}{'  FAILED: ' + '; '.join(r['failures']) if r['failures'] else ''}")
+    for k, ph in report["phases_of_up"].items():
+        print(f"up ({k}), median seconds from start: " + ", ".join(f"{p} {v:.2f}" for p, v in ph.items()))
+    print(f"pod delete -> replacement Ready (not tpenv's): {extra['pod_delete_to_ready']}")
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for path in (out / f"up-latency-{stamp}.json", out / "up-latency-latest.json"):
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / f'up-latency-{stamp}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

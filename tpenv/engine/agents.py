@@ -333,8 +333,8 @@ async def prune_agent_history(kube: Kube, w: Workload) -> list[str]:
         meta = rs["metadata"]
         owned = any(o.get("uid") == uid for o in meta.get("ownerReferences") or [])
         tpl_labels = ((rs["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
-        if owned and LABEL_AGENT in tpl_labels and not (rs["spec"].get("replicas") or 0) \
-                and not (rs.get("status") or {}).get("replicas"):
+        # Scaled to 0 is enough: pods still terminating go with it (background deletion).
+        if owned and LABEL_AGENT in tpl_labels and not (rs["spec"].get("replicas") or 0):
             try:
                 await kube.call(kube.apps.delete_namespaced_replica_set, meta["name"], w.namespace,
                                 what=What("delete", "replicasets", w.namespace, meta["name"]))

@@ -120,6 +120,10 @@ class Unavailable(Exception):
     """A row that cannot be measured in this run; the message says why."""
 
 
+class PathLost(Unavailable):
+    """Answers came from the wrong side: the intercept or the agent went away during the step."""
+
+
 # ------------------------------------------------------------------------------ the cluster
 
 def kubectl(*args: str, ns: str | None = None, input: str | None = None, timeout: float = 120,
@@ -547,11 +551,20 @@ class Bench:
         for k in keys:
             self.rows.setdefault(k, f"unavailable: {reason}")
 
-    def step(self, what: str, keys: list[tuple[str, str]], fn: Callable[[], None]) -> bool:
-        """Run one measurement step; on failure its rows say why, and the run goes on."""
+    def step(self, what: str, keys: list[tuple[str, str]], fn: Callable[[], None],
+             again: Callable[[], None] | None = None) -> bool:
+        """Run one measurement step; on failure its rows say why, and the run goes on. When the path was
+        lost during the step (PathLost) and ``again`` is given: ``again()`` restores it, the step runs once more."""
         log(f"{what} ({time.monotonic() - self.started:.0f}s)")
         try:
-            fn()
+            try:
+                fn()
+            except PathLost as e:
+                if again is None:
+                    raise
+                log(f"  {what}: {e}; again")
+                again()
+                fn()
             for k in keys:  # a step that silently skipped a row
                 self.rows.setdefault(k, "unavailable: not measured (see notes)")
             return True
@@ -600,7 +613,7 @@ class Bench:
         if by is not None:
             sides = r.get("answered_by") or {}
             if set(sides) != {by}:
-                raise Unavailable(f"answers should all come from the {by}, came from {sides}: the path changed "
+                raise PathLost(f"answers should all come from the {by}, came from {sides}: the path changed "
                                   "during the step (intercept lost?)")
         return r
 
@@ -672,17 +685,17 @@ class Bench:
         ic.info = info  # type: ignore[attr-defined]
         return ic
 
-    def inject_only(self) -> None:
+    def inject_only(self, key: str = "first_intercept_s") -> None:
         """The agent put in by the real machinery, the first `tpenv intercept`, left at once (passthrough)."""
-        log("injecting the agent with a first tpenv intercept, then leaving")
+        log("injecting the agent with a tpenv intercept, then leaving")
         try:
-            ic = self.start_intercept("first_intercept_s", "--mount", "false")
+            ic = self.start_intercept(key, "--mount", "false")
             ic.stop()
             pod = self.app_pod()
             apids = container_pids(self.ns, pod, "tpenv-agent")
             self.agent_procs = Procs(apids) if apids else None
         except Exception as e:  # noqa: BLE001 - phase_passthrough then says there is no agent
-            self.unavailable([("setup", "first_intercept_s")], f"tpenv intercept: {e}")
+            self.unavailable([("setup", key)], f"tpenv intercept: {e}")
 
     def phase_intercept(self) -> None:
         ikeys = [("latency", "intercept"), ("bulk", "intercept"), ("concurrency", "intercept"), ("hol", "intercept"),
@@ -692,23 +705,38 @@ class Bench:
         mkeys = [("mount", "read"), ("mount", "write"), ("mount", "stat")]
         mnt = self.tmp / "mnt"
         mnt.mkdir()
+        st: dict[str, Any] = {}
+
+        def establish(key: str) -> None:
+            """(Re)start the global intercept; the pids and pod it serves."""
+            if self.ic is not None:
+                self.ic.stop()
+            self.ic = self.start_intercept(key, "--mount", str(mnt))
+            st["ic"] = self.ic
+            st["pod"] = self.app_pod()
+            st["client"] = Procs([self.ic.proc.pid])
+            apids = container_pids(self.ns, st["pod"], "tpenv-agent")
+            self.agent_procs = Procs(apids) if apids else None
+            st["who"] = {"client": [self.ic.proc.pid], "agent": apids}
+
+        def again() -> None:
+            self.notes.append("the intercept was lost during a step (another session's `tpenv uninstall "
+                              "--everything` removes every agent of the cluster); re-established, step run again")
+            establish("reestablish_s")
+
         log("global intercept (first run: injects the agent)")
         try:
-            ic = self.ic = self.start_intercept("first_intercept_s", "--mount", str(mnt))
+            establish("first_intercept_s")
         except Exception as e:  # noqa: BLE001
             self.unavailable([("setup", "first_intercept_s"), *ikeys, *mkeys], f"tpenv intercept: {e}")
             return
         try:
-            pod = self.app_pod()
-            client = Procs([ic.proc.pid])
-            apids = container_pids(self.ns, pod, "tpenv-agent")
-            self.agent_procs = Procs(apids) if apids else None
             infra = Procs(infra_pids())
             ip, port = self.app_ip, 80
 
             def idle_rss() -> None:
                 time.sleep(1.0)
-                self.put("resources", "client_rss_idle", {"MiB": client.sample()[1] / MiB})
+                self.put("resources", "client_rss_idle", {"MiB": st["client"].sample()[1] / MiB})
                 if self.agent_procs:
                     self.put("resources", "agent_rss_idle", {"MiB": self.agent_procs.sample()[1] / MiB})
                 else:
@@ -720,15 +748,14 @@ class Bench:
             def latency() -> None:
                 self.put("latency", "intercept", self.checked(self.cluster([self.lat("lat", ip, port)])[0], "laptop"))
 
-            self.step("intercept: latency", [("latency", "intercept")], latency)
-
-            who = {"client": [ic.proc.pid], "agent": apids}
+            self.step("intercept: latency", [("latency", "intercept")], latency, again)
 
             def bulk() -> None:
-                c0, a0, i0 = client.sample()[0], self.agent_procs.sample()[0] if self.agent_procs else 0, infra.sample()[0]
-                with self.profile("intercept-bulk", who):
+                agent = self.agent_procs or Procs([])
+                c0, a0, i0 = st["client"].sample()[0], agent.sample()[0], infra.sample()[0]
+                with self.profile("intercept-bulk", st["who"]):
                     r = self.cluster([self.bulk("down", ip, port, "down"), self.bulk("up", ip, port, "up")])
-                c1, a1, i1 = client.sample()[0], self.agent_procs.sample()[0] if self.agent_procs else 0, infra.sample()[0]
+                c1, a1, i1 = st["client"].sample()[0], agent.sample()[0], infra.sample()[0]
                 self.put("bulk", "intercept", bulk_row(self.checked(r[0], "laptop"), self.checked(r[1], "laptop")))
                 gb = 2 * self.m["bulk"] / 1e9
                 self.put("resources", "client_cpu_per_gb", {"cpu_s_per_GB": (c1 - c0) / gb})
@@ -737,11 +764,12 @@ class Bench:
                 self.put("resources", "infra_cpu_per_gb", {"cpu_s_per_GB": (i1 - i0) / gb, "pids": infra.pids})
 
             self.step("intercept: bulk", [("bulk", "intercept"), ("resources", "client_cpu_per_gb"),
-                                          ("resources", "agent_cpu_per_gb"), ("resources", "infra_cpu_per_gb")], bulk)
+                                          ("resources", "agent_cpu_per_gb"), ("resources", "infra_cpu_per_gb")],
+                      bulk, again)
 
             def conc() -> None:
-                with PeakRss(client) as cp, PeakRss(self.agent_procs or Procs([])) as ap, \
-                        self.profile("intercept-concurrency", who):
+                with PeakRss(st["client"]) as cp, PeakRss(self.agent_procs or Procs([])) as ap, \
+                        self.profile("intercept-concurrency", st["who"]):
                     r = self.checked(self.cluster([self.conc("conc", ip, port)])[0], "laptop")
                 self.put("concurrency", "intercept", r)
                 self.put("resources", "client_rss_load", {"MiB": cp.peak / MiB})
@@ -749,12 +777,14 @@ class Bench:
                     self.put("resources", "agent_rss_load", {"MiB": ap.peak / MiB})
 
             self.step("intercept: concurrency", [("concurrency", "intercept"), ("resources", "client_rss_load"),
-                                                 ("resources", "agent_rss_load")], conc)
+                                                 ("resources", "agent_rss_load")], conc, again)
             self.step("intercept: head-of-line", [("hol", "intercept")],
-                      lambda: self.put("hol", "intercept", self.checked(self.cluster([self.hol("hol", ip, port)])[0], "laptop")))
-            self.step("intercept: mount", mkeys, lambda: self.mount(ic, pod))
+                      lambda: self.put("hol", "intercept",
+                                       self.checked(self.cluster([self.hol("hol", ip, port)])[0], "laptop")), again)
+            self.step("intercept: mount", mkeys, lambda: self.mount(st["ic"], st["pod"]), again)
         finally:
-            ic.stop()
+            if self.ic is not None:
+                self.ic.stop()
             self.ic = None
 
     def mount(self, ic: Intercept, pod: str) -> None:
@@ -780,9 +810,28 @@ class Bench:
                 ("throughput", "passthrough"), ("bulk", "direct"), ("bulk", "passthrough")]
         targets = {"direct": self.direct_ip, "passthrough": self.app_ip}
         why = self.agent_missing()
+        if why and isinstance(self.rows.get(("setup", "first_intercept_s")), dict):
+            self.notes.append(f"the agent was gone before the passthrough phase ({why}: another session's "
+                              "`tpenv uninstall --everything`?); injected again")
+            self.inject_only("reinject_s")
+            why = self.agent_missing()
         if not why:
             apids = container_pids(self.ns, self.app_pod(), "tpenv-agent")
             self.agent_procs = Procs(apids) if apids else None
+        pod0 = self.app_pod() if not why else ""
+
+        def same_agent() -> None:
+            """Passthrough answers come from the app either way: check the agent stayed for the whole step."""
+            gone = self.agent_missing()
+            if gone or self.app_pod() != pod0:
+                raise PathLost(f"the agent or its pod changed during the step ({gone or 'new pod'})")
+
+        def again() -> None:
+            nonlocal pod0
+            self.notes.append("the agent went away during a passthrough step; injected again, step run again")
+            self.inject_only("reinject_s")
+            pod0 = self.app_pod()
+
         if why:
             self.unavailable([*keys, ("resources", "agent_cpu_per_gb_passthrough"), ("concurrency", "passthrough"),
                               ("grpc", "passthrough")], why)
@@ -830,8 +879,9 @@ class Bench:
                 self.put("bulk", k, {"down_MBps": sum(r["bytes"] for r in down) / sum(r["seconds"] for r in down) / 1e6,
                                      "up_MBps": sum(r["bytes"] for r in up) / sum(r["seconds"] for r in up) / 1e6,
                                      "bytes": self.m["pt_bulk"]})
+            same_agent()
 
-        self.step("(a)/(d) direct vs agent passthrough, interleaved", keys, run)
+        self.step("(a)/(d) direct vs agent passthrough, interleaved", keys, run, again)
 
         def cpu() -> None:
             apids = container_pids(self.ns, self.app_pod(), "tpenv-agent")
@@ -843,9 +893,11 @@ class Bench:
             a1 = procs.sample()[0]
             for x in r:
                 self.checked(x, "cluster")
-            if a1 <= a0:
-                raise Unavailable("no agent CPU time seen (the agent process went away?)")
-            self.put("resources", "agent_cpu_per_gb_passthrough", {"cpu_s_per_GB": (a1 - a0) / (2 * self.m["bulk"] / 1e9)})
+            same_agent()
+            row = {"cpu_s_per_GB": (a1 - a0) / (2 * self.m["bulk"] / 1e9)}
+            if a1 == a0:
+                row["note"] = "below the clock tick for this transfer size"
+            self.put("resources", "agent_cpu_per_gb_passthrough", row)
 
         self.step("agent CPU per GB in passthrough", [("resources", "agent_cpu_per_gb_passthrough")], cpu)
 
@@ -855,10 +907,11 @@ class Bench:
             for (g, k), x in zip([("concurrency", "direct"), ("concurrency", "passthrough"), ("grpc", "direct"),
                                   ("grpc", "passthrough")], r):
                 self.put(g, k, x if "failed" not in x else f"unavailable: {x['failed']}")
+            same_agent()
 
         self.step("concurrency and gRPC, direct and passthrough",
                   [("concurrency", "direct"), ("concurrency", "passthrough"), ("grpc", "direct"), ("grpc", "passthrough")],
-                  conc_grpc)
+                  conc_grpc, again)
 
     def phase_port_forward(self) -> None:
         keys = [("latency", "port_forward"), ("bulk", "port_forward"), ("concurrency", "port_forward"),

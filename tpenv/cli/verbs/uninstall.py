@@ -13,7 +13,7 @@ import sys
 from tpenv.engine.agents import injected_workloads, prune_agent_history, remove_agent, wait_agent_gone
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What
-from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, restore
+from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, restore
 
 HELP = "Remove agents from workloads, restoring them exactly as they were."
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def run(args: argparse.Namespace, ctx) -> int:
     say = (lambda text: print(text, file=sys.stderr, flush=True))
-    done: dict[str, list[str]] = {"workloads": [], "services": [], "secrets": [], "manager": []}
+    done: dict[str, list[str]] = {"workloads": [], "replicasets": [], "services": [], "secrets": [], "manager": []}
     async with await Kube.load(context=ctx.kube_context) as kube:
         ns = ctx.namespace or kube.namespace
         if args.agent:
@@ -66,10 +66,13 @@ async def run(args: argparse.Namespace, ctx) -> int:
                     await prune_agent_history(kube, await kube.reload(w))
                 except NotFound:
                     continue
+        if args.everything:
+            done["replicasets"] = await _delete_agent_history(kube)
     if args.agent and not done["workloads"]:
         ctx.emit(f"{args.agent}: no tpenv agent to remove", done)
     else:
         lines = [f"restored {x}" for x in done["workloads"] + done["services"]]
+        lines += [f"deleted old ReplicaSet {x}" for x in done["replicasets"]]
         lines += [f"deleted Secret {x}" for x in done["secrets"]] + [f"deleted {x}" for x in done["manager"]]
         ctx.emit("\n".join(lines) or "nothing of tpenv's was found", done)
     return 0
@@ -103,4 +106,23 @@ async def _delete_secrets(kube: Kube) -> list[str]:
         except NotFound:
             continue
         out.append(f"{ns}/{name}")
+    return out
+
+
+async def _delete_agent_history(kube: Kube) -> list[str]:
+    """Old ReplicaSets (scaled to 0) of Deployments whose template once had the agent: the
+    Deployment controller copies template labels to its ReplicaSets, so the agent label finds them."""
+    data = await kube.call(kube.apps.list_replica_set_for_all_namespaces, label_selector=LABEL_AGENT,
+                           what=What("list", "replicasets"))
+    out = []
+    for rs in data.get("items", []):
+        meta = rs["metadata"]
+        if rs["spec"].get("replicas") or not meta.get("ownerReferences") or meta.get("deletionTimestamp"):
+            continue  # live, or not a Deployment's history
+        try:
+            await kube.call(kube.apps.delete_namespaced_replica_set, meta["name"], meta["namespace"],
+                            what=What("delete", "replicasets", meta["namespace"], meta["name"]))
+        except NotFound:
+            continue
+        out.append(f"{meta['namespace']}/{meta['name']}")
     return out

@@ -112,3 +112,23 @@ async def test_closed_port_reports_the_kubelets_error(kube, namespace, echo_pod)
 async def test_missing_pod_is_not_found(kube, namespace):
     with pytest.raises(NotFound):
         await PodTunnel(kube, namespace, "no-such-pod").open_stream(80)
+
+
+# -- stage 4: the pod goes away mid-stream: the stream ends at once, not at a timeout -------------
+
+async def test_pod_deleted_mid_stream_ends_the_stream_promptly(kube, namespace, echo_pod):
+    reader, writer = await PodTunnel(kube, namespace, echo_pod).open_stream(9000)
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    await asyncio.to_thread(kubectl, "delete", "pod", echo_pod, "--grace-period=0", "--force", "--wait=false",
+                            ns=namespace)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        rest = await asyncio.wait_for(reader.read(), 30)
+        ended = f"EOF after {rest!r}"
+    except TunnelDropped as e:
+        ended = str(e)
+    took = loop.time() - t0
+    print(f"stream ended {took:.2f}s after the pod's deletion: {ended}")
+    assert took < 15, ended

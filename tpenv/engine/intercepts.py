@@ -267,12 +267,16 @@ class InterceptRun:
         unit = self.rec.running.get(self.key)
         return unit if isinstance(unit, EnvMountUnit) else None
 
-    def first_error(self) -> TpenvError | str | None:
-        """A unit's last error while nothing is ready (shown to the user instead of waiting forever)."""
+    def first_error(self, *, permanent_only: bool = False) -> TpenvError | str | None:
+        """A failed unit's last error. ``permanent_only``: only failures retrying cannot fix (a
+        conflict, a refusal), which end the wait at once; a dropped tunnel is retried meanwhile."""
         assert self.rec is not None
+        # The reconciler keeps which keys failed permanently (no public accessor yet).
+        permanent = getattr(self.rec, "_permanent", set())
         for u in self.rec.snapshot()["units"]:
             if u["state"] == State.FAILED.value and u["last_error"]:
-                return u["last_error"]
+                if not permanent_only or tuple(u["key"]) in permanent:
+                    return u["last_error"]
         return None
 
     def is_ready(self) -> bool:
@@ -290,7 +294,8 @@ class InterceptRun:
         assert self.rec is not None
         from tpenv.errors import TransientError
 
-        ok = await self.rec.wait_until(lambda r: self.is_ready() or self.first_error() is not None, timeout)
+        ok = await self.rec.wait_until(
+            lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout)
         if self.is_ready():
             return
         err = self.first_error()

@@ -26,7 +26,8 @@ def source(ns: str) -> str:
 def tpenv_traces(ns: str) -> list[str]:
     """Every trace of tpenv in the namespace: objects, labels, annotations, containers, Secrets."""
     found = []
-    for kind in ("deployments", "statefulsets", "replicasets", "services", "pods", "secrets", "configmaps"):
+    for kind in ("deployments", "statefulsets", "replicasets", "controllerrevisions", "services", "pods", "secrets",
+                 "configmaps", "serviceaccounts", "roles", "rolebindings"):
         for obj in kubectl_json("get", kind, ns=ns)["items"]:
             meta = obj["metadata"]
             name = f"{kind}/{meta['name']}"

@@ -94,3 +94,6 @@ def test_statefulset_named_target_port(namespace, tmp_path):
     tpenv(tmp_path, "uninstall", "--agent", "statefulset/db", "-n", ns)
     assert (spec_of("statefulset", "db", ns), spec_of("service", "db", ns)) == before
     assert agent_in_pods(ns, "app=db") == []
+    # The StatefulSet's history keeps no revision with the agent in it.
+    revisions = kubectl_json("get", "controllerrevisions", "-l", "app=db", ns=ns)["items"]
+    assert revisions and not [r["metadata"]["name"] for r in revisions if "tpenv-agent" in json.dumps(r["data"])]

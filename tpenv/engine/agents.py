@@ -323,6 +323,8 @@ async def _all_seen(kube: Kube, w: Workload, pods: dict[str, dict[str, Any]]) ->
 async def prune_agent_history(kube: Kube, w: Workload) -> list[str]:
     """Delete a Deployment's old ReplicaSets (scaled to 0) whose template carries the agent: the
     rollout history tpenv created; the cluster should look as if tpenv never patched it."""
+    if w.kind == "StatefulSet":
+        return await _prune_revisions(kube, w)
     if w.kind != "Deployment":
         return []
     data = await kube.call(kube.apps.list_namespaced_replica_set, w.namespace, label_selector=w.selector,
@@ -414,3 +416,28 @@ async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: d
     say(f"Using the agent the webhook injected into {w.ref}")
     container = pod_agent_container_arg(pods[0]) or w.containers[0]["name"]
     return AgentReady(w, service, {"container": container, "ports": []}, port_name, container, False)
+
+
+async def _prune_revisions(kube: Kube, w: Workload) -> list[str]:
+    """A StatefulSet's history is ControllerRevisions: delete the old ones holding the agent."""
+    import json as _json
+
+    data = await kube.call(kube.apps.list_namespaced_controller_revision, w.namespace, label_selector=w.selector,
+                           what=What("list", "controllerrevisions", w.namespace))
+    status = w.obj.get("status") or {}
+    # Only the revision being rolled out to (the restored template) must stay; currentRevision
+    # lags the pods and, once they all run the update, the controller moves it there anyway.
+    keep = {status.get("updateRevision")}
+    uid = w.obj["metadata"].get("uid")
+    deleted = []
+    for rev in data.get("items", []):
+        meta = rev["metadata"]
+        owned = any(o.get("uid") == uid for o in meta.get("ownerReferences") or [])
+        if owned and meta["name"] not in keep and AGENT_CONTAINER in _json.dumps(rev.get("data") or {}):
+            try:
+                await kube.call(kube.apps.delete_namespaced_controller_revision, meta["name"], w.namespace,
+                                what=What("delete", "controllerrevisions", w.namespace, meta["name"]))
+            except NotFound:
+                continue
+            deleted.append(meta["name"])
+    return deleted

@@ -72,7 +72,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
         ctx.emit(f"{args.agent}: no tpenv agent to remove", done)
     else:
         lines = [f"restored {x}" for x in done["workloads"] + done["services"]]
-        lines += [f"deleted old ReplicaSet {x}" for x in done["replicasets"]]
+        lines += [f"deleted old revision {x}" for x in done["replicasets"]]
         lines += [f"deleted Secret {x}" for x in done["secrets"]] + [f"deleted {x}" for x in done["manager"]]
         ctx.emit("\n".join(lines) or "nothing of tpenv's was found", done)
     return 0
@@ -122,6 +122,24 @@ async def _delete_agent_history(kube: Kube) -> list[str]:
         try:
             await kube.call(kube.apps.delete_namespaced_replica_set, meta["name"], meta["namespace"],
                             what=What("delete", "replicasets", meta["namespace"], meta["name"]))
+        except NotFound:
+            continue
+        out.append(f"{meta['namespace']}/{meta['name']}")
+    # StatefulSets keep their history as ControllerRevisions (labelled like the template).
+    data = await kube.call(kube.apps.list_controller_revision_for_all_namespaces, label_selector=LABEL_AGENT,
+                           what=What("list", "controllerrevisions"))
+    for rev in data.get("items", []):
+        meta = rev["metadata"]
+        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "StatefulSet"), None)
+        if owner is None or meta.get("deletionTimestamp"):
+            continue
+        try:
+            sts = await kube.call(kube.apps.read_namespaced_stateful_set, owner["name"], meta["namespace"],
+                                  what=What("get", "statefulsets", meta["namespace"], owner["name"]))
+            if (sts.get("status") or {}).get("updateRevision") == meta["name"]:
+                continue  # the template it runs now: not history
+            await kube.call(kube.apps.delete_namespaced_controller_revision, meta["name"], meta["namespace"],
+                            what=What("delete", "controllerrevisions", meta["namespace"], meta["name"]))
         except NotFound:
             continue
         out.append(f"{meta['namespace']}/{meta['name']}")

@@ -396,8 +396,10 @@ class _Watch:
         self._thread.start()
 
     def _put(self, item: Any) -> None:
-        if not self._loop.is_closed():
+        try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is listening any more
 
     def _run(self) -> None:
         rv = self._kw.pop("resource_version", None)

@@ -610,6 +610,9 @@ class Bench:
         """The task's result; Unavailable when it failed or (``by``) when not every answer came from there."""
         if "failed" in r:
             raise Unavailable(r["failed"])
+        if r.get("kind") in ("latency", "grpc", "hol") and r.get("errors", 0) > 0.05 * max(r.get("n", 0), 1):
+            raise Unavailable(f"{r['errors']} of {r['n']} requests failed (the path broke during the step): "
+                              f"{'; '.join(r.get('error_samples', [])[:2])}")
         if by is not None:
             sides = r.get("answered_by") or {}
             if set(sides) != {by}:
@@ -931,8 +934,11 @@ class Bench:
                 self.put("resources", "infra_cpu_per_gb_port_forward",
                          {"cpu_s_per_GB": (i1 - i0) / (2 * self.m["bulk"] / 1e9), "with": "kubectl port-forward"})
                 r = self.host([self.conc("conc", "127.0.0.1", p), self.hol("hol", "127.0.0.1", p)])
-                self.put("concurrency", "port_forward", r[0] if "failed" not in r[0] else f"unavailable: {r[0]['failed']}")
-                self.put("hol", "port_forward", r[1] if "failed" not in r[1] else f"unavailable: {r[1]['failed']}")
+                for key, x in ((("concurrency", "port_forward"), r[0]), (("hol", "port_forward"), r[1])):
+                    try:
+                        self.put(*key, self.checked(x, "cluster"))
+                    except Unavailable as e:
+                        self.put(*key, f"unavailable: {e}")
             finally:
                 pf.stop()
 

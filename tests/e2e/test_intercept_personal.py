@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-from test_intercept_kit import REPO, Intercepting, client_pod, curl, tpenv_env, wait_for
+from test_intercept_kit import REPO, Intercepting, client_pod, curl, wait_for
 from tests.cluster.pytest_plugin import _kubeconfig_env, apply, kubectl, kubectl_binary
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

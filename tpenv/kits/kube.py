@@ -232,6 +232,11 @@ class Kube:
         return ctx
 
     @property
+    def proxy(self) -> str | None:
+        """The kubeconfig's ``proxy-url`` for this cluster, if any."""
+        return getattr(self.cfg, "proxy", None) or None
+
+    @property
     def tls_server_name(self) -> str | None:
         return getattr(self.cfg, "tls_server_name", None)
 

@@ -73,7 +73,8 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
         return await ws_connect(
             url, subprotocols=[SUBPROTOCOL], additional_headers=kube.auth_headers(),
             compression=None,  # the kubelet does not speak permessage-deflate
-            proxy=None,  # the kubeconfig, not the environment, says how to reach the API server
+            # The kubeconfig's proxy-url, not the environment, says how to reach the API server.
+            proxy=getattr(kube, "proxy", None),
             open_timeout=open_timeout, max_size=None, max_queue=64,
             ping_interval=15, ping_timeout=15, **kw)
     except websockets.InvalidStatus as e:

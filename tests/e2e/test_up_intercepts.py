@@ -90,7 +90,8 @@ def test_two_intercepts_heal_after_pod_delete_then_down_and_sigterm(namespace, t
             assert all(pids), pids
             assert up.stop() == 0, up.output  # SIGTERM
         assert not [p for p in pids if pid_alive(p)], f"handlers left running: {pids}"
-        assert answered_by_cluster(ns_a, url_a)() and answered_by_cluster(ns_a, url_b)()
+        wait_until("the cluster answers alpha again", answered_by_cluster(ns_a, url_a), 30)
+        wait_until("the cluster answers beta again", answered_by_cluster(ns_a, url_b), 30)
         assert agent_in_pods(ns_a, "app=alpha") and agent_in_pods(ns_b, "app=beta"), "agents stay (passthrough)"
         assert not list((tmp_path / "state").glob("*.sock")), "the session's socket is removed"
 

@@ -199,9 +199,12 @@ def up(argv: list[str]) -> int:
 # ---------------------------------------------------------------- down
 
 def _mounts_under(root: Path) -> list[str]:
+    """Mount points at or below ``root``, deepest first (nested mounts go before their parents).
+
+    ``root`` itself counts: the kubelet bind-mounts its root dir onto itself to make it shared.
+    """
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    # Deepest first, so nested mounts go before their parents.
-    return sorted((m for m in mounts if m.startswith(str(root) + "/")), key=len, reverse=True)
+    return sorted((m for m in mounts if m == str(root) or m.startswith(str(root) + "/")), key=len, reverse=True)
 
 
 def _unmount_under(root: Path) -> None:

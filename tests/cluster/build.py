@@ -176,8 +176,8 @@ def build_k8s(log=print) -> Path:
 
 # ---------------------------------------------------------------- etcd and CoreDNS
 
-def _wrapper_build(name: str, module: str, version: str, main_go: str, out: Path, pkg_imports: list[str],
-                   ldflags: str, log=print) -> Path:
+def _wrapper_build(name: str, module: str, version: str, main_go: str, out: Path, ldflags: str,
+                   log=print) -> Path:
     if out.exists():
         return out
     work = cache_root() / f"{name}-build"
@@ -210,8 +210,7 @@ func main() { etcdmain.Main(os.Args) }
 
 
 def build_etcd(log=print) -> Path:
-    return _wrapper_build("etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION, ETCD_MAIN, etcd_bin(), [],
-                          "-s -w", log)
+    return _wrapper_build("etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION, ETCD_MAIN, etcd_bin(), "-s -w", log)
 
 
 def _coredns_main() -> str:
@@ -223,7 +222,7 @@ def _coredns_main() -> str:
 
 def build_coredns(log=print) -> Path:
     return _wrapper_build("coredns", "github.com/coredns/coredns", COREDNS_VERSION, _coredns_main(),
-                          coredns_bin(), COREDNS_PLUGINS, "-s -w", log)
+                          coredns_bin(), "-s -w", log)
 
 
 def build_all(log=print) -> None:

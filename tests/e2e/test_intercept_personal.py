@@ -100,7 +100,8 @@ def test_personal_intercepts_http1_grpc_two_sessions(namespace, tmp_path):
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": _kubeconfig_env()})
         lines: list[dict] = []
         threading.Thread(target=lambda: [lines.append(json.loads(x)) for x in grpc.stdout], daemon=True).start()
-        wait_for("the first gRPC answers", lambda: len(lines) >= 2)
+        wait_for("the first gRPC answers", lambda: len(lines) >= 2 or grpc.poll() is not None, 60)
+        assert len(lines) >= 2 and all(x.get("status") == "OK" for x in lines), (lines, grpc.poll())
 
         # Stage 3: session B, another header, same workload, at the same time as A.
         b = Intercepting(tmp_path, "backend", "--name", "bob", "--port", f"{bob.port}:http",

@@ -29,7 +29,8 @@ def test_hello_intercept_leave_uninstall(namespace, tmp_path):
         assert info["destination"] == f"127.0.0.1:{local.port}" and info["match"] is None
         # kube-proxy applies the switch to the agents a moment after the API says so (no event for it).
         wait_for("the laptop's answer", lambda: curl(ns, f"http://hello.{ns}/") == "hello from the laptop")
-        assert "intercepted" in tpenv(tmp_path, "list", "-n", ns).stdout
+        listed = tpenv(tmp_path, "list", "-n", ns).stdout
+        assert listed.startswith("hello: intercepted") and f"{info['id']} (this machine)" in listed
 
         # Stage 3: leave from another shell; the cluster answers again, the agent stays.
         tpenv(tmp_path, "leave", "hello")

@@ -1,16 +1,27 @@
 """tpenv list: the workloads of a namespace, whether they can be intercepted, and by whom.
 
 Like Telepresence: ``hello: ready to intercept (traffic-agent not yet installed)``,
-``... (traffic-agent already installed)``, or ``hello: intercepted`` with the intercepts this
-machine's running sessions hold on it.
+``... (traffic-agent already installed)``, or ``hello: intercepted`` with every intercept on it.
+"By whom" comes from the agents themselves (their ``list`` op, all sessions, any machine), read
+over a short SSH session to one ready pod per injected workload; this machine's running
+sessions add their local details (destination).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+from typing import Any
 
 from tpenv.engine.agents import has_agent
+from tpenv.engine.injection import AUTH_KEYS
 from tpenv.engine.session import running_intercepts
-from tpenv.kits.kube import Kube, service_selects
+from tpenv.engine.statusd import new_session_id
+from tpenv.errors import TpenvError
+from tpenv.kits.agent_client import AgentSession
+from tpenv.kits.kube import Kube, What, Workload, service_selects
+from tpenv.kits.portforward import PodTunnel
+from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET
 
 HELP = "List the workloads you can intercept and the intercepts active on them."
 
@@ -19,32 +30,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pass  # -n NS comes with the common options
 
 
+async def _agent_intercepts(kube: Kube, w: Workload, material: dict[str, bytes] | None,
+                            ssh_port: int) -> list[dict[str, Any]] | str:
+    """Every intercept the agent of one ready pod of ``w`` holds, or why it could not be asked."""
+    if material is None:
+        return "cannot read Secret tpenv-auth"
+    pods = [p for p in await kube.ready_pods(w)
+            if any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
+    if not pods:
+        return "no ready pod with the agent"
+    pod = pods[0]["metadata"]["name"]
+    tunnel = PodTunnel(kube, w.namespace, pod)
+    try:
+        async with AgentSession(f"list-{new_session_id()}", ca_key=material["ca_key"],
+                                host_key_pub=material["host_key.pub"], host=pod, port=ssh_port, tunnel=tunnel,
+                                connect_timeout=10) as session:
+            return await session.list()
+    except TpenvError as e:
+        return f"agent unreachable: {e}"
+    finally:
+        tunnel.close()
+
+
 async def run(args: argparse.Namespace, ctx) -> int:
     async with await Kube.load(context=ctx.kube_context) as kube:
         ns = ctx.namespace or kube.namespace
         await kube.require_namespace(ns)
-        workloads = await kube.list_workloads(ns)
-        from tpenv.kits.kube import What
-
+        workloads = sorted(await kube.list_workloads(ns), key=lambda w: (w.name, w.kind))
         services = (await kube.call(kube.core.list_namespaced_service, ns, what=What("list", "services", ns)))["items"]
-    held = await running_intercepts(ctx.settings)
+        material = None
+        if any(has_agent(w.obj) for w in workloads):
+            try:
+                secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, ns,
+                                         what=What("get", "secrets", ns, AUTH_SECRET))
+                material = {k: base64.b64decode(secret["data"][k]) for k in AUTH_KEYS}
+            except TpenvError:
+                material = None
+        port = ctx.settings.agent.ssh_port
+        remote = await asyncio.gather(*(_agent_intercepts(kube, w, material, port) if has_agent(w.obj)
+                                        else asyncio.sleep(0, []) for w in workloads))
+    local = {ic.get("id"): ic for _, ic in await running_intercepts(ctx.settings) if ic.get("namespace") == ns}
     rows, lines = [], []
-    for w in sorted(workloads, key=lambda w: (w.name, w.kind)):
+    for w, held in zip(workloads, remote):
         selecting = [s["metadata"]["name"] for s in services if service_selects(s, w.template_labels)]
-        mine = [ic for _, ic in held if ic.get("namespace") == ns and ic.get("workload") == w.name]
         agent = has_agent(w.obj)
+        intercepts = held if isinstance(held, list) else []
         rows.append({"name": w.name, "kind": w.kind, "namespace": ns, "services": selecting,
-                     "agent_installed": agent, "intercepts": mine})
-        if mine:
+                     "agent_installed": agent, "intercepts": [{**ic, **({"local": local[ic["intercept_id"]]}
+                                                                       if ic.get("intercept_id") in local else {})}
+                                                              for ic in intercepts],
+                     "agent_error": held if isinstance(held, str) else None})
+        if intercepts:
             lines.append(f"{w.name}: intercepted")
-            for ic in mine:
-                lines.append(f"    Intercept name: {ic['name']}")
-                lines.append(f"    State         : {ic.get('state')}")
-                lines.append(f"    Destination   : {ic.get('destination')}")
-                lines.append(f"    Intercept id  : {ic.get('id')}")
+            for ic in intercepts:
+                mine = local.get(ic.get("intercept_id"))
+                how = "all TCP" if not ic.get("match") else f"HTTP {ic['match']}"
+                lines.append(f"    Intercept id  : {ic.get('intercept_id')}" + (" (this machine)" if mine else ""))
+                lines.append(f"    Port          : {ic.get('port')}, {how}")
+                if mine:
+                    lines.append(f"    Destination   : {mine.get('destination')}")
         elif not selecting:
             lines.append(f"{w.name}: not interceptable (no Service selects it)")
         else:
-            lines.append(f"{w.name}: ready to intercept (traffic-agent {'already' if agent else 'not yet'} installed)")
+            note = f"; {held}" if isinstance(held, str) else ""
+            lines.append(f"{w.name}: ready to intercept (traffic-agent {'already' if agent else 'not yet'} "
+                         f"installed{note})")
     ctx.emit("\n".join(lines) or f"no workloads in namespace {ns}", rows)
     return 0

@@ -114,3 +114,34 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
         {**{k: v for k, v in env_file.items() if not k.startswith("TELEPRESENCE_")},
          "AWS_WEB_IDENTITY_TOKEN_FILE": f"{TOKEN_DIR}/token"}
     assert printed["TELEPRESENCE_CONTAINER"] == "app"
+
+
+def test_docker_run_gets_env_file_mounts_and_port(namespace, tmp_path):
+    """--docker-run: the `docker run` line tpenv builds. There is no Docker engine here, so a
+    stand-in `docker` program first on PATH records its arguments and the env file it was given."""
+    ns = namespace
+    store_app(ns)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "docker-call.json"
+    (bindir / "docker").write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        argv = sys.argv[1:]
+        env_file = open(argv[argv.index("--env-file") + 1]).read()
+        json.dump({{"argv": argv, "env_file": env_file}}, open({str(record)!r}, "w"))
+        """))
+    (bindir / "docker").chmod(0o755)
+    vol = tmp_path / "vol"
+    import os
+
+    cp = tpenv(tmp_path, "intercept", "store", "--port", "18282:web", "-n", ns, "--mount", str(vol),
+               "--docker-run", "--", "registry.example/store:1", "serve", "--debug",
+               env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}, timeout=400)
+    assert cp.returncode == 0, cp.stderr
+    call = json.loads(record.read_text())
+    argv = call["argv"]
+    assert argv[:2] == ["run", "--rm"] and argv[-3:] == ["registry.example/store:1", "serve", "--debug"]
+    assert ["-p", "18282:18282"] == argv[argv.index("-p"):argv.index("-p") + 2]
+    assert f"{vol}/data:/data" in argv and f"{vol}{TOKEN_DIR}:{TOKEN_DIR}" in argv
+    assert "DB_PASSWORD=s3cr3t value" in call["env_file"].splitlines()

@@ -164,6 +164,9 @@ async def run(args: argparse.Namespace, ctx) -> int:
                 waiting.result()
                 desc = irun.describe()
                 ctx.emit(describe_text(desc), desc)
+                if not args.command and not await _listening(intercept.port.local):
+                    say(f"note: nothing listens on 127.0.0.1:{intercept.port.local} yet; until something does, "
+                        f"intercepted connections go to the app in the cluster")
                 unit = irun.env_unit()
                 assert unit is not None
                 if not args.command:
@@ -207,3 +210,12 @@ async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, sto
     finally:
         if tmp_env:
             Path(tmp_env).unlink(missing_ok=True)
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

@@ -57,7 +57,7 @@ def test_cut_connections_and_agent_restart_heal(namespace, tmp_path, kubeconfig)
     try:
         with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
             up.wait_ready(f"intercept/{ns}/web", "handler/web")
-            up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 30)
+            up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
             pid = up.handler_pid("web")
 
             # -- stage 2: cut every connection (port-forward, SSH, watches): it reconnects by itself --
@@ -100,7 +100,7 @@ def test_api_server_away_for_a_while_and_back(namespace, tmp_path, kubeconfig):
     try:
         with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
             up.wait_ready(f"intercept/{ns}/web", "handler/web")
-            up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 30)
+            up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
             pid = up.handler_pid("web")
 
             # -- stage 2: the API server is unreachable: tpenv retries (with backoff) and says so -------
@@ -135,7 +135,7 @@ def test_rollout_of_a_new_replicaset_is_followed(namespace, tmp_path):
     _, url = one_intercept(tmp_path, ns)
     with UpSession(tmp_path) as up:
         up.wait_ready(f"intercept/{ns}/web", "handler/web")
-        up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 30)
+        up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
         old = ready_pods(ns, "web")
 
         # -- stage 2: a new ReplicaSet (someone changes the app's env): its pods carry the agent
@@ -148,4 +148,29 @@ def test_rollout_of_a_new_replicaset_is_followed(namespace, tmp_path):
         up.until("web from the laptop via the new ReplicaSet",
                    answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
         assert up.unit(f"intercept/{ns}/web")["state"] == "ready"
+        assert up.stop() == 0, up.output
+
+
+def test_workload_deleted_and_deployed_again(namespace, tmp_path):
+    ns = namespace
+    # -- stage 1: one intercept ---------------------------------------------------------------------
+    deploy("web", ns, wait=False)
+    client(ns)
+    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
+    wait_client(ns)
+    _, url = one_intercept(tmp_path, ns)
+    with UpSession(tmp_path) as up:
+        up.wait_ready(f"intercept/{ns}/web", "handler/web")
+        up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
+
+        # -- stage 2: a redeploy: the Deployment deleted, then applied again (without the agent) ----
+        kubectl("delete", "deployment", "web", "--wait=false", ns=ns)
+        up.wait_output(r"deployment/web was deleted", 60)
+        up.wait_output(rf"waiting for deployment/web to exist in namespace {ns}", 60)
+        deploy("web", ns, wait=False)
+
+        # -- stage 3: the new Deployment gets the agent, and the laptop answers again by itself ------
+        up.until("web from the laptop after the redeploy", answered_by_laptop(ns, url, name="web"), 150)
+        assert agent_in_pods(ns, "app=web"), "the agent is injected into the new Deployment"
+        up.wait_ready(f"intercept/{ns}/web", "handler/web")
         assert up.stop() == 0, up.output

@@ -29,6 +29,7 @@ from tpenv.engine.intercepts import InterceptRun, intercept_key
 from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.up import UpContext, handler_specs
 from tpenv.errors import NotFound, TransientError
+from tpenv.kits.aio import Backoff
 from tpenv.kits.kube import Kube, What, parse_workload_ref
 
 
@@ -112,13 +113,42 @@ class InterceptUnit(TaskUnit):
                           "HTTP " + str(d["match"]) if d["match"] else "all TCP")
             self.set_state(State.READY)
             self.notify(UnitEvent("kube", self.key, detail="intercept ready"))  # its handler may start
-            await stopping.wait()
+            if await _first_of(self._until_deleted(), stopping.wait()):
+                # Deleted (e.g. a redeploy: delete, then apply): start over, which waits for it
+                # to exist again and injects the agent into the new one.
+                raise TransientError(f"{self.irun.resolved.workload.ref} was deleted; waiting for it to come back")
         finally:
             if s.runs.get(self.key) is self.irun:
                 del s.runs[self.key]
                 s.ready_hashes.pop(self.key, None)
             if self.irun is not None:
                 await self.irun.stop()
+
+    async def _until_deleted(self) -> None:
+        """Return when the intercepted workload is deleted. Outlives API server outages: a failed
+        watch is opened again (with backoff) after a list, which also tells whether it is gone."""
+        assert self.irun is not None and self.irun.resolved is not None
+        s, kube, w = self.spec, self.spec.kube, self.irun.resolved.workload
+        lister = getattr(kube.apps, _WORKLOAD_LISTERS[w.kind])
+        what = What("watch", _PLURAL_OF[w.kind], w.namespace)
+        t = s.settings.tunnels if s.settings else None
+        backoff = Backoff(t.retry_initial if t else 0.5, t.retry_max if t else 10.0)
+        kw = {"field_selector": f"metadata.name={w.name}"}
+        while True:
+            try:
+                data = await kube.call(lister, w.namespace, what=what, **kw) or {}
+                if not data.get("items"):
+                    return
+                backoff.started()
+                async with kube.watch(lister, w.namespace, resource_version=(data.get("metadata") or {})
+                                      .get("resourceVersion"), what=what, **kw) as events:
+                    async for kind, _obj in events:
+                        if kind == "DELETED":
+                            return
+            except Exception as e:  # noqa: BLE001 - retried; cancellation is not an Exception
+                delay = backoff.failed()
+                self.log.debug("watch of %s: %s (again in %.1fs)", w.ref, e, delay)
+                await asyncio.sleep(delay)
 
     async def _missing(self, error: NotFound) -> tuple[str, Awaitable[None]]:
         """What is missing (the workload, else a Service or port of it) and a coroutine that

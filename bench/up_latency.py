@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import string
@@ -169,7 +170,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=90.0, help="bound of every single wait, in seconds")
-    ap.add_argument("--keep", action="store_true", help="keep the namespace")
+    ap.add_argument("--keep", action="store_true", help="keep the namespace and the work dir")
     args = ap.parse_args()
     runs, to = max(1, args.runs), args.timeout
 
@@ -287,6 +288,7 @@ def main() -> int:
     finally:
         if not args.keep:
             kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+            shutil.rmtree(work, ignore_errors=True)
 
     # -- report ------------------------------------------------------------------------------------
     rows = []

@@ -70,6 +70,12 @@ def test_two_intercepts_heal_after_pod_delete_then_down_and_sigterm(namespace, t
             assert answered_by_laptop(ns_a, url_b, name="beta")(), "beta must not be disturbed"
             assert up.unit("intercept/" + ns_a)["state"] == "ready"
 
+            # -- stage 3b: `tpenv leave alpha` refuses: up keeps the file true; the way out is named -----
+            leave = up.tpenv("leave", "alpha")
+            assert leave.returncode == 2, leave.stdout + leave.stderr
+            assert "belongs to the `tpenv up` session" in leave.stderr and "tpenv down" in leave.stderr
+            assert answered_by_laptop(ns_a, url_a, name="alpha")(), "a refused leave must change nothing"
+
             # -- stage 4: `tpenv down` from another shell: the session ends, nothing points at us ------
             pids = [up.handler_pid("alpha"), up.handler_pid("beta")]
             assert all(pids) and all(pid_alive(p) for p in pids), pids

@@ -247,6 +247,11 @@ class UpFactory:
         self.runs: dict[Key, InterceptRun] = {}
         self.ready_hashes: dict[Key, str] = {}
 
+    def status(self) -> dict[str, Any]:
+        """Extra status of the session: its serving intercepts, marked as held by `tpenv up`
+        (so `tpenv leave` can say why it will not end one, and `tpenv list` can name them)."""
+        return {"intercepts": [dict(run.describe(), held_by="up") for run in list(self.runs.values())]}
+
     async def _kube(self, config: Config, uctx: UpContext) -> Kube:
         if self.kube is None:
             self.kube = await Kube.load(self.kubeconfig, self.kube_context or config.context)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tpenv.engine.statusd import SessionInfo, StatusServer, find_sessions, new_session_id, request_down, \
     request_status
-from tpenv.errors import NotFound, TpenvError
+from tpenv.errors import NotFound, TpenvError, UsageError
 
 __all__ = ["new_session_id", "publish_session", "running_intercepts", "find_intercept", "leave"]
 
@@ -57,6 +57,13 @@ async def find_intercept(settings: Any, name: str) -> tuple[SessionInfo, dict[st
 async def leave(settings: Any, name: str, *, wait: float = 30.0) -> dict[str, Any]:
     """End intercept ``name``: its session leaves (agents back to passthrough), unmounts and exits."""
     session, ic = await find_intercept(settings, name)
+    if ic.get("held_by") == "up":
+        # The session keeps telepresence.yaml true: ending one intercept behind its back would
+        # only see it recreated. Say what does end it.
+        raise UsageError(f"intercept {name!r} belongs to the `tpenv up` session {session.id} (pid {session.pid}), "
+                         "which keeps it as its telepresence.yaml declares",
+                         hint=f"remove it from {session.config or 'telepresence.yaml'} (up applies the edit), "
+                              "or stop that session with `tpenv down`")
     if not await request_down(session, wait=wait):
         raise TpenvError(f"the session holding {name!r} (pid {session.pid}) did not stop within {wait:.0f}s",
                          hint=f"kill it (kill {session.pid}); the agents end its intercepts within their lease")

@@ -108,6 +108,7 @@ async def run_up(
     session_id: str | None = None,
     load: Callable[[Path], Any] | None = None,
     view: Callable[[Callable[[], dict[str, Any]]], contextlib.AbstractAsyncContextManager] | None = None,
+    extra_status: Callable[[], dict[str, Any]] | None = None,
 ) -> int:
     """Run a session until Ctrl-C, SIGTERM or `tpenv down`. Returns 0 after a clean stop,
     130 after a forced one; raises ConfigError/UsageError when the config is wrong at start
@@ -150,8 +151,11 @@ async def run_up(
     try:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(ctx.resources)
+            def snapshot() -> dict[str, Any]:
+                return {**rec.snapshot(), **(extra_status() if extra_status else {})}
+
             await stack.enter_async_context(StatusServer(
-                snapshot=rec.snapshot, on_down=rec.request_stop, state_dir=settings.session.state_dir,
+                snapshot=snapshot, on_down=rec.request_stop, state_dir=settings.session.state_dir,
                 session_id=session_id, config=config_path))
             await stack.enter_async_context(FileWatcher(
                 config_path.parent, [config_path.name], on_change=lambda _: rec.notify(UnitEvent("config")),

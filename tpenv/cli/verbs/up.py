@@ -25,4 +25,4 @@ async def run(args: argparse.Namespace, ctx) -> int:
     view = None if ctx.output != "text" or args.plain else LiveView
     # ctx.load_config applies -n/--context to every load, including reloads after a save.
     return await run_up(ctx.config_file, ctx.settings, only=args.only, unit_factory=factory,
-                        load=lambda _path: ctx.load_config(), view=view)
+                        load=lambda _path: ctx.load_config(), view=view, extra_status=factory.status)

@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import statistics
 import string
@@ -996,7 +997,18 @@ class Bench:
         if self.server is not None:
             self.server.stop()
         if not self.keep:
-            kubectl("delete", "namespace", self.ns, "--wait=false", "--ignore-not-found", check=False)
+            # The API server may be away (another session restarting the cluster): retry for a minute.
+            for _ in range(12):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    if kubectl("delete", "namespace", self.ns, "--wait=false", "--ignore-not-found", check=False,
+                               timeout=30).returncode == 0:
+                        break
+                time.sleep(5)
+            else:
+                log(f"could not delete namespace {self.ns}: delete it by hand (label tpenv.io/bench=true)")
+            mnt = self.tmp / "mnt"
+            if not (mnt.exists() and os.path.ismount(mnt)):  # never delete through a live mount
+                shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             log(f"kept namespace {self.ns}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Workspace task runner for tpenv. Standard library only: it runs before anything is installed.
 
-    python3 devspace.py setup            create .venv/ and install tpenv with its test extras
+    python3 devspace.py setup            create .venv/ and install tpenv with its test and bench extras
     python3 devspace.py test [ARGS]      setup, bring the local cluster up (unless KUBECONFIG is set), run the suite
     python3 devspace.py demo [--once]    the main job on the local cluster (examples/hello)
     python3 devspace.py cluster up|down|env|status
@@ -44,9 +44,9 @@ def setup(_argv: list[str] | None = None) -> int:
     if not VENV_PY.exists():
         say(f"creating {VENV.relative_to(ROOT)}/")
         run([sys.executable, "-m", "venv", str(VENV)])
-    say("installing tpenv and its test extras (pip)")
+    say("installing tpenv with its test and bench extras (pip)")
     run([str(VENV_PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
-    run([str(VENV_PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"])
+    run([str(VENV_PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test,bench]"])
     SETUP_STAMP.write_text(key)
     return 0
 

@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
-from tests.cluster.pytest_plugin import apply, kubectl, wait_until
+from tests.cluster.pytest_plugin import kubectl, wait_until
 from tests.e2e.helpers_up import TpenvProcess, free_port, http_json
+from tests.e2e.test_up_kit import deploy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
-def echo_deployment(name: str, replicas: int) -> list[dict]:
-    labels = {"app": name}
-    return [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                  "template": {"metadata": {"labels": labels}, "spec": {
-                      "terminationGracePeriodSeconds": 2,
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
-                                      "env": [{"name": "ECHO_QUIET", "value": "1"}],
-                                      "ports": [{"name": "http", "containerPort": 8080}],
-                                      "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-         "spec": {"selector": labels, "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}},
-    ]
-
-
 def test_forward_moves_to_another_pod_when_its_pod_is_deleted(namespace, tmp_path):
     # -- stage 1: a two-replica echo Service, and a telepresence.yaml forwarding it ---------------
-    apply(echo_deployment("db", 2), ns=namespace)
-    kubectl("rollout", "status", "deployment/db", "--timeout=120s", ns=namespace, timeout=150)
+    deploy("db", namespace, replicas=2)
     local = free_port()
     (tmp_path / "telepresence.yaml").write_text(
         f"apiVersion: tpenv/v1\nnamespace: {namespace}\n"

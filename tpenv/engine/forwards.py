@@ -162,8 +162,9 @@ class ForwardUnit(TaskUnit):
             before = self.backends.current
             self.backends.apply(kind, obj)
             if before is not None and before not in self.backends.pods:
+                after = self.backends.pick()
                 self.log.info("pod %s left %s; new connections go to %s", before[0], self.spec.service,
-                              self.backends.pick() and self.backends.current[0])
+                              after[0] if after else "the next pod to become ready")
 
     async def _target(self, exclude: set[tuple[str, int]]) -> tuple[str, int]:
         """A backend to try, waiting (bounded) for one to become ready when there is none."""

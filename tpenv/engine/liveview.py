@@ -14,13 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tpenv.engine.up import age_text
+
 _STYLE = {"ready": "green", "starting": "yellow", "pending": "yellow", "failed": "bold red",
           "stopping": "magenta", "stopped": "dim"}
-
-
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
 def render_units(snapshot: dict[str, Any], now: float | None = None) -> Any:
@@ -33,7 +30,7 @@ def render_units(snapshot: dict[str, Any], now: float | None = None) -> Any:
         table.add_column(col, no_wrap=col != "note", overflow="fold")
     for u in snapshot.get("units", []):
         note = u.get("last_error") if u["state"] == "failed" else (u.get("detail") or "")
-        table.add_row(u["name"], f"[{_STYLE.get(u['state'], '')}]{u['state']}[/]", _ago(now - u["since"]),
+        table.add_row(u["name"], f"[{_STYLE.get(u['state'], '')}]{u['state']}[/]", age_text(now - u["since"]),
                       str(u.get("restarts") or ""), note or "")
     if snapshot.get("config_error"):
         table.add_row("config", "[bold red]invalid[/]", "", "", str(snapshot["config_error"]).splitlines()[0])

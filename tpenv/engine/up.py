@@ -228,7 +228,7 @@ def format_status(replies: list[dict[str, Any]], now: float | None = None) -> st
             out.extend("    " + line for line in str(r["config_error"]).splitlines())
         for u in r["units"]:
             age = max(0, int(now - u["since"]))
-            line = f"  {u['name']:<40} {u['state']:<9} {_ago(age):>6}"
+            line = f"  {u['name']:<40} {u['state']:<9} {age_text(age):>6}"
             if u.get("restarts"):
                 line += f"  restarts {u['restarts']}"
             if u.get("detail"):
@@ -241,7 +241,9 @@ def format_status(replies: list[dict[str, Any]], now: float | None = None) -> st
     return "\n".join(out)
 
 
-def _ago(seconds: int) -> str:
+def age_text(seconds: float) -> str:
+    """``95`` -> ``95s``, ``600`` -> ``10m``, ``9000`` -> ``2h`` (status and the live view)."""
+    seconds = max(0, int(seconds))
     if seconds < 120:
         return f"{seconds}s"
     if seconds < 7200:

@@ -179,10 +179,6 @@ class InterceptUnit(TaskUnit):
             st.detail = None
         return st
 
-    def env(self) -> dict[str, str]:
-        unit = self.irun.env_unit() if self.irun else None
-        return dict(unit.env) if unit else {}
-
 
 _WORKLOAD_LISTERS = {"Deployment": "list_namespaced_deployment", "StatefulSet": "list_namespaced_stateful_set",
                      "ReplicaSet": "list_namespaced_replica_set"}

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes import client as k8s
 
 from tpenv.engine.units import Key, Notify, TaskUnit, hash_spec
 from tpenv.errors import NotFound, TpenvError, TransientError
@@ -133,14 +132,13 @@ class ForwardUnit(TaskUnit):
         service = await kube.call(kube.core.read_namespaced_service, s.service, s.namespace,
                                   what=What("get", "services", s.namespace, s.service))
         self.backends = Backends(resolve_service_port(service, s.port))
-        discovery = k8s.DiscoveryV1Api(kube.api)
         try:
             server = await asyncio.start_server(self._accept, s.host, s.local, limit=_CHUNK)
         except OSError as e:
             raise TpenvError(f"cannot listen on {s.host}:{s.local} for {s.service}.{s.namespace}: {e.strerror}",
                              hint="pick another local port in forwards[].local") from e
         self.bound_port = server.sockets[0].getsockname()[1]
-        async with server, kube.watch(discovery.list_namespaced_endpoint_slice, s.namespace,
+        async with server, kube.watch(kube.discovery.list_namespaced_endpoint_slice, s.namespace,
                                       label_selector=f"kubernetes.io/service-name={s.service}",
                                       what=What("watch", "endpointslices", s.namespace)) as events:
             feed = asyncio.ensure_future(self._feed(events))

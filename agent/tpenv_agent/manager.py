@@ -1,22 +1,33 @@
-"""``tpenv-agent manager``: the HTTPS mutating webhook that injects the agent at pod creation.
+"""``tpenv-agent manager``: the HTTPS mutating webhook that injects the agent at pod creation, and
+the outbound relay for developer machines (docs/protocol.md §7, :mod:`tpenv_agent.relay`).
 
     tpenv-agent manager --tls-dir DIR [--listen HOST:PORT] [--port-file PATH]
                         [--agent-image REF] [--agent-pull-policy P] [--lease S]
+                        [--relay HOST:PORT|off] [--relay-auth-dir DIR] [--relay-cidr CIDR ...]
+                        [--relay-port-file PATH]
 
-Routes: ``POST /mutate`` (AdmissionReview v1, answered by webhook.mutate) and ``GET /healthz``.
-``--tls-dir`` holds ``tls.crt`` and ``tls.key`` (the install's Secret, mounted); the API server
-checks them against the caBundle of the webhook configuration. With ``--listen HOST:0`` the
-kernel picks the port: the bound address is printed as ``listening on https://HOST:PORT`` on
-stdout and, with ``--port-file``, written there (tests use both).
+Webhook routes: ``POST /mutate`` (AdmissionReview v1, answered by webhook.mutate) and ``GET
+/healthz``. ``--tls-dir`` holds ``tls.crt`` and ``tls.key`` (the install's Secret, mounted); the
+API server checks them against the caBundle of the webhook configuration. With ``--listen
+HOST:0`` the kernel picks the port: the bound address is printed as ``listening on
+https://HOST:PORT`` on stdout and, with ``--port-file``, written there (tests use both).
 
 When a pod gets an agent, the manager makes sure its namespace has the ``tpenv-auth`` Secret
 (docs/protocol.md §2), in the background: the kubelet retries the Secret volume until it exists.
 That is the webhook's only side effect, skipped for dry-run requests (``sideEffects:
 NoneOnDryRun``). It needs the in-cluster service account; outside a cluster it is skipped.
 
+The relay (SSH, default ``127.0.0.1:8022``: the pod's loopback, reached through
+``pods/portforward``) runs in the same process as its own task; a relay that fails is logged
+and retried and never takes the webhook down. Its SSH keys: ``--relay-auth-dir`` (``ca.pub``
+and ``host_key``, tests), else Secret ``tpenv-auth`` of the manager's own namespace, created
+at start when missing and read through the API (one Secret, ``get`` by name: see
+20-rbac.yaml.j2). Allowed destinations: ``--relay-cidr`` (repeatable, taken literally), else the
+ranges discovered from the API. Outside a cluster without ``--relay-auth-dir`` the relay is off.
+Once listening it prints ``relay listening on ssh://HOST:PORT`` (and ``--relay-port-file``).
+
 HTTP/1.1 only, by design: the API server's webhook client speaks it when ALPN offers nothing
-else, and a small reader keeps this stdlib-only. The outbound relay (SSH ``direct-tcpip``) is a
-later piece of this role, not built here.
+else, and a small reader keeps this stdlib-only.
 """
 from __future__ import annotations
 
@@ -32,9 +43,12 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from .inject import AUTH_SECRET, default_settings
 from .webhook import mutate
+
+AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
 
 log = logging.getLogger("tpenv_agent.manager")
 
@@ -57,6 +71,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lease", type=int, default=defaults["lease"])
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                    help="seconds a connection may sit between requests before it is closed")
+    p.add_argument("--relay", default="127.0.0.1:8022",
+                   help="HOST:PORT of the outbound relay's SSH server (PORT 0: any), or 'off'")
+    p.add_argument("--relay-auth-dir", type=Path,
+                   help="ca.pub and host_key for the relay (default: Secret tpenv-auth of the manager's namespace)")
+    p.add_argument("--relay-cidr", action="append", default=[], metavar="CIDR",
+                   help="a range the relay may dial (repeatable); default: the cluster's pod and service "
+                        "ranges, discovered from the API")
+    p.add_argument("--relay-port-file", type=Path, help="write the relay's bound port here once listening")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv[1:] if argv[:1] == ["manager"] else argv)
 
@@ -171,30 +193,155 @@ def auth_material() -> dict[str, bytes]:
     return {"ca_key": ca_key, "ca.pub": ca_pub, "host_key": host_key, "host_key.pub": host_pub}
 
 
-def create_auth_secret(namespace: str) -> bool:
-    """POST the Secret through the in-cluster API; False when it already exists (409). Blocking."""
+def in_cluster() -> bool:
+    return (SA_DIR / "token").exists() and "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def api_call(method: str, path: str, body: dict | None = None, timeout: float = 10) -> dict:
+    """One call to the API server with the pod's service account; HTTPError on a refusal. Blocking."""
     host = os.environ["KUBERNETES_SERVICE_HOST"]
     port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
     host = f"[{host}]" if ":" in host else host
+    req = urllib.request.Request(
+        f"https://{host}:{port}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {(SA_DIR / 'token').read_text().strip()}",
+                 "Content-Type": "application/json", "Accept": "application/json"})
+    ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
+    with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def create_auth_secret(namespace: str) -> bool:
+    """POST the Secret through the in-cluster API; False when it already exists (409). Blocking."""
     secret = {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": AUTH_SECRET, "namespace": namespace,
                      "labels": {"app.kubernetes.io/managed-by": "tpenv"}},
         "data": {k: base64.b64encode(v).decode() for k, v in auth_material().items()},
     }
-    req = urllib.request.Request(
-        f"https://{host}:{port}/api/v1/namespaces/{namespace}/secrets", method="POST",
-        data=json.dumps(secret).encode(),
-        headers={"Authorization": f"Bearer {(SA_DIR / 'token').read_text().strip()}",
-                 "Content-Type": "application/json"})
-    ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
     try:
-        with urllib.request.urlopen(req, context=ctx, timeout=10):
-            return True
+        api_call("POST", f"/api/v1/namespaces/{namespace}/secrets", secret)
+        return True
     except urllib.error.HTTPError as e:
         if e.code == 409:
             return False
         raise
+
+
+def relay_auth_material(namespace: str) -> dict[str, bytes]:
+    """Secret tpenv-auth of the manager's own namespace (created first when missing). Blocking."""
+    created = create_auth_secret(namespace)
+    secret = api_call("GET", f"/api/v1/namespaces/{namespace}/secrets/{AUTH_SECRET}")
+    data = secret.get("data") or {}
+    missing = [k for k in ("ca.pub", "host_key") if k not in data]
+    if missing:
+        raise ValueError(f"Secret {AUTH_SECRET} in {namespace} lacks {', '.join(missing)}: delete it and restart "
+                         "the manager")
+    log.info("[relay/auth] Secret %s in %s %s", AUTH_SECRET, namespace, "created" if created else "already there")
+    return {k: base64.b64decode(data[k]) for k in ("ca.pub", "host_key")}
+
+
+async def api_get_or_none(path: str) -> dict | None:
+    """GET through the API; None when it is not there or not ours to read (404, 403)."""
+    try:
+        return await asyncio.to_thread(api_call, "GET", path)
+    except urllib.error.HTTPError as e:
+        if e.code in (403, 404):
+            return None
+        raise
+
+
+def own_addresses() -> list:
+    """The pod's own IPs (downward API ``status.podIPs`` in TPENV_POD_IPS): the relay never dials them."""
+    import ipaddress
+
+    out = []
+    for v in os.environ.get("TPENV_POD_IPS", "").replace(",", " ").split():
+        try:
+            out.append(ipaddress.ip_address(v))
+        except ValueError:
+            log.warning("[relay/ranges] TPENV_POD_IPS: %r is not an address", v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the relay's task
+
+
+RELAY_RETRY_MAX = 30.0
+
+
+async def _start_relay(args: argparse.Namespace) -> "Any":
+    """The Relay, listening; None when the relay is off. Raises on a setup failure (retried)."""
+    from . import relay as r
+    from .sshd import auth_from_material, read_auth
+
+    if args.relay == "off":
+        log.info("[relay/server] off (--relay off)")
+        return None
+    if args.relay_auth_dir:
+        host_key, authorized = read_auth(str(args.relay_auth_dir))
+    elif in_cluster():
+        namespace = (SA_DIR / "namespace").read_text().strip()
+        material = await asyncio.to_thread(relay_auth_material, namespace)
+        host_key, authorized = auth_from_material(material["ca.pub"], material["host_key"])
+    else:
+        log.warning("[relay/server] off: not in a cluster and no --relay-auth-dir")
+        return None
+    if args.relay_cidr:
+        policy: Any = r.StaticPolicy(r.Policy(r.parse_cidrs(args.relay_cidr), explicit=True))
+    elif in_cluster():
+        policy = r.ApiPolicy(api_get_or_none, own=own_addresses())
+    else:
+        policy = r.StaticPolicy(r.Policy(()))
+        log.warning("[relay/server] no --relay-cidr and no API to discover ranges from: every destination is refused")
+    log.info("[relay/ranges] %s", (await policy.current()).describe())
+    host, _, port = args.relay.rpartition(":")
+    relay = r.Relay(host_key, authorized, policy, domain=r.cluster_domain())
+    bound = await relay.start(host.strip("[]"), int(port))
+    if args.relay_port_file:
+        args.relay_port_file.write_text(f"{bound}\n")
+    print(f"relay listening on ssh://{host}:{bound}", flush=True)
+    log.info("[relay/server] listening on %s:%d", host, bound)
+    return relay
+
+
+async def run_relay(args: argparse.Namespace, stop: asyncio.Event) -> str:
+    """Start the relay (retrying setup failures with backoff) and serve until ``stop``; returns how
+    it ended, for the guard's log line."""
+    from asyncssh import KeyImportError
+
+    delay = 1.0
+    while True:  # the first attempt is made even when stop is already set: its outcome gets logged
+        try:
+            relay = await _start_relay(args)
+        except (OSError, ValueError, KeyImportError) as e:  # URLError and HTTPError are OSErrors
+            if stop.is_set():
+                return f"stopped before it started ({type(e).__name__}: {e})"
+            log.warning("[relay/server] could not start (retrying in %.0fs): %s: %s", delay, type(e).__name__, e)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, RELAY_RETRY_MAX)
+            continue
+        if relay is None:
+            return "off"
+        async with relay:
+            await stop.wait()
+        return "stopped"
+
+
+def _guard(task: asyncio.Task) -> None:
+    """The relay task's end, logged: a relay that dies must say why (the webhook goes on)."""
+    if task.cancelled():
+        log.info("[relay/server] task cancelled")
+    elif task.exception() is not None:
+        e = task.exception()
+        log.error("[relay/server] task failed: %s: %s", type(e).__name__, e, exc_info=e)
+    else:
+        log.info("[relay/server] task ended: %s", task.result())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +382,15 @@ async def run_manager(argv: list[str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    relay_task = asyncio.ensure_future(run_relay(args, stop))
+    relay_task.add_done_callback(_guard)
     async with server:
         await stop.wait()
     log.info("[webhook/server] stopped")
+    try:
+        await asyncio.wait_for(relay_task, 10)
+    except Exception:  # noqa: BLE001 - the guard has logged it
+        pass
     return 0
 
 

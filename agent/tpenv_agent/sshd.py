@@ -38,7 +38,26 @@ class _Forward(asyncssh.SSHListener):
         return None
 
 
-class ConnState(asyncssh.SSHServer):
+class CertOnlyServer(asyncssh.SSHServer):
+    """Protocol §2's login rules, shared by the sidecar and the manager's relay: the SSH user is
+    the session id, and the only way in is a user certificate (``authorized_client_keys`` from
+    :func:`auth_from_material` trusts nothing but the CA; asyncssh checks that the user name is
+    one of the certificate's principals)."""
+
+    username = ""
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+
+class ConnState(CertOnlyServer):
     """One SSH connection: its user (= session id), forwards and control channels."""
 
     def __init__(self, sidecar: "Sidecar") -> None:
@@ -60,16 +79,6 @@ class ConnState(asyncssh.SSHServer):
             ctl.end("SSH connection lost")
         if self.username:
             self.log.info("session %s disconnected", self.username)
-
-    def begin_auth(self, username: str) -> bool:
-        self.username = username
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-    def kbdint_auth_supported(self) -> bool:
-        return False
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         if listen_port == 0:
@@ -95,13 +104,31 @@ class ConnState(asyncssh.SSHServer):
         return open_streams
 
 
+def auth_from_material(ca_pub: bytes | str, host_key: bytes | str) -> tuple[Any, Any]:
+    """(host key, authorized keys trusting only the CA) from Secret tpenv-auth's ``ca.pub`` and
+    ``host_key`` (protocol §2). Raises ``asyncssh.KeyImportError`` on a malformed key."""
+    ca = ca_pub.decode("ascii") if isinstance(ca_pub, bytes) else ca_pub
+    authorized = asyncssh.import_authorized_keys(f"cert-authority {ca.strip()}\n")
+    return asyncssh.import_private_key(host_key), authorized
+
+
 def read_auth(auth_dir: str) -> tuple[Any, Any]:
-    """(host key, authorized keys trusting only the CA)."""
-    with open(os.path.join(auth_dir, "ca.pub"), encoding="ascii") as f:
-        ca_pub = f.read().strip()
-    host_key = asyncssh.read_private_key(os.path.join(auth_dir, "host_key"))
-    authorized = asyncssh.import_authorized_keys(f"cert-authority {ca_pub}\n")
-    return host_key, authorized
+    """(host key, authorized keys trusting only the CA), from the mounted Secret's two files."""
+    with open(os.path.join(auth_dir, "ca.pub"), "rb") as f:
+        ca_pub = f.read()
+    with open(os.path.join(auth_dir, "host_key"), "rb") as f:
+        host_key = f.read()
+    return auth_from_material(ca_pub, host_key)
+
+
+# Connection options every tpenv SSH server uses: no agent or X11 forwarding, keepalives that
+# drop a dead client (port-forward cut, laptop asleep) within ~15 s.
+SERVER_OPTIONS: dict[str, Any] = {
+    "agent_forwarding": False,
+    "x11_forwarding": False,
+    "keepalive_interval": 5,
+    "keepalive_count_max": 3,
+}
 
 
 async def start(sidecar: "Sidecar", host: str, port: int, auth_dir: str) -> Any:
@@ -126,8 +153,5 @@ async def start(sidecar: "Sidecar", host: str, port: int, auth_dir: str) -> Any:
         sftp_factory=sftp,
         allow_scp=False,
         encoding=None,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        keepalive_interval=5,
-        keepalive_count_max=3,
+        **SERVER_OPTIONS,
     )

@@ -30,9 +30,12 @@ def by_kind(docs, kind):
 
 def test_every_object_is_labelled_and_namespaced_in_tpenv(tls):
     docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
-    assert [d["kind"] for d in docs] == [
-        "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-        "ConfigMap", "Secret", "Deployment", "Service", "MutatingWebhookConfiguration"]
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
+        ("Namespace", "tpenv"), ("ServiceAccount", "tpenv-manager"), ("ClusterRole", "tpenv-manager"),
+        ("ClusterRoleBinding", "tpenv-manager"), ("Role", "tpenv-manager"), ("RoleBinding", "tpenv-manager"),
+        ("Role", "tpenv-client-config"), ("RoleBinding", "tpenv-client-config"), ("Role", "tpenv-relay-client"),
+        ("ConfigMap", "tpenv-manager"), ("Secret", "tpenv-manager-tls"), ("Deployment", "tpenv-manager"),
+        ("Service", "tpenv-manager"), ("MutatingWebhookConfiguration", "tpenv-agent-injector")]
     for d in docs:
         assert d["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tpenv"
         if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
@@ -70,13 +73,34 @@ def test_webhook_never_blocks_pods_and_opts_in_by_pod_label(tls):
     assert base64.b64decode(hook["clientConfig"]["caBundle"]) == tls["ca.crt"]
 
 
-def test_rbac_grants_only_secret_creation_and_config_reading(tls):
+def test_rbac_grants_only_what_the_webhook_and_relay_use(tls):
     docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
     (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
-    (role,) = by_kind(docs, "Role")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpenv-manager"],
-                              "verbs": ["get"]}]
+    assert cluster_role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},  # the relay's pod ranges
+        {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]}]
+    roles = {d["metadata"]["name"]: d for d in by_kind(docs, "Role")}
+    assert roles["tpenv-manager"]["rules"] == [  # the relay's own keys, by name
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-auth"], "verbs": ["get"]}]
+    assert roles["tpenv-client-config"]["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpenv-manager"], "verbs": ["get"]}]
+    bindings = {d["metadata"]["name"]: d for d in by_kind(docs, "RoleBinding")}
+    assert bindings["tpenv-manager"]["subjects"] == [{"kind": "ServiceAccount", "name": "tpenv-manager",
+                                                      "namespace": "tpenv"}]
+    assert bindings["tpenv-manager"]["roleRef"]["name"] == "tpenv-manager"
+
+
+def test_relay_client_role_is_exactly_what_a_relay_client_needs_and_is_not_bound(tls):
+    docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
+    (role,) = [d for d in by_kind(docs, "Role") if d["metadata"]["name"] == m.RELAY_CLIENT_ROLE]
+    assert role["metadata"]["namespace"] == "tpenv"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-auth"], "verbs": ["get"]}]
+    # Reaching cluster addresses is the admin's grant to give: the install binds it to no one.
+    assert all(b["roleRef"]["name"] != m.RELAY_CLIENT_ROLE for b in by_kind(docs, "RoleBinding"))
 
 
 # --- stage 3: the Deployment takes its images from settings -------------------------------------
@@ -89,6 +113,29 @@ def test_deployment_runs_the_manager_role_with_settings(tls):
     assert c["args"][c["args"].index("--agent-image") + 1] == "tpenv/agent:t1"
     assert c["args"][c["args"].index("--lease") + 1] == "5"
     assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_relay_listens_on_loopback_only_and_the_service_stays_webhook_only(tls):
+    docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
+    (dep,) = by_kind(docs, "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--relay") + 1] == "127.0.0.1:8022"
+    assert "--relay-cidr" not in c["args"]  # default: the relay discovers the cluster's ranges
+    assert [p["containerPort"] for p in c["ports"]] == [8443]
+    assert {"name": "TPENV_POD_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}} in c["env"]
+    (svc,) = by_kind(docs, "Service")
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["https"]
+    # Given ranges and another port go through to the flags.
+    (dep,) = by_kind(m.render_manager({**SETTINGS, "relay_port": 9022, "relay_cidrs": ["10.0.0.0/8", "fd00::/8"]},
+                                      team_mode=False, tls=tls), "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--relay") + 1] == "127.0.0.1:9022"
+    assert args[args.index("--relay-cidr"):] == ["--relay-cidr", "10.0.0.0/8", "--relay-cidr", "fd00::/8"]
+    # The container's args are the agent's own command line.
+    from tpenv_agent.manager import parse_args
+
+    parsed = parse_args(args)
+    assert parsed.relay == "127.0.0.1:9022" and parsed.relay_cidr == ["10.0.0.0/8", "fd00::/8"]
 
 
 def test_settings_model_is_accepted(tls):

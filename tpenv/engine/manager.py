@@ -42,6 +42,8 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
 # tpenv/templates is a symlink to the top-level templates/ (DESIGN layout), so wheels carry it too.
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "manager"
 RENEW_BEFORE = dt.timedelta(days=30)
+RELAY_PORT = 8022  # the relay's SSH port on the manager pod's loopback (docs/protocol.md §7)
+RELAY_CLIENT_ROLE = "tpenv-relay-client"
 CERT_LIFETIME = dt.timedelta(days=5 * 365)
 
 
@@ -66,18 +68,24 @@ def manager_values(settings: Any) -> dict[str, Any]:
     """The values the templates need, from tpenv's Settings model or a plain dict.
 
     Plain dict keys: ``agent_image``, ``image_pull_policy``, ``lease``, and optionally
-    ``manager_image`` (default: the agent image; one image, two roles).
+    ``manager_image`` (default: the agent image; one image, two roles), ``relay_port`` (default
+    8022) and ``relay_cidrs`` (the ranges the relay may dial; default: none given, the relay
+    discovers the cluster's pod and service ranges itself).
     """
+    relay_port, relay_cidrs = RELAY_PORT, []
     if isinstance(settings, dict):
         agent_image = settings.get("agent_image") or f"tpenv/agent:{_version()}"
         pull = settings.get("image_pull_policy") or "IfNotPresent"
         lease = settings.get("lease", 5)
         image = settings.get("manager_image") or agent_image
+        relay_port = int(settings.get("relay_port") or RELAY_PORT)
+        relay_cidrs = [str(c) for c in settings.get("relay_cidrs") or []]
     else:  # tpenv.settings.Settings
         agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
         lease, image = settings.agent.lease_seconds, settings.agent.image
     return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image,
-            "image_pull_policy": pull, "lease": max(1, round(float(lease)))}
+            "image_pull_policy": pull, "lease": max(1, round(float(lease))),
+            "relay_port": relay_port, "relay_cidrs": relay_cidrs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,4 +325,4 @@ _PLACEHOLDER_TLS = {"ca.crt": b"-", "tls.crt": b"-", "tls.key": b"-"}
 
 
 __all__ = ["render_manager", "to_yaml_stream", "install", "upgrade", "uninstall", "generate_tls", "reusable_tls",
-           "manager_values", "TemplateError", "NAMESPACE", "CONFIGMAP", "WEBHOOK"]
+           "manager_values", "TemplateError", "NAMESPACE", "CONFIGMAP", "WEBHOOK", "RELAY_PORT", "RELAY_CLIENT_ROLE"]

@@ -78,6 +78,20 @@ class SessionSettings(_Section):
         return value.expanduser()
 
 
+class MountSettings(_Section):
+    """Volumes in sync mode (``mount.mode: sync``): a local copy kept in step with the pod's."""
+
+    sync_interval: float = Field(2.0, gt=0, description=(
+        "Seconds between two polls of the pod's volumes in sync mode (changes made in the pod show up locally "
+        "within about this long)."))
+    sync_debounce: float = Field(0.3, ge=0, description=(
+        "Seconds of quiet after a local change before sync mode pushes it to the pod."))
+    sync_max_files: int = Field(20000, ge=1, description=(
+        "Most files and directories sync mode copies; above it the mount is refused (use sshfs, or a smaller volume)."))
+    sync_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description=(
+        "Most bytes sync mode copies at the start; above it the mount is refused (use sshfs, or a smaller volume)."))
+
+
 class Settings(BaseModel):
     """Every tunable of tpenv; defaults suit a laptop against a nearby cluster."""
 
@@ -88,6 +102,7 @@ class Settings(BaseModel):
     handlers: HandlerSettings = Field(default_factory=HandlerSettings, description=HandlerSettings.__doc__)
     kube: KubeSettings = Field(default_factory=KubeSettings, description=KubeSettings.__doc__)
     session: SessionSettings = Field(default_factory=SessionSettings, description=SessionSettings.__doc__)
+    mounts: MountSettings = Field(default_factory=MountSettings, description=MountSettings.__doc__)
 
 
 def env_overrides() -> Iterator[tuple[str, str, str, object, str]]:
@@ -126,4 +141,4 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
 
 
 __all__ = ["Settings", "AgentSettings", "TunnelSettings", "HandlerSettings", "KubeSettings", "SessionSettings",
-           "load_settings", "env_overrides"]
+           "MountSettings", "load_settings", "env_overrides"]

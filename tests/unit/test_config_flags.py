@@ -45,8 +45,8 @@ def test_docker_run_leaves_the_command_to_the_verb():
 
 @pytest.mark.parametrize("argv,message", [
     (["web", "--port", "abc"], "--port: 'abc' is not a port: expected LOCAL[:REMOTE], e.g. 8080, 8080:80 or 8080:http"),
-    (["web", "--http-header", "x-dev"], "--http-header 'x-dev': expected NAME=REGEX, or 'auto' alone"),
-    (["web", "--http-header", "auto", "--http-header", "a=b"], "--http-header 'auto': expected NAME=REGEX, or 'auto' alone"),
+    (["web", "--http-header", "x-dev"], "--http-header 'x-dev': expected NAME=REGEX, or 'auto' or 'all' alone"),
+    (["web", "--http-header", "auto", "--http-header", "a=b"], "--http-header 'auto': expected NAME=REGEX, or 'auto' or 'all' alone"),
     (["web", "--http-header", "x=("], "--http-header: '(' is not a valid regular expression: "
                                       "missing ), unterminated subpattern at position 0"),
     (["web", "--http-path-prefix", "api"], "--http-path-prefix: path_prefix 'api' must start with '/'"),

@@ -17,30 +17,37 @@ from tpenv.errors import UsageError
 DEFAULT_PORT = "8080"  # Telepresence's default local port
 _FLAG = {"workload": "WORKLOAD", "port": "--port", "service": "--service", "headers": "--http-header",
          "path_prefix": "--http-path-prefix", "path_equal": "--http-path-equal", "path_regex": "--http-path-regex",
-         "format": "--env-syntax", "file": "--env-file", "mount": "--mount", "namespace": "-n", "command": "CMD"}
+         "format": "--env-syntax", "file": "--env-file", "mount": "--mount", "mode": "--mount-mode", "namespace": "-n", "command": "CMD"}
 
 
 def _headers(values: list[str]) -> Any:
     if not values:
         return None
-    if values == ["auto"]:
-        return "auto"
+    if values in (["auto"], ["all"]):
+        return values[0]
     headers: dict[str, str] = {}
     for item in values:
         name, sep, regex = item.partition("=")
-        if item == "auto" or not sep or not name:
-            raise UsageError(f"--http-header {item!r}: expected NAME=REGEX, or 'auto' alone",
-                             hint="e.g. --http-header x-dev=alice, or --http-header auto for your personal header")
+        if item in ("auto", "all") or not sep or not name:
+            raise UsageError(f"--http-header {item!r}: expected NAME=REGEX, or 'auto' or 'all' alone",
+                             hint="e.g. --http-header x-dev=alice, --http-header auto for your personal header, "
+                                  "--http-header all for every connection (also in team mode)")
         headers[name] = regex
     return headers
 
 
-def _mount(value: str | None) -> Any:
+def _mount(value: str | None, mode: str | None = None) -> Any:
     if value is None or value.lower() == "true":
-        return True
-    if value.lower() == "false":
-        return False
-    return os.path.abspath(value)  # a flag's path is relative to where the user stands
+        path: Any = True
+    elif value.lower() == "false":
+        path = False
+    else:
+        path = os.path.abspath(value)  # a flag's path is relative to where the user stands
+    if mode is None:
+        return path
+    if path is False:
+        raise UsageError("--mount-mode needs a mount (--mount false turns it off)")
+    return {"path": path, "mode": mode}
 
 
 def intercept_from_flags(args: argparse.Namespace, *, namespace: str | None = None) -> Intercept:
@@ -50,7 +57,11 @@ def intercept_from_flags(args: argparse.Namespace, *, namespace: str | None = No
         value = getattr(args, f"http_path_{kind}", None)
         if value is not None:
             match[f"path_{kind}"] = value
-    has_match = any(v is not None for v in match.values())
+    has_match: Any = any(v is not None for v in match.values())
+    if match["headers"] == "all":  # every connection, also in team mode
+        if len(match) > 1:
+            raise UsageError("--http-header all takes every connection: it cannot be combined with --http-path-*")
+        match, has_match = "all", True  # type: ignore[assignment]
     command = list(getattr(args, "command", None) or [])
     data: dict[str, Any] = {
         "workload": args.workload,
@@ -60,7 +71,7 @@ def intercept_from_flags(args: argparse.Namespace, *, namespace: str | None = No
         "match": match if has_match else None,
         "env": {"file": os.path.abspath(args.env_file) if getattr(args, "env_file", None) else None,
                 "format": getattr(args, "env_syntax", None) or "docker"},
-        "mount": _mount(getattr(args, "mount", None)),
+        "mount": _mount(getattr(args, "mount", None), getattr(args, "mount_mode", None)),
         "run": {"command": command, "cwd": os.getcwd(), "restart": "never"}
         if command and not getattr(args, "docker_run", False) else None,
     }

@@ -206,6 +206,15 @@ class Match(BaseModel):
         return {"headers": self.header_rules(intercept_id), "path": path}
 
 
+# `match: {...}` selects requests; `match: all` takes every connection, even where the cluster's manager
+# makes personal intercepts the default (team mode).
+MatchField = Annotated[Union[
+    Annotated[Match, Tag("mapping")],
+    Annotated[Literal["all"], Tag("all")],
+], Discriminator(_by_kind(mapping=(dict, Match), all=str), custom_error_type="tpenv",
+                 custom_error_message="expected a mapping of HTTP rules (headers, path_*), or 'all'")]
+
+
 # --- env ----------------------------------------------------------------------------------------------------------
 
 _JINJA = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
@@ -270,6 +279,9 @@ MountPath = Annotated[Union[
 
 
 
+MOUNT_MODES = ("auto", "sshfs", "sync")
+
+
 class MountSpec(BaseModel):
     """The app container's volumes, mounted on this machine (`mount: false` for none)."""
 
@@ -277,6 +289,11 @@ class MountSpec(BaseModel):
 
     path: MountPath = Field(True, description=(
         "Local directory for the volumes (relative to the config file); true: a temporary directory; false: no mount."))
+    mode: Literal["auto", "sshfs", "sync"] = Field("auto", description=(
+        "sshfs: a live FUSE mount (needs sshfs and /dev/fuse); sync: a local copy kept in step both ways "
+        "(local changes pushed at once, the pod's polled every TPENV_MOUNTS_SYNC_INTERVAL seconds; a file changed "
+        "on both sides keeps the local copy, with a warning), for machines without FUSE; auto: sshfs, and where "
+        "it cannot run an error saying what to install or to choose sync."))
     rewrite_env: list[EnvName] = Field(default_factory=list, description=(
         "Variables holding paths inside the container; their values get the local mount root as prefix."))
 
@@ -291,7 +308,7 @@ MountField = Annotated[Union[
     Annotated[bool, Tag("bool")],
     Annotated[str, Tag("str")],
 ], Discriminator(_by_kind(mapping=(dict, MountSpec), bool=bool, str=str), custom_error_type="tpenv",
-                 custom_error_message="expected a mapping (path, rewrite_env), a directory, true or false"),
+                 custom_error_message="expected a mapping (path, mode, rewrite_env), a directory, true or false"),
     AfterValidator(_mount_shorthand)]
 
 
@@ -358,7 +375,10 @@ class Intercept(BaseModel):
     namespace: Namespace | None = Field(None, description="Namespace of the workload; default: the file's namespace.")
     port: PortSpec = Field(description="LOCAL[:REMOTE]: local port, and the service port (name or number) taken over.")
     service: ServiceName | None = Field(None, description="Service to intercept when several select the workload.")
-    match: Match | None = Field(None, description="HTTP rules selecting the requests to intercept; absent: all TCP.")
+    match: MatchField | None = Field(None, description=(
+        "HTTP rules selecting the requests to intercept; 'all': every TCP connection, even in team mode; "
+        f"absent: every TCP connection, or only requests with your personal header ({PERSONAL_HEADER}) when "
+        "the cluster's manager runs in team mode."))
     env: EnvSpec = Field(default_factory=EnvSpec, description=EnvSpec.__doc__)
     mount: MountField = Field(default_factory=MountSpec, description=MountSpec.__doc__)
     run: RunSpec | None = Field(None, description="The handler process; absent: run it yourself.")

@@ -58,12 +58,22 @@ does not exist; a `run.watch` glob that matches no file.
   `statefulset/NAME`, `replicaset/NAME` (also kubectl's `deploy/`, `sts/`, `rs/`).
 - **port**: `8080` (the workload's only port), `8080:80` (service port 80), `8080:http`
   (the service port named http). The local port comes first, as in `tpenv intercept --port`.
-- **match**: absent means all TCP traffic of the port. `headers` maps a header name
+- **match**: absent means all TCP traffic of the port, except where the cluster's manager runs
+  in team mode (`tpenv manager install --team-mode`): there it means `headers: auto`, and
+  `match: all` (`--http-header all`) takes all traffic. `headers` maps a header name
   (case-insensitive) to a regex that must match the whole value; `headers: auto` means your
   personal header `x-telepresence-intercept-id: <session>:<intercept name>`. At most one of
   `path_prefix`, `path_equal`, `path_regex`. Every rule given must match.
 - **mount**: `false` (none), `true` (a temporary directory), a directory, or a mapping with
-  `path` and `rewrite_env`.
+  `path`, `mode` and `rewrite_env`. `mode: sync` (`--mount-mode sync`) copies the volumes
+  instead of mounting them, for machines without FUSE: the first copy is complete before the
+  handler starts; then local changes are pushed within `TPENV_MOUNTS_SYNC_DEBOUNCE` seconds
+  and the pod's are pulled every `TPENV_MOUNTS_SYNC_INTERVAL` seconds; a file changed on
+  both sides since the last sync keeps the local copy (a warning names it), a deletion loses
+  to a change; symlinks are copied as links only when they stay inside their volume. A
+  directory you name keeps the copy after the session (the next run refreshes it from the
+  pod); a temporary one is removed. Volumes above `TPENV_MOUNTS_SYNC_MAX_FILES` entries or
+  `TPENV_MOUNTS_SYNC_MAX_BYTES` bytes are refused.
 - **run.command**: a list (`[python3, server.py]`) runs the program directly; one string
   runs through `sh -c`.
 - **`${VAR}`** anywhere in a value is replaced by the environment variable when the file is

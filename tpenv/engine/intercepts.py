@@ -22,7 +22,8 @@ from typing import Any
 from tpenv.config.env import render_env, write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.agents import AgentReady, ensure_agent, pick_service, pod_serves, service_port
-from tpenv.engine.mounts import SshfsMount
+from tpenv.engine.mounts import make_mount
+from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
 from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
@@ -48,6 +49,7 @@ class EnvMountSpec:
     container: str
     base_dir: Path = Path(".")
     env_json: str | None = None  # an extra JSON env file (--env-json)
+    settings: Any = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> Key:
@@ -78,7 +80,7 @@ class EnvMountUnit:
         self._notify = notify
         self.log = unit_logger("intercept", spec.intercept.name or spec.workload)
         self._state = UnitState()
-        self.mount: SshfsMount | None = None
+        self.mount: Any = None  # SshfsMount, or a SyncMount (mount.mode: sync)
         self.env: dict[str, str] = {}
         self.mounts: list[str] = []
         self.mount_point: Path | None = None
@@ -100,7 +102,8 @@ class EnvMountUnit:
         mount_spec = s.intercept.mount
         if mount_spec.path is not False and mounts:
             path = None if mount_spec.path is True else (s.base_dir / str(mount_spec.path))
-            self.mount = SshfsMount(session.open_sftp_channel, path, name=s.intercept.name or s.workload)
+            self.mount = make_mount(mount_spec.mode, session, path, list(mounts), name=s.intercept.name or s.workload,
+                                    settings=s.settings)
             await self.mount.start()
             self.mount_point = self.mount.path
         base = dict(base)
@@ -155,6 +158,9 @@ class InterceptRun:
         self.env_json = env_json
         self.container = container
         self.intercept_id = f"{session_id}:{intercept.name}"
+        # The rule registered: the intercept's, or (no rule, team mode) the personal header; see resolve().
+        self.match = effective_match(intercept.match, False)
+        self.team_default = False
         self.registry = TunnelRegistry()
         self.resolved: Resolved | None = None
         self.material: dict[str, bytes] = {}
@@ -168,6 +174,10 @@ class InterceptRun:
     async def resolve(self) -> Resolved:
         """Workload, Service, port; inject the agent when needed (progress lines while rolling out)."""
         ic = self.intercept
+        # Team mode matters only without a rule; read alongside the workload, not after it.
+        team = asyncio.ensure_future(team_mode(self.kube)) if ic.match is None else None
+        if team is not None:  # its error is raised below; unread if resolving fails first
+            team.add_done_callback(lambda t: t.cancelled() or t.exception())
         w = await self.kube.get_workload(ic.workload, self.namespace)
         if self.progress is not None:
             self.progress(f"Using {w.kind} {w.name}")  # Telepresence's first line
@@ -176,6 +186,11 @@ class InterceptRun:
         agent = await ensure_agent(self.kube, w, service, sp, self.settings, progress=self.progress,
                                    container=self.container)
         self.material = await ensure_auth_material(self.kube, self.namespace)
+        if team is not None:
+            on = await team
+            self.match, self.team_default = effective_match(ic.match, on), defaulted(ic.match, on)
+            if self.team_default and self.progress is not None:
+                self.progress(TEAM_MODE_NOTE)
         self.resolved = Resolved(agent.workload, agent.service, sp, agent)
         return self.resolved
 
@@ -187,7 +202,7 @@ class InterceptRun:
 
     def registration(self) -> Registration:
         assert self.resolved is not None
-        match = self.intercept.match.wire(self.intercept_id) if self.intercept.match else None
+        match = self.match.wire(self.intercept_id) if self.match else None
         return Registration(self.intercept.name or "", self.resolved.agent.port_name, match, self.intercept.port.local)
 
     def ready_pods(self) -> list[dict[str, Any]]:
@@ -210,7 +225,7 @@ class InterceptRun:
         if pods:
             em = EnvMountSpec(self.registry, self.intercept, self.namespace, self.intercept.workload_name,
                               pods[0]["metadata"]["name"], self.intercept_id, self.resolved.agent.container,
-                              self.base_dir, self.env_json)
+                              self.base_dir, self.env_json, self.settings)
             specs[em.key] = em
         return specs
 
@@ -322,7 +337,8 @@ class InterceptRun:
             "service_port": r.service_port.get("name") or r.service_port["port"] if r else None,
             "destination": f"127.0.0.1:{self.intercept.port.local}",
             "mount_point": str(unit.mount_point) if unit and unit.mount_point else None,
-            "match": self.intercept.match.wire(self.intercept_id) if self.intercept.match else None,
+            "match": self.match.wire(self.intercept_id) if self.match else None,
+            "team_mode_default": self.team_default,
             "pods": [k[2] for k in (self.rec.running if self.rec else {}) if k[0] == "tunnel"],
             "state": "ACTIVE" if self.is_ready() else "WAITING",
         }

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from tpenv.config.models import MOUNT_MODES
 from tpenv.engine.units import State, UnitState
 from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
 
@@ -32,21 +33,39 @@ OpenSftp = Callable[[], Awaitable[tuple[Any, Any]]]
 MOUNT_TIMEOUT = 30.0
 
 
+# Said whenever sshfs cannot run: sync mode is the way without FUSE, but never chosen silently
+# (a copy is not a mount: big volumes, second-long lag).
+_OR_SYNC = ("; or copy the volumes instead: --mount-mode sync (mount: {mode: sync} in telepresence.yaml); "
+            "or run with --mount false")
+
+
 def check_fuse() -> str:
-    """Path of sshfs, or MissingTool saying what to install (sshfs, /dev/fuse)."""
+    """Path of sshfs, or MissingTool saying what to install (sshfs, /dev/fuse), or to use sync mode."""
     sshfs = shutil.which("sshfs")
     if not sshfs:
         raise MissingTool("sshfs is not installed: remote volumes cannot be mounted",
                           hint="install it (Debian/Ubuntu: apt-get install sshfs; macOS: macFUSE + "
-                               "gromgit/fuse/sshfs-mac), or run with --mount false")
+                               "gromgit/fuse/sshfs-mac)" + _OR_SYNC)
     if not os.path.exists("/dev/fuse"):
         raise MissingTool("/dev/fuse is missing: the kernel's FUSE is not available here",
-                          hint="load it (modprobe fuse), or in a container pass --device /dev/fuse; "
-                               "or run with --mount false")
+                          hint="load it (modprobe fuse), or in a container pass --device /dev/fuse" + _OR_SYNC)
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MissingTool("/dev/fuse is not accessible to this user",
-                          hint="add yourself to the group owning /dev/fuse, or run with --mount false")
+                          hint="add yourself to the group owning /dev/fuse" + _OR_SYNC)
     return sshfs
+
+
+def make_mount(mode: str, session: Any, path: str | Path | None, mounts: list[str], *, name: str,
+               settings: Any = None) -> "SshfsMount | Any":
+    """The mount unit for ``mount.mode``: sync → a synced copy (syncmount.SyncMount); sshfs and
+    auto → sshfs, whose start() says what is missing (and that sync mode exists) without FUSE."""
+    if mode not in MOUNT_MODES:
+        raise UsageError(f"unknown mount mode {mode!r}: expected one of {', '.join(MOUNT_MODES)}")
+    if mode == "sync":
+        from tpenv.engine.syncmount import SyncMount
+
+        return SyncMount(session.sftp, path, mounts, name=name, settings=settings)
+    return SshfsMount(session.open_sftp_channel, path, name=name)
 
 
 def rewrite_env(env: dict[str, str], names: list[str], mount_root: str) -> dict[str, str]:

@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service", metavar="NAME", help="the service, when several select the workload")
     parser.add_argument("--container", metavar="NAME", help="the app container, when the port leaves a doubt")
     parser.add_argument("--http-header", action="append", default=[], metavar="K=V",
-                        help="only requests whose header K matches regex V (repeatable); 'auto': your personal header")
+                        help="only requests whose header K matches regex V (repeatable); 'auto': your personal "
+                             "header; 'all': every connection (also where the cluster's manager runs in team mode, "
+                             "which makes 'auto' the default)")
     path = parser.add_mutually_exclusive_group()
     path.add_argument("--http-path-prefix", metavar="P", help="only requests whose path starts with P")
     path.add_argument("--http-path-equal", metavar="P", help="only requests whose path is P")
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-json", metavar="F", help="write the app's environment to F as JSON")
     parser.add_argument("--mount", metavar="DIR|true|false", default="true",
                         help="mount the app's volumes at DIR (true: a temporary directory; false: no mount)")
+    parser.add_argument("--mount-mode", choices=("auto", "sshfs", "sync"), default=None,
+                        help="sshfs: a live FUSE mount; sync: a local copy kept in step both ways (no FUSE needed); "
+                             "auto (default): sshfs, or an error saying what is missing")
     parser.add_argument("--rewrite-env", action="append", default=[], metavar="NAME",
                         help="prefix this path-valued variable with the mount root (repeatable; e.g. "
                              "AWS_WEB_IDENTITY_TOKEN_FILE)")
@@ -65,11 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_intercept(args: argparse.Namespace) -> Intercept:
     """The config model of this intercept, from the flags; UsageError naming the bad flag."""
-    match: dict | None = None
     headers: dict[str, str] | str | None = None
+    if "all" in args.http_header and len(args.http_header) > 1:
+        raise UsageError("--http-header all takes every connection: it cannot be combined with other headers")
     for h in args.http_header:
-        if h == "auto":
-            headers = "auto"
+        if h in ("auto", "all"):
+            headers = h
             continue
         key, sep, value = h.partition("=")
         if not sep or not key:
@@ -79,13 +85,20 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
         headers = {**(headers or {}), key: value}
     path = {k: v for k, v in (("path_prefix", args.http_path_prefix), ("path_equal", args.http_path_equal),
                               ("path_regex", args.http_path_regex)) if v is not None}
-    if headers is not None or path:
+    match: dict | str | None = None
+    if headers == "all":  # every connection, also in team mode (where no rule means the personal header)
+        if path:
+            raise UsageError("--http-header all takes every connection: it cannot be combined with --http-path-*")
+        match = "all"
+    elif headers is not None or path:
         match = {"headers": headers, **path}
-    mount: bool | str = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount)
-    if args.rewrite_env:
-        if mount is False:
-            raise UsageError("--rewrite-env needs a mount (it prefixes paths with the mount root)")
-        mount = {"path": mount, "rewrite_env": list(args.rewrite_env)}
+    mount: bool | str | dict = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount)
+    mount_mode = getattr(args, "mount_mode", None)
+    if mount is False and (args.rewrite_env or mount_mode):
+        flag = "--rewrite-env" if args.rewrite_env else "--mount-mode"
+        raise UsageError(f"{flag} needs a mount (--mount false turns it off)")
+    if args.rewrite_env or mount_mode:
+        mount = {"path": mount, "rewrite_env": list(args.rewrite_env), "mode": mount_mode or "auto"}
     data = {"workload": args.workload, "port": args.port, "match": match, "mount": mount,
             "env": {"file": args.env_file, "format": args.env_syntax}}
     if args.name:
@@ -102,7 +115,9 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
 def describe_text(d: dict) -> str:
     rows = [("Intercept name", d["name"]), ("State", d["state"]), ("Workload kind", d["workload_kind"]),
             ("Destination", d["destination"]), ("Service Port Identifier", d["service_port"]),
-            ("Volume Mount Point", d["mount_point"] or "(none)"), ("Intercepting", intercepting_text(d["match"]))]
+            ("Volume Mount Point", d["mount_point"] or "(none)"),
+            ("Intercepting", intercepting_text(d["match"]) + (" (team mode default)" if d.get("team_mode_default")
+                                                              else ""))]
     width = max(len(k) for k, _ in rows)
     return "intercepted\n" + "\n".join(f"    {k:<{width}}: {v}" for k, v in rows)
 

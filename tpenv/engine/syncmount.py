@@ -87,7 +87,9 @@ class SyncMount:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._warned: set[str] = set()
-        self.passes = 0  # completed sync passes (tests, status)
+        self.passes = 0  # completed sync passes
+        self._started = 0
+        self._pass_done = asyncio.Condition()
 
     # -- the unit ---------------------------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class SyncMount:
             # The plan's bases: both sides as the local copy is now (see treesync.initial_plan).
             self._base_local, self._base_remote = dict(local), dict(local)
             await self._apply(ts.initial_plan(local, remote, self.roots))
+        self._started += 1
         self.passes += 1
 
     async def stop(self) -> None:
@@ -201,6 +204,8 @@ class SyncMount:
                 await self.sync_once()
             except _SESSION_GONE as e:
                 self._state.set(State.FAILED, error=f"the sftp session to the agent ended: {e}")
+                async with self._pass_done:
+                    self._pass_done.notify_all()
                 return
             except asyncssh.SFTPError as e:
                 # A whole pass failed (a mount path unreadable now): say it, try again next time.
@@ -209,12 +214,24 @@ class SyncMount:
     async def sync_once(self) -> ts.Plan:
         """One three-way pass: scan both sides, apply the plan. Returns the plan carried out."""
         async with self._lock:
-            remote = await self._scan_remote()
-            local = await asyncio.to_thread(self._scan_local)
-            p = ts.plan(self._base_local, self._base_remote, local, remote, self.roots)
-            await self._apply(p)
-            self.passes += 1
+            self._started += 1
+            try:
+                remote = await self._scan_remote()
+                local = await asyncio.to_thread(self._scan_local)
+                p = ts.plan(self._base_local, self._base_remote, local, remote, self.roots)
+                await self._apply(p)
+            finally:
+                self.passes += 1
+                async with self._pass_done:
+                    self._pass_done.notify_all()
             return p
+
+    async def settled(self) -> None:
+        """Until a whole pass that began after this call has ended: what either side had before
+        the call is then in step (unless it conflicted)."""
+        target = self._started + 1
+        async with self._pass_done:
+            await self._pass_done.wait_for(lambda: self.passes >= target or self._state.state is State.FAILED)
 
     # -- scanning ---------------------------------------------------------------------------------
 

@@ -372,10 +372,15 @@ class Agent:
     def port(self, name: str) -> int:
         return self.listeners[name]
 
-    def log_seen(self, text: str) -> asyncio.Future:
-        """A future resolved when a log line containing ``text`` appears (from now on)."""
+    def log_seen(self, text: str, *, past: bool = False) -> asyncio.Future:
+        """A future resolved when a log line containing ``text`` appears (from now on; with
+        ``past``, a line already logged counts too)."""
         fut = asyncio.get_running_loop().create_future()
-        self.watchers.append((text.encode(), fut))
+        seen = next((line for line in self.stderr if text.encode() in line), None) if past else None
+        if seen is not None:
+            fut.set_result(seen)
+        else:
+            self.watchers.append((text.encode(), fut))
         return fut
 
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from agent_testkit import App, H2Caller, Http1, auth_material, get_once, read_response, run_agent
+from agent_testkit import REPO, App, H2Caller, Http1, auth_material, get_once, read_response, run_agent
+from tpenv_agent.main import LOOP_ENV, choose_loop
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,3 +88,35 @@ def test_sidecar_without_auth_material_exits_1_with_one_json_error_line(tmp_path
     assert out.returncode == 1 and out.stdout == ""
     lines = [json.loads(line) for line in out.stderr.splitlines()]
     assert lines[-1]["level"] == "error" and "cannot start" in lines[-1]["msg"] and "ca.pub" in lines[-1]["msg"]
+
+
+def test_loop_choice_prefers_uvloop_and_says_why_when_it_does_not_use_it():
+    factory, name, why_not = choose_loop("auto")
+    assert name == "uvloop" and why_not is None and factory is not None
+    assert choose_loop("uvloop")[1] == "uvloop"
+    assert choose_loop("asyncio") == (None, "asyncio", f"{LOOP_ENV}=asyncio")
+    factory, name, why_not = choose_loop("trio")
+    assert (factory, name) == (None, "asyncio") and "'trio' is not one of auto, uvloop, asyncio" in why_not
+
+
+async def test_sidecar_runs_on_uvloop_and_falls_back_to_asyncio_with_a_warning_when_it_is_missing(tmp_path):
+    m = auth_material()
+    # A uvloop that cannot be imported, ahead of the real one on the agent's path.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "uvloop.py").write_text("raise ImportError('no uvloop in this test')\n")
+    cases = [({LOOP_ENV: "auto"}, b'"level": "info"', b"event loop: uvloop"),
+             ({LOOP_ENV: "auto", "PYTHONPATH": f"{shadow}:{REPO / 'agent'}"}, b'"level": "warning"',
+              b"event loop: asyncio (uvloop cannot be imported (ImportError: no uvloop in this test))")]
+    async with App("app") as app:
+        for i, (env, level, text) in enumerate(cases):
+            (tmp_path / str(i)).mkdir()
+            async with run_agent(tmp_path / str(i), m, [f"0:{app.port}:http"], env=env) as agent:
+                line = await asyncio.wait_for(agent.log_seen(text.decode(), past=True), 10)
+                assert level in line, line
+                # Passthrough works either way: keep-alive requests, then a fresh connection.
+                async with Http1(agent.port("http")) as c:
+                    for _ in range(3):
+                        status, _, body = await c.request("/")
+                        assert status == 200 and json.loads(body)["who"] == "app"
+                assert (await get_once(agent.port("http")))["who"] == "app"

@@ -74,6 +74,7 @@ class _Entry(Half):
         routed = (sc.h2_always and first.startswith(PREFACE)) or (sc.h1_always and looks_like_http1(first))
         if not routed:
             Half.data_received(self, first)
+            self.shortcut()  # raw from here on (when already joined; else join() does it)
             return
         # HTTP: drop the raw app connection (nothing was sent on it) and route per request.
         self.handed_off = True  # splice_to must not join a half that is still connecting
@@ -82,6 +83,9 @@ class _Entry(Half):
             other.peer = None
             other.close()
         self.listener.sniff(self.transport, first)
+
+    def can_shortcut(self) -> bool:
+        return self._sniff is None and not self.handed_off
 
     def eof_received(self) -> bool:
         if self._sniff is not None and self._sniff:

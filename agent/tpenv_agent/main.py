@@ -2,9 +2,34 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from typing import Any, Callable
 
 USAGE = "usage: tpenv-agent {sidecar|manager} [options]  (tpenv-agent ROLE --help for options)"
+# The sidecar's event loop: "auto" (uvloop when importable, else asyncio's), "uvloop" (the same,
+# and the fallback is a warning too) or "asyncio". uvloop's C loop and transports cut the agent's
+# CPU per passthrough request by about a third (docs/performance.md, issue 4).
+LOOP_ENV = "TPENV_AGENT_LOOP"
+
+
+def choose_loop(choice: str | None = None) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str, str | None]:
+    """(loop factory or None for asyncio's default, the loop's name, why uvloop is not used or None)."""
+    choice = (choice if choice is not None else os.environ.get(LOOP_ENV, "auto")).strip().lower() or "auto"
+    if choice == "asyncio":
+        return None, "asyncio", f"{LOOP_ENV}=asyncio"
+    if choice not in ("auto", "uvloop"):
+        return None, "asyncio", f"{LOOP_ENV}={choice!r} is not one of auto, uvloop, asyncio"
+    try:
+        import uvloop
+    except ImportError as e:
+        return None, "asyncio", f"uvloop cannot be imported ({type(e).__name__}: {e})"
+    return uvloop.new_event_loop, "uvloop", None
+
+
+def run_loop(coro: Any, factory: Callable[[], asyncio.AbstractEventLoop] | None) -> Any:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     role, rest = argv[0], argv[1:]
     if role == "sidecar":
         from .sidecar import run_sidecar
-        return asyncio.run(run_sidecar(rest))
+        factory, name, why_not = choose_loop()
+        return run_loop(run_sidecar(rest, loop=(name, why_not)), factory)
     if role == "manager":
         # Built separately (manager.py); the sidecar must run without it.
         try:

@@ -159,9 +159,20 @@ def _sa_namespace() -> str:
         return "default"
 
 
-async def run_sidecar(argv: list[str]) -> int:
+async def run_sidecar(argv: list[str], loop: tuple[str, str | None] | None = None) -> int:
+    """``loop``: the event loop main() chose and why it is not uvloop (None when it is);
+    by default, named after the running loop."""
     args = parser().parse_args(argv)
     logs.setup(args.log_level)
+    if loop is None:
+        uv = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        loop = ("uvloop", None) if uv else ("asyncio", "not started by tpenv-agent's main")
+    name, why_not = loop
+    if why_not is None:
+        logs.unit("sidecar", args.container).info("event loop: %s", name)
+    else:
+        # Works the same, at about 1.4 times the agent's CPU per passthrough request.
+        logs.unit("sidecar", args.container).warning("event loop: %s (%s)", name, why_not)
     if not args.listen:
         print("tpenv-agent sidecar: at least one --listen is needed", file=sys.stderr)
         return 2

@@ -6,6 +6,13 @@ transports' own: when one side's write buffer passes its high-water mark, ``paus
 stops reading from the other side until it drains. No coroutine per chunk, no parsing. The
 same half also fronts an SSH channel (asyncssh calls the same methods on a session), so an
 all-TCP intercept uses it too.
+
+Which read path runs depends on the loop (a Half is both a Protocol and a BufferedProtocol):
+asyncio's selector loop sees a BufferedProtocol and reads into the half's own buffer
+(``recv_into``, nothing allocated per read); uvloop treats any ``asyncio.Protocol`` as a
+plain one and hands ``data_received`` a bytes object it made in C. On uvloop, once joined,
+``data_received`` is the peer transport's ``write`` itself (``_shortcut``): a chunk crosses
+the agent without one Python frame.
 """
 from __future__ import annotations
 
@@ -17,12 +24,13 @@ READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
 
 
-class Half(asyncio.BufferedProtocol):
+class Half(asyncio.Protocol, asyncio.BufferedProtocol):
     """One end of a splice. ``peer`` is the other end; until it is connected, reading pauses.
 
-    A BufferedProtocol: the kernel reads into one buffer per half (``recv_into``), so the hot
-    path allocates nothing per read; ``transport.write`` sends at once or copies what is left.
-    SSH channels (asyncssh sessions) call ``data_received`` instead, which is kept.
+    On asyncio's loop a BufferedProtocol: the kernel reads into one buffer per half
+    (``recv_into``), so the hot path allocates nothing per read; ``transport.write`` sends at
+    once or copies what is left. uvloop and SSH channels (asyncssh sessions) call
+    ``data_received`` instead.
     """
 
     def __init__(self) -> None:
@@ -113,6 +121,27 @@ class Half(asyncio.BufferedProtocol):
         pass
 
     # ----------------------------------------------------------------------------------
+    def can_shortcut(self) -> bool:
+        """Whether every further byte may go to the peer unlooked-at (a subclass that still
+        sniffs says no until it is done)."""
+        return True
+
+    def shortcut(self) -> None:
+        """On uvloop: make ``data_received`` the peer transport's ``write`` (see the module doc).
+
+        uvloop keeps the bound ``data_received`` it found when the protocol was set, so the
+        protocol is set again to make it look once more. Only for a uvloop transport of our
+        own (it calls ``data_received(data)``; asyncssh passes a datatype too, and asyncio's
+        loop reads through ``buffer_updated``) and a joined peer with a transport.
+        """
+        peer = self.peer
+        if peer is None or peer.transport is None or self.transport is None or self.transport.is_closing():
+            return
+        if not _is_uvloop(self.transport) or not self.can_shortcut():
+            return
+        self.data_received = peer.transport.write  # type: ignore[method-assign]
+        self.transport.set_protocol(self)
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -139,6 +168,12 @@ def join(a: Half, b: Half) -> None:
                 src.close()
     a.transport.resume_reading()
     b.transport.resume_reading()
+    a.shortcut()
+    b.shortcut()
+
+
+def _is_uvloop(transport: Any) -> bool:
+    return type(transport).__module__.startswith("uvloop")
 
 
 def _copies_on_write(transport: Any) -> bool:

@@ -134,3 +134,22 @@ def test_pod_readiness():
     assert not pod_is_ready({"metadata": {}, "status": {"phase": "Pending"}})
     assert not pod_is_ready({"metadata": {}, "status": {"phase": "Running",
                                                         "conditions": [{"type": "Ready", "status": "False"}]}})
+
+
+async def test_tracked_applies_each_event_before_yielding_it():
+    from tpenv.kits.kube import tracked
+
+    def pod(uid: str, rv: str) -> dict:
+        return {"metadata": {"uid": uid, "resourceVersion": rv}}
+
+    async def events():
+        for ev in [("ADDED", pod("a", "1")), ("ADDED", pod("b", "2")), ("MODIFIED", pod("a", "3")),
+                   ("DELETED", pod("b", "4")), ("DELETED", pod("zz", "5"))]:
+            yield ev
+
+    pods: dict = {}
+    seen = []
+    async for kind, obj in tracked(events(), pods):
+        seen.append((kind, sorted((u, p["metadata"]["resourceVersion"]) for u, p in pods.items())))
+    assert seen == [("ADDED", [("a", "1")]), ("ADDED", [("a", "1"), ("b", "2")]),
+                    ("MODIFIED", [("a", "3"), ("b", "2")]), ("DELETED", [("a", "3")]), ("DELETED", [("a", "3")])]

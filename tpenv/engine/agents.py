@@ -23,7 +23,7 @@ from typing import Any
 from tpenv.engine.injection import plan_injection, restore_plan
 from tpenv.errors import NotFound, RolloutStalled, UsageError
 from tpenv.kits.aio import unit_logger
-from tpenv.kits.kube import Kube, What, Workload, pod_is_ready
+from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, LABEL_INJECT
 
 Progress = Callable[[str], None]
@@ -210,15 +210,11 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
         async with asyncio.timeout(timeout):
             async with kube.watch(kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
                                   what=What("watch", "pods", w.namespace)) as events:
-                async for kind, pod in events:
-                    if kind == "DELETED":
-                        pods.pop(pod["metadata"]["uid"], None)
-                    else:
-                        pods[pod["metadata"]["uid"]] = pod
-                        if pod_serves(pod, port_name) and not pod_is_ready(pod):
-                            cause = _stall_cause(pod, time.monotonic(), started)
-                            if cause:
-                                raise RolloutStalled(f"the rollout of {w.ref} stalled: {cause}", retry_after=10)
+                async for kind, pod in tracked(events, pods):
+                    if kind != "DELETED" and pod_serves(pod, port_name) and not pod_is_ready(pod):
+                        cause = _stall_cause(pod, time.monotonic(), started)
+                        if cause:
+                            raise RolloutStalled(f"the rollout of {w.ref} stalled: {cause}", retry_after=10)
                     if done():
                         return await kube.reload(w)
                     text = line()
@@ -302,11 +298,7 @@ async def wait_agent_gone(kube: Kube, w: Workload, *, timeout: float, progress: 
         async with asyncio.timeout(timeout):
             async with kube.watch(kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
                                   what=What("watch", "pods", w.namespace)) as events:
-                async for kind, pod in events:
-                    if kind == "DELETED":
-                        pods.pop(pod["metadata"]["uid"], None)
-                    else:
-                        pods[pod["metadata"]["uid"]] = pod
+                async for _kind, _pod in tracked(events, pods):
                     # The first events replay the current pods; decide once every pod was seen.
                     if with_agent() == 0 and await _all_seen(kube, w, pods):
                         return

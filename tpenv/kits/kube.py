@@ -389,6 +389,19 @@ def parse_workload_ref(ref: str) -> tuple[str | None, str]:
     return canonical, name
 
 
+async def tracked(events: AsyncIterator[tuple[str, dict[str, Any]]],
+                  into: dict[str, dict[str, Any]]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Watch events, each applied to ``into`` (uid → object) before it is yielded, so the
+    consumer always sees the current set of objects (e.g. a workload's pods) with the event."""
+    async for kind, obj in events:
+        uid = obj["metadata"]["uid"]
+        if kind == "DELETED":
+            into.pop(uid, None)
+        else:
+            into[uid] = obj
+        yield kind, obj
+
+
 _STOP = object()
 
 

@@ -10,6 +10,7 @@ import difflib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -44,6 +45,16 @@ class TunnelSettings(_Section):
     keepalive_interval: float = Field(2.0, gt=0, description="Seconds between SSH keepalives on a tunnel.")
     retry_initial: float = Field(0.5, gt=0, description="First delay in seconds before reopening a dropped tunnel.")
     retry_max: float = Field(10.0, gt=0, description="Longest delay in seconds between tunnel retries (backoff cap).")
+
+
+class PortForwardSettings(_Section):
+    """How tpenv reaches pod ports through the API server (pods/portforward)."""
+
+    protocol: Literal["auto", "websocket", "spdy"] = Field(
+        "auto",
+        description="Port-forward protocol: auto tries WebSocket and falls back to SPDY/3.1 when the API server "
+                    "refuses the WebSocket upgrade; websocket or spdy forces one.",
+    )
 
 
 class HandlerSettings(_Section):
@@ -99,6 +110,8 @@ class Settings(BaseModel):
 
     agent: AgentSettings = Field(default_factory=AgentSettings, description=AgentSettings.__doc__)
     tunnels: TunnelSettings = Field(default_factory=TunnelSettings, description=TunnelSettings.__doc__)
+    portforward: PortForwardSettings = Field(default_factory=PortForwardSettings,
+                                             description=PortForwardSettings.__doc__)
     handlers: HandlerSettings = Field(default_factory=HandlerSettings, description=HandlerSettings.__doc__)
     kube: KubeSettings = Field(default_factory=KubeSettings, description=KubeSettings.__doc__)
     session: SessionSettings = Field(default_factory=SessionSettings, description=SessionSettings.__doc__)
@@ -140,5 +153,5 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     return settings
 
 
-__all__ = ["Settings", "AgentSettings", "TunnelSettings", "HandlerSettings", "KubeSettings", "SessionSettings",
-           "MountSettings", "load_settings", "env_overrides"]
+__all__ = ["Settings", "AgentSettings", "TunnelSettings", "PortForwardSettings", "HandlerSettings", "KubeSettings",
+           "SessionSettings", "MountSettings", "load_settings", "env_overrides"]

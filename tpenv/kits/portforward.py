@@ -15,11 +15,25 @@ and asyncssh (``asyncssh.connect(..., tunnel=PodTunnel(kube, ns, pod))``).
 
 A dropped stream surfaces at once as :class:`~tpenv.errors.TunnelDropped` carrying the
 kubelet's error text (``connection_lost(exc)`` on the protocol).
+
+WebSocket first, SPDY as the fallback (``TPENV_PORTFORWARD_PROTOCOL=auto``, the default):
+older API servers, some proxies and managed clusters refuse the WebSocket upgrade for
+port-forward (kube < 1.30, or the ``PortForwardWebsockets`` gate off) and kubectl then
+speaks SPDY/3.1. :class:`PodTunnel` does the same: when the API server answers the
+WebSocket handshake with an HTTP status that refuses the *upgrade* (400, 426, 405, 501, or
+a 403 whose text is about the upgrade or protocol negotiation; see :func:`upgrade_refused`)
+it switches to :mod:`tpenv.kits.spdy`, remembers the choice for that API server (every later
+tunnel to it goes straight to SPDY) and logs it once at info level. A 404 (no such pod) and
+an RBAC 403 stay errors. ``websocket`` or ``spdy`` forces one protocol. The transport handed
+to asyncssh or a StreamReader behaves the same either way; with SPDY one session (one TLS
+connection, one upgrade) carries every stream the tunnel opens.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import struct
 from typing import Any, Callable, Protocol
 from urllib.parse import quote
@@ -28,6 +42,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
 from tpenv.errors import ClusterUnreachable, Forbidden, NotFound, TunnelDropped
+from tpenv.kits import spdy
 
 log = logging.getLogger("tpenv.portforward")
 
@@ -81,6 +96,9 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
         status = e.response.status_code
         body = (e.response.body or b"").decode("utf-8", "replace").strip()
         text = _status_message(body) or f"HTTP {status}"
+        if upgrade_refused(status, body):
+            raise WebSocketRefused(status, f"{what}: the API server refused the WebSocket upgrade "
+                                           f"(HTTP {status}: {text})") from e
         if status == 404:
             raise NotFound(f"{what}: {text}", hint="is the pod still there? `kubectl get pods` shows it") from e
         if status in (401, 403):
@@ -89,6 +107,48 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
         raise TunnelDropped(f"{what}: refused ({text})") from e
     except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as e:
         raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
+
+
+class WebSocketRefused(TunnelDropped):
+    """The API server (or a proxy) answered the WebSocket upgrade with a status that refuses the
+    upgrade itself, not the request: SPDY may still work."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, hint="set TPENV_PORTFORWARD_PROTOCOL=spdy (or auto) to use SPDY/3.1 instead")
+        self.status = status
+
+
+# Statuses that refuse the upgrade, whatever the body: 400 (the API server's "Upgrade request
+# required", the kubelet's "unable to upgrade: missing upgrade headers"), 405 and 501 (a
+# server or proxy without WebSocket for this path), 426 Upgrade Required.
+_UPGRADE_STATUSES = frozenset({400, 405, 426, 501})
+_UPGRADE_WORDS = re.compile(r"upgrade|websocket|negotiate|protocol|spdy", re.IGNORECASE)
+_RBAC_WORDS = re.compile(r"is forbidden:|cannot create resource|\bUser \"", re.IGNORECASE)
+
+
+def upgrade_refused(status: int, body: str) -> bool:
+    """Whether an HTTP answer to the WebSocket handshake refuses the upgrade (fall back to SPDY).
+
+    A 403 is ambiguous: RBAC says ``pods "x" is forbidden: User "u" cannot create resource
+    "pods/portforward"`` (an error, SPDY would get the same), while apimachinery's handshake
+    says ``unable to upgrade: unable to negotiate protocol`` (fall back). 404 and 401 never
+    fall back, nor do 5xx answers other than 501.
+    """
+    if status in _UPGRADE_STATUSES:
+        return True
+    if status == 403:
+        text = _status_message(body)
+        reason = ""
+        try:
+            import json
+
+            reason = str((json.loads(body) or {}).get("reason") or "")
+        except (ValueError, AttributeError):
+            pass
+        if reason == "Forbidden" or _RBAC_WORDS.search(text):
+            return False
+        return bool(_UPGRADE_WORDS.search(text))
+    return False
 
 
 def _status_message(body: str) -> str:
@@ -271,32 +331,100 @@ class PortForwardTransport(asyncio.Transport):
         await self._ws.wait_closed()
 
 
+PROTOCOLS = ("auto", "websocket", "spdy")
+_ENV = "TPENV_PORTFORWARD_PROTOCOL"
+# API servers that refused the WebSocket upgrade, by (host, proxy): their tunnels go straight to SPDY.
+_refused_websocket: dict[tuple[str, str | None], str] = {}
+
+
+def configured_protocol(env: Any = None) -> str:
+    """``TPENV_PORTFORWARD_PROTOCOL`` checked by the settings model (auto when unset)."""
+    from tpenv.settings import load_settings
+
+    env = os.environ if env is None else env
+    return load_settings({k: v for k, v in env.items() if k == _ENV}).portforward.protocol
+
+
+def _server_key(kube: KubeAccess) -> tuple[str, str | None]:
+    return kube.host.rstrip("/"), getattr(kube, "proxy", None)
+
+
+def remember_refusal(kube: KubeAccess, why: str) -> None:
+    """Note that this API server refuses WebSocket port-forward (logged once per server)."""
+    key = _server_key(kube)
+    if key not in _refused_websocket:
+        _refused_websocket[key] = why
+        log.info("the API server at %s refused the WebSocket port-forward (%s); using SPDY/3.1 for its "
+                 "port-forwards from now on", key[0], why)
+
+
 class PodTunnel:
     """Port-forward streams to one pod; also an asyncssh ``tunnel`` (``create_connection``).
 
     ``host`` given to create_connection is ignored (the pod is fixed); ``port`` is the pod port.
+    ``protocol`` is auto/websocket/spdy (default: ``TPENV_PORTFORWARD_PROTOCOL``, else auto).
+    With SPDY the tunnel keeps one session for all its streams; it closes itself when idle.
     """
 
-    def __init__(self, kube: KubeAccess, namespace: str, pod: str) -> None:
+    def __init__(self, kube: KubeAccess, namespace: str, pod: str, *, protocol: str | None = None,
+                 open_timeout: float = 15.0) -> None:
         self.kube = kube
         self.namespace = namespace
         self.pod = pod
+        self.protocol = protocol or configured_protocol()
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"port-forward protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        self.open_timeout = open_timeout
         self.logger = log  # asyncssh logs "via <tunnel>" with this
-        self._transports: set[PortForwardTransport] = set()
+        self._transports: set[asyncio.Transport] = set()
+        self._session: spdy.SpdySession | None = None
+        self._sessions: set[spdy.SpdySession] = set()
+        self._session_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"PodTunnel({self.namespace}/{self.pod})"
 
+    @property
+    def uses_spdy(self) -> bool:
+        """What the next stream will use: SPDY when forced or when this API server refused WebSocket."""
+        return self.protocol == "spdy" or (self.protocol == "auto" and _server_key(self.kube) in _refused_websocket)
+
     async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                                host: str, port: int) -> tuple[PortForwardTransport, asyncio.BaseProtocol]:
-        ws = await open_websocket(self.kube, self.namespace, self.pod, port)
-        protocol = protocol_factory()
-        transport = PortForwardTransport(ws, protocol, name=f"{self.namespace}/{self.pod}:{port}",
-                                         peer=(f"{self.pod}.{self.namespace}", port),
-                                         on_lost=self._transports.discard)
-        self._transports.add(transport)
-        protocol.connection_made(transport)
+                                host: str, port: int) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        name, peer = f"{self.namespace}/{self.pod}:{port}", (f"{self.pod}.{self.namespace}", port)
+        if not self.uses_spdy:
+            try:
+                ws = await open_websocket(self.kube, self.namespace, self.pod, port, open_timeout=self.open_timeout)
+            except WebSocketRefused as e:
+                if self.protocol != "auto":
+                    raise
+                remember_refusal(self.kube, f"HTTP {e.status}")
+            else:
+                protocol = protocol_factory()
+                transport = PortForwardTransport(ws, protocol, name=name, peer=peer,
+                                                 on_lost=self._transports.discard)
+                self._transports.add(transport)
+                protocol.connection_made(transport)
+                return transport, protocol
+        session = await self._spdy_session()
+        transport, protocol = await spdy.open_portforward(
+            session, protocol_factory, port, name=name, peer=peer, open_timeout=self.open_timeout,
+            on_lost=self._transports.discard)
+        if not transport.is_closing():
+            self._transports.add(transport)
         return transport, protocol
+
+    async def _spdy_session(self) -> spdy.SpdySession:
+        """This tunnel's SPDY session; a new one when there is none or it is closing (GOAWAY, idle, lost)."""
+        if self._session_lock is None:
+            self._session_lock = asyncio.Lock()
+        async with self._session_lock:
+            if self._session is None or not self._session.usable:
+                self._sessions = {s for s in self._sessions if not s.closed.is_set()}
+                self._session = await spdy.SpdySession.connect(self.kube, self.namespace, self.pod,
+                                                               open_timeout=self.open_timeout)
+                self._sessions.add(self._session)
+            return self._session
 
     async def open_stream(self, port: int, *, limit: int = 2 ** 16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A plain (reader, writer) pair to ``port`` in the pod."""
@@ -308,10 +436,16 @@ class PodTunnel:
         return reader, writer
 
     def close(self) -> None:
-        """Close every stream this tunnel opened (safe twice)."""
+        """Close every stream this tunnel opened, then its SPDY session (safe twice)."""
         for t in list(self._transports):
             t.close()
+        for s in list(self._sessions):
+            s.close()
+        self._session = None
 
     async def wait_closed(self) -> None:
         for t in list(self._transports):
-            await t.wait_closed()
+            await t.wait_closed()  # type: ignore[attr-defined]
+        for s in list(self._sessions):
+            await s.wait_closed()
+            self._sessions.discard(s)

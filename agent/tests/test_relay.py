@@ -229,6 +229,22 @@ async def test_resolve_not_found_and_bad_requests(material):
             assert (await res.call("ping"))["ok"]  # the channel survives bad requests
 
 
+async def test_a_known_nxdomain_wins_over_a_fallback_that_could_not_be_asked(material):
+    class Refusing(TableResolver):  # like a cluster DNS without forwarding, through glibc
+        async def __call__(self, name):
+            self.asked.append(name)
+            if name.endswith("."):
+                raise r.LookupNotFound(name)
+            raise r.LookupFailed(f"lookup of {name} failed: Temporary failure in name resolution")
+
+    async with relay_server(material, resolver=Refusing({})) as (_, port):
+        async with connect(port, material) as conn, Resolve(conn) as res:
+            answer = await res.call("resolve", name="nothing", namespace="ns")
+            assert answer["error"]["code"] == "not-found"
+            answer = await res.call("resolve", name="nothing.ns")  # nothing known: temporary
+            assert answer["error"]["code"] == "internal" and "Temporary failure" in answer["error"]["message"]
+
+
 async def test_many_lookups_on_one_channel_are_all_answered(material):
     class Slow(TableResolver):
         async def __call__(self, name):

@@ -339,15 +339,27 @@ class Relay:
     # -- what a channel does -------------------------------------------------------------------
 
     async def resolve(self, name: str, namespace: str | None) -> dict[str, Any]:
-        """A ``resolve`` answer's fields; LookupNotFound when no candidate name exists."""
+        """A ``resolve`` answer's fields. LookupNotFound when a candidate name is known not to
+        exist and none resolved, even if a later fallback could not be asked (a cluster DNS that
+        refuses names outside its zones makes glibc report a temporary failure for a bare name);
+        LookupFailed when no candidate could be asked at all."""
+        not_found = False
+        failure: LookupFailed | None = None
         for candidate in candidates(name, namespace, self.domain):
             try:
                 addresses, canon = await self.resolver(candidate)
             except LookupNotFound:
+                not_found = True
+                continue
+            except LookupFailed as e:
+                failure = failure or e
                 continue
             if addresses:
                 return {"name": candidate.rstrip("."), "addresses": addresses,
                         "cname": canon.rstrip(".") if canon and canon.rstrip(".") != candidate.rstrip(".") else None}
+            not_found = True
+        if failure is not None and not not_found:
+            raise failure
         raise LookupNotFound(name)
 
     async def destinations(self, host: str) -> list[str]:

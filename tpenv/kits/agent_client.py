@@ -72,6 +72,34 @@ def issue_session_key(ca_key: bytes | str | asyncssh.SSHKey, session_id: str) ->
     return key, cert
 
 
+async def open_ssh(session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey,
+                   host_key: bytes | str | asyncssh.SSHKey, host: str, port: int, tunnel: Any = None,
+                   timeout: float = 15.0, peer: str = "the agent",
+                   restart: str = "restart the agent pods") -> asyncssh.SSHClientConnection:
+    """An SSH connection to a tpenv SSH server (an agent, the manager's relay) as protocol §2
+    says: a fresh session certificate signed with ``ca_key``, only ``host_key`` trusted.
+    Errors: PermanentError (wrong host key), Forbidden (certificate refused), TunnelDropped.
+    ``peer`` and ``restart`` word the messages ("the agent" / "restart the agent pods")."""
+    key, cert = issue_session_key(ca_key, session_id)
+    trusted = host_key if isinstance(host_key, asyncssh.SSHKey) else asyncssh.import_public_key(host_key)
+    try:
+        return await asyncio.wait_for(asyncssh.connect(
+            host, port, tunnel=tunnel,
+            username=session_id, client_keys=[(key, cert)],
+            known_hosts=([trusted], [], []),
+            preferred_auth="publickey", agent_path=None, config=[],
+            keepalive_interval=5, keepalive_count_max=3,
+        ), timeout)
+    except asyncssh.HostKeyNotVerifiable as e:
+        raise PermanentError(f"{peer}'s host key is not the one in Secret tpenv-auth",
+                             hint=f"someone may be impersonating {peer}, or the Secret was recreated: {restart}") from e
+    except asyncssh.PermissionDenied as e:
+        raise Forbidden(f"{peer} refused this session's certificate",
+                        hint=f"the Secret tpenv-auth may have been recreated: {restart}") from e
+    except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
+        raise TunnelDropped(f"cannot reach {peer}: {type(e).__name__}: {e}") from e
+
+
 _ERRORS = {"conflict": Conflict, "not-found": NotFound, "bad-request": UsageError}
 
 
@@ -113,24 +141,9 @@ class AgentSession:
 
     async def connect(self) -> dict[str, Any]:
         """Dial, authenticate, open the control channel, say hello, start pinging."""
-        key, cert = issue_session_key(self._ca_key, self.session_id)
-        try:
-            self._conn = await asyncio.wait_for(asyncssh.connect(
-                self._host, self._port, tunnel=self._tunnel,
-                username=self.session_id, client_keys=[(key, cert)],
-                known_hosts=([self._host_key], [], []),
-                preferred_auth="publickey", agent_path=None, config=[],
-                keepalive_interval=5, keepalive_count_max=3,
-            ), self._connect_timeout)
-        except asyncssh.HostKeyNotVerifiable as e:
-            raise PermanentError("the agent's host key is not the one in Secret tpenv-auth",
-                                 hint="someone may be impersonating the agent, or the Secret was recreated: "
-                                      "restart the agent pods") from e
-        except asyncssh.PermissionDenied as e:
-            raise Forbidden("the agent refused this session's certificate",
-                            hint="the Secret tpenv-auth may have been recreated: restart the agent pods") from e
-        except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
-            raise TunnelDropped(f"cannot reach the agent: {type(e).__name__}: {e}") from e
+        self._conn = await open_ssh(self.session_id, ca_key=self._ca_key, host_key=self._host_key,
+                                    host=self._host, port=self._port, tunnel=self._tunnel,
+                                    timeout=self._connect_timeout)
         try:
             self._stdin, self._stdout, _ = await self._conn.open_session(subsystem="tpenv-control", encoding=None)
         except (OSError, asyncssh.Error) as e:

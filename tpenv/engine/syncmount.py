@@ -207,9 +207,15 @@ class SyncMount:
                 async with self._pass_done:
                     self._pass_done.notify_all()
                 return
-            except asyncssh.SFTPError as e:
+            except (asyncssh.SFTPError, OSError) as e:
                 # A whole pass failed (a mount path unreadable now): say it, try again next time.
                 log.warning("[mount/%s] sync pass failed: %s", self.name, e)
+            except Exception as e:  # noqa: BLE001 - a bug must show in the unit's health, not end the loop unseen
+                log.exception("[mount/%s] sync stopped", self.name)
+                self._state.set(State.FAILED, error=f"sync stopped: {type(e).__name__}: {e}")
+                async with self._pass_done:
+                    self._pass_done.notify_all()
+                return
 
     async def sync_once(self) -> ts.Plan:
         """One three-way pass: scan both sides, apply the plan. Returns the plan carried out."""

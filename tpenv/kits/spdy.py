@@ -1010,7 +1010,10 @@ class SpdyPortForwardTransport(asyncio.Transport):
             if self._error_text.strip():  # the pod side failed (nothing listens, pod gone...)
                 self._end(TunnelDropped(f"port-forward {self._name}: {self._error_text.strip()}"))
             return
-        self._end(None)  # the pod side's EOF
+        if self._error_text.strip():  # the error stream's text came without its FIN yet
+            self._end(TunnelDropped(f"port-forward {self._name}: {self._error_text.strip()}"))
+        else:
+            self._end(None)  # the pod side's EOF
 
     def _stream_reset(self, stream: SpdyStream, why: str) -> None:
         if self._error_text.strip():
@@ -1026,7 +1029,8 @@ class SpdyPortForwardTransport(asyncio.Transport):
         if self._lost:
             return
         if not now and (self._inbuf or not self._made) and not self._closing:
-            self._end_pending, self._end_exc = True, exc
+            # A failure beats a clean end that follows it (the error stream's FIN, then the data's).
+            self._end_pending, self._end_exc = True, self._end_exc or exc
             return
         if exc is not None:
             self.data_stream.abort()

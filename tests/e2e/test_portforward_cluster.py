@@ -2,7 +2,8 @@
 
 A testapp pod runs tpenv-echo on 8080 and a raw TCP echo on 9000 (python3 in the image).
 Checked: HTTP through many concurrent streams, a large transfer both ways by sha256, the
-kubelet's error text when nothing listens, NotFound for a missing pod.
+kubelet's error text when nothing listens, NotFound for a missing pod, and that ``auto`` keeps
+WebSocket where the API server accepts it (SPDY is the fallback: test_portforward_spdy.py).
 """
 from __future__ import annotations
 
@@ -132,3 +133,17 @@ async def test_pod_deleted_mid_stream_ends_the_stream_promptly(kube, namespace, 
     took = loop.time() - t0
     print(f"stream ended {took:.2f}s after the pod's deletion: {ended}")
     assert took < 15, ended
+
+
+# -- stage 5: auto keeps WebSocket where the API server accepts it (SPDY is only the fallback) --------
+
+async def test_auto_uses_websocket_when_accepted(kube, namespace, echo_pod):
+    from tpenv.kits import portforward
+    from tpenv.kits.portforward import PortForwardTransport
+
+    tunnel = PodTunnel(kube, namespace, echo_pod, protocol="auto")
+    transport, _ = await tunnel.create_connection(asyncio.Protocol, echo_pod, 9000)
+    assert isinstance(transport, PortForwardTransport) and not tunnel.uses_spdy
+    assert (kube.host, None) not in portforward._refused_websocket and tunnel._sessions == set()
+    transport.close()
+    await transport.wait_closed()

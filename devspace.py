@@ -6,7 +6,9 @@
     python3 devspace.py demo [--once]    the main job on the local cluster (examples/hello)
     python3 devspace.py cluster up|down|env|status
     python3 devspace.py images           build and import the cluster's images
-    python3 devspace.py bench [--quick]  benchmarks against the local cluster
+    python3 devspace.py bench [--quick]  benchmarks against the local cluster (data path: issues 4, 7)
+    python3 devspace.py bench up [--runs N]   `tpenv up` latencies (issue 6): up -> first answer, pod
+                                         Ready -> serving, file save -> new handler answering
 
 Build outputs (Go builds, rootfs, images) are cached in ~/.cache/tpenv (override: TPENV_CACHE).
 """
@@ -102,6 +104,8 @@ def demo(argv: list[str]) -> int:
 
 
 def bench(argv: list[str]) -> int:
+    if argv[:1] == ["up"]:
+        return _venv_script("bench/up_latency.py", argv[1:])
     return _venv_script("bench/run.py", argv)
 
 

@@ -2,7 +2,9 @@
 """`tpenv up` latencies (issue 6, done-when 7), against the cluster of $KUBECONFIG:
 
 1. `tpenv up` started -> the first in-cluster request answered by the laptop's handler,
-   a) with the agent already installed, b) with the agent injected by this `up` (a fresh Deployment);
+   a) with the agent already installed, b) with the agent injected by this `up` (a fresh Deployment;
+   its floor, a plain rollout of the same Deployment -> the first answer from a new pod, is measured
+   just before each run and reported beside it: pod start and kube-proxy's sync are not tpenv's);
 2. a deleted pod's replacement Ready -> the intercept serving again;
 3. a handler source file saved -> the restarted handler answering in-cluster requests.
 
@@ -117,6 +119,17 @@ def cluster(line: str) -> bool:
         return False
 
 
+def from_new_pod(old: set[str]) -> Callable[[str], bool]:
+    """An answer from the cluster's app in a pod not in ``old``."""
+    def pred(line: str) -> bool:
+        try:
+            a = json.loads(line)
+        except ValueError:
+            return False
+        return a.get("source") == "cluster" and a.get("pod") not in old
+    return pred
+
+
 def deploy(name: str, ns: str) -> None:
     apply(echo_app(name), ns=ns)
     kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
@@ -171,6 +184,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=90.0, help="bound of every single wait, in seconds")
     ap.add_argument("--keep", action="store_true", help="keep the namespace and the work dir")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where the JSON reports go")
     args = ap.parse_args()
     runs, to = max(1, args.runs), args.timeout
 
@@ -181,7 +195,7 @@ def main() -> int:
     results: dict[str, list[float]] = {k: [] for k in TARGETS}
     failures: dict[str, list[str]] = {k: [] for k in TARGETS}
     marks: dict[str, list[dict[str, float]]] = {"installed": [], "injecting": []}
-    extra: dict[str, list[float]] = {"pod_delete_to_ready": []}
+    extra: dict[str, list[float]] = {"pod_delete_to_ready": [], "plain_rollout_to_new_pod_answer": []}
     say(f"namespace {ns}, work dir {work}, {runs} run(s) each")
     apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {TEST_LABEL: "true"}}})
     try:
@@ -273,6 +287,20 @@ def main() -> int:
             try:
                 if s.first(cluster, time.monotonic(), to) is None:
                     raise RuntimeError(f"{name} does not answer")
+                # The floor of (1b), without tpenv: a plain rollout of the same Deployment (a
+                # template annotation changed) -> the first answer from a new pod. Injection is
+                # such a rollout plus tpenv's own work; the difference is what tpenv adds.
+                old = set(kubectl("get", "pods", "-l", f"app={name}", "-o",
+                                  "jsonpath={.items[*].metadata.name}", ns=ns).stdout.split())
+                t_roll = time.monotonic()
+                kubectl("patch", "deployment", name, "-p", json.dumps(
+                    {"spec": {"template": {"metadata": {"annotations": {"bench.tpenv.io/roll": str(i)}}}}}), ns=ns)
+                t = s.first(from_new_pod(old), t_roll, to)
+                (extra["plain_rollout_to_new_pod_answer"].append(round(t - t_roll, 3)) if t else
+                 say(f"1b run {i}: the plain rollout's new pod did not answer within {to}s"))
+                kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
+                if s.first(cluster, time.monotonic(), to) is None:
+                    raise RuntimeError(f"{name} does not answer after its plain rollout")
                 t0 = up.start()
                 t = s.first(laptop(), t0, to)
                 (results["up_to_first_answer_injecting"].append(round(t - t0, 3)) if t else
@@ -301,7 +329,11 @@ def main() -> int:
               "phases_of_up": {k: {p: median([m[p] for m in v if p in m]) for p in
                                    sorted({p for m in v for p in m}, key=lambda p: median([m[p] for m in v if p in m]))}
                                for k, v in marks.items()},
-              "pod_delete_to_ready_s": extra["pod_delete_to_ready"]}
+              "pod_delete_to_ready_s": extra["pod_delete_to_ready"],
+              "plain_rollout_to_new_pod_answer_s": extra["plain_rollout_to_new_pod_answer"],
+              "injecting_minus_plain_rollout_s": (
+                  round(median(results["up_to_first_answer_injecting"]) - median(extra["plain_rollout_to_new_pod_answer"]), 3)
+                  if results["up_to_first_answer_injecting"] and extra["plain_rollout_to_new_pod_answer"] else None)}
     print()
     print(f"{'figure':<34} {'median':>8} {'target':>7}  runs")
     for r in rows:
@@ -311,7 +343,10 @@ def main() -> int:
     for k, ph in report["phases_of_up"].items():
         print(f"up ({k}), median seconds from start: " + ", ".join(f"{p} {v:.2f}" for p, v in ph.items()))
     print(f"pod delete -> replacement Ready (not tpenv's): {extra['pod_delete_to_ready']}")
-    out = REPO / "bench" / "results"
+    print(f"plain rollout -> first answer from a new pod (the floor of 1b, not tpenv's): "
+          f"{extra['plain_rollout_to_new_pod_answer']}; 1b minus that floor (medians): "
+          f"{report['injecting_minus_plain_rollout_s']}")
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for path in (out / f"up-latency-{stamp}.json", out / "up-latency-latest.json"):

@@ -126,6 +126,9 @@ class ForwardUnit(TaskUnit):
         self.backends: Backends | None = None
         self.bound_port: int | None = None  # read back (local may be 0 in tests)
         self._conns: set[asyncio.Task] = set()
+        # One PodTunnel per backend pod: over SPDY its streams share one session (one upgrade);
+        # over WebSocket each stream is its own upgrade either way.
+        self._tunnels: dict[str, PodTunnel] = {}
 
     async def run(self, stopping: asyncio.Event, ready: Callable[[], None]) -> None:
         s, kube = self.spec, self.spec.kube
@@ -154,11 +157,18 @@ class ForwardUnit(TaskUnit):
                 for t in (feed, stop, *self._conns):
                     t.cancel()
                 await asyncio.gather(feed, stop, *self._conns, return_exceptions=True)
+                tunnels, self._tunnels = list(self._tunnels.values()), {}
+                for tunnel in tunnels:
+                    tunnel.close()
+                await asyncio.gather(*(t.wait_closed() for t in tunnels), return_exceptions=True)
 
     async def _feed(self, events: Any) -> None:
         async for kind, obj in events:
             before = self.backends.current
             self.backends.apply(kind, obj)
+            gone = {name for name in self._tunnels if name not in {p for p, _ in self.backends.pods}}
+            for name in gone:  # not closed: connections still open to it end on their own
+                del self._tunnels[name]
             if before is not None and before not in self.backends.pods:
                 after = self.backends.pick()
                 self.log.info("pod %s left %s; new connections go to %s", before[0], self.spec.service,
@@ -176,6 +186,12 @@ class ForwardUnit(TaskUnit):
                 await asyncio.wait_for(self.backends.changed.wait(), remaining)
         return target
 
+    def _tunnel(self, pod: str) -> PodTunnel:
+        tunnel = self._tunnels.get(pod)
+        if tunnel is None:
+            tunnel = self._tunnels[pod] = PodTunnel(self.spec.kube, self.spec.namespace, pod)
+        return tunnel
+
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.ensure_future(self._serve(reader, writer))
         self._conns.add(task)
@@ -187,7 +203,7 @@ class ForwardUnit(TaskUnit):
             for _ in range(_ATTEMPTS):
                 pod, port = await self._target(failed)
                 try:
-                    up_r, up_w = await PodTunnel(self.spec.kube, self.spec.namespace, pod).open_stream(port)
+                    up_r, up_w = await self._tunnel(pod).open_stream(port)
                 except TpenvError as e:
                     # A pod that is going away can still be listed for a moment: try the next one.
                     self.log.info("pod %s refused a stream (%s); trying another", pod, e)

@@ -13,9 +13,14 @@ Task kinds (every task has "kind", "label", "host", "port"):
              optional "headers"; then, if "idle" > 0, one more request after that many seconds idle
     conc     "conns" keep-alive connections sharing a fixed total "rate" for "seconds": errors, p99
     rps      "conns" connections, closed loop (next request when the answer is in) for "seconds"
+    wrk      the same closed loop driven by wrk (C, in the tpenv/testapp image): "conns" connections
+             on "threads" threads for "seconds" (whole seconds), GET /?size="size"
     bulk     one transfer of "bytes": "dir" down (GET, the server sends) or up (POST, we send)
     hol      "latency" on one connection while another keeps downloading "bytes" per request
     grpc     one gRPC channel, "n" unary calls at "rate", optional "headers" (metadata)
+
+"rps" and "wrk" report "cpu_s": the CPU the load generator spent (this process for rps, the wrk
+child for wrk), so the bench can say how much of the machine the client itself took.
 
 Latency is the time from writing a request to its last response byte (service time; requests
 are paced at the fixed rate, and a slow answer delays the next one rather than queueing it).
@@ -25,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import shutil
 import sys
+import tempfile
 import time
 
 BLOCK = os.urandom(1 << 20)
@@ -201,10 +209,53 @@ async def t_rps(t: dict) -> dict:
         c.close()
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     await asyncio.gather(*(worker() for _ in range(t["conns"])))
     took = time.perf_counter() - t0
     return {"conns": t["conns"], "requests": len(lat), "errors": len(errs), "error_samples": errs[:3],
-            "rps": len(lat) / took, **summary(lat)}
+            "rps": len(lat) / took, "seconds": took, "cpu_s": time.process_time() - c0, **summary(lat)}
+
+
+# wrk's done() hook: the figures as one JSON line (latencies in microseconds), no text to parse.
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, ' ..
+    '"read": %d, "write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"max_us": %d, "mean_us": %.1f}\n', summary.requests, summary.duration, summary.bytes, e.connect, e.read,
+    e.write, e.status, e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+
+async def t_wrk(t: dict) -> dict:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed here (an older tpenv/testapp image? python3 tests/cluster/images.py import)")
+    seconds = max(1, round(t["seconds"]))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
+        f.write(WRK_LUA)
+        f.flush()
+        url = f"http://{t['host']}:{t['port']}/?size={t.get('size', 1024)}"
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = await asyncio.create_subprocess_exec(
+            wrk, f"-t{t.get('threads', 1)}", f"-c{t['conns']}", f"-d{seconds}s", "--timeout", f"{int(TIMEOUT)}s",
+            "-s", f.name, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((ln for ln in out.decode().splitlines() if ln.startswith("WRKJSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk exited {proc.returncode}: {(err or out).decode().strip()[-300:]}")
+    r = json.loads(line[len("WRKJSON "):])
+    took = r["duration_us"] / 1e6
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return {"conns": t["conns"], "threads": t.get("threads", 1), "requests": r["requests"], "errors": errors,
+            "error_kinds": {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]},
+            "rps": r["requests"] / took, "seconds": took, "MBps_read": r["bytes"] / took / 1e6,
+            "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+            "p50_ms": r["p50_us"] / 1e3, "p90_ms": r["p90_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+            "max_ms": r["max_us"] / 1e3, "mean_ms": r["mean_us"] / 1e3}
 
 
 async def t_bulk(t: dict) -> dict:
@@ -292,7 +343,8 @@ async def t_grpc(t: dict) -> dict:
             **summary(lat)}
 
 
-KINDS = {"latency": t_latency, "conc": t_conc, "rps": t_rps, "bulk": t_bulk, "hol": t_hol, "grpc": t_grpc}
+KINDS = {"latency": t_latency, "conc": t_conc, "rps": t_rps, "wrk": t_wrk, "bulk": t_bulk, "hol": t_hol,
+         "grpc": t_grpc}
 
 
 async def amain(tasks: list[dict]) -> None:

@@ -56,14 +56,14 @@ KiB, MiB = 1024, 1024 * 1024
 MODES: dict[str, dict[str, Any]] = {
     "full": dict(lat_n=2000, lat_rate=200, idle=2.0, bulk=256 * MiB, conc_conns=200, conc_rate=1000, conc_s=30,
                  hol_n=1000, hol_rate=100, hol_bytes=64 * MiB, pt_rounds=4, pt_n=4000, pt_rate=400,
-                 pt_conns=16, pt_s=12.0, pt_bulk=256 * MiB, grpc_n=1000, grpc_rate=200, mount_bytes=256 * MiB,
+                 pt_conns=16, pt_s=12.0, pt_wrk_rounds=10, pt_wrk_s=2, pt_wrk_threads=1, pt_bulk=256 * MiB, grpc_n=1000, grpc_rate=200, mount_bytes=256 * MiB,
                  mount_files=10_000),
     "quick": dict(lat_n=500, lat_rate=250, idle=2.0, bulk=32 * MiB, conc_conns=50, conc_rate=500, conc_s=5,
                   hol_n=300, hol_rate=100, hol_bytes=16 * MiB, pt_rounds=2, pt_n=1000, pt_rate=400, pt_conns=16,
-                  pt_s=4.0, pt_bulk=32 * MiB, grpc_n=300, grpc_rate=200, mount_bytes=32 * MiB, mount_files=1000),
+                  pt_s=4.0, pt_wrk_rounds=4, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=32 * MiB, grpc_n=300, grpc_rate=200, mount_bytes=32 * MiB, mount_files=1000),
     "smoke": dict(lat_n=60, lat_rate=200, idle=0.5, bulk=2 * MiB, conc_conns=8, conc_rate=100, conc_s=1,
                   hol_n=40, hol_rate=100, hol_bytes=2 * MiB, pt_rounds=1, pt_n=60, pt_rate=200, pt_conns=4,
-                  pt_s=0.5, pt_bulk=2 * MiB, grpc_n=20, grpc_rate=100, mount_bytes=2 * MiB, mount_files=50),
+                  pt_s=0.5, pt_wrk_rounds=1, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=2 * MiB, grpc_n=20, grpc_rate=100, mount_bytes=2 * MiB, mount_files=50),
 }
 
 # Every row of the report, in order: (group, key, label). The smoke test checks they are all there.
@@ -86,8 +86,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("bulk", "direct", "(a) in-cluster -> app"),
     ("bulk", "passthrough", "(d) agent passthrough"),
     ("bulk", "intercept", "global intercept"),
-    ("throughput", "direct", "(a) in-cluster -> app, closed loop"),
-    ("throughput", "passthrough", "(d) agent passthrough, closed loop"),
+    ("throughput", "direct_wrk", "(a) in-cluster -> app, closed loop, wrk"),
+    ("throughput", "passthrough_wrk", "(d) agent passthrough, closed loop, wrk"),
+    ("throughput", "direct", "(a) in-cluster -> app, closed loop, Python client"),
+    ("throughput", "passthrough", "(d) agent passthrough, closed loop, Python client"),
     ("concurrency", "loopback", "(c) loopback TCP on the host"),
     ("concurrency", "port_forward", "(b) kubectl port-forward"),
     ("concurrency", "direct", "(a) in-cluster -> app"),
@@ -198,7 +200,7 @@ def budget_of(tasks: list[dict]) -> float:
     for t in tasks:
         if t["kind"] in ("latency", "hol", "grpc"):
             b += t["n"] / t["rate"] + t.get("idle", 0) + 10
-        elif t["kind"] in ("conc", "rps"):
+        elif t["kind"] in ("conc", "rps", "wrk"):
             b += t["seconds"] + 30
         else:
             b += t.get("bytes", 0) / 2e6 + 10  # even at 2 MB/s
@@ -245,6 +247,45 @@ def container_pids(ns: str, pod: str, container: str) -> list[int]:
                 if cid in Path(f"/proc/{d}/cgroup").read_text():
                     pids.append(int(d))
     return pids
+
+
+def cgroup_cpu_file(pid: int) -> Path | None:
+    """The file holding the CPU time of ``pid``'s cgroup: every process of its container, those
+    started later by `kubectl exec` too (cgroup v1 cpuacct.usage in ns, or v2 cpu.stat)."""
+    v2 = None
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpuacct" in controllers.split(","):
+                for root in ("/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/cpu,cpuacct"):
+                    f = Path(root + path) / "cpuacct.usage"
+                    if f.exists():
+                        return f
+            if controllers == "":
+                v2 = path
+    if v2 is not None:
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+            f = Path(root + v2) / "cpu.stat"
+            if f.exists():
+                return f
+    return None
+
+
+class ContainerCpu:
+    """CPU seconds of one container, from its cgroup (containers of the local cluster only)."""
+
+    def __init__(self, ns: str, pod: str, container: str) -> None:
+        pids = container_pids(ns, pod, container)
+        f = next((cf for cf in map(cgroup_cpu_file, pids) if cf is not None), None)
+        if f is None:
+            raise Unavailable(f"no cgroup CPU figures for {pod}/{container} on this host")
+        self.file = f
+
+    def sample(self) -> float:
+        text = self.file.read_text()
+        if self.file.name == "cpuacct.usage":
+            return int(text) / 1e9
+        return int(dict(ln.split() for ln in text.splitlines())["usage_usec"]) / 1e6
 
 
 def infra_pids() -> list[int]:
@@ -541,6 +582,7 @@ class Bench:
         self.ic: Intercept | None = None
         self.app_ip = self.direct_ip = ""
         self.agent_procs: Procs | None = None
+        self.agent_loop: str | None = None
         self.started = time.monotonic()
 
     # -- rows
@@ -810,8 +852,9 @@ class Bench:
 
     def phase_passthrough(self) -> None:
         """Issue 4: the same requests to the app directly and through the agent, interleaved in rounds."""
-        keys = [("latency", "direct"), ("latency", "passthrough"), ("throughput", "direct"),
-                ("throughput", "passthrough"), ("bulk", "direct"), ("bulk", "passthrough")]
+        keys = [("latency", "direct"), ("latency", "passthrough"), ("throughput", "direct_wrk"),
+                ("throughput", "passthrough_wrk"), ("throughput", "direct"), ("throughput", "passthrough"),
+                ("bulk", "direct"), ("bulk", "passthrough")]
         targets = {"direct": self.direct_ip, "passthrough": self.app_ip}
         why = self.agent_missing()
         if why and isinstance(self.rows.get(("setup", "first_intercept_s")), dict):
@@ -822,6 +865,10 @@ class Bench:
         if not why:
             apids = container_pids(self.ns, self.app_pod(), "tpenv-agent")
             self.agent_procs = Procs(apids) if apids else None
+            # Which event loop the agent runs (uvloop, or asyncio's with the reason): it moves the figures.
+            logs = kubectl("logs", self.app_pod(), "-c", "tpenv-agent", ns=self.ns, check=False).stdout
+            line = next((ln for ln in logs.splitlines() if "event loop:" in ln), None)
+            self.agent_loop = json.loads(line)["msg"].split("event loop:", 1)[1].strip() if line else "unknown"
         pod0 = self.app_pod() if not why else ""
 
         def same_agent() -> None:
@@ -840,24 +887,78 @@ class Bench:
             self.unavailable([*keys, ("resources", "agent_cpu_per_gb_passthrough"), ("concurrency", "passthrough"),
                               ("grpc", "passthrough")], why)
 
+        def cpu_meters() -> dict[str, ContainerCpu]:
+            """CPU of the app's and the agent's containers (the load generator reports its own)."""
+            pod = self.app_pod()
+            return {"app": ContainerCpu(self.ns, pod, "app"), "agent": ContainerCpu(self.ns, pod, "tpenv-agent")}
+
+        def closed_loop(task: dict, meters: dict[str, ContainerCpu] | None) -> dict:
+            """One closed-loop task in its own exec, with the CPU each container spent meanwhile."""
+            c0 = {k: m.sample() for k, m in (meters or {}).items()}
+            r = self.checked(self.cluster([task])[0])
+            cpu = {k: m.sample() - c0[k] for k, m in (meters or {}).items()}
+            # The load generator's own CPU comes from the task (the wrk child, or the Python loop),
+            # not from the client container, whose figure would count the exec's start-up too.
+            cpu["load"] = r["cpu_s"]
+            r["cpu"] = cpu
+            return r
+
+        def throughput_row(rs: list[dict]) -> dict:
+            reqs = sum(r["requests"] for r in rs)
+            row = {"rps": statistics.fmean(r["rps"] for r in rs), "errors": sum(r["errors"] for r in rs),
+                   "conns": rs[0]["conns"], "requests": reqs, "rounds_rps": [round(r["rps"]) for r in rs],
+                   "p50_ms": statistics.fmean(r["p50_ms"] for r in rs), "p99_ms": max(r["p99_ms"] for r in rs)}
+            if all(r.get("cpu") for r in rs) and reqs:
+                row["cpu_us_per_req"] = {k: sum(r["cpu"][k] for r in rs) / reqs * 1e6 for k in rs[0]["cpu"]}
+                busy = sum(r["seconds"] for r in rs)
+                row["cpu_cores"] = {k: sum(r["cpu"][k] for r in rs) / busy for k in rs[0]["cpu"]}
+            return row
+
         def run() -> None:
             if why:
                 raise Unavailable(why)
+            try:
+                meters: dict[str, ContainerCpu] | None = cpu_meters()
+            except Unavailable as e:
+                meters = None
+                self.notes.append(f"passthrough: no CPU per request ({e})")
             rounds = self.m["pt_rounds"]
             lat: dict[str, list[dict]] = {k: [] for k in targets}
             rps: dict[str, list[dict]] = {k: [] for k in targets}
+            wrk: dict[str, list[dict]] = {k: [] for k in targets}
+            wrk_failed: list[str] = []
             bulks: dict[str, list[dict]] = {k: [] for k in targets}
+            # wrk's closed loop: short runs, one exec each (CPU measured around it), the sides alternating
+            # (direct, agent, agent, direct, ...) so that both see the same background load.
+            with self.profile("passthrough-wrk", {"agent": self.agent_procs.pids if self.agent_procs else []}):
+                for i in range(self.m["pt_wrk_rounds"]):
+                    order = list(targets.items()) if i % 2 == 0 else list(reversed(targets.items()))
+                    for k, ip in order:
+                        if wrk_failed:
+                            break
+                        try:
+                            wrk[k].append(closed_loop({"kind": "wrk", "label": f"wrk:{k}", "host": ip, "port": 80,
+                                                       "conns": self.m["pt_conns"], "threads": self.m["pt_wrk_threads"],
+                                                       "seconds": self.m["pt_wrk_s"], "size": KiB}, meters))
+                        except Unavailable as e:  # wrk missing or broken: the other rows still stand
+                            if isinstance(e, PathLost):
+                                raise
+                            wrk_failed.append(str(e))
             for i in range(rounds):
                 order = list(targets.items()) if i % 2 == 0 else list(reversed(targets.items()))
                 tasks = []
-                for k, ip in order:
-                    t = self.lat(f"lat:{k}", ip, 80, raw=True, n=self.m["pt_n"] // rounds, idle=(i == 0))
-                    t["rate"] = self.m["pt_rate"]
-                    tasks += [t, {"kind": "rps", "label": f"rps:{k}", "host": ip, "port": 80,
-                                  "conns": self.m["pt_conns"], "seconds": self.m["pt_s"] / rounds, "size": KiB}]
-                    tasks.append(self.bulk(f"bulk-down:{k}", ip, 80, "down", self.m["pt_bulk"] // rounds))
-                    tasks.append(self.bulk(f"bulk-up:{k}", ip, 80, "up", self.m["pt_bulk"] // rounds))
                 with self.profile(f"passthrough-round{i}", {"agent": self.agent_procs.pids if self.agent_procs else []}):
+                    # The Python closed loop one exec per side (CPU measured around it), then the rest.
+                    for k, ip in order:
+                        rps[k].append(closed_loop({"kind": "rps", "label": f"rps:{k}", "host": ip, "port": 80,
+                                                   "conns": self.m["pt_conns"], "seconds": self.m["pt_s"] / rounds,
+                                                   "size": KiB}, meters))
+                    for k, ip in order:
+                        t = self.lat(f"lat:{k}", ip, 80, raw=True, n=self.m["pt_n"] // rounds, idle=(i == 0))
+                        t["rate"] = self.m["pt_rate"]
+                        tasks.append(t)
+                        tasks.append(self.bulk(f"bulk-down:{k}", ip, 80, "down", self.m["pt_bulk"] // rounds))
+                        tasks.append(self.bulk(f"bulk-up:{k}", ip, 80, "up", self.m["pt_bulk"] // rounds))
                     results = self.cluster(tasks)
                 for r in results:
                     kind, k = r["label"].split(":")
@@ -874,10 +975,12 @@ class Bench:
                                         "p99_ms": pctl(samples, 99), "max_ms": max(samples),
                                         "mean_ms": statistics.fmean(samples), "idle_ms": lat[k][0].get("idle_ms"),
                                         "rate_target": self.m["pt_rate"], "rounds": rounds, "answered_by": side})
-                self.put("throughput", k, {"rps": statistics.fmean(r["rps"] for r in rps[k]),
-                                           "errors": sum(r["errors"] for r in rps[k]), "conns": self.m["pt_conns"],
-                                           "p50_ms": statistics.fmean(r["p50_ms"] for r in rps[k]),
-                                           "p99_ms": max(r["p99_ms"] for r in rps[k])})
+                if wrk_failed:
+                    self.put("throughput", f"{k}_wrk", f"unavailable: wrk: {wrk_failed[0]}")
+                else:
+                    self.put("throughput", f"{k}_wrk", {**throughput_row(wrk[k]), "client": "wrk",
+                                                        "threads": self.m["pt_wrk_threads"]})
+                self.put("throughput", k, {**throughput_row(rps[k]), "client": "python"})
                 down = [r for r in bulks[k] if r["dir"] == "down"]
                 up = [r for r in bulks[k] if r["dir"] == "up"]
                 self.put("bulk", k, {"down_MBps": sum(r["bytes"] for r in down) / sum(r["seconds"] for r in down) / 1e6,
@@ -1049,7 +1152,8 @@ class Bench:
         return {
             "mode": self.mode, "params": self.m, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "duration_s": time.monotonic() - self.started, "namespace": self.ns,
-            "machine": machine(), "agent_image": AGENT_IMAGE, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "machine": machine(), "agent_image": AGENT_IMAGE, "agent_loop": self.agent_loop,
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(),
             "rows": rows, "targets": targets(self.rows), "notes": self.notes,
             **({"profiles": self.profiles} if self.profiles else {}),
         }
@@ -1093,9 +1197,16 @@ def targets(rows: dict) -> list[dict]:
 
     out = []
 
-    def check(name: str, measured: Any, target: str, ok: bool | None, why: str = "") -> None:
+    def check(name: str, measured: Any, target: str, ok: bool | None, why: str = "", **extra: Any) -> None:
         out.append({"target": name, "measured": measured, "wanted": target,
-                    "status": "n/a" if ok is None else ("met" if ok else "missed"), **({"missing": why} if why else {})})
+                    "status": "n/a" if ok is None else ("met" if ok else "missed"), **({"missing": why} if why else {}),
+                    **extra})
+
+    def per_round(a: dict, b: dict) -> dict:
+        """Round by round ratios (the rounds interleave both sides, so each pair shared the machine's mood)."""
+        pairs = list(zip(a.get("rounds_rps") or [], b.get("rounds_rps") or []))
+        rs = [round(x / y, 3) for x, y in pairs if y]
+        return {"rounds": rs, "median_round": statistics.median(rs)} if rs else {}
 
     ic, pf = v("latency", "intercept"), v("latency", "port_forward")
     if ic and pf:
@@ -1134,12 +1245,16 @@ def targets(rows: dict) -> list[dict]:
         check("passthrough added p99 (ms, no target)", round(lp["p99_ms"] - ld["p99_ms"], 3), "-", None)
     else:
         check("passthrough added p50 (ms)", None, "<= 0.3", None, "a row is unavailable")
-    td, tp = v("throughput", "direct"), v("throughput", "passthrough")
+    td, tp = v("throughput", "direct_wrk"), v("throughput", "passthrough_wrk")
     if td and tp:
         r = tp["rps"] / td["rps"]
-        check("passthrough throughput / direct (req/s)", round(r, 3), ">= 0.85", r >= 0.85)
+        check("passthrough throughput / direct (req/s, wrk)", round(r, 3), ">= 0.85", r >= 0.85, **per_round(tp, td))
     else:
-        check("passthrough throughput / direct", None, ">= 0.85", None, "a row is unavailable")
+        check("passthrough throughput / direct (wrk)", None, ">= 0.85", None, "a row is unavailable")
+    td, tp = v("throughput", "direct"), v("throughput", "passthrough")
+    if td and tp:  # the Python client takes most of a core itself: shown, not the target's figure
+        check("passthrough throughput / direct (Python client, no target)", round(tp["rps"] / td["rps"], 3), "-",
+              None, **per_round(tp, td))
     bd, bpt = v("bulk", "direct"), v("bulk", "passthrough")
     if bd and bpt:
         r = min(bpt["down_MBps"] / bd["down_MBps"], bpt["up_MBps"] / bd["up_MBps"])
@@ -1167,7 +1282,10 @@ def cell(group: str, v: Any) -> str:
     if group == "bulk":
         return f"down {fmt(v['down_MBps'], 1)} MB/s  up {fmt(v['up_MBps'], 1)} MB/s  ({v['bytes'] // MiB} MiB each way)"
     if group == "throughput":
-        return f"{fmt(v['rps'], 0)} req/s  ({v['conns']} conns, err={v['errors']})"
+        s = f"{fmt(v['rps'], 0)} req/s  ({v['conns']} conns, err={v['errors']}, p50 {fmt(v.get('p50_ms'), 2)} ms)"
+        if v.get("cpu_us_per_req"):
+            s += "  CPU us/req: " + ", ".join(f"{k} {x:.0f}" for k, x in v["cpu_us_per_req"].items())
+        return s
     if group == "concurrency":
         return (f"{fmt(v['rps'], 0)} req/s of {v['rate_target']}  err={v['errors']}  p50 {fmt(v['p50_ms'], 2)}  "
                 f"p99 {fmt(v['p99_ms'], 2)} ms  ({v['conns']} conns x {v['seconds']} s)")
@@ -1187,7 +1305,8 @@ def cell(group: str, v: Any) -> str:
 def table(res: dict) -> str:
     lines = [f"tpenv bench, mode {res['mode']}, {res['started']}, {res['duration_s']:.0f} s, "
              f"{res['machine']['cpus']} CPUs, commit {res['machine']['commit']}, "
-             f"load average {res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}"]
+             f"load average {res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}"
+             + (f", agent event loop {res['agent_loop']}" if res.get("agent_loop") else "")]
     group = None
     for r in res["rows"]:
         if r["group"] != group:
@@ -1204,7 +1323,9 @@ def table(res: dict) -> str:
     lines.append("\n[targets]")
     for t in res["targets"]:
         lines.append(f"  {t['target']:<56} {fmt(t['measured'], 3):>10}  want {t['wanted']:<8} {t['status']}"
-                     + (f" ({t['missing']})" if t.get("missing") else ""))
+                     + (f" ({t['missing']})" if t.get("missing") else "")
+                     + (f"  (by round: {', '.join(f'{x:.2f}' for x in t['rounds'])}; median {t['median_round']:.2f})"
+                        if t.get("rounds") else ""))
     return "\n".join(lines)
 
 

@@ -7,8 +7,8 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
 
     registry.k8s.io/pause:3.10   pause.c, gcc -static
     (shared base layer)          Debian bookworm minbase + python3, curl, ca-certificates (debootstrap)
-    tpenv/testapp:dev            base + h2, grpcio + tests/cluster/apps (tpenv-echo, tpenv-get)
-    tpenv/agent:<version>        base + asyncssh, cryptography, h2 + agent/tpenv_agent
+    tpenv/testapp:dev            base + h2, grpcio + wrk (Debian) + tests/cluster/apps (tpenv-echo, tpenv-get)
+    tpenv/agent:<version>        base + asyncssh, cryptography, h2, uvloop + agent/tpenv_agent
       (also :dev and :0.1.0)     version = <project version>-<hash of the agent sources>
 
     python3 tests/cluster/images.py build     build (or reuse) every image, print the tarballs
@@ -339,7 +339,8 @@ SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's sys.path
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_36_x86_64"]
 # Pinned so an image built on another day or machine has the same packages.
 TESTAPP_PACKAGES = ["h2==4.4.1", "grpcio==1.85.1"]
-AGENT_PACKAGES = ["asyncssh==2.24.1", "cryptography==50.0.2", "h2==4.4.1"]
+# uvloop: the sidecar's event loop (tpenv_agent/main.py; it falls back to asyncio's without it).
+AGENT_PACKAGES = ["asyncssh==2.24.1", "cryptography==50.0.2", "h2==4.4.1", "uvloop==0.22.1"]
 
 
 def _pip() -> list[str]:
@@ -445,12 +446,65 @@ def _stage_layer(stem: str, key_parts: list, stage_fill, log=print) -> oci.Layer
 BASE_ENV = [PATH_ENV, "LANG=C.UTF-8", "PYTHONUNBUFFERED=1"]
 
 
+# --- Debian packages on top of the base, for one image ----------------------------------
+
+
+def debs(packages: list[str], log=print) -> Path:
+    """The .deb files of ``packages`` as this machine's apt resolves them (the same suite as the
+    base: apt_mirror() found it in its sources), downloaded once into a cached directory."""
+    key = _hash("debs-v1", SUITE, *packages)
+    d = cache_dir() / f"debs-{key[:16]}"
+    if (d / ".complete").exists():
+        return d
+    log(f"images: apt-get download {' '.join(packages)}")
+    tmp = Path(tempfile.mkdtemp(prefix="debs-", dir=cache_dir()))
+    try:
+        os.chmod(tmp, 0o755)  # apt's sandbox user writes here when it can
+        r = subprocess.run(["apt-get", "download", "-q", *packages], cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"apt-get download {' '.join(packages)} failed (exit {r.returncode}): "
+                               f"{r.stderr.strip()[-500:]}; run `apt-get update` and try again")
+        (tmp / ".complete").write_text("\n".join(packages) + "\n")
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+@_locked
+def debs_layer(name: str, packages: list[str], log=print) -> oci.Layer:
+    """``packages`` unpacked (``dpkg-deb -x``) into a layer: their files, not an installation
+    (dpkg's database in the image does not list them; maintainer scripts do not run), which is
+    enough for self-contained tools. List every dependency the base lacks by hand."""
+    deb_dir = debs(packages, log)
+    files = sorted(deb_dir.glob("*.deb"))
+    key = _hash("debs-layer-v1", *(f.name for f in files), _tool_hash())
+
+    def fill(lw: oci.LayerWriter) -> None:
+        with tempfile.TemporaryDirectory(prefix="debs-", dir=cache_dir()) as tmp:
+            stage = Path(tmp)
+            for f in files:
+                _run(["dpkg-deb", "-x", str(f), str(stage)])
+            for p in (stage / "usr/share/doc").rglob("*"):  # as in the base: licences only
+                if p.is_file() and p.name != "copyright":
+                    p.unlink()
+            shutil.rmtree(stage / "usr/share/man", ignore_errors=True)
+            lw.add_tree(stage, "")
+
+    return _cached_layer(f"layer-debs-{name}", key, fill, log)
+
+
 # --- tpenv/testapp ----------------------------------------------------------------------
 
 TESTAPP_REF = "tpenv/testapp:dev"
 APPS = HERE / "apps"
 # Commands in the image: name -> module in tests/cluster/apps.
 APP_COMMANDS = {"tpenv-echo": "echo", "tpenv-get": "get"}
+# wrk: a compiled HTTP load generator for the bench's closed loop (bench/run.py, issue 4), so the
+# figure measures the path rather than a Python client competing for the same cores. With the
+# libraries it needs that the base lacks (its libssl3 and libgcc-s1 are there).
+TESTAPP_DEBS = ["wrk", "libluajit-5.1-2", "libluajit-5.1-common"]
 
 
 @_locked
@@ -458,6 +512,7 @@ def build_testapp(log=print) -> Path:
     t0 = time.monotonic()
     base = base_layer(log)
     site = site_layer("testapp", TESTAPP_PACKAGES, log)
+    tools = debs_layer("testapp", TESTAPP_DEBS, log)
 
     def stage(d: Path) -> None:
         shutil.copytree(APPS, d / "opt/tpenv-apps", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -471,8 +526,8 @@ def build_testapp(log=print) -> Path:
             f.chmod(0o755)
 
     apps = _stage_layer("layer-testapp", [*_tree_hash(APPS), *APP_COMMANDS], stage, log)
-    cfg = oci.image_config([base, site, apps], cmd=["tpenv-echo"], env=BASE_ENV, exposed_ports=["8080/tcp"])
-    return _cached_image([TESTAPP_REF], [base, site, apps], cfg, log, t0)
+    cfg = oci.image_config([base, site, tools, apps], cmd=["tpenv-echo"], env=BASE_ENV, exposed_ports=["8080/tcp"])
+    return _cached_image([TESTAPP_REF], [base, site, tools, apps], cfg, log, t0)
 
 
 # --- tpenv/agent --------------------------------------------------------------------------

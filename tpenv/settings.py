@@ -7,6 +7,7 @@ feed ``tpenv --help`` and docs/config.md, so write them for a user.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -103,6 +104,33 @@ class MountSettings(_Section):
         "Most bytes sync mode copies at the start; above it the mount is refused (use sshfs, or a smaller volume)."))
 
 
+class ManagerSettings(_Section):
+    """The optional in-cluster manager (`tpenv manager install|upgrade`): its outbound relay."""
+
+    relay_port: int = Field(8022, ge=1, le=65535, description=(
+        "The relay's SSH port on the manager pod's loopback (reached through pods/portforward)."))
+    relay_cidrs: list[str] = Field(default_factory=list, description=(
+        "Address ranges the relay may connect to, comma-separated (e.g. 10.244.0.0/16,10.96.0.0/12); "
+        "empty: the relay reads the cluster's pod and service ranges itself (nodes' podCIDRs, ServiceCIDRs). "
+        "Give them when your CNI assigns pod addresses outside the nodes' podCIDRs."))
+
+    @field_validator("relay_cidrs", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+
+    @field_validator("relay_cidrs")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        out = []
+        for cidr in value:
+            try:
+                out.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except ValueError as e:
+                raise ValueError(f"{cidr!r} is not an address range like 10.96.0.0/12 ({e})") from e
+        return out
+
+
 class Settings(BaseModel):
     """Every tunable of tpenv; defaults suit a laptop against a nearby cluster."""
 
@@ -116,6 +144,7 @@ class Settings(BaseModel):
     kube: KubeSettings = Field(default_factory=KubeSettings, description=KubeSettings.__doc__)
     session: SessionSettings = Field(default_factory=SessionSettings, description=SessionSettings.__doc__)
     mounts: MountSettings = Field(default_factory=MountSettings, description=MountSettings.__doc__)
+    manager: ManagerSettings = Field(default_factory=ManagerSettings, description=ManagerSettings.__doc__)
 
 
 def env_overrides() -> Iterator[tuple[str, str, str, object, str]]:

@@ -29,3 +29,28 @@ def test_uninstall_dry_run_lists_the_objects_webhook_first(capsys):
     assert main(["manager", "uninstall", "--dry-run", "-o", "json"]) == 0
     names = json.loads(capsys.readouterr().out)["delete"]
     assert names[0] == "MutatingWebhookConfiguration/tpenv-agent-injector" and names[-1] == "Namespace/tpenv"
+
+
+def _relay_args(docs: list[dict]) -> list[str]:
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    return [args[i + 1] for i, a in enumerate(args) if a == "--relay-cidr"]
+
+
+def test_relay_ranges_from_the_flag_or_the_setting(capsys, monkeypatch):
+    # Stage 1: no ranges given: the relay discovers them (no --relay-cidr in its args).
+    assert main(["manager", "install", "--dry-run", "-o", "json"]) == 0
+    assert _relay_args(json.loads(capsys.readouterr().out)) == []
+    # Stage 2: the setting (comma-separated), normalized.
+    monkeypatch.setenv("TPENV_MANAGER_RELAY_CIDRS", "10.244.0.0/16, 10.96.0.1/12")
+    assert main(["manager", "install", "--dry-run", "-o", "json"]) == 0
+    assert _relay_args(json.loads(capsys.readouterr().out)) == ["10.244.0.0/16", "10.96.0.0/12"]
+    # Stage 3: the repeatable flag wins over the setting.
+    assert main(["manager", "upgrade", "--dry-run", "-o", "json", "--relay-cidr", "192.168.0.0/16",
+                 "--relay-cidr", "fd00::/64"]) == 0
+    assert _relay_args(json.loads(capsys.readouterr().out)) == ["192.168.0.0/16", "fd00::/64"]
+
+
+def test_a_bad_relay_range_is_a_usage_error(capsys):
+    assert main(["manager", "install", "--dry-run", "--relay-cidr", "10.0.0.0/33"]) == 2
+    err = capsys.readouterr().err
+    assert "--relay-cidr" in err and "10.0.0.0/33" in err

@@ -83,6 +83,7 @@ def manager_values(settings: Any) -> dict[str, Any]:
     else:  # tpenv.settings.Settings
         agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
         lease, image = settings.agent.lease_seconds, settings.agent.image
+        relay_port, relay_cidrs = settings.manager.relay_port, list(settings.manager.relay_cidrs)
     return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image,
             "image_pull_policy": pull, "lease": max(1, round(float(lease))),
             "relay_port": relay_port, "relay_cidrs": relay_cidrs}

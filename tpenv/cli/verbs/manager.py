@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from pydantic import ValidationError
+
 from tpenv.engine import manager as engine
+from tpenv.errors import UsageError
 
 HELP = "Install, upgrade or uninstall the optional in-cluster manager (webhook injection)."
 
@@ -20,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--team-mode", action=argparse.BooleanOptionalAction, default=None,
                         help="make personal header intercepts the default for every client of this cluster "
                              "(stored in ConfigMap tpenv/tpenv-manager; install default: off, upgrade: unchanged)")
+    parser.add_argument("--relay-cidr", action="append", metavar="CIDR",
+                        help="an address range the outbound relay may connect to (repeatable; default: the "
+                             "cluster's pod and service ranges, read by the relay; setting manager.relay_cidrs)")
 
 
 def _names(docs: list[dict]) -> list[str]:
@@ -27,6 +33,12 @@ def _names(docs: list[dict]) -> list[str]:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
+    if args.relay_cidr:
+        try:
+            ctx.settings.manager.relay_cidrs = args.relay_cidr
+        except ValidationError as e:
+            raise UsageError(f"--relay-cidr: {e.errors()[0]['msg']}",
+                             hint="give a range like 10.96.0.0/12 (repeat the flag for several)") from e
     if args.dry_run:
         docs = engine.render_manager(ctx.settings, team_mode=bool(args.team_mode))
         if args.action == "uninstall":

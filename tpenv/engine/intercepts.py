@@ -29,7 +29,7 @@ from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensur
 from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
 from tpenv.errors import TpenvError, TransientError
 from tpenv.kits.aio import Backoff, unit_logger
-from tpenv.kits.kube import Kube, What, Workload, pod_is_ready
+from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 
 
 def intercept_key(namespace: str, workload: str, port: Any) -> Key:
@@ -246,12 +246,7 @@ class InterceptRun:
                 backoff.started()
                 async with self.kube.watch(self.kube.core.list_namespaced_pod, w.namespace,
                                            label_selector=w.selector, what=What("watch", "pods", w.namespace)) as events:
-                    async for kind, pod in events:
-                        uid = pod["metadata"]["uid"]
-                        if kind == "DELETED":
-                            self._pods.pop(uid, None)
-                        else:
-                            self._pods[uid] = pod
+                    async for kind, pod in tracked(events, self._pods):
                         self.rec.notify(UnitEvent("kube", detail=("pod", kind, pod["metadata"]["name"])))
                 raise TransientError(f"the watch of {w.ref}'s pods ended")
             except Exception as e:  # noqa: BLE001 - retried; cancellation is not an Exception

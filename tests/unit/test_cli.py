@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tpenv.cli.main import EXIT_INTERNAL, EXIT_INTERRUPTED, build_parser, run_verb, verb_module
+from tpenv.cli.main import EXIT_INTERNAL, EXIT_INTERRUPTED, build_parser, main, run_verb, verb_module
 from tpenv.cli.verbs import VERBS
 from tpenv.errors import NotBuiltYet
 
@@ -224,3 +224,45 @@ def test_a_verb_that_fails_to_import_only_breaks_itself(capsys):
     assert "unavailable: ImportError" in broken.HELP
     assert run_verb(broken, args_for()) == EXIT_INTERNAL
     assert capsys.readouterr().err.startswith("tpenv: internal error: ImportError: no module named kubernetes\n")
+
+
+def test_agent_image_precedence_flag_env_file(tmp_path):
+    from tpenv.cli.context import CliContext
+    from tpenv.settings import load_settings
+
+    f = tmp_path / "telepresence.yaml"
+    f.write_text("apiVersion: tpenv/v1\nagent:\n  image: reg.example/agent:file\n  image_pull_policy: Always\n")
+
+    def ctx(environ: dict, flag: str | None = None) -> CliContext:
+        c = CliContext(settings=load_settings(environ), config_file=f, agent_image=flag, environ=environ)
+        c.apply_agent_flag()
+        c.load_config()
+        return c
+
+    # The file alone; the environment over the file; the flag over both.
+    assert (ctx({}).settings.agent.image, ctx({}).settings.agent.image_pull_policy) == \
+        ("reg.example/agent:file", "Always")
+    env = {"TPENV_AGENT_IMAGE": "reg.example/agent:env", "TPENV_AGENT_IMAGE_PULL_POLICY": "Never"}
+    assert (ctx(env).settings.agent.image, ctx(env).settings.agent.image_pull_policy) == \
+        ("reg.example/agent:env", "Never")
+    assert ctx(env, "reg.example/agent:flag").settings.agent.image == "reg.example/agent:flag"
+    # Read once, at start: a reload with another image does not swap the agent mid-session.
+    c = ctx({})
+    f.write_text("apiVersion: tpenv/v1\nagent:\n  image: reg.example/agent:edited\n")
+    c.load_config()
+    assert c.settings.agent.image == "reg.example/agent:file"
+
+
+def test_agent_image_errors(tmp_path, capsys):
+    from tpenv.config import load_config
+    from tpenv.errors import ConfigError
+
+    assert main(["--agent-image", "has space", "list"]) == 2
+    assert "--agent-image 'has space': not an image reference" in capsys.readouterr().err
+    f = tmp_path / "telepresence.yaml"
+    f.write_text("apiVersion: tpenv/v1\nagent:\n  image: 'a b'\n  image_pull_policy: Sometimes\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    got = sorted((p.line, p.message) for p in e.value.problems)
+    assert [line for line, _ in got] == [3, 4], got
+    assert "'a b' is not an image reference" in got[0][1] and "Sometimes" in got[1][1], got

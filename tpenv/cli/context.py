@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import BaseModel
 
 from tpenv.config import Config, load_config
-from tpenv.config.models import is_dns_label
-from tpenv.errors import UsageError
+from tpenv.config.models import is_dns_label, is_image_ref
+from tpenv.errors import ConfigError, UsageError
 from tpenv.settings import Settings
 
 OUTPUTS = ("text", "json", "yaml")
@@ -53,7 +55,31 @@ class CliContext:
     config_file: Path = Path("telepresence.yaml")
     namespace: str | None = None
     kube_context: str | None = None
+    agent_image: str | None = None  # --agent-image
     stdout: TextIO | None = None
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    _agent_from_file: bool = False
+
+    def apply_agent_flag(self) -> None:
+        """--agent-image wins over everything (the environment, the file)."""
+        if self.agent_image is not None:
+            if not is_image_ref(self.agent_image):
+                raise UsageError(f"--agent-image {self.agent_image!r}: not an image reference",
+                                 hint="e.g. --agent-image registry.example.com/tpenv/agent:0.1.0")
+            self.settings.agent.image = self.agent_image
+
+    def _apply_agent_config(self, config: Config) -> None:
+        """The file's ``agent:`` section, where neither the flag nor the environment set the value.
+
+        Read once, when tpenv starts: a later edit of it does not swap the agent under running
+        intercepts (restart tpenv for that)."""
+        if self._agent_from_file:
+            return
+        self._agent_from_file = True
+        if config.agent.image and self.agent_image is None and "TPENV_AGENT_IMAGE" not in self.environ:
+            self.settings.agent.image = config.agent.image
+        if config.agent.image_pull_policy and "TPENV_AGENT_IMAGE_PULL_POLICY" not in self.environ:
+            self.settings.agent.image_pull_policy = config.agent.image_pull_policy
 
     def emit(self, text: str, data: object) -> None:
         """Print ``text`` for people, or ``data`` as JSON/YAML for scripts (-o)."""
@@ -63,6 +89,18 @@ class CliContext:
         else:
             out.write(dump(data, self.output))
         out.flush()
+
+    def apply_project_agent(self, warn: Callable[[str], None]) -> None:
+        """For verbs driven by flags (intercept): the file's ``agent:`` section, when the file is
+        there, so `tpenv intercept` and `tpenv up` in one project run the same agent. A file that
+        does not load is the file's problem, not the intercept's: one warning, and on we go."""
+        if not self.config_file.is_file():
+            return
+        try:
+            self.load_config()
+        except (ConfigError, UsageError) as e:
+            first = (e.message.splitlines() or [""])[0]
+            warn(f"{self.config_file}: not read ({first}); its agent: section does not apply")
 
     def load_config(self) -> Config:
         """The config file with the -n / --context flags applied; ConfigError when it is wrong."""
@@ -74,4 +112,5 @@ class CliContext:
             config.namespace = self.namespace
         if self.kube_context:
             config.context = self.kube_context
+        self._apply_agent_config(config)
         return config

@@ -62,6 +62,9 @@ def _common_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
                        help="output for people (text) or scripts (json, yaml)")
     group.add_argument("--debug", action="store_true", default=d(False),
                        help="debug logs, the noisy libraries' too, and tracebacks")
+    group.add_argument("--agent-image", default=d(None), metavar="REF",
+                       help="the traffic agent's image (default: TPENV_AGENT_IMAGE, else the file's agent.image, "
+                            "else the built-in one)")
 
 
 def _settings_epilog() -> str:
@@ -135,7 +138,9 @@ def run_verb(module: ModuleType, args: argparse.Namespace) -> int:
     try:
         setup_logging(args.debug, json=args.output == "json")
         ctx = CliContext(settings=load_settings(), output=args.output, debug=args.debug, config_file=args.file,
-                         namespace=args.namespace, kube_context=args.kube_context)
+                         namespace=args.namespace, kube_context=args.kube_context,
+                         agent_image=getattr(args, "agent_image", None))
+        ctx.apply_agent_flag()
         return int(asyncio.run(module.run(args, ctx)) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("tpenv: interrupted\n")

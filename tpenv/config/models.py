@@ -448,6 +448,32 @@ class Connect(BaseModel):
         "Namespaces whose short service names resolve locally; default: the file's namespace."))
 
 
+def is_image_ref(value: str) -> bool:
+    """Loosely an image reference: non-empty, no whitespace (the registry has the last word)."""
+    return bool(value) and not any(c.isspace() for c in value)
+
+
+def _image_ref(value: str) -> str:
+    if not is_image_ref(value):
+        raise _fail(f"{value!r} is not an image reference", "e.g. registry.example.com/tpenv/agent:0.1.0")
+    return value
+
+
+class AgentConfig(BaseModel):
+    """The traffic agent tpenv injects, for this project (read when tpenv starts).
+
+    Precedence: the --agent-image flag, then TPENV_AGENT_IMAGE / TPENV_AGENT_IMAGE_PULL_POLICY,
+    then this section, then the built-in default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Annotated[str, AfterValidator(_image_ref)] | None = Field(None, description=(
+        "Container image of the agent (e.g. your registry's copy of agent/Dockerfile's build); "
+        "default: the setting agent.image."))
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description=(
+        "imagePullPolicy of the agent container; default: the setting agent.image_pull_policy."))
+
+
 class Config(BaseModel):
     """telepresence.yaml: what `tpenv up` brings up and keeps up."""
 
@@ -457,6 +483,7 @@ class Config(BaseModel):
     context: str | None = Field(None, description="Kubernetes context; default: the current context.")
     namespace: Namespace | None = Field(None, description="Default namespace; default: the context's namespace.")
     connect: Connect = Field(default_factory=Connect, description=Connect.__doc__)
+    agent: AgentConfig = Field(default_factory=AgentConfig, description=AgentConfig.__doc__)
     forwards: list[Forward] = Field(default_factory=list, description="Service ports made reachable on local ports.")
     intercepts: list[Intercept] = Field(default_factory=list, description="Workload ports sent to this machine.")
     _source: Path | None = PrivateAttr(None)
@@ -482,6 +509,6 @@ class Config(BaseModel):
         raise KeyError(name)
 
 
-__all__ = ["Config", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec", "Forward", "Connect", "PortMap",
-           "parse_port", "is_dns_label", "compile_regex", "compile_template", "did_you_mean", "API_VERSION", "PERSONAL_HEADER",
+__all__ = ["Config", "AgentConfig", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec", "Forward", "Connect", "PortMap",
+           "parse_port", "is_dns_label", "is_image_ref", "compile_regex", "compile_template", "did_you_mean", "API_VERSION", "PERSONAL_HEADER",
            "TEMPLATE_VARIABLES", "ENV_FORMATS", "WORKLOAD_KINDS"]

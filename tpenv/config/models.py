@@ -460,10 +460,7 @@ def _image_ref(value: str) -> str:
 
 
 class AgentConfig(BaseModel):
-    """The traffic agent tpenv injects, for this project (read when tpenv starts).
-
-    Precedence: the --agent-image flag, then TPENV_AGENT_IMAGE / TPENV_AGENT_IMAGE_PULL_POLICY,
-    then this section, then the built-in default."""
+    """The traffic agent tpenv injects, for this project; read at start. --agent-image and TPENV_AGENT_* win over it."""
 
     model_config = ConfigDict(extra="forbid")
 

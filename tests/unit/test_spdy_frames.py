@@ -1,14 +1,14 @@
-"""SPDY/3 framing and header compression (tpenv.kits.spdy): layouts, round trips, a Go-produced vector."""
+"""SPDY/3 framing and header compression (tpenv.kits.spdy_frames): layouts, round trips, a Go-produced vector."""
 import struct
 import zlib
 
 import pytest
 from hypothesis import given, strategies as st
 
-from tpenv.kits import spdy
-from tpenv.kits.spdy import (DATA, DICTIONARY, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS, SYN_REPLY, SYN_STREAM,
-                             WINDOW_UPDATE, Frame, FrameParser, HeaderCompressor, HeaderDecompressor,
-                             SpdyProtocolError, encode, encode_data, pack_header_block, unpack_header_block)
+from tpenv.kits.spdy_frames import (CANCEL, DATA, DICTIONARY, FLAG_FIN, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+                                    SYN_REPLY, SYN_STREAM, WINDOW_UPDATE, Frame, FrameParser, HeaderCompressor,
+                                    HeaderDecompressor, SpdyProtocolError, encode, encode_data, pack_header_block,
+                                    unpack_header_block)
 
 # The first bytes the kubelet (Go, moby/spdystream) sent on a real session of the local cluster:
 # the SYN_REPLYs of a port-forward's error (1) and data (3) streams, empty header blocks, the
@@ -28,7 +28,7 @@ def test_dictionary_is_the_spdy3_one():
 
 def test_control_frame_layouts():
     assert encode(Frame(PING, value=1)) == bytes.fromhex("80030006 00000004 00000001")
-    assert encode(Frame(RST_STREAM, 5, status=spdy.CANCEL)) == bytes.fromhex("80030003 00000008 00000005 00000005")
+    assert encode(Frame(RST_STREAM, 5, status=CANCEL)) == bytes.fromhex("80030003 00000008 00000005 00000005")
     assert encode(Frame(WINDOW_UPDATE, 3, value=32768)) == bytes.fromhex("80030009 00000008 00000003 00008000")
     assert encode(Frame(GOAWAY, value=7, status=0)) == bytes.fromhex("80030007 00000008 00000007 00000000")
     assert encode(Frame(SETTINGS, settings={7: 16384})) == \
@@ -38,7 +38,7 @@ def test_control_frame_layouts():
 def test_data_frame_layout_and_fin_flag():
     assert encode_data(3, b"abc") == bytes.fromhex("00000003 00000003 616263")
     assert encode_data(3, fin=True) == bytes.fromhex("00000003 01000000")
-    assert encode(Frame(DATA, 0x7FFFFFFF, spdy.FLAG_FIN, data=b"x")) == bytes.fromhex("7fffffff 01000001 78")
+    assert encode(Frame(DATA, 0x7FFFFFFF, FLAG_FIN, data=b"x")) == bytes.fromhex("7fffffff 01000001 78")
 
 
 def test_syn_stream_layout_and_zlib_header_with_dictionary_id():
@@ -97,14 +97,14 @@ frame_ids = st.integers(1, 0x7FFFFFFF)
 
 
 @given(st.one_of(
-    st.builds(lambda i, d, fin: Frame(DATA, i, spdy.FLAG_FIN if fin else 0, data=d), frame_ids,
+    st.builds(lambda i, d, fin: Frame(DATA, i, FLAG_FIN if fin else 0, data=d), frame_ids,
               st.binary(max_size=300), st.booleans()),
-    st.builds(lambda i, h, fin, prio: Frame(SYN_STREAM, i, spdy.FLAG_FIN if fin else 0, headers=h, priority=prio),
+    st.builds(lambda i, h, fin, prio: Frame(SYN_STREAM, i, FLAG_FIN if fin else 0, headers=h, priority=prio),
               frame_ids, st.dictionaries(st.text("abcdefgh-", min_size=1, max_size=8), st.text(max_size=20),
                                          max_size=4), st.booleans(), st.integers(0, 7)),
     st.builds(lambda i, h: Frame(SYN_REPLY, i, headers=h), frame_ids,
               st.dictionaries(st.text("xyz", min_size=1, max_size=3), st.text("0123", max_size=5), max_size=3)),
-    st.builds(lambda i, h: Frame(HEADERS, i, spdy.FLAG_FIN, headers=h), frame_ids,
+    st.builds(lambda i, h: Frame(HEADERS, i, FLAG_FIN, headers=h), frame_ids,
               st.dictionaries(st.text("pq", min_size=1, max_size=3), st.text("v", max_size=3), max_size=2)),
     st.builds(lambda i, s: Frame(RST_STREAM, i, status=s), frame_ids, st.integers(1, 11)),
     st.builds(lambda s: Frame(SETTINGS, settings=s), st.dictionaries(st.integers(1, 8), st.integers(0, 2**31))),

@@ -15,10 +15,10 @@ import os
 import pytest
 
 from tpenv.errors import NotFound, TunnelDropped
-from tpenv.kits import spdy
 from tpenv.kits.portforward import PodTunnel
-from tpenv.kits.spdy import (DATA, GOAWAY, PING, RST_STREAM, SETTINGS, SYN_REPLY, SYN_STREAM, WINDOW_UPDATE, Frame,
-                             FrameParser, HeaderCompressor, encode, encode_data)
+from tpenv.kits.spdy_frames import (DATA, DEFAULT_WINDOW, GOAWAY, PING, RST_STREAM, SETTINGS,
+                                    SETTINGS_INITIAL_WINDOW_SIZE, SYN_REPLY, SYN_STREAM, WINDOW_UPDATE, Frame,
+                                    FrameParser, HeaderCompressor, encode, encode_data)
 
 CLOSED_PORT = "9999"
 
@@ -110,7 +110,7 @@ class FakeApiServer:
         in_flight: dict[int, int] = {}
         session_in_flight = 0
         if self.window is not None:
-            writer.write(encode(Frame(SETTINGS, settings={spdy.SETTINGS_INITIAL_WINDOW_SIZE: self.window})))
+            writer.write(encode(Frame(SETTINGS, settings={SETTINGS_INITIAL_WINDOW_SIZE: self.window})))
         writer.write(encode(Frame(PING, value=2)))  # the server's pings are even: the client must echo
         while data := await reader.read(65536):
             for f in parser.feed(data):
@@ -140,7 +140,7 @@ class FakeApiServer:
                             # Only a whole window at a time: the client must really wait for it.
                             writer.write(encode(Frame(WINDOW_UPDATE, f.stream_id, value=in_flight[f.stream_id])))
                             in_flight[f.stream_id] = 0
-                        if self.window is not None and session_in_flight >= spdy.DEFAULT_WINDOW // 2:
+                        if self.window is not None and session_in_flight >= DEFAULT_WINDOW // 2:
                             writer.write(encode(Frame(WINDOW_UPDATE, 0, value=session_in_flight)))
                             session_in_flight = 0
                     if f.fin and h["streamtype"] == "data":
@@ -240,9 +240,9 @@ async def test_peer_windows_are_never_exceeded_and_updates_are_sent_as_consumed(
         got = await asyncio.gather(*(echo(tunnel, p) for p in payloads))
         assert [hashlib.sha256(g).digest() for g in got] == [hashlib.sha256(p).digest() for p in payloads]
         assert fake.max_in_flight <= 16384, fake.max_in_flight
-        assert fake.max_session_in_flight <= spdy.DEFAULT_WINDOW, fake.max_session_in_flight
+        assert fake.max_session_in_flight <= DEFAULT_WINDOW, fake.max_session_in_flight
         # We gave back (almost) all we consumed: at most half a window per stream stays unacknowledged.
-        assert fake.client_updates >= 3 * (1024 * 1024 - spdy.DEFAULT_WINDOW // 2)
+        assert fake.client_updates >= 3 * (1024 * 1024 - DEFAULT_WINDOW // 2)
         tunnel.close()
         await tunnel.wait_closed()
 

@@ -15,12 +15,15 @@ import os
 import pytest
 
 from tpenv.errors import NotFound, TunnelDropped
+from tpenv.kits import spdy
 from tpenv.kits.portforward import PodTunnel
 from tpenv.kits.spdy_frames import (DATA, DEFAULT_WINDOW, GOAWAY, PING, RST_STREAM, SETTINGS,
                                     SETTINGS_INITIAL_WINDOW_SIZE, SYN_REPLY, SYN_STREAM, WINDOW_UPDATE, Frame,
                                     FrameParser, HeaderCompressor, encode, encode_data)
 
 CLOSED_PORT = "9999"
+CLOSED_PORT_DATA_FIN_FIRST = "9998"  # the data stream's FIN before the error text (as containerd's forwarder)
+SILENT_PORT = "9997"  # the data stream ends, the error stream says nothing and stays open
 
 
 class FakeKube:
@@ -120,10 +123,18 @@ class FakeApiServer:
                     writer.write(encode(Frame(SYN_REPLY, f.stream_id, headers={}), comp))
                     pair = pairs.setdefault(f.headers["requestid"], {})
                     pair[f.headers["streamtype"]] = f.stream_id
+                    text = (b"error forwarding port %s to pod p, uid : dial tcp4 127.0.0.1:%s: connect: "
+                            b"connection refused" % (f.headers["port"].encode(), f.headers["port"].encode()))
                     if len(pair) == 2 and f.headers["port"] == CLOSED_PORT:
-                        writer.write(encode_data(pair["error"], b"error forwarding port 9999 to pod p, uid : "
-                                                 b"dial tcp4 127.0.0.1:9999: connect: connection refused"))
+                        writer.write(encode_data(pair["error"], text))
                         writer.write(encode_data(pair["error"], fin=True) + encode_data(pair["data"], fin=True))
+                    elif len(pair) == 2 and f.headers["port"] == CLOSED_PORT_DATA_FIN_FIRST:
+                        writer.write(encode_data(pair["data"], fin=True))
+                        await writer.drain()
+                        await asyncio.sleep(0.2)  # the client has seen the data FIN alone by now
+                        writer.write(encode_data(pair["error"], text) + encode_data(pair["error"], fin=True))
+                    elif len(pair) == 2 and f.headers["port"] == SILENT_PORT:
+                        writer.write(encode_data(pair["data"], fin=True))
                     if self.goaway_after is not None and len(self.syn_streams) == self.goaway_after:
                         writer.write(encode(Frame(GOAWAY, value=f.stream_id)))
                 elif f.kind == DATA and f.stream_id in streams:
@@ -210,6 +221,28 @@ async def test_error_stream_text_is_the_dropped_reason_and_the_session_lives_on(
         # Unlike client-go, one failed stream does not end the session: the next stream uses it.
         assert await echo(tunnel, b"still here") == b"still here"
         assert fake.sessions == 1
+        tunnel.close()
+        await tunnel.wait_closed()
+
+
+async def test_error_text_after_the_data_streams_fin_still_wins():
+    # containerd's forwarder closes the data stream before the kubelet writes the error: like
+    # client-go, the transport reads the error stream to its end before calling it an EOF.
+    async with FakeApiServer() as fake:
+        tunnel = PodTunnel(fake.kube, "ns", "pod", protocol="spdy")
+        reader, _writer = await tunnel.open_stream(int(CLOSED_PORT_DATA_FIN_FIRST))
+        with pytest.raises(TunnelDropped, match="9998: connect: connection refused"):
+            await asyncio.wait_for(reader.read(), 10)
+        tunnel.close()
+        await tunnel.wait_closed()
+
+
+async def test_a_silent_error_stream_makes_the_data_fin_a_clean_eof_after_a_bounded_wait(monkeypatch):
+    monkeypatch.setattr(spdy, "_ERROR_WAIT", 0.3)
+    async with FakeApiServer() as fake:
+        tunnel = PodTunnel(fake.kube, "ns", "pod", protocol="spdy")
+        reader, _writer = await tunnel.open_stream(int(SILENT_PORT))
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # EOF, not a hang and not an error
         tunnel.close()
         await tunnel.wait_closed()
 

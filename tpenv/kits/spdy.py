@@ -37,6 +37,10 @@ log = logging.getLogger("tpenv.spdy")
 _HIGH_WATER = 1024 * 1024  # per stream transport: pause the protocol's writing above this
 _LOW_WATER = 256 * 1024
 _STALL_LIMIT = 1024 * 1024  # bytes buffered for a paused reader before the whole socket stops reading
+# After the data stream's FIN, how long to wait for the error stream to end before calling it a
+# clean EOF. client-go waits for the error stream without a bound; the kubelet (or the CRI
+# runtime's streaming server) may close the data stream *before* it writes its error text.
+_ERROR_WAIT = 2.0
 
 
 class SpdyPortForwardTransport(asyncio.Transport):
@@ -69,6 +73,8 @@ class SpdyPortForwardTransport(asyncio.Transport):
         self._end_pending = False  # the far side ended; report it once the buffer is delivered
         self._end_exc: BaseException | None = None
         self._error_text = ""
+        self._error_ended = False  # the error stream's FIN or reset came
+        self._data_fin_timer: asyncio.TimerHandle | None = None  # a data FIN waiting for the error stream
         self._done = asyncio.Event()
         rid = session.next_request_id()
         base = {"port": str(port), "requestid": rid}
@@ -214,13 +220,30 @@ class SpdyPortForwardTransport(asyncio.Transport):
 
     def _stream_fin(self, stream: SpdyStream) -> None:
         if stream is self.error_stream:
+            self._error_ended = True
             if (exc := self._pod_error()) is not None:
                 self._end(exc)
+            elif self._data_fin_timer is not None:
+                self._data_fin_settled()
             return
-        # The pod side's EOF, or a failure whose text came on the error stream without its FIN yet.
-        self._end(self._pod_error())
+        # The data stream ended. Like client-go, read the error stream to its end before calling
+        # that a clean EOF: its text (if any) says the pod side failed, and may come after this FIN.
+        if self._error_ended or self._pod_error() is not None:
+            self._end(self._pod_error())
+        elif self._data_fin_timer is None:
+            self._data_fin_timer = self._loop.call_later(_ERROR_WAIT, self._data_fin_settled)
+
+    def _data_fin_settled(self) -> None:
+        """The error stream ended (or stayed silent for _ERROR_WAIT) after the data stream's FIN."""
+        if self._data_fin_timer is not None:
+            self._data_fin_timer.cancel()
+            self._data_fin_timer = None
+            self._end(self._pod_error())
 
     def _stream_reset(self, stream: SpdyStream, why: str) -> None:
+        if self._data_fin_timer is not None:
+            self._data_fin_timer.cancel()
+            self._data_fin_timer = None
         exc = self._pod_error()
         if exc is None and why.startswith("port-forward "):
             exc = TunnelDropped(why)  # the session's own words (lost, closed, protocol error)
@@ -263,6 +286,9 @@ class SpdyPortForwardTransport(asyncio.Transport):
         self._lost = True
         self._lost_exc = exc
         self._inbuf.clear()
+        if self._data_fin_timer is not None:
+            self._data_fin_timer.cancel()
+            self._data_fin_timer = None
         if exc is not None:
             log.debug("[spdy/%s] dropped: %s", self._name, exc)
         if self._on_lost is not None:

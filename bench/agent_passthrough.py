@@ -12,13 +12,17 @@ The app and the sidecar each run as their own process (the app is the test helpe
 asyncio HTTP server), the load generator is this process. Run:
 
     .venv/bin/python bench/agent_passthrough.py [--requests 2000] [--seconds 3] [--concurrency 16]
+    .venv/bin/python bench/agent_passthrough.py --compare-loops     (agent CPU per request, uvloop vs asyncio)
 
-Prints a table, then one JSON line with every figure.
+Prints a table, then one JSON line with every figure. ``--loop`` picks the sidecar's event loop
+(TPENV_AGENT_LOOP, default auto: uvloop when installed); ``--compare-loops`` runs one agent per loop
+on the same app and alternates closed-loop rounds between them.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -133,7 +137,7 @@ async def run(args: argparse.Namespace) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             async with run_agent(Path(tmp), auth_material(), [f"0:{app_port}:http"],
-                                 extra=args.agent_arg) as agent:
+                                 extra=args.agent_arg, env={"TPENV_AGENT_LOOP": args.loop}) as agent:
                 targets = {"direct": app_port, "agent": agent.port("http")}
                 lat = {k: [] for k in targets}
                 fresh = {k: [] for k in targets}
@@ -179,9 +183,50 @@ async def run(args: argparse.Namespace) -> dict:
     res["h2_added_p50_ms"] = a["h2_p50_ms"] - d["h2_p50_ms"]
     res["h2_throughput_ratio"] = a["h2_rps"] / d["h2_rps"]
     res["agent_args"] = args.agent_arg
+    res["agent_loop"] = args.loop
     res["agent_cpu_us_per_request"] = agent_cpu / max(agent_reqs, 1) * 1e6
     res["cpus"] = os.cpu_count()
     res["loadavg_after"] = os.getloadavg()[0]
+    return res
+
+
+async def compare_loops(args: argparse.Namespace) -> dict:
+    """Agent CPU per passthrough request on each loop: one agent per loop in front of the same
+    app, closed-loop rounds alternating between them (so background load hits both alike)."""
+    loops = ["asyncio", "uvloop"]
+    app = await asyncio.create_subprocess_exec(sys.executable, "-c", APP, stdout=asyncio.subprocess.PIPE)
+    app_port = int(await app.stdout.readline())
+    cpu = {k: 0.0 for k in loops}
+    reqs = {k: 0 for k in loops}
+    rps: dict[str, list[float]] = {k: [] for k in loops}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            async with contextlib.AsyncExitStack() as stack:
+                agents = {}
+                for k in loops:
+                    (Path(tmp) / k).mkdir()
+                    agents[k] = await stack.enter_async_context(run_agent(
+                        Path(tmp) / k, auth_material(), [f"0:{app_port}:http"], extra=args.agent_arg,
+                        env={"TPENV_AGENT_LOOP": k}))
+                    # The agent says which loop it runs: a missing uvloop must not pass for one.
+                    await asyncio.wait_for(agents[k].log_seen(f"event loop: {k}", past=True), 5)
+                for k in loops:  # warm up
+                    await throughput(agents[k].port("http"), 0.5, args.concurrency)
+                for i in range(args.rounds * 2):
+                    for k in (loops if i % 2 == 0 else loops[::-1]):
+                        pid = agents[k].proc.pid
+                        c0, t0 = cpu_seconds(pid), time.perf_counter()
+                        r = await throughput(agents[k].port("http"), args.seconds / args.rounds, args.concurrency)
+                        cpu[k] += cpu_seconds(pid) - c0
+                        reqs[k] += int(r * (time.perf_counter() - t0))
+                        rps[k].append(r)
+    finally:
+        app.kill()
+        await app.wait()
+    res = {k: {"agent_cpu_us_per_request": cpu[k] / max(reqs[k], 1) * 1e6, "rps": statistics.fmean(rps[k]),
+               "requests": reqs[k]} for k in loops}
+    res["uvloop_cpu_vs_asyncio"] = res["uvloop"]["agent_cpu_us_per_request"] / res["asyncio"]["agent_cpu_us_per_request"]
+    res["concurrency"], res["cpus"], res["loadavg_after"] = args.concurrency, os.cpu_count(), os.getloadavg()[0]
     return res
 
 
@@ -192,9 +237,22 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--bulk-mb", type=int, default=20)
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="the sidecar's event loop (TPENV_AGENT_LOOP)")
+    p.add_argument("--compare-loops", action="store_true",
+                   help="only the agent's CPU per request on asyncio's loop and on uvloop, alternating rounds")
     p.add_argument("--agent-arg", action="append", default=[],
                    help="extra sidecar option, repeatable (e.g. --agent-arg=--http1-passthrough --agent-arg=route)")
     args = p.parse_args()
+    if args.compare_loops:
+        res = asyncio.run(compare_loops(args))
+        for k in ("asyncio", "uvloop"):
+            print(f"{k:8} agent CPU {res[k]['agent_cpu_us_per_request']:5.1f} us per request  "
+                  f"({res[k]['rps']:.0f} req/s, c={args.concurrency})")
+        print(f"uvloop / asyncio agent CPU per request: {res['uvloop_cpu_vs_asyncio']:.2f} "
+              f"(load average {res['loadavg_after']:.1f})")
+        print(json.dumps(res))
+        return
     res = asyncio.run(run(args))
     d, a = res["direct"], res["agent"]
     rows = [("keep-alive p50 (ms)", "keepalive_p50_ms"), ("keep-alive p99 (ms)", "keepalive_p99_ms"),

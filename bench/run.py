@@ -271,6 +271,19 @@ def cgroup_cpu_file(pid: int) -> Path | None:
     return None
 
 
+class MachineCpu:
+    """The whole machine's CPU seconds from /proc/stat: busy (every core, every process, and the
+    kernel's softirq work, which cgroups do not charge to a container), softirq alone, and steal
+    (time the hypervisor gave to other guests)."""
+
+    def sample(self) -> dict[str, float]:
+        f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f[:8])
+        hz = os.sysconf("SC_CLK_TCK")
+        return {"machine": (user + nice + system + irq + softirq + steal) / hz, "softirq": softirq / hz,
+                "steal": steal / hz}
+
+
 class ContainerCpu:
     """CPU seconds of one container, from its cgroup (containers of the local cluster only)."""
 
@@ -892,15 +905,22 @@ class Bench:
             pod = self.app_pod()
             return {"app": ContainerCpu(self.ns, pod, "app"), "agent": ContainerCpu(self.ns, pod, "tpenv-agent")}
 
+        machine = MachineCpu()
+
         def closed_loop(task: dict, meters: dict[str, ContainerCpu] | None) -> dict:
-            """One closed-loop task in its own exec, with the CPU each container spent meanwhile."""
+            """One closed-loop task in its own exec, with the CPU each container spent meanwhile
+            (and the whole machine's: other sessions' work and the kernel's softirq are in it)."""
             c0 = {k: m.sample() for k, m in (meters or {}).items()}
+            m0, t0 = machine.sample(), time.monotonic()
             r = self.checked(self.cluster([task])[0])
+            m1, t1 = machine.sample(), time.monotonic()
             cpu = {k: m.sample() - c0[k] for k, m in (meters or {}).items()}
             # The load generator's own CPU comes from the task (the wrk child, or the Python loop),
             # not from the client container, whose figure would count the exec's start-up too.
             cpu["load"] = r["cpu_s"]
             r["cpu"] = cpu
+            # The machine's, as cores busy on average over the whole exec (its start-up included).
+            r["machine_cores"] = {k: (m1[k] - m0[k]) / (t1 - t0) for k in m0}
             return r
 
         def throughput_row(rs: list[dict]) -> dict:
@@ -912,6 +932,7 @@ class Bench:
                 row["cpu_us_per_req"] = {k: sum(r["cpu"][k] for r in rs) / reqs * 1e6 for k in rs[0]["cpu"]}
                 busy = sum(r["seconds"] for r in rs)
                 row["cpu_cores"] = {k: sum(r["cpu"][k] for r in rs) / busy for k in rs[0]["cpu"]}
+            row["machine_cores"] = {k: statistics.fmean(r["machine_cores"][k] for r in rs) for k in rs[0]["machine_cores"]}
             return row
 
         def run() -> None:
@@ -1285,6 +1306,9 @@ def cell(group: str, v: Any) -> str:
         s = f"{fmt(v['rps'], 0)} req/s  ({v['conns']} conns, err={v['errors']}, p50 {fmt(v.get('p50_ms'), 2)} ms)"
         if v.get("cpu_us_per_req"):
             s += "  CPU us/req: " + ", ".join(f"{k} {x:.0f}" for k, x in v["cpu_us_per_req"].items())
+        if v.get("machine_cores"):
+            mc = v["machine_cores"]
+            s += f"  machine busy {mc['machine']:.2f} cores (softirq {mc['softirq']:.2f}, steal {mc['steal']:.2f})"
         return s
     if group == "concurrency":
         return (f"{fmt(v['rps'], 0)} req/s of {v['rate_target']}  err={v['errors']}  p50 {fmt(v['p50_ms'], 2)}  "

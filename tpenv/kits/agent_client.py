@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from typing import Any
 
 import asyncssh
 
+from tpenv.kits.sshjson import JsonChannelSession
 from tpenv.logs import unit_logger
 from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
 
@@ -103,53 +103,41 @@ async def open_ssh(session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey,
 _ERRORS = {"conflict": Conflict, "not-found": NotFound, "bad-request": UsageError}
 
 
-class AgentSession:
-    """One SSH connection and control channel to one agent, usable as ``async with``."""
+class AgentSession(JsonChannelSession):
+    """One SSH connection and control channel to one agent, usable as ``async with``.
+
+    ``close()`` (safe twice) ends the session: the agent drops its intercepts at once. The
+    channel's plumbing (ids, pending answers, loss) is :class:`~tpenv.kits.sshjson.JsonChannelSession`'s.
+    """
 
     def __init__(self, session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey, host_key_pub: bytes | str,
                  host: str = "127.0.0.1", port: int = 7922, tunnel: Any = None,
                  client_version: str = CLIENT_VERSION, connect_timeout: float = 15.0) -> None:
         if ":" in session_id or not session_id:
             raise UsageError(f"bad session id {session_id!r}: it may not be empty or contain ':'")
+        super().__init__(unit_logger("agent", session_id), what="agent session",
+                         eof_why="control channel closed by the agent")
         self.session_id = session_id
         self._ca_key = ca_key
         self._host_key = asyncssh.import_public_key(host_key_pub)
         self._host, self._port, self._tunnel = host, port, tunnel
         self._client_version = client_version
         self._connect_timeout = connect_timeout
-        self.log = unit_logger("agent", session_id)
-        self.closed = asyncio.Event()
         self.info: dict[str, Any] = {}
-        self._conn: asyncssh.SSHClientConnection | None = None
-        self._stdin: Any = None
-        self._stdout: Any = None
-        self._ids = itertools.count(1)
         self._ports = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
         self._forwards: dict[str, asyncssh.SSHListener] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._closing = False
 
-    # --- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> "AgentSession":
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.close()
-        await self.wait_closed()
-
+    # --- lifecycle (the rest: JsonChannelSession) --------------------------------------
     async def connect(self) -> dict[str, Any]:
         """Dial, authenticate, open the control channel, say hello, start pinging."""
         self._conn = await open_ssh(self.session_id, ca_key=self._ca_key, host_key=self._host_key,
                                     host=self._host, port=self._port, tunnel=self._tunnel,
                                     timeout=self._connect_timeout)
         try:
-            self._stdin, self._stdout, _ = await self._conn.open_session(subsystem="tpenv-control", encoding=None)
-        except (OSError, asyncssh.Error) as e:
+            await self._open_channel("tpenv-control", "the agent refused the control channel")
+        except TunnelDropped:
             self._conn.close()
-            raise TunnelDropped(f"the agent refused the control channel: {e}") from e
-        self._tasks.append(asyncio.ensure_future(self._read_answers()))
+            raise
         try:
             self.info = await asyncio.wait_for(self.hello(), self._connect_timeout)
         except BaseException as e:
@@ -162,58 +150,7 @@ class AgentSession:
         self.log.info("connected to pod %s", self.info.get("pod"))
         return self.info
 
-    def close(self) -> None:
-        """Ends the session: the agent drops its intercepts at once. Safe to call twice."""
-        if self._closing:
-            return
-        self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        if self._conn is not None:
-            self._conn.close()
-        self._fail_pending(TunnelDropped("the agent session was closed"))
-        self.closed.set()
-
-    async def wait_closed(self) -> None:
-        await self.closed.wait()
-        if self._conn is not None:
-            await self._conn.wait_closed()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
-
-    def _lost(self, why: str) -> None:
-        if not self.closed.is_set():
-            self.log.warning("session lost: %s", why)
-        self.close()
-
-    def _fail_pending(self, exc: Exception) -> None:
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._pending.clear()
-
     # --- control channel ---------------------------------------------------------------
-    async def _read_answers(self) -> None:
-        try:
-            while True:
-                line = await self._stdout.readline()
-                if not line:
-                    break
-                try:
-                    answer = json.loads(line)
-                except ValueError:
-                    continue
-                fut = self._pending.pop(answer.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(answer)
-        except (OSError, asyncssh.Error) as e:
-            self._lost(type(e).__name__)
-            return
-        self._lost("control channel closed by the agent")
-
     async def _ping_loop(self, every: float, lease: float) -> None:
         # A timer, not a readiness poll: the lease needs a heartbeat. A ping unanswered for a
         # whole lease means the agent has dropped our intercepts already: say so now rather
@@ -230,18 +167,7 @@ class AgentSession:
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """One request/answer on the control channel; errors mapped to tpenv.errors."""
-        if self.closed.is_set() or self._stdin is None:
-            raise TunnelDropped("the agent session is closed")
-        rid = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        try:
-            self._stdin.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
-        except (OSError, asyncssh.Error) as e:
-            self._pending.pop(rid, None)
-            self._lost(type(e).__name__)
-            raise TunnelDropped(f"the agent session broke: {e}") from e
-        answer = await fut
+        answer = await self._exchange(op, fields)
         if answer.get("ok"):
             return answer
         err = answer.get("error") or {}

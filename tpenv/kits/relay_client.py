@@ -22,8 +22,6 @@ This is the transport of ``tpenv connect`` (outbound traffic); it holds no local
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import secrets
 from typing import Any
 
@@ -35,6 +33,7 @@ from tpenv.kits.agent_client import open_ssh
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, pod_is_ready
 from tpenv.kits.portforward import PodTunnel
+from tpenv.kits.sshjson import JsonChannelSession
 
 NAMESPACE = "tpenv"
 RELAY_PORT = 8022
@@ -76,7 +75,7 @@ async def relay_material(kube: Kube, namespace: str = NAMESPACE) -> dict[str, by
     return {k: base64.b64decode(data[k]) for k in ("ca_key", "host_key.pub")}
 
 
-class RelaySession:
+class RelaySession(JsonChannelSession):
     """One SSH connection to the manager's relay; ``async with``, ``close()`` safe twice."""
 
     def __init__(self, kube: Kube | None = None, *, session_id: str | None = None, namespace: str = NAMESPACE,
@@ -90,30 +89,15 @@ class RelaySession:
             raise UsageError(f"bad session id {self.session_id!r}: it may not contain ':'")
         if kube is None and material is None:
             raise UsageError("RelaySession needs a Kube to find the manager, or material= and a host/port")
+        super().__init__(unit_logger("relay", self.session_id), what="relay session",
+                         eof_why="the relay closed the resolve channel")
         self.kube, self.namespace, self.port = kube, namespace, port
         self.pod: str | None = None
         self._material, self._tunnel, self._host = material, tunnel, host
         self._own_tunnel: PodTunnel | None = None
         self._connect_timeout, self._lookup_timeout = connect_timeout, lookup_timeout
-        self.log = unit_logger("relay", self.session_id)
-        self.closed = asyncio.Event()
-        self._conn: asyncssh.SSHClientConnection | None = None
-        self._stdin: Any = None
-        self._stdout: Any = None
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._closing = False
 
-    # --- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> "RelaySession":
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.close()
-        await self.wait_closed()
-
+    # --- lifecycle (the rest: JsonChannelSession) --------------------------------------
     async def connect(self) -> None:
         material, tunnel, host = self._material, self._tunnel, self._host
         if tunnel is None and self.kube is not None:
@@ -127,52 +111,22 @@ class RelaySession:
             self._conn = await open_ssh(self.session_id, ca_key=material["ca_key"], host_key=material["host_key.pub"],
                                         host=host, port=self.port, tunnel=tunnel, timeout=self._connect_timeout,
                                         peer="the relay", restart=RESTART)
-            try:
-                self._stdin, self._stdout, _ = await self._conn.open_session(subsystem=SUBSYSTEM, encoding=None)
-            except (OSError, asyncssh.Error) as e:
-                raise TunnelDropped(f"the relay refused its {SUBSYSTEM} channel: {e}") from e
+            await self._open_channel(SUBSYSTEM, f"the relay refused its {SUBSYSTEM} channel")
         except BaseException:
             self.close()
             raise
-        self._tasks.append(asyncio.ensure_future(self._read_answers()))
         self.log.info("connected to the relay in pod %s", self.pod or f"{host}:{self.port}")
 
     def close(self) -> None:
         """End the session and every connection opened through it. Safe to call twice."""
-        if self._closing:
-            return
-        self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        if self._conn is not None:
-            self._conn.close()
+        super().close()
         if self._own_tunnel is not None:
             self._own_tunnel.close()
-        self._fail_pending(TunnelDropped("the relay session was closed"))
-        self.closed.set()
 
     async def wait_closed(self) -> None:
-        await self.closed.wait()
-        if self._conn is not None:
-            await self._conn.wait_closed()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await super().wait_closed()
         if self._own_tunnel is not None:
             await self._own_tunnel.wait_closed()
-
-    def _lost(self, why: str) -> None:
-        if not self.closed.is_set():
-            self.log.warning("relay session lost: %s", why)
-        self.close()
-
-    def _fail_pending(self, exc: Exception) -> None:
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._pending.clear()
 
     # --- direct-tcpip ------------------------------------------------------------------
     async def open_connection(self, host: str, port: int) -> tuple[asyncssh.SSHReader, asyncssh.SSHWriter]:
@@ -196,41 +150,12 @@ class RelaySession:
             raise TunnelDropped(f"the relay session broke: {e}") from e
 
     # --- tpenv-resolve -----------------------------------------------------------------
-    async def _read_answers(self) -> None:
-        try:
-            while True:
-                line = await self._stdout.readline()
-                if not line:
-                    break
-                try:
-                    answer = json.loads(line)
-                except ValueError:
-                    continue
-                fut = self._pending.pop(answer.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(answer)
-        except (OSError, asyncssh.Error) as e:
-            self._lost(type(e).__name__)
-            return
-        self._lost("the relay closed the resolve channel")
-
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """One request/answer on the resolve channel; errors mapped to tpenv.errors."""
-        if self.closed.is_set() or self._stdin is None:
-            raise TunnelDropped("the relay session is closed")
-        rid = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
         try:
-            self._stdin.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
-            answer = await asyncio.wait_for(fut, self._lookup_timeout)
-        except (OSError, asyncssh.Error) as e:
-            self._lost(type(e).__name__)
-            raise TunnelDropped(f"the relay session broke: {e}") from e
+            answer = await self._exchange(op, fields, self._lookup_timeout)
         except asyncio.TimeoutError as e:
             raise TransientError(f"the relay did not answer {op} within {self._lookup_timeout:g}s") from e
-        finally:
-            self._pending.pop(rid, None)
         if answer.get("ok"):
             return {k: v for k, v in answer.items() if k not in ("id", "ok")}
         err = answer.get("error") or {}

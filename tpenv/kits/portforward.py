@@ -41,16 +41,15 @@ from urllib.parse import quote
 import websockets
 from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
-from tpenv.errors import ClusterUnreachable, Forbidden, NotFound, TunnelDropped
+from tpenv.errors import ClusterUnreachable, TunnelDropped
 from tpenv.kits import spdy
+from tpenv.kits.pf_common import PortForwardTransportBase, api_refusal, status_message
 
 log = logging.getLogger("tpenv.portforward")
 
 SUBPROTOCOL = "v4.channel.k8s.io"
 DATA, ERROR = 0, 1
 _MAX_FRAME = 64 * 1024  # payload per outgoing message: big enough to stream, small enough to interleave
-_HIGH_WATER = 1024 * 1024  # pause the protocol's writing above this many buffered bytes
-_LOW_WATER = 256 * 1024
 
 
 class KubeAccess(Protocol):
@@ -95,16 +94,11 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
     except websockets.InvalidStatus as e:
         status = e.response.status_code
         body = (e.response.body or b"").decode("utf-8", "replace").strip()
-        text = _status_message(body) or f"HTTP {status}"
+        text = status_message(body) or f"HTTP {status}"
         if upgrade_refused(status, body):
             raise WebSocketRefused(status, f"{what}: the API server refused the WebSocket upgrade "
                                            f"(HTTP {status}: {text})") from e
-        if status == 404:
-            raise NotFound(f"{what}: {text}", hint="is the pod still there? `kubectl get pods` shows it") from e
-        if status in (401, 403):
-            raise Forbidden(f"forbidden: cannot {what} ({text})",
-                            hint=f"check with: kubectl auth can-i create pods/portforward -n {namespace}") from e
-        raise TunnelDropped(f"{what}: refused ({text})") from e
+        raise (api_refusal(what, namespace, status, text) or TunnelDropped(f"{what}: refused ({text})")) from e
     except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as e:
         raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
 
@@ -137,7 +131,7 @@ def upgrade_refused(status: int, body: str) -> bool:
     if status in _UPGRADE_STATUSES:
         return True
     if status == 403:
-        text = _status_message(body)
+        text = status_message(body)
         reason = ""
         try:
             import json
@@ -151,56 +145,23 @@ def upgrade_refused(status: int, body: str) -> bool:
     return False
 
 
-def _status_message(body: str) -> str:
-    """The ``message`` of a Kubernetes Status JSON body, or the body itself."""
-    import json
-
-    try:
-        data = json.loads(body)
-        if isinstance(data, dict) and data.get("message"):
-            return str(data["message"])
-    except ValueError:
-        pass
-    return body[:300]
-
-
-class PortForwardTransport(asyncio.Transport):
+class PortForwardTransport(PortForwardTransportBase):
     """One port-forwarded TCP stream as an asyncio Transport over one WebSocket."""
 
     def __init__(self, ws: ClientConnection, protocol: asyncio.BaseProtocol, *,
                  name: str, peer: tuple[str, int],
                  on_lost: Callable[["PortForwardTransport"], None] | None = None) -> None:
-        super().__init__()
-        self._on_lost = on_lost
+        super().__init__(protocol, name=name, peer=peer, sockname="portforward", on_lost=on_lost)
         self._ws = ws
-        self._protocol = protocol
-        self._name = name
-        self._extra = {"peername": peer, "sockname": ("portforward", 0)}
         self._outbuf = bytearray()
         self._out_wake = asyncio.Event()
         self._reading = asyncio.Event()
         self._reading.set()
-        self._closing = False
-        self._lost = False
-        self._writing_paused = False
-        self._error_text = ""
         self._seen_port = {DATA: False, ERROR: False}
         self._reader = asyncio.ensure_future(self._read_loop())
         self._writer = asyncio.ensure_future(self._write_loop())
 
-    # -- asyncio.Transport -------------------------------------------------------------------
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._extra.get(name, default)
-
-    def is_closing(self) -> bool:
-        return self._closing or self._lost
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
+    # -- asyncio.Transport (the state-only methods: PortForwardTransportBase) ------------------
 
     def is_reading(self) -> bool:
         return self._reading.is_set()
@@ -223,9 +184,7 @@ class PortForwardTransport(asyncio.Transport):
             return
         self._outbuf += data
         self._out_wake.set()
-        if not self._writing_paused and len(self._outbuf) > _HIGH_WATER:
-            self._writing_paused = True
-            self._protocol.pause_writing()
+        self._pause_writing_above(len(self._outbuf))
 
     def close(self) -> None:
         """Send what is buffered, then close the WebSocket (safe to call twice)."""
@@ -253,9 +212,7 @@ class PortForwardTransport(asyncio.Transport):
                     chunk = bytes(self._outbuf[:_MAX_FRAME])
                     del self._outbuf[:_MAX_FRAME]
                     await self._ws.send(b"\x00" + chunk)
-                    if self._writing_paused and len(self._outbuf) <= _LOW_WATER:
-                        self._writing_paused = False
-                        self._protocol.resume_writing()
+                    self._resume_writing_below(len(self._outbuf))
                 if self._closing:
                     await self._ws.close()
                     return

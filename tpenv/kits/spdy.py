@@ -26,16 +26,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 from tpenv.errors import TunnelDropped
+from tpenv.kits.pf_common import HIGH_WATER, LOW_WATER, PortForwardTransportBase
 from tpenv.kits.spdy_session import SpdySession
 from tpenv.kits.spdy_stream import SpdyStream
 
 log = logging.getLogger("tpenv.spdy")
 
-_HIGH_WATER = 1024 * 1024  # per stream transport: pause the protocol's writing above this
-_LOW_WATER = 256 * 1024
 _STALL_LIMIT = 1024 * 1024  # bytes buffered for a paused reader before the whole socket stops reading
 # After the data stream's FIN, how long to wait for the error stream to end before calling it a
 # clean EOF. client-go waits for the error stream without a bound; the kubelet (or the CRI
@@ -43,7 +42,7 @@ _STALL_LIMIT = 1024 * 1024  # bytes buffered for a paused reader before the whol
 _ERROR_WAIT = 2.0
 
 
-class SpdyPortForwardTransport(asyncio.Transport):
+class SpdyPortForwardTransport(PortForwardTransportBase):
     """One port-forwarded TCP stream (an error and a data SPDY stream) as an asyncio Transport.
 
     Events reach the protocol only after its connection_made (frames right behind the SYN_REPLY
@@ -54,25 +53,17 @@ class SpdyPortForwardTransport(asyncio.Transport):
     def __init__(self, session: SpdySession, protocol: asyncio.BaseProtocol, port: int, *,
                  name: str, peer: tuple[str, int],
                  on_lost: Callable[["SpdyPortForwardTransport"], None] | None = None) -> None:
-        super().__init__()
+        super().__init__(protocol, name=name, peer=peer, sockname="portforward-spdy", on_lost=on_lost)
         self._session = session
         self._loop = session.loop
-        self._protocol = protocol
-        self._name = name
-        self._on_lost = on_lost
-        self._extra = {"peername": peer, "sockname": ("portforward-spdy", 0)}
         self._made = False
-        self._closing = False
-        self._lost = False
         self._lost_exc: BaseException | None = None
         self._eof_written = False
         self._paused = False
-        self._writing_paused = False
         self._inbuf: collections.deque[bytes] = collections.deque()
         self._inbuf_len = 0
         self._end_pending = False  # the far side ended; report it once the buffer is delivered
         self._end_exc: BaseException | None = None
-        self._error_text = ""
         self._error_ended = False  # the error stream's FIN or reset came
         self._data_fin_timer: asyncio.TimerHandle | None = None  # a data FIN waiting for the error stream
         self._done = asyncio.Event()
@@ -101,19 +92,7 @@ class SpdyPortForwardTransport(asyncio.Transport):
         elif self._inbuf or self._end_pending:
             self._loop.call_soon(self._deliver)
 
-    # -- asyncio.Transport -------------------------------------------------------------------
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._extra.get(name, default)
-
-    def is_closing(self) -> bool:
-        return self._closing or self._lost
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
+    # -- asyncio.Transport (the state-only methods: PortForwardTransportBase) ------------------
 
     def is_reading(self) -> bool:
         return not self._paused
@@ -141,15 +120,13 @@ class SpdyPortForwardTransport(asyncio.Transport):
         return len(self.data_stream.outbuf)
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
-        return _LOW_WATER, _HIGH_WATER
+        return LOW_WATER, HIGH_WATER
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._lost or self._eof_written or not data:
             return
         self.data_stream.write(bytes(data))
-        if not self._writing_paused and len(self.data_stream.outbuf) > _HIGH_WATER:
-            self._writing_paused = True
-            self._protocol.pause_writing()
+        self._pause_writing_above(len(self.data_stream.outbuf))
 
     def close(self) -> None:
         """Send what is buffered, then a FIN; connection_lost(None) follows. Safe twice."""
@@ -181,9 +158,7 @@ class SpdyPortForwardTransport(asyncio.Transport):
     def _stream_sent(self, stream: SpdyStream) -> None:
         if stream is not self.data_stream:
             return
-        if self._writing_paused and len(stream.outbuf) <= _LOW_WATER:
-            self._writing_paused = False
-            self._protocol.resume_writing()
+        self._resume_writing_below(len(stream.outbuf))
         self._lost_if_flushed()
 
     def _stream_data(self, stream: SpdyStream, data: bytes) -> None:

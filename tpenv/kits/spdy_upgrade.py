@@ -11,11 +11,11 @@ frames may come in the same read as a 101's head) and that mapping; no I/O, so t
 """
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from tpenv.errors import ClusterUnreachable, Forbidden, NotFound, TunnelDropped
+from tpenv.errors import ClusterUnreachable, TunnelDropped
+from tpenv.kits.pf_common import api_refusal, status_message
 
 if TYPE_CHECKING:
     from tpenv.kits.portforward import KubeAccess
@@ -48,30 +48,13 @@ def upgrade_request(kube: KubeAccess, namespace: str, pod: str,
 def refusal(what: str, namespace: str, status: int, headers: dict[str, str], body: bytes) -> Exception | None:
     """The error for an answer that did not switch to SPDY/3.1 port-forward; None for a good 101."""
     if status != 101:
-        text = _status_text(body) or f"HTTP {status}"
-        if status == 404:
-            return NotFound(f"{what}: {text}", hint="is the pod still there? `kubectl get pods` shows it")
-        if status in (401, 403):
-            return Forbidden(f"forbidden: cannot {what} ({text})",
-                             hint=f"check with: kubectl auth can-i create pods/portforward -n {namespace}")
-        return TunnelDropped(f"{what}: refused (HTTP {status}: {text})")
+        text = status_message(body.decode("utf-8", "replace").strip()) or f"HTTP {status}"
+        return api_refusal(what, namespace, status, text) or TunnelDropped(f"{what}: refused (HTTP {status}: {text})")
     if headers.get("x-stream-protocol-version") != PORTFORWARD_PROTOCOL \
             or "spdy/3.1" not in headers.get("upgrade", "").lower():
         return TunnelDropped(f"{what}: the server switched to {headers.get('upgrade')!r} / "
                              f"{headers.get('x-stream-protocol-version')!r}, not SPDY/3.1 / {PORTFORWARD_PROTOCOL}")
     return None
-
-
-def _status_text(body: bytes) -> str:
-    """The ``message`` of a Kubernetes Status JSON body, or the body itself."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-        if isinstance(data, dict) and data.get("message"):
-            return str(data["message"])
-    except ValueError:
-        pass
-    return text[:300]
 
 
 class UpgradeAnswer:

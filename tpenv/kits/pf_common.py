@@ -1,0 +1,90 @@
+"""What the two port-forward transports share: the plain asyncio.Transport parts and the API server's refusals.
+
+A port-forwarded TCP stream is an asyncio Transport over WebSocket
+(:class:`tpenv.kits.portforward.PortForwardTransport`) or, as the fallback, over SPDY/3.1
+(:class:`tpenv.kits.spdy.SpdyPortForwardTransport`). How each moves bytes differs; the rest
+is the same and lives here once: the Transport methods that only hold state
+(:class:`PortForwardTransportBase`), the write-buffer marks that pause and resume the
+protocol, the ``message`` of a Kubernetes Status body, and what a 404 / 401 / 403 answer to
+the upgrade means (:func:`api_refusal`). This module imports neither transport, so both (and
+:mod:`tpenv.kits.spdy_upgrade`) can import it without a cycle.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable
+
+from tpenv.errors import Forbidden, NotFound
+
+HIGH_WATER = 1024 * 1024  # per stream transport: pause the protocol's writing above this many buffered bytes
+LOW_WATER = 256 * 1024  # ... and resume it at or below this many
+
+
+def status_message(body: str) -> str:
+    """The ``message`` of a Kubernetes Status JSON body, or the body itself (its first 300 characters)."""
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict) and data.get("message"):
+            return str(data["message"])
+    except ValueError:
+        pass
+    return body[:300]
+
+
+def api_refusal(what: str, namespace: str, status: int, text: str) -> Exception | None:
+    """The error for an API server's 404 (NotFound) or 401/403 (Forbidden) answer to a port-forward
+    upgrade; None for any other status (each transport words those itself). ``text`` is the
+    answer's :func:`status_message` (or ``HTTP <status>``)."""
+    if status == 404:
+        return NotFound(f"{what}: {text}", hint="is the pod still there? `kubectl get pods` shows it")
+    if status in (401, 403):
+        return Forbidden(f"forbidden: cannot {what} ({text})",
+                         hint=f"check with: kubectl auth can-i create pods/portforward -n {namespace}")
+    return None
+
+
+class PortForwardTransportBase(asyncio.Transport):
+    """The state-only parts of a port-forwarded stream's Transport (extra info, protocol, closing).
+
+    Subclasses keep ``_closing`` (close() was called) and ``_lost`` (connection_lost is due or
+    done) current, move the bytes, and call :meth:`_pause_writing_above` /
+    :meth:`_resume_writing_below` with their buffered byte count.
+    """
+
+    def __init__(self, protocol: asyncio.BaseProtocol, *, name: str, peer: tuple[str, int], sockname: str,
+                 on_lost: Callable[[Any], None] | None = None) -> None:
+        super().__init__()
+        self._protocol = protocol
+        self._name = name
+        self._on_lost = on_lost
+        self._extra = {"peername": peer, "sockname": (sockname, 0)}
+        self._closing = False
+        self._lost = False
+        self._writing_paused = False
+        self._error_text = ""  # what the pod side said on the error channel / stream
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def _pause_writing_above(self, buffered: int) -> None:
+        if not self._writing_paused and buffered > HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def _resume_writing_below(self, buffered: int) -> None:
+        if self._writing_paused and buffered <= LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+
+
+__all__ = ["HIGH_WATER", "LOW_WATER", "PortForwardTransportBase", "api_refusal", "status_message"]

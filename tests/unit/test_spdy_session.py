@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from tests.tracked_server import TrackedServer
 from tpenv.errors import NotFound, TunnelDropped
 from tpenv.kits import spdy
 from tpenv.kits.portforward import PodTunnel
@@ -42,12 +43,13 @@ class FakeKube:
         return None
 
 
-class FakeApiServer:
+class FakeApiServer(TrackedServer):
     """An HTTP server on 127.0.0.1:0: answers WebSocket upgrades with ``ws_answer``, speaks SPDY after a 101."""
 
     def __init__(self, *, ws_answer: tuple[int, bytes] = (400, b"Upgrade request required"),
                  spdy_answer: tuple[int, bytes] | None = None, window: int | None = None,
                  goaway_after: int | None = None) -> None:
+        super().__init__()
         self.ws_answer, self.spdy_answer, self.window, self.goaway_after = ws_answer, spdy_answer, window, goaway_after
         self.ws_attempts = 0
         self.requests: list[str] = []
@@ -59,47 +61,30 @@ class FakeApiServer:
         self.pongs: list[int] = []
         self.resets: list[tuple[int, int]] = []
         self.goaways = 0
-        self.tasks: set[asyncio.Task] = set()
-        self.writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> "FakeApiServer":
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        await super().__aenter__()
         self.kube = FakeKube(f"http://127.0.0.1:{self.port}")
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        for w in list(self.writers):
-            w.close()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.tasks.add(asyncio.current_task())
-        self.writers.add(writer)
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            self.requests.append(head.split("\r\n")[0])
-            low = head.lower()
-            if "upgrade: websocket" in low:
-                self.ws_attempts += 1
-                await self._answer(writer, *self.ws_answer)
-            elif "upgrade: spdy/3.1" in low and "x-stream-protocol-version: portforward.k8s.io" in low:
-                assert head.startswith("POST ") and "authorization: bearer fake" in low
-                if self.spdy_answer is not None:
-                    await self._answer(writer, *self.spdy_answer)
-                    return
-                self.sessions += 1
-                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
-                             b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
-                await self._spdy(reader, writer)
-            else:
-                await self._answer(writer, 400, b"not an upgrade")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.writers.discard(writer)
-            writer.close()
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        self.requests.append(head.split("\r\n")[0])
+        low = head.lower()
+        if "upgrade: websocket" in low:
+            self.ws_attempts += 1
+            await self._answer(writer, *self.ws_answer)
+        elif "upgrade: spdy/3.1" in low and "x-stream-protocol-version: portforward.k8s.io" in low:
+            assert head.startswith("POST ") and "authorization: bearer fake" in low
+            if self.spdy_answer is not None:
+                await self._answer(writer, *self.spdy_answer)
+                return
+            self.sessions += 1
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                         b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+            await self._spdy(reader, writer)
+        else:
+            await self._answer(writer, 400, b"not an upgrade")
 
     async def _answer(self, writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
         writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"

@@ -1,70 +1,21 @@
 """The port-forward transport against the real API server and kubelet.
 
-A testapp pod runs tpenv-echo on 8080 and a raw TCP echo on 9000 (python3 in the image).
-Checked: HTTP through many concurrent streams, a large transfer both ways by sha256, the
+The echo pod (tpenv-echo on 8080, a raw TCP echo on 9000) is portforward_kit's. Checked: HTTP through many concurrent streams, a large transfer both ways by sha256, the
 kubelet's error text when nothing listens, NotFound for a missing pod, and that ``auto`` keeps
 WebSocket where the API server accepts it (SPDY is the fallback: test_portforward_spdy.py).
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import os
 
 import pytest
 
-from tests.cluster.pytest_plugin import apply, kubectl
+from portforward_kit import echo_pod, http_get, kube, roundtrip  # noqa: F401 - fixtures
+from tests.cluster.pytest_plugin import kubectl
 from tpenv.errors import NotFound, TunnelDropped
-from tpenv.kits.kube import Kube
 from tpenv.kits.portforward import PodTunnel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
-
-TCP_ECHO = """
-import socket, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 9000)); s.listen(64)
-def serve(c):
-    while True:
-        d = c.recv(65536)
-        if not d: break
-        c.sendall(d)
-    c.close()
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-
-@pytest.fixture
-def echo_pod(namespace):
-    apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo", "labels": {"app": "echo"}},
-           "spec": {"containers": [
-               {"name": "http", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
-                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}},
-               {"name": "tcp", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
-                "command": ["python3", "-c", TCP_ECHO],
-                "readinessProbe": {"tcpSocket": {"port": 9000}, "periodSeconds": 1}}]}}, ns=namespace)
-    kubectl("wait", "--for=condition=Ready", "pod/echo", "--timeout=120s", ns=namespace, timeout=150)
-    return "echo"
-
-
-@pytest.fixture
-async def kube(kubeconfig):
-    k = await Kube.load(str(kubeconfig))
-    yield k
-    await k.close()
-
-
-async def http_get(tunnel: PodTunnel, path: str) -> dict:
-    reader, writer = await tunnel.open_stream(8080)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n".encode())
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return json.loads(body)
-
 
 # -- stage 1: many concurrent HTTP streams to one pod ---------------------------------------------
 
@@ -78,27 +29,7 @@ async def test_many_concurrent_streams_to_a_pod(kube, namespace, echo_pod):
 # -- stage 2: a large transfer, both ways, checked by hash ---------------------------------------
 
 async def test_large_transfer_by_hash(kube, namespace, echo_pod):
-    reader, writer = await PodTunnel(kube, namespace, echo_pod).open_stream(9000)
-    size = 32 * 1024 * 1024
-    sent, got = hashlib.sha256(), hashlib.sha256()
-
-    async def pump():
-        for _ in range(size // 65536):
-            block = os.urandom(65536)
-            sent.update(block)
-            writer.write(block)
-            await writer.drain()
-
-    task = asyncio.ensure_future(pump())
-    n = 0
-    while n < size:
-        data = await reader.read(1 << 18)
-        assert data, f"stream ended after {n} bytes"
-        got.update(data)
-        n += len(data)
-    await task
-    writer.close()
-    assert got.hexdigest() == sent.hexdigest()
+    assert await roundtrip(PodTunnel(kube, namespace, echo_pod), 32 * 1024 * 1024)
 
 
 # -- stage 3: the API server's and kubelet's refusals -------------------------------------------

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import hashlib
 import ipaddress
 import json
 import logging
-import os
 import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,38 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, deploy_hello, tpenv, wait_for
-from test_portforward_cluster import echo_pod, kube  # noqa: F401 - fixtures
+from portforward_kit import echo_pod, http_get, kube, roundtrip  # noqa: F401 - fixtures
+from tests.tracked_server import TrackedServer
 from tpenv.errors import NotFound, TunnelDropped
 from tpenv.kits import portforward
 from tpenv.kits.kube import Kube
 from tpenv.kits.portforward import PodTunnel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-
-
-async def roundtrip(tunnel: PodTunnel, size: int) -> bool:
-    """``size`` random bytes to the pod's TCP echo and back; equal by sha256."""
-    reader, writer = await tunnel.open_stream(9000)
-    sent, got = hashlib.sha256(), hashlib.sha256()
-
-    async def pump() -> None:
-        for _ in range(size // 65536):
-            block = os.urandom(65536)
-            sent.update(block)
-            writer.write(block)
-            await writer.drain()
-
-    task = asyncio.ensure_future(pump())
-    n = 0
-    while n < size:
-        data = await reader.read(1 << 18)
-        assert data, f"stream ended after {n} of {size} bytes"
-        got.update(data)
-        n += len(data)
-    await task
-    writer.close()
-    await writer.wait_closed()
-    return got.hexdigest() == sent.hexdigest()
 
 
 # -- stage 1: forced SPDY, many streams through one session ---------------------------------------
@@ -73,16 +47,7 @@ async def test_many_concurrent_streams_through_one_session(kube, namespace, echo
     print(f"6 x 3 MiB each way through one session; the kubelet did flow control: {session.peer_flow_control}")
 
     # HTTP through the same session, concurrently.
-    async def get(i: int) -> dict:
-        reader, writer = await tunnel.open_stream(8080)
-        writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n".encode())
-        raw = await reader.read()
-        writer.close()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        return json.loads(body)
-
-    answers = await asyncio.gather(*(get(i) for i in range(20)))
+    answers = await asyncio.gather(*(http_get(tunnel, f"/n/{i}") for i in range(20)))
     assert sorted(a["path"] for a in answers) == sorted(f"/n/{i}" for i in range(20))
     assert tunnel._sessions == {session}
     tunnel.close()
@@ -155,64 +120,45 @@ def self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-class RefusingProxy:
+class RefusingProxy(TrackedServer):
     """TLS on 127.0.0.1:0; WebSocket upgrades get the old API server's 400, the rest goes to the real one."""
 
     def __init__(self, upstream: Kube, cert: Path, key: Path) -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        super().__init__(ctx)
         self.upstream = upstream
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ctx.load_cert_chain(cert, key)
         self.refused = 0
         self.passed: list[str] = []
-        self.tasks: set[asyncio.Task] = set()
-        self.writers: set[asyncio.StreamWriter] = set()
 
-    async def __aenter__(self) -> "RefusingProxy":
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0, ssl=self.ctx)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        if any(line.lower().startswith("upgrade:") and "websocket" in line.lower() for line in lines):
+            self.refused += 1
+            body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "message": "Upgrade request required", "reason": "BadRequest",
+                               "code": 400}).encode()
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            return
+        self.passed.append(lines[0])
+        url = urlsplit(self.upstream.host)
+        up_r, up_w = await asyncio.open_connection(url.hostname, url.port, ssl=self.upstream.ssl_context(),
+                                                   server_hostname=url.hostname)
+        self.writers.add(up_w)
+        up_w.write(head)  # the proxy authenticates upstream with the kubeconfig's client certificate
 
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-        for w in list(self.writers):
-            w.close()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()
 
-    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.tasks.add(asyncio.current_task())
-        self.writers.add(writer)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            if any(line.lower().startswith("upgrade:") and "websocket" in line.lower() for line in lines):
-                self.refused += 1
-                body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                   "message": "Upgrade request required", "reason": "BadRequest",
-                                   "code": 400}).encode()
-                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-                await writer.drain()
-                return
-            self.passed.append(lines[0])
-            url = urlsplit(self.upstream.host)
-            up_r, up_w = await asyncio.open_connection(url.hostname, url.port, ssl=self.upstream.ssl_context(),
-                                                       server_hostname=url.hostname)
-            self.writers.add(up_w)
-            up_w.write(head)  # the proxy authenticates upstream with the kubeconfig's client certificate
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                try:
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                finally:
-                    dst.close()
-
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
 
 
 def kubeconfig_via(kubeconfig: Path, proxy_port: int, ca: Path, out: Path) -> Path:

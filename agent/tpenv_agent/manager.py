@@ -374,14 +374,16 @@ async def run_manager(argv: list[str]) -> int:
     manager = Manager(settings, args.idle_timeout)
     server = await asyncio.start_server(manager.serve_connection, host.strip("[]") or None, int(port), ssl=ctx)
     bound = server.sockets[0].getsockname()[1]
-    if args.port_file:
-        args.port_file.write_text(f"{bound}\n")
-    print(f"listening on https://{host}:{bound}", flush=True)
-    log.info("[webhook/server] listening on %s:%d, injecting %s", host, bound, settings["agent_image"])
+    # Handlers before the readiness line: a SIGTERM right after "listening" must stop us
+    # gracefully (relay task ended and logged), not kill us with the default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.port_file:
+        args.port_file.write_text(f"{bound}\n")
+    print(f"listening on https://{host}:{bound}", flush=True)
+    log.info("[webhook/server] listening on %s:%d, injecting %s", host, bound, settings["agent_image"])
     relay_task = asyncio.ensure_future(run_relay(args, stop))
     relay_task.add_done_callback(_guard)
     async with server:

@@ -125,8 +125,8 @@ class JsonChannelSession:
         """Send one request and return its answer as the server wrote it (``ok``/``error`` unread).
 
         TunnelDropped when the session is closed or the write breaks it. ``timeout`` bounds the
-        wait for the answer; its TimeoutError is an OSError (Python 3.11+), so it ends the session
-        like a broken channel and raises TunnelDropped too.
+        wait for the answer: TimeoutError, and the session stays (a slow answer is not a broken
+        channel; TimeoutError is an OSError since 3.11, hence its own clause first).
         """
         if self.closed.is_set() or self._stdin is None:
             raise TunnelDropped(f"the {self._what} is closed")
@@ -136,6 +136,8 @@ class JsonChannelSession:
         try:
             self._stdin.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
             return await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+        except asyncio.TimeoutError:
+            raise
         except (OSError, asyncssh.Error) as e:
             self._pending.pop(rid, None)  # before _lost: its _fail_pending must not set an exception no one reads
             self._lost(type(e).__name__)

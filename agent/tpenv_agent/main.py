@@ -9,7 +9,7 @@ from typing import Any, Callable
 USAGE = "usage: tpenv-agent {sidecar|manager} [options]  (tpenv-agent ROLE --help for options)"
 # The sidecar's event loop: "auto" (uvloop when importable, else asyncio's), "uvloop" (the same,
 # and the fallback is a warning too) or "asyncio". uvloop's C loop and transports cut the agent's
-# CPU per passthrough request by about a third (docs/performance.md, issue 4).
+# CPU per passthrough request by about a quarter (0.72 x locally; docs/performance.md, issue 4).
 LOOP_ENV = "TPENV_AGENT_LOOP"
 
 

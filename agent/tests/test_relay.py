@@ -26,10 +26,12 @@ from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FA
 
 from agent_testkit import auth_material, session_cert, write_auth_dir
 from tpenv_agent import relay as r
+from tpenv_agent import relay_policy as rp
+from tpenv_agent import relay_resolve as rr
 from tpenv_agent.sshd import auth_from_material
 
 AGENT_ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK_ALLOWED = r.Policy(r.parse_cidrs(["127.0.0.0/8"]), explicit=True)
+LOOPBACK_ALLOWED = rp.Policy(rp.parse_cidrs(["127.0.0.0/8"]), explicit=True)
 
 
 class TableResolver:
@@ -42,7 +44,7 @@ class TableResolver:
     async def __call__(self, name: str):
         self.asked.append(name)
         if name not in self.table:
-            raise r.LookupNotFound(name)
+            raise rr.LookupNotFound(name)
         return self.table[name], None
 
 
@@ -72,7 +74,7 @@ class Echo:
 @contextlib.asynccontextmanager
 async def relay_server(material, policy=LOOPBACK_ALLOWED, resolver=None, **kw):
     host_key, authorized = auth_from_material(material["ca.pub"], material["host_key"])
-    relay = r.Relay(host_key, authorized, r.StaticPolicy(policy),
+    relay = r.Relay(host_key, authorized, rp.StaticPolicy(policy),
                     resolver=resolver or TableResolver({}), **kw)
     async with relay:
         port = await relay.start("127.0.0.1", 0)
@@ -94,7 +96,7 @@ class Resolve:
         self.conn, self.ids = conn, 0
 
     async def __aenter__(self) -> "Resolve":
-        self.stdin, self.stdout, _ = await self.conn.open_session(subsystem=r.SUBSYSTEM, encoding=None)
+        self.stdin, self.stdout, _ = await self.conn.open_session(subsystem=rr.SUBSYSTEM, encoding=None)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -165,7 +167,7 @@ async def test_a_name_is_resolved_by_the_relay_and_dialled(material):
 
 async def test_refused_destinations_fail_with_the_relays_reason_and_are_never_dialled(material):
     # A discovered policy whose range even contains loopback: the manager's own loopback stays refused.
-    policy = r.Policy(r.parse_cidrs(["127.0.0.0/8", "10.96.0.0/16"]),
+    policy = rp.Policy(rp.parse_cidrs(["127.0.0.0/8", "10.96.0.0/16"]),
                       own=frozenset({ipaddress.ip_address("10.96.0.7")}))
     resolver = TableResolver({"outside.example": ["8.8.8.8"], "mixed.ns": ["127.0.0.1", "8.8.4.4"]})
     async with Echo() as echo, relay_server(material, policy=policy, resolver=resolver) as (_, port):
@@ -234,8 +236,8 @@ async def test_a_known_nxdomain_wins_over_a_fallback_that_could_not_be_asked(mat
         async def __call__(self, name):
             self.asked.append(name)
             if name.endswith("."):
-                raise r.LookupNotFound(name)
-            raise r.LookupFailed(f"lookup of {name} failed: Temporary failure in name resolution")
+                raise rr.LookupNotFound(name)
+            raise rr.LookupFailed(f"lookup of {name} failed: Temporary failure in name resolution")
 
     async with relay_server(material, resolver=Refusing({})) as (_, port):
         async with connect(port, material) as conn, Resolve(conn) as res:
@@ -262,7 +264,7 @@ async def test_many_lookups_on_one_channel_are_all_answered(material):
 
 
 async def test_the_system_resolver_reads_the_pods_resolver():
-    resolver = r.SystemResolver(timeout=5)
+    resolver = rr.SystemResolver(timeout=5)
     try:
         addresses, _ = await resolver("localhost")  # /etc/hosts: no packet leaves the machine
         assert "127.0.0.1" in addresses or "::1" in addresses
@@ -305,7 +307,7 @@ async def test_channels_per_connection_are_capped(material):
 
 def test_discovered_ranges_never_admit_loopback_link_local_own_or_node_addresses():
     ip = ipaddress.ip_address
-    p = r.Policy(r.parse_cidrs(["10.244.0.0/16", "10.96.0.0/16", "127.0.0.0/8", "fe80::/10"]),
+    p = rp.Policy(rp.parse_cidrs(["10.244.0.0/16", "10.96.0.0/16", "127.0.0.0/8", "fe80::/10"]),
                  own=frozenset({ip("10.244.0.5")}), nodes=frozenset({ip("10.244.0.1")}))
     assert p.refusal(ip("10.244.3.7")) is None and p.refusal(ip("10.96.0.10")) is None
     assert "loopback" in p.refusal(ip("127.0.0.1"))
@@ -316,7 +318,7 @@ def test_discovered_ranges_never_admit_loopback_link_local_own_or_node_addresses
     # Given ranges are literal: that is how a local test (and only it) allows loopback.
     assert LOOPBACK_ALLOWED.refusal(ip("127.0.0.1")) is None
     with pytest.raises(ValueError, match="bad CIDR 'ten'"):
-        r.parse_cidrs(["ten"])
+        rp.parse_cidrs(["ten"])
 
 
 ROUTES = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
@@ -327,7 +329,7 @@ eth0\t0000100A\t0100F40A\t0003\t0\t0\t0\t0000FFFF\t0\t0\t0
 
 
 def test_the_pods_onlink_subnet_is_read_from_the_route_table():
-    assert r.onlink_ipv4_subnets(ROUTES) == (ipaddress.ip_network("10.244.0.0/24"),)
+    assert rp.onlink_ipv4_subnets(ROUTES) == (ipaddress.ip_network("10.244.0.0/24"),)
 
 
 async def test_api_discovery_uses_service_cidrs_node_pod_cidrs_and_falls_back_to_the_route_table(tmp_path):
@@ -343,7 +345,7 @@ async def test_api_discovery_uses_service_cidrs_node_pod_cidrs_and_falls_back_to
         calls.append(path)
         return answers[path]
 
-    source = r.ApiPolicy(api_get, own=[ipaddress.ip_address("10.244.0.9")], route_file=str(routes), refresh_every=3600)
+    source = rp.ApiPolicy(api_get, own=[ipaddress.ip_address("10.244.0.9")], route_file=str(routes), refresh_every=3600)
     p = await source.current()
     assert [str(n) for n in p.ranges] == ["10.96.0.0/16", "10.244.0.0/24"]
     assert "node" in p.refusal(ipaddress.ip_address("10.244.0.1"))
@@ -351,7 +353,7 @@ async def test_api_discovery_uses_service_cidrs_node_pod_cidrs_and_falls_back_to
     # Nodes that carry podCIDRs win over the route table; a refresh is rate-limited.
     nodes["items"][0]["spec"]["podCIDRs"] = ["10.244.0.0/24", "10.245.0.0/24"]
     assert await source.current(refresh=True) is p and len(calls) == 2
-    fresh = r.ApiPolicy(api_get, route_file=str(routes), refresh_every=0)
+    fresh = rp.ApiPolicy(api_get, route_file=str(routes), refresh_every=0)
     assert [str(n) for n in (await fresh.current()).ranges] == ["10.96.0.0/16", "10.244.0.0/24", "10.245.0.0/24"]
     # ServiceCIDRs not readable: the pod ranges still work.
     answers["/apis/networking.k8s.io/v1/servicecidrs"] = None
@@ -362,10 +364,10 @@ def test_the_cluster_domain_comes_from_the_search_list(tmp_path):
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 10.96.0.10\nsearch tpenv.svc.corp.internal svc.corp.internal corp.internal\n"
                     "options ndots:5\n")
-    assert r.cluster_domain(str(conf)) == "corp.internal"
-    assert r.cluster_domain(str(tmp_path / "missing")) == "cluster.local"
-    assert r.candidates("hello", "ns", "corp.internal") == ["hello.ns.svc.corp.internal.", "hello"]
-    assert r.candidates("hello.ns", "ns", "cluster.local") == ["hello.ns"]
+    assert rr.cluster_domain(str(conf)) == "corp.internal"
+    assert rr.cluster_domain(str(tmp_path / "missing")) == "cluster.local"
+    assert rr.candidates("hello", "ns", "corp.internal") == ["hello.ns.svc.corp.internal.", "hello"]
+    assert rr.candidates("hello.ns", "ns", "cluster.local") == ["hello.ns"]
 
 
 # --- stage 6: the manager process starts the relay beside the webhook --------------------------------------

@@ -275,6 +275,8 @@ RELAY_RETRY_MAX = 30.0
 async def _start_relay(args: argparse.Namespace) -> "Any":
     """The Relay, listening; None when the relay is off. Raises on a setup failure (retried)."""
     from . import relay as r
+    from . import relay_policy as rp
+    from .relay_resolve import cluster_domain
     from .sshd import auth_from_material, read_auth
 
     if args.relay == "off":
@@ -290,15 +292,15 @@ async def _start_relay(args: argparse.Namespace) -> "Any":
         log.warning("[relay/server] off: not in a cluster and no --relay-auth-dir")
         return None
     if args.relay_cidr:
-        policy: Any = r.StaticPolicy(r.Policy(r.parse_cidrs(args.relay_cidr), explicit=True))
+        policy: Any = rp.StaticPolicy(rp.Policy(rp.parse_cidrs(args.relay_cidr), explicit=True))
     elif in_cluster():
-        policy = r.ApiPolicy(api_get_or_none, own=own_addresses())
+        policy = rp.ApiPolicy(api_get_or_none, own=own_addresses())
     else:
-        policy = r.StaticPolicy(r.Policy(()))
+        policy = rp.StaticPolicy(rp.Policy(()))
         log.warning("[relay/server] no --relay-cidr and no API to discover ranges from: every destination is refused")
     log.info("[relay/ranges] %s", (await policy.current()).describe())
     host, _, port = args.relay.rpartition(":")
-    relay = r.Relay(host_key, authorized, policy, domain=r.cluster_domain())
+    relay = r.Relay(host_key, authorized, policy, domain=cluster_domain())
     bound = await relay.start(host.strip("[]"), int(port))
     if args.relay_port_file:
         args.relay_port_file.write_text(f"{bound}\n")

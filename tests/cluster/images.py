@@ -361,13 +361,24 @@ def _target_args() -> list[str]:
 def wheels(packages: list[str], log=print) -> Path:
     """The wheels for `packages` and their dependencies, for the image's Python, in a cached directory."""
     key = _hash("wheels-v1", PY_VERSION, *PLATFORMS, *packages)
-    d = cache_dir() / f"wheels-{key[:16]}"
+
+    def fetch(tmp: Path) -> None:
+        _run([*_pip(), "download", "-q", *_target_args(), "-d", str(tmp), *packages], stdout=subprocess.DEVNULL)
+
+    return _downloaded_once("wheels", key, packages, "pip download", fetch, log)
+
+
+def _downloaded_once(stem: str, key: str, packages: list[str], what: str, fetch, log) -> Path:
+    """The cached directory ``<stem>-<key>`` that ``fetch(tmp)`` fills, fetched when missing. It is
+    marked complete and moved into place only once whole: an interrupted download is done again,
+    never used half."""
+    d = cache_dir() / f"{stem}-{key[:16]}"
     if (d / ".complete").exists():
         return d
-    log(f"images: pip download {' '.join(packages)}")
-    tmp = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache_dir()))
+    log(f"images: {what} {' '.join(packages)}")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=cache_dir()))
     try:
-        _run([*_pip(), "download", "-q", *_target_args(), "-d", str(tmp), *packages], stdout=subprocess.DEVNULL)
+        fetch(tmp)
         (tmp / ".complete").write_text("\n".join(packages) + "\n")
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
@@ -453,23 +464,15 @@ def debs(packages: list[str], log=print) -> Path:
     """The .deb files of ``packages`` as this machine's apt resolves them (the same suite as the
     base: apt_mirror() found it in its sources), downloaded once into a cached directory."""
     key = _hash("debs-v1", SUITE, *packages)
-    d = cache_dir() / f"debs-{key[:16]}"
-    if (d / ".complete").exists():
-        return d
-    log(f"images: apt-get download {' '.join(packages)}")
-    tmp = Path(tempfile.mkdtemp(prefix="debs-", dir=cache_dir()))
-    try:
+
+    def fetch(tmp: Path) -> None:
         os.chmod(tmp, 0o755)  # apt's sandbox user writes here when it can
         r = subprocess.run(["apt-get", "download", "-q", *packages], cwd=tmp, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"apt-get download {' '.join(packages)} failed (exit {r.returncode}): "
                                f"{r.stderr.strip()[-500:]}; run `apt-get update` and try again")
-        (tmp / ".complete").write_text("\n".join(packages) + "\n")
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return d
+
+    return _downloaded_once("debs", key, packages, "apt-get download", fetch, log)
 
 
 @_locked

@@ -1,0 +1,99 @@
+"""The cluster side of a run: kubectl, the namespace's objects (the app, its two Services, the client
+pod), and the agent image every `tpenv` the run starts is told to use."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import BENCH, REPO, log
+from tests.cluster.pytest_plugin import kubectl_binary  # (stdlib + pytest, in the venv)
+
+SERVER = (BENCH / "server.py").read_text()
+
+
+def kubectl(*args: str, ns: str | None = None, input: str | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [kubectl_binary(), *(["-n", ns] if ns else []), *args]
+    cp = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and cp.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args[:3])}: {cp.stderr.strip()[-500:]}")
+    return cp
+
+
+def kjson(*args: str, ns: str | None = None) -> Any:
+    return json.loads(kubectl(*args, "-o", "json", ns=ns).stdout)
+
+
+def manifests(ns: str) -> list[dict]:
+    labels = {"app": "bench-app"}
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bench-server"},
+         "data": {"server.py": SERVER}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bench-app", "labels": labels},
+         "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+             "metadata": {"labels": labels},
+             "spec": {"terminationGracePeriodSeconds": 2, "containers": [{
+                 "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                 "command": ["python3", "/bench/server.py"],
+                 "env": [{"name": "PORT", "value": "8080"}, {"name": "BENCH_SIDE", "value": "cluster"}],
+                 "ports": [{"containerPort": 8080}],
+                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                 "volumeMounts": [{"name": "server", "mountPath": "/bench", "readOnly": True},
+                                  {"name": "data", "mountPath": "/data"}]}],
+                 "volumes": [{"name": "server", "configMap": {"name": "bench-server"}},
+                             {"name": "data", "emptyDir": {}}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-app"},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-direct"},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bench-client"},
+         "spec": {"terminationGracePeriodSeconds": 0, "activeDeadlineSeconds": 3600, "containers": [{
+             "name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+             "command": ["sleep", "3600"]}]}},
+    ]
+
+
+def short_err(text: str) -> str:
+    """kubectl's stderr without the long URLs it quotes, last 300 characters."""
+    return re.sub(r'"?https?://[^"\s]*"?', "<url>", " ".join(text.split()))[-300:]
+
+
+def local_cluster() -> bool:
+    import cli as cluster_cli  # tests/cluster/cli.py (on sys.path through the pytest plugin's import)
+
+    return os.path.realpath(os.environ.get("KUBECONFIG", "")) == os.path.realpath(cluster_cli.kubeconfig_path())
+
+
+def agent_image() -> str | None:
+    """$TPENV_AGENT_IMAGE, else on the local cluster the image of this checkout's agent code, built and
+    imported now when missing (cached layers: about a second); None: tpenv's default."""
+    if os.environ.get("TPENV_AGENT_IMAGE"):
+        return os.environ["TPENV_AGENT_IMAGE"]
+    if not local_cluster():
+        return None
+    from tests.cluster.images import agent_image_ref
+
+    cp = subprocess.run([sys.executable, str(REPO / "tests" / "cluster" / "cli.py"), "images"], capture_output=True,
+                        text=True, timeout=900)
+    if cp.returncode != 0:
+        log(f"building the images failed (exit {cp.returncode}): {cp.stderr.strip()[-300:]}")
+    return agent_image_ref()
+
+
+# The agent image of this run: set once by Bench.setup (bench/session.py), read by every tpenv started.
+AGENT_IMAGE: str | None = None
+
+
+def tpenv_env(state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TPENV_AGENT_IMAGE_PULL_POLICY", "Never")
+    if AGENT_IMAGE:
+        env["TPENV_AGENT_IMAGE"] = AGENT_IMAGE
+    env.update(TPENV_SESSION_STATE_DIR=str(state), TPENV_KUBE_ROLLOUT_TIMEOUT="120")
+    return env
+

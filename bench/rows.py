@@ -1,0 +1,146 @@
+"""What the bench measures, and what it wants: the modes (counts and durations), every row of the
+report in order, the phases `--only` may pick, and the targets of issues 4 and 7 computed from the rows."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.common import MiB
+
+# What each mode does. Counts and durations bound every step; subprocess timeouts bound the rest.
+MODES: dict[str, dict[str, Any]] = {
+    "full": dict(lat_n=2000, lat_rate=200, idle=2.0, bulk=256 * MiB, conc_conns=200, conc_rate=1000, conc_s=30,
+                 hol_n=1000, hol_rate=100, hol_bytes=64 * MiB, pt_rounds=4, pt_n=4000, pt_rate=400,
+                 pt_conns=16, pt_s=12.0, pt_wrk_rounds=10, pt_wrk_s=2, pt_wrk_threads=1, pt_bulk=256 * MiB, grpc_n=1000, grpc_rate=200, mount_bytes=256 * MiB,
+                 mount_files=10_000),
+    "quick": dict(lat_n=500, lat_rate=250, idle=2.0, bulk=32 * MiB, conc_conns=50, conc_rate=500, conc_s=5,
+                  hol_n=300, hol_rate=100, hol_bytes=16 * MiB, pt_rounds=2, pt_n=1000, pt_rate=400, pt_conns=16,
+                  pt_s=4.0, pt_wrk_rounds=4, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=32 * MiB, grpc_n=300, grpc_rate=200, mount_bytes=32 * MiB, mount_files=1000),
+    "smoke": dict(lat_n=60, lat_rate=200, idle=0.5, bulk=2 * MiB, conc_conns=8, conc_rate=100, conc_s=1,
+                  hol_n=40, hol_rate=100, hol_bytes=2 * MiB, pt_rounds=1, pt_n=60, pt_rate=200, pt_conns=4,
+                  pt_s=0.5, pt_wrk_rounds=1, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=2 * MiB, grpc_n=20, grpc_rate=100, mount_bytes=2 * MiB, mount_files=50),
+}
+
+# Every row of the report, in order: (group, key, label). The smoke test checks they are all there.
+ROWS: list[tuple[str, str, str]] = [
+    ("setup", "first_intercept_s", "tpenv intercept ready, agent injected on the way (s)"),
+    ("setup", "intercept_s", "tpenv intercept ready, agent already there (s)"),
+    ("latency", "loopback", "(c) loopback TCP on the host"),
+    ("latency", "port_forward", "(b) kubectl port-forward host -> app pod"),
+    ("latency", "direct", "(a) in-cluster -> app"),
+    ("latency", "passthrough", "(d) in-cluster -> agent passthrough -> app"),
+    ("latency", "intercept", "global intercept: in-cluster -> agent -> tunnel -> laptop"),
+    ("latency", "header_matched", "header intercept HTTP/1.1, matched -> laptop"),
+    ("latency", "header_unmatched", "header intercept HTTP/1.1, unmatched -> app"),
+    ("grpc", "direct", "(a) gRPC in-cluster -> app"),
+    ("grpc", "passthrough", "(d) gRPC via agent passthrough (per-stream h2 path)"),
+    ("grpc", "header_matched", "gRPC header intercept, matched stream -> laptop"),
+    ("grpc", "header_unmatched", "gRPC header intercept, unmatched stream -> app"),
+    ("bulk", "loopback", "(c) loopback TCP on the host"),
+    ("bulk", "port_forward", "(b) kubectl port-forward"),
+    ("bulk", "direct", "(a) in-cluster -> app"),
+    ("bulk", "passthrough", "(d) agent passthrough"),
+    ("bulk", "intercept", "global intercept"),
+    ("throughput", "direct_wrk", "(a) in-cluster -> app, closed loop, wrk"),
+    ("throughput", "passthrough_wrk", "(d) agent passthrough, closed loop, wrk"),
+    ("throughput", "direct", "(a) in-cluster -> app, closed loop, Python client"),
+    ("throughput", "passthrough", "(d) agent passthrough, closed loop, Python client"),
+    ("concurrency", "loopback", "(c) loopback TCP on the host"),
+    ("concurrency", "port_forward", "(b) kubectl port-forward"),
+    ("concurrency", "direct", "(a) in-cluster -> app"),
+    ("concurrency", "passthrough", "(d) agent passthrough"),
+    ("concurrency", "intercept", "global intercept"),
+    ("hol", "port_forward", "(b) kubectl port-forward, small requests during a bulk download"),
+    ("hol", "intercept", "global intercept, small requests during a bulk download"),
+    ("mount", "read", "SFTP mount, sequential read"),
+    ("mount", "write", "SFTP mount, sequential write"),
+    ("mount", "stat", "SFTP mount, stat of every file in a directory"),
+    ("resources", "client_rss_idle", "tpenv client RSS, intercept idle (MiB)"),
+    ("resources", "client_rss_load", "tpenv client RSS, peak under load (MiB)"),
+    ("resources", "agent_rss_idle", "agent RSS, idle (MiB)"),
+    ("resources", "agent_rss_load", "agent RSS, peak under load (MiB)"),
+    ("resources", "client_cpu_per_gb", "tpenv client CPU s per GB through the intercept"),
+    ("resources", "agent_cpu_per_gb", "agent CPU s per GB through the intercept"),
+    ("resources", "agent_cpu_per_gb_passthrough", "agent CPU s per GB in passthrough"),
+    ("resources", "infra_cpu_per_gb", "API server + kubelet + containerd CPU s per GB through the intercept"),
+    ("resources", "infra_cpu_per_gb_port_forward", "API server + kubelet + containerd CPU s per GB, kubectl port-forward"),
+]
+
+
+# The phases of a run, in the order they run; `--only` picks among them.
+PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header")
+
+
+
+def targets(rows: dict) -> list[dict]:
+    """The done-when ratios of issues 4 and 7, from this run's rows."""
+    def v(g: str, k: str) -> dict | None:
+        x = rows.get((g, k))
+        return x if isinstance(x, dict) else None
+
+    out = []
+
+    def check(name: str, measured: Any, target: str, ok: bool | None, why: str = "", **extra: Any) -> None:
+        out.append({"target": name, "measured": measured, "wanted": target,
+                    "status": "n/a" if ok is None else ("met" if ok else "missed"), **({"missing": why} if why else {}),
+                    **extra})
+
+    def per_round(a: dict, b: dict) -> dict:
+        """Round by round ratios (the rounds interleave both sides, so each pair shared the machine's mood)."""
+        pairs = list(zip(a.get("rounds_rps") or [], b.get("rounds_rps") or []))
+        rs = [round(x / y, 3) for x, y in pairs if y]
+        return {"rounds": rs, "median_round": statistics.median(rs)} if rs else {}
+
+    ic, pf = v("latency", "intercept"), v("latency", "port_forward")
+    if ic and pf:
+        d50, d99 = ic["p50_ms"] - pf["p50_ms"], ic["p99_ms"] - pf["p99_ms"]
+        check("intercept p50 - port-forward p50 (ms)", round(d50, 3), "<= 1", d50 <= 1)
+        check("intercept p99 - port-forward p99 (ms)", round(d99, 3), "<= 5", d99 <= 5)
+    else:
+        check("intercept p50/p99 vs port-forward", None, "<= +1 / +5 ms", None, "a row is unavailable")
+    bi, bp = v("bulk", "intercept"), v("bulk", "port_forward")
+    if bi and bp:
+        for d in ("down", "up"):
+            r = bi[f"{d}_MBps"] / bp[f"{d}_MBps"]
+            check(f"bulk {d} intercept / port-forward", round(r, 3), ">= 0.80", r >= 0.8)
+    else:
+        check("bulk intercept / port-forward", None, ">= 0.80", None, "a row is unavailable")
+    c = v("concurrency", "intercept")
+    check("errors at concurrency through the intercept", c["errors"] if c else None, "0",
+          (c["errors"] == 0) if c else None, "" if c else "row unavailable")
+    h = v("hol", "intercept")
+    if h and ic:
+        r = h["p99_ms"] / ic["p99_ms"]
+        check("p99 under bulk / idle p99 (intercept)", round(r, 2), "<= 3", r <= 3)
+    else:
+        check("p99 under bulk / idle p99 (intercept)", None, "<= 3", None, "a row is unavailable")
+    mr = v("mount", "read")
+    if mr and bi:
+        # mount reads move data pod -> laptop: the intercept's upload direction (caller in the pod sends)
+        r = mr["MBps"] / bi["up_MBps"]
+        check("mount sequential read / tunnel bulk (same direction)", round(r, 3), ">= 0.80", r >= 0.8)
+    else:
+        check("mount sequential read / tunnel bulk", None, ">= 0.80", None, "a row is unavailable")
+    ld, lp = v("latency", "direct"), v("latency", "passthrough")
+    if ld and lp:
+        d = lp["p50_ms"] - ld["p50_ms"]
+        check("passthrough added p50 (ms)", round(d, 3), "<= 0.3", d <= 0.3)
+        check("passthrough added p99 (ms, no target)", round(lp["p99_ms"] - ld["p99_ms"], 3), "-", None)
+    else:
+        check("passthrough added p50 (ms)", None, "<= 0.3", None, "a row is unavailable")
+    td, tp = v("throughput", "direct_wrk"), v("throughput", "passthrough_wrk")
+    if td and tp:
+        r = tp["rps"] / td["rps"]
+        check("passthrough throughput / direct (req/s, wrk)", round(r, 3), ">= 0.85", r >= 0.85, **per_round(tp, td))
+    else:
+        check("passthrough throughput / direct (wrk)", None, ">= 0.85", None, "a row is unavailable")
+    td, tp = v("throughput", "direct"), v("throughput", "passthrough")
+    if td and tp:  # the Python client takes most of a core itself: shown, not the target's figure
+        check("passthrough throughput / direct (Python client, no target)", round(tp["rps"] / td["rps"], 3), "-",
+              None, **per_round(tp, td))
+    bd, bpt = v("bulk", "direct"), v("bulk", "passthrough")
+    if bd and bpt:
+        r = min(bpt["down_MBps"] / bd["down_MBps"], bpt["up_MBps"] / bd["up_MBps"])
+        check("passthrough bulk / direct (worse direction)", round(r, 3), ">= 0.85", r >= 0.85)
+    return out
+

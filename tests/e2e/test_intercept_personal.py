@@ -100,8 +100,15 @@ def test_personal_intercepts_http1_grpc_two_sessions(namespace, tmp_path):
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": _kubeconfig_env()})
         lines: list[dict] = []
         threading.Thread(target=lambda: [lines.append(json.loads(x)) for x in grpc.stdout], daemon=True).start()
-        wait_for("the first gRPC answers", lambda: len(lines) >= 2 or grpc.poll() is not None, 60)
-        assert len(lines) >= 2 and all(x.get("status") == "OK" for x in lines), (lines, grpc.poll())
+        wait_for("the first gRPC answers", lambda: sum(x.get("status") == "OK" for x in lines) >= 2
+                 or grpc.poll() is not None, 60)
+        # Before the channel's first answer, only connection errors are excused: kube-proxy may
+        # still send a new connection to the pod the agent's rollout replaced (there is no event
+        # for its sync). From the first answer on, the one connection must carry every request.
+        first_ok = next((i for i, x in enumerate(lines) if x.get("status") == "OK"), None)
+        assert first_ok is not None, (lines, grpc.poll())
+        assert all(x.get("error", "").startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED")) for x in lines[:first_ok]), lines
+        assert all(x.get("status") == "OK" for x in lines[first_ok:]), lines
 
         # Stage 3: session B, another header, same workload, at the same time as A.
         b = Intercepting(tmp_path, "backend", "--name", "bob", "--port", f"{bob.port}:http",
@@ -110,10 +117,12 @@ def test_personal_intercepts_http1_grpc_two_sessions(namespace, tmp_path):
         assert who(curl(ns, f"http://backend.{ns}/", "x-dev: bob")) == "laptop-bob"
         assert who(curl(ns, f"http://frontend.{ns}/", f"{HEADER}: {info_a['id']}")) == "laptop-alice"
         assert who(curl(ns, f"http://backend.{ns}/", "x-dev: carol")).startswith("backend-")
-        assert grpc.wait(60) == 0, lines[-3:]
-        sources = [x["pod"] for x in lines]
+        rc = grpc.wait(60)
+        served = lines[first_ok:]
+        assert rc == 0 or first_ok > 0, served[-3:]  # tpenv-get exits 1 when any request failed
+        sources = [x["pod"] for x in served]
         assert sources[0].startswith("backend-") and sources[-1] == "laptop-bob", sources
-        assert all(x["status"] == "OK" for x in lines), lines
+        assert all(x["status"] == "OK" for x in served), served
     finally:
         for run in (b, a):
             if run is not None:

@@ -15,6 +15,7 @@ still serves), then the workload, both from the ``tpenv.io/restore*`` annotation
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -321,20 +322,31 @@ async def prune_agent_history(kube: Kube, w: Workload) -> list[str]:
         return []
     data = await kube.call(kube.apps.list_namespaced_replica_set, w.namespace, label_selector=w.selector,
                            what=What("list", "replicasets", w.namespace))
-    uid = w.obj["metadata"].get("uid")
-    deleted = []
-    for rs in data.get("items", []):
-        meta = rs["metadata"]
-        owned = any(o.get("uid") == uid for o in meta.get("ownerReferences") or [])
+
+    def doomed(rs: dict[str, Any]) -> bool:
         tpl_labels = ((rs["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
         # Scaled to 0 is enough: pods still terminating go with it (background deletion).
-        if owned and LABEL_AGENT in tpl_labels and not (rs["spec"].get("replicas") or 0):
-            try:
-                await kube.call(kube.apps.delete_namespaced_replica_set, meta["name"], w.namespace,
-                                what=What("delete", "replicasets", w.namespace, meta["name"]))
-            except NotFound:
-                continue
-            deleted.append(meta["name"])
+        return LABEL_AGENT in tpl_labels and not (rs["spec"].get("replicas") or 0)
+
+    return await _delete_owned(kube, w, data.get("items", []), doomed,
+                               kube.apps.delete_namespaced_replica_set, "replicasets")
+
+
+async def _delete_owned(kube: Kube, w: Workload, items: list[dict[str, Any]], doomed: Callable[[dict], bool],
+                        delete: Callable[..., Any], plural: str) -> list[str]:
+    """Delete the objects among ``items`` that ``w`` owns and ``doomed`` picks; their names.
+    One already gone (NotFound) is not counted."""
+    uid = w.obj["metadata"].get("uid")
+    deleted = []
+    for obj in items:
+        meta = obj["metadata"]
+        if not any(o.get("uid") == uid for o in meta.get("ownerReferences") or []) or not doomed(obj):
+            continue
+        try:
+            await kube.call(delete, meta["name"], w.namespace, what=What("delete", plural, w.namespace, meta["name"]))
+        except NotFound:
+            continue
+        deleted.append(meta["name"])
     return deleted
 
 
@@ -412,24 +424,14 @@ async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: d
 
 async def _prune_revisions(kube: Kube, w: Workload) -> list[str]:
     """A StatefulSet's history is ControllerRevisions: delete the old ones holding the agent."""
-    import json as _json
-
     data = await kube.call(kube.apps.list_namespaced_controller_revision, w.namespace, label_selector=w.selector,
                            what=What("list", "controllerrevisions", w.namespace))
-    status = w.obj.get("status") or {}
     # Only the revision being rolled out to (the restored template) must stay; currentRevision
     # lags the pods and, once they all run the update, the controller moves it there anyway.
-    keep = {status.get("updateRevision")}
-    uid = w.obj["metadata"].get("uid")
-    deleted = []
-    for rev in data.get("items", []):
-        meta = rev["metadata"]
-        owned = any(o.get("uid") == uid for o in meta.get("ownerReferences") or [])
-        if owned and meta["name"] not in keep and AGENT_CONTAINER in _json.dumps(rev.get("data") or {}):
-            try:
-                await kube.call(kube.apps.delete_namespaced_controller_revision, meta["name"], w.namespace,
-                                what=What("delete", "controllerrevisions", w.namespace, meta["name"]))
-            except NotFound:
-                continue
-            deleted.append(meta["name"])
-    return deleted
+    keep = (w.obj.get("status") or {}).get("updateRevision")
+
+    def doomed(rev: dict[str, Any]) -> bool:
+        return rev["metadata"]["name"] != keep and AGENT_CONTAINER in json.dumps(rev.get("data") or {})
+
+    return await _delete_owned(kube, w, data.get("items", []), doomed,
+                               kube.apps.delete_namespaced_controller_revision, "controllerrevisions")

@@ -266,3 +266,22 @@ def test_agent_image_errors(tmp_path, capsys):
     got = sorted((p.line, p.message) for p in e.value.problems)
     assert [line for line, _ in got] == [3, 4], got
     assert "'a b' is not an image reference" in got[0][1] and "Sometimes" in got[1][1], got
+
+
+def test_project_agent_section_for_flag_driven_verbs(tmp_path):
+    from tpenv.cli.context import CliContext
+    from tpenv.settings import load_settings
+
+    f = tmp_path / "telepresence.yaml"
+    f.write_text("apiVersion: tpenv/v1\nagent:\n  image: reg.example/agent:file\n")
+    warnings: list[str] = []
+    # The file's section applies; a bad -n is the verb's to report, not a reason to skip the file.
+    ctx = CliContext(settings=load_settings({}), config_file=f, namespace="Not_A_Namespace", environ={})
+    ctx.apply_project_agent(warnings.append)
+    assert ctx.settings.agent.image == "reg.example/agent:file" and warnings == []
+    # A file that does not load: one warning naming it, the default image kept.
+    f.write_text("apiVersion: tpenv/v1\nagent: [1]\n")
+    ctx = CliContext(settings=load_settings({}), config_file=f, environ={})
+    ctx.apply_project_agent(warnings.append)
+    assert ctx.settings.agent.image == load_settings({}).agent.image
+    assert len(warnings) == 1 and warnings[0].startswith(f"{f}: not read (") and "agent: section" in warnings[0]

@@ -97,10 +97,12 @@ class CliContext:
         if not self.config_file.is_file():
             return
         try:
-            self.load_config()
-        except (ConfigError, UsageError) as e:
+            config = load_config(self.config_file)  # the file alone: -n/--context are the verb's to check
+        except ConfigError as e:
             first = (e.message.splitlines() or [""])[0]
             warn(f"{self.config_file}: not read ({first}); its agent: section does not apply")
+            return
+        self._apply_agent_config(config)
 
     def load_config(self) -> Config:
         """The config file with the -n / --context flags applied; ConfigError when it is wrong."""

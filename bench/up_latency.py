@@ -119,6 +119,11 @@ def cluster(line: str) -> bool:
         return False
 
 
+def pod_names(ns: str, app: str) -> set[str]:
+    return set(kubectl("get", "pods", "-l", f"app={app}", "-o", "jsonpath={.items[*].metadata.name}",
+                       ns=ns).stdout.split())
+
+
 def from_new_pod(old: set[str]) -> Callable[[str], bool]:
     """An answer from the cluster's app in a pod not in ``old``."""
     def pred(line: str) -> bool:
@@ -197,6 +202,16 @@ def main() -> int:
     marks: dict[str, list[dict[str, float]]] = {"installed": [], "injecting": []}
     extra: dict[str, list[float]] = {"pod_delete_to_ready": [], "plain_rollout_to_new_pod_answer": []}
     say(f"namespace {ns}, work dir {work}, {runs} run(s) each")
+
+    def first_answer(up: Up, client: Stream, mode: str, label: str, i: int) -> None:
+        """(1): start ``up`` and time the first laptop answer; its phases go to ``marks[mode]``."""
+        key = f"up_to_first_answer_{mode}"
+        t0 = up.start()
+        t = client.first(laptop(), t0, to)
+        (results[key].append(round(t - t0, 3)) if t else failures[key].append(f"run {i}: no laptop answer within {to}s"))
+        marks[mode].append(up.marks() | ({"first_answer": round(t - t0, 3)} if t else {}))
+        say(f"{label} run {i}: {t - t0 if t else None}")
+
     apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {TEST_LABEL: "true"}}})
     try:
         for _ in range(60):
@@ -225,19 +240,13 @@ def main() -> int:
             for i in range(runs):
                 if stream.first(cluster, time.monotonic(), to) is None:
                     raise RuntimeError("the cluster did not answer again after `up` stopped")
-                t0 = warm.start()
-                t = stream.first(laptop(), t0, to)
-                (results["up_to_first_answer_installed"].append(round(t - t0, 3)) if t else
-                 failures["up_to_first_answer_installed"].append(f"run {i}: no laptop answer within {to}s"))
-                marks["installed"].append(warm.marks() | ({"first_answer": round(t - t0, 3)} if t else {}))
-                say(f"1a run {i}: {t - t0 if t else None}")
+                first_answer(warm, stream, "installed", "1a", i)
                 if i < runs - 1:
                     warm.stop()
 
             # -- 2: pod replacement Ready -> serving again (up still running from the last 1a run) ---
             for i in range(runs):
-                old = set(kubectl("get", "pods", "-l", "app=warm", "-o", "jsonpath={.items[*].metadata.name}",
-                                  ns=ns).stdout.split())
+                old = pod_names(ns, "warm")
                 pods = Stream([kubectl_binary(), "-n", ns, "get", "pods", "-l", "app=warm", "-w", "-o",
                                'jsonpath={.metadata.name} {.status.conditions[?(@.type=="Ready")].status} '
                                '{.metadata.deletionTimestamp}{"\\n"}'])
@@ -290,8 +299,7 @@ def main() -> int:
                 # The floor of (1b), without tpenv: a plain rollout of the same Deployment (a
                 # template annotation changed) -> the first answer from a new pod. Injection is
                 # such a rollout plus tpenv's own work; the difference is what tpenv adds.
-                old = set(kubectl("get", "pods", "-l", f"app={name}", "-o",
-                                  "jsonpath={.items[*].metadata.name}", ns=ns).stdout.split())
+                old = pod_names(ns, name)
                 t_roll = time.monotonic()
                 kubectl("patch", "deployment", name, "-p", json.dumps(
                     {"spec": {"template": {"metadata": {"annotations": {"bench.tpenv.io/roll": str(i)}}}}}), ns=ns)
@@ -301,12 +309,7 @@ def main() -> int:
                 kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
                 if s.first(cluster, time.monotonic(), to) is None:
                     raise RuntimeError(f"{name} does not answer after its plain rollout")
-                t0 = up.start()
-                t = s.first(laptop(), t0, to)
-                (results["up_to_first_answer_injecting"].append(round(t - t0, 3)) if t else
-                 failures["up_to_first_answer_injecting"].append(f"run {i}: no laptop answer within {to}s"))
-                marks["injecting"].append(up.marks() | ({"first_answer": round(t - t0, 3)} if t else {}))
-                say(f"1b run {i}: {t - t0 if t else None}")
+                first_answer(up, s, "injecting", "1b", i)
                 up.stop()
             finally:
                 s.stop()

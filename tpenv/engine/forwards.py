@@ -166,8 +166,8 @@ class ForwardUnit(TaskUnit):
         async for kind, obj in events:
             before = self.backends.current
             self.backends.apply(kind, obj)
-            gone = {name for name in self._tunnels if name not in {p for p, _ in self.backends.pods}}
-            for name in gone:  # not closed: connections still open to it end on their own
+            live = {pod for pod, _ in self.backends.pods}
+            for name in [n for n in self._tunnels if n not in live]:  # not closed: open connections end on their own
                 del self._tunnels[name]
             if before is not None and before not in self.backends.pods:
                 after = self.backends.pick()

@@ -128,6 +128,15 @@ class LocalServer:
         self.server.server_close()
 
 
+def echo_container(port_name: str | None) -> dict:
+    """The app container of the intercept scenarios: tpenv-echo on 8080, the port named or not."""
+    port = {"containerPort": 8080}
+    if port_name:
+        port["name"] = port_name
+    return {"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
+            "ports": [port], "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
+
+
 def deploy_hello(ns: str) -> None:
     kubectl("apply", "-f", str(HELLO), ns=ns)
     kubectl("rollout", "status", "deployment/hello", "--timeout=120s", ns=ns, timeout=150)

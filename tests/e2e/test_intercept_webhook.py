@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, spec_of, tpenv, wait_for
+from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, echo_container, spec_of, tpenv, wait_for
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -36,10 +36,7 @@ def test_intercept_uses_the_webhook_injected_agent(namespace, tmp_path):
         apply([{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "gitops"},
                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "gitops"}},
                          "template": {"metadata": {"labels": {"app": "gitops", "tpenv.io/inject-agent": "enabled"}},
-                                      "spec": {"containers": [{
-                                          "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
-                                          "command": ["tpenv-echo"], "ports": [{"name": "http", "containerPort": 8080}],
-                                          "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},
+                                      "spec": {"containers": [echo_container("http")]}}}},
                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gitops"},
                 "spec": {"selector": {"app": "gitops"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}],
               ns=ns)

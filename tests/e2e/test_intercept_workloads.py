@@ -9,18 +9,11 @@ import json
 
 import pytest
 
-from test_intercept_kit import Intercepting, LocalServer, agent_in_pods, client_pod, curl, spec_of, tpenv, wait_for
+from test_intercept_kit import (Intercepting, LocalServer, agent_in_pods, client_pod, curl, echo_container, spec_of,
+                                tpenv, wait_for)
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-
-
-def echo_container(port_name: str | None) -> dict:
-    port = {"containerPort": 8080}
-    if port_name:
-        port["name"] = port_name
-    return {"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
-            "ports": [port], "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
 
 
 def test_two_replicas_numeric_target_port(namespace, tmp_path):

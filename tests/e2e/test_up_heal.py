@@ -22,6 +22,21 @@ def one_intercept(tmp_path, ns: str, name: str = "web") -> tuple[int, str]:
     return port, f"http://{name}.{ns}/"
 
 
+def web_and_one_intercept(tmp_path, ns: str) -> str:
+    """Stage 1 of most tests here: Deployment web and the client pod ready, a file intercepting web; its URL."""
+    deploy("web", ns, wait=False)
+    client(ns)
+    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
+    wait_client(ns)
+    return one_intercept(tmp_path, ns)[1]
+
+
+def laptop_serves(up: UpSession, ns: str, url: str) -> None:
+    """`up` has web's intercept and handler ready, and the laptop answers the cluster's requests."""
+    up.wait_ready(f"intercept/{ns}/web", "handler/web")
+    up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
+
+
 def test_workload_created_after_up_is_waited_for(namespace, tmp_path):
     ns = namespace
     # -- stage 1: `tpenv up` for a workload that does not exist yet --------------------------------
@@ -47,17 +62,12 @@ def test_workload_created_after_up_is_waited_for(namespace, tmp_path):
 def test_cut_connections_and_agent_restart_heal(namespace, tmp_path, kubeconfig):
     ns = namespace
     # -- stage 1: one intercept, tpenv talking to the API server through a proxy we control ---------
-    deploy("web", ns, wait=False)
-    client(ns)
-    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
-    wait_client(ns)
-    _, url = one_intercept(tmp_path, ns)
+    url = web_and_one_intercept(tmp_path, ns)
     proxy = ApiProxy(kubeconfig, tmp_path / "kubeconfig")
     proxy.start()
     try:
         with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
-            up.wait_ready(f"intercept/{ns}/web", "handler/web")
-            up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
+            laptop_serves(up, ns, url)
             pid = up.handler_pid("web")
 
             # -- stage 2: cut every connection (port-forward, SSH, watches): it reconnects by itself --
@@ -90,17 +100,12 @@ def test_cut_connections_and_agent_restart_heal(namespace, tmp_path, kubeconfig)
 def test_api_server_away_for_a_while_and_back(namespace, tmp_path, kubeconfig):
     ns = namespace
     # -- stage 1: one intercept through the API server proxy ---------------------------------------
-    deploy("web", ns, wait=False)
-    client(ns)
-    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
-    wait_client(ns)
-    _, url = one_intercept(tmp_path, ns)
+    url = web_and_one_intercept(tmp_path, ns)
     proxy = ApiProxy(kubeconfig, tmp_path / "kubeconfig")
     proxy.start()
     try:
         with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
-            up.wait_ready(f"intercept/{ns}/web", "handler/web")
-            up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
+            laptop_serves(up, ns, url)
             pid = up.handler_pid("web")
 
             # -- stage 2: the API server is unreachable: tpenv retries (with backoff) and says so -------
@@ -128,14 +133,9 @@ def test_api_server_away_for_a_while_and_back(namespace, tmp_path, kubeconfig):
 def test_rollout_of_a_new_replicaset_is_followed(namespace, tmp_path):
     ns = namespace
     # -- stage 1: one intercept ---------------------------------------------------------------------
-    deploy("web", ns, wait=False)
-    client(ns)
-    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
-    wait_client(ns)
-    _, url = one_intercept(tmp_path, ns)
+    url = web_and_one_intercept(tmp_path, ns)
     with UpSession(tmp_path) as up:
-        up.wait_ready(f"intercept/{ns}/web", "handler/web")
-        up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
+        laptop_serves(up, ns, url)
         old = ready_pods(ns, "web")
 
         # -- stage 2: a new ReplicaSet (someone changes the app's env): its pods carry the agent
@@ -154,14 +154,9 @@ def test_rollout_of_a_new_replicaset_is_followed(namespace, tmp_path):
 def test_workload_deleted_and_deployed_again(namespace, tmp_path):
     ns = namespace
     # -- stage 1: one intercept ---------------------------------------------------------------------
-    deploy("web", ns, wait=False)
-    client(ns)
-    kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
-    wait_client(ns)
-    _, url = one_intercept(tmp_path, ns)
+    url = web_and_one_intercept(tmp_path, ns)
     with UpSession(tmp_path) as up:
-        up.wait_ready(f"intercept/{ns}/web", "handler/web")
-        up.until("web from the laptop", answered_by_laptop(ns, url, name="web"), 60)
+        laptop_serves(up, ns, url)
 
         # -- stage 2: a redeploy: the Deployment deleted, then applied again (without the agent) ----
         kubectl("delete", "deployment", "web", "--wait=false", ns=ns)

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-import yaml
 
+from tests.unit.kubeconfig_kit import token_kubeconfig
 from tpenv.kits.kube import Kube, What
 
 pytestmark = pytest.mark.timeout(30)
@@ -68,12 +68,7 @@ class FakeWatch:
 
 async def test_watch_events_reconnect_and_close(tmp_path):
     fake = FakeWatch()
-    kc = tmp_path / "kubeconfig"
-    kc.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{fake.server.server_address[1]}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "team"}}]}))
+    kc = token_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{fake.server.server_address[1]}")
     kube = await Kube.load(str(kc))
     try:
         # Stage 1: the first response's events, bookmark skipped; then the reconnect's event.

@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from tests.unit.kubeconfig_kit import token_kubeconfig
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What
 from tpenv.kits.kuberest import ApiGroup, plural
@@ -114,6 +115,7 @@ class _Server:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, bytes, str | None]] = []
+        self.auth: list[str | None] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -122,6 +124,7 @@ class _Server:
             def _answer(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 outer.seen.append((self.command, self.path, self.rfile.read(n), self.headers.get("Content-Type")))
+                outer.auth.append(self.headers.get("Authorization"))
                 if "missing" in self.path:
                     status, body = 404, {"kind": "Status", "code": 404, "message": 'secrets "missing" not found'}
                 else:
@@ -153,18 +156,14 @@ class _Server:
 
 async def test_round_trip_through_the_kit_against_a_local_server(tmp_path):
     server = _Server()
-    kc = tmp_path / "kubeconfig"
-    kc.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": server.url}}],
-        "users": [{"name": "u", "user": {"token": "t0ken"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "team"}}]}))
+    kc = token_kubeconfig(tmp_path / "kubeconfig", server.url, token="t0ken")
     kube = await Kube.load(str(kc))
     try:
         # Stage 1: a read returns the JSON object as a dict, with the kubeconfig's bearer token sent.
         obj = await kube.call(kube.core.read_namespaced_secret, "s", "team", what=What("get", "secrets", "team", "s"))
         assert obj["metadata"]["name"] == "s"
         assert server.seen[-1][:2] == ("GET", "/api/v1/namespaces/team/secrets/s")
+        assert server.auth[-1] == "Bearer t0ken"
         # Stage 2: a create carries the body as JSON.
         await kube.call(kube.core.create_namespaced_secret, "team", BODY, what=What("create", "secrets", "team"))
         method, path, body, ctype = server.seen[-1]

@@ -3,6 +3,9 @@ against the real cluster: a workload created after `up` started, a cut connectio
 agent container, the API server away for a while and back, a rollout of a new ReplicaSet."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 
 from tests.cluster.pytest_plugin import kubectl, kubectl_json, wait_until
@@ -29,6 +32,19 @@ def web_and_one_intercept(tmp_path, ns: str) -> str:
     kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
     wait_client(ns)
     return one_intercept(tmp_path, ns)[1]
+
+
+@contextlib.contextmanager
+def up_through_proxy(tmp_path, kubeconfig: str, ns: str, url: str) -> Iterator[tuple[UpSession, ApiProxy]]:
+    """`tpenv up` talking to the API server through a proxy the test controls, serving web."""
+    proxy = ApiProxy(kubeconfig, tmp_path / "kubeconfig")
+    proxy.start()
+    try:
+        with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
+            laptop_serves(up, ns, url)
+            yield up, proxy
+    finally:
+        proxy.stop()
 
 
 def laptop_serves(up: UpSession, ns: str, url: str) -> None:
@@ -63,71 +79,59 @@ def test_cut_connections_and_agent_restart_heal(namespace, tmp_path, kubeconfig)
     ns = namespace
     # -- stage 1: one intercept, tpenv talking to the API server through a proxy we control ---------
     url = web_and_one_intercept(tmp_path, ns)
-    proxy = ApiProxy(kubeconfig, tmp_path / "kubeconfig")
-    proxy.start()
-    try:
-        with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
-            laptop_serves(up, ns, url)
-            pid = up.handler_pid("web")
+    with up_through_proxy(tmp_path, kubeconfig, ns, url) as (up, proxy):
+        pid = up.handler_pid("web")
 
-            # -- stage 2: cut every connection (port-forward, SSH, watches): it reconnects by itself --
-            lost = len(up.lines_matching(r"session lost"))
-            assert proxy.cut() > 0
-            up.wait_output(r"session lost", 30, count=lost + 1)
-            up.until("web from the laptop after the cut", answered_by_laptop(ns, url, name="web"),
-                       60, interval=0.2)
+        # -- stage 2: cut every connection (port-forward, SSH, watches): it reconnects by itself --
+        lost = len(up.lines_matching(r"session lost"))
+        assert proxy.cut() > 0
+        up.wait_output(r"session lost", 30, count=lost + 1)
+        up.until("web from the laptop after the cut", answered_by_laptop(ns, url, name="web"),
+                   60, interval=0.2)
 
-            # -- stage 3: restart the agent container (SIGTERM to its pid 1): heals by itself ----------
-            pod = ready_pods(ns, "web")[0]
+        # -- stage 3: restart the agent container (SIGTERM to its pid 1): heals by itself ----------
+        pod = ready_pods(ns, "web")[0]
 
-            def agent_restarts() -> int:
-                st = kubectl_json("get", "pod", pod, ns=ns)["status"]["containerStatuses"]
-                return next(c["restartCount"] for c in st if c["name"] == "tpenv-agent")
+        def agent_restarts() -> int:
+            st = kubectl_json("get", "pod", pod, ns=ns)["status"]["containerStatuses"]
+            return next(c["restartCount"] for c in st if c["name"] == "tpenv-agent")
 
-            before = agent_restarts()
-            kubectl("exec", pod, "-c", "tpenv-agent", "--", "python3", "-c",
-                    "import os, signal; os.kill(1, signal.SIGTERM)", ns=ns)
-            wait_until("the agent container restarted", lambda: agent_restarts() > before, 60)
-            up.until("web from the laptop after the agent restart",
-                       answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
-            assert up.handler_pid("web") == pid, "the handler is not restarted for a tunnel's sake"
-            assert up.unit(f"intercept/{ns}/web")["state"] == "ready"
-            assert up.stop() == 0, up.output
-    finally:
-        proxy.stop()
+        before = agent_restarts()
+        kubectl("exec", pod, "-c", "tpenv-agent", "--", "python3", "-c",
+                "import os, signal; os.kill(1, signal.SIGTERM)", ns=ns)
+        wait_until("the agent container restarted", lambda: agent_restarts() > before, 60)
+        up.until("web from the laptop after the agent restart",
+                   answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
+        assert up.handler_pid("web") == pid, "the handler is not restarted for a tunnel's sake"
+        assert up.unit(f"intercept/{ns}/web")["state"] == "ready"
+        assert up.stop() == 0, up.output
 
 
 def test_api_server_away_for_a_while_and_back(namespace, tmp_path, kubeconfig):
     ns = namespace
     # -- stage 1: one intercept through the API server proxy ---------------------------------------
     url = web_and_one_intercept(tmp_path, ns)
-    proxy = ApiProxy(kubeconfig, tmp_path / "kubeconfig")
-    proxy.start()
-    try:
-        with UpSession(tmp_path, env={"KUBECONFIG": str(proxy.kubeconfig)}) as up:
-            laptop_serves(up, ns, url)
-            pid = up.handler_pid("web")
+    with up_through_proxy(tmp_path, kubeconfig, ns, url) as (up, proxy):
+        pid = up.handler_pid("web")
 
-            # -- stage 2: the API server is unreachable: tpenv retries (with backoff) and says so -------
-            proxy.stop()
-            up.wait_output(r"cannot reach the API server", 60, count=2)
-            assert up.proc.poll() is None
-
-            # -- stage 3: back: the intercept serves again, the handler was left alone -----------------
-            proxy.start()
-            up.until("web from the laptop after the outage",
-                       answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
-            assert up.handler_pid("web") == pid
-
-            # -- stage 4: and it still follows the cluster: a deleted pod heals (the pod watch is back) --
-            old = ready_pods(ns, "web")
-            kubectl("delete", "pod", *old, "--wait=false", ns=ns)
-            wait_until("web's replacement pod Ready", lambda: [p for p in ready_pods(ns, "web") if p not in old], 120)
-            up.until("web from the laptop via the new pod",
-                       answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
-            assert up.stop() == 0, up.output
-    finally:
+        # -- stage 2: the API server is unreachable: tpenv retries (with backoff) and says so -------
         proxy.stop()
+        up.wait_output(r"cannot reach the API server", 60, count=2)
+        assert up.proc.poll() is None
+
+        # -- stage 3: back: the intercept serves again, the handler was left alone -----------------
+        proxy.start()
+        up.until("web from the laptop after the outage",
+                   answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
+        assert up.handler_pid("web") == pid
+
+        # -- stage 4: and it still follows the cluster: a deleted pod heals (the pod watch is back) --
+        old = ready_pods(ns, "web")
+        kubectl("delete", "pod", *old, "--wait=false", ns=ns)
+        wait_until("web's replacement pod Ready", lambda: [p for p in ready_pods(ns, "web") if p not in old], 120)
+        up.until("web from the laptop via the new pod",
+                   answered_by_laptop(ns, url, name="web"), 60, interval=0.2)
+        assert up.stop() == 0, up.output
 
 
 def test_rollout_of_a_new_replicaset_is_followed(namespace, tmp_path):

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from kubernetes import client as k8s
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -217,10 +216,8 @@ def to_yaml_stream(docs: list[dict]) -> str:
 
 
 def _kinds(kube: Kube) -> dict[str, tuple[Any, Any, Any, bool]]:
-    """kind -> (patch, delete, read, namespaced) of the typed client."""
-    rbac = k8s.RbacAuthorizationV1Api(kube.api)
-    adm = k8s.AdmissionregistrationV1Api(kube.api)
-    core, apps = kube.core, kube.apps
+    """kind -> (patch, delete, read, namespaced) of the kube kit's API groups."""
+    core, apps, rbac, adm = kube.core, kube.apps, kube.rbac, kube.admission
     return {
         "Namespace": (core.patch_namespace, core.delete_namespace, core.read_namespace, False),
         "ServiceAccount": (core.patch_namespaced_service_account, core.delete_namespaced_service_account,

@@ -176,7 +176,6 @@ class Kube:
         # API classes cost ~0.5 s of imports and validator builds on every start).
         self.core = ApiGroup(self.api, "/api/v1")
         self.apps = ApiGroup(self.api, "/apis/apps/v1")
-        self.auth = ApiGroup(self.api, "/apis/authorization.k8s.io/v1")
         self.discovery = ApiGroup(self.api, "/apis/discovery.k8s.io/v1")
         self.rbac = ApiGroup(self.api, "/apis/rbac.authorization.k8s.io/v1")
         self.admission = ApiGroup(self.api, "/apis/admissionregistration.k8s.io/v1")

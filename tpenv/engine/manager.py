@@ -28,13 +28,12 @@ import jinja2
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
 from tpenv.errors import NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
 
-NAMESPACE = "tpenv"
 NAME = "tpenv-manager"
 TLS_SECRET = "tpenv-manager-tls"
-CONFIGMAP = "tpenv-manager"
 WEBHOOK = "tpenv-agent-injector"
 FIELD_MANAGER = "tpenv"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}

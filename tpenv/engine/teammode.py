@@ -20,8 +20,10 @@ from tpenv.kits.kube import What
 
 log = logging.getLogger("tpenv.teammode")
 
+# Where `tpenv manager install` keeps it; tpenv.engine.manager takes the names from here (this
+# module is light: every intercept reads the ConfigMap, and the renderer pulls in jinja2).
 NAMESPACE = "tpenv"
-CONFIGMAP = "tpenv-manager"  # the same names as tpenv.engine.manager (not imported: that pulls in the renderer)
+CONFIGMAP = "tpenv-manager"
 NOTE = "team mode: personal intercept by default; `--http-header all` / `match: all` for all traffic"
 
 _reads: "weakref.WeakKeyDictionary[Any, asyncio.Future[bool]]" = weakref.WeakKeyDictionary()

@@ -80,8 +80,21 @@ def _cluster_env() -> dict[str, str]:
     return env
 
 
+# Debian packages the test suite itself needs on this machine, whatever cluster it runs against:
+# sshfs and fuse3 for the mount tests (the cluster's own packages are tests/cluster/packages.py).
+TEST_PACKAGES = ["sshfs", "fuse3"]
+
+
+def _ensure_packages(packages: list[str]) -> None:
+    sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+    import packages as debs  # tests/cluster/packages.py, stdlib only
+
+    debs.ensure(packages)
+
+
 def test(argv: list[str]) -> int:
     setup()
+    _ensure_packages(TEST_PACKAGES)
     env = _cluster_env()
     env.setdefault("TPENV_E2E", "1")
     cmd = [str(VENV_PY), "-m", "pytest", "-ra", *argv]

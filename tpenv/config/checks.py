@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError
 
-from tpenv.config.models import parse_port
+from tpenv.config.models import did_you_mean, parse_port
 from tpenv.errors import Problem
 
 
@@ -20,7 +20,7 @@ def check(data: dict[str, Any], loc: Any, base: Path) -> list[Problem]:
     intercepts = [(i, ic) for i, ic in enumerate(_list(data.get("intercepts"))) if isinstance(ic, dict)]
     forwards = [(i, fw) for i, fw in enumerate(_list(data.get("forwards"))) if isinstance(fw, dict)]
     return [*_duplicate_names(intercepts, loc), *_duplicate_ports(intercepts, forwards, loc),
-            *_run_paths(intercepts, loc, base)]
+            *_run_paths(intercepts, loc, base), *_undeclared_contexts(data, intercepts, forwards, loc)]
 
 
 def _list(value: Any) -> list[Any]:
@@ -73,6 +73,28 @@ def _duplicate_ports(intercepts: list[tuple[int, dict]], forwards: list[tuple[in
             local = int(local)
         if isinstance(local, int) and not isinstance(local, bool) and 1 <= local <= 65535:
             claim(local, f"forwards[{i}]", ("forwards", i, key))
+    return out
+
+
+def _undeclared_contexts(data: dict[str, Any], intercepts: list[tuple[int, dict]],
+                         forwards: list[tuple[int, dict]], loc: Any) -> list[Problem]:
+    """A unit's ``context:`` must name an entry of ``contexts:`` (a kubeconfig context name would
+    tie the shared file to one reader's kubeconfig)."""
+    declared = [k for k in data.get("contexts") or {} if isinstance(k, str)] \
+        if isinstance(data.get("contexts"), dict) else []
+    out = []
+    for what, items in (("intercepts", intercepts), ("forwards", forwards)):
+        for i, item in items:
+            name = item.get("context")
+            if not isinstance(name, str) or name in declared:
+                continue
+            if declared:
+                msg = f"{what}[{i}].context: no context {name!r} in contexts: (declared: {', '.join(declared)})"
+                hint = did_you_mean(name, declared) or "name one of the declared contexts"
+            else:
+                msg = f"{what}[{i}].context: {name!r} names no entry: the file declares no contexts:"
+                hint = "declare it under contexts: (with server, cluster or contexts to find it in a kubeconfig)"
+            out.append(loc.problem((what, i, "context"), msg, hint))
     return out
 
 

@@ -331,6 +331,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
                           hint="`tpenv schema` prints every key the file may have")
     assert config is not None
     config._source = path.resolve()
+    config._locator = loc
     for i, ic in enumerate(config.intercepts):
         for name in ic.env.rewrite:
             line, col = loc.at(("intercepts", i, "env", "rewrite", name))

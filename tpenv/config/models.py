@@ -20,6 +20,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
                       WithJsonSchema, model_validator)
 from pydantic_core import PydanticCustomError
 
+from tpenv.errors import Problem
+
 API_VERSION = "tpenv/v1"
 PERSONAL_HEADER = "x-telepresence-intercept-id"  # same name as Telepresence, so existing tooling keeps working
 TEMPLATE_VARIABLES = ("value", "name", "namespace", "env", "mount_root", "intercept_id")
@@ -68,6 +70,14 @@ def _env_name(value: str) -> str:
 Namespace = Annotated[str, _dns_label("namespace name")]
 ServiceName = Annotated[str, _dns_label("service name")]
 EnvName = Annotated[str, AfterValidator(_env_name)]
+
+def _context_name(value: str) -> str:
+    if not _DNS_LABEL.fullmatch(value) or len(value) > 63:
+        raise _fail(f"{value!r} is not a valid context name: lowercase letters, digits and '-', at most 63 characters")
+    return value
+
+
+ContextName = Annotated[str, AfterValidator(_context_name)]
 
 
 def _port_number(value: int) -> int:
@@ -372,7 +382,10 @@ class Intercept(BaseModel):
         None, description="Name of the intercept (`tpenv leave NAME`); default: the workload's name.")
     workload: Annotated[str, AfterValidator(_workload)] = Field(description=(
         "The workload: NAME, deployment/NAME, statefulset/NAME or replicaset/NAME."))
-    namespace: Namespace | None = Field(None, description="Namespace of the workload; default: the file's namespace.")
+    context: ContextName | None = Field(None, description=(
+        "Name of the `contexts:` entry whose cluster holds the workload; default: the default context."))
+    namespace: Namespace | None = Field(None, description=(
+        "Namespace of the workload; default: its context's namespace, else the file's."))
     port: PortSpec = Field(description="LOCAL[:REMOTE]: local port, and the service port (name or number) taken over.")
     service: ServiceName | None = Field(None, description="Service to intercept when several select the workload.")
     match: MatchField | None = Field(None, description=(
@@ -423,7 +436,10 @@ class Forward(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     service: ServiceName = Field(description="Name of the Service.")
-    namespace: Namespace | None = Field(None, description="Namespace of the Service; default: the file's namespace.")
+    context: ContextName | None = Field(None, description=(
+        "Name of the `contexts:` entry whose cluster holds the Service; default: the default context."))
+    namespace: Namespace | None = Field(None, description=(
+        "Namespace of the Service; default: its context's namespace, else the file's."))
     port: ServicePort = Field(description="Service port, by number or name.")
     local: PortNumber | None = Field(None, description="Local port; default: the same number as `port`.")
 
@@ -471,19 +487,77 @@ class AgentConfig(BaseModel):
         "imagePullPolicy of the agent container; default: the setting agent.image_pull_policy."))
 
 
+
+class KubeContext(BaseModel):
+    """How to find one cluster in each reader's kubeconfig, without naming the reader's own context.
+
+    Every key given narrows the reader's kubeconfig contexts, in this order: `server`, `cluster`,
+    then the first of `contexts` that is left; exactly one context must remain."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str | None = Field(None, description=(
+        "API server URL, as in the kubeconfig's clusters[].cluster.server (e.g. https://10.0.0.1:6443)."))
+    cluster: str | None = Field(None, description="Name of the cluster in the kubeconfig (clusters[].name).")
+    contexts: list[str] = Field(default_factory=list, description=(
+        "Candidate kubeconfig context names, in order of preference: the first the reader has is used."))
+    namespace: Namespace | None = Field(None, description=(
+        "Namespace of the units in this context; default: the file's namespace, else the kube context's."))
+    default: bool = Field(False, description=(
+        "The context of units that name none (at most one entry); default: the first entry. "
+        "--context and TPENV_CONTEXT win over it."))
+
+    @model_validator(mode="after")
+    def _says_how(self) -> "KubeContext":
+        if self.server is None and self.cluster is None and not self.contexts:
+            raise _fail("a context entry needs at least one of server, cluster, contexts",
+                        "e.g. server: https://203.0.113.10:6443 (see `kubectl config view --minify`)")
+        return self
+
+
 class Config(BaseModel):
     """telepresence.yaml: what `tpenv up` brings up and keeps up."""
 
     model_config = ConfigDict(extra="forbid", title="telepresence.yaml")
 
     api_version: Literal["tpenv/v1"] = Field(API_VERSION, alias="apiVersion", description="Version of this format.")
-    context: str | None = Field(None, description="Kubernetes context; default: the current context.")
+    context: str | None = Field(None, description=(
+        "Kubeconfig context of every unit, for a file used by one person; default: the current context. "
+        "A file shared by a team uses `contexts:` instead."))
+    contexts: dict[ContextName, KubeContext] = Field(default_factory=dict, description=(
+        "Named clusters, each found in the reader's kubeconfig by server URL, cluster name or candidate "
+        "context names; units choose one with `context:`."))
     namespace: Namespace | None = Field(None, description="Default namespace; default: the context's namespace.")
     connect: Connect = Field(default_factory=Connect, description=Connect.__doc__)
     agent: AgentConfig = Field(default_factory=AgentConfig, description=AgentConfig.__doc__)
     forwards: list[Forward] = Field(default_factory=list, description="Service ports made reachable on local ports.")
     intercepts: list[Intercept] = Field(default_factory=list, description="Workload ports sent to this machine.")
     _source: Path | None = PrivateAttr(None)
+    _locator: Any = PrivateAttr(None)  # the loader's positions, for problems found after loading
+
+    @model_validator(mode="after")
+    def _one_way_to_name_contexts(self) -> "Config":
+        if self.context is not None and self.contexts:
+            raise _fail("give either context (one kubeconfig context) or contexts (named clusters), not both",
+                        "with contexts:, choose the default with `default: true` on an entry, or --context NAME")
+        defaults = [name for name, entry in self.contexts.items() if entry.default]
+        if len(defaults) > 1:
+            raise _fail(f"contexts: {', '.join(defaults)} all say default: true; at most one may")
+        return self
+
+    @property
+    def default_context(self) -> str | None:
+        """The entry units use when they name none: the one with ``default: true``, else the first."""
+        for name, entry in self.contexts.items():
+            if entry.default:
+                return name
+        return next(iter(self.contexts), None)
+
+    def problem(self, path: tuple, message: str, suggestion: str | None = None) -> Any:
+        """A located Problem at ``path`` of the file this was loaded from (1:1 when built in code)."""
+        if self._locator is not None:
+            return self._locator.problem(path, message, suggestion)
+        return Problem(str(self._source or "telepresence.yaml"), 1, 1, message, suggestion)
 
     @property
     def source(self) -> Path | None:
@@ -506,6 +580,6 @@ class Config(BaseModel):
         raise KeyError(name)
 
 
-__all__ = ["Config", "AgentConfig", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec", "Forward", "Connect", "PortMap",
+__all__ = ["Config", "KubeContext", "AgentConfig", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec", "Forward", "Connect", "PortMap",
            "parse_port", "is_dns_label", "is_image_ref", "compile_regex", "compile_template", "did_you_mean", "API_VERSION", "PERSONAL_HEADER",
            "TEMPLATE_VARIABLES", "ENV_FORMATS", "WORKLOAD_KINDS"]

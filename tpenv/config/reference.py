@@ -80,6 +80,43 @@ does not exist; a `run.watch` glob that matches no file.
   loaded; an unset variable is an error unless a default is given: `${VAR:-default}` (also
   used when VAR is empty). `$${VAR}` is a literal `${VAR}`.
 
+## Contexts: one file for every developer's clusters
+
+`context: NAME` names a context of *your* kubeconfig, which is fine for a file only you use.
+A committed file names its clusters under `contexts:` instead, and says how to find each one
+in whoever's kubeconfig reads it, without naming their context (`kind-dev` for one developer,
+`gke_acme_europe-west1_dev` for the next):
+
+```yaml
+contexts:
+  staging:                       # a shared cluster: found by its API server URL
+    server: https://staging.k8s.example.com:6443
+    namespace: shop
+  mine:                          # a personal cluster: the first of these names the reader has
+    contexts: [kind-dev, minikube, docker-desktop]
+    default: true
+intercepts:
+  - workload: deployment/cart    # in `mine`, the default
+    port: 8080:http
+forwards:
+  - service: postgres            # in staging, namespace shop
+    context: staging
+    port: 5432
+```
+
+Each key given narrows the reader's kubeconfig contexts, in this order: `server` (the
+cluster's server URL; scheme and host case-insensitive, default port implied), `cluster` (the
+kubeconfig's cluster name), then the first name of `contexts` that is left. Exactly one context
+must remain: none, or several (two users of one server), is an error at the entry's line that
+lists the contexts your kubeconfig has. Only the entries your units use need to be found.
+
+Units that name no `context:` use the default: `--context NAME` (an entry, or any context of
+your kubeconfig), else `TPENV_CONTEXT`, else the entry with `default: true`, else the first
+entry. A unit's namespace is its own `namespace`, else its context's, else the file's, else
+the kube context's. `tpenv up` keeps one Kubernetes client per context: an outage or revoked
+credentials in one cluster fail that cluster's units alone, and they come back by themselves.
+`tpenv status` and the live table show each unit's context.
+
 ## The handler's environment
 
 Built in this order: the app container's environment exactly as the app sees it (reported
@@ -150,7 +187,7 @@ def reference_text() -> str:
     defs = schema["$defs"]
     out = [INTRO.replace("{example}", example), "## Keys", ""]
     out += _table("telepresence.yaml (top level)", schema, defs)
-    for name in ("Connect", "Forward", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec"):
+    for name in ("KubeContext", "Connect", "Forward", "Intercept", "Match", "EnvSpec", "MountSpec", "RunSpec"):
         out += _table(name, defs[name], defs)
     out += ["## Settings (environment variables)", "",
             "Tunables of tpenv itself, not of your project: set them in the environment.", "",

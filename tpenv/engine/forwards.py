@@ -1,6 +1,7 @@
 """Forwards (``forwards:``): a cluster Service port reachable on a local port.
 
-A forward is one reconciler unit, key ``("forward", ns, service, port)``. It listens on
+A forward is one reconciler unit, key ``("forward", ns, service, port)`` (then the context's
+name, in a file with ``contexts:``). It listens on
 ``127.0.0.1:<local>`` and carries every accepted connection over its own port-forward stream
 (``PodTunnel.open_stream``) to a ready pod behind the Service. Which pods are behind it comes
 from the Service's EndpointSlices, kept current by a watch, so when the pod in use goes away
@@ -100,14 +101,22 @@ class ForwardSpec:
     local: int
     host: str = "127.0.0.1"
     connect_timeout: float = 10.0
+    context: str | None = None  # the contexts: entry (None: the file's one unnamed context)
 
     @property
     def key(self) -> Key:
-        return ("forward", self.namespace, self.service, str(self.port))
+        key: Key = ("forward", self.namespace, self.service, str(self.port))
+        return (*key, self.context) if self.context else key
 
     @property
     def spec_hash(self) -> str:
-        return hash_spec(self.namespace, self.service, str(self.port), self.local, self.host)
+        # The Kube is not compared: a context whose entry now finds another cluster changes its
+        # kube_context, which the factory folds in through `context_hash`.
+        return hash_spec(self.namespace, self.service, str(self.port), self.local, self.host, self.context_hash)
+
+    @property
+    def context_hash(self) -> str | None:
+        return self.kube.context if self.context else None
 
     @property
     def depends_on(self) -> frozenset[Key]:
@@ -239,14 +248,16 @@ async def _splice(a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter,
         a_w.close()
 
 
-def forward_specs(config: Any, kube: Kube, wanted: Callable[[str], bool], *,
-                  connect_timeout: float = 10.0) -> dict[Key, ForwardSpec]:
-    """A spec per wanted ``forwards:`` entry (``--only`` matches the Service name)."""
+def forward_specs(config: Any, place: Callable[[Any], tuple[Kube, str, str | None]],
+                  wanted: Callable[[str], bool], *, connect_timeout: float = 10.0) -> dict[Key, ForwardSpec]:
+    """A spec per wanted ``forwards:`` entry (``--only`` matches the Service name);
+    ``place(forward)`` gives its context's Kube, its namespace and its context's name."""
     specs: dict[Key, ForwardSpec] = {}
     for fw in config.forwards:
         if not wanted(fw.service):
             continue
-        spec = ForwardSpec(kube, fw.namespace or config.namespace or kube.namespace, fw.service, fw.port,
-                           fw.local, connect_timeout=connect_timeout)
+        kube, namespace, context = place(fw)
+        spec = ForwardSpec(kube, namespace, fw.service, fw.port, fw.local, connect_timeout=connect_timeout,
+                           context=context)
         specs[spec.key] = spec
     return specs

@@ -32,8 +32,11 @@ from tpenv.kits.aio import Backoff, unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 
 
-def intercept_key(namespace: str, workload: str, port: Any) -> Key:
-    return ("intercept", namespace, workload, str(port))
+def intercept_key(namespace: str, workload: str, port: Any, context: str | None = None) -> Key:
+    """``("intercept", ns, workload, port)``, plus the context's name in a file with ``contexts:``
+    (the same workload in two clusters is two units)."""
+    key: Key = ("intercept", namespace, workload, str(port))
+    return (*key, context) if context else key
 
 
 @dataclass(frozen=True)

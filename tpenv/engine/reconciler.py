@@ -436,6 +436,8 @@ class Reconciler:
                 "last_error": st.last_error or (self._status[key].last_error if key in self._status else None),
                 "restarts": self._restarts.get(key, 0) + st.restarts,
                 "detail": st.detail,
+                # The cluster a unit talks to (a spec's optional ``context``: `contexts:` entries).
+                "context": getattr(self.specs.get(key), "context", None),
             })
         return {"units": units, "config_error": self.config_error, "stopping": self._stop_requested}
 

@@ -54,7 +54,8 @@ class CliContext:
     debug: bool = False
     config_file: Path = Path("telepresence.yaml")
     namespace: str | None = None
-    kube_context: str | None = None
+    kube_context: str | None = None  # --context, else TPENV_CONTEXT
+    context_by: str = "--context"  # which of the two set kube_context (for messages)
     agent_image: str | None = None  # --agent-image
     stdout: TextIO | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
@@ -112,7 +113,7 @@ class CliContext:
                 raise UsageError(f"-n {self.namespace!r}: not a valid namespace name",
                                  hint="lowercase letters, digits and '-', at most 63 characters")
             config.namespace = self.namespace
-        if self.kube_context:
-            config.context = self.kube_context
+        if self.kube_context and not config.contexts:
+            config.context = self.kube_context  # with contexts:, `up` resolves the name (engine/contexts.py)
         self._apply_agent_config(config)
         return config

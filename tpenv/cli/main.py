@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -57,7 +58,8 @@ def _common_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     group.add_argument("-n", "--namespace", default=d(None), metavar="NS",
                        help="namespace (default: the file's, else the kube context's)")
     group.add_argument("--context", dest="kube_context", default=d(None), metavar="NAME",
-                       help="kube context (default: the file's, else the current one)")
+                       help="kube context, or an entry of the file's contexts: (default: TPENV_CONTEXT, "
+                            "else the file's, else the current one)")
     group.add_argument("-o", "--output", choices=OUTPUTS, default=d("text"),
                        help="output for people (text) or scripts (json, yaml)")
     group.add_argument("--debug", action="store_true", default=d(False),
@@ -72,6 +74,8 @@ def _settings_epilog() -> str:
     for var, _section, _name, default, description in env_overrides():
         lines.append(f"  {var} (default {default})")
         lines.append(f"      {description}")
+    lines.append("  TPENV_CONTEXT")
+    lines.append("      --context for every command of this shell: a kube context, or an entry of the file's contexts:")
     lines.append("")
     lines.append("exit codes: 0 ok, 1 runtime error, 2 bad config or usage, 3 not built yet, 70 internal error")
     return "\n".join(lines)
@@ -137,8 +141,11 @@ def run_verb(module: ModuleType, args: argparse.Namespace) -> int:
     """Run one verb module to its exit code; the only place exceptions become messages."""
     try:
         setup_logging(args.debug, json=args.output == "json")
+        # TPENV_CONTEXT is --context for a shell (e.g. one terminal per cluster); the flag wins.
+        context_by = "--context" if args.kube_context else "TPENV_CONTEXT"
         ctx = CliContext(settings=load_settings(), output=args.output, debug=args.debug, config_file=args.file,
-                         namespace=args.namespace, kube_context=args.kube_context,
+                         namespace=args.namespace, kube_context=args.kube_context or os.environ.get("TPENV_CONTEXT")
+                         or None, context_by=context_by,
                          agent_image=getattr(args, "agent_image", None))
         ctx.apply_agent_flag()
         return int(asyncio.run(module.run(args, ctx)) or 0)

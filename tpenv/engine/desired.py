@@ -13,17 +13,19 @@
 An intercept unit's ``start()`` returns at once: injection rollouts and a workload that does not
 exist yet (waited for with a watch) never hold the session's other units.
 
-The Kube connection is opened on the first pass that needs one and lives for the session.
+Every unit key ends with its context's name in a file with ``contexts:`` (contexts.py); the Kube
+of each kubeconfig context is opened on the first pass that needs it and lives for the session.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tpenv.config.models import Config, Intercept
+from tpenv.engine.contexts import Clusters, Targets, resolve_targets
 from tpenv.engine.forwards import forward_specs
 from tpenv.engine.intercepts import InterceptRun, intercept_key
 from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitEvent, UnitSpec, hash_spec
@@ -31,6 +33,7 @@ from tpenv.engine.up import UpContext, handler_specs
 from tpenv.errors import NotFound, TransientError
 from tpenv.kits.aio import Backoff
 from tpenv.kits.kube import Kube, What, parse_workload_ref
+from tpenv.kits.kubeconfig import Kubeconfig
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,18 @@ class InterceptSpec:
     base_dir: Path = Path(".")
     runs: dict = field(default_factory=dict, compare=False, repr=False)  # key -> ready InterceptRun, shared
     ready_hashes: dict = field(default_factory=dict, compare=False, repr=False)  # key -> spec_hash of that run
+    context: str | None = None  # the contexts: entry (None: the file's one unnamed context)
 
     @property
     def key(self) -> Key:
-        return intercept_key(self.namespace, self.intercept.workload_name, self.intercept.port)
+        return intercept_key(self.namespace, self.intercept.workload_name, self.intercept.port, self.context)
 
     @property
     def spec_hash(self) -> str:
         # The handler's run: block is the handler unit's business: editing it must not
-        # re-register the intercept.
-        return hash_spec(self.namespace, self.intercept.model_dump(mode="json", exclude={"run"}), str(self.base_dir))
+        # re-register the intercept. An entry that now finds another kube context restarts it.
+        return hash_spec(self.namespace, self.intercept.model_dump(mode="json", exclude={"run"}), str(self.base_dir),
+                         self.kube.context if self.context else None)
 
     @property
     def depends_on(self) -> frozenset[Key]:
@@ -231,28 +236,54 @@ async def _first_of(change: Awaitable[None], stopped: Awaitable[Any]) -> bool:
 
 
 class UpFactory:
-    """``factory(config, uctx)`` for run_up: intercepts, forwards and handlers."""
+    """``factory(config, uctx)`` for run_up: intercepts, forwards and handlers, each in its context
+    (contexts.py): one Kube per kubeconfig context, opened on the first pass that needs it."""
 
     def __init__(self, settings: Any, *, kube_context: str | None = None, kubeconfig: str | None = None,
-                 namespace_override: str | None = None) -> None:
+                 namespace_override: str | None = None, only: Sequence[str] = (),
+                 context_by: str = "--context") -> None:
         self.settings = settings
-        self.kube_context = kube_context
+        self.kube_context = kube_context  # --context / TPENV_CONTEXT (context_by says which)
+        self.context_by = context_by
         self.kubeconfig = kubeconfig
         self.namespace_override = namespace_override
-        self.kube: Kube | None = None
+        self.only = frozenset(only)
+        self.clusters: Clusters | None = None
         self.runs: dict[Key, InterceptRun] = {}
         self.ready_hashes: dict[Key, str] = {}
+        self._resolved: tuple[Config, Targets] | None = None
+        self.contexts: dict[Key, str | None] = {}  # unit key -> its context's name, for status
 
     def status(self) -> dict[str, Any]:
         """Extra status of the session: its serving intercepts, marked as held by `tpenv up`
         (so `tpenv leave` can say why it will not end one, and `tpenv list` can name them)."""
-        return {"intercepts": [dict(run.describe(), held_by="up") for run in list(self.runs.values())]}
+        return {"intercepts": [dict(run.describe(), held_by="up", context=self.contexts.get(key))
+                               for key, run in list(self.runs.items())]}
 
-    async def _kube(self, config: Config, uctx: UpContext) -> Kube:
-        if self.kube is None:
-            self.kube = await Kube.load(self.kubeconfig, self.kube_context or config.context)
-            await uctx.resources.enter_async_context(self.kube)
-        return self.kube
+    def checked(self, config: Config) -> Config:
+        """``config`` with its contexts resolved in the reader's kubeconfig (ConfigError, exit 2,
+        at start; a running session keeps its state on a bad edit). Use as run_up's ``load``."""
+        units = [u for u in (*config.intercepts, *config.forwards)
+                 if not self.only or getattr(u, "name", None) in self.only or getattr(u, "service", None) in self.only]
+        targets = resolve_targets(config, selected=self.kube_context, selected_by=self.context_by, units=units,
+                                  kubeconfig=Kubeconfig.read(self.kubeconfig) if config.contexts else None)
+        self._resolved = (config, targets)
+        return config
+
+    def _targets(self, config: Config) -> Targets:
+        if self._resolved is None or self._resolved[0] is not config:
+            self.checked(config)
+        assert self._resolved is not None
+        return self._resolved[1]
+
+    async def _place(self, config: Config, uctx: UpContext, unit: Any) -> tuple[Kube, str, str | None]:
+        """A unit's Kube, namespace and context name (None in a file without ``contexts:``)."""
+        if self.clusters is None:
+            self.clusters = Clusters(uctx.resources, self.kubeconfig)
+        target = self._targets(config).of(unit)
+        kube = await self.clusters.kube(target)
+        ns = self.namespace_override or unit.namespace or target.namespace or config.namespace or kube.namespace
+        return kube, ns, target.name if config.contexts else None
 
     def _env_for(self, key: Key) -> Callable[[], dict[str, str]]:
         def env() -> dict[str, str]:
@@ -267,22 +298,28 @@ class UpFactory:
         fwd_wanted = [fw for fw in config.forwards if uctx.wanted(fw.service)]
         if not wanted and not fwd_wanted:
             return dict(handler_specs(config, uctx))
-        kube = await self._kube(config, uctx)
         base_dir = config.source.parent if config.source else Path.cwd()
         keys: dict[str, Key] = {}
         waiting: set[str] = set()
+        contexts: dict[Key, str | None] = {}
         for ic in wanted:
-            ns = self.namespace_override or ic.namespace or config.namespace or kube.namespace
+            kube, ns, context = await self._place(config, uctx, ic)
             spec = InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir, self.runs,
-                                 self.ready_hashes)
+                                 self.ready_hashes, context=context)
             specs[spec.key] = spec
             keys[ic.name] = spec.key
+            contexts[spec.key] = context
             # A handler runs with its intercept's env: only once that intercept (as now specified)
             # serves. Until then it is left out; the intercept's "ready" event brings it in.
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
         t = self.settings.tunnels if self.settings else None
-        specs.update(forward_specs(config, kube, uctx.wanted, connect_timeout=t.connect_timeout if t else 10.0))
+        placed = {id(fw): await self._place(config, uctx, fw) for fw in fwd_wanted}
+        forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
+                                 connect_timeout=t.connect_timeout if t else 10.0)
+        specs.update(forwards)
+        contexts.update({k: f.context for k, f in forwards.items()})
+        self.contexts = contexts
         handlers = handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name]),
                                  depends_on=lambda ic: frozenset({keys[ic.name]}))
         specs.update({k: h for k, h in handlers.items() if h.name not in waiting})

@@ -26,14 +26,23 @@ def render_units(snapshot: dict[str, Any], now: float | None = None) -> Any:
 
     now = time.time() if now is None else now
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for col in ("unit", "state", "since", "restarts", "note"):
+    units = snapshot.get("units", [])
+    # A context column only when the file names contexts: one cluster needs no column.
+    with_context = any(u.get("context") for u in units)
+    cols = ("unit", "context", "state", "since", "restarts", "note") if with_context else \
+        ("unit", "state", "since", "restarts", "note")
+    for col in cols:
         table.add_column(col, no_wrap=col != "note", overflow="fold")
-    for u in snapshot.get("units", []):
+    for u in units:
         note = u.get("last_error") if u["state"] == "failed" else (u.get("detail") or "")
-        table.add_row(u["name"], f"[{_STYLE.get(u['state'], '')}]{u['state']}[/]", age_text(now - u["since"]),
-                      str(u.get("restarts") or ""), note or "")
+        row = [u["name"], f"[{_STYLE.get(u['state'], '')}]{u['state']}[/]", age_text(now - u["since"]),
+               str(u.get("restarts") or ""), note or ""]
+        if with_context:
+            row.insert(1, u.get("context") or "")
+        table.add_row(*row)
     if snapshot.get("config_error"):
-        table.add_row("config", "[bold red]invalid[/]", "", "", str(snapshot["config_error"]).splitlines()[0])
+        row = ["config", "[bold red]invalid[/]", "", "", str(snapshot["config_error"]).splitlines()[0]]
+        table.add_row(*(row[:1] + [""] + row[1:] if with_context else row))
     return table
 
 

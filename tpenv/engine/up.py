@@ -229,6 +229,8 @@ def format_status(replies: list[dict[str, Any]], now: float | None = None) -> st
         for u in r["units"]:
             age = max(0, int(now - u["since"]))
             line = f"  {u['name']:<40} {u['state']:<9} {age_text(age):>6}"
+            if u.get("context"):
+                line += f"  context {u['context']}"
             if u.get("restarts"):
                 line += f"  restarts {u['restarts']}"
             if u.get("detail"):

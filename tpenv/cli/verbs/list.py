@@ -89,6 +89,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
                 lines.append(f"    Port          : {ic.get('port')}, {how}")
                 if mine:
                     lines.append(f"    Destination   : {mine.get('destination')}")
+                    if mine.get("context"):  # the session's `contexts:` entry this intercept is in
+                        lines.append(f"    Context       : {mine['context']}")
         elif not selecting:
             lines.append(f"{w.name}: not interceptable (no Service selects it)")
         else:

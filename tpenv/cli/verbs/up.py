@@ -20,9 +20,11 @@ async def run(args: argparse.Namespace, ctx) -> int:
 
     from tpenv.engine.liveview import LiveView
 
-    factory = UpFactory(ctx.settings, kube_context=ctx.kube_context)
+    factory = UpFactory(ctx.settings, kube_context=ctx.kube_context, only=args.only, context_by=ctx.context_by)
     # A live table when a person watches a terminal; plain lines for scripts, CI and -o json.
     view = None if ctx.output != "text" or args.plain else LiveView
-    # ctx.load_config applies -n/--context to every load, including reloads after a save.
+    # ctx.load_config applies -n/--context to every load, including reloads after a save;
+    # factory.checked finds the file's contexts: in the kubeconfig (exit 2 at start when it cannot).
     return await run_up(ctx.config_file, ctx.settings, only=args.only, unit_factory=factory,
-                        load=lambda _path: ctx.load_config(), view=view, extra_status=factory.status)
+                        load=lambda _path: factory.checked(ctx.load_config()), view=view,
+                        extra_status=factory.status)

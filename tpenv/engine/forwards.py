@@ -23,8 +23,8 @@ from tpenv.engine.units import Key, Notify, TaskUnit, hash_spec
 from tpenv.errors import NotFound, TpenvError, TransientError
 from tpenv.kits.kube import Kube, What
 from tpenv.kits.portforward import PodTunnel
+from tpenv.kits.splice import CHUNK as _CHUNK, splice as _splice
 
-_CHUNK = 256 * 1024
 _ATTEMPTS = 3  # pods tried for one accepted connection before giving up on it
 
 
@@ -225,27 +225,6 @@ class ForwardUnit(TaskUnit):
             self.log.warning("connection dropped: %s", e)
         finally:
             writer.close()
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while data := await src.read(_CHUNK):
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except (ConnectionError, TpenvError):
-        pass
-
-
-async def _splice(a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter,
-                  b_r: asyncio.StreamReader, b_w: asyncio.StreamWriter) -> None:
-    """Copy both ways until both directions end (or one side breaks), then close both."""
-    try:
-        await asyncio.gather(_pipe(a_r, b_w), _pipe(b_r, a_w))
-    finally:
-        b_w.close()
-        a_w.close()
 
 
 def forward_specs(config: Any, place: Callable[[Any], tuple[Kube, str, str | None]],

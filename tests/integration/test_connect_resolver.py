@@ -1,0 +1,134 @@
+"""tpenv's local resolver over real sockets: a DnsServer (UDP and TCP on 127.0.0.1) in front of
+the Resolver, which asks a stand-in cluster DNS (another DnsServer answering a small zone, reached
+over one pipelined TCP stream as the relay carries it) and a stand-in upstream nameserver.
+
+What it shows: cluster names answered under the asked name, cached for the record TTL (the
+stand-in sees one query), short names searched through the namespaces in order, names outside
+the cluster sent upstream byte for byte, a missing svc.ns said NXDOMAIN without leaking it.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from tpenv.kits.dns_names import NameRules
+from tpenv.kits.dns_resolver import Resolver
+from tpenv.kits.dns_server import DnsServer
+from tpenv.kits.dns_upstream import StreamDns, Upstream
+
+ZONE = {  # (name, type) -> (ttl, values): what the stand-in cluster DNS knows
+    ("hello.shop.svc.cluster.local.", "A"): (30, ["10.96.0.20"]),
+    ("hello.shop.svc.cluster.local.", "AAAA"): (30, ["fd00::20"]),
+    ("db.default.svc.cluster.local.", "A"): (5, ["10.96.0.30"]),
+    ("db.shop.svc.cluster.local.", "A"): (5, ["10.96.0.31"]),
+    ("web-0.web.shop.svc.cluster.local.", "A"): (30, ["10.244.0.7"]),
+    ("_http._tcp.hello.shop.svc.cluster.local.", "SRV"): (30, ["0 100 80 hello.shop.svc.cluster.local."]),
+}
+
+
+class Recorder:
+    """A DNS server's answer function that records the names it was asked."""
+
+    def __init__(self, answer) -> None:
+        self.asked: list[str] = []
+        self._answer = answer
+
+    async def __call__(self, wire: bytes) -> bytes:
+        q = dns.message.from_wire(wire)
+        self.asked.append(q.question[0].name.to_text())
+        return self._answer(q).to_wire()
+
+
+def cluster_answer(q: dns.message.Message) -> dns.message.Message:
+    r = dns.message.make_response(q)
+    name, rdtype = q.question[0].name.to_text().lower(), dns.rdatatype.to_text(q.question[0].rdtype)
+    if (name, rdtype) in ZONE:
+        ttl, values = ZONE[(name, rdtype)]
+        r.answer.append(dns.rrset.from_text_list(name, ttl, "IN", rdtype, values))
+    elif not any(n == name for n, _ in ZONE):
+        r.set_rcode(dns.rcode.NXDOMAIN)
+    return r
+
+
+def upstream_answer(q: dns.message.Message) -> dns.message.Message:
+    r = dns.message.make_response(q)
+    if q.question[0].rdtype == dns.rdatatype.A:
+        r.answer.append(dns.rrset.from_text_list(q.question[0].name, 300, "IN", "A", ["192.0.2.1"]))
+    return r
+
+
+@pytest.fixture
+async def world():
+    cluster, upstream = Recorder(cluster_answer), Recorder(upstream_answer)
+    async with DnsServer(cluster) as cluster_srv, DnsServer(upstream) as upstream_srv:
+        host, port = cluster_srv.address
+        stream = StreamDns(lambda: asyncio.open_connection(host, port))
+        rules = NameRules(["shop", "default"], namespaces={"shop", "default"})
+        resolver = Resolver(rules, cluster=stream.query,
+                            upstream=Upstream([upstream_srv.address[0]], port=upstream_srv.address[1]).query)
+        async with DnsServer(resolver.answer) as local:
+            yield local, cluster, upstream
+        stream.close()
+        await stream.wait_closed()
+
+
+async def ask(server: DnsServer, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype)
+    send = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
+    return await send(q, server.address[0], port=server.address[1], timeout=5)
+
+
+# --- stage 1: cluster names, under the name asked, over UDP and TCP ------------------------------
+
+async def test_cluster_names_answered_under_the_asked_name(world):
+    local, cluster, upstream = world
+    r = await ask(local, "hello.shop.")
+    assert r.answer[0].name.to_text() == "hello.shop." and r.answer[0][0].address == "10.96.0.20"
+    r = await ask(local, "hello.shop.svc.cluster.local.", "AAAA", tcp=True)
+    assert r.answer[0][0].address == "fd00::20"
+    r = await ask(local, "web-0.web.shop.")
+    assert r.answer[0][0].address == "10.244.0.7"
+    r = await ask(local, "_http._tcp.hello.shop.", "SRV")
+    assert r.answer[0][0].port == 80
+    assert upstream.asked == []
+
+
+async def test_short_names_search_namespaces_in_order(world):
+    local, cluster, _ = world
+    r = await ask(local, "db.")
+    assert r.answer[0][0].address == "10.96.0.31"  # shop first
+    r = await ask(local, "hello.")
+    assert r.answer[0][0].address == "10.96.0.20"
+
+
+# --- stage 2: the cache follows the record TTL ----------------------------------------------------
+
+async def test_answers_are_cached_for_their_ttl(world):
+    local, cluster, _ = world
+    first = await ask(local, "hello.shop.")
+    again = await ask(local, "hello.shop.")
+    assert cluster.asked.count("hello.shop.svc.cluster.local.") == 1
+    assert again.answer[0][0].address == "10.96.0.20" and again.answer[0].ttl <= first.answer[0].ttl <= 30
+
+
+# --- stage 3: what is not the cluster's -----------------------------------------------------------
+
+async def test_outside_names_go_upstream_untouched(world):
+    local, cluster, upstream = world
+    r = await ask(local, "example.com.")
+    assert r.answer[0][0].address == "192.0.2.1"
+    assert upstream.asked == ["example.com."] and cluster.asked == []
+    r = await ask(local, "printer.")  # no Service of that name: a LAN name, asked upstream after the cluster
+    assert r.answer[0][0].address == "192.0.2.1" and upstream.asked[-1] == "printer."
+
+
+async def test_missing_service_of_a_namespace_is_nxdomain_not_leaked(world):
+    local, _, upstream = world
+    r = await ask(local, "nope.shop.")
+    assert r.rcode() == dns.rcode.NXDOMAIN and upstream.asked == []

@@ -124,6 +124,15 @@ async def test_a_session_certificate_logs_in(material):
             assert answer["ok"] is True and abs(answer["time"] - time.time()) < 60
 
 
+async def test_info_reports_ranges_domain_and_nameservers(material):
+    async with relay_server(material, domain="corp.internal", nameservers=["10.96.0.10"]) as (_, port):
+        async with connect(port, material) as conn, Resolve(conn) as res:
+            answer = await res.call("info")
+            assert answer["ok"] is True
+            assert answer["ranges"] == [str(n) for n in LOOPBACK_ALLOWED.ranges]
+            assert answer["domain"] == "corp.internal" and answer["nameservers"] == ["10.96.0.10"]
+
+
 @pytest.mark.parametrize("how", ["plain key", "another CA", "another principal"])
 async def test_anything_but_a_certificate_of_the_ca_for_this_user_is_refused(material, how):
     other = auth_material()

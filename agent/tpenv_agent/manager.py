@@ -276,7 +276,7 @@ async def _start_relay(args: argparse.Namespace) -> "Any":
     """The Relay, listening; None when the relay is off. Raises on a setup failure (retried)."""
     from . import relay as r
     from . import relay_policy as rp
-    from .relay_resolve import cluster_domain
+    from .relay_resolve import cluster_domain, nameservers as relay_nameservers
     from .sshd import auth_from_material, read_auth
 
     if args.relay == "off":
@@ -300,7 +300,7 @@ async def _start_relay(args: argparse.Namespace) -> "Any":
         log.warning("[relay/server] no --relay-cidr and no API to discover ranges from: every destination is refused")
     log.info("[relay/ranges] %s", (await policy.current()).describe())
     host, _, port = args.relay.rpartition(":")
-    relay = r.Relay(host_key, authorized, policy, domain=cluster_domain())
+    relay = r.Relay(host_key, authorized, policy, domain=cluster_domain(), nameservers=relay_nameservers())
     bound = await relay.start(host.strip("[]"), int(port))
     if args.relay_port_file:
         args.relay_port_file.write_text(f"{bound}\n")

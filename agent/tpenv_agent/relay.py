@@ -53,6 +53,7 @@ class Relay:
     policy: Any  # StaticPolicy | ApiPolicy: async current(refresh=False) -> Policy
     resolver: Resolver = field(default_factory=SystemResolver)
     domain: str = "cluster.local"
+    nameservers: list[str] = field(default_factory=list)  # the pod's resolv.conf: the cluster DNS (op info)
     max_channels: int = MAX_CHANNELS
     connect_timeout: float = CONNECT_TIMEOUT
     conns: set["RelayConn"] = field(default_factory=set)

@@ -88,6 +88,20 @@ def cluster_domain(resolv_conf: str = "/etc/resolv.conf") -> str:
     return "cluster.local"
 
 
+def nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """The pod's ``nameserver`` addresses: the cluster DNS as the kubelet set it (clusterDNS)."""
+    found: list[str] = []
+    try:
+        with open(resolv_conf, encoding="utf-8") as f:
+            for line in f:
+                words = line.split()
+                if words[:1] == ["nameserver"] and len(words) > 1:
+                    found.append(words[1])
+    except OSError:
+        pass
+    return found
+
+
 def candidates(name: str, namespace: str | None, domain: str) -> list[str]:
     """The names a ``resolve`` request tries, in order: a bare name (no dot) with a namespace is
     first ``<name>.<namespace>.svc.<domain>``, then the name itself (the pod's search list)."""
@@ -218,8 +232,12 @@ class ResolveSession(asyncssh.SSHServerSession):
                 relay = self.owner.relay
                 answer = await resolve(relay.resolver, relay.domain, name, namespace or None)
                 self.owner.log.info("resolved %s: %s", name, ", ".join(answer["addresses"]))
+            elif op == "info":  # what a client needs to route and resolve as this pod does
+                policy = await self.owner.relay.policy.current()
+                answer = {"ranges": [str(n) for n in policy.ranges], "domain": self.owner.relay.domain,
+                          "nameservers": self.owner.relay.nameservers}
             else:
-                raise _BadRequest(f"unknown op {op!r}: resolve and ping are served")
+                raise _BadRequest(f"unknown op {op!r}: resolve, info and ping are served")
         except _BadRequest as e:
             self._send({"id": rid, "ok": False, "error": {"code": "bad-request", "message": str(e)}})
         except LookupNotFound:
@@ -236,4 +254,4 @@ class _BadRequest(Exception):
 
 
 __all__ = ["ResolveSession", "SystemResolver", "Resolver", "LookupNotFound", "LookupFailed", "resolve",
-           "cluster_domain", "candidates", "SUBSYSTEM", "MAX_IN_FLIGHT", "MAX_LINE", "LOOKUP_TIMEOUT"]
+           "cluster_domain", "nameservers", "candidates", "SUBSYSTEM", "MAX_IN_FLIGHT", "MAX_LINE", "LOOKUP_TIMEOUT"]

@@ -174,6 +174,11 @@ class RelaySession(JsonChannelSession):
             fields["namespace"] = namespace
         return await self.request("resolve", **fields)
 
+    async def info(self) -> dict[str, Any]:
+        """``{"ranges", "domain", "nameservers"}``: the relay's allowed ranges, the cluster domain
+        and the cluster DNS as the manager pod sees them (its resolv.conf)."""
+        return await self.request("info")
+
     async def ping(self) -> float:
         """The relay's clock (seconds since the epoch): proves the session is alive."""
         return float((await self.request("ping"))["time"])

@@ -65,7 +65,7 @@ def mark(sock: socket.socket, value: int = MARK) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, value)
 
 
-async def _pipe(reader: Any, writer: Any) -> None:
+async def pipe(reader: Any, writer: Any) -> None:
     with contextlib.suppress(OSError, ConnectionError):
         while data := await reader.read(256 * 1024):
             writer.write(data)
@@ -89,7 +89,7 @@ async def dial_direct(dst_ip: str, dst_port: int, reader: Any, writer: Any, *, u
         return  # the caller sees its connection closed, as with a refused connect
     up_r, up_w = await asyncio.open_connection(sock=sock)
     try:
-        await asyncio.gather(_pipe(reader, up_w), _pipe(up_r, writer))
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
     finally:
         up_w.close()
 
@@ -154,4 +154,4 @@ def router(proxied: list[Network], on_connection: OnConnection, *, use_mark: boo
 
 
 __all__ = ["OnConnection", "CaptureListener", "original_dst", "mark", "networks", "contains", "router",
-           "dial_direct", "MARK"]
+           "dial_direct", "pipe", "MARK"]

@@ -1,0 +1,3 @@
+module tpenv.test/getter
+
+go 1.21

@@ -1,0 +1,231 @@
+"""The ``ns`` capture of ``tpenv connect -- CMD`` (no root): CMD runs in its own user, network and
+mount namespaces, where all its TCP and DNS is captured and served by this process, outside.
+
+    code = await NsCommand(["curl", "http://hello.shop/"], ["10.96.0.0/16"], on_connection,
+                           dns=("127.0.0.1", 5353)).run()
+
+Inside (:mod:`tpenv.kits.capture_ns_inside`): loopback, a default route through it, one nftables
+REDIRECT of every non-loopback TCP connection to a listener, DNS sockets on 127.0.0.1:53, and a
+bind-mounted resolv.conf (``nameserver 127.0.0.1``) and nsswitch.conf (``hosts: files dns``).
+The listening sockets are created inside (so they belong to CMD's network stack) and passed out
+over a unix socket: this process accepts on them directly, reads each connection's original
+destination (SO_ORIGINAL_DST), and hands cluster destinations to the core's callback; every other
+destination is dialled from here, the host's namespace, as CMD would have. DNS queries go to the
+core's resolver. Works for any binary, static ones included: nothing is preloaded.
+
+Nothing on the host changes: no root, no rule, no link, no file outside a private temp dir.
+IPv4 TCP and DNS are carried; other UDP and IPv6 have no route out of the namespace.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tpenv.errors import MissingTool, PermanentError
+from tpenv.kits.aio import unit_logger
+from tpenv.kits.capture import CaptureListener, OnConnection, pipe, networks, router
+
+UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--propagation", "private"]
+DNS_TIMEOUT = 10.0
+
+
+def userns_problem(proc_sys: str | Path = "/proc/sys") -> str | None:
+    """Why unprivileged user namespaces cannot be made here, with how to allow them; None if no
+    known setting forbids them."""
+    root = Path(proc_sys)
+
+    def read(rel: str) -> str | None:
+        try:
+            return (root / rel).read_text().strip()
+        except OSError:
+            return None
+
+    if read("kernel/unprivileged_userns_clone") == "0":
+        return ("unprivileged user namespaces are disabled (sysctl kernel.unprivileged_userns_clone = 0); "
+                "enable them: `sudo sysctl -w kernel.unprivileged_userns_clone=1` (to keep it, put "
+                "`kernel.unprivileged_userns_clone = 1` in /etc/sysctl.d/99-userns.conf)")
+    if read("user/max_user_namespaces") == "0":
+        return ("user namespaces are disabled (sysctl user.max_user_namespaces = 0); enable them: "
+                "`sudo sysctl -w user.max_user_namespaces=15000` (to keep it, put "
+                "`user.max_user_namespaces = 15000` in /etc/sysctl.d/99-userns.conf)")
+    if read("kernel/apparmor_restrict_unprivileged_userns") == "1":
+        return ("AppArmor restricts unprivileged user namespaces (sysctl "
+                "kernel.apparmor_restrict_unprivileged_userns = 1, the Ubuntu 23.10+ default); allow them: "
+                "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile "
+                f"granting `userns,` to {sys.executable}")
+    return None
+
+
+def resolv_conf(host_resolv_conf: str | Path = "/etc/resolv.conf") -> str:
+    """The namespace's resolv.conf: our resolver first and only; the host's search and options."""
+    kept: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in Path(host_resolv_conf).read_text().splitlines():
+            word = line.split()[0] if line.split() else ""
+            if word in ("search", "domain", "options"):
+                kept.append(line.strip())
+    return "\n".join(["# tpenv connect: names through tpenv's resolver", "nameserver 127.0.0.1", *kept]) + "\n"
+
+
+def nsswitch_conf(host_nsswitch: str | Path = "/etc/nsswitch.conf") -> str:
+    """The host's nsswitch.conf with ``hosts: files dns``: modules such as ``resolve`` (D-Bus to
+    systemd-resolved) or ``mdns`` would answer from outside the namespace, past our resolver."""
+    lines = []
+    with contextlib.suppress(OSError):
+        lines = [ln for ln in Path(host_nsswitch).read_text().splitlines() if not ln.strip().startswith("hosts:")]
+    return "\n".join([*lines, "hosts: files dns"]) + "\n"
+
+
+async def probe() -> None:
+    """Fail early, and say why, when this machine does not let us make the namespaces."""
+    if shutil.which("unshare") is None:
+        raise MissingTool("`unshare` is not installed", hint="install util-linux")
+    proc = await asyncio.create_subprocess_exec(*UNSHARE, "--", "true", stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        why = userns_problem()
+        raise PermanentError(f"cannot create a user namespace for `tpenv connect -- CMD`: "
+                             f"{err.decode(errors='replace').strip()}",
+                             hint=why or "check that unprivileged user namespaces are allowed on this machine, "
+                                         "or run `sudo tpenv connect` (host mode)")
+
+
+class _DnsUdp(asyncio.DatagramProtocol):
+    """Queries from the namespace's 127.0.0.1:53, each forwarded to the resolver, answered back."""
+
+    def __init__(self, target: tuple[str, int], log: Any) -> None:
+        self.target, self.log = target, log
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._forward(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _forward(self, data: bytes, addr: Any) -> None:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+
+        class One(asyncio.DatagramProtocol):
+            def datagram_received(self, reply: bytes, _a: Any) -> None:
+                if not answer.done():
+                    answer.set_result(reply)
+
+        transport, _ = await loop.create_datagram_endpoint(One, remote_addr=self.target)
+        try:
+            transport.sendto(data)
+            reply = await asyncio.wait_for(answer, DNS_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.log.warning("the resolver did not answer a query within %gs", DNS_TIMEOUT)
+            return
+        finally:
+            transport.close()
+        if self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+class NsCommand:
+    """One command in its own namespaces; ``run()`` returns its exit status."""
+
+    def __init__(self, command: list[str], cidrs: Iterable[Any], on_connection: OnConnection, *,
+                 dns: tuple[str, int], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        if not command:
+            raise PermanentError("no command to run: write it after `--`, e.g. `tpenv connect -- curl ...`")
+        self.command, self.dns, self.env, self.cwd = list(command), dns, env, cwd
+        self.route = router(networks(cidrs), on_connection)
+        self.log = unit_logger("capture", "ns")
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def run(self) -> int:
+        await probe()
+        files = tempfile.mkdtemp(prefix="tpenv-ns-")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        served: list[Any] = []
+        try:
+            Path(files, "resolv.conf").write_text(resolv_conf())
+            Path(files, "nsswitch.conf").write_text(nsswitch_conf())
+            self.proc = await asyncio.create_subprocess_exec(
+                *UNSHARE, "--", sys.executable, "-m", "tpenv.kits.capture_ns_inside", "--control",
+                str(theirs.fileno()), "--files", files, "--uid", str(os.getuid()), "--gid", str(os.getgid()),
+                "--", *self.command, pass_fds=(theirs.fileno(),), env=self.env, cwd=self.cwd)
+            theirs.close()  # the child's copy is its own: EOF here means it is gone
+            header, fds = await self._receive(ours)
+            capture = socket.socket(fileno=fds[0])
+            dns_udp, dns_tcp = socket.socket(fileno=fds[1]), socket.socket(fileno=fds[2])
+            listener = CaptureListener(capture, self.route, self.log)
+            await listener.start()
+            served.append(listener)
+            dns_udp.setblocking(False)
+            udp_transport, udp = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _DnsUdp(self.dns, self.log), sock=dns_udp)
+            served.append(udp_transport)
+            dns_tcp.setblocking(False)
+            served.append(await asyncio.start_server(self._dns_tcp, sock=dns_tcp))
+            self.log.info("running %s in its own namespaces (capture port %s inside)", self.command[0],
+                          header.get("capture_port"))
+            await asyncio.get_running_loop().sock_sendall(ours, b"go")
+            return await self.proc.wait()
+        finally:
+            ours.close()
+            with contextlib.suppress(OSError):
+                theirs.close()
+            for s in served:
+                s.close()
+            for s in served:
+                if isinstance(s, CaptureListener):
+                    await s.wait_closed()
+            if self.proc is not None and self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+            shutil.rmtree(files, ignore_errors=True)
+
+    async def _receive(self, ours: socket.socket) -> tuple[dict[str, Any], list[int]]:
+        loop = asyncio.get_running_loop()
+        ours.setblocking(True)
+        msg, fds, _, _ = await loop.run_in_executor(None, socket.recv_fds, ours, 65536, 3)
+        ours.setblocking(False)
+        try:
+            header = json.loads(msg or b"{}")
+        except ValueError:
+            header = {"error": f"unreadable message {msg[:80]!r}"}
+        if "error" in header or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            assert self.proc is not None
+            code = await self.proc.wait()
+            why = header.get("error") or f"the namespace helper exited with status {code} before it was ready"
+            hint = userns_problem()
+            if "libnftables" in why:
+                hint = "install nftables (Debian/Ubuntu: `apt-get install nftables`)"
+            raise PermanentError(f"cannot prepare the namespaces of `tpenv connect -- CMD`: {why}", hint=hint)
+        return header, fds
+
+    async def _dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.dns)
+        except OSError as e:
+            self.log.warning("cannot reach the resolver at %s:%d: %s", *self.dns, e)
+            writer.close()
+            return
+        try:
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        finally:
+            up_w.close()
+            writer.close()
+
+
+__all__ = ["NsCommand", "probe", "userns_problem", "resolv_conf", "nsswitch_conf"]

@@ -5,6 +5,8 @@ import pytest
 
 from test_intercept_kit import deploy_hello, tpenv
 from tpenv.config import load_config
+from tpenv.engine.contexts import resolve_targets
+from tpenv.kits.kubeconfig import Kubeconfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -21,6 +23,10 @@ def test_init_writes_a_valid_starter_and_refuses_to_overwrite(namespace, tmp_pat
     assert (ic.name, ic.workload, str(ic.port)) == ("hello", "deployment/hello", "8080:80")
     assert ic.run is not None and ic.run.command == ["tpenv-echo"]
     assert ic.mount.path is False and ic.env.file == "hello.env"
+    # The cluster is named by its API server URL, which finds the current context (issue 20).
+    ((name, entry),) = config.contexts.items()
+    current = Kubeconfig.read().get(Kubeconfig.read().current)
+    assert entry.server == current.server and resolve_targets(config).named[name].kube_context == current.name
     # Stage 2: a second run refuses and leaves the file as it was.
     text = (tmp_path / "telepresence.yaml").read_text()
     cp = tpenv(tmp_path, "init", "hello", "-n", ns, check=False)

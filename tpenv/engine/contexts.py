@@ -14,6 +14,7 @@ that context's units alone, and the reconciler retries them while the others kee
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,20 @@ def _match(config: Any, name: str, kc: Kubeconfig) -> tuple[Target, Any]:
     return Target(name, found[0].name, entry.namespace), None
 
 
+def entry_for(kube: Kube, kubeconfig: Kubeconfig) -> tuple[str, dict[str, Any]]:
+    """A ``contexts:`` entry finding ``kube``'s cluster by its server URL (what `tpenv init` writes),
+    named after the cluster; when the writer's own kubeconfig has several contexts on that server
+    (two users of one cluster), the entry also lists this context's name, so it matches one."""
+    mine = kubeconfig.get(kube.context or "") if kube.context else None
+    raw = (mine.cluster if mine and mine.cluster else kube.context) or "cluster"
+    name = re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")[:63].strip("-") or "cluster"
+    server = (mine.server if mine and mine.server else None) or kube.host
+    entry: dict[str, Any] = {"server": server}
+    if kube.context and len(kubeconfig.match(server=server)) > 1:
+        entry["contexts"] = [kube.context]
+    return name, entry
+
+
 class Clusters:
     """One :class:`Kube` per kubeconfig context, opened on first use, closed with the session."""
 
@@ -121,4 +136,4 @@ class Clusters:
         return kube
 
 
-__all__ = ["Target", "Targets", "Clusters", "resolve_targets"]
+__all__ = ["Target", "Targets", "Clusters", "resolve_targets", "entry_for"]

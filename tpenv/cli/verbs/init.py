@@ -1,9 +1,10 @@
 """tpenv init: a starter telepresence.yaml for a workload that exists in the cluster.
 
-Reads the workload and the Service selecting it, and writes (never over an existing file) one
-intercept: the workload by kind, its namespace, ``port: LOCAL:REMOTE`` (the Service port; the
-local port defaults to the container port behind it), an env file, a mount when the container
-has volumes, and ``run.command`` when the container's command is known. The file is validated
+Reads the workload and the Service selecting it, and writes (never over an existing file) a
+``contexts:`` entry finding the current cluster by its API server URL (so the file works from
+every developer's kubeconfig) and one intercept: the workload by kind, its namespace,
+``port: LOCAL:REMOTE`` (the Service port; the local port defaults to the container port behind
+it), an env file, a mount when the container has volumes, and ``run.command`` when the container's command is known. The file is validated
 with the same loader `tpenv up` uses before it is kept.
 """
 from __future__ import annotations
@@ -18,8 +19,10 @@ from ruamel.yaml import YAML
 from tpenv.config import load_config
 from tpenv.config.models import parse_port
 from tpenv.engine.agents import pick_service, service_port
+from tpenv.engine.contexts import entry_for
 from tpenv.errors import TpenvError, UsageError
 from tpenv.kits.kube import Kube
+from tpenv.kits.kubeconfig import Kubeconfig
 
 HELP = "Write a starter telepresence.yaml for a workload in the cluster (never overwrites)."
 
@@ -68,8 +71,9 @@ async def run(args: argparse.Namespace, ctx) -> int:
     if command:
         intercept["run"] = {"command": command}
     doc = {"apiVersion": "tpenv/v1"}
-    if ctx.kube_context:
-        doc["context"] = ctx.kube_context
+    # The cluster by its server URL, not by this machine's context name: the file is for the team.
+    name, entry = entry_for(kube, Kubeconfig.read())
+    doc["contexts"] = {name: entry}
     doc["namespace"] = ns
     doc["intercepts"] = [intercept]
     yaml = YAML()

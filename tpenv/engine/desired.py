@@ -276,8 +276,13 @@ class UpFactory:
         assert self._resolved is not None
         return self._resolved[1]
 
-    async def _place(self, config: Config, uctx: UpContext, unit: Any) -> tuple[Kube, str, str | None]:
-        """A unit's Kube, namespace and context name (None in a file without ``contexts:``)."""
+    async def place(self, config: Config, uctx: UpContext, unit: Any) -> tuple[Kube, str, str | None]:
+        """A unit's Kube, namespace and context name (None in a file without ``contexts:``).
+
+        The hook for every kind of unit that talks to a cluster: ``unit`` is the config item (an
+        intercept, a forward; the connection too, once ``connect:`` gains a ``context:``), read
+        for its ``context`` and ``namespace``; end the unit's key with the returned context name
+        and give its spec a ``context`` attribute (status shows it)."""
         if self.clusters is None:
             self.clusters = Clusters(uctx.resources, self.kubeconfig)
         target = self._targets(config).of(unit)
@@ -303,7 +308,7 @@ class UpFactory:
         waiting: set[str] = set()
         contexts: dict[Key, str | None] = {}
         for ic in wanted:
-            kube, ns, context = await self._place(config, uctx, ic)
+            kube, ns, context = await self.place(config, uctx, ic)
             spec = InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir, self.runs,
                                  self.ready_hashes, context=context)
             specs[spec.key] = spec
@@ -314,7 +319,7 @@ class UpFactory:
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
         t = self.settings.tunnels if self.settings else None
-        placed = {id(fw): await self._place(config, uctx, fw) for fw in fwd_wanted}
+        placed = {id(fw): await self.place(config, uctx, fw) for fw in fwd_wanted}
         forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
                                  connect_timeout=t.connect_timeout if t else 10.0)
         specs.update(forwards)

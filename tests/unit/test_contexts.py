@@ -150,3 +150,22 @@ def test_unit_keys_carry_the_context_only_in_files_with_contexts():
     a = ForwardSpec(None, "ns", "db", 5432, 5432, context="a")
     b = ForwardSpec(None, "ns", "db", 5432, 15432, context="b")
     assert a.key != b.key and ForwardSpec(None, "ns", "db", 5432, 1).key == ("forward", "ns", "db", "5432")
+
+
+def test_one_cluster_verbs_find_the_files_entries_in_the_kubeconfig(tmp_path, monkeypatch):
+    # `tpenv list --context team` (or TPENV_CONTEXT=team) in a project with contexts: is my-sa here.
+    from tpenv.cli.context import CliContext
+    from tpenv.settings import load_settings
+
+    kubeconfig(tmp_path / "kc", {"laptop-admin": ("local", SERVER, None),
+                                 "laptop-sa": ("proxied", "https://127.0.0.1:7000", "team")})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc"))
+    config(tmp_path, TWO)
+    ctx = CliContext(settings=load_settings({}), config_file=tmp_path / "telepresence.yaml")
+    assert ctx.cluster_context() == "laptop-admin"  # the file's default entry
+    ctx.kube_context = "limited"
+    assert ctx.cluster_context() == "laptop-sa"
+    ctx.kube_context = "laptop-admin"  # a kubeconfig context is taken as it is
+    assert ctx.cluster_context() == "laptop-admin"
+    assert CliContext(settings=load_settings({}), config_file=tmp_path / "none.yaml",
+                      kube_context="x").cluster_context() == "x"

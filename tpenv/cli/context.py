@@ -105,6 +105,22 @@ class CliContext:
             return
         self._apply_agent_config(config)
 
+    def cluster_context(self) -> str | None:
+        """The kubeconfig context of verbs that work on one cluster (list, intercept, uninstall,
+        manager): --context / TPENV_CONTEXT, where a name of the file's ``contexts:`` is found in
+        the kubeconfig, and without either the file's default entry. Without a file, or one without
+        ``contexts:``, the flag as given (None: the current context)."""
+        if not self.config_file.is_file():
+            return self.kube_context
+        try:
+            config = load_config(self.config_file)
+        except ConfigError:
+            return self.kube_context  # the file's problems are `tpenv validate`'s to report
+        if not config.contexts:
+            return self.kube_context
+        from tpenv.engine.contexts import default_target  # the kube kit: only for verbs that need it
+        return default_target(config, selected=self.kube_context, selected_by=self.context_by).kube_context
+
     def load_config(self) -> Config:
         """The config file with the -n / --context flags applied; ConfigError when it is wrong."""
         config = load_config(self.config_file)

@@ -86,6 +86,17 @@ def resolve_targets(config: Any, *, selected: str | None = None, selected_by: st
     return Targets(default or Target(default_name, None), named)
 
 
+def default_target(config: Any, *, selected: str | None = None, selected_by: str = "--context",
+                   kubeconfig: Kubeconfig | None = None) -> Target:
+    """The context of a unit naming none (what one-cluster verbs like `tpenv list` use)."""
+    return resolve_targets(config, selected=selected, selected_by=selected_by, units=[_Unnamed()],
+                           kubeconfig=kubeconfig).default
+
+
+class _Unnamed:
+    context = None
+
+
 def _match(config: Any, name: str, kc: Kubeconfig) -> tuple[Target, Any]:
     entry = config.contexts[name]
     found = kc.match(server=entry.server, cluster=entry.cluster, candidates=entry.contexts)
@@ -136,4 +147,4 @@ class Clusters:
         return kube
 
 
-__all__ = ["Target", "Targets", "Clusters", "resolve_targets", "entry_for"]
+__all__ = ["Target", "Targets", "Clusters", "resolve_targets", "default_target", "entry_for"]

@@ -12,6 +12,7 @@ import base64
 
 from tpenv.config.env import format_env, render_env
 from tpenv.engine.agents import agent_port_name, pick_service, pod_serves, service_port
+from tpenv.engine.contexts import resolve_targets
 from tpenv.engine.injection import AUTH_KEYS
 from tpenv.engine.statusd import new_session_id
 from tpenv.errors import NotFound
@@ -36,8 +37,9 @@ async def run(args: argparse.Namespace, ctx) -> int:
         names = ", ".join(ic.name or "?" for ic in config.intercepts) or "none"
         raise NotFound(f"no intercept named {args.name!r} in {ctx.config_file} (intercepts: {names})")
     ic = found[0]
-    async with await Kube.load(context=config.context or ctx.kube_context) as kube:
-        ns = ic.namespace or config.namespace or kube.namespace
+    target = resolve_targets(config, selected=ctx.kube_context, selected_by=ctx.context_by, units=[ic]).of(ic)
+    async with await Kube.load(context=target.kube_context) as kube:
+        ns = ic.namespace or target.namespace or config.namespace or kube.namespace
         w = await kube.get_workload(ic.workload, ns)
         service = await pick_service(kube, w, ic.service)
         port_name = agent_port_name(service_port(service, ic.port.remote))

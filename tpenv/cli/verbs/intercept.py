@@ -156,7 +156,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
         raise UsageError("--docker-run needs `-- IMAGE [ARGS]`")
     say = (lambda text: print(text, file=sys.stderr, flush=True))
     ctx.apply_project_agent(lambda text: say(f"warning: {text}"))
-    async with await Kube.load(context=ctx.kube_context) as kube:
+    async with await Kube.load(context=ctx.cluster_context()) as kube:
         namespace = ctx.namespace or intercept.namespace or kube.namespace
         from tpenv.engine.statusd import new_session_id
 

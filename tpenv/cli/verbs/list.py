@@ -53,7 +53,7 @@ async def _agent_intercepts(kube: Kube, w: Workload, material: dict[str, bytes] 
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    async with await Kube.load(context=ctx.kube_context) as kube:
+    async with await Kube.load(context=ctx.cluster_context()) as kube:
         ns = ctx.namespace or kube.namespace
         await kube.require_namespace(ns)
         workloads = sorted(await kube.list_workloads(ns), key=lambda w: (w.name, w.kind))

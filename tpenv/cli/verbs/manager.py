@@ -50,7 +50,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
 
     from tpenv.kits.kube import Kube
 
-    async with await Kube.load(context=ctx.kube_context) as kube:
+    async with await Kube.load(context=ctx.cluster_context()) as kube:
         if args.action == "install":
             docs = await engine.install(kube, ctx.settings, team_mode=bool(args.team_mode))
         elif args.action == "upgrade":

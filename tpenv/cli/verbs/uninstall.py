@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace, ctx) -> int:
     say = (lambda text: print(text, file=sys.stderr, flush=True))
     done: dict[str, list[str]] = {"workloads": [], "replicasets": [], "services": [], "secrets": [], "manager": []}
-    async with await Kube.load(context=ctx.kube_context) as kube:
+    async with await Kube.load(context=ctx.cluster_context()) as kube:
         ns = ctx.namespace or kube.namespace
         if args.agent:
             workloads = [await kube.get_workload(args.agent, ns)]

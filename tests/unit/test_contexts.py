@@ -169,3 +169,23 @@ def test_one_cluster_verbs_find_the_files_entries_in_the_kubeconfig(tmp_path, mo
     assert ctx.cluster_context() == "laptop-admin"
     assert CliContext(settings=load_settings({}), config_file=tmp_path / "none.yaml",
                       kube_context="x").cluster_context() == "x"
+
+
+def test_status_and_the_live_table_name_each_units_context():
+    import io
+
+    from rich.console import Console
+
+    from tpenv.engine.liveview import render_units
+    from tpenv.engine.up import format_status
+
+    units = [{"name": "forward/b/db/80/team", "context": "team", "state": "ready", "since": 100.0, "restarts": 0,
+              "detail": None, "last_error": None},
+             {"name": "handler/web", "context": None, "state": "ready", "since": 100.0, "restarts": 0,
+              "detail": "pid 7", "last_error": None}]
+    out = io.StringIO()
+    Console(file=out, width=140, color_system=None).print(render_units({"units": units}, now=110.0))
+    lines = [line.split() for line in out.getvalue().splitlines()]
+    assert lines[0][:2] == ["unit", "context"] and lines[1][:3] == ["forward/b/db/80/team", "team", "ready"]
+    text = format_status([{"session": {"id": "s", "pid": 1}, "units": units}], now=110.0)
+    assert "forward/b/db/80/team" in text and "context team" in text and text.count("context") == 1

@@ -221,7 +221,7 @@ def test_bad_contexts_exit_2_located_and_start_nothing(namespace, kubeconfig, tm
             path = file_with(tmp_path, server, web_intercept(port, context=context), extra_entries=entries)
             cp = run_up_once(tmp_path, kc)
             assert cp.returncode == 2, f"{case}: exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
-            where = f"{path}:{line}:{col}: "
+            where = f"{path.name}:{line}:{col}: "  # as given: `tpenv up` reads ./telepresence.yaml
             assert any(ln.startswith(where) for ln in cp.stderr.splitlines()), f"{case}: no line at {where}\n{cp.stderr}"
             for text in expected:
                 assert text in cp.stderr, f"{case}: {text!r} not in\n{cp.stderr}"

@@ -81,8 +81,10 @@ def _cluster_env() -> dict[str, str]:
 
 
 # Debian packages the test suite itself needs on this machine, whatever cluster it runs against:
-# sshfs and fuse3 for the mount tests (the cluster's own packages are tests/cluster/packages.py).
-TEST_PACKAGES = ["sshfs", "fuse3", "nftables"]  # nftables: libnftables for tpenv connect's captures
+# sshfs and fuse3 for the mount tests, openssh-sftp-server for the local sshfs tests (a real SFTP
+# server behind a real FUSE mount, no cluster) (the cluster's own packages are tests/cluster/packages.py).
+TEST_PACKAGES = ["sshfs", "fuse3", "openssh-sftp-server",
+                 "nftables"]  # nftables: libnftables for tpenv connect's captures
 
 
 def _ensure_packages(packages: list[str]) -> None:

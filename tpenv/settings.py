@@ -61,7 +61,9 @@ class PortForwardSettings(_Section):
 class HandlerSettings(_Section):
     """Local processes (``run:``) that serve intercepts."""
 
-    stop_grace: float = Field(3.0, ge=0, description="Seconds after SIGINT before a handler gets SIGTERM.")
+    stop_grace: float = Field(3.0, ge=0, description=(
+        "Seconds after the first stop signal (SIGINT at the session's end, run.restart_signal before a restart) "
+        "before a handler gets SIGTERM."))
     term_grace: float = Field(2.0, ge=0, description="Seconds after SIGTERM before a handler gets SIGKILL.")
     restart_initial: float = Field(0.5, gt=0, description="First delay in seconds before restarting a crashed handler.")
     restart_max: float = Field(30.0, gt=0, description="Longest delay in seconds between crash restarts (backoff cap).")

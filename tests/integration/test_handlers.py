@@ -327,3 +327,29 @@ def test_glob_rules(glob, path, hit):
 def test_setpriv_detection_is_consistent():
     prefix = setpriv_prefix()
     assert prefix == () or (os.path.basename(prefix[0]) == "setpriv" and "--pdeathsig" in prefix)
+
+
+# --- stage 5: the signal a save restarts with (run.restart_signal) ----------------------------
+
+SLEEPER = """
+    import time
+    print("UP", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("restart_signal, traceback", [("SIGTERM", False), ("SIGINT", True)])
+async def test_a_save_restarts_with_restart_signal(tmp_path, restart_signal, traceback):
+    # SIGTERM (the default) ends a Python server quietly; SIGINT shows its KeyboardInterrupt at every save.
+    script(tmp_path, "sleeper.py", SLEEPER)
+    out = Lines()
+    unit = spec(tmp_path, [PY, "sleeper.py"], watch=("*.txt",), output=out, debounce=0.05,
+                restart_signal=restart_signal).create(Events())
+    await unit.start()
+    try:
+        await out.line_starting("UP")
+        (tmp_path / "edit.txt").write_text("x")
+        await out.line_starting("UP", nth=2)
+        assert any("KeyboardInterrupt" in line for line in out.lines) is traceback
+    finally:
+        await unit.stop()

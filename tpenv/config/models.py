@@ -346,10 +346,22 @@ class RunSpec(BaseModel):
         description="The program and its arguments; one string runs through `sh -c`.")
     cwd: str = Field(".", description="Working directory, relative to the config file.")
     watch: list[str] = Field(default_factory=list, description=(
-        "Globs (relative to cwd, ** for any depth): a change to a matching file restarts the process."))
-    ignore: list[str] = Field(default_factory=list, description="Globs (relative to cwd) whose changes are ignored.")
+        "Globs (relative to cwd, ** for any depth): a change to a matching file restarts the process. The watcher "
+        "never enters the intercept's mount directory nor its env file (tpenv writes those), nor any other mount "
+        "point under cwd unless a glob names a path inside it by its leading directories (data/**/*.json "
+        "watches a mount at data); symlinked directories are not followed; .git, __pycache__, node_modules, "
+        ".venv and editor swap files are never reported."))
+    ignore: list[str] = Field(default_factory=list, description=(
+        "Globs (relative to cwd) whose changes are ignored; a directory glob (vendor/ or vendor/**) is not "
+        "walked into at all."))
     restart: Literal["on-failure", "always", "never"] = Field(
         "on-failure", description="When the process exits: restart on a non-zero exit, always, or never.")
+    restart_signal: Literal["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"] = Field(
+        "SIGTERM", description=(
+            "Signal sent to the process group to stop it before a restart caused by a saved file; after "
+            "TPENV_HANDLERS_STOP_GRACE seconds it gets SIGTERM, then SIGKILL. SIGTERM ends most servers quietly; "
+            "SIGINT makes Python print a KeyboardInterrupt traceback at every save. When the session ends "
+            "(Ctrl-C, `tpenv down`) the process gets SIGINT first, as Ctrl-C in a terminal would."))
 
     def argv(self) -> list[str]:
         return ["sh", "-c", self.command] if isinstance(self.command, str) else list(self.command)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ class HandlerSpec:
     restart: Policy = "on-failure"
     watch: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    # Paths the watcher never enters: tpenv's own outputs (the mount directory, the env file).
+    exclude: tuple[str, ...] = ()
+    restart_signal: str = "SIGTERM"  # sent first when a saved file restarts the process
     env: EnvFn = field(default=_no_env, compare=False)
     env_version: str = ""
     depends_on: frozenset[Key] = frozenset()
@@ -58,7 +62,7 @@ class HandlerSpec:
     @property
     def spec_hash(self) -> str:
         return hash_spec(list(self.argv), str(self.cwd), self.restart, list(self.watch), list(self.ignore),
-                         self.env_version)
+                         self.env_version, list(self.exclude), self.restart_signal)
 
     def create(self, notify: Notify) -> HandlerUnit:
         return HandlerUnit(self, notify)
@@ -74,7 +78,8 @@ class HandlerSpec:
             kw = dict(stop_grace=h.stop_grace, term_grace=h.term_grace, restart_initial=h.restart_initial,
                       restart_max=h.restart_max, debounce=h.debounce) | kw
         return cls(name=name, argv=tuple(argv), cwd=(base / run.cwd).resolve(), restart=run.restart,
-                   watch=tuple(run.watch), ignore=tuple(run.ignore), **kw)
+                   watch=tuple(run.watch), ignore=tuple(run.ignore),
+                   restart_signal=getattr(run, "restart_signal", "SIGTERM"), **kw)
 
 
 class HandlerUnit:
@@ -100,7 +105,7 @@ class HandlerUnit:
         if self.spec.watch:
             self._watcher = FileWatcher(self.spec.cwd, self.spec.watch, self.spec.ignore,
                                         on_change=self._on_files, debounce=self.spec.debounce,
-                                        name=self.spec.name)
+                                        name=self.spec.name, exclude=self.spec.exclude)
             await self._watcher.start()
         await self._spawn()  # a missing program fails start(): the reconciler says so and retries
         self._task = NamedTask("handler", self.spec.name, self._supervise, logger=self.log,
@@ -198,7 +203,8 @@ class HandlerUnit:
         self.log.info("changed: %s; restarting", ", ".join(paths[:5]) + (" ..." if len(paths) > 5 else ""))
         self._set(State.STARTING, detail="files changed")
         assert self.proc is not None
-        await self.proc.stop()
+        # Not SIGINT by default: Python would print a KeyboardInterrupt traceback at every save.
+        await self.proc.stop(signal.Signals[self.spec.restart_signal])
         self.backoff.reset()  # a save is a fresh start, not a crash loop
         try:
             await self._respawn()

@@ -81,9 +81,22 @@ def handler_specs(
             continue
         spec = HandlerSpec.from_run(ic.name, ic.run, base, ctx.settings, env=env_for(ic),
                                     env_version=hash_spec(ic.env.model_dump(mode="json")),
-                                    depends_on=frozenset(depends_on(ic)))
+                                    depends_on=frozenset(depends_on(ic)), exclude=tpenv_outputs(config, base))
         specs[spec.key] = spec
     return specs
+
+
+def tpenv_outputs(config: Any, base: Path) -> tuple[str, ...]:
+    """What tpenv itself writes near the config, for every intercept (a handler's cwd may hold
+    another intercept's outputs): mount directories and env files. A handler's watcher never
+    enters them: a save there is the pod's or tpenv's, not the developer's (issue #19)."""
+    out: list[str] = []
+    for ic in config.intercepts:
+        if isinstance(ic.mount.path, str):
+            out.append(str((base / ic.mount.path).absolute()))
+        if ic.env.file:
+            out.append(str((base / ic.env.file).absolute()))
+    return tuple(sorted(set(out)))
 
 
 def local_units(config: Any, ctx: UpContext) -> dict[Key, HandlerSpec]:

@@ -192,12 +192,12 @@ class ProcessGroup:
         assert self.proc is not None, "not started"
         return await self.proc.wait()
 
-    async def stop(self) -> int | None:
-        """Staged stop of the whole group: SIGINT, grace, SIGTERM, grace, SIGKILL."""
+    async def stop(self, first: signal.Signals = signal.SIGINT) -> int | None:
+        """Staged stop of the whole group: ``first`` (SIGINT), grace, SIGTERM, grace, SIGKILL."""
         if self.proc is None:
             return None
         pgid = self.proc.pid
-        stages = ((signal.SIGINT, self.stop_grace), (signal.SIGTERM, self.term_grace),
+        stages = ((first, self.stop_grace), (signal.SIGTERM, self.term_grace),
                   (signal.SIGKILL, KILL_WAIT), (signal.SIGKILL, KILL_WAIT))
         for sig, grace in stages:
             members = group_members(pgid)

@@ -93,7 +93,16 @@ class SessionSettings(_Section):
 
 
 class MountSettings(_Section):
-    """Volumes in sync mode (``mount.mode: sync``): a local copy kept in step with the pod's."""
+    """Mounted volumes: the sshfs liveness probe, unmounting, and sync mode (``mount.mode: sync``)."""
+
+    probe_interval: float = Field(2.0, gt=0, description=(
+        "Seconds between two liveness probes of an sshfs mount (a statfs in a child process, which a stuck "
+        "mount cannot hold: it is killed after probe_timeout)."))
+    probe_timeout: float = Field(5.0, gt=0, description=(
+        "Seconds a probe may take before the mount counts as stuck: the mount unit fails with the reason, and "
+        "the mount is abandoned (sshfs killed, lazily unmounted) so that nothing waits on it."))
+    unmount_timeout: float = Field(5.0, gt=0, description=(
+        "Seconds each unmount step (fusermount3 -u, then -uz: lazy) may take at stop before it is given up."))
 
     sync_interval: float = Field(2.0, gt=0, description=(
         "Seconds between two polls of the pod's volumes in sync mode (changes made in the pod show up locally "

@@ -257,8 +257,9 @@ class UpFactory:
     def status(self) -> dict[str, Any]:
         """Extra status of the session: its serving intercepts, marked as held by `tpenv up`
         (so `tpenv leave` can say why it will not end one, and `tpenv list` can name them)."""
-        return {"intercepts": [dict(run.describe(), held_by="up", context=self.contexts.get(key))
-                               for key, run in list(self.runs.items())]}
+        runs = list(self.runs.items())
+        return {"intercepts": [dict(run.describe(), held_by="up", context=self.contexts.get(key)) for key, run in runs],
+                "units": [row for _key, run in runs if (row := run.mount_row()) is not None]}
 
     def checked(self, config: Config) -> Config:
         """``config`` with its contexts resolved in the reader's kubeconfig (ConfigError, exit 2,

@@ -89,10 +89,12 @@ class EnvMountUnit:
         self.mount_point: Path | None = None
 
     def health(self) -> UnitState:
+        # A failed mount is the mount's row in the status (mount_row), not this unit's: the env is
+        # still right and the tunnels still serve, so the intercept stays up (issue #19).
         if self.mount is not None and self._state.state is State.READY:
             ms = self.mount.health()
-            if ms.state is State.FAILED:
-                self._state.set(State.FAILED, error=ms.last_error)
+            self._state.detail = (f"mount failed: {ms.last_error}" if ms.state is State.FAILED
+                                  else str(self.mount_point) if self.mount_point else None)
         return self._state
 
     async def start(self) -> None:
@@ -280,6 +282,18 @@ class InterceptRun:
         unit = self.rec.running.get(self.key)
         return unit if isinstance(unit, EnvMountUnit) else None
 
+    def mount_row(self) -> dict[str, Any] | None:
+        """The status row of this intercept's mount (``mount/NAME``), when it has one."""
+        unit = self.env_unit()
+        mount = unit.mount if unit is not None else None
+        if mount is None:
+            return None
+        st = mount.health()
+        key = ["mount", self.intercept.name or self.intercept.workload_name]
+        return {"key": key, "kind": "mount", "name": "/".join(key), "state": State(st.state).value,
+                "since": st.since, "last_error": st.last_error, "restarts": st.restarts,
+                "detail": st.detail, "pid": getattr(mount, "pid", None)}
+
     def first_error(self, *, permanent_only: bool = False) -> TpenvError | str | None:
         """A failed unit's last error. ``permanent_only``: only failures retrying cannot fix (a
         conflict, a refusal), which end the wait at once; a dropped tunnel is retried meanwhile."""
@@ -319,6 +333,8 @@ class InterceptRun:
 
     def snapshot(self) -> dict[str, Any]:
         out = self.rec.snapshot() if self.rec is not None else {"units": []}
+        if (row := self.mount_row()) is not None:
+            out["units"].append(row)
         out["intercepts"] = [self.describe()]
         return out
 

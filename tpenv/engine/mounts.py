@@ -8,6 +8,13 @@ those pipes to an SSH channel for the agent's ``sftp`` subsystem (chrooted at th
 Readiness is an event, not a poll: the kernel flags ``/proc/self/mountinfo`` (POLLPRI/POLLERR)
 whenever the mount table changes; the event loop watches that file descriptor and re-reads it.
 
+Liveness is a probe, as a kubelet's is (a stuck FUSE server sends no event): every
+``probe_interval`` a child process ``statfs``es the mount; the sshfs process being stopped,
+or the probe taking longer than ``probe_timeout``, fails the unit with the reason and abandons
+the mount (sshfs killed, which aborts every request waiting on it; lazy unmount), so a stuck
+mount costs one failed unit, never the session (issue #19). Nothing here touches the mount
+from tpenv's own process: a stuck FUSE call cannot be cancelled, only a process killed.
+
 ``rewrite_env`` is the IRSA case of seed 004: path-valued variables (a token file named by
 ``AWS_WEB_IDENTITY_TOKEN_FILE``) are prefixed with the mount root so they open locally.
 """
@@ -18,12 +25,15 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from tpenv.config.models import MOUNT_MODES
 from tpenv.engine.units import State, UnitState
+from tpenv.kits.mounttable import bounded_run, is_mounted, mount_entry, sshfs_serving
 from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
 
 log = logging.getLogger("tpenv.mounts")
@@ -31,6 +41,7 @@ log = logging.getLogger("tpenv.mounts")
 # (writer, reader) of an SSH channel running the agent's sftp subsystem, bytes mode.
 OpenSftp = Callable[[], Awaitable[tuple[Any, Any]]]
 MOUNT_TIMEOUT = 30.0
+PROBE_INTERVAL, PROBE_TIMEOUT, UNMOUNT_TIMEOUT = 2.0, 5.0, 5.0  # defaults of settings.mounts
 
 
 # Said whenever sshfs cannot run: sync mode is the way without FUSE, but never chosen silently
@@ -65,7 +76,7 @@ def make_mount(mode: str, session: Any, path: str | Path | None, mounts: list[st
         from tpenv.engine.syncmount import SyncMount
 
         return SyncMount(session.sftp, path, mounts, name=name, settings=settings)
-    return SshfsMount(session.open_sftp_channel, path, name=name)
+    return SshfsMount(session.open_sftp_channel, path, name=name, settings=settings)
 
 
 def rewrite_env(env: dict[str, str], names: list[str], mount_root: str) -> dict[str, str]:
@@ -77,19 +88,6 @@ def rewrite_env(env: dict[str, str], names: list[str], mount_root: str) -> dict[
         if value and value.startswith("/"):
             out[name] = root + value
     return out
-
-
-def is_mounted(path: str | Path) -> bool:
-    # abspath, never realpath/stat: a stat of our own FUSE mount from the event loop's thread
-    # would wait for sshfs, which waits for the loop to pump its channel: a deadlock.
-    target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == target for line in f if len(line.split()) > 4)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo octal-escapes spaces, tabs, newlines and backslashes.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
 async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
@@ -121,6 +119,17 @@ async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: fl
             exited.cancel()
 
 
+def _parent_is_tpenv(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            return b"tpenv" in f.read()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 class _SshfsExited(Exception):
     def __init__(self, code: int | None) -> None:
         self.code = code
@@ -134,8 +143,14 @@ class SshfsMount:
     """
 
     def __init__(self, open_sftp: OpenSftp, path: str | Path | None, *, name: str,
-                 key: tuple = (), extra_options: list[str] | None = None) -> None:
+                 key: tuple = (), extra_options: list[str] | None = None, settings: Any = None,
+                 remote: str = "/") -> None:
         self.open_sftp = open_sftp
+        m = getattr(settings, "mounts", None)
+        self.probe_interval = getattr(m, "probe_interval", PROBE_INTERVAL)
+        self.probe_timeout = getattr(m, "probe_timeout", PROBE_TIMEOUT)
+        self.unmount_timeout = getattr(m, "unmount_timeout", UNMOUNT_TIMEOUT)
+        self.remote = remote  # the agent's SFTP root; tests mount a local sftp-server's directory
         self.name = name
         self.key = key or ("mount", name)
         self._given = Path(path) if path is not None else None
@@ -150,6 +165,7 @@ class SshfsMount:
         self._state = UnitState()
         self._stopped = False
         self._stderr = b""
+        self._probe: asyncio.Task | None = None
 
     def health(self) -> UnitState:
         if self._state.state is State.READY and self._proc is not None and self._proc.returncode is not None:
@@ -166,11 +182,11 @@ class SshfsMount:
             given = self._given.expanduser().absolute()
             # Resolve symlinks of the parent now, before anything is mounted (see is_mounted).
             self.path = Path(os.path.realpath(given.parent)) / given.name
+            # The mount table first: a stat of a leftover, dead mount would hang or fail.
+            if is_mounted(self.path):
+                await self._clear_leftover()
             if self.path.exists() and not self.path.is_dir():
                 raise UsageError(f"mount point {self.path} exists and is not a directory")
-            if is_mounted(self.path):
-                raise UsageError(f"{self.path} is already a mount point (a previous session's?)",
-                                 hint=f"unmount it: fusermount3 -u {self.path}")
             if self.path.is_dir() and any(self.path.iterdir()):
                 raise UsageError(f"mount point {self.path} is not empty",
                                  hint="give an empty or new directory with --mount DIR")
@@ -181,7 +197,7 @@ class SshfsMount:
             writer, reader = await self.open_sftp()
             self._channel = (writer, reader)
             self._proc = await asyncio.create_subprocess_exec(
-                sshfs, "-f", "-o", ",".join(self._options), "tpenv-agent:/", str(self.path),
+                sshfs, "-f", "-o", ",".join(self._options), f"tpenv-agent:{self.remote}", str(self.path),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)  # a Ctrl-C to our group must not kill sshfs before we unmount
             self._pumps = [asyncio.ensure_future(self._pump(reader, self._proc.stdin, close=True)),
@@ -202,6 +218,71 @@ class SshfsMount:
             raise
         log.info("[mount/%s] volumes mounted at %s", self.name, self.path)
         self._state.set(State.READY, detail=str(self.path))
+        self._probe = asyncio.ensure_future(self._probe_loop())
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _sshfs_stopped(self) -> bool:
+        """sshfs is stopped (SIGSTOP, a debugger): the state letter in /proc/PID/stat is T or t."""
+        if self._proc is None or self._proc.returncode is not None:
+            return False
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_bytes()
+        except OSError:
+            return False
+        return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
+
+    async def check(self) -> str | None:
+        """One liveness probe: None when the mount answers, else why not."""
+        if self._sshfs_stopped():
+            return f"sshfs (pid {self.pid}) is stopped"
+        assert self.path is not None
+        code, err = await bounded_run(["stat", "-f", "-c", "%T", str(self.path)], self.probe_timeout)
+        if code is None:
+            return f"a statfs of {self.path} did not answer within {self.probe_timeout:.0f}s"
+        if code != 0:
+            return f"a statfs of {self.path} failed: {err or f'exit {code}'}"
+        return None
+
+    async def _probe_loop(self) -> None:
+        # A periodic probe by design: a stuck FUSE server emits no event to wait for.
+        while not self._stopped:
+            await asyncio.sleep(self.probe_interval)
+            if self._stopped or self._state.state is not State.READY:
+                return
+            why = await self.check()
+            if why is None or self._stopped:
+                continue
+            log.warning("[mount/%s] not responding: %s; abandoning it (sshfs killed, lazy unmount)", self.name, why)
+            self._state.set(State.FAILED, error=f"not responding: {why}; unmounted", detail=str(self.path))
+            await self._cleanup(stuck=True)
+            return
+
+    async def _clear_leftover(self) -> None:
+        """``path`` is already mounted. An sshfs mount of ours whose sshfs is gone (tpenv was
+        killed with -9 while the mount was stuck) is unmounted, and said; anything else is refused."""
+        assert self.path is not None
+        entry = mount_entry(self.path)
+        users = sshfs_serving(self.path)
+        orphans = [pid for pid in users if not _parent_is_tpenv(pid)]  # its tpenv was killed
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        users = [pid for pid in users if pid not in orphans]
+        if entry is None or entry[0] != "fuse.sshfs" or not entry[1].startswith("tpenv-agent:") or users:
+            raise UsageError(f"{self.path} is already a mount point" + (f" (sshfs pid {users[0]} serves it)"
+                                                                        if users else ""),
+                             hint=f"stop the session using it, or unmount it: fusermount3 -u {self.path}")
+        code, err = await bounded_run(["fusermount3", "-uz", str(self.path)], self.unmount_timeout)
+        if code != 0 or is_mounted(self.path):
+            raise UsageError(f"{self.path} is still mounted by an earlier session that is gone: {err or 'timed out'}",
+                             hint=f"unmount it: fusermount3 -uz {self.path}")
+        log.warning("[mount/%s] unmounted %s, left behind by an earlier session that ended without unmounting",
+                    self.name, self.path)
 
     async def _pump(self, src: Any, dst: Any, *, close: bool) -> None:
         try:
@@ -238,25 +319,29 @@ class SshfsMount:
         await self._cleanup()
         self._state.set(State.STOPPED)
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self, *, stuck: bool = False) -> None:
+        """Unmount and end sshfs; every step bounded, so a stuck mount cannot hold a stop.
+        ``stuck``: sshfs is killed first, which fails every request waiting on the mount."""
+        if self._probe is not None and self._probe is not asyncio.current_task():
+            self._probe.cancel()
+        stuck = stuck or self._sshfs_stopped()
+        if stuck:
+            self._kill_sshfs()
         if self.path is not None and is_mounted(self.path):
             for args in (["-u"], ["-uz"]):  # -z: lazy, when a handler still has a file open
-                p = await asyncio.create_subprocess_exec("fusermount3", *args, str(self.path),
-                                                         stdout=asyncio.subprocess.DEVNULL,
-                                                         stderr=asyncio.subprocess.PIPE)
-                _, err = await p.communicate()
-                if p.returncode == 0:
+                code, err = await bounded_run(["fusermount3", *args, str(self.path)], self.unmount_timeout)
+                if code == 0:
                     break
-                log.debug("[mount/%s] fusermount3 %s: %s", self.name, args, err.decode(errors="replace").strip())
+                log.debug("[mount/%s] fusermount3 %s: %s", self.name, args, err or "timed out")
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.terminate()
+                self._proc.send_signal(signal.SIGCONT)  # a stopped sshfs acts on SIGTERM only once continued
             try:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(self.unmount_timeout):
                     await self._proc.wait()
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
+                self._kill_sshfs()
                 await self._proc.wait()
         for t in self._pumps:
             t.cancel()
@@ -270,10 +355,20 @@ class SshfsMount:
             with contextlib.suppress(OSError):
                 self.path.rmdir()
 
-    def abort(self) -> None:
+    def _kill_sshfs(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
+
+    def abort(self) -> None:
+        """Second Ctrl-C: kill sshfs (a dead FUSE server fails every waiting request) and detach
+        the mount now. Synchronous; the lazy unmount never waits on the file system."""
+        self._stopped = True
+        self._kill_sshfs()
+        if self.path is not None and is_mounted(self.path):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["fusermount3", "-uz", str(self.path)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=self.unmount_timeout)
 
     async def __aenter__(self) -> "SshfsMount":
         await self.start()

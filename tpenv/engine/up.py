@@ -165,7 +165,9 @@ async def run_up(
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(ctx.resources)
             def snapshot() -> dict[str, Any]:
-                return {**rec.snapshot(), **(extra_status() if extra_status else {})}
+                # Units the engines keep inside theirs (an intercept's mount) come as extra rows.
+                snap, extra = rec.snapshot(), dict(extra_status() if extra_status else {})
+                return {**snap, **extra, "units": snap["units"] + list(extra.pop("units", []))}
 
             await stack.enter_async_context(StatusServer(
                 snapshot=snapshot, on_down=rec.request_stop, state_dir=settings.session.state_dir,
@@ -174,7 +176,7 @@ async def run_up(
                 config_path.parent, [config_path.name], on_change=lambda _: rec.notify(UnitEvent("config")),
                 debounce=h.debounce, name=config_path.name, recursive=False))
             if view is not None:  # e.g. the live table in a terminal (liveview.py)
-                await stack.enter_async_context(view(rec.snapshot))
+                await stack.enter_async_context(view(snapshot))
             log.info("session %s: %s", session_id, config_path)
             running = asyncio.create_task(rec.run(), name="reconciler/run")
             aborting = asyncio.create_task(forced.wait())

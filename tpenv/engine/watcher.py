@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tpenv.kits.aio import unit_logger
-from tpenv.kits.inotify import IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_Q_OVERFLOW, Event, Inotify, mount_points
+from tpenv.kits.inotify import IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_Q_OVERFLOW, Event, Inotify
+from tpenv.kits.mounttable import mount_points
 
 STEP = 0.05  # quiet time that ends a burst
 YIELD_EVERY = 64  # directories walked between two yields to the loop

@@ -6,9 +6,6 @@ mount waits for sshfs, which waits for the event loop to pump its SFTP channel: 
 that also swallows Ctrl-C (issue #19). Here the caller decides which directories get a watch
 (``add_watch`` of one directory, never recursive), and events are read from the inotify file
 descriptor by the loop's reader callback (``os.read`` of a non-blocking fd).
-
-``mount_points()`` reads ``/proc/self/mountinfo``: the mount table without touching any of the
-mounted file systems (a ``stat`` of a stuck FUSE mount point would hang).
 """
 from __future__ import annotations
 
@@ -59,25 +56,6 @@ def parse_events(data: bytes) -> list[Event]:
         i += length
         out.append(Event(wd, mask, name))
     return out
-
-
-def mount_points(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
-    """Every mount point of this process's mount namespace, as absolute paths."""
-    out = set()
-    with open(mountinfo, "rb") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4:
-                out.add(_unescape(fields[4].decode(errors="surrogateescape")))
-    return out
-
-
-def _unescape(field: str) -> str:
-    # mountinfo octal-escapes space, tab, newline and backslash (\040, \011, \012, \134).
-    if "\\" not in field:
-        return field
-    return field.encode(errors="surrogateescape").decode("unicode_escape").encode("latin-1").decode(
-        errors="surrogateescape")
 
 
 _libc: ctypes.CDLL | None = None

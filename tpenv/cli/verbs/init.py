@@ -6,6 +6,11 @@ every developer's kubeconfig) and one intercept: the workload by kind, its names
 ``port: LOCAL:REMOTE`` (the Service port; the local port defaults to the container port behind
 it), an env file, a mount when the container has volumes, and ``run.command`` when the container's command is known. The file is validated
 with the same loader `tpenv up` uses before it is kept.
+
+The file works as written (issue #19): the env file and the mount directory sit beside it, and
+``run.watch`` never walks into either (nor into any mount point); comments in the file say so.
+Both must stay out of git (the env file holds the pod's secrets): the ``.gitignore`` lines
+missing from the directory's ``.gitignore`` are suggested.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 from pathlib import Path
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
 
 from tpenv.config import load_config
 from tpenv.config.models import parse_port
@@ -62,11 +68,17 @@ async def run(args: argparse.Namespace, ctx) -> int:
     local = given.get("local") or _container_port(w, sp) or 8080
     services = [service["metadata"]["name"]]
     app = w.containers[0]
-    intercept: dict = {"name": w.name, "workload": w.ref, "port": f"{local}:{remote}"}
+    intercept = CommentedMap({"name": w.name, "workload": w.ref, "port": f"{local}:{remote}"})
     if args.service:
         intercept["service"] = services[0]
-    intercept["env"] = {"file": f"{w.name}.env", "format": "docker"}
-    intercept["mount"] = f"./{w.name}.vol" if app.get("volumeMounts") else False
+    env_file, mount_dir = f"{w.name}.env", f"{w.name}.vol"
+    intercept["env"] = {"file": env_file, "format": "docker"}
+    intercept.yaml_add_eol_comment("the pod's env, secrets included: keep it out of git", "env")
+    if app.get("volumeMounts"):
+        intercept["mount"] = f"./{mount_dir}"
+        intercept.yaml_add_eol_comment("the pod's volumes (sshfs); run.watch never enters a mount", "mount")
+    else:
+        intercept["mount"] = False
     command = list(app.get("command") or []) + list(app.get("args") or [])
     if command:
         intercept["run"] = {"command": command}
@@ -97,6 +109,19 @@ async def run(args: argparse.Namespace, ctx) -> int:
         raise UsageError(f"{path} appeared meanwhile; not overwritten") from e
     finally:
         tmp.unlink(missing_ok=True)
-    ctx.emit(f"wrote {path}: intercept {w.name} ({w.ref}, port {local}:{remote})",
-             {"file": str(path), "config": doc})
+    ignore = _gitignore_missing(path.parent, [f"/{env_file}"] + ([f"/{mount_dir}/"] if intercept["mount"] else []))
+    text = f"wrote {path}: intercept {w.name} ({w.ref}, port {local}:{remote})"
+    if ignore:
+        text += "\nadd to .gitignore (the env file holds secrets; the volumes are the cluster's): " + " ".join(ignore)
+    ctx.emit(text, {"file": str(path), "config": doc, "gitignore": ignore})
     return 0
+
+
+def _gitignore_missing(directory: Path, lines: list[str]) -> list[str]:
+    """The ``lines`` a ``.gitignore`` beside the config does not have yet (as written or without
+    their leading/trailing slash): a suggestion, never an edit of the user's file."""
+    try:
+        have = {line.strip().strip("/") for line in (directory / ".gitignore").read_text().splitlines()}
+    except OSError:
+        have = set()
+    return [line for line in lines if line.strip("/") not in have]

@@ -16,7 +16,10 @@ def test_init_writes_a_valid_starter_and_refuses_to_overwrite(namespace, tmp_pat
     deploy_hello(ns)
     # Stage 1: written from the cluster's objects: namespace, kind/name, Service port, command.
     cp = tpenv(tmp_path, "init", "hello", "-n", ns)
-    assert cp.stdout.strip() == "wrote telepresence.yaml: intercept hello (deployment/hello, port 8080:80)"
+    wrote, *rest = cp.stdout.strip().splitlines()
+    assert wrote == "wrote telepresence.yaml: intercept hello (deployment/hello, port 8080:80)"
+    # The env file holds the pod's secrets: init suggests a .gitignore line for it (no volumes, no mount).
+    assert rest == ["add to .gitignore (the env file holds secrets; the volumes are the cluster's): /hello.env"]
     config = load_config(tmp_path / "telepresence.yaml")
     assert config.namespace == ns
     (ic,) = config.intercepts

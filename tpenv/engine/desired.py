@@ -110,6 +110,8 @@ class InterceptUnit(TaskUnit):
                     if not await _first_of(change, stopping.wait()):
                         return
             timeout = s.settings.kube.rollout_timeout if s.settings else 120.0
+            # The last progress line ("Waiting for ... pods ready") is over: say what is pending now.
+            self.set_state(State.PENDING, detail="connecting to the agents, reading the env and mounting the volumes")
             await self.irun.wait_ready(timeout)
             s.runs[self.key] = self.irun
             s.ready_hashes[self.key] = s.spec_hash

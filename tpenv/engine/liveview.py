@@ -2,12 +2,15 @@
 
 Only when stderr is a TTY and the output mode is text: scripts and CI get plain lines.
 The table is re-rendered twice a second from the reconciler's ``snapshot()`` (a render
-loop, not a readiness poll). Log records and handler output keep scrolling above it: while
+loop, not a readiness poll), by a task on the event loop rather than rich's refresh thread:
+the units' states are only ever read where they are written, so a row never shows a state
+half-updated or older than the unit's. Log records and handler output keep scrolling above it: while
 the view runs, our logging handler writes to rich's proxy of stderr, and handler lines go to
 ``sys.stdout``, which rich redirects too.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -57,6 +60,7 @@ class LiveView:
         self.refresh_per_second = refresh_per_second
         self._live: Any = None
         self._handlers: list[tuple[logging.StreamHandler, Any]] = []
+        self._refresher: asyncio.Task | None = None
 
     def __rich__(self) -> Any:
         return render_units(self.snapshot())
@@ -68,9 +72,10 @@ class LiveView:
         from rich.live import Live
 
         console = Console(file=self.stream)
-        self._live = Live(self, console=console, refresh_per_second=self.refresh_per_second,
+        self._live = Live(self, console=console, auto_refresh=False,
                           redirect_stdout=True, redirect_stderr=True, transient=False)
         self._live.start()
+        self._refresher = asyncio.create_task(self._refresh(), name="liveview/refresh")
         # Logging handlers captured the real stderr when they were made: point them at rich's
         # proxy so records print above the table instead of through it.
         for h in logging.getLogger().handlers:
@@ -78,11 +83,19 @@ class LiveView:
                 self._handlers.append((h, h.setStream(sys.stderr)))
         return self
 
+    async def _refresh(self) -> None:
+        while self._live is not None:
+            self._live.refresh()
+            await asyncio.sleep(1.0 / self.refresh_per_second)
+
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
         """Safe twice; puts the logging streams back."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
         for h, old in self._handlers:
             h.setStream(old)
         self._handlers.clear()

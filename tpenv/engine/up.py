@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +38,15 @@ from tpenv.errors import NotFound, UsageError
 from tpenv.kits.aio import unit_logger
 
 EXIT_FORCED = 130
+FORCE_EXIT_AFTER = 2.0  # seconds between a second Ctrl-C and the exit, whatever still runs
+
+
+def _hard_exit() -> None:
+    with contextlib.suppress(Exception):
+        sys.stderr.write("\x1b[?25h" if sys.stderr.isatty() else "")  # the live table hid the cursor
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(EXIT_FORCED)
 
 
 @dataclass
@@ -155,6 +167,11 @@ async def run_up(
             rec.request_stop()
         elif not forced.is_set():
             log.warning("forced: killing handlers now; the agents' leases end the intercepts")
+            # A thread, not the loop: whatever might still hold the loop (or asyncio.run's
+            # teardown) cannot hold the exit. abort() below already killed and unmounted.
+            timer = threading.Timer(FORCE_EXIT_AFTER, _hard_exit)
+            timer.daemon = True  # a quicker clean exit does not wait for it
+            timer.start()
             rec.abort()
             forced.set()
 

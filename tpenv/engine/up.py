@@ -184,7 +184,8 @@ async def run_up(
             def snapshot() -> dict[str, Any]:
                 # Units the engines keep inside theirs (an intercept's mount) come as extra rows.
                 snap, extra = rec.snapshot(), dict(extra_status() if extra_status else {})
-                return {**snap, **extra, "units": snap["units"] + list(extra.pop("units", []))}
+                rows = list(extra.pop("units", []))
+                return {**snap, **extra, "units": snap["units"] + rows}
 
             await stack.enter_async_context(StatusServer(
                 snapshot=snapshot, on_down=rec.request_stop, state_dir=settings.session.state_dir,

@@ -261,7 +261,8 @@ class UpFactory:
         (so `tpenv leave` can say why it will not end one, and `tpenv list` can name them)."""
         runs = list(self.runs.items())
         return {"intercepts": [dict(run.describe(), held_by="up", context=self.contexts.get(key)) for key, run in runs],
-                "units": [row for _key, run in runs if (row := run.mount_row()) is not None]}
+                "units": [dict(row, context=self.contexts.get(key)) for key, run in runs
+                          if (row := run.mount_row()) is not None]}
 
     def checked(self, config: Config) -> Config:
         """``config`` with its contexts resolved in the reader's kubeconfig (ConfigError, exit 2,

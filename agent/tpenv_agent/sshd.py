@@ -15,6 +15,7 @@ import asyncssh
 
 from . import log as logs
 from .control import ControlChannel
+from .sftp import ConfinedSFTPServer
 from .splice import Buffered
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ async def start(sidecar: "Sidecar", host: str, port: int, auth_dir: str) -> Any:
         await ControlChannel(sidecar, state, proc).run()
 
     def sftp(chan: Any) -> asyncssh.SFTPServer:
-        return asyncssh.SFTPServer(chan, chroot=sidecar.mounts_root)
+        return ConfinedSFTPServer(chan, sidecar.mounts_root)
 
     return await asyncssh.create_server(
         lambda: ConnState(sidecar), host, port,

@@ -161,6 +161,10 @@ def test_scan_local_lists_files_dirs_and_inside_links_only(tmp_path):
     os.symlink("sub/b", d / "inside")
     os.symlink("/etc/passwd", d / "outside")
     os.symlink("../../x", d / "climbs")
+    # A chain the lexical check passes ("dot/../x" reads as data/x) but the kernel resolves
+    # through dot -> "." to the volume's parent: not pushed either.
+    os.symlink(".", d / "dot")
+    os.symlink("dot/../x", d / "chain")
     (d / ".tpenv-sync-tmp").write_text("partial")
     skipped: set[str] = set()
     snap = scan_local(tmp_path, ["data", "absent"], skipped)
@@ -168,5 +172,5 @@ def test_scan_local_lists_files_dirs_and_inside_links_only(tmp_path):
     assert snap["data/a"] == Entry.file(os.stat(d / "a").st_mode, 1, 1000)
     assert snap["data/sub/b"].size == 2
     assert snap["data/inside"] == Entry.link("sub/b")
-    assert set(snap) == {"data", "data/sub", "data/a", "data/sub/b", "data/inside"}
-    assert skipped == {"data/outside", "data/climbs"}
+    assert set(snap) == {"data", "data/sub", "data/a", "data/sub/b", "data/inside", "data/dot"}
+    assert skipped == {"data/outside", "data/climbs", "data/chain"}

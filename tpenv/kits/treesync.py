@@ -188,6 +188,15 @@ def link_stays_inside(path: str, target: str, root: str) -> bool:
     return resolved == root or resolved.startswith(root + "/")
 
 
+def resolves_inside(path: str, top: str) -> bool:
+    """What the kernel makes of a link at ``path`` stays under ``top``: the lexical check above
+    misses a chain (``a -> b/../x`` where ``b`` is itself a link to ``.``), which the agent's
+    SFTP server would refuse anyway; refusing here says so once instead of failing each pass."""
+    real_top = os.path.realpath(top)
+    real = os.path.realpath(path)
+    return real == real_top or real.startswith(real_top.rstrip("/") + "/")
+
+
 def scan_local(base_dir: str | os.PathLike[str], roots: Iterable[str],
                skipped: set[str] | None = None) -> dict[str, Entry]:
     """Snapshot of ``base_dir/root`` for every root, symlinks not followed. Symlinks leading
@@ -217,7 +226,8 @@ def scan_local(base_dir: str | os.PathLike[str], roots: Iterable[str],
                         entry = entry_of_stat(st, lambda: os.readlink(d.path))
                     except FileNotFoundError:
                         continue  # gone while we looked
-                    if entry is None or (entry.kind == LINK and not link_stays_inside(rel, entry.target, root)):
+                    if entry is None or (entry.kind == LINK and not (
+                            link_stays_inside(rel, entry.target, root) and resolves_inside(d.path, top))):
                         if skipped is not None:
                             skipped.add(rel)
                         continue

@@ -10,16 +10,72 @@ from __future__ import annotations
 import datetime as _dt
 import json as _json
 import logging
+import re
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterable
 
 NOISY = ("asyncssh", "kubernetes", "websockets", "urllib3")
 _MARK = "_tpenv_handler"  # attribute marking the handler we installed, so a second setup replaces it
+
+# --- secrets never reach the log (issue 12) ----------------------------------------------------
+# Libraries log at DEBUG what they send (websockets prints the handshake headers, bearer token
+# included), so redaction is done where every record ends up: our formatters. Two nets: shapes
+# that are secrets whatever their value (bearer tokens, JWTs, PEM private keys), and values
+# registered by whoever learns them (``secret()``: ${VAR} expansions in the config, the app's
+# Secret-backed env values).
+REDACTED = "***"
+_SHAPES = [
+    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)((?:authorization|x-api-key|cookie|proxy-authorization)\s*[:=]\s*)[^\r\n'\"]+"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]+"),
+    re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)"),
+]
+# Shorter values are not registered: masking "on" or "8080" everywhere would garble every log
+# line, and a secret that short is not one.
+MIN_SECRET_LEN = 6
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_secrets_re: re.Pattern[str] | None = None
+
+
+def secret(*values: str | None) -> None:
+    """Never print these values (from now on, at any level, in any logger)."""
+    global _secrets_re
+    new = {v for v in values if v and len(v) >= MIN_SECRET_LEN} - _secrets
+    if not new:
+        return
+    with _secrets_lock:
+        _secrets.update(new)
+        # Longest first, so a secret containing another is masked whole.
+        _secrets_re = re.compile("|".join(re.escape(v) for v in sorted(_secrets, key=len, reverse=True)))
+
+
+# Env variable names whose values are secrets whatever their source; the engine adds the names
+# the pod spec fills from a Secret.
+SECRET_NAME = re.compile(r"(?i)(pass|secret|token|key|credential|auth|private|dsn|cookie|session)")
+
+
+def secret_env(env: dict[str, str], names: Iterable[str] = ()) -> None:
+    """Register the values of ``env`` that are secrets: the ``names`` given (Secret-backed) and
+    every variable whose name says so."""
+    wanted = set(names)
+    secret(*(v for k, v in env.items() if k in wanted or SECRET_NAME.search(k)))
+
+
+def redact(text: str) -> str:
+    for shape in _SHAPES:
+        text = shape.sub(lambda m: (m.group(1) if m.re.groups else "") + REDACTED, text)
+    pattern = _secrets_re
+    return pattern.sub(REDACTED, text) if pattern is not None else text
 
 
 class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -38,7 +94,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
-        return _json.dumps(obj, ensure_ascii=False)
+        return redact(_json.dumps(obj, ensure_ascii=False))
 
 
 def setup_logging(debug: bool, json: bool, stream=None) -> None:
@@ -70,4 +126,4 @@ def unit_logger(kind: str, name: str) -> logging.LoggerAdapter:
     return UnitLogger(logging.getLogger(f"tpenv.{kind}"), {"unit": f"{kind}/{name}"})
 
 
-__all__ = ["setup_logging", "unit_logger", "NOISY"]
+__all__ = ["setup_logging", "unit_logger", "NOISY", "secret", "secret_env", "redact"]

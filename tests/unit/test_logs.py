@@ -69,3 +69,27 @@ def test_noisy_layers_only_with_debug(stream):
     assert all(logging.getLogger(n).getEffectiveLevel() == logging.DEBUG for n in NOISY)
     logging.getLogger("asyncssh").debug("shown")
     assert "shown" in stream.getvalue()
+
+
+# --- stage 4: secrets never printed (issue 12) ---------------------------------------------------------------------
+
+JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6Ij.eyJhdWQiOlsiaHR0cHM6Ly9rdWJl.c2lnbmF0dXJlLXBhcnQtX2FiYw"
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_tokens_keys_and_registered_values_are_masked_at_debug(stream, json_lines):
+    from tpenv import logs
+    setup_logging(debug=True, json=json_lines, stream=stream)
+    logs.secret("Zq-registered-secret", "ab")  # "ab": too short to mask anything
+    logs.secret_env({"DB_PASSWORD": "hunter2-pw", "GREETING": "hello-there"})
+    # What websockets prints at DEBUG: its handshake headers, one per line.
+    logging.getLogger("websockets.client").debug("> Authorization: Bearer %s", "opaque-token-123")
+    logging.getLogger("websockets.client").debug("> GET /api HTTP/1.1\n> authorization: bearer %s", JWT)
+    unit_logger("handler", "web").info("running: curl -H %s", "Zq-registered-secret")
+    unit_logger("intercept", "web").info("env: DB_PASSWORD=hunter2-pw GREETING=hello-there ab")
+    unit_logger("tunnel", "p").debug("key -----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----")
+    out = stream.getvalue()
+    for leaked in ("opaque-token-123", JWT, "Zq-registered-secret", "hunter2-pw", "AAAA"):
+        assert leaked not in out
+    assert "hello-there" in out and " ab" in out  # neither a secret-named variable nor long enough
+    assert out.count("***") >= 5

@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 
+from tpenv import logs
 from tpenv.config import checks
 from tpenv.config.models import Config, did_you_mean
 from tpenv.errors import ConfigError, Problem
@@ -126,6 +127,9 @@ class _Converter:
                                                             "write ${NAME} or ${NAME:-default}"))
                 return ""
             if self.environ.get(name):
+                # The value may be a secret (a token on a handler's command line): it is never
+                # logged, whatever later prints the expanded config.
+                logs.secret(self.environ[name])
                 return self.environ[name]
             if sep:
                 return default

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tpenv import logs
 from tpenv.config.env import render_env, write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.agents import AgentReady, ensure_agent, pick_service, pod_serves, service_port
@@ -102,6 +103,7 @@ class EnvMountUnit:
         self._state.set(State.STARTING)
         session = s.registry.session(s.tunnel_key)
         base = await session.env()
+        logs.secret_env(base)  # the app's secret values never reach a log line, at any level
         mounts = (await session.mounts())["mounts"]
         self.mounts = list(mounts)
         mount_spec = s.intercept.mount

@@ -30,6 +30,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from tpenv import logs
 from tpenv.kits.kuberest import ApiGroup
 from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UsageError
 
@@ -220,6 +221,8 @@ class Kube:
                 headers[setting["key"]] = setting["value"]
         if self.cfg.username and self.cfg.password and "authorization" not in {k.lower() for k in headers}:
             headers["authorization"] = self.cfg.get_basic_auth_token()
+        # Whatever logs these headers later (websockets prints its handshake at DEBUG) prints ***.
+        logs.secret(*headers.values(), *(v.partition(" ")[2] for v in headers.values()))
         return headers
 
     def ssl_context(self) -> ssl.SSLContext | None:

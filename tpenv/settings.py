@@ -20,6 +20,12 @@ from tpenv.errors import UsageError
 ENV_PREFIX = "TPENV_"
 
 
+# Kubernetes quantities as the API server writes them back (so a read-back never looks like a
+# change that would roll the workload out again): an integer with an optional suffix.
+_QUANTITY = r"^[1-9][0-9]*(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_QUANTITY_OR_NONE = r"^([1-9][0-9]*(m|k|M|G|T|Ki|Mi|Gi|Ti)?)?$"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -37,6 +43,22 @@ class AgentSettings(_Section):
     lease_seconds: float = Field(
         5.0, gt=0, description="Seconds without a ping after which the agent ends a session's intercepts."
     )
+    cpu_request: str = Field("10m", pattern=_QUANTITY, description=(
+        "CPU the agent container requests (a Kubernetes quantity, e.g. 10m); namespaces with a "
+        "ResourceQuota refuse containers without requests."))
+    memory_request: str = Field("64Mi", pattern=_QUANTITY, description="Memory the agent container requests (e.g. 64Mi).")
+    cpu_limit: str = Field("", pattern=_QUANTITY_OR_NONE, description=(
+        "CPU limit of the agent container; empty: none (a CPU limit throttles the app's traffic through it)."))
+    memory_limit: str = Field("256Mi", pattern=_QUANTITY_OR_NONE, description=(
+        "Memory limit of the agent container (e.g. 256Mi); empty: none."))
+
+    def resources(self) -> dict:
+        """The agent container's ``resources`` as these settings say."""
+        limits = {k: v for k, v in (("cpu", self.cpu_limit), ("memory", self.memory_limit)) if v}
+        out: dict = {"requests": {"cpu": self.cpu_request, "memory": self.memory_request}}
+        if limits:
+            out["limits"] = limits
+        return out
 
 
 class TunnelSettings(_Section):

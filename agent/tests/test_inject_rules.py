@@ -192,7 +192,7 @@ def _served():
 def test_server_defaults_do_not_count_as_stale():
     out, svc = _served()
     a = agent(out)  # what the API server adds when it stores the object
-    a.update(terminationMessagePath="/dev/termination-log", terminationMessagePolicy="File", resources={})
+    a.update(terminationMessagePath="/dev/termination-log", terminationMessagePolicy="File")
     a["readinessProbe"].update(timeoutSeconds=1, successThreshold=1, failureThreshold=3)
     a["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
     a["env"][0]["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
@@ -218,3 +218,23 @@ def test_lost_agent_container_is_reported():
     broken["spec"]["template"]["spec"]["containers"].pop()
     with pytest.raises(InjectError, match="lost its agent container"):
         inject(broken, svc, "http", settings=SETTINGS)
+
+
+# --- issue 12: the agent is least-privilege, and reads the volumes as the app does -------------
+
+def test_agent_security_borrows_the_apps_non_root_user_else_its_own():
+    from tpenv_agent.inject import AGENT_UID, agent_security
+    restricted = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                  "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    # No user given anywhere: the image's non-root user.
+    sc = agent_security({"name": "app"}, {})
+    assert sc == {**restricted, "runAsUser": AGENT_UID, "runAsGroup": AGENT_UID}
+    # The pod's user and group, overridden by the container's own user.
+    pod = {"securityContext": {"runAsUser": 1000, "runAsGroup": 3000, "fsGroup": 2000}}
+    assert agent_security({"name": "app"}, pod)["runAsUser"] == 1000
+    assert agent_security({"name": "app"}, pod)["runAsGroup"] == 3000
+    app = {"name": "app", "securityContext": {"runAsUser": 1001}}
+    assert (agent_security(app, pod)["runAsUser"], agent_security(app, pod)["runAsGroup"]) == (1001, 3000)
+    # An app running as root lends nothing: the agent never runs as root.
+    root_app = {"name": "app", "securityContext": {"runAsUser": 0, "runAsGroup": 0}}
+    assert (agent_security(root_app, {})["runAsUser"], agent_security(root_app, {})["runAsGroup"]) == (AGENT_UID, AGENT_UID)

@@ -12,7 +12,8 @@ imports the same code, so patch mode and webhook mode cannot drift apart. ``temp
 only the manager's install manifests, which only the client renders.
 
 ``settings`` keys (all optional): ``agent_image`` (default ``tpenv/agent:<version>``),
-``image_pull_policy`` (default ``IfNotPresent``), ``lease`` (seconds, default 5).
+``image_pull_policy`` (default ``IfNotPresent``), ``lease`` (seconds, default 5),
+``resources`` (the agent container's ``resources``, default :data:`DEFAULT_RESOURCES`).
 
 Restore records, kept as JSON annotations so ``restore`` needs nothing but the objects:
 
@@ -47,6 +48,12 @@ ANN_INJECT_CONTAINER = "tpenv.io/inject-container"  # webhook: which container i
 ANN_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet")
+
+# The agent's user when the app gives none to borrow (the image's USER, "nonroot" by convention).
+AGENT_UID = 65532
+# Small but set: namespaces with a ResourceQuota refuse pods whose containers have none. Written
+# the way the API server writes quantities, so a read-back never looks like a change.
+DEFAULT_RESOURCES = {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 PORT_NAME_MAX = 15  # IANA_SVC_NAME, enforced by the API server
 
 
@@ -62,7 +69,8 @@ def _version() -> str:
 
 
 def default_settings() -> dict:
-    return {"agent_image": f"tpenv/agent:{_version()}", "image_pull_policy": "IfNotPresent", "lease": 5}
+    return {"agent_image": f"tpenv/agent:{_version()}", "image_pull_policy": "IfNotPresent", "lease": 5,
+            "resources": copy.deepcopy(DEFAULT_RESOURCES)}
 
 
 def _settings(settings: dict | None) -> dict:
@@ -140,8 +148,34 @@ def _env_copy(env: dict, app: str) -> dict:
     return env
 
 
-def agent_container(app: dict, entries: list[dict], settings: dict) -> dict:
-    """The sidecar for app container ``app`` serving ``entries`` (records of taken ports)."""
+def agent_security(app: dict, pod_spec: dict | None = None) -> dict:
+    """The agent's securityContext: what Pod Security ``restricted`` asks (non-root, no
+    capabilities, no escalation, RuntimeDefault seccomp) and a read-only root filesystem.
+
+    It runs as the app's own user and group when the app (container, else pod) names a non-root
+    one, so it reads and writes the app's volumes as the app does; otherwise as AGENT_UID. Volumes
+    the kubelet manages get the pod's fsGroup for every container, the agent included. What the
+    agent then cannot read (files only root may read, when the app runs as root) is said in
+    docs/protocol.md §1."""
+    pod_sc = (pod_spec or {}).get("securityContext") or {}
+    app_sc = app.get("securityContext") or {}
+    uid = app_sc.get("runAsUser", pod_sc.get("runAsUser"))
+    gid = app_sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+    borrowed = isinstance(uid, int) and uid > 0
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid if borrowed else AGENT_UID,
+        "runAsGroup": gid if borrowed and isinstance(gid, int) else AGENT_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def agent_container(app: dict, entries: list[dict], settings: dict, pod_spec: dict | None = None) -> dict:
+    """The sidecar for app container ``app`` serving ``entries`` (records of taken ports);
+    ``pod_spec``: the pod's spec, for the user the app runs as."""
     args = ["sidecar", "--container", app["name"]]
     for e in entries:
         args += ["--listen", f"{e['agent_port']}:{e['app_port']}:{e['name']}"]
@@ -165,6 +199,9 @@ def agent_container(app: dict, entries: list[dict], settings: dict) -> dict:
     c["volumeMounts"].append({"name": AUTH_VOLUME, "mountPath": AUTH_DIR, "readOnly": True})
     c["readinessProbe"] = probe("/readyz")
     c["livenessProbe"] = probe("/livez")
+    c["securityContext"] = agent_security(app, pod_spec)
+    if settings.get("resources"):
+        c["resources"] = copy.deepcopy(settings["resources"])
     return c
 
 
@@ -245,7 +282,7 @@ def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) 
     ``created`` collects the paths (relative to ``tpl``) this call had to create."""
     spec = tpl["spec"]
     app = next(c for c in spec["containers"] if c["name"] == record["container"])
-    agent = agent_container(app, record["ports"], settings)
+    agent = agent_container(app, record["ports"], settings, spec)
     containers = spec["containers"]
     index = next((i for i, c in enumerate(containers) if c["name"] == AGENT_CONTAINER), None)
     if index is None:
@@ -415,7 +452,7 @@ def _refresh_agent(tpl: dict, record: dict, settings: dict) -> bool:
     if app is None or index is None:
         raise InjectError(f"the pod template lost its {'app' if app is None else 'agent'} container since "
                           f"injection; run `tpenv uninstall --agent` for this workload, then inject again")
-    fresh = agent_container(app, record["ports"], settings)
+    fresh = agent_container(app, record["ports"], settings, tpl["spec"])
     if _covers(containers[index], fresh):
         return False
     containers[index] = fresh
@@ -495,7 +532,8 @@ def inject_pod(pod: dict, settings: dict | None = None) -> dict:
 
 
 __all__ = [
-    "InjectError", "inject", "restore", "inject_pod", "agent_container", "auth_volume", "default_settings",
+    "InjectError", "inject", "restore", "inject_pod", "agent_container", "agent_security", "auth_volume",
+    "default_settings", "DEFAULT_RESOURCES", "AGENT_UID",
     "AGENT_CONTAINER", "AUTH_SECRET", "LABEL_AGENT", "LABEL_INJECT", "ANN_RESTORE", "ANN_RESTORE_SERVICE",
     "ANN_INJECT_PORTS", "ANN_INJECT_CONTAINER", "WORKLOAD_KINDS",
 ]

@@ -69,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--agent-image", default=os.environ.get("TPENV_AGENT_IMAGE") or defaults["agent_image"])
     p.add_argument("--agent-pull-policy", default=defaults["image_pull_policy"])
     p.add_argument("--lease", type=int, default=defaults["lease"])
+    p.add_argument("--agent-resources", type=json.loads, default=defaults["resources"],
+                   help="the injected agent container's resources, as JSON ({\"requests\": {...}, \"limits\": {...}})")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                    help="seconds a connection may sit between requests before it is closed")
     p.add_argument("--relay", default="127.0.0.1:8022",
@@ -366,7 +368,8 @@ async def run_manager(argv: list[str]) -> int:
         agent_log.setup(args.log_level)
     except ImportError:  # the sidecar's log module is optional for this role
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
-    settings = {"agent_image": args.agent_image, "image_pull_policy": args.agent_pull_policy, "lease": args.lease}
+    settings = {"agent_image": args.agent_image, "image_pull_policy": args.agent_pull_policy, "lease": args.lease,
+                "resources": args.agent_resources}
     try:
         ctx = tls_context(args.tls_dir)
     except (OSError, ssl.SSLError) as e:

@@ -537,6 +537,7 @@ def build_testapp(log=print) -> Path:
 
 AGENT_PKG = REPO / "agent" / "tpenv_agent"
 AGENT_ENV = [*BASE_ENV, "PYTHONDONTWRITEBYTECODE=1"]
+AGENT_USER = "65532:65532"  # tpenv_agent.inject.AGENT_UID
 
 
 def project_version() -> str:
@@ -548,6 +549,7 @@ def agent_version() -> str:
     """'<project version>-<12 hex>': sha256 over agent/tpenv_agent/**/*.py (sorted relative
     paths, each as length-prefixed path then content) and then pyproject.toml."""
     parts = _tree_hash(AGENT_PKG, "*.py") + [b"pyproject.toml", (REPO / "pyproject.toml").read_bytes()]
+    parts += [b"user", AGENT_USER.encode()]  # the image's config, not only its code, names the tag
     return f"{project_version()}-{_hash(*parts)[:12]}"
 
 
@@ -574,9 +576,10 @@ def build_agent(log=print) -> Path:
 
     # Every file of the package (data files too) is an input of the layer; the version uses the .py files.
     layer = _stage_layer("layer-agent", [*_tree_hash(AGENT_PKG), image_env], stage, log)
-    # root for now: the sidecar reads the app's volumes whatever their owners.
+    # Non-root (numeric, so the kubelet can check runAsNonRoot); the injector sets the same user,
+    # or the app's own non-root one, in the container's securityContext (agent/Dockerfile too).
     cfg = oci.image_config(
-        [base, site, layer], entrypoint=["tpenv-agent"], env=AGENT_ENV,
+        [base, site, layer], entrypoint=["tpenv-agent"], env=AGENT_ENV, user=AGENT_USER,
         labels={"io.tpenv.agent.version": agent_version()},
     )
     # Also tagged :dev (tpenv's settings default) and :<project version> (the injector's

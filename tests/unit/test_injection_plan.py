@@ -28,12 +28,23 @@ def agent_of(workload):
 # --- stage 1: settings reach the agent container ------------------------------------------------
 
 def test_settings_model_becomes_the_agent_image_and_lease():
-    s = Settings.model_validate({"agent": {"image": "me/agent:7", "image_pull_policy": "Never", "lease_seconds": 3}})
-    assert inject_settings(s) == {"agent_image": "me/agent:7", "image_pull_policy": "Never", "lease": 3}
+    s = Settings.model_validate({"agent": {"image": "me/agent:7", "image_pull_policy": "Never", "lease_seconds": 3,
+                                           "memory_limit": "512Mi", "cpu_limit": "1"}})
+    resources = {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}
+    assert inject_settings(s) == {"agent_image": "me/agent:7", "image_pull_policy": "Never", "lease": 3,
+                                  "resources": resources}
     plan = plan_injection(WORKLOAD, SERVICE, "http", s)
     agent = agent_of(plan.workload)
     assert agent["image"] == "me/agent:7" and agent["imagePullPolicy"] == "Never"
+    assert agent["resources"] == resources
     assert agent["args"][agent["args"].index("--lease") + 1] == "3"
+
+
+def test_agent_resources_are_checked_quantities():
+    # A quantity the API server would rewrite ("0.5") would look like a change at every read-back.
+    for bad in ({"cpu_request": "0.5"}, {"memory_limit": "lots"}, {"memory_request": ""}):
+        with pytest.raises(ValueError):
+            Settings.model_validate({"agent": bad})
 
 
 # --- stage 2: plans ---------------------------------------------------------------------------------

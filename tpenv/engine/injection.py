@@ -47,7 +47,7 @@ def inject_settings(settings: Any) -> dict:
         return dict(settings)
     agent = settings.agent
     return {"agent_image": agent.image, "image_pull_policy": agent.image_pull_policy,
-            "lease": max(1, round(float(agent.lease_seconds)))}
+            "lease": max(1, round(float(agent.lease_seconds))), "resources": agent.resources()}
 
 
 def _wrapped(e: InjectError, what: str) -> PermanentError:

@@ -31,6 +31,7 @@ from ruamel.yaml.error import YAMLError
 from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
 from tpenv.errors import NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
+from tpenv_agent.inject import DEFAULT_RESOURCES
 
 NAME = "tpenv-manager"
 TLS_SECRET = "tpenv-manager-tls"
@@ -78,11 +79,13 @@ def manager_values(settings: Any) -> dict[str, Any]:
         image = settings.get("manager_image") or agent_image
         relay_port = int(settings.get("relay_port") or RELAY_PORT)
         relay_cidrs = [str(c) for c in settings.get("relay_cidrs") or []]
+        resources = settings.get("resources") or DEFAULT_RESOURCES
     else:  # tpenv.settings.Settings
         agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
         lease, image = settings.agent.lease_seconds, settings.agent.image
         relay_port, relay_cidrs = settings.manager.relay_port, list(settings.manager.relay_cidrs)
-    return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image,
+        resources = settings.agent.resources()
+    return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image, "agent_resources": resources,
             "image_pull_policy": pull, "lease": max(1, round(float(lease))),
             "relay_port": relay_port, "relay_cidrs": relay_cidrs}
 

@@ -82,3 +82,66 @@ def test_remove_owned_by_ends_only_that_owners_intercepts():
     assert [i.intercept_id for i in reg.all()] == ["s2:x"]
     with pytest.raises(ControlError):
         reg.remove("s1:x")
+
+
+# --- issue 12: intercepts owned by their user; personal traffic stays personal ------------------
+
+P = PortSpec(7900, 8080, "http")
+
+
+def held(iid: str, user: str, match: dict | None) -> Intercept:
+    session = iid.split(":")[0]
+    return Intercept(iid, session, P, None if match is None else Match(match), ("tpenv", 1), owner=object(),
+                     user=user, verified=True)
+
+
+def personal(iid: str) -> dict:
+    return {"headers": {"x-telepresence-intercept-id": iid}}
+
+
+def test_only_the_holder_replaces_or_ends_an_intercept():
+    reg = Registry([P])
+    reg.add(held("sa:web", "alice", personal("sa:web")))
+    # Another user under the same session id (a certificate signed with the shared CA key).
+    with pytest.raises(ControlError) as e:
+        reg.add(held("sa:web", "bob", None))
+    assert e.value.code == "forbidden" and "held by alice" in e.value.message
+    with pytest.raises(ControlError) as e:
+        reg.remove("sa:web", user="bob")
+    assert e.value.code == "forbidden" and "alice" in e.value.message
+    assert [i.user for i in reg.all()] == ["alice"]
+    # The holder may; a forced replacement (the agent checked the RBAC right) may too.
+    reg.add(held("sa:web", "alice", personal("sa:web")))
+    reg.add(held("sa:web", "bob", personal("sa:web")), force=True)
+    assert reg.remove("sa:web", user="bob").user == "bob"
+
+
+def test_a_rule_taking_another_users_personal_header_is_refused_naming_the_holder():
+    reg = Registry([P])
+    reg.add(held("sa:web", "alice", personal("sa:web")))
+    for broad in (".*", "sa:.*", "s.:web"):
+        with pytest.raises(ControlError) as e:
+            reg.add(held("sb:web", "bob", personal(broad)))
+        assert e.value.code == "conflict" and "alice" in e.value.message and "sa:web" in e.value.message
+    # Bob's own personal intercept sits beside Alice's; each gets only its own header's traffic.
+    reg.add(held("sb:web", "bob", personal("sb:web")))
+    assert reg.route_request(P, H(x_telepresence_intercept_id="sa:web"), b"/").user == "alice"
+    assert reg.route_request(P, H(x_telepresence_intercept_id="sb:web"), b"/").user == "bob"
+    assert reg.route_request(P, {}, b"/") is None
+
+
+def test_personal_traffic_goes_to_its_intercept_even_behind_an_earlier_broad_rule():
+    reg = Registry([P])
+    reg.add(held("sb:any", "bob", {"path": {"prefix": "/"}}))  # registered first, takes everything
+    reg.add(held("sa:web", "alice", personal("sa:web")))
+    assert reg.route_request(P, H(x_telepresence_intercept_id="sa:web"), b"/x").user == "alice"
+    assert reg.route_request(P, {}, b"/x").user == "bob"
+
+
+def test_patterns_are_linear_time_re2():
+    # (a+)+$ backtracks exponentially in Python's re; RE2 answers at once.
+    m = Match({"headers": {"x-dev": "(a+)+$"}, "path": {"regex": "(x+x+)+y"}})
+    assert not m.matches(H(x_dev="a" * 50_000 + "!"), b"/" + b"x" * 50_000)
+    with pytest.raises(ControlError) as e:
+        Match({"headers": {"x-dev": "(a)\\1"}})  # a backreference: not RE2
+    assert e.value.code == "bad-request" and "RE2" in e.value.message

@@ -7,12 +7,14 @@ for ``lease`` seconds (the client was SIGKILLed, the laptop slept, the network i
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import log as logs
+from .identity import IdentityError
 from .registry import ControlError, Intercept, Match
 
 if TYPE_CHECKING:
@@ -26,6 +28,10 @@ class ControlChannel:
         self.session = state.username
         self.log = logs.unit("session", self.session)
         self._pinged = asyncio.Event()
+        # Who this session is (identity.py): the verified Kubernetes user, else its session id.
+        self.user = f"session {self.session}"
+        self.verified = False
+        self._token: str | None = None  # kept only to ask the cluster about `force`; never logged
 
     async def run(self) -> None:
         self.state.controls.append(self)
@@ -35,7 +41,7 @@ class ControlChannel:
                 line = await self.process.stdin.readline()
                 if not line:
                     break
-                answer = self._answer(line)
+                answer = await self._answer(line)
                 self.process.stdout.write(json.dumps(answer).encode() + b"\n")
                 await self.process.stdout.drain()
         except (OSError, ConnectionError, asyncio.IncompleteReadError) as e:
@@ -68,7 +74,7 @@ class ControlChannel:
             self._pinged.clear()
 
     # --- requests -----------------------------------------------------------------------
-    def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes) -> dict[str, Any]:
         rid = None
         try:
             try:
@@ -83,28 +89,60 @@ class ControlChannel:
             if handler is None:
                 raise ControlError("bad-request", f"unknown op {op!r}")
             self._pinged.set()  # any request proves the client alive
-            return {"id": rid, "ok": True, **handler(req)}
+            result = handler(req)
+            if inspect.isawaitable(result):
+                result = await result
+            return {"id": rid, "ok": True, **result}
         except ControlError as e:
             return {"id": rid, "ok": False, "error": {"code": e.code, "message": e.message}}
         except Exception as e:  # a bug here must not kill the channel
             self.log.exception("request failed")
             return {"id": rid, "ok": False, "error": {"code": "internal", "message": type(e).__name__}}
 
-    def _op_hello(self, req: dict) -> dict:
+    async def _op_hello(self, req: dict) -> dict:
         if req.get("session") not in (None, self.session):
             raise ControlError("bad-request", "session must equal the SSH user (the certificate principal)")
-        self.log.info("hello from client %s", str(req.get("client", "?"))[:40])
+        await self._identify(req.get("token"))
+        self.log.info("hello from client %s, user %s%s", str(req.get("client", "?"))[:40], self.user,
+                      "" if self.verified else " (unverified)")
         sc = self.sidecar
-        return {
+        return {"user": self.user, "verified": self.verified,
             "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
             "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
             "lease": sc.lease,
         }
 
+    async def _identify(self, token: Any) -> None:
+        """The session's user, from the cluster (identity.py). A token the cluster rejects is
+        refused outright: a client that offers proof and fails is not let in as unverified."""
+        api = self.sidecar.api
+        if not isinstance(token, str) or not token or api is None or not api.available:
+            return
+        try:
+            user = await api.whoami(token)
+        except IdentityError as e:
+            raise ControlError("forbidden", f"identity not verified: {e}") from None
+        self.user, self.verified, self._token = user, True, token
+
+    async def _may_force(self, req: dict) -> bool:
+        if req.get("force") is not True:
+            return False
+        api = self.sidecar.api
+        if not self.verified or api is None or self._token is None:
+            raise ControlError("forbidden", "force needs a verified user (a bearer token the cluster accepts)")
+        try:
+            allowed = await api.may_force(self._token, self.sidecar.namespace)
+        except IdentityError as e:
+            raise ControlError("forbidden", f"cannot check the right to force: {e}") from None
+        if not allowed:
+            raise ControlError("forbidden", f"{self.user} may not force intercepts.tpenv.io in namespace "
+                                            f"{self.sidecar.namespace} (RBAC: verb force, apiGroup tpenv.io)")
+        return True
+
     def _op_ping(self, req: dict) -> dict:
         return {"time": time.time()}
 
-    def _op_intercept(self, req: dict) -> dict:
+    async def _op_intercept(self, req: dict) -> dict:
         iid = req.get("intercept_id")
         if not isinstance(iid, str) or not iid.startswith(self.session + ":") or iid == self.session + ":":
             raise ControlError("bad-request", "intercept_id must be '<session>:<name>' of this session")
@@ -116,18 +154,25 @@ class ControlChannel:
         forward = (fwd["host"].lower(), fwd["port"])
         if forward not in self.state.forwards:
             raise ControlError("bad-request", "forward was not registered with tcpip-forward on this connection")
-        icpt = Intercept(iid, self.session, port, match, forward, owner=self, opener=self.state.opener(forward))
-        self.sidecar.registry.add(icpt)
+        icpt = Intercept(iid, self.session, port, match, forward, owner=self, opener=self.state.opener(forward),
+                         user=self.user, verified=self.verified)
+        old = next((i for i in self.sidecar.registry.all() if i.intercept_id == iid), None)
+        force = old is not None and old.user != self.user and await self._may_force(req)
+        self.sidecar.registry.add(icpt, force=force)
+        if force:
+            self.log.warning("intercept %s of %s replaced by %s (force)", iid, old.user, self.user)
         self.log.info("intercept %s on port %s (%s)", iid, port.name, "all TCP" if match is None else "HTTP match")
         return {"intercept": icpt.describe()}
 
-    def _op_leave(self, req: dict) -> dict:
+    async def _op_leave(self, req: dict) -> dict:
         iid = req.get("intercept_id")
-        mine = [i for i in self.sidecar.registry.all() if i.intercept_id == iid and i.session == self.session]
-        if not mine:
+        found = [i for i in self.sidecar.registry.all() if i.intercept_id == iid
+                 and (i.session == self.session or req.get("force") is True)]
+        if not found:
             raise ControlError("not-found", f"no intercept {iid} of this session")
-        self.sidecar.registry.remove(mine[0].intercept_id)
-        self.log.info("intercept %s left", iid)
+        force = found[0].user != self.user and await self._may_force(req)
+        self.sidecar.registry.remove(found[0].intercept_id, user=self.user, force=force)
+        self.log.info("intercept %s left%s", iid, f" (forced by {self.user})" if force else "")
         return {}
 
     def _op_list(self, req: dict) -> dict:

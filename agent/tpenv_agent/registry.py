@@ -7,10 +7,32 @@ were going").
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+try:
+    import re2 as _re2
+except ImportError:  # pragma: no cover - the image and pyproject install it; fail loudly when used
+    _re2 = None
+
+# The header a personal intercept matches on (Telepresence's): its value is the intercept id.
+PERSONAL_HEADER = "x-telepresence-intercept-id"
+
+
+def compile_rule(pattern: str, what: str) -> Any:
+    """A header or path pattern, compiled with RE2: matching takes time linear in the input,
+    whatever the pattern (``(a+)+$`` cannot stall the agent's one event loop, i.e. every
+    request of the app). RE2 has no backreferences or lookaround: such a pattern is refused."""
+    if _re2 is None:
+        raise ControlError("internal", "the agent image lacks google-re2 (pip install google-re2)")
+    options = _re2.Options()
+    options.log_errors = False
+    try:
+        return _re2.compile(pattern, options)
+    except Exception as e:  # re2.error: the message names what RE2 does not support
+        raise ControlError("bad-request", f"bad {what} {pattern!r}: {e} (patterns are RE2: no "
+                                          "backreferences or lookaround)") from None
 
 
 class ControlError(Exception):
@@ -49,13 +71,13 @@ class Match:
         if not isinstance(headers, dict):
             raise ControlError("bad-request", "match.headers must be an object")
         try:
-            self.headers = [(str(k).lower().encode("latin-1"), re.compile(str(v)))
+            self.headers = [(str(k).lower().encode("latin-1"), compile_rule(str(v), f"header rule {k}"))
                             for k, v in headers.items()]
-        except (re.error, UnicodeEncodeError) as e:
+        except UnicodeEncodeError as e:
             raise ControlError("bad-request", f"bad header rule: {e}") from e
         self.path_kind: str | None = None
         self.path_value: str = ""
-        self.path_re: re.Pattern[str] | None = None
+        self.path_re: Any = None
         path = spec.get("path")
         if path is not None:
             if not isinstance(path, dict) or len(path) != 1:
@@ -65,11 +87,12 @@ class Match:
                 raise ControlError("bad-request", "match.path must be {equal|prefix|regex: str}")
             self.path_kind, self.path_value = kind, value
             if kind == "regex":
-                try:
-                    self.path_re = re.compile(value)
-                except re.error as e:
-                    raise ControlError("bad-request", f"bad path regex: {e}") from e
+                self.path_re = compile_rule(value, "path regex")
         self.spec = {"headers": {str(k): str(v) for k, v in headers.items()}, "path": path}
+
+    def personal_rule(self) -> Any:
+        """The compiled rule on the personal header, or None."""
+        return next((rx for name, rx in self.headers if name == PERSONAL_HEADER.encode()), None)
 
     def matches(self, headers: dict[bytes, list[bytes]], path: bytes) -> bool:
         """``headers``: lower-case name -> values. A header matches if any of its values does."""
@@ -97,15 +120,28 @@ class Intercept:
     match: Match | None          # None: all TCP
     forward: tuple[str, int]     # the client's tcpip-forward (listen_host, listen_port)
     owner: Any                   # the control channel that registered it (ends with it)
+    user: str = ""               # who holds it: the Kubernetes user the cluster verified, or
+    verified: bool = False       # "session <id>" when the session could not be verified
     since: float = field(default_factory=time.time)
     # Opens a channel to the client: async (orig_host, orig_port) -> (reader, writer).
     opener: Callable[..., Any] | None = None
     ended: bool = False
 
+    def __post_init__(self) -> None:
+        rule = self.match.personal_rule() if self.match is not None else None
+        self._personal = self.intercept_id if rule is not None and rule.fullmatch(self.intercept_id) else None
+
+    def personal_id(self) -> str | None:
+        """This intercept's own id when its rule takes requests whose personal header carries
+        that id, else None."""
+        return self._personal
+
     def describe(self) -> dict[str, Any]:
         return {
             "intercept_id": self.intercept_id,
             "session": self.session,
+            "owner": self.user or f"session {self.session}",
+            "verified": self.verified,
             "port": self.port.name,
             "match": self.match.spec if self.match else None,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
@@ -125,24 +161,48 @@ class Registry:
                 return p
         raise ControlError("not-found", f"no agent listener for port {port!r}")
 
-    def add(self, icpt: Intercept) -> Intercept:
+    def add(self, icpt: Intercept, *, force: bool = False) -> Intercept:
+        """Register ``icpt``, replacing the intercept of the same id only if the same user holds
+        it (or ``force``: the caller checked the user's RBAC right to). Refused: a second all-TCP
+        holder of a port, and a header rule that would take another user's personal traffic."""
+        old = self._by_id.get(icpt.intercept_id)
+        if old is not None and old.user != icpt.user and not force:
+            raise ControlError("forbidden", f"intercept {icpt.intercept_id} is held by {_holder(old)}: only they "
+                                            "can replace it (or a user allowed to force intercepts.tpenv.io)")
         if icpt.match is None:
             for other in self._by_id.values():
                 # Also within one session: one port has at most one all-TCP holder.
                 if other.port is icpt.port and other.match is None and other.intercept_id != icpt.intercept_id:
                     raise ControlError(
                         "conflict",
-                        f"port {icpt.port.name} is already intercepted (all TCP) by {other.intercept_id}")
-        old = self._by_id.pop(icpt.intercept_id, None)
+                        f"port {icpt.port.name} is already intercepted (all TCP) by {other.intercept_id} "
+                        f"(held by {_holder(other)})")
+        else:
+            rule = icpt.match.personal_rule()
+            for other in self._by_id.values():
+                if (rule is not None and other.port is icpt.port and other.user != icpt.user
+                        and other.intercept_id != icpt.intercept_id and other.personal_id() is not None
+                        and rule.fullmatch(other.personal_id())):
+                    raise ControlError(
+                        "conflict",
+                        f"header rule {PERSONAL_HEADER}={icpt.match.spec['headers'].get(PERSONAL_HEADER, '')!r} "
+                        f"would take the personal traffic of {other.intercept_id}, held by {_holder(other)}: "
+                        "match your own intercept id, or another header")
+        self._by_id.pop(icpt.intercept_id, None)
         if old is not None:
             self._end(old)
         self._by_id[icpt.intercept_id] = icpt
         return icpt
 
-    def remove(self, intercept_id: str) -> Intercept:
-        icpt = self._by_id.pop(intercept_id, None)
+    def remove(self, intercept_id: str, *, user: str | None = None, force: bool = False) -> Intercept:
+        """End an intercept; with ``user``, only if that user holds it (or ``force``)."""
+        icpt = self._by_id.get(intercept_id)
         if icpt is None:
             raise ControlError("not-found", f"no intercept {intercept_id}")
+        if user is not None and icpt.user != user and not force:
+            raise ControlError("forbidden", f"intercept {intercept_id} is held by {_holder(icpt)}: only they "
+                                            "can end it (or a user allowed to force intercepts.tpenv.io)")
+        del self._by_id[intercept_id]
         self._end(icpt)
         return icpt
 
@@ -175,9 +235,21 @@ class Registry:
         return header, holder
 
     def route_request(self, port: PortSpec, headers: dict[bytes, list[bytes]], path: bytes) -> Intercept | None:
-        """Header intercepts first, then the all-TCP holder; None means the app."""
+        """Header intercepts first, then the all-TCP holder; None means the app. A request
+        carrying a personal header goes first to the intercept it names, whatever was registered
+        before it: a broader rule never takes another developer's personal traffic."""
         header, holder = self.on_port(port)
+        named = headers.get(PERSONAL_HEADER.encode())
+        if named:
+            wanted = {v.decode("latin-1") for v in named}
+            for i in header:
+                if i.personal_id() in wanted and i.match is not None and i.match.matches(headers, path):
+                    return i
         for i in header:
             if i.match is not None and i.match.matches(headers, path):
                 return i
         return holder
+
+
+def _holder(icpt: Intercept) -> str:
+    return icpt.user if icpt.verified else f"{icpt.user or 'session ' + icpt.session} (unverified)"

@@ -19,6 +19,7 @@ from . import envreport
 from . import log as logs
 from . import sshd
 from .health import HealthServer
+from .identity import ApiServer
 from .listener import PortListener
 from .registry import PortSpec, Registry
 
@@ -54,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--http1-passthrough", choices=("route", "raw"), default="raw",
                    help="raw: HTTP/1.x connections accepted while the port has no header intercept are "
                         "spliced (cheap; keep-alive ones stay with the app); route: parse them too")
+    p.add_argument("--api-server", default=None,
+                   help="the API server's URL, to verify sessions' users (default: the in-cluster one)")
+    p.add_argument("--api-ca", default=None, help="its CA file (default: the pod's service-account ca.crt)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -71,6 +75,7 @@ class Sidecar:
         self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()
         self.registry = Registry(list(args.listen))
+        self.api = ApiServer(args.api_server, args.api_ca)
         self.ssh_conns: dict[Any, Any] = {}
         self.ready = asyncio.Event()
         self.log = logs.unit("sidecar", self.container)

@@ -335,12 +335,15 @@ def base_layer(log=print) -> oci.Layer:
 
 PY_VERSION = "3.11"  # bookworm's python3
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian's sys.path, owned by no package
-# bookworm has glibc 2.36; pip expands each manylinux_2_N tag to the older ones.
-PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_36_x86_64"]
+# bookworm has glibc 2.36. pip does not expand an explicit manylinux_2_N platform to the older
+# ones: 2_28 is listed for wheels built only for it (google-re2).
+PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_36_x86_64"]
 # Pinned so an image built on another day or machine has the same packages.
 TESTAPP_PACKAGES = ["h2==4.4.1", "grpcio==1.85.1"]
 # uvloop: the sidecar's event loop (tpenv_agent/main.py; it falls back to asyncio's without it).
-AGENT_PACKAGES = ["asyncssh==2.24.1", "cryptography==50.0.2", "h2==4.4.1", "uvloop==0.22.1"]
+# google-re2: header/path patterns in linear time (tpenv_agent/registry.py).
+AGENT_PACKAGES = ["asyncssh==2.24.1", "cryptography==50.0.2", "h2==4.4.1", "uvloop==0.22.1",
+                  "google-re2==1.1.20251105"]
 
 
 def _pip() -> list[str]:
@@ -549,7 +552,8 @@ def agent_version() -> str:
     """'<project version>-<12 hex>': sha256 over agent/tpenv_agent/**/*.py (sorted relative
     paths, each as length-prefixed path then content) and then pyproject.toml."""
     parts = _tree_hash(AGENT_PKG, "*.py") + [b"pyproject.toml", (REPO / "pyproject.toml").read_bytes()]
-    parts += [b"user", AGENT_USER.encode()]  # the image's config, not only its code, names the tag
+    # The image's config and packages, not only its code, name the tag.
+    parts += [b"user", AGENT_USER.encode(), b"packages", " ".join(AGENT_PACKAGES).encode()]
     return f"{project_version()}-{_hash(*parts)[:12]}"
 
 

@@ -100,7 +100,7 @@ async def open_ssh(session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey,
         raise TunnelDropped(f"cannot reach {peer}: {type(e).__name__}: {e}") from e
 
 
-_ERRORS = {"conflict": Conflict, "not-found": NotFound, "bad-request": UsageError}
+_ERRORS = {"conflict": Conflict, "not-found": NotFound, "bad-request": UsageError, "forbidden": Forbidden}
 
 
 class AgentSession(JsonChannelSession):
@@ -112,7 +112,8 @@ class AgentSession(JsonChannelSession):
 
     def __init__(self, session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey, host_key_pub: bytes | str,
                  host: str = "127.0.0.1", port: int = 7922, tunnel: Any = None,
-                 client_version: str = CLIENT_VERSION, connect_timeout: float = 15.0) -> None:
+                 client_version: str = CLIENT_VERSION, connect_timeout: float = 15.0,
+                 token: str | None = None) -> None:
         if ":" in session_id or not session_id:
             raise UsageError(f"bad session id {session_id!r}: it may not be empty or contain ':'")
         super().__init__(unit_logger("agent", session_id), what="agent session",
@@ -123,6 +124,8 @@ class AgentSession(JsonChannelSession):
         self._host, self._port, self._tunnel = host, port, tunnel
         self._client_version = client_version
         self._connect_timeout = connect_timeout
+        # The kubeconfig's bearer token: the agent asks the cluster whose it is (protocol §2.1).
+        self._token = token
         self.info: dict[str, Any] = {}
         self._ports = itertools.count(1)
         self._forwards: dict[str, asyncssh.SSHListener] = {}
@@ -176,12 +179,17 @@ class AgentSession(JsonChannelSession):
 
     # --- operations --------------------------------------------------------------------
     async def hello(self) -> dict[str, Any]:
-        answer = await self.request("hello", session=self.session_id, client=self._client_version)
+        fields: dict[str, Any] = {"session": self.session_id, "client": self._client_version}
+        if self._token:
+            fields["token"] = self._token
+        answer = await self.request("hello", **fields)
         return {k: v for k, v in answer.items() if k not in ("id", "ok")}
 
-    async def intercept(self, name: str, port: str | int, match: dict[str, Any] | None, local_port: int) -> dict[str, Any]:
+    async def intercept(self, name: str, port: str | int, match: dict[str, Any] | None, local_port: int,
+                        *, force: bool = False) -> dict[str, Any]:
         """Route the agent port's traffic (all of it, or the HTTP requests ``match`` selects) to
-        ``127.0.0.1:local_port``. Calling it again with the same name replaces the rule."""
+        ``127.0.0.1:local_port``. Calling it again with the same name replaces the rule; an
+        intercept another user holds only with ``force`` and the RBAC right (protocol §3)."""
         assert self._conn is not None
         listen_port = next(self._ports)
         try:
@@ -190,7 +198,8 @@ class AgentSession(JsonChannelSession):
             raise TunnelDropped(f"the agent refused the forward: {e}") from e
         try:
             answer = await self.request("intercept", intercept_id=f"{self.session_id}:{name}", port=port,
-                                        match=match, forward={"host": FORWARD_HOST, "port": listen_port})
+                                        match=match, forward={"host": FORWARD_HOST, "port": listen_port},
+                                        **({"force": True} if force else {}))
         except BaseException:
             listener.close()
             raise
@@ -200,8 +209,11 @@ class AgentSession(JsonChannelSession):
             old.close()
         return answer["intercept"]
 
-    async def leave(self, name: str) -> None:
-        await self.request("leave", intercept_id=f"{self.session_id}:{name}")
+    async def leave(self, name: str, *, intercept_id: str | None = None, force: bool = False) -> None:
+        """End this session's intercept ``name``; or, with ``force`` (and the RBAC right), any
+        ``intercept_id``."""
+        await self.request("leave", intercept_id=intercept_id or f"{self.session_id}:{name}",
+                           **({"force": True} if force else {}))
         listener = self._forwards.pop(name, None)
         if listener is not None:
             listener.close()

@@ -225,6 +225,14 @@ class Kube:
         logs.secret(*headers.values(), *(v.partition(" ")[2] for v in headers.values()))
         return headers
 
+    def bearer_token(self) -> str | None:
+        """The bearer token this kubeconfig authenticates with, if it uses one (agents ask the
+        cluster who it belongs to: docs/protocol.md §2.1); None for client certificates."""
+        for k, v in self.auth_headers().items():
+            if k.lower() == "authorization" and v[:7].lower() == "bearer ":
+                return v[7:].strip() or None
+        return None
+
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context of the kubeconfig (CA, client certificate); None for a plain http server."""
         if not self.host.startswith("https"):

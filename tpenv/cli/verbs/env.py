@@ -56,7 +56,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
         session_id = new_session_id()
         try:
             async with AgentSession(session_id, ca_key=material["ca_key"], host_key_pub=material["host_key.pub"],
-                                    host=pod, port=ctx.settings.agent.ssh_port, tunnel=tunnel) as session:
+                                    host=pod, port=ctx.settings.agent.ssh_port, tunnel=tunnel,
+                                    token=kube.bearer_token()) as session:
                 base = dict(await session.env())
                 mounts = (await session.mounts())["mounts"]
                 container = session.info.get("container") or ""

@@ -44,7 +44,7 @@ async def _agent_intercepts(kube: Kube, w: Workload, material: dict[str, bytes] 
     try:
         async with AgentSession(f"list-{new_session_id()}", ca_key=material["ca_key"],
                                 host_key_pub=material["host_key.pub"], host=pod, port=ssh_port, tunnel=tunnel,
-                                connect_timeout=10) as session:
+                                connect_timeout=10, token=kube.bearer_token()) as session:
             return await session.list()
     except TpenvError as e:
         return f"agent unreachable: {e}"
@@ -86,6 +86,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
                 mine = local.get(ic.get("intercept_id"))
                 how = "all TCP" if not ic.get("match") else f"HTTP {ic['match']}"
                 lines.append(f"    Intercept id  : {ic.get('intercept_id')}" + (" (this machine)" if mine else ""))
+                lines.append(f"    Owner         : {ic.get('owner', '?')}"
+                             + ("" if ic.get("verified") else " (unverified: no bearer token to check)"))
                 lines.append(f"    Port          : {ic.get('port')}, {how}")
                 if mine:
                     lines.append(f"    Destination   : {mine.get('destination')}")

@@ -86,7 +86,13 @@ class ConfinedSFTPServer(asyncssh.SFTPServer):
         return self._root.with_fd(path, os.O_PATH | os.O_NOFOLLOW, os.fstat)  # type: ignore[return-value]
 
     def stat(self, path: bytes) -> os.stat_result:
-        return self._root.with_fd(path, os.O_PATH, os.fstat)  # type: ignore[return-value]
+        try:
+            return self._root.with_fd(path, os.O_PATH, os.fstat)  # type: ignore[return-value]
+        except Escape:
+            # A link leading out is shown as the link itself (as a dangling one would be): a
+            # client that lists a directory with stat (sshfs -o follow_symlinks) still lists it,
+            # and nothing of what lies outside, not even its type, is told.
+            return self.lstat(path)
 
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         self._root.with_fd(path, os.O_PATH, lambda fd: _set_attrs(fd, attrs))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from . import log as logs
+from .bind import listen_socket
 
 
 class HealthServer:
@@ -17,7 +18,7 @@ class HealthServer:
         self.log = logs.unit("health", "http")
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, sock=listen_socket(self.host, self.port))
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from . import log as logs
+from .bind import listen_socket
 from .http1 import METHOD_SNIFF, Http1Relay, Pool, looks_like_http1
 from .http2 import PREFACE, H2Router
 from .registry import Intercept, PortSpec
@@ -107,8 +108,9 @@ class PortListener:
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Entry(self), self.bind_host, self.spec.agent_port,
-                                                reuse_address=True, backlog=1024)
+        # Dual-stack for "any address" (bind.py): injected pods become Ready on IPv6-only clusters.
+        self._server = await loop.create_server(lambda: _Entry(self),
+                                                sock=listen_socket(self.bind_host, self.spec.agent_port))
         return self._server.sockets[0].getsockname()[1]
 
     def spawn(self, coro: Any) -> None:

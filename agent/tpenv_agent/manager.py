@@ -45,6 +45,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .bind import listen_socket
 from .inject import AUTH_SECRET, default_settings
 from .webhook import mutate
 
@@ -377,7 +378,7 @@ async def run_manager(argv: list[str]) -> int:
         return 2
     host, _, port = args.listen.rpartition(":")
     manager = Manager(settings, args.idle_timeout)
-    server = await asyncio.start_server(manager.serve_connection, host.strip("[]") or None, int(port), ssl=ctx)
+    server = await asyncio.start_server(manager.serve_connection, sock=listen_socket(host, int(port)), ssl=ctx)
     bound = server.sockets[0].getsockname()[1]
     # Handlers before the readiness line: a SIGTERM right after "listening" must stop us
     # gracefully (relay task ended and logged), not kill us with the default action.

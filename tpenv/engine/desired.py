@@ -291,7 +291,8 @@ class UpFactory:
             self.clusters = Clusters(uctx.resources, self.kubeconfig)
         target = self._targets(config).of(unit)
         kube = await self.clusters.kube(target)
-        ns = self.namespace_override or unit.namespace or target.namespace or config.namespace or kube.namespace
+        ns = (self.namespace_override or getattr(unit, "namespace", None) or target.namespace or config.namespace
+              or kube.namespace)
         return kube, ns, target.name if config.contexts else None
 
     def _env_for(self, key: Key) -> Callable[[], dict[str, str]]:

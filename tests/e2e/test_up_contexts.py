@@ -151,6 +151,15 @@ def test_units_in_two_contexts_with_their_own_credentials_and_outages(namespace,
             up.wait_ready(f"forward/{ns_sa}/db/80/team", timeout=150)
             assert up.until("db again", lambda: http_json(db_url), 60)["pod"] in ready_pods(ns_sa, "db")
             assert up.unit(f"intercept/{ns}/web/{port}:web/cluster")["state"] == "ready"
+
+            # -- stage 6: a pod restart on team's side: db moves to the new pod; the cluster
+            #    context's units were never restarted, through the outage or this ------------------
+            old = ready_pods(ns_sa, "db")
+            kubectl("delete", "pod", *old, "--wait=false", ns=ns_sa)
+            up.until("db from its new pod", lambda: (lambda a: a if a.get("pod") not in old else None)(
+                http_json(db_url)), 120)
+            assert up.unit(f"intercept/{ns}/web/{port}:web/cluster")["restarts"] == 0
+            assert up.handler_pid("web") == handler_pid
             assert up.stop() == 0, up.output
 
 

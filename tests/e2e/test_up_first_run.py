@@ -7,7 +7,8 @@ mount (`./cart.vol`, inside the watched directory):
 1. the laptop answers in-cluster requests; a saved `*.py` restarts the handler (SIGTERM: no
    KeyboardInterrupt traceback); a file the pod writes into the mounted volume does not;
 2. a stuck mount (sshfs SIGSTOPped) fails the mount unit with its reason while the intercept
-   keeps serving, and one Ctrl-C ends `tpenv up` in its grace period, nothing left behind;
+   keeps serving, and one Ctrl-C ends `tpenv up` in its grace period, nothing left behind (a
+   second Ctrl-C exits at once, nothing left behind either);
 3. `tpenv up` killed with -9: nothing survives it, or the next `tpenv up` clears it and says so.
 """
 from __future__ import annotations
@@ -101,6 +102,8 @@ def test_init_then_up_serves_and_restarts_on_saves_not_on_pod_writes(namespace, 
     with UpSession(tmp_path) as up:
         # -- stage 2: `tpenv up`: handler started (the watcher did not walk into ./cart.vol) ----------
         up_until_serving(up, ns, sshfs=mode == "auto")
+        # The intercept's note is its current state, not the rollout's last progress line.
+        assert not (up.unit("intercept/")["detail"] or "").startswith("Waiting for"), up.units()
         pid1 = up.handler_pid("cart")
         # -- stage 3: a saved *.py restarts the handler, with SIGTERM: no KeyboardInterrupt -----------
         set_version(tmp_path / "server.py", "v2")
@@ -164,6 +167,26 @@ def test_a_stuck_mount_fails_its_unit_and_one_ctrl_c_ends_up(namespace, tmp_path
                 os.kill(sshfs, signal.SIGCONT)
     assert not in_proc_mounts(tmp_path / "cart.vol")
     assert not pid_alive(handler) and not pid_alive(sshfs)
+
+
+def test_a_second_ctrl_c_exits_at_once_even_with_a_stuck_mount(namespace, tmp_path):
+    ns = namespace
+    cart(ns)
+    first_run(ns, tmp_path)
+    with UpSession(tmp_path) as up:
+        mount = up_until_serving(up, ns)
+        sshfs, handler = mount["pid"], up.handler_pid("cart")
+        # Stuck, and Ctrl-C twice before the probe notices: the forced exit does not wait on it.
+        os.kill(sshfs, signal.SIGSTOP)
+        up.signal(signal.SIGINT)
+        up.wait_output(r"SIGINT: stopping everything")
+        t0 = time.monotonic()
+        up.signal(signal.SIGINT)
+        assert up.wait(30) == 130, up.output
+        print(f"second Ctrl-C -> tpenv up exited: {time.monotonic() - t0:.1f}s")
+    # Nothing left: the mount detached (lazily), sshfs and the handler group killed.
+    up.until("sshfs and handler gone", lambda: not pid_alive(sshfs) and not pid_alive(handler), 30)
+    assert not in_proc_mounts(tmp_path / "cart.vol")
 
 
 def test_sigkill_of_up_leaves_nothing_or_the_next_up_clears_it(namespace, tmp_path):

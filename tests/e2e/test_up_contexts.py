@@ -135,6 +135,9 @@ def test_units_in_two_contexts_with_their_own_credentials_and_outages(namespace,
             assert f"system:serviceaccount:{ns_sa}:{SA}" in denied["last_error"], denied
             status = up.tpenv("status")
             assert status.returncode == 0 and "context team" in status.stdout and "context cluster" in status.stdout
+            # `tpenv list` (no --context: the file's default entry, found in the kubeconfig) names it too.
+            listed = up.tpenv("list", timeout=120)
+            assert listed.returncode == 0 and "Context       : cluster" in listed.stdout, listed.stdout + listed.stderr
 
             # -- stage 4: the team context's API access goes away: only its units degrade ---------
             handler_pid = up.handler_pid("web")

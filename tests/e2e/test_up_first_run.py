@@ -173,7 +173,11 @@ def test_a_second_ctrl_c_exits_at_once_even_with_a_stuck_mount(namespace, tmp_pa
     ns = namespace
     cart(ns)
     first_run(ns, tmp_path)
-    with UpSession(tmp_path) as up:
+    # A handler that ignores SIGINT, with a long grace: the first Ctrl-C is still stopping it when
+    # the second comes (a stuck mount alone is stopped too fast: sshfs is killed first).
+    server = tmp_path / "server.py"
+    server.write_text("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n" + server.read_text())
+    with UpSession(tmp_path, env={"TPENV_HANDLERS_STOP_GRACE": "300"}) as up:
         mount = up_until_serving(up, ns)
         sshfs, handler = mount["pid"], up.handler_pid("cart")
         # Stuck, and Ctrl-C twice before the probe notices: the forced exit does not wait on it.

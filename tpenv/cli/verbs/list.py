@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-from typing import Any
 
+from tpenv.engine.agentquery import agent_intercepts, auth_material
 from tpenv.engine.agents import has_agent
-from tpenv.engine.injection import AUTH_KEYS
 from tpenv.engine.session import running_intercepts
-from tpenv.engine.statusd import new_session_id
-from tpenv.errors import TpenvError
-from tpenv.kits.agent_client import AgentSession
-from tpenv.kits.kube import Kube, What, Workload, service_selects
-from tpenv.kits.portforward import PodTunnel
-from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET
+from tpenv.kits.kube import Kube, What, service_selects
 
 HELP = "List the workloads you can intercept and the intercepts active on them."
 
@@ -30,44 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pass  # -n NS comes with the common options
 
 
-async def _agent_intercepts(kube: Kube, w: Workload, material: dict[str, bytes] | None,
-                            ssh_port: int) -> list[dict[str, Any]] | str:
-    """Every intercept the agent of one ready pod of ``w`` holds, or why it could not be asked."""
-    if material is None:
-        return "cannot read Secret tpenv-auth"
-    pods = [p for p in await kube.ready_pods(w)
-            if any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
-    if not pods:
-        return "no ready pod with the agent"
-    pod = pods[0]["metadata"]["name"]
-    tunnel = PodTunnel(kube, w.namespace, pod)
-    try:
-        async with AgentSession(f"list-{new_session_id()}", ca_key=material["ca_key"],
-                                host_key_pub=material["host_key.pub"], host=pod, port=ssh_port, tunnel=tunnel,
-                                connect_timeout=10, token=kube.bearer_token()) as session:
-            return await session.list()
-    except TpenvError as e:
-        return f"agent unreachable: {e}"
-    finally:
-        tunnel.close()
-
-
 async def run(args: argparse.Namespace, ctx) -> int:
     async with await Kube.load(context=ctx.cluster_context()) as kube:
         ns = ctx.namespace or kube.namespace
         await kube.require_namespace(ns)
         workloads = sorted(await kube.list_workloads(ns), key=lambda w: (w.name, w.kind))
         services = (await kube.call(kube.core.list_namespaced_service, ns, what=What("list", "services", ns)))["items"]
-        material = None
-        if any(has_agent(w.obj) for w in workloads):
-            try:
-                secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, ns,
-                                         what=What("get", "secrets", ns, AUTH_SECRET))
-                material = {k: base64.b64decode(secret["data"][k]) for k in AUTH_KEYS}
-            except TpenvError:
-                material = None
+        material = await auth_material(kube, ns) if any(has_agent(w.obj) for w in workloads) else None
         port = ctx.settings.agent.ssh_port
-        remote = await asyncio.gather(*(_agent_intercepts(kube, w, material, port) if has_agent(w.obj)
+        remote = await asyncio.gather(*(agent_intercepts(kube, w, material, port) if has_agent(w.obj)
                                         else asyncio.sleep(0, []) for w in workloads))
     local = {ic.get("id"): ic for _, ic in await running_intercepts(ctx.settings) if ic.get("namespace") == ns}
     rows, lines = [], []

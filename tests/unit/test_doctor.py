@@ -1,0 +1,115 @@
+"""tpenv doctor's pure parts and its machine checks: the runner (timing, timeouts, a check's bug),
+the exit code, the Service repair plan, stale session files, and the CLI without a cluster."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tpenv.engine.doctor import FAIL, OK, WARN, Outcome, exit_code, repair, run_check, run_checks
+from tpenv.engine.doctor.cluster import _node_has, _subject_flag
+from tpenv.engine.doctor.leftovers import _patch_command, _repaired
+from tpenv.engine.doctor.machine import _stale_session_files, session_state
+from tpenv.errors import NotFound
+
+TPENV = Path(sys.executable).parent / "tpenv"
+
+
+# --- stage 1: the runner turns every outcome into a timed finding --------------------------------------------------
+
+async def test_a_check_that_raises_or_hangs_is_a_failure_not_a_crash():
+    async def bug():
+        raise KeyError("x")
+
+    async def hangs():
+        await asyncio.Event().wait()
+
+    async def missing():
+        raise NotFound("no such thing", hint="create it")
+
+    found = await run_checks([("a/bug", bug), ("a/hangs", hangs), ("a/missing", missing)], timeout=0.2)
+    assert [f.status for f in found] == [FAIL, FAIL, FAIL]
+    assert "KeyError" in found[0].detail
+    assert "no answer within 0.2s" in found[1].detail and found[1].seconds >= 0.2
+    assert (found[2].detail, found[2].fix) == ("no such thing", "create it")
+    assert exit_code(found) == 1
+
+
+async def test_warnings_exit_0_and_fix_runs_only_repairs_of_problems():
+    ran = []
+
+    async def fixed():
+        ran.append("fixed")
+        return ["changed one thing"]
+
+    async def healthy():
+        return Outcome(OK, "fine", repair=fixed)
+
+    async def broken():
+        return Outcome(WARN, "stale", fix="rm it", repair=fixed)
+
+    found = [await run_check("a/healthy", healthy), await run_check("a/broken", broken)]
+    assert exit_code(found) == 0
+    assert [f.fixable for f in found] == [False, True]
+    await repair(found)
+    assert ran == ["fixed"]
+    assert found[1].status == OK and found[1].changed == ["changed one thing"]
+
+
+# --- stage 2: what the cluster checks decide from objects ----------------------------------------------------------
+
+def test_a_service_on_tpenv_port_goes_back_to_the_number():
+    svc = {"metadata": {"name": "hello", "annotations": {}},
+           "spec": {"ports": [{"port": 80, "targetPort": "tpenv-8080"}, {"port": 81, "targetPort": "metrics"}]}}
+    fixed = _repaired(svc, ["tpenv-8080"])
+    assert [p["targetPort"] for p in fixed["spec"]["ports"]] == [8080, "metrics"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "tpenv-8080"  # the original is left alone
+    assert _patch_command("ns", svc, fixed) == \
+        """kubectl -n ns patch service hello --type=json -p '[{"op":"replace","path":"/spec/ports/0/targetPort","value":8080}]'"""
+    assert _repaired(svc, ["metrics"]) is None  # not tpenv's name: no guess
+
+
+def test_node_images_and_the_kubelet_cap():
+    node = {"status": {"images": [{"names": ["docker.io/tpenv/agent:abc"]}]}}
+    assert _node_has([node], "tpenv/agent:abc") == (True, False)
+    assert _node_has([node], "tpenv/agent:other") == (False, False)
+    full = {"status": {"images": [{"names": [f"x/{i}"]} for i in range(50)]}}
+    assert _node_has([full], "tpenv/agent:abc") == (False, True)
+
+
+def test_rolebinding_subject():
+    assert _subject_flag("system:serviceaccount:team:dev") == "--serviceaccount=team:dev"
+    assert _subject_flag("alice") == "--user=alice"
+
+
+# --- stage 3: machine checks on real files -------------------------------------------------------------------------
+
+async def test_session_files_of_a_dead_process_are_reported_and_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "aa.json").write_text(json.dumps({"id": "aa", "pid": dead.pid, "socket": str(tmp_path / "aa.sock"),
+                                                  "config": None, "started": 0}))
+    (tmp_path / "aa.sock").write_text("")
+    (tmp_path / "bb.json").write_text(json.dumps({"id": "bb", "pid": os.getpid(), "socket": str(tmp_path / "bb.sock"),
+                                                  "config": None, "started": 0}))
+    assert _stale_session_files(tmp_path) == [tmp_path / "aa.json", tmp_path / "aa.sock"]
+    finding = await run_check("machine/sessions", session_state(tmp_path))
+    assert finding.status == WARN and "rm " in finding.fix
+    await repair([finding])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bb.json"]
+
+
+def test_cli_without_a_cluster_lists_and_times_every_check(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none"),
+           "TPENV_SESSION_STATE_DIR": str(tmp_path / "sessions")}
+    cp = subprocess.run([str(TPENV), "-o", "json", "doctor"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=60)
+    report = json.loads(cp.stdout)
+    names = [c["name"] for c in report["checks"]]
+    assert names[:3] == ["machine/python", "machine/sshfs", "machine/firewall"]
+    assert names[-1] == "cluster/api" and report["checks"][-1]["status"] == FAIL
+    assert all(isinstance(c["seconds"], float) for c in report["checks"])
+    assert cp.returncode == 1 and report["ok"] is False

@@ -1,0 +1,206 @@
+"""Doctor's checks of what a crash or a GitOps revert leaves in the namespace, and the probes.
+
+- **idle agents**: a workload tpenv patched (patch mode) whose agent holds no intercept of any
+  session: its client was killed (kill -9, a closed laptop) and nobody came back. The agent only
+  passes traffic through, but it is a change nobody is using; ``--fix`` restores the workload
+  (`tpenv uninstall --agent`). Webhook-injected agents are the workload's own choice: never touched.
+- **broken Services**: a Service whose named ``targetPort`` (``tpenv-8080``, or a name tpenv
+  handed to the agent) is a port none of its pods has any more: every request to it fails.
+  ``--fix`` puts the Service back from tpenv's restore record, else from the number in
+  ``tpenv-<n>``.
+- **probes**: a round trip through a tunnel (SSH to an agent over the port-forward, else a bare
+  port-forward stream to a ready pod) and a DNS lookup through the manager's relay, timed.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from tpenv.engine.agentquery import agent_intercepts, agent_round_trip, auth_material
+from tpenv.engine.agents import (has_agent, injected_workloads, prune_agent_history, remove_agent, wait_agent_gone,
+                                 webhook_mode)
+from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
+from tpenv.errors import NotFound, TpenvError
+from tpenv.kits.kube import Kube, What, pod_is_ready, service_selects
+from tpenv.kits.portforward import PodTunnel
+from tpenv_agent.inject import ANN_RESTORE_SERVICE, restore
+
+_TPENV_PORT = re.compile(r"^tpenv-(\d+)$")
+
+
+def idle_agents(kube: Kube, namespace: str, settings: Any) -> Check:
+    async def check() -> Outcome:
+        workloads = [w for w in await injected_workloads(kube, namespace) if has_agent(w.obj) and not webhook_mode(w)]
+        if not workloads:
+            return Outcome(OK, f"no agent injected by tpenv in {namespace!r}")
+        material = await auth_material(kube, namespace)
+        idle, busy, unknown = [], [], []
+        for w in workloads:
+            held = await agent_intercepts(kube, w, material, settings.agent.ssh_port)
+            if isinstance(held, str):
+                unknown.append(f"{w.ref} ({held})")
+            elif held:
+                busy.append(f"{w.ref} ({len(held)} intercept(s))")
+            else:
+                idle.append(w)
+        if not idle:
+            detail = ", ".join(busy) or "none idle"
+            if unknown:
+                return Outcome(WARN, f"could not ask {', '.join(unknown)}; in use: {detail}",
+                               fix=f"kubectl -n {namespace} get pods -l tpenv.io/agent")
+            return Outcome(OK, f"every agent is in use: {detail}")
+
+        async def remove() -> list[str]:
+            changed = []
+            for w in idle:
+                try:
+                    if await remove_agent(kube, w):
+                        changed.append(f"removed the agent from {namespace}/{w.ref} (workload and Service restored)")
+                    await wait_agent_gone(kube, w, timeout=float(settings.kube.rollout_timeout))
+                    await prune_agent_history(kube, await kube.reload(w))
+                except NotFound:
+                    continue
+            return changed
+        refs = ", ".join(w.ref for w in idle)
+        return Outcome(FAIL, f"agent(s) no session uses (their client is gone): {refs}",
+                       fix=" && ".join(f"tpenv uninstall --agent {w.ref} -n {namespace}" for w in idle),
+                       repair=remove)
+    return check
+
+
+def _pod_port_names(pod: dict[str, Any]) -> set[str]:
+    return {p["name"] for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or []
+            if p.get("name")}
+
+
+def _repaired(svc: dict[str, Any], broken: list[str]) -> dict[str, Any] | None:
+    """The Service as it should be: from tpenv's restore record, else numbers from ``tpenv-<n>``."""
+    if ANN_RESTORE_SERVICE in (svc["metadata"].get("annotations") or {}):
+        _, restored = restore({"metadata": {}}, svc)
+        if restored is not None:
+            return restored
+    fixed = {**svc, "spec": {**svc["spec"], "ports": [dict(p) for p in svc["spec"]["ports"]]}}
+    changed = False
+    for p in fixed["spec"]["ports"]:
+        m = _TPENV_PORT.match(str(p.get("targetPort", "")))
+        if p.get("targetPort") in broken and m:
+            p["targetPort"] = int(m.group(1))
+            changed = True
+    return fixed if changed else None
+
+
+def _patch_command(namespace: str, svc: dict[str, Any], target: dict[str, Any]) -> str:
+    """The kubectl line that does what the repair does (for those who fix by hand)."""
+    import json
+
+    ops = [{"op": "replace", "path": f"/spec/ports/{i}/targetPort", "value": new.get("targetPort", new.get("port"))}
+           for i, (old, new) in enumerate(zip(svc["spec"]["ports"], target["spec"]["ports"]))
+           if old.get("targetPort") != new.get("targetPort")]
+    return (f"kubectl -n {namespace} patch service {svc['metadata']['name']} --type=json "
+            f"-p '{json.dumps(ops, separators=(',', ':'))}'")
+
+
+def broken_services(kube: Kube, namespace: str) -> Check:
+    async def check() -> Outcome:
+        services = (await kube.call(kube.core.list_namespaced_service, namespace,
+                                    what=What("list", "services", namespace)))["items"]
+        pods = [p for p in (await kube.call(kube.core.list_namespaced_pod, namespace,
+                                            what=What("list", "pods", namespace)))["items"]
+                if not p["metadata"].get("deletionTimestamp")]
+        found: list[tuple[dict[str, Any], list[str]]] = []
+        for svc in services:
+            selected = [p for p in pods if service_selects(svc, (p["metadata"].get("labels") or {}))]
+            if not selected:
+                continue  # scaled to zero or no selector: nothing to compare with
+            names = set().union(*(_pod_port_names(p) for p in selected))
+            broken = [str(p["targetPort"]) for p in svc["spec"].get("ports") or []
+                      if isinstance(p.get("targetPort"), str) and not p["targetPort"].isdigit()
+                      and p["targetPort"] not in names]
+            if broken:
+                found.append((svc, broken))
+        if not found:
+            return Outcome(OK, f"{len(services)} Service(s) in {namespace!r}: every named targetPort exists on their pods")
+        fixes, repairs = [], []
+        for svc, broken in found:
+            name = svc["metadata"]["name"]
+            target = _repaired(svc, broken)
+            if target is not None:
+                repairs.append((name, target, broken))
+                fixes.append(_patch_command(namespace, svc, target))
+            else:
+                fixes.append(f"kubectl -n {namespace} edit service {name}   (set targetPort of "
+                             f"{', '.join(broken)} to a port its pods have)")
+
+        async def put_back() -> list[str]:
+            changed = []
+            for name, target, broken in repairs:
+                await kube.call(kube.core.replace_namespaced_service, name, namespace, target,
+                                what=What("update", "services", namespace, name))
+                ports = ", ".join(f"{p.get('port')}->{p.get('targetPort', p.get('port'))}"
+                                  for p in target["spec"]["ports"])
+                changed.append(f"service/{name} in {namespace}: targetPort {', '.join(broken)} put back ({ports})")
+            return changed
+        detail = "; ".join(f"service/{s['metadata']['name']} targets port {', '.join(b)}, which none of its pods has "
+                           "(every request to it fails)" for s, b in found)
+        return Outcome(FAIL, detail, fix=" && ".join(dict.fromkeys(fixes)), repair=put_back if repairs else None)
+    return check
+
+
+def tunnel_probe(kube: Kube, namespace: str, settings: Any) -> Check:
+    async def check() -> Outcome:
+        agents = [w for w in await injected_workloads(kube, namespace) if has_agent(w.obj)]
+        material = await auth_material(kube, namespace) if agents else None
+        for w in agents:
+            if material is None:
+                break
+            try:
+                pod, seconds = await agent_round_trip(kube, w, material, settings.agent.ssh_port)
+            except TpenvError:
+                continue
+            return Outcome(OK, f"SSH to the agent of {w.ref} (pod {pod}) over port-forward: {seconds * 1000:.0f} ms")
+        pods = [p for p in (await kube.call(kube.core.list_namespaced_pod, namespace,
+                                            what=What("list", "pods", namespace)))["items"] if pod_is_ready(p)]
+        ported = [(p["metadata"]["name"], port["containerPort"]) for p in pods
+                  for c in p["spec"]["containers"] for port in c.get("ports") or [] if port.get("protocol", "TCP") == "TCP"]
+        if not ported:
+            return Outcome(SKIP, f"no ready pod with a TCP port in {namespace!r} to open a tunnel to")
+        pod, port = ported[0]
+        tunnel = PodTunnel(kube, namespace, pod)
+        start = time.monotonic()
+        try:
+            _, writer = await tunnel.open_stream(port)
+            writer.close()
+            seconds = time.monotonic() - start
+        finally:
+            tunnel.close()
+            await tunnel.wait_closed()
+        return Outcome(OK, f"port-forward stream to {pod}:{port} opened in {seconds * 1000:.0f} ms")
+    return check
+
+
+def dns_probe(kube: Kube) -> Check:
+    async def check() -> Outcome:
+        from tpenv.kits.relay_client import RelaySession, find_manager_pod
+
+        try:
+            await find_manager_pod(kube)
+        except NotFound:
+            return Outcome(SKIP, "no ready manager: cluster names are looked up through its relay "
+                                 "(`tpenv manager install`)")
+        start = time.monotonic()
+        async with RelaySession(kube) as relay:
+            answer = await relay.resolve("kubernetes.default.svc")
+        seconds = time.monotonic() - start
+        return Outcome(OK, f"kubernetes.default.svc -> {', '.join(answer.get('addresses') or [])} through the "
+                           f"relay in {seconds * 1000:.0f} ms")
+    return check
+
+
+def leftover_checks(kube: Kube, namespace: str, settings: Any) -> list[tuple[str, Check]]:
+    return [("cluster/idle-agents", idle_agents(kube, namespace, settings)),
+            ("cluster/service-ports", broken_services(kube, namespace))]
+
+
+def probe_checks(kube: Kube, namespace: str, settings: Any) -> list[tuple[str, Check]]:
+    return [("e2e/tunnel", tunnel_probe(kube, namespace, settings)), ("e2e/dns", dns_probe(kube))]

@@ -97,7 +97,7 @@ def is_stub(verb: str) -> bool:
 
 
 def test_every_verb_is_covered():
-    assert set(STUBS) | {"validate", "schema", "doctor"} == set(VERBS)
+    assert set(STUBS) | {"validate", "schema", "doctor", "completion"} == set(VERBS)
     assert not is_stub("validate") and not is_stub("schema")
 
 

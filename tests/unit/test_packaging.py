@@ -26,3 +26,4 @@ def test_wheel_carries_both_packages_scripts_and_templates(tmp_path):
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "tpenv = tpenv.cli.main:main" in text and "tpenv-agent = tpenv_agent.main:main" in text
+    assert "kubectl-tpenv = tpenv.cli.main:main" in text  # the kubectl plugin

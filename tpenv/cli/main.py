@@ -165,5 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_verb(verb_module(args.verb), args)
 
 
+def kubectl_complete() -> int:
+    """``kubectl_complete-tpenv ARGS... CURRENT``: kubectl asks a plugin for the candidates of its
+    last argument (cobra's protocol: one per line, then ``:4``, "no file completion" directive)."""
+    from tpenv.cli.completion import candidates
+
+    words = ["tpenv", *sys.argv[1:]]
+    for c in candidates(build_parser(), words, len(words) - 1):
+        print(c)
+    print(":4")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,4 +3,4 @@
 The order of VERBS is the order of ``tpenv --help``.
 """
 VERBS = ("up", "down", "status", "list", "intercept", "leave", "connect", "quit", "env", "init",
-         "uninstall", "manager", "validate", "schema", "doctor")
+         "uninstall", "manager", "validate", "schema", "doctor", "completion")

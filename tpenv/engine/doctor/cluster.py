@@ -195,7 +195,10 @@ async def _manager_deployment(kube: Kube) -> dict[str, Any] | None:
 
 def manager(kube: Kube) -> Check:
     async def check() -> Outcome:
-        dep = await _manager_deployment(kube)
+        try:
+            dep = await _manager_deployment(kube)
+        except Forbidden:
+            return Outcome(SKIP, f"you may not read deployment/{MANAGER} in {MANAGER_NS!r}")
         if dep is None:
             return Outcome(SKIP, "not installed (optional: webhook injection and the outbound relay need it; "
                                  "`tpenv manager install`)")
@@ -259,8 +262,11 @@ async def _webhook_round_trip(kube: Kube, namespace: str, image: str) -> tuple[b
 
 def webhook(kube: Kube, namespace: str, settings: Any) -> Check:
     async def check() -> Outcome:
-        if await _manager_deployment(kube) is None:
-            return Outcome(SKIP, "no manager, no webhook")
+        try:
+            if await _manager_deployment(kube) is None:
+                return Outcome(SKIP, "no manager, no webhook")
+        except Forbidden:
+            return Outcome(SKIP, f"you may not read deployment/{MANAGER} in {MANAGER_NS!r}")
         try:
             config = await kube.call(kube.admission.read_mutating_webhook_configuration, WEBHOOK,
                                      what=What("get", "mutatingwebhookconfigurations", None, WEBHOOK))

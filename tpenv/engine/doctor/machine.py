@@ -207,20 +207,25 @@ async def stale_mounts() -> Outcome:
                    fix=" && ".join(f"fusermount3 -uz {m}" for m in dead), repair=unmount)
 
 
-async def leftover_connect_tables() -> list[str]:
-    """nftables tables named by tpenv connect that are still loaded (an owned table vanishes with
-    its process, so one that is listed while no `tpenv connect` runs was left behind)."""
-    nft = shutil.which("nft")
-    if not nft:
-        return []
-    proc = await asyncio.create_subprocess_exec(nft, "list", "tables", stdout=asyncio.subprocess.PIPE,
+async def _nft(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec("nft", *args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL)
     out, _ = await proc.communicate()
+    return out.decode(errors="replace")
+
+
+async def leftover_connect_tables() -> list[str]:
+    """nftables tables named by tpenv connect and not owned by a live process. An owned table
+    (``flags owner``) vanishes with the process that made it, so it is never a leftover; an
+    unowned one outlives a kill -9 and keeps redirecting traffic to a proxy that is gone."""
+    if not shutil.which("nft"):
+        return []
     tables = []
-    for line in out.decode(errors="replace").splitlines():
+    for line in (await _nft("list", "tables")).splitlines():
         parts = line.split()  # "table inet tpenv-connect-1234"
         if len(parts) == 3 and parts[0] == "table" and parts[2].startswith(CONNECT_TABLE_PREFIX):
-            tables.append(f"{parts[1]} {parts[2]}")
+            if "flags owner" not in await _nft("list", "table", parts[1], parts[2]):
+                tables.append(f"{parts[1]} {parts[2]}")
     return tables
 
 
@@ -232,7 +237,7 @@ def connect_rules(running_sessions: int) -> Check:
             return Outcome(SKIP, "reading nftables needs root")
         tables = await leftover_connect_tables()
         if not tables:
-            return Outcome(OK, "no tpenv nftables tables")
+            return Outcome(OK, "no tpenv nftables table outlived its process")
         if running_sessions:
             return Outcome(OK, f"{', '.join(tables)} (a tpenv session is running)")
         return Outcome(FAIL, f"nftables tables of a tpenv connect that is gone: {', '.join(tables)}",

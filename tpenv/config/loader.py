@@ -8,6 +8,7 @@ the whole list, and ConfigError (exit 2) carries it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -24,11 +25,13 @@ from ruamel.yaml.reader import ReaderError
 from tpenv import logs
 from tpenv.config import checks
 from tpenv.config.models import Config, did_you_mean
+from tpenv.config.telepresence import API_VERSION as WS_API_VERSION, is_workstation_state, translate
 from tpenv.errors import ConfigError, Problem
 
 Path_ = tuple[str | int, ...]
 _REF = re.compile(r"\$(\$?)\{([^}]*)(\}?)")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+log = logging.getLogger("tpenv.config")
 
 
 class Locator:
@@ -299,11 +302,10 @@ def _parse(text: str, file: str) -> Any:
         raise ConfigError([Problem(file, 1, 1, f"invalid YAML: {e}")]) from e
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate a telepresence.yaml; ConfigError lists every problem with file:line:column."""
-    path = Path(path)
+def _document(path: Path, environ: Mapping[str, str]) -> tuple[dict[str, Any], Locator, list[Problem], list[Problem], set]:
+    """(data in tpenv's shape, its positions, problems so far, notes, paths whose ${VAR} failed).
+    Notes are only ever made for a WorkstationState manifest (and always, for one: its header)."""
     file = str(path)
-    environ = os.environ if environ is None else environ
     text = _read(path, file)
     tree = _parse(text, file)
 
@@ -320,12 +322,45 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         data = {}  # an empty file is a valid file that asks for nothing
     if not isinstance(data, dict):
         raise ConfigError([*problems, loc.problem((), f"expected a mapping at the top level, got {_kind(data)}")])
+    notes: list[Problem] = []
+    if is_workstation_state(data):  # Telepresence's `apply -f` format: read as the same intercepts
+        data, loc, refused, notes = translate(data, loc)
+        problems += refused
+    return data, loc, problems, notes, conv.bad_paths
+
+
+def _is_workstation_state_file(path: Path, environ: Mapping[str, str]) -> bool:
+    text = _read(path, str(path))
+    tree = _parse(text, str(path))
+    return isinstance(tree, CommentedMap) and is_workstation_state({"kind": tree.get("kind")})
+
+
+def translated_workstation_state(path: str | Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A WorkstationState manifest as telepresence.yaml data (`tpenv init --from-telepresence`)."""
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    if not _is_workstation_state_file(path, environ):
+        raise ConfigError([Problem(str(path), 1, 1, "not a Telepresence manifest: expected kind: WorkstationState "
+                                                    f"(apiVersion: {WS_API_VERSION})")])
+    data, _, problems, _, _ = _document(path, environ)
+    if problems:
+        raise ConfigError(sorted(set(problems), key=lambda p: (p.line, p.column, p.message)))
+    return data
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a telepresence.yaml; ConfigError lists every problem with file:line:column."""
+    path = Path(path)
+    file = str(path)
+    data, loc, problems, notes, bad_paths = _document(path, os.environ if environ is None else environ)
+    for note in notes:
+        log.warning("%s", note)
 
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        problems += _problems_from(e, data, loc, conv.bad_paths)
+        problems += _problems_from(e, data, loc, bad_paths)
     except RecursionError as e:  # cyclic aliases (&a [*a])
         raise ConfigError([Problem(file, 1, 1, "the document refers to itself (recursive alias)")]) from e
     problems += checks.check(data, loc, path.parent)
@@ -336,6 +371,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     assert config is not None
     config._source = path.resolve()
     config._locator = loc
+    config._notes = notes
     for i, ic in enumerate(config.intercepts):
         for name in ic.env.rewrite:
             line, col = loc.at(("intercepts", i, "env", "rewrite", name))
@@ -343,4 +379,4 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return config
 
 
-__all__ = ["load_config", "Locator", "dotted"]
+__all__ = ["load_config", "translated_workstation_state", "Locator", "dotted"]

@@ -546,6 +546,7 @@ class Config(BaseModel):
     intercepts: list[Intercept] = Field(default_factory=list, description="Workload ports sent to this machine.")
     _source: Path | None = PrivateAttr(None)
     _locator: Any = PrivateAttr(None)  # the loader's positions, for problems found after loading
+    _notes: list[Any] = PrivateAttr(default_factory=list)  # located warnings (ignored WorkstationState fields)
 
     @model_validator(mode="after")
     def _one_way_to_name_contexts(self) -> "Config":

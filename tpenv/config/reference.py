@@ -194,7 +194,24 @@ def reference_text() -> str:
             "| variable | default | description |", "|---|---|---|"]
     for var, _section, _name, default, description in env_overrides():
         out.append(f"| `{var}` | `{default}` | {description} |")
+    out += ["", *_telepresence_section()]
     return "\n".join(out) + "\n"
+
+
+def _telepresence_section() -> list[str]:
+    from tpenv.config.telepresence import API_VERSION, MAPPING
+
+    lines = ["## Telepresence WorkstationState manifests", "",
+             f"`tpenv up -f`, `tpenv validate` and every verb taking `-f` also read a Telepresence 2.31 "
+             f"workstation state manifest (`apiVersion: {API_VERSION}`, `kind: WorkstationState`, the format of "
+             "`telepresence apply -f`) as it is; `tpenv init --from-telepresence FILE` writes the equivalent "
+             "telepresence.yaml. Each field maps as below. A field tpenv cannot honour is an error at its "
+             "file:line:column (the file is refused: running something other than what it says would be worse); "
+             "a harmless one is a warning at its line. Nothing is dropped silently.", "",
+             "| WorkstationState | telepresence.yaml | note |", "|---|---|---|"]
+    for source, dest, note in MAPPING:
+        lines.append(f"| `{source}` | {f'`{dest}`' if dest else '—'} | {note.replace('|', chr(92) + '|')} |")
+    return lines
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from tpenv.config import load_config
+from tpenv.config.loader import translated_workstation_state
 from tpenv.config.models import parse_port
 from tpenv.engine.agents import pick_service, service_port
 from tpenv.engine.contexts import entry_for
@@ -34,8 +35,11 @@ HELP = "Write a starter telepresence.yaml for a workload in the cluster (never o
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("workload", metavar="WORKLOAD",
+    parser.add_argument("workload", metavar="WORKLOAD", nargs="?",
                         help="NAME, deployment/NAME, statefulset/NAME or replicaset/NAME")
+    parser.add_argument("--from-telepresence", metavar="FILE", type=Path,
+                        help="write the equivalent of this Telepresence WorkstationState manifest "
+                             "(`telepresence apply -f` format) instead; no cluster needed")
     parser.add_argument("--port", metavar="L[:R]", help="local port and service port (default: from the workload)")
     parser.add_argument("--service", metavar="NAME", help="the service, when several select the workload")
 
@@ -51,11 +55,49 @@ def _container_port(w, sp: dict) -> int | None:
     return None
 
 
+def _write(path: Path, header: str, doc: dict) -> None:
+    """Write ``doc`` to ``path`` (never over a file), only once it loads as telepresence.yaml."""
+    yaml = YAML()
+    yaml.default_flow_style = False
+    buf = io.StringIO()
+    buf.write(header)
+    yaml.dump(doc, buf)
+    tmp = path.with_name(f".{path.name}.tpenv-init")
+    tmp.write_text(buf.getvalue())
+    try:
+        load_config(tmp)  # what we write must load: a starter that fails to validate helps nobody
+    except TpenvError:
+        tmp.unlink()
+        raise
+    try:
+        os.link(tmp, path)  # atomic and refuses to replace a file created meanwhile
+    except FileExistsError as e:
+        raise UsageError(f"{path} appeared meanwhile; not overwritten") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _from_telepresence(source: Path, path: Path, ctx) -> int:
+    doc = translated_workstation_state(source)
+    header = (f"# Written by `tpenv init --from-telepresence {source}`: the same connection and intercepts.\n"
+              f"# `tpenv up` runs it (the commands as handlers, supervised).\n")
+    _write(path, header, doc)
+    names = ", ".join(str(ic.get("name")) for ic in doc.get("intercepts") or []) or "no intercepts"
+    ctx.emit(f"wrote {path} from {source}: {names}", {"file": str(path), "config": doc})
+    return 0
+
+
 async def run(args: argparse.Namespace, ctx) -> int:
     path = Path(ctx.config_file)
     if path.exists():
         raise UsageError(f"{path} exists; tpenv init never overwrites a file",
                          hint="edit it, or pass -f OTHER.yaml to write another one")
+    if args.from_telepresence:
+        if args.workload:
+            raise UsageError("give a WORKLOAD or --from-telepresence FILE, not both")
+        return _from_telepresence(args.from_telepresence, path, ctx)
+    if not args.workload:
+        raise UsageError("say which workload: tpenv init WORKLOAD", hint="or: tpenv init --from-telepresence FILE")
     given = parse_port(args.port) if args.port else {}
     if hasattr(given, "model_dump"):
         given = given.model_dump()
@@ -88,27 +130,9 @@ async def run(args: argparse.Namespace, ctx) -> int:
     doc["contexts"] = {name: entry}
     doc["namespace"] = ns
     doc["intercepts"] = [intercept]
-    yaml = YAML()
-    yaml.default_flow_style = False
-    buf = io.StringIO()
-    buf.write(f"# Written by `tpenv init {args.workload}`: {w.kind} {w.name} in namespace {ns}, Service "
-              f"{services[0]} port {remote}.\n# `tpenv up` runs it; the command is the container's, "
-              f"adjust it to run the app on this machine.\n")
-    yaml.dump(doc, buf)
-    text = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tpenv-init")
-    tmp.write_text(text)
-    try:
-        load_config(tmp)  # what we write must load: a starter that fails to validate helps nobody
-    except TpenvError:
-        tmp.unlink()
-        raise
-    try:
-        os.link(tmp, path)  # atomic and refuses to replace a file created meanwhile
-    except FileExistsError as e:
-        raise UsageError(f"{path} appeared meanwhile; not overwritten") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write(path, f"# Written by `tpenv init {args.workload}`: {w.kind} {w.name} in namespace {ns}, Service "
+                 f"{services[0]} port {remote}.\n# `tpenv up` runs it; the command is the container's, "
+                 f"adjust it to run the app on this machine.\n", doc)
     ignore = _gitignore_missing(path.parent, [f"/{env_file}"] + ([f"/{mount_dir}/"] if intercept["mount"] else []))
     text = f"wrote {path}: intercept {w.name} ({w.ref}, port {local}:{remote})"
     if ignore:

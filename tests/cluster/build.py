@@ -30,6 +30,7 @@ from pathlib import Path
 K8S_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"  # the one already in the k8s module graph, so the module cache has it
 COREDNS_VERSION = "v1.13.2"  # requires client-go v0.34.x, like our k8s
+HELM_VERSION = "v3.19.5"  # the last helm on client-go v0.34.x, like our k8s: most modules are cached already
 GO_FALLBACK = "go1.25.4"  # fetched from the module proxy when no `go` is installed
 
 K8S_BINARIES = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl"]
@@ -57,6 +58,10 @@ def coredns_bin() -> Path:
 
 def kubectl_bin() -> Path:
     return k8s_bin_dir() / "kubectl"
+
+
+def helm_bin() -> Path:
+    return cache_root() / "bin" / f"helm-{HELM_VERSION}" / "helm"
 
 
 # ---------------------------------------------------------------- the Go toolchain
@@ -225,10 +230,42 @@ def build_coredns(log=print) -> Path:
                           coredns_bin(), "-s -w", log)
 
 
+HELM_TOOLS = """//go:build tools
+
+// Package tools pins helm's main package so that `go mod tidy` keeps its dependencies.
+package tools
+
+import _ "helm.sh/helm/v3/cmd/helm"
+"""
+
+
+def build_helm(log=print) -> Path:
+    """helm, for the manager chart's tests (`helm install` on the local cluster)."""
+    out = helm_bin()
+    if out.exists():
+        return out
+    work = cache_root() / "helm-build"
+    work.mkdir(parents=True, exist_ok=True)
+    module = "helm.sh/helm/v3"
+    gomod = f"module tpenv.local/helmbuild\n\ngo 1.24.0\n\nrequire {module} {HELM_VERSION}\n"
+    if not (work / "go.mod").exists() or f"require {module} {HELM_VERSION}" not in (work / "go.mod").read_text():
+        (work / "go.mod").write_text(gomod)
+        (work / "go.sum").unlink(missing_ok=True)
+    (work / "tools.go").write_text(HELM_TOOLS)
+    log(f"cluster: building helm {HELM_VERSION} from the Go module proxy (cold: a few minutes)")
+    t = time.monotonic()
+    _go(["mod", "tidy"], work, log)
+    ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
+    _go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(out), f"{module}/cmd/helm"], work, log)
+    log(f"cluster: helm built in {time.monotonic() - t:.0f}s -> {out}")
+    return out
+
+
 def build_all(log=print) -> None:
     build_k8s(log)
     build_etcd(log)
     build_coredns(log)
+    build_helm(log)
 
 
 if __name__ == "__main__":

@@ -174,13 +174,13 @@ def _validate(doc: Any, source: str) -> dict:
     return doc
 
 
-def render_manager(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | None = None,
-                   namespace: str = NAMESPACE) -> list[dict]:
-    """Every manifest of the manager install, in apply order (plain dicts, validated)."""
+def manager_context(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | None = None,
+                    namespace: str = NAMESPACE) -> dict[str, Any]:
+    """What the templates are rendered with (also the Helm chart's starting point, tpenv.engine.chart)."""
     tls = tls if tls is not None else generate_tls(namespace)
     values = manager_values(settings)
     selector = {"app.kubernetes.io/name": NAME}
-    context = {
+    return {
         **values,
         "namespace": namespace,
         "team_mode": team_mode,
@@ -190,6 +190,10 @@ def render_manager(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | No
         "tls": {k: base64.b64encode(v).decode() for k, v in tls.items()},
         "tls_checksum": hashlib.sha256(tls["tls.crt"] + tls["ca.crt"]).hexdigest()[:16],
     }
+
+
+def render_context(context: dict[str, Any]) -> list[dict]:
+    """Every template rendered with ``context``, in apply order (plain dicts, validated)."""
     env = _environment()
     yaml = YAML(typ="safe", pure=True)
     docs: list[dict] = []
@@ -201,6 +205,12 @@ def render_manager(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | No
             raise TemplateError(f"templates/manager/{name}: not valid YAML after rendering: {e}") from e
         docs += [_validate(d, f"templates/manager/{name}") for d in loaded if d is not None]
     return docs
+
+
+def render_manager(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | None = None,
+                   namespace: str = NAMESPACE) -> list[dict]:
+    """Every manifest of the manager install, in apply order (plain dicts, validated)."""
+    return render_context(manager_context(settings, team_mode=team_mode, tls=tls, namespace=namespace))
 
 
 def to_yaml_stream(docs: list[dict]) -> str:

@@ -1,4 +1,7 @@
-"""tpenv manager install | upgrade | uninstall: the optional in-cluster manager (webhook injection).
+"""tpenv manager install | upgrade | uninstall | chart: the optional in-cluster manager (webhook injection).
+
+``chart`` writes the same objects as a Helm chart (tpenv.engine.chart, generated from the same
+templates), for clusters managed with Helm: ``helm install tpenv-manager DIR``.
 
 ``--dry-run`` prints the manifests as one YAML stream for GitOps (install/upgrade) or the
 objects it would delete (uninstall), touching nothing. Note that the install stream holds the
@@ -7,17 +10,21 @@ webhook's private key (Secret tpenv-manager-tls): treat it like any Secret manif
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from tpenv.engine import manager as engine
 from tpenv.errors import UsageError
 
-HELP = "Install, upgrade or uninstall the optional in-cluster manager (webhook injection)."
+HELP = "Install, upgrade or uninstall the optional in-cluster manager (webhook injection), or write its Helm chart."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("install", "upgrade", "uninstall"), help="what to do")
+    parser.add_argument("action", choices=("install", "upgrade", "uninstall", "chart"),
+                        help="what to do (chart: write the same objects as a Helm chart, see --out)")
+    parser.add_argument("--out", type=Path, default=Path("tpenv-manager-chart"), metavar="DIR",
+                        help="chart: the directory to write the Helm chart into (default: ./tpenv-manager-chart)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the manifests (a YAML stream, for GitOps) instead of applying them")
     parser.add_argument("--team-mode", action=argparse.BooleanOptionalAction, default=None,
@@ -39,6 +46,17 @@ async def run(args: argparse.Namespace, ctx) -> int:
         except ValidationError as e:
             raise UsageError(f"--relay-cidr: {e.errors()[0]['msg']}",
                              hint="give a range like 10.96.0.0/12 (repeat the flag for several)") from e
+    if args.action == "chart":
+        from tpenv.engine.chart import write_chart
+
+        if args.out.exists() and any(args.out.iterdir()):
+            raise UsageError(f"{args.out} exists and is not empty; tpenv never overwrites a chart",
+                             hint="give another --out DIR, or remove it first")
+        written = write_chart(args.out)
+        ctx.emit(f"wrote the Helm chart into {args.out}: {', '.join(str(p.relative_to(args.out)) for p in written)}\n"
+                 f"install it with: helm install tpenv-manager {args.out}", {"chart": str(args.out),
+                                                                             "files": [str(p) for p in written]})
+        return 0
     if args.dry_run:
         docs = engine.render_manager(ctx.settings, team_mode=bool(args.team_mode))
         if args.action == "uninstall":

@@ -1,0 +1,165 @@
+"""The manager's Helm chart, generated from templates/manager (one source with `tpenv manager install`).
+
+The Jinja2 templates are rendered once with sentinel strings where a chart value goes; the
+rendered objects are dumped as YAML (every string double-quoted, so a Helm expression can stand
+in a string's place) and each sentinel becomes its Helm expression. What Jinja decides rather
+than substitutes is found by rendering twice: team mode (the scalars that differ between
+``team_mode`` on and off become a ``ternary``), the relay ranges (the argument pair a sentinel
+range produced becomes a ``range``). TLS: the chart makes its CA and serving certificate at
+install with Helm's ``genCA``/``genSignedCert`` (the same names as generate_tls), so the Secret,
+the webhook's caBundle and the checksum annotation come from one place in one file.
+
+``tpenv manager chart DIR`` writes Chart.yaml, values.yaml (documented) and templates/manager.yaml.
+"""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+from tpenv.engine.manager import NAME, NAMESPACE, TemplateError, _version, manager_context, render_context
+from tpenv.settings import Settings
+
+_DEFAULTS = Settings()  # the chart's defaults are `tpenv manager install`'s
+# value key (dotted, in values.yaml) -> (sentinel, default, description)
+VALUES: dict[str, tuple[str, Any, str]] = {
+    "agent.image": ("__TPENV_AGENT_IMAGE__", _DEFAULTS.agent.image,
+                    "Image of the traffic agent the webhook injects (TPENV_AGENT_IMAGE)."),
+    "agent.pullPolicy": ("__TPENV_AGENT_PULL__", _DEFAULTS.agent.image_pull_policy,
+                         "imagePullPolicy of the injected agent (TPENV_AGENT_IMAGE_PULL_POLICY)."),
+    "agent.leaseSeconds": ("__TPENV_LEASE__", max(1, round(_DEFAULTS.agent.lease_seconds)),
+                           "Seconds an intercept outlives its client's last ping (TPENV_AGENT_LEASE_SECONDS)."),
+    "manager.image": ("__TPENV_MANAGER_IMAGE__", "", "Image of the manager (empty: the agent image: one image, two roles)."),
+    "manager.pullPolicy": ("__TPENV_MANAGER_PULL__", _DEFAULTS.agent.image_pull_policy,
+                           "imagePullPolicy of the manager (the agent's, as `tpenv manager install` does)."),
+    "relay.port": ("__TPENV_RELAY_PORT__", _DEFAULTS.manager.relay_port,
+                   "The relay's SSH port on the manager pod's loopback (TPENV_MANAGER_RELAY_PORT)."),
+}
+TEAM_MODE = "__TPENV_TEAM_MODE__"
+RELAY_CIDR = "__TPENV_RELAY_CIDR__"
+TLS = {"ca.crt": "__TPENV_CA_CRT__", "tls.crt": "__TPENV_TLS_CRT__", "tls.key": "__TPENV_TLS_KEY__"}
+CHECKSUM = "__TPENV_TLS_CHECKSUM__"
+CERT_DAYS = 5 * 365  # as generate_tls
+
+
+def _expr(key: str) -> str:
+    if key == "manager.image":
+        return "{{ .Values.manager.image | default .Values.agent.image }}"
+    return "{{ .Values.%s }}" % key
+
+
+def _context(team_mode: bool, cidrs: list[str]) -> dict[str, Any]:
+    ctx = manager_context({"agent_image": "x"}, team_mode=team_mode, tls={k: b"-" for k in TLS})
+    ctx.update(agent_image=VALUES["agent.image"][0], agent_image_pull_policy=VALUES["agent.pullPolicy"][0],
+               image=VALUES["manager.image"][0], image_pull_policy=VALUES["manager.pullPolicy"][0],
+               lease=VALUES["agent.leaseSeconds"][0], relay_port=VALUES["relay.port"][0], relay_cidrs=cidrs,
+               tls=dict(TLS), tls_checksum=CHECKSUM)
+    return ctx
+
+
+def _mark_differences(a: Any, b: Any, sentinel: str) -> Any:
+    """``a`` with every scalar that differs in ``b`` replaced by ``sentinel`` (they must be booleans as text)."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {k: _mark_differences(a[k], b[k], sentinel) for k in a}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [_mark_differences(x, y, sentinel) for x, y in zip(a, b)]
+    if a == b:
+        return a
+    if {str(a).lower(), str(b).lower()} != {"true", "false"}:
+        raise TemplateError(f"team mode changes {a!r} into {b!r}: the chart generator only turns booleans into a value")
+    return sentinel
+
+
+def _quoted(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _quoted(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_quoted(v) for v in node]
+    return DoubleQuotedScalarString(node) if isinstance(node, str) else node
+
+
+def manifest_template() -> str:
+    """templates/manager.yaml of the chart."""
+    on = render_context(_context(True, [RELAY_CIDR]))
+    off = render_context(_context(False, [RELAY_CIDR]))
+    if len(on) != len(off):
+        raise TemplateError("team mode changes which objects are rendered: the chart generator cannot express it")
+    docs = [_mark_differences(a, b, TEAM_MODE) for a, b in zip(off, on)]
+    yaml = YAML()
+    yaml.width = 1 << 16
+    yaml.explicit_start = True
+    buf = io.StringIO()
+    yaml.dump_all([_quoted(d) for d in docs], buf)
+    text = buf.getvalue()
+    # The relay ranges: the (--relay-cidr, sentinel) pair, once per range given.
+    pair = re.compile(r'^(?P<indent> *)- "--relay-cidr"\n(?P=indent)- "' + RELAY_CIDR + r'"\n', re.M)
+    if len(pair.findall(text)) != 1:
+        raise TemplateError("the chart generator did not find the --relay-cidr argument pair once")
+    text = pair.sub(lambda m: ("{{- range .Values.relay.cidrs }}\n"
+                               f'{m["indent"]}- "--relay-cidr"\n{m["indent"]}- {{{{ . | quote }}}}\n'
+                               "{{- end }}\n"), text)
+    for key, (sentinel, _, _) in VALUES.items():
+        text = text.replace(sentinel, _expr(key))
+    text = text.replace(TEAM_MODE, '{{ ternary "true" "false" .Values.teamMode }}')
+    text = text.replace(TLS["ca.crt"], "{{ $ca.Cert | b64enc }}").replace(TLS["tls.crt"], "{{ $cert.Cert | b64enc }}")
+    text = text.replace(TLS["tls.key"], "{{ $cert.Key | b64enc }}")
+    text = text.replace(CHECKSUM, "{{ print $cert.Cert $ca.Cert | sha256sum | trunc 16 }}")
+    leftover = re.findall(r"__TPENV_[A-Z_]+__", text)
+    if leftover:
+        raise TemplateError(f"chart generator: sentinels left in the chart: {sorted(set(leftover))}")
+    dns = [NAME, f"{NAME}.{NAMESPACE}", f"{NAME}.{NAMESPACE}.svc", f"{NAME}.{NAMESPACE}.svc.cluster.local"]
+    head = ("{{- /* Generated by `tpenv manager chart` from tpenv's templates/manager; do not edit. */}}\n"
+            f'{{{{- $ca := genCA "tpenv-manager-ca" {CERT_DAYS} }}}}\n'
+            f'{{{{- $cert := genSignedCert "{dns[2]}" nil (list {" ".join(f"{d!r}".replace(chr(39), chr(34)) for d in dns)})'
+            f" {CERT_DAYS} $ca }}}}\n")
+    return head + text
+
+
+def values_yaml() -> str:
+    lines = ["# Values of the tpenv manager chart (generated by `tpenv manager chart`; the same settings as",
+             "# `tpenv manager install`: TPENV_AGENT_* and TPENV_MANAGER_*). The manager always lives in",
+             f"# namespace {NAMESPACE} (created by the chart): install the release anywhere else, e.g. default.", ""]
+    tree: dict[str, dict[str, tuple[Any, str]]] = {}
+    for key, (_, default, description) in VALUES.items():
+        group, _, leaf = key.partition(".")
+        tree.setdefault(group, {})[leaf] = (default, description)
+    tree["relay"]["cidrs"] = ([], "Address ranges the relay may dial (empty: the cluster's pod and service ranges, "
+                                  "which the relay reads itself).")
+    for group, leaves in tree.items():
+        lines.append(f"{group}:")
+        for leaf, (default, description) in leaves.items():
+            lines.append(f"  # {description}")
+            shown = '""' if default == "" else ("[]" if default == [] else
+                                                 (f'"{default}"' if isinstance(default, str) else str(default)))
+            lines.append(f"  {leaf}: {shown}")
+    lines += ["# Personal header intercepts by default for every client of this cluster (`--team-mode`).",
+              "teamMode: false", ""]
+    return "\n".join(lines)
+
+
+def chart_yaml() -> str:
+    version = _version()
+    semver = version if re.fullmatch(r"\d+\.\d+\.\d+.*", version) else "0.0.0-dev"
+    return ("apiVersion: v2\n"
+            "name: tpenv-manager\n"
+            "description: The tpenv manager (agent injection webhook and outbound relay), the same objects as "
+            "`tpenv manager install`.\n"
+            "type: application\n"
+            f"version: {semver}\n"
+            f'appVersion: "{version}"\n')
+
+
+def write_chart(directory: Path) -> list[Path]:
+    """Write the chart into ``directory`` (created); returns the files written."""
+    files = {"Chart.yaml": chart_yaml(), "values.yaml": values_yaml(), "templates/manager.yaml": manifest_template()}
+    written = []
+    for rel, text in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written

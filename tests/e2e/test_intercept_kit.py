@@ -53,10 +53,11 @@ def tpenv(state_dir: Path, *args: str, timeout: float = 180, check: bool = True,
 class Intercepting:
     """`tpenv intercept ARGS` as a background process; ready when it printed its block (-o json)."""
 
-    def __init__(self, state_dir: Path, *args: str) -> None:
+    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "tpenv.cli.main", "-o", "json", "intercept", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=tpenv_env(state_dir), cwd=state_dir, start_new_session=True)
+                                     env={**tpenv_env(state_dir), **(env or {})}, cwd=state_dir,
+                                     start_new_session=True)
         self.stderr: list[str] = []
         self._err = threading.Thread(target=self._drain, daemon=True)
         self._err.start()

@@ -114,8 +114,8 @@ def test_docker_run_line():
     args = flags("web", "--docker-run")
     args.command = ["img:1", "serve"]  # what the CLI puts there from `-- IMAGE ARGS`
     argv = docker_argv(args, "/tmp/e.env", "/tmp/vol",
-                       ["/data", "/var/run/x"], 8080)
-    assert argv == ["docker", "run", "--rm", "--env-file", "/tmp/e.env", "-p", "8080:8080",
+                       ["/data", "/var/run/x"], 8080, "/usr/bin/podman")
+    assert argv == ["/usr/bin/podman", "run", "--rm", "--env-file", "/tmp/e.env", "-p", "8080:8080",
                     "-v", "/tmp/vol/data:/data", "-v", "/tmp/vol/var/run/x:/var/run/x", "img:1", "serve"]
 
 

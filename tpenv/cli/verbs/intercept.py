@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from tpenv.config.env import write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.intercepts import InterceptRun
 from tpenv.engine.session import publish_session
-from tpenv.errors import UsageError
+from tpenv.errors import MissingTool, UsageError
 from tpenv.kits.kube import Kube
 
 HELP = "Send a workload port's traffic (all of it, or matching HTTP requests) to a local port."
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefix this path-valued variable with the mount root (repeatable; e.g. "
                              "AWS_WEB_IDENTITY_TOKEN_FILE)")
     parser.add_argument("--docker-run", action="store_true",
-                        help="the command is `IMAGE ARGS`: run it with `docker run`, the env file, mounts and port")
+                        help="the command is `IMAGE ARGS`: run it with `docker run` (or podman), the env file, mounts and port")
     parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
                         help="seconds to wait for the tunnels once the agent runs (default: 60)")
     parser.add_argument("command", nargs="*", metavar="-- CMD ARGS",
@@ -141,9 +142,18 @@ def command_env(app_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def container_engine() -> str:
+    """`docker`, else `podman` (the same `run` flags): the program --docker-run runs."""
+    found = shutil.which("docker") or shutil.which("podman")
+    if not found:
+        raise MissingTool("--docker-run needs a container engine: neither docker nor podman is installed",
+                          hint="install one (Debian/Ubuntu: apt-get install podman, or docker.io)")
+    return found
+
+
 def docker_argv(args: argparse.Namespace, env_file: str, mount_point: str | None, mounts: list[str],
-                local_port: int) -> list[str]:
-    argv = ["docker", "run", "--rm", "--env-file", env_file, "-p", f"{local_port}:{local_port}"]
+                local_port: int, engine: str = "docker") -> list[str]:
+    argv = [engine, "run", "--rm", "--env-file", env_file, "-p", f"{local_port}:{local_port}"]
     if mount_point:
         for m in mounts:
             argv += ["-v", f"{mount_point.rstrip('/')}{m}:{m}"]
@@ -154,6 +164,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
     intercept = build_intercept(args)
     if args.docker_run and not args.command:
         raise UsageError("--docker-run needs `-- IMAGE [ARGS]`")
+    if args.docker_run:
+        container_engine()  # before any change in the cluster
     say = (lambda text: print(text, file=sys.stderr, flush=True))
     ctx.apply_project_agent(lambda text: say(f"warning: {text}"))
     async with await Kube.load(context=ctx.cluster_context()) as kube:
@@ -203,7 +215,7 @@ async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, sto
         os.close(fd)
         write_env_file(unit.env, tmp_env, "docker")
         argv = docker_argv(args, tmp_env, str(unit.mount_point) if unit.mount_point else None, unit.mounts,
-                           intercept.port.local)
+                           intercept.port.local, container_engine())
     try:
         try:
             proc = await asyncio.create_subprocess_exec(*argv, env=env)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import ipaddress
 import json
 import secrets
+import socket
 from typing import Any
 
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
@@ -323,7 +325,59 @@ def webhook(kube: Kube, namespace: str, settings: Any) -> Check:
     return check
 
 
+# Interfaces a cluster node itself routes its pods through: their routes are the cluster's, not a conflict.
+_CLUSTER_IFACES = ("cni", "flannel", "veth", "cali", "cilium", "tunl", "vxlan", "kube", "weave", "lxc")
+_RTF_REJECT = 0x0200
+
+
+def local_routes() -> list[tuple[ipaddress.IPv4Network, str]]:
+    """(network, interface) of this machine's IPv4 routes, minus the default route, reject
+    (unreachable) routes and routes over a cluster node's own pod interfaces."""
+    out = []
+    try:
+        lines = open("/proc/net/route").read().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        iface, dest, flags, mask = f[0], int(f[1], 16), int(f[3], 16), int(f[7], 16)
+        if mask == 0 or flags & _RTF_REJECT or iface.startswith(_CLUSTER_IFACES):
+            continue
+        net = ipaddress.IPv4Network((socket.ntohl(dest), bin(mask).count("1")), strict=False)
+        out.append((net, iface))
+    return out
+
+
+def cidr_overlap(kube: Kube) -> Check:
+    async def check() -> Outcome:
+        ranges: list[str] = []
+        try:
+            nodes = (await kube.call(kube.core.list_node, what=What("list", "nodes")))["items"]
+            ranges += [c for n in nodes for c in (n.get("spec") or {}).get("podCIDRs") or []]
+        except Forbidden:
+            pass
+        try:
+            cidrs = await kube.call(ApiGroup(kube.api, "/apis/networking.k8s.io/v1").list_servicecidr,
+                                    what=What("list", "servicecidrs"))
+            ranges += [c for s in cidrs.get("items") or [] for c in (s.get("spec") or {}).get("cidrs") or []]
+        except TpenvError:
+            pass
+        nets = [ipaddress.ip_network(r, strict=False) for r in ranges]
+        nets = [n for n in nets if n.version == 4]
+        if not nets:
+            return Outcome(SKIP, "the cluster's pod and service ranges are not readable (nodes, servicecidrs)")
+        clashes = [f"{n} overlaps {net} (dev {iface})" for n in nets for net, iface in local_routes() if n.overlaps(net)]
+        if clashes:
+            return Outcome(WARN, "cluster ranges overlap this machine's routes: " + "; ".join(clashes) +
+                                 " (tpenv connect cannot reach those cluster addresses)",
+                           fix="connect from a network without that route, or ask for the cluster's ranges to move")
+        return Outcome(OK, f"{', '.join(map(str, nets))}: no local route overlaps")
+    return check
+
+
 def cluster_checks(kube: Kube, namespace: str, settings: Any) -> list[tuple[str, Check]]:
-    return [("cluster/rights", rights(kube, namespace)),
+    return [("cluster/rights", rights(kube, namespace)), ("cluster/cidrs", cidr_overlap(kube)),
             ("cluster/agent-image", agent_image(kube, namespace, settings)),
             ("cluster/manager", manager(kube)), ("cluster/webhook", webhook(kube, namespace, settings))]

@@ -29,8 +29,8 @@ from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 EVERY_CHECK = ["machine/python", "machine/sshfs", "machine/firewall", "machine/userns", "machine/tun",
-               "machine/sessions", "machine/mounts", "machine/connect-rules", "cluster/api", "cluster/rights", "cluster/cidrs",
-               "cluster/agent-image", "cluster/manager", "cluster/webhook", "cluster/idle-agents",
+               "machine/sessions", "machine/mounts", "machine/connect-rules", "cluster/api", "cluster/rights",
+               "cluster/cidrs", "cluster/agent-image", "cluster/manager", "cluster/webhook", "cluster/idle-agents",
                "cluster/service-ports", "e2e/tunnel", "e2e/dns"]
 
 

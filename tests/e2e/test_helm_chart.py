@@ -110,7 +110,8 @@ def test_helm_install_then_an_intercept_through_its_webhook(helm, namespace, tmp
                          "template": {"metadata": {"labels": {"app": "gitops", "tpenv.io/inject-agent": "enabled"}},
                                       "spec": {"containers": [echo_container("http")]}}}},
                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gitops"},
-                "spec": {"selector": {"app": "gitops"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}],
+                "spec": {"selector": {"app": "gitops"},
+                         "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}],
               ns=ns)
 
         def injected() -> bool:

@@ -67,8 +67,8 @@ def test_a_service_on_tpenv_port_goes_back_to_the_number():
     fixed = _repaired(svc, ["tpenv-8080"])
     assert [p["targetPort"] for p in fixed["spec"]["ports"]] == [8080, "metrics"]
     assert svc["spec"]["ports"][0]["targetPort"] == "tpenv-8080"  # the original is left alone
-    assert _patch_command("ns", svc, fixed) == \
-        """kubectl -n ns patch service hello --type=json -p '[{"op":"replace","path":"/spec/ports/0/targetPort","value":8080}]'"""
+    assert _patch_command("ns", svc, fixed) == ("kubectl -n ns patch service hello --type=json -p "
+                                                """'[{"op":"replace","path":"/spec/ports/0/targetPort","value":8080}]'""")
     assert _repaired(svc, ["metrics"]) is None  # not tpenv's name: no guess
 
 

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefix this path-valued variable with the mount root (repeatable; e.g. "
                              "AWS_WEB_IDENTITY_TOKEN_FILE)")
     parser.add_argument("--docker-run", action="store_true",
-                        help="the command is `IMAGE ARGS`: run it with `docker run` (or podman), the env file, mounts and port")
+                        help="the command is `IMAGE ARGS`: run it with `docker run` (or podman), the env file, "
+                             "mounts and port")
     parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
                         help="seconds to wait for the tunnels once the agent runs (default: 60)")
     parser.add_argument("command", nargs="*", metavar="-- CMD ARGS",

@@ -244,7 +244,8 @@ def _cert_expiry(pem_b64: str) -> dt.datetime | None:
 def _dry_run_pod(namespace: str, image: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "tpenv-doctor-webhook-probe", "labels": {LABEL_INJECT: "enabled"}},
-            "spec": {"containers": [{"name": "app", "image": image, "ports": [{"name": "http", "containerPort": 8080}]}]}}
+            "spec": {"containers": [{"name": "app", "image": image,
+                                     "ports": [{"name": "http", "containerPort": 8080}]}]}}
 
 
 async def _webhook_round_trip(kube: Kube, namespace: str, image: str) -> tuple[bool, str]:
@@ -299,22 +300,26 @@ def webhook(kube: Kube, namespace: str, settings: Any) -> Check:
             optins = (await kube.call(kube.core.list_pod_for_all_namespaces, label_selector=f"{LABEL_INJECT}=enabled",
                                       what=What("list", "pods")))["items"]
         except Forbidden:
-            optins = (await kube.call(kube.core.list_namespaced_pod, namespace, label_selector=f"{LABEL_INJECT}=enabled",
+            optins = (await kube.call(kube.core.list_namespaced_pod, namespace,
+                                      label_selector=f"{LABEL_INJECT}=enabled",
                                       what=What("list", "pods", namespace)))["items"]
         missed = [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in optins
                   if not p["metadata"].get("deletionTimestamp")
                   and not any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
         if namespace in (MANAGER_NS, "kube-system"):
-            return Outcome(SKIP, f"namespace {namespace!r} is never injected; certificate valid until {expiry:%Y-%m-%d}")
+            return Outcome(SKIP, f"namespace {namespace!r} is never injected; certificate valid until "
+                                 f"{expiry:%Y-%m-%d}")
         try:
             injected, warning = await _webhook_round_trip(kube, namespace, settings.agent.image)
         except Forbidden:
             injected, warning = None, ""
         if injected is False:
-            why = f" (it said: {warning})" if warning else " (it did not answer: failurePolicy Ignore let the pod through)"
+            why = (f" (it said: {warning})" if warning
+                   else " (it did not answer: failurePolicy Ignore let the pod through)")
             return Outcome(FAIL, f"the webhook did not inject a dry-run pod in {namespace!r}{why}",
                            fix=f"kubectl -n {MANAGER_NS} get pods,endpointslices; kubectl -n {MANAGER_NS} logs "
-                               f"deployment/{MANAGER}; then kubectl -n {MANAGER_NS} rollout restart deployment/{MANAGER}")
+                               f"deployment/{MANAGER}; then kubectl -n {MANAGER_NS} rollout restart "
+                               f"deployment/{MANAGER}")
         if missed:
             notes.append(f"{len(missed)} opted-in pod(s) started without the agent (admission missed): "
                          + ", ".join(missed[:5]))
@@ -368,7 +373,8 @@ def cidr_overlap(kube: Kube) -> Check:
         nets = [n for n in nets if n.version == 4]
         if not nets:
             return Outcome(SKIP, "the cluster's pod and service ranges are not readable (nodes, servicecidrs)")
-        clashes = [f"{n} overlaps {net} (dev {iface})" for n in nets for net, iface in local_routes() if n.overlaps(net)]
+        routes = local_routes()
+        clashes = [f"{n} overlaps {net} (dev {iface})" for n in nets for net, iface in routes if n.overlaps(net)]
         if clashes:
             return Outcome(WARN, "cluster ranges overlap this machine's routes: " + "; ".join(clashes) +
                                  " (tpenv connect cannot reach those cluster addresses)",

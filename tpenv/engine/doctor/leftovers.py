@@ -120,7 +120,8 @@ def broken_services(kube: Kube, namespace: str) -> Check:
             if broken:
                 found.append((svc, broken))
         if not found:
-            return Outcome(OK, f"{len(services)} Service(s) in {namespace!r}: every named targetPort exists on their pods")
+            return Outcome(OK, f"{len(services)} Service(s) in {namespace!r}: every named targetPort exists on "
+                               "their pods")
         fixes, repairs = [], []
         for svc, broken in found:
             name = svc["metadata"]["name"]
@@ -162,7 +163,8 @@ def tunnel_probe(kube: Kube, namespace: str, settings: Any) -> Check:
         pods = [p for p in (await kube.call(kube.core.list_namespaced_pod, namespace,
                                             what=What("list", "pods", namespace)))["items"] if pod_is_ready(p)]
         ported = [(p["metadata"]["name"], port["containerPort"]) for p in pods
-                  for c in p["spec"]["containers"] for port in c.get("ports") or [] if port.get("protocol", "TCP") == "TCP"]
+                  for c in p["spec"]["containers"] for port in c.get("ports") or []
+                  if port.get("protocol", "TCP") == "TCP"]
         if not ported:
             return Outcome(SKIP, f"no ready pod with a TCP port in {namespace!r} to open a tunnel to")
         pod, port = ported[0]

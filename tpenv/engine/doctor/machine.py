@@ -106,7 +106,8 @@ async def user_namespaces() -> Outcome:
         problems.append("user.max_user_namespaces = 0")
         fixes.append("sysctl -w user.max_user_namespaces=15000")
     if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        problems.append("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1)")
+        problems.append("AppArmor restricts unprivileged user namespaces "
+                        "(kernel.apparmor_restrict_unprivileged_userns = 1)")
         fixes.append("sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile allowing "
                      "userns for python3)")
     if not Path("/proc/self/ns/user").exists():

@@ -21,7 +21,7 @@ from tpenv.engine.agentquery import agent_intercepts, agent_round_trip, auth_mat
 from tpenv.engine.agents import (has_agent, injected_workloads, prune_agent_history, remove_agent, wait_agent_gone,
                                  webhook_mode)
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
-from tpenv.errors import NotFound, TpenvError
+from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.kits.kube import Kube, What, pod_is_ready, service_selects
 from tpenv.kits.portforward import PodTunnel
 from tpenv_agent.inject import ANN_RESTORE_SERVICE, restore
@@ -187,6 +187,8 @@ def dns_probe(kube: Kube) -> Check:
 
         try:
             await find_manager_pod(kube)
+        except Forbidden:
+            return Outcome(SKIP, "you may not list the manager's pods (namespace tpenv): no relay to ask")
         except NotFound:
             return Outcome(SKIP, "no ready manager: cluster names are looked up through its relay "
                                  "(`tpenv manager install`)")

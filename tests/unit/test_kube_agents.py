@@ -119,6 +119,22 @@ def test_docker_run_line():
                     "-v", "/tmp/vol/data:/data", "-v", "/tmp/vol/var/run/x:/var/run/x", "img:1", "serve"]
 
 
+def test_docker_run_picks_a_reachable_engine(monkeypatch):
+    from tpenv.cli.verbs import intercept
+    from tpenv.errors import MissingTool
+
+    tools = {"docker": "/usr/bin/docker", "podman": "/usr/bin/podman"}
+    monkeypatch.setattr(intercept.shutil, "which", lambda name: tools.get(name))
+    monkeypatch.setattr(intercept.os.path, "exists", lambda path: False)
+    assert intercept.container_engine({}) == "/usr/bin/podman"  # a docker CLI without a daemon
+    assert intercept.container_engine({"DOCKER_HOST": "tcp://127.0.0.1:2375"}) == "/usr/bin/docker"
+    del tools["podman"]
+    assert intercept.container_engine({}) == "/usr/bin/docker"  # its own error will say what is missing
+    tools.clear()
+    with pytest.raises(MissingTool, match="neither docker nor podman"):
+        intercept.container_engine({})
+
+
 # -- stage 4: webhook mode and missing tools ---------------------------------------------------
 
 def test_webhook_mode_is_the_template_label_and_the_container_comes_from_the_agent():

@@ -6,7 +6,7 @@ candidate per line. Verbs, flags and choices come from the parser itself, so a n
 completes without touching this file. Values from elsewhere: workload names (WORKLOAD
 positionals, ``--agent``) from the cluster, namespaces (``-n``) from the cluster, contexts
 (``--context``) from the kubeconfig, intercept names (``leave``, ``env``) from this machine's
-running sessions. A cluster that does not answer within a second or two completes nothing
+running sessions. A cluster that does not answer within CLUSTER_TIMEOUT completes nothing
 rather than hanging the shell.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import asyncio
 from collections.abc import Sequence
 
-CLUSTER_TIMEOUT = 3.0
+CLUSTER_TIMEOUT = 5.0  # a busy API server still answers a list in this; TAB must not hang longer
 _WORKLOAD_ARGS = {"workload", "agent"}  # dests whose values are workload names
 _INTERCEPT_ARGS = {("leave", "name"), ("env", "name")}
 

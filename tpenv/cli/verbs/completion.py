@@ -10,6 +10,7 @@ The scripts call ``tpenv completion --complete INDEX -- WORDS...`` for the candi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 from tpenv.errors import UsageError
@@ -29,7 +30,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
     if args.complete is not None:
         from tpenv.cli.main import build_parser
 
-        found = completion.candidates(build_parser(), args.command, args.complete)
+        # In a thread: the cluster lookups run their own event loop (asyncio.run), not this one.
+        found = await asyncio.to_thread(completion.candidates, build_parser(), args.command, args.complete)
         sys.stdout.write("".join(f"{c}\n" for c in found))
         return 0
     if not args.shell:

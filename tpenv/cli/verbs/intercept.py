@@ -143,9 +143,15 @@ def command_env(app_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def container_engine() -> str:
-    """`docker`, else `podman` (the same `run` flags): the program --docker-run runs."""
-    found = shutil.which("docker") or shutil.which("podman")
+def container_engine(environ: dict[str, str] | None = None) -> str:
+    """The program --docker-run runs (podman takes the same `run` flags): docker when its daemon
+    can be reached (DOCKER_HOST, or its socket), else podman (daemonless), else docker anyway so
+    that its own error says what is missing."""
+    environ = os.environ if environ is None else environ
+    docker, podman = shutil.which("docker"), shutil.which("podman")
+    if docker and (environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
+        return docker
+    found = podman or docker
     if not found:
         raise MissingTool("--docker-run needs a container engine: neither docker nor podman is installed",
                           hint="install one (Debian/Ubuntu: apt-get install podman, or docker.io)")
@@ -217,6 +223,9 @@ async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, sto
         write_env_file(unit.env, tmp_env, "docker")
         argv = docker_argv(args, tmp_env, str(unit.mount_point) if unit.mount_point else None, unit.mounts,
                            intercept.port.local, container_engine())
+        # The app's environment reaches the container through --env-file; the engine itself runs
+        # with this machine's (its DOCKER_HOST, CONTAINERS_CONF, XDG_RUNTIME_DIR...), not the pod's.
+        env = dict(os.environ)
     try:
         try:
             proc = await asyncio.create_subprocess_exec(*argv, env=env)

@@ -159,8 +159,10 @@ def container_engine(environ: dict[str, str] | None = None) -> str:
 
 
 def docker_argv(args: argparse.Namespace, env_file: str, mount_point: str | None, mounts: list[str],
-                local_port: int, engine: str = "docker") -> list[str]:
+                local_port: int, engine: str = "docker", *, name: str | None = None) -> list[str]:
     argv = [engine, "run", "--rm", "--env-file", env_file, "-p", f"{local_port}:{local_port}"]
+    if name:
+        argv += ["--name", name]  # so that stopping the intercept can stop the container
     if mount_point:
         for m in mounts:
             argv += ["-v", f"{mount_point.rstrip('/')}{m}:{m}"]
@@ -217,12 +219,14 @@ async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, sto
     env = command_env(unit.env)
     tmp_env: str | None = None
     argv = list(args.command)
+    engine = container = None
     if args.docker_run:
         fd, tmp_env = tempfile.mkstemp(prefix="tpenv-", suffix=".env")
         os.close(fd)
         write_env_file(unit.env, tmp_env, "docker")
+        engine, container = container_engine(), f"tpenv-{intercept.name}-{os.getpid()}"
         argv = docker_argv(args, tmp_env, str(unit.mount_point) if unit.mount_point else None, unit.mounts,
-                           intercept.port.local, container_engine())
+                           intercept.port.local, engine, name=container)
         # The app's environment reaches the container through --env-file; the engine itself runs
         # with this machine's (its DOCKER_HOST, CONTAINERS_CONF, XDG_RUNTIME_DIR...), not the pod's.
         env = dict(os.environ)
@@ -236,8 +240,16 @@ async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, sto
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         if not waiter.done():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
+            if engine and container:
+                # A container's PID 1 ignores SIGINT unless it handles it: the engine's own stop
+                # (SIGTERM, then SIGKILL after 5 s) is what ends a container for sure.
+                stopping = await asyncio.create_subprocess_exec(engine, "stop", "-t", "5", container, env=env,
+                                                                stdout=asyncio.subprocess.DEVNULL,
+                                                                stderr=asyncio.subprocess.DEVNULL)
+                await stopping.wait()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGINT)
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), 5)
             except TimeoutError:

@@ -42,7 +42,7 @@ def _namespace(ctx) -> str | None:
 
 async def _cluster(ctx, fix: bool) -> list[Finding]:
     try:
-        kube = await Kube.load(context=ctx.kube_context)
+        kube = await Kube.load(context=ctx.cluster_context())
     except ConfigError as e:  # the kubeconfig's problem, not a telepresence.yaml's: no file:line here
         return [Finding("cluster/api", FAIL, "; ".join(p.message for p in e.problems), 0.0, fix=e.hint)]
     except TpenvError as e:

@@ -178,3 +178,53 @@ def test_docker_run_serves_the_intercept_from_a_real_container(namespace, tmp_pa
     left = subprocess.run(["podman", "ps", "-q", "--filter", f"ancestor={IMAGE}"], capture_output=True, text=True,
                           env={**os.environ, **container_engine})
     assert left.stdout.strip() == ""
+
+
+def path_without(bindir, *names: str) -> str:
+    """A PATH holding every program of this one except ``names``: links in ``bindir``. The real
+    lookup then misses them, and nothing is uninstalled (other tests need sshfs)."""
+    bindir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(d):
+            continue
+        for entry in os.scandir(d):
+            link = bindir / entry.name
+            if entry.name not in names and not os.path.lexists(link):
+                link.symlink_to(entry.path)
+    return str(bindir)
+
+
+ENV_ONLY = textwrap.dedent("""\
+    import json, os, sys
+    json.dump(dict(os.environ), open(sys.argv[1], "w"))
+""")
+
+
+def test_default_mount_is_skipped_without_sshfs_and_an_explicit_one_fails(namespace, tmp_path):
+    """Issue #14: on a machine without sshfs, the default intercept runs without the mount and says
+    once what it skipped and how to get it; `--mount DIR` asked for a mount, and fails clearly."""
+    ns = namespace
+    store_app(ns)
+    no_sshfs = {"PATH": path_without(tmp_path / "bin", "sshfs")}
+    check = tmp_path / "check.py"
+    check.write_text(ENV_ONLY)
+    result = tmp_path / "result.json"
+
+    # Stage 1: no --mount: the command runs with the app's env; the volumes are left out, said once.
+    cp = tpenv(tmp_path, "intercept", "store", "--port", "18383:web", "-n", ns, "--",
+               sys.executable, str(check), str(result), env=no_sshfs, timeout=400, check=False)
+    assert cp.returncode == 0, cp.stderr
+    env = json.loads(result.read_text())
+    assert env["DB_PASSWORD"] == "s3cr3t value" and set(env["TELEPRESENCE_MOUNTS"].split(":")) >= {"/data"}
+    assert cp.stderr.count("are not mounted: sshfs is not installed") == 1, cp.stderr
+    assert "apt-get install sshfs" in cp.stderr and "--mount-mode sync" in cp.stderr
+    assert "(none)" in cp.stdout  # the intercept's block: Volume Mount Point (none)
+
+    # Stage 2: --mount DIR with the same PATH: the clear MissingTool error, and a non-zero exit.
+    vol = tmp_path / "vol"
+    cp = tpenv(tmp_path, "intercept", "store", "--port", "18384:web", "-n", ns, "--mount", str(vol), "--",
+               sys.executable, str(check), str(result), env=no_sshfs, timeout=400, check=False)
+    assert cp.returncode != 0
+    assert "sshfs is not installed" in cp.stderr and "apt-get install sshfs" in cp.stderr, cp.stderr
+    assert "are not mounted" not in cp.stderr  # no note: an error
+    assert not vol.exists() or not any(vol.iterdir())

@@ -249,6 +249,17 @@ async def test_permanent_failure_retries_on_the_next_outside_event(world, desire
         assert await rec.wait_until(all_ready(H), WAIT)
 
 
+async def test_a_failed_unit_keeps_its_error_whole(world, desired):
+    """The status has the text; rec.errors the exception as raised, kind and hint intact, so a
+    verb reports a MissingTool with its hint rather than a rebuilt guess from the message."""
+    world.fail_starts[H] = 1
+    world.fail_with = NotFound
+    rec = Reconciler(desired, debounce=0.02, restart_initial=30.0, restart_max=30.0)
+    async with rec:
+        assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
+        assert type(rec.errors[H]) is NotFound and str(rec.errors[H]) == state_of(rec, H)["last_error"]
+
+
 # --- stage 4: stop and abort ------------------------------------------------------------------
 
 

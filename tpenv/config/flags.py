@@ -71,10 +71,12 @@ def intercept_from_flags(args: argparse.Namespace, *, namespace: str | None = No
         "match": match if has_match else None,
         "env": {"file": os.path.abspath(args.env_file) if getattr(args, "env_file", None) else None,
                 "format": getattr(args, "env_syntax", None) or "docker"},
-        "mount": _mount(getattr(args, "mount", None), getattr(args, "mount_mode", None)),
         "run": {"command": command, "cwd": os.getcwd(), "restart": "never"}
         if command and not getattr(args, "docker_run", False) else None,
     }
+    if getattr(args, "mount", None) is not None or getattr(args, "mount_mode", None) is not None:
+        # Only a mount asked for is set: unset, a machine without sshfs skips it (said once).
+        data["mount"] = _mount(getattr(args, "mount", None), getattr(args, "mount_mode", None))
     try:
         return Intercept.model_validate(data)
     except ValidationError as e:

@@ -303,7 +303,7 @@ class MountSpec(BaseModel):
         "sshfs: a live FUSE mount (needs sshfs and /dev/fuse); sync: a local copy kept in step both ways "
         "(local changes pushed at once, the pod's polled every TPENV_MOUNTS_SYNC_INTERVAL seconds; a file changed "
         "on both sides keeps the local copy, with a warning), for machines without FUSE; auto: sshfs, and where "
-        "it cannot run an error saying what to install or to choose sync."))
+        "it cannot run an error saying what to install or to choose sync (a mount not asked for is left out)."))
     rewrite_env: list[EnvName] = Field(default_factory=list, description=(
         "Variables holding paths inside the container; their values get the local mount root as prefix."))
 
@@ -405,7 +405,9 @@ class Intercept(BaseModel):
         f"absent: every TCP connection, or only requests with your personal header ({PERSONAL_HEADER}) when "
         "the cluster's manager runs in team mode."))
     env: EnvSpec = Field(default_factory=EnvSpec, description=EnvSpec.__doc__)
-    mount: MountField = Field(default_factory=MountSpec, description=MountSpec.__doc__)
+    mount: MountField = Field(default_factory=MountSpec, description=(
+        MountSpec.__doc__ + " Not given: mounted where sshfs and FUSE are, else left out with a note saying how "
+        "to get them; given, a mount that cannot be made is an error."))
     run: RunSpec | None = Field(None, description="The handler process; absent: run it yourself.")
 
     @model_validator(mode="after")

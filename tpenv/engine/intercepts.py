@@ -23,7 +23,7 @@ from tpenv import logs
 from tpenv.config.env import render_env, write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.agents import AgentReady, ensure_agent, pick_service, pod_serves, service_port
-from tpenv.engine.mounts import make_mount
+from tpenv.engine.mounts import make_mount, skip_default_mount
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
@@ -107,7 +107,8 @@ class EnvMountUnit:
         mounts = (await session.mounts())["mounts"]
         self.mounts = list(mounts)
         mount_spec = s.intercept.mount
-        if mount_spec.path is not False and mounts:
+        if mount_spec.path is not False and mounts and not skip_default_mount(
+                mount_spec.mode, "mount" in s.intercept.model_fields_set, mounts, self.log, key=self.key):
             path = None if mount_spec.path is True else (s.base_dir / str(mount_spec.path))
             self.mount = make_mount(mount_spec.mode, session, path, list(mounts), name=s.intercept.name or s.workload,
                                     settings=s.settings)
@@ -305,7 +306,7 @@ class InterceptRun:
         for u in self.rec.snapshot()["units"]:
             if u["state"] == State.FAILED.value and u["last_error"]:
                 if not permanent_only or tuple(u["key"]) in permanent:
-                    return u["last_error"]
+                    return self.rec.errors.get(tuple(u["key"])) or u["last_error"]  # the error kept whole
         return None
 
     def is_ready(self) -> bool:

@@ -66,6 +66,27 @@ def check_fuse() -> str:
     return sshfs
 
 
+# Units whose default mount was skipped and said so: once per process, not at every pod restart.
+_SKIPPED_SAID: set[tuple] = set()
+
+
+def skip_default_mount(mode: str, explicit: bool, mounts: list[str], log: Any, *, key: tuple) -> bool:
+    """True when a mount nobody asked for (no ``--mount``, no ``mount:``) is left out because
+    sshfs or FUSE is missing here, said once with how to get it: the default must not cost the
+    intercept. An explicit mount is never skipped (its start() fails with check_fuse's error)."""
+    if explicit or mode != "auto":
+        return False
+    try:
+        check_fuse()
+    except MissingTool as e:
+        if key not in _SKIPPED_SAID:
+            _SKIPPED_SAID.add(key)
+            log.warning("the app's volumes (%s) are not mounted: %s. To mount them: %s",
+                        ", ".join(mounts), e.message, e.hint)
+        return True
+    return False
+
+
 def make_mount(mode: str, session: Any, path: str | Path | None, mounts: list[str], *, name: str,
                settings: Any = None) -> "SshfsMount | Any":
     """The mount unit for ``mount.mode``: sync → a synced copy (syncmount.SyncMount); sshfs and

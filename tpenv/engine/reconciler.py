@@ -164,6 +164,8 @@ class Reconciler:
         self._backoff: dict[Key, Backoff] = {}
         self._retry_at: dict[Key, float] = {}  # loop time of the next attempt
         self._permanent: set[Key] = set()  # last failure was permanent: retry on the next outside event
+        # Each unit's last failure as raised (its kind and hint intact); the status keeps its text.
+        self.errors: dict[Key, Exception] = {}
         self._restart: set[Key] = set()
         self._restarts: dict[Key, int] = {}
         self._started_once: set[Key] = set()
@@ -305,7 +307,7 @@ class Reconciler:
         outside = any(e.kind in ("config", "kube") for e in events)
         for e in events:
             if e.kind == "unit_failed" and e.key in self.running and self.running[e.key] is e.source:
-                self._failed(e.key, e.error or "failed", permanent=False)
+                self._failed(e.key, e.error or "failed")
                 self._restart.add(e.key)
         if outside:  # the world changed: a permanent failure may be fixed now
             for k in self._permanent:
@@ -347,7 +349,13 @@ class Reconciler:
             result = await result
         return result
 
-    def _failed(self, key: Key, error: str, *, permanent: bool) -> None:
+    def _failed(self, key: Key, exc: Exception | str) -> None:
+        """``exc``: what start raised, or the text a running unit reported (transient)."""
+        if isinstance(exc, Exception):
+            self.errors[key] = exc
+        else:
+            self.errors.pop(key, None)
+        error, permanent = str(exc), isinstance(exc, PermanentError)
         backoff = self._backoff.setdefault(key, Backoff(**self._backoff_args))
         delay = backoff.failed()
         self._retry_at[key] = asyncio.get_running_loop().time() + delay
@@ -370,7 +378,7 @@ class Reconciler:
         try:
             unit = spec.create(notify)
         except Exception as e:
-            self._failed(key, str(e), permanent=isinstance(e, PermanentError))
+            self._failed(key, e)
             return
         notify.box.append(unit)  # type: ignore[attr-defined]
         if key in self._started_once:
@@ -385,7 +393,7 @@ class Reconciler:
         except Exception as e:
             self.running.pop(key, None)
             await self._quiet_stop(key, unit)
-            self._failed(key, str(e), permanent=isinstance(e, PermanentError))
+            self._failed(key, e)
             return
         self.log.info("%s started", key_text(key))
 

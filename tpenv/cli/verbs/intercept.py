@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-syntax", choices=("docker", "sh", "json", "compose"), default="docker",
                         help="syntax of --env-file (default: docker)")
     parser.add_argument("--env-json", metavar="F", help="write the app's environment to F as JSON")
-    parser.add_argument("--mount", metavar="DIR|true|false", default="true",
-                        help="mount the app's volumes at DIR (true: a temporary directory; false: no mount)")
+    parser.add_argument("--mount", metavar="DIR|true|false", default=None,
+                        help="mount the app's volumes at DIR (true: a temporary directory; false: no mount). "
+                             "Not given: a temporary directory when sshfs and FUSE are here, else no mount (said once)")
     parser.add_argument("--mount-mode", choices=("auto", "sshfs", "sync"), default=None,
                         help="sshfs: a live FUSE mount; sync: a local copy kept in step both ways (no FUSE needed); "
                              "auto (default): sshfs, or an error saying what is missing")
@@ -94,15 +95,20 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
         match = "all"
     elif headers is not None or path:
         match = {"headers": headers, **path}
-    mount: bool | str | dict = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount)
+    # No --mount: the model's default, unset, so a machine without sshfs skips the mount (said once).
+    explicit = args.mount is not None
+    mount: bool | str | dict = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount) \
+        if explicit else True
     mount_mode = getattr(args, "mount_mode", None)
     if mount is False and (args.rewrite_env or mount_mode):
         flag = "--rewrite-env" if args.rewrite_env else "--mount-mode"
         raise UsageError(f"{flag} needs a mount (--mount false turns it off)")
     if args.rewrite_env or mount_mode:
         mount = {"path": mount, "rewrite_env": list(args.rewrite_env), "mode": mount_mode or "auto"}
-    data = {"workload": args.workload, "port": args.port, "match": match, "mount": mount,
+    data = {"workload": args.workload, "port": args.port, "match": match,
             "env": {"file": args.env_file, "format": args.env_syntax}}
+    if explicit or args.rewrite_env or mount_mode:
+        data["mount"] = mount
     if args.name:
         data["name"] = args.name
     if args.service:

@@ -35,7 +35,7 @@ from tpenv.engine.statusd import StatusServer, find_sessions, new_session_id, re
 from tpenv.engine.units import Key, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.watcher import FileWatcher
 from tpenv.errors import NotFound, UsageError
-from tpenv.kits.aio import unit_logger
+from tpenv.kits.aio import DaemonExecutor, unit_logger
 
 EXIT_FORCED = 130
 FORCE_EXIT_AFTER = 2.0  # seconds between a second Ctrl-C and the exit, whatever still runs
@@ -176,6 +176,8 @@ async def run_up(
             forced.set()
 
     loop = asyncio.get_running_loop()
+    # Blocking calls in threads (API requests, DNS) must not hold the exit after a stop.
+    loop.set_default_executor(DaemonExecutor())
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:

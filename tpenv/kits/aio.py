@@ -13,8 +13,10 @@ A task's body receives a ``stopping`` event. Stopping a task is staged:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -203,3 +205,31 @@ class Backoff:
         # Jitter spreads retries of many units (and many developers) apart; never above maximum.
         delay = base * (1 + self.jitter * (2 * self._rng() - 1))
         return min(self.maximum, max(0.0, delay))
+
+
+class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The loop's default executor (``asyncio.to_thread``, ``run_in_executor``, the kube kit's
+    API calls, DNS lookups): each call in a daemon thread that nothing joins. A call stuck in
+    the kernel (a resolver that never answers, an API server gone mid-request) then cannot hold
+    ``asyncio.run``'s teardown or the interpreter's exit, which join a ThreadPoolExecutor's
+    workers (issue #19: Ctrl-C always works). A subclass only because asyncio requires one."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)  # never used: submit() starts its own threads
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name=f"tpenv-call/{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None  # nothing to join, by design

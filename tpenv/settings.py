@@ -38,8 +38,8 @@ class AgentSettings(_Section):
         "IfNotPresent", description="imagePullPolicy of the agent container (Never on the local test cluster)."
     )
     ssh_port: int = Field(7922, ge=1, le=65535, description="Agent SSH port, on the pod's loopback only.")
-    health_port: int = Field(7921, ge=1, le=65535, description="Agent health port (/readyz, /livez).")
-    first_port: int = Field(7900, ge=1, le=65535, description="First agent listener port; one per intercepted port.")
+    # No health or first listener port here: those are the injector's constants (agent/tpenv_agent/
+    # inject.py) and no setting reached the pod, so such settings would only lie (issue #14).
     lease_seconds: float = Field(
         5.0, gt=0, description="Seconds without a ping after which the agent ends a session's intercepts."
     )
@@ -65,7 +65,6 @@ class TunnelSettings(_Section):
     """Port-forward and SSH connections from the laptop to agents."""
 
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a tunnel to an agent to open.")
-    keepalive_interval: float = Field(2.0, gt=0, description="Seconds between SSH keepalives on a tunnel.")
     retry_initial: float = Field(0.5, gt=0, description="First delay in seconds before reopening a dropped tunnel.")
     retry_max: float = Field(10.0, gt=0, description="Longest delay in seconds between tunnel retries (backoff cap).")
 
@@ -95,7 +94,6 @@ class HandlerSettings(_Section):
 class KubeSettings(_Section):
     """Calls to the Kubernetes API server."""
 
-    request_timeout: float = Field(15.0, gt=0, description="Seconds before one Kubernetes API request times out.")
     rollout_timeout: float = Field(120.0, gt=0, description="Seconds to wait for a patched workload's pods to be ready.")
 
 
@@ -180,13 +178,23 @@ class Settings(BaseModel):
     manager: ManagerSettings = Field(default_factory=ManagerSettings, description=ManagerSettings.__doc__)
 
 
-def env_overrides() -> Iterator[tuple[str, str, str, object, str]]:
-    """(env var, section, field, default, description) for every setting, in declaration order."""
+def env_text(value: object) -> str:
+    """A default as one would write it in the environment (a list comma-separated; "" when empty)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def env_overrides() -> Iterator[tuple[str, str, str, str, str]]:
+    """(env var, section, field, default as env text, description) for every setting, in declaration
+    order. The default is the field's real one (a default_factory's too), never pydantic's marker."""
     for section, sfield in Settings.model_fields.items():
         model = sfield.annotation
         for name, field in model.model_fields.items():  # type: ignore[union-attr]
             var = f"{ENV_PREFIX}{section}_{name}".upper()
-            yield var, section, name, field.default, field.description or ""
+            yield var, section, name, env_text(field.get_default(call_default_factory=True)), field.description or ""
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:

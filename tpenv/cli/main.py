@@ -72,7 +72,7 @@ def _common_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
 def _settings_epilog() -> str:
     lines = ["settings (environment variables):"]
     for var, _section, _name, default, description in env_overrides():
-        lines.append(f"  {var} (default {default})")
+        lines.append(f"  {var} (default {default or 'empty'})")
         lines.append(f"      {description}")
     lines.append("  TPENV_CONTEXT")
     lines.append("      --context for every command of this shell: a kube context, or an entry of the file's contexts:")

@@ -193,7 +193,7 @@ def reference_text() -> str:
             "Tunables of tpenv itself, not of your project: set them in the environment.", "",
             "| variable | default | description |", "|---|---|---|"]
     for var, _section, _name, default, description in env_overrides():
-        out.append(f"| `{var}` | `{default}` | {description} |")
+        out.append(f"| `{var}` | {f'`{default}`' if default else 'empty'} | {description} |")
     out += ["", *_telepresence_section()]
     return "\n".join(out) + "\n"
 

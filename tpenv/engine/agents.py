@@ -422,16 +422,36 @@ async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: d
     return AgentReady(w, service, {"container": container, "ports": []}, port_name, container, False)
 
 
+async def revisions_in_use(kube: Kube, namespace: str, sts: dict[str, Any]) -> set[str]:
+    """The ControllerRevisions a StatefulSet still needs: the one it rolls out to, the current
+    one, and every one a pod of it runs (label controller-revision-hash). With a ``partition``
+    or ``updateStrategy: OnDelete`` pods keep running an older revision for as long as the
+    user wants; deleting it would leave them unrecoverable by the controller."""
+    status = sts.get("status") or {}
+    keep = {r for r in (status.get("updateRevision"), status.get("currentRevision")) if r}
+    labels = ((sts.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    if selector:
+        pods = await kube.call(kube.core.list_namespaced_pod, namespace, label_selector=selector,
+                               what=What("list", "pods", namespace))
+        uid = (sts.get("metadata") or {}).get("uid")
+        for pod in pods.get("items", []):
+            meta = pod["metadata"]
+            if any(o.get("uid") == uid for o in meta.get("ownerReferences") or []):
+                rev = (meta.get("labels") or {}).get("controller-revision-hash")
+                if rev:
+                    keep.add(rev)
+    return keep
+
+
 async def _prune_revisions(kube: Kube, w: Workload) -> list[str]:
     """A StatefulSet's history is ControllerRevisions: delete the old ones holding the agent."""
     data = await kube.call(kube.apps.list_namespaced_controller_revision, w.namespace, label_selector=w.selector,
                            what=What("list", "controllerrevisions", w.namespace))
-    # Only the revision being rolled out to (the restored template) must stay; currentRevision
-    # lags the pods and, once they all run the update, the controller moves it there anyway.
-    keep = (w.obj.get("status") or {}).get("updateRevision")
+    keep = await revisions_in_use(kube, w.namespace, w.obj)
 
     def doomed(rev: dict[str, Any]) -> bool:
-        return rev["metadata"]["name"] != keep and AGENT_CONTAINER in json.dumps(rev.get("data") or {})
+        return rev["metadata"]["name"] not in keep and AGENT_CONTAINER in json.dumps(rev.get("data") or {})
 
     return await _delete_owned(kube, w, data.get("items", []), doomed,
                                kube.apps.delete_namespaced_controller_revision, "controllerrevisions")

@@ -11,6 +11,12 @@ parsed with ruamel.yaml and validated; nothing here formats YAML by hand. Every 
 manager ``tpenv``, forced), which creates or replaces in one call and leaves fields other
 controllers own alone.
 
+Ownership (issue 12): every object is annotated ``tpenv.io/install-id`` (one id per install,
+kept by upgrades) and ``tpenv.io/ownership``: ``created`` when the install made it, ``adopted``
+when it existed before (an admin's own ``tpenv`` namespace, say). ``uninstall`` deletes what it
+created and only releases what it adopted (drops its own fields by an empty server-side apply),
+so a namespace that was there before, with whatever else lives in it, stays.
+
 The TLS material (CA + serving certificate for ``tpenv-manager.tpenv.svc``) is generated with
 ``cryptography`` at the first install and reused by later installs and upgrades while it has
 more than 30 days left, so an upgrade never races a new caBundle against an old serving pod.
@@ -21,6 +27,7 @@ import base64
 import datetime as dt
 import hashlib
 import io
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -283,10 +290,34 @@ async def _current(kube: Kube, namespace: str) -> tuple[dict[str, bytes] | None,
     return reusable_tls(secret, namespace), team
 
 
+ANN_INSTALL_ID = "tpenv.io/install-id"
+ANN_OWNERSHIP = "tpenv.io/ownership"  # created | adopted
+
+
+async def _mark_ownership(kube: Kube, docs: list[dict]) -> None:
+    """Annotate each manifest with the install id and whether the install created the object or
+    found it there (kept across upgrades: an object once adopted stays adopted)."""
+    found = [await _read(kube, *_ref(doc)) for doc in docs]
+    ids = [((f.get("metadata") or {}).get("annotations") or {}).get(ANN_INSTALL_ID) for f in found if f]
+    install_id = next((i for i in ids if i), None) or uuid.uuid4().hex[:12]
+    for doc, existing in zip(docs, found):
+        meta = (existing or {}).get("metadata") or {}
+        recorded = (meta.get("annotations") or {}).get(ANN_OWNERSHIP)
+        if existing is None:
+            ownership = "created"
+        elif recorded:
+            ownership = recorded
+        else:  # there before us; an install by a tpenv without this annotation labelled its own
+            legacy = (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == "tpenv"
+            ownership = "created" if legacy else "adopted"
+        doc["metadata"].setdefault("annotations", {}).update({ANN_INSTALL_ID: install_id, ANN_OWNERSHIP: ownership})
+
+
 async def install(kube: Kube, settings: Any, *, team_mode: bool, namespace: str = NAMESPACE) -> list[dict]:
     """Create or replace every object of the manager; returns the manifests applied."""
     tls, _ = await _current(kube, namespace)
     docs = render_manager(settings, team_mode=team_mode, tls=tls, namespace=namespace)
+    await _mark_ownership(kube, docs)
     for doc in docs:
         await _apply(kube, doc)
     return docs
@@ -301,6 +332,7 @@ async def upgrade(kube: Kube, settings: Any, *, team_mode: bool | None = None,
                        hint="install it with: tpenv manager install")
     team = installed_team if team_mode is None else team_mode
     docs = render_manager(settings, team_mode=team, tls=tls, namespace=namespace)
+    await _mark_ownership(kube, docs)
     for doc in docs:
         await _apply(kube, doc)
     return docs
@@ -321,6 +353,16 @@ async def uninstall(kube: Kube, namespace: str = NAMESPACE) -> list[str]:
         kind, name, ns = _ref(doc)
         _, delete, _, namespaced = kinds[kind]
         args = (name, ns) if namespaced else (name,)
+        existing = await _read(kube, kind, name, ns)
+        if existing is None:
+            continue
+        meta = existing.get("metadata") or {}
+        ownership = (meta.get("annotations") or {}).get(ANN_OWNERSHIP)
+        if ownership == "adopted":
+            await _release(kube, doc)
+            continue
+        if ownership != "created" and (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") != "tpenv":
+            continue  # not made by any tpenv install: not ours to delete
         try:
             await kube.call(delete, *args, propagation_policy="Foreground" if kind == "Namespace" else "Background",
                             what=What("delete", kind.lower() + "s", ns, name))
@@ -328,6 +370,22 @@ async def uninstall(kube: Kube, namespace: str = NAMESPACE) -> list[str]:
             continue
         deleted.append(f"{kind}/{name}")
     return deleted
+
+
+async def _release(kube: Kube, doc: dict) -> None:
+    """Give back an adopted object: an apply of nothing but its name, as field manager tpenv,
+    removes every field only tpenv set (our labels, annotations, ...); the rest stays. Where
+    that is refused (a required field only we set), our ownership annotations are dropped."""
+    kind, name, ns = _ref(doc)
+    bare = {"apiVersion": doc["apiVersion"], "kind": kind, "metadata": {"name": name, **({"namespace": ns} if ns else {})}}
+    try:
+        await _apply(kube, bare)
+    except TpenvError:
+        patch, _, _, namespaced = _kinds(kube)[kind]
+        drop = {"metadata": {"annotations": {ANN_OWNERSHIP: None, ANN_INSTALL_ID: None}}}
+        args = (name, ns, drop) if namespaced else (name, drop)
+        await kube.call(patch, *args, _content_type="application/merge-patch+json",
+                        what=What("patch", kind.lower() + "s", ns, name))
 
 
 # Names are all uninstall needs; rendering with placeholder material avoids generating keys.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpenv.engine.agents import injected_workloads, prune_agent_history, remove_agent, wait_agent_gone
+from tpenv.engine.agents import (injected_workloads, prune_agent_history, remove_agent, revisions_in_use,
+                                 wait_agent_gone)
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, restore
@@ -136,8 +137,8 @@ async def _delete_agent_history(kube: Kube) -> list[str]:
         try:
             sts = await kube.call(kube.apps.read_namespaced_stateful_set, owner["name"], meta["namespace"],
                                   what=What("get", "statefulsets", meta["namespace"], owner["name"]))
-            if (sts.get("status") or {}).get("updateRevision") == meta["name"]:
-                continue  # the template it runs now: not history
+            if meta["name"] in await revisions_in_use(kube, meta["namespace"], sts):
+                continue  # a revision its pods run or it rolls out to: not history
             await kube.call(kube.apps.delete_namespaced_controller_revision, meta["name"], meta["namespace"],
                             what=What("delete", "controllerrevisions", meta["namespace"], meta["name"]))
         except NotFound:

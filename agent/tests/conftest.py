@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 GOLDEN = Path(__file__).parent / "golden"
 
 # The settings every golden case uses unless its args.yaml overrides them.
-GOLDEN_SETTINGS = {"agent_image": "tpenv/agent:golden", "image_pull_policy": "Never", "lease": 5}
+GOLDEN_SETTINGS = {"agent_image": "tpenv/agent:golden", "image_pull_policy": "Never", "lease": 5, "redirect": False}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

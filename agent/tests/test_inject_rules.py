@@ -8,7 +8,7 @@ import pytest
 
 from tpenv_agent.inject import ANN_RESTORE, InjectError, inject, inject_pod, restore
 
-SETTINGS = {"agent_image": "tpenv/agent:t", "image_pull_policy": "Never", "lease": 5}
+SETTINGS = {"agent_image": "tpenv/agent:t", "image_pull_policy": "Never", "lease": 5, "redirect": False}
 
 
 def deployment(*containers, kind="Deployment"):

@@ -70,7 +70,7 @@ def test_json_patch_of_equal_documents_is_empty():
 
 # --- stage 2: mutate -----------------------------------------------------------------------------
 
-def test_mutate_injects_named_ports_by_default():
+def test_mutate_injects_every_tcp_port_by_default_with_the_redirect():
     answer, injected = mutate(review(pod()), SETTINGS)
     response = answer["response"]
     assert answer["kind"] == "AdmissionReview" and response["uid"] == "u-1" and response["allowed"] is True
@@ -78,9 +78,51 @@ def test_mutate_injects_named_ports_by_default():
     patched = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
     agent = next(c for c in patched["spec"]["containers"] if c["name"] == AGENT_CONTAINER)
     assert agent["image"] == "tpenv/agent:test" and agent["imagePullPolicy"] == "Never"
-    assert agent["args"][:5] == ["sidecar", "--container", "web", "--listen", "7900:8080:http"]
-    assert "--listen" not in agent["args"][5:]  # the unnamed port 9000 is not taken
-    assert patched["spec"]["containers"][0]["ports"][0]["name"] == "tpx-http"
+    args = agent["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--listen"] == ["7900:8080:http", "7901:9000:tpenv-9000"]
+    # The app keeps its ports as they were; the init container redirects them to the agent.
+    assert patched["spec"]["containers"][0]["ports"] == pod()["spec"]["containers"][0]["ports"]
+    init = patched["spec"]["initContainers"][0]
+    assert init["name"] == "tpenv-init" and init["args"] == ["init", "--redirect", "8080:7900", "--redirect", "9000:7901"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+
+
+def test_mutate_hands_over_named_ports_only_where_the_redirect_is_off():
+    off = {**SETTINGS, "redirect": False, "redirect_off": "namespace 'shop' enforces Pod Security level 'baseline'"}
+    answer, injected = mutate(review(pod()), off)
+    patched = apply_patch(pod(), json.loads(base64.b64decode(answer["response"]["patch"])))
+    agent = next(c for c in patched["spec"]["containers"] if c["name"] == AGENT_CONTAINER)
+    assert [agent["args"][i + 1] for i, a in enumerate(agent["args"]) if a == "--listen"] == ["7900:8080:http"]
+    assert patched["spec"]["containers"][0]["ports"][0]["name"] == "tpx-http" and "initContainers" not in patched["spec"]
+
+
+def test_telepresence_annotation_opts_in_and_its_ports_annotation_selects():
+    tp = pod(**{"telepresence.getambassador.io/inject-traffic-agent": "enabled",
+                "telepresence.getambassador.io/inject-container-ports": "9000/TCP"})
+    del tp["metadata"]["labels"]["tpenv.io/inject-agent"]
+    answer, injected = mutate(review(tp), SETTINGS)
+    patched = apply_patch(tp, json.loads(base64.b64decode(answer["response"]["patch"])))
+    agent = next(c for c in patched["spec"]["containers"] if c["name"] == AGENT_CONTAINER)
+    assert injected and [agent["args"][i + 1] for i, a in enumerate(agent["args"]) if a == "--listen"] == \
+        ["7900:9000:tpenv-9000"]
+
+
+def test_a_pod_that_did_not_opt_in_passes_untouched_and_silently():
+    plain = pod()
+    del plain["metadata"]["labels"]["tpenv.io/inject-agent"]
+    answer, injected = mutate(review(plain), SETTINGS)
+    assert answer["response"] == {"uid": "u-1", "allowed": True} and injected is False
+
+
+def test_a_refused_pod_is_annotated_with_the_reason():
+    udp = pod()
+    udp["spec"]["containers"][0]["ports"] = [{"containerPort": 5353, "protocol": "UDP"}]
+    answer, injected = mutate(review(udp), SETTINGS)
+    response = answer["response"]
+    assert injected is False and "no TCP port" in response["warnings"][0]
+    patched = apply_patch(udp, json.loads(base64.b64decode(response["patch"])))
+    assert "no TCP port" in patched["metadata"]["annotations"]["tpenv.io/not-injected"]
+    assert patched["spec"] == udp["spec"]
 
 
 def test_mutate_honours_inject_ports_annotation():
@@ -95,8 +137,10 @@ def test_mutate_never_refuses_a_pod_it_cannot_inject():
     bad = pod(**{"tpenv.io/inject-ports": "nope"})
     answer, injected = mutate(review(bad), SETTINGS)
     response = answer["response"]
-    assert response["allowed"] is True and "patch" not in response and injected is False
+    assert response["allowed"] is True and injected is False
     assert "no port named 'nope'" in response["warnings"][0]
+    patched = apply_patch(bad, json.loads(base64.b64decode(response["patch"])))
+    assert patched["spec"] == bad["spec"]  # only the refusal annotation
 
 
 def test_mutate_leaves_other_requests_alone():

@@ -121,7 +121,9 @@ def test_mutate_answers_with_a_jsonpatch(manager):
             assert agent["name"] == "tpenv-agent" and agent["image"] == "tpenv/agent:e2e"
             assert agent["imagePullPolicy"] == "Never" and "7900:8080:http" in agent["args"]
         else:
-            assert "patch" not in answer and answer["warnings"]
+            # Refused: a warning, and a patch that only notes why on the pod (no agent).
+            ops = json.loads(base64.b64decode(answer["patch"]))
+            assert answer["warnings"] and [op["path"] for op in ops] == ["/metadata/annotations"]
 
 
 def test_bad_requests_get_http_errors(manager):

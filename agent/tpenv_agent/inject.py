@@ -13,13 +13,15 @@ only the manager's install manifests, which only the client renders.
 
 ``settings`` keys (all optional): ``agent_image`` (default ``tpenv/agent:<version>``),
 ``image_pull_policy`` (default ``IfNotPresent``), ``lease`` (seconds, default 5),
-``resources`` (the agent container's ``resources``, default :data:`DEFAULT_RESOURCES`).
+``resources`` (the agent container's ``resources``, default :data:`DEFAULT_RESOURCES`), ``redirect``
+(default True: the in-pod redirect, inpod.py; False: the port hand-over, for namespaces whose
+Pod Security level forbids it; ``redirect_off`` then says why, and the record keeps it).
 
 Restore records, kept as JSON annotations so ``restore`` needs nothing but the objects:
 
-- workload ``tpenv.io/restore``: ``{"v": 1, "container": <app container>, "ports": [{"name",
-  "agent_port", "app_port", "renamed"?}], "created": [<dotted paths of dicts/lists inject
-  created, removed again when empty>]}``
+- workload ``tpenv.io/restore``: ``{"v": 1, "container": <app container>, "mode"?: "redirect",
+  "why"?: <why not redirect>, "ports": [{"name", "agent_port", "app_port", "renamed"?, "probes"?}],
+  "created": [<dotted paths of dicts/lists inject created, removed again when empty>]}``
 - Service ``tpenv.io/restore-service``: ``{"v": 1, "ports": [{"port", "protocol",
   "targetPort"}], "created": [...]}``; ``targetPort: null`` means the key was absent.
 """
@@ -28,6 +30,9 @@ from __future__ import annotations
 import copy
 import json
 from importlib import metadata
+
+from . import inpod
+from .inpod import ANN_INJECT_PORTS, INIT_CONTAINER, LABEL_INJECT, MODE_REDIRECT
 
 AGENT_CONTAINER = "tpenv-agent"
 AUTH_VOLUME = "tpenv-auth"
@@ -40,10 +45,8 @@ FIRST_AGENT_PORT = 7900
 RESERVED_PORTS = frozenset({HEALTH_PORT, 7922})
 
 LABEL_AGENT = "tpenv.io/agent"
-LABEL_INJECT = "tpenv.io/inject-agent"  # pod label the webhook's objectSelector matches
 ANN_RESTORE = "tpenv.io/restore"
 ANN_RESTORE_SERVICE = "tpenv.io/restore-service"
-ANN_INJECT_PORTS = "tpenv.io/inject-ports"  # webhook: which container ports the agent takes
 ANN_INJECT_CONTAINER = "tpenv.io/inject-container"  # webhook: which container is the app
 ANN_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
@@ -70,7 +73,7 @@ def _version() -> str:
 
 def default_settings() -> dict:
     return {"agent_image": f"tpenv/agent:{_version()}", "image_pull_policy": "IfNotPresent", "lease": 5,
-            "resources": copy.deepcopy(DEFAULT_RESOURCES)}
+            "resources": copy.deepcopy(DEFAULT_RESOURCES), "redirect": True, "redirect_off": ""}
 
 
 def _settings(settings: dict | None) -> dict:
@@ -173,9 +176,13 @@ def agent_security(app: dict, pod_spec: dict | None = None) -> dict:
     }
 
 
-def agent_container(app: dict, entries: list[dict], settings: dict, pod_spec: dict | None = None) -> dict:
+def agent_container(app: dict, entries: list[dict], settings: dict, pod_spec: dict | None = None,
+                    redirect: bool = False) -> dict:
     """The sidecar for app container ``app`` serving ``entries`` (records of taken ports);
-    ``pod_spec``: the pod's spec, for the user the app runs as."""
+    ``pod_spec``: the pod's spec, for the user the app runs as.
+
+    With the redirect, the agent declares no ports: Services keep targeting the app's port (the
+    redirect brings its traffic here), and a second port of the same name would be refused."""
     args = ["sidecar", "--container", app["name"]]
     for e in entries:
         args += ["--listen", f"{e['agent_port']}:{e['app_port']}:{e['name']}"]
@@ -189,8 +196,9 @@ def agent_container(app: dict, entries: list[dict], settings: dict, pod_spec: di
         # command as well as args: the container must not depend on the image's ENTRYPOINT.
         "command": ["tpenv-agent"],
         "args": args,
-        "ports": [{"name": e["name"], "containerPort": e["agent_port"], "protocol": "TCP"} for e in entries],
     }
+    if not redirect:
+        c["ports"] = [{"name": e["name"], "containerPort": e["agent_port"], "protocol": "TCP"} for e in entries]
     if app.get("env"):
         c["env"] = [_env_copy(e, app["name"]) for e in app["env"]]
     if app.get("envFrom"):
@@ -256,23 +264,48 @@ def _used_ports(spec: dict) -> set[int]:
 
 
 def _take_port(spec: dict, app: dict, target: int | str, where: str, record: dict) -> dict:
-    """Hand ``target`` of container ``app`` to the agent (in our copy); return the port record."""
+    """Hand ``target`` of container ``app`` to the agent (in our copy); return the port record.
+
+    Redirect mode changes nothing of the app: the init container sends the port's traffic to
+    the agent. The hand-over renames a named port (and the probes and hooks naming it)."""
     used = _used_ports(spec) | {e["agent_port"] for e in record["ports"]}
     agent_port = next(p for p in range(FIRST_AGENT_PORT, 65536) if p not in used)
     entry: dict = {"name": _agent_port_name(target), "agent_port": agent_port}
+    redirect = record.get("mode") == MODE_REDIRECT
     if isinstance(target, str):
         port = next(p for p in app["ports"] if p.get("name") == target)
         if str(port.get("protocol", "TCP")).upper() != "TCP":
             raise InjectError(f"port {target!r} of container {app['name']!r} is {port['protocol']}; "
                               f"the agent only carries TCP")
+        if redirect:
+            entry["app_port"] = port["containerPort"]
+            return _unique_redirect(entry, record, where)
         new_name = _renamed(target)
         taken = {p.get("name") for c in spec.get("containers") or [] for p in c.get("ports") or []}
         if new_name in taken:
             raise InjectError(f"cannot rename port {target!r} of {where} to {new_name!r}: that name is taken")
         port["name"] = new_name
         entry.update(app_port=port["containerPort"], renamed=new_name)
+        probes = inpod.rename_probe_ports(app, target, new_name)
+        if probes:
+            entry["probes"] = probes
     else:
+        declared = [p for p in app.get("ports") or [] if p.get("containerPort") == target]
+        if declared and all(str(p.get("protocol", "TCP")).upper() != "TCP" for p in declared):
+            raise InjectError(f"port {target} of container {app['name']!r} is {declared[0]['protocol']}; "
+                              f"the agent only carries TCP")
         entry["app_port"] = target
+        if redirect:
+            return _unique_redirect(entry, record, where)
+    return entry
+
+
+def _unique_redirect(entry: dict, record: dict, where: str) -> dict:
+    # One app port, one redirect: a second rule for it would never match.
+    for e in record["ports"]:
+        if e["app_port"] == entry["app_port"]:
+            raise InjectError(f"port {entry['app_port']} of {where} is already taken by the agent as "
+                              f"{e['name']!r}; intercept it by that name")
     return entry
 
 
@@ -282,13 +315,17 @@ def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) 
     ``created`` collects the paths (relative to ``tpl``) this call had to create."""
     spec = tpl["spec"]
     app = next(c for c in spec["containers"] if c["name"] == record["container"])
-    agent = agent_container(app, record["ports"], settings, spec)
+    redirect = record.get("mode") == MODE_REDIRECT
+    agent = agent_container(app, record["ports"], settings, spec, redirect)
     containers = spec["containers"]
     index = next((i for i, c in enumerate(containers) if c["name"] == AGENT_CONTAINER), None)
     if index is None:
         containers.append(agent)
     else:
         containers[index] = agent
+    if redirect:
+        _ensure(tpl, "spec.initContainers", created, list)
+        inpod.install_init(spec, record["ports"], settings)
     volumes = _ensure(tpl, "spec.volumes", created, list)
     if not any(v.get("name") == AUTH_VOLUME for v in volumes):
         volumes.append(auth_volume())
@@ -298,6 +335,7 @@ def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) 
 def _uninstall_agent(tpl: dict, record: dict) -> None:
     spec = tpl.get("spec") or {}
     spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
+    inpod.uninstall_init(spec)
     for c in spec["containers"]:
         if c["name"] != record.get("container"):
             continue
@@ -305,6 +343,8 @@ def _uninstall_agent(tpl: dict, record: dict) -> None:
         for p in c.get("ports") or []:
             if p.get("name") in back:
                 p["name"] = back[p["name"]]
+        for e in record.get("ports") or []:
+            inpod.restore_probe_ports(c, e)
     if isinstance(spec.get("volumes"), list):
         spec["volumes"] = [v for v in spec["volumes"] if v.get("name") != AUTH_VOLUME]
     (tpl.get("metadata") or {}).get("labels", {}).pop(LABEL_AGENT, None)
@@ -390,11 +430,6 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
     tpl = (wl.get("spec") or {}).get("template")
     if not isinstance(tpl, dict) or not (tpl.get("spec") or {}).get("containers"):
         raise InjectError(f"{where} has no pod template with containers")
-    if (svc.get("spec") or {}).get("clusterIP") == "None":
-        raise InjectError(f"{_where(svc)} is headless: callers connect to pod IPs on the app's own port, "
-                          f"which the agent cannot take over; intercept through a Service with a cluster IP "
-                          f"selecting the same pods")
-
     sp = _service_port(svc, port)
     target = _port_int(sp.get("targetPort", sp["port"]))
     record = _read(wl, ANN_RESTORE)
@@ -402,7 +437,10 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
         if any(c.get("name") == AGENT_CONTAINER for c in tpl["spec"]["containers"]):
             raise InjectError(f"{where} has a {AGENT_CONTAINER} container but no {ANN_RESTORE} annotation, so "
                               f"tpenv cannot tell what it changed; remove that container by hand and inject again")
-        record = {"v": 1, "container": None, "ports": [], "created": []}
+        record = _new_record(settings)
+    redirect = record.get("mode") == MODE_REDIRECT
+    if (svc.get("spec") or {}).get("clusterIP") == "None":
+        _check_headless(svc, tpl["spec"], target, where, redirect, record.get("why") or "")
     name = _agent_port_name(target)
     wl_changed = not any(e["name"] == name for e in record["ports"])
     if wl_changed:
@@ -428,10 +466,37 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
         _write(wl, ANN_RESTORE, record)
     else:
         wl_changed = _refresh_agent(tpl, record, settings)
-    svc_changed = isinstance(target, int)
+    svc_changed = isinstance(target, int) and not redirect
     if svc_changed:
         _rewrite_service(svc, sp, name)
     return (wl if wl_changed else copy.deepcopy(workload)), (svc if svc_changed else None), record
+
+
+def _new_record(settings: dict) -> dict:
+    record: dict = {"v": 1, "container": None, "ports": [], "created": []}
+    if settings.get("redirect", True):
+        record["mode"] = MODE_REDIRECT
+    elif settings.get("redirect_off"):
+        record["why"] = settings["redirect_off"]
+    return record
+
+
+def _check_headless(svc: dict, spec: dict, target: int | str, where: str, redirect: bool, why: str) -> None:
+    """Callers of a headless Service dial its targetPort on pod IPs: only the redirect reaches them,
+    and only for a port some container of the pod declares (else nothing would ever listen there)."""
+    if not redirect:
+        raise InjectError(f"{_where(svc)} is headless: callers connect to pod IPs on the app's own port, which "
+                          f"only the in-pod redirect can take, and {why or 'it is off'}; intercept through a "
+                          f"Service with a cluster IP selecting the same pods")
+    declared = [(c["name"], p) for c in _app_containers(spec) for p in c.get("ports") or []
+                if (p.get("name") == target if isinstance(target, str) else p.get("containerPort") == target)
+                and str(p.get("protocol", "TCP")).upper() == "TCP"]
+    if not declared:
+        listed = ", ".join(f"{c['name']}:{p.get('containerPort')}/{p.get('protocol', 'TCP')}"
+                           for c in _app_containers(spec) for p in c.get("ports") or []) or "none"
+        raise InjectError(f"headless {_where(svc)} targets port {target!r}, which no container of {where} "
+                          f"exposes (its ports: {listed}): callers dial that port on pod IPs and nothing listens "
+                          f"there; point the Service's targetPort at a port the app exposes")
 
 
 def _covers(actual, wanted) -> bool:
@@ -452,8 +517,16 @@ def _refresh_agent(tpl: dict, record: dict, settings: dict) -> bool:
     if app is None or index is None:
         raise InjectError(f"the pod template lost its {'app' if app is None else 'agent'} container since "
                           f"injection; run `tpenv uninstall --agent` for this workload, then inject again")
-    fresh = agent_container(app, record["ports"], settings, tpl["spec"])
-    if _covers(containers[index], fresh):
+    redirect = record.get("mode") == MODE_REDIRECT
+    fresh = agent_container(app, record["ports"], settings, tpl["spec"], redirect)
+    init_ok = True
+    if redirect:
+        inits = tpl["spec"].get("initContainers") or []
+        current = next((c for c in inits if c.get("name") == INIT_CONTAINER), None)
+        init_ok = current is not None and _covers(current, inpod.init_container(record["ports"], settings))
+        if not init_ok and current is not None:
+            inpod.install_init(tpl["spec"], record["ports"], settings)
+    if _covers(containers[index], fresh) and init_ok:
         return False
     containers[index] = fresh
     return True
@@ -487,16 +560,28 @@ def restore(workload: dict, service: dict | None = None) -> tuple[dict, dict | N
     return wl, svc
 
 
-def _pod_targets(pod: dict, app: dict) -> list[int | str]:
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    raw = annotations.get(ANN_INJECT_PORTS)
-    if raw:
-        return [_port_int(t.strip()) for t in raw.split(",") if t.strip()]
-    targets = [p["name"] for p in app.get("ports") or []
-               if p.get("name") and str(p.get("protocol", "TCP")).upper() == "TCP"]
-    if not targets:
-        raise InjectError(f"container {app['name']!r} has no named TCP port to give the agent; name its "
-                          f"ports or list them in the pod annotation {ANN_INJECT_PORTS}")
+def _pod_targets(pod: dict, app: dict, redirect: bool, why: str) -> list[int | str]:
+    """The ports the agent takes: the pod's port annotation (tpenv's, else Telepresence's), else
+    every TCP port of the app (with the redirect) or every named one (the hand-over: a numeric
+    port would need a Service rewrite, and the webhook never sees Services)."""
+    given = inpod.port_annotation(pod)
+    if given:
+        try:
+            targets = inpod.parse_ports(*given)
+        except ValueError as e:
+            raise InjectError(str(e)) from e
+    else:
+        tcp = [p for p in app.get("ports") or [] if str(p.get("protocol", "TCP")).upper() == "TCP"]
+        targets = [p.get("name") or p["containerPort"] for p in tcp if redirect or p.get("name")]
+        if not targets:
+            listed = ", ".join(f"{p.get('containerPort')}/{p.get('protocol', 'TCP')}" for p in app.get("ports") or [])
+            what = "TCP port" if redirect or not tcp else "named TCP port"
+            raise InjectError(f"container {app['name']!r} has no {what} to give the agent (its ports: "
+                              f"{listed or 'none'}); the agent carries TCP only; list ports in {ANN_INJECT_PORTS}")
+    numeric = [t for t in targets if isinstance(t, int)]
+    if numeric and not redirect:
+        raise InjectError(f"port {numeric[0]} is a number, which needs the in-pod redirect, and {why or 'it is off'}; "
+                          f"name the container port and point the Service's targetPort at the name")
     return targets
 
 
@@ -519,11 +604,12 @@ def inject_pod(pod: dict, settings: dict | None = None) -> dict:
     name = annotations.get(ANN_INJECT_CONTAINER) or annotations.get(ANN_DEFAULT_CONTAINER) or containers[0]["name"]
     where = "the pod"
     app = _pick_container(spec, 0, name, where)
-    record: dict = {"v": 1, "container": app["name"], "ports": [], "created": []}
-    for target in _pod_targets(p, app):
+    record = _new_record(settings)
+    record["container"] = app["name"]
+    for target in _pod_targets(p, app, bool(settings.get("redirect", True)), settings.get("redirect_off") or ""):
         if isinstance(target, str) and not any(q.get("name") == target for q in app.get("ports") or []):
             raise InjectError(f"container {app['name']!r} declares no port named {target!r} "
-                              f"(from {ANN_INJECT_PORTS})")
+                              f"(from the pod annotation {(inpod.port_annotation(p) or ('?',))[0]})")
         if _agent_port_name(target) not in {e["name"] for e in record["ports"]}:
             record["ports"].append(_take_port(spec, app, target, where, record))
     _install_agent(p, record, settings, record["created"])
@@ -535,5 +621,5 @@ __all__ = [
     "InjectError", "inject", "restore", "inject_pod", "agent_container", "agent_security", "auth_volume",
     "default_settings", "DEFAULT_RESOURCES", "AGENT_UID",
     "AGENT_CONTAINER", "AUTH_SECRET", "LABEL_AGENT", "LABEL_INJECT", "ANN_RESTORE", "ANN_RESTORE_SERVICE",
-    "ANN_INJECT_PORTS", "ANN_INJECT_CONTAINER", "WORKLOAD_KINDS",
+    "ANN_INJECT_PORTS", "ANN_INJECT_CONTAINER", "WORKLOAD_KINDS", "INIT_CONTAINER", "MODE_REDIRECT",
 ]

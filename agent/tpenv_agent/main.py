@@ -1,4 +1,5 @@
-"""``tpenv-agent ROLE ...``: one image, two roles (``sidecar``, ``manager``)."""
+"""``tpenv-agent ROLE ...``: one image, two roles (``sidecar``, ``manager``), and the one-shot
+``init`` step (the in-pod redirect, redirect.py) that runs before the sidecar in its pod."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,7 @@ import os
 import sys
 from typing import Any, Callable
 
-USAGE = "usage: tpenv-agent {sidecar|manager} [options]  (tpenv-agent ROLE --help for options)"
+USAGE = "usage: tpenv-agent {sidecar|manager|init} [options]  (tpenv-agent ROLE --help for options)"
 # The sidecar's event loop: "auto" (uvloop when importable, else asyncio's), "uvloop" (the same,
 # and the fallback is a warning too) or "asyncio". uvloop's C loop and transports cut the agent's
 # CPU per passthrough request by about a quarter (0.72 x locally; docs/performance.md, issue 4).
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         from .sidecar import run_sidecar
         factory, name, why_not = choose_loop()
         return run_loop(run_sidecar(rest, loop=(name, why_not)), factory)
+    if role == "init":
+        from .redirect import main as init_main
+        return init_main(rest)
     if role == "manager":
         # Built separately (manager.py); the sidecar must run without it.
         try:

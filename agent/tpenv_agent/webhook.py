@@ -4,8 +4,14 @@ The HTTPS server around it is manager.py. The patch is computed by diffing the p
 after ``inject_pod``, so the webhook and patch mode share one definition of "injected".
 
 A webhook must never stop a pod from being created because of tpenv: every failure to inject
-is answered ``allowed: true`` without a patch and with a warning (which kubectl prints), and
-the webhook configuration's ``failurePolicy: Ignore`` covers a manager that is down.
+is answered ``allowed: true`` with a warning (which kubectl prints) and a patch that only adds
+the annotation ``tpenv.io/not-injected: <reason>`` (so ``tpenv list`` can show it and the
+manager can put an Event on the pod once it exists), and the webhook configuration's
+``failurePolicy: Ignore`` covers a manager that is down.
+
+Pods reach the webhook by tpenv's label (objectSelector) or, through a second webhook entry
+that sees every unlabelled pod, for Telepresence's annotation; a pod with neither is admitted
+untouched and silently.
 """
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ import base64
 import json
 
 from .inject import InjectError, inject_pod
+from .inpod import opted_in
+
+ANN_NOT_INJECTED = "tpenv.io/not-injected"  # on a pod that opted in but got no agent: why
 
 ADMISSION_API = "admission.k8s.io/v1"
 WARNING_MAX = 256  # the API server truncates longer warnings; keep ours whole
@@ -64,10 +73,15 @@ def mutate(review: dict, settings: dict) -> tuple[dict, bool]:
     pod = request.get("object")
     if kind != "Pod" or request.get("operation", "CREATE") != "CREATE" or not isinstance(pod, dict):
         return answer, False
+    if not opted_in(pod):
+        return answer, False
     try:
         patched = inject_pod(pod, settings)
     except InjectError as e:
         response["warnings"] = [_warning(f"tpenv: no agent injected: {e}")]
+        ops = json_patch(pod, refused(pod, str(e)))
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
         return answer, False
     ops = json_patch(pod, patched)
     if ops:
@@ -76,4 +90,13 @@ def mutate(review: dict, settings: dict) -> tuple[dict, bool]:
     return answer, bool(ops) and not request.get("dryRun", False)
 
 
-__all__ = ["mutate", "json_patch", "ADMISSION_API"]
+def refused(pod: dict, reason: str) -> dict:
+    """The pod with only the refusal annotation added (a new dict)."""
+    out = dict(pod)
+    meta = dict(out.get("metadata") or {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), ANN_NOT_INJECTED: reason}
+    out["metadata"] = meta
+    return out
+
+
+__all__ = ["mutate", "json_patch", "refused", "ADMISSION_API", "ANN_NOT_INJECTED"]

@@ -8,7 +8,7 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
     registry.k8s.io/pause:3.10   pause.c, gcc -static
     (shared base layer)          Debian bookworm minbase + python3, curl, ca-certificates (debootstrap)
     tpenv/testapp:dev            base + h2, grpcio + wrk (Debian) + tests/cluster/apps (tpenv-echo, tpenv-get)
-    tpenv/agent:<version>        base + asyncssh, cryptography, h2, uvloop + agent/tpenv_agent
+    tpenv/agent:<version>        base + asyncssh, cryptography, h2, uvloop + iptables (Debian) + agent/tpenv_agent
       (also :dev and :0.1.0)     version = <project version>-<hash of the agent sources>
 
     python3 tests/cluster/images.py build     build (or reuse) every image, print the tarballs
@@ -541,6 +541,10 @@ def build_testapp(log=print) -> Path:
 AGENT_PKG = REPO / "agent" / "tpenv_agent"
 AGENT_ENV = [*BASE_ENV, "PYTHONDONTWRITEBYTECODE=1"]
 AGENT_USER = "65532:65532"  # tpenv_agent.inject.AGENT_UID
+# iptables (its nftables backend, iptables-nft) for `tpenv-agent init`, the in-pod redirect
+# (agent/tpenv_agent/redirect.py), with the libraries the base lacks; netbase for /etc/protocols.
+AGENT_DEBS = ["iptables", "libip4tc2", "libip6tc2", "libxtables12", "libmnl0", "libnetfilter-conntrack3",
+              "libnfnetlink0", "libnftnl11", "netbase"]
 
 
 def project_version() -> str:
@@ -550,10 +554,11 @@ def project_version() -> str:
 
 def agent_version() -> str:
     """'<project version>-<12 hex>': sha256 over agent/tpenv_agent/**/*.py (sorted relative
-    paths, each as length-prefixed path then content) and then pyproject.toml."""
+    paths, each as length-prefixed path then content), then pyproject.toml and AGENT_DEBS."""
     parts = _tree_hash(AGENT_PKG, "*.py") + [b"pyproject.toml", (REPO / "pyproject.toml").read_bytes()]
     # The image's config and packages, not only its code, name the tag.
     parts += [b"user", AGENT_USER.encode(), b"packages", " ".join(AGENT_PACKAGES).encode()]
+    parts += [b"debs", " ".join(AGENT_DEBS).encode()]  # the image's Debian tools are part of what a tag stands for
     return f"{project_version()}-{_hash(*parts)[:12]}"
 
 
@@ -566,6 +571,7 @@ def build_agent(log=print) -> Path:
     t0 = time.monotonic()
     base = base_layer(log)
     site = site_layer("agent", AGENT_PACKAGES, log)
+    tools = debs_layer("agent", AGENT_DEBS, log)
     # The image's own variables, by name (docs/protocol.md §5): the agent leaves them out of the app's env.
     image_env = json.dumps(sorted(e.split("=", 1)[0] for e in AGENT_ENV)) + "\n"
 
@@ -583,13 +589,13 @@ def build_agent(log=print) -> Path:
     # Non-root (numeric, so the kubelet can check runAsNonRoot); the injector sets the same user,
     # or the app's own non-root one, in the container's securityContext (agent/Dockerfile too).
     cfg = oci.image_config(
-        [base, site, layer], entrypoint=["tpenv-agent"], env=AGENT_ENV, user=AGENT_USER,
+        [base, site, tools, layer], entrypoint=["tpenv-agent"], env=AGENT_ENV, user=AGENT_USER,
         labels={"io.tpenv.agent.version": agent_version()},
     )
     # Also tagged :dev (tpenv's settings default) and :<project version> (the injector's
     # default), so every default resolves on the local cluster to this build.
     names = [agent_image_ref(), "tpenv/agent:dev", f"tpenv/agent:{project_version()}"]
-    return _cached_image(names, [base, site, layer], cfg, log, t0)
+    return _cached_image(names, [base, site, tools, layer], cfg, log, t0)
 
 
 # --- build and import ------------------------------------------------------------------

@@ -49,18 +49,28 @@ def test_agent_resources_are_checked_quantities():
 
 # --- stage 2: plans ---------------------------------------------------------------------------------
 
-def test_first_plan_changes_workload_and_numeric_service_and_needs_the_secret():
+def test_first_plan_redirects_in_the_pod_and_leaves_a_numeric_service_alone():
     before = copy.deepcopy((WORKLOAD, SERVICE))
     plan = plan_injection(WORKLOAD, SERVICE, 80, Settings())
-    assert plan.workload_changed and plan.needs_auth_secret
-    assert plan.service["spec"]["ports"][0]["targetPort"] == "tpenv-8000"
+    assert plan.workload_changed and plan.needs_auth_secret and plan.service is None
+    assert plan.record["mode"] == "redirect"
     assert plan.record["ports"] == [{"name": "tpenv-8000", "agent_port": 7900, "app_port": 8000}]
+    init = plan.workload["spec"]["template"]["spec"]["initContainers"]
+    assert [c["name"] for c in init] == ["tpenv-init"] and init[0]["args"] == ["init", "--redirect", "8000:7900"]
     assert (WORKLOAD, SERVICE) == before
+
+
+def test_where_the_redirect_is_forbidden_the_hand_over_rewrites_a_numeric_service():
+    why = "namespace 'dev' enforces Pod Security level 'baseline'"
+    plan = plan_injection(WORKLOAD, SERVICE, 80, Settings(), redirect=(False, why))
+    assert plan.service["spec"]["ports"][0]["targetPort"] == "tpenv-8000"
+    assert plan.record["why"] == why and "mode" not in plan.record
+    assert "initContainers" not in plan.workload["spec"]["template"]["spec"]
 
 
 def test_planning_an_injected_port_again_changes_nothing():
     first = plan_injection(WORKLOAD, SERVICE, "http", Settings())
-    again = plan_injection(first.workload, first.service, "http", Settings(), auth_secret_exists=True)
+    again = plan_injection(first.workload, first.service or SERVICE, "http", Settings(), auth_secret_exists=True)
     assert not again.workload_changed and again.service is None and not again.needs_auth_secret
 
 
@@ -72,7 +82,10 @@ def test_inject_errors_become_permanent_errors_naming_the_workload():
 def test_restore_plan_undoes_the_injection():
     plan = plan_injection(WORKLOAD, SERVICE, "http", Settings())
     back = restore_plan(plan.workload, plan.service)
-    assert back.workload_changed and back.workload == WORKLOAD and back.service == SERVICE
+    assert back.workload_changed and back.workload == WORKLOAD and back.service is None  # never changed
+    handed = plan_injection(WORKLOAD, SERVICE, "http", Settings(), redirect=(False, "forbidden"))
+    back = restore_plan(handed.workload, handed.service)
+    assert back.workload == WORKLOAD and back.service == SERVICE
     untouched = restore_plan(WORKLOAD, SERVICE)
     assert not untouched.workload_changed and untouched.service is None
 

@@ -3,8 +3,11 @@
 Patch mode (docs/protocol.md §1): :func:`ensure_agent` plans the injection with
 ``tpenv.engine.injection`` (pure), creates Secret ``tpenv-auth`` when missing, replaces the
 workload (with its resourceVersion: a concurrent edit fails instead of being lost), waits for
-the rollout while printing a progress line, and only then rewrites the Service's numeric
-``targetPort`` (so no caller ever hits a pod that does not have the agent's named port yet).
+the rollout while printing a progress line. With the in-pod redirect (the default) nothing else
+changes; where the namespace's Pod Security forbids it (``redirect.py`` of this package decides),
+the hand-over then rewrites the Service's numeric ``targetPort`` (only after the rollout, so no
+caller ever hits a pod that does not have the agent's named port yet), and says once which
+paths the intercept cannot take.
 
 A stalled rollout fails fast with its cause, read from the pods: an image that cannot be
 pulled, a pod the scheduler cannot place, a container that crashes, a readiness probe failing.
@@ -22,10 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpenv.engine.injection import plan_injection, restore_plan
+from tpenv.engine.redirect import redirect_choice
 from tpenv.errors import NotFound, RolloutStalled, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
-from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, LABEL_INJECT
+from tpenv_agent.inject import (AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT,
+                                MODE_REDIRECT)
+from tpenv_agent.inpod import bypass_note, opted_in
 
 Progress = Callable[[str], None]
 # Waiting reasons that never heal by themselves: fail at once, naming them.
@@ -53,6 +59,25 @@ def pod_serves(pod: dict[str, Any], port_name: str) -> bool:
         if c.get("name") == AGENT_CONTAINER:
             return any(isinstance(a, str) and a.endswith(":" + port_name) for a in c.get("args") or [])
     return False
+
+
+def pod_listen_name(pod: dict[str, Any], sp: dict[str, Any]) -> str | None:
+    """The name the pod's agent gives Service port ``sp``'s target (``--listen A:P:NAME``), or None.
+
+    A webhook-injected agent names a port after the container port (``http``, or ``tpenv-8080``
+    when unnamed) while the Service may target it by number: match the number too."""
+    target = sp.get("targetPort", sp["port"])
+    numeric = isinstance(target, int) or str(target).isdigit()
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") != AGENT_CONTAINER:
+            continue
+        args = [a for a in c.get("args") or [] if isinstance(a, str)]
+        for value in (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen"):
+            _agent, _, rest = value.partition(":")
+            app, _, name = rest.partition(":")
+            if (numeric and app == str(target)) or name == str(target):
+                return name
+    return None
 
 
 def service_port(service: dict[str, Any], remote: str | int | None) -> dict[str, Any]:
@@ -107,7 +132,12 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         return await _webhook_agent(kube, w, service, sp, port_name, say)
     secret_exists = await _secret_exists(kube, w.namespace)
     port_key = sp.get("name") or sp["port"]
-    plan = plan_injection(w.obj, service, port_key, settings, container=container, auth_secret_exists=secret_exists)
+    redirect, why = await redirect_choice(kube, w, settings, container)
+    plan = plan_injection(w.obj, service, port_key, settings, container=container, auth_secret_exists=secret_exists,
+                          redirect=(redirect, why))
+    if plan.record.get("mode") != MODE_REDIRECT:
+        # Said once per intercept, where the user looks (the progress lines), never only in a log.
+        say(f"Note: {bypass_note(plan.record.get('why') or why or 'the agent was injected without it')}")
     rolled_out = False
     svc_name = service["metadata"]["name"]
     # Dry runs first: a refusal (RBAC, admission, validation) must come before any change.
@@ -137,8 +167,10 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         await kube.call(kube.core.replace_namespaced_service, service["metadata"]["name"], w.namespace,
                         plan.service, what=What("update", "services", w.namespace, service["metadata"]["name"]))
         service = plan.service
-    agent_port = next(e["agent_port"] for e in plan.record["ports"] if e["name"] == port_name)
-    await wait_endpoints(kube, w, service, sp, agent_port, port_name, progress=say)
+    entry = next(e for e in plan.record["ports"] if e["name"] == port_name)
+    # With the redirect the endpoints keep the app's port (the pod sends it to the agent).
+    endpoint_port = entry["app_port"] if plan.record.get("mode") == MODE_REDIRECT else entry["agent_port"]
+    await wait_endpoints(kube, w, service, sp, endpoint_port, port_name, progress=say)
     return AgentReady(w, service, plan.record, port_name, plan.record["container"], rolled_out)
 
 
@@ -391,8 +423,10 @@ async def wait_endpoints(kube: Kube, w: Workload, service: dict[str, Any], sp: d
 
 
 def webhook_mode(w: Workload) -> bool:
-    """The pod template opts in to the manager's webhook (GitOps): tpenv must not patch it."""
-    return w.template_labels.get(LABEL_INJECT) == "enabled"
+    """The pod template opts in to the manager's webhook (GitOps; tpenv's label or Telepresence's
+    annotation): tpenv must not patch it."""
+    tpl = ((w.obj.get("spec") or {}).get("template")) or {}
+    return opted_in(tpl) is not None
 
 
 def pod_agent_container_arg(pod: dict[str, Any]) -> str | None:
@@ -407,17 +441,26 @@ def pod_agent_container_arg(pod: dict[str, Any]) -> str | None:
 
 async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], port_name: str,
                          say: Progress) -> AgentReady:
-    """Webhook mode: the manager injected the agent at pod creation; check it serves the port."""
-    if port_name.startswith("tpenv-"):
-        raise UsageError(f"{w.ref} uses webhook injection, which takes named container ports; Service "
-                         f"{service['metadata']['name']!r} targets port number {sp.get('targetPort', sp['port'])}",
-                         hint="name the container port and point the Service's targetPort at the name")
-    pods = [p for p in await kube.ready_pods(w) if pod_serves(p, port_name)]
+    """Webhook mode: the manager injected the agent at pod creation; check it serves the port.
+
+    The Service may target the port by name or number (the agent names it after the container
+    port), and is never changed."""
+    ready = await kube.ready_pods(w)
+    named = [(p, pod_listen_name(p, sp)) for p in ready]
+    pods = [p for p, n in named if n]
     if not pods:
+        refusals = {((p["metadata"].get("annotations") or {}).get("tpenv.io/not-injected")) for p in ready} - {None}
+        if refusals:
+            raise RolloutStalled(f"{w.ref} opted in, not injected: {sorted(refusals)[0]}",
+                                 hint="fix the pod template as the reason says; the manager injects new pods")
         raise RolloutStalled(f"no ready pod of {w.ref} runs the webhook-injected agent for port {port_name!r}",
                              hint=f"is the manager installed (tpenv manager install)? pods created before it need "
                                   f"a restart: kubectl rollout restart {w.ref} -n {w.namespace}")
+    port_name = next(n for p, n in named if n)
     say(f"Using the agent the webhook injected into {w.ref}")
+    record = _pod_record(pods[0])
+    if record.get("mode") != MODE_REDIRECT:
+        say(f"Note: {bypass_note(record.get('why') or 'the webhook injected the agent without it')}")
     container = pod_agent_container_arg(pods[0]) or w.containers[0]["name"]
     return AgentReady(w, service, {"container": container, "ports": []}, port_name, container, False)
 
@@ -442,6 +485,13 @@ async def revisions_in_use(kube: Kube, namespace: str, sts: dict[str, Any]) -> s
                 if rev:
                     keep.add(rev)
     return keep
+
+
+def _pod_record(pod: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads((pod["metadata"].get("annotations") or {}).get(ANN_RESTORE) or "{}")
+    except ValueError:
+        return {}
 
 
 async def _prune_revisions(kube: Kube, w: Workload) -> list[str]:

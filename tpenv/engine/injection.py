@@ -56,10 +56,14 @@ def _wrapped(e: InjectError, what: str) -> PermanentError:
 
 
 def plan_injection(workload: dict, service: dict, port: str | int, settings: Any, *,
-                   container: str | None = None, auth_secret_exists: bool = False) -> InjectionPlan:
+                   container: str | None = None, auth_secret_exists: bool = False,
+                   redirect: tuple[bool, str] = (True, "")) -> InjectionPlan:
+    """``redirect``: (whether a new injection may use the in-pod redirect, why not); an agent
+    already injected keeps the mode its record names."""
     try:
         new_wl, new_svc, record = inject(workload, service, port, container=container,
-                                         settings=inject_settings(settings))
+                                         settings={**inject_settings(settings), "redirect": redirect[0],
+                                                   "redirect_off": redirect[1]})
     except InjectError as e:
         name = (workload.get("metadata") or {}).get("name", "?")
         raise _wrapped(e, f"inject the agent into {workload.get('kind', 'workload')}/{name}") from e

@@ -1,0 +1,151 @@
+"""What injection adds inside the pod besides the agent container (docs/protocol.md §1.2), pure:
+
+- the in-pod redirect: init container ``tpenv-init`` (the agent image, ``tpenv-agent init``) that
+  redirects inbound TCP to the app's port to the agent's, so every path into the pod (Service,
+  headless Service, pod DNS name, pod IP) meets the agent and the app keeps its port's name
+  and number (Services and probes stay as they are);
+- where the namespace's Pod Security level forbids that init container: the port hand-over
+  (the app's port renamed) with the app's probes and lifecycle hooks that name the port
+  rewritten to the new name, so the pod stays Ready;
+- who opted in to the webhook, and which ports, in tpenv's and in Telepresence's words.
+
+Kept apart from inject.py so each reads in one sitting; inject.py calls these.
+"""
+from __future__ import annotations
+
+INIT_CONTAINER = "tpenv-init"
+MODE_REDIRECT = "redirect"  # record["mode"]; absent means the hand-over (records older than the redirect)
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
+# Levels whose checks refuse a container adding NET_ADMIN (baseline allows only a fixed list of
+# capabilities; restricted allows NET_BIND_SERVICE alone).
+PSA_FORBIDS_REDIRECT = ("baseline", "restricted")
+
+# Opt-in to the webhook: tpenv's pod label, or Telepresence's pod annotation (both domains it used).
+LABEL_INJECT = "tpenv.io/inject-agent"
+TP_INJECT = ("telepresence.getambassador.io/inject-traffic-agent", "telepresence.io/inject-traffic-agent")
+# Which container ports the agent takes: tpenv's annotation, else Telepresence's.
+ANN_INJECT_PORTS = "tpenv.io/inject-ports"
+TP_PORTS = ("telepresence.getambassador.io/inject-container-ports", "telepresence.io/inject-container-ports")
+
+PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+HOOKS = ("postStart", "preStop")
+HANDLERS = ("httpGet", "tcpSocket")  # grpc probes take a number only
+
+
+def redirect_allowed(namespace: str, labels: dict | None) -> tuple[bool, str]:
+    """Whether the namespace lets the redirect's init container in; else why not, in a sentence."""
+    level = (labels or {}).get(PSA_ENFORCE, "")
+    if level in PSA_FORBIDS_REDIRECT:
+        return False, (f"namespace {namespace!r} enforces Pod Security level {level!r}, which forbids the "
+                       f"NET_ADMIN capability the in-pod redirect needs")
+    return True, ""
+
+
+def bypass_note(why: str) -> str:
+    """What a hand-over intercept cannot take, and why (said once to the user)."""
+    return (f"only traffic through a Service with a cluster IP reaches the agent; callers that dial pod "
+            f"IPs (headless Services, pod DNS names, client-side balancing) reach the app directly: {why}")
+
+
+def init_container(entries: list[dict], settings: dict) -> dict:
+    """The short-lived privileged step: only NET_ADMIN, root (iptables needs it), gone before the app starts."""
+    args = ["init"]
+    for e in entries:
+        args += ["--redirect", f"{e['app_port']}:{e['agent_port']}"]
+    return {
+        "name": INIT_CONTAINER,
+        "image": settings["agent_image"],
+        "imagePullPolicy": settings["image_pull_policy"],
+        "command": ["tpenv-agent"],
+        "args": args,
+        "securityContext": {
+            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # the iptables error shows in `describe`
+    }
+
+
+def install_init(spec: dict, entries: list[dict], settings: dict) -> None:
+    """Add or replace tpenv-init in ``spec.initContainers`` (the caller created the list)."""
+    inits = spec["initContainers"]
+    fresh = init_container(entries, settings)
+    index = next((i for i, c in enumerate(inits) if c.get("name") == INIT_CONTAINER), None)
+    if index is None:
+        inits.append(fresh)
+    else:
+        inits[index] = fresh
+
+
+def uninstall_init(spec: dict) -> None:
+    if isinstance(spec.get("initContainers"), list):
+        spec["initContainers"] = [c for c in spec["initContainers"] if c.get("name") != INIT_CONTAINER]
+
+
+def _port_holders(app: dict):
+    """(path, handler dict) for every probe and hook handler of ``app`` that can name a port."""
+    for probe in PROBES:
+        for kind in HANDLERS:
+            h = (app.get(probe) or {}).get(kind)
+            if isinstance(h, dict):
+                yield f"{probe}.{kind}", h
+    for hook in HOOKS:
+        for kind in HANDLERS:
+            h = ((app.get("lifecycle") or {}).get(hook) or {}).get(kind)
+            if isinstance(h, dict):
+                yield f"lifecycle.{hook}.{kind}", h
+
+
+def rename_probe_ports(app: dict, old: str, new: str) -> list[str]:
+    """Point the app's probes and hooks that name port ``old`` at ``new`` (the hand-over renamed
+    it; the kubelet resolves names in the container's own ports). Returns the paths changed."""
+    changed = []
+    for path, h in _port_holders(app):
+        if h.get("port") == old:
+            h["port"] = new
+            changed.append(path)
+    return changed
+
+
+def restore_probe_ports(app: dict, entry: dict) -> None:
+    paths = set(entry.get("probes") or [])
+    for path, h in _port_holders(app):
+        if path in paths and h.get("port") == entry.get("renamed"):
+            h["port"] = entry["name"]
+
+
+def opted_in(pod: dict) -> str | None:
+    """How the pod opted in to the webhook (the label or annotation), or None."""
+    meta = pod.get("metadata") or {}
+    if (meta.get("labels") or {}).get(LABEL_INJECT) == "enabled":
+        return f"label {LABEL_INJECT}"
+    annotations = meta.get("annotations") or {}
+    for key in TP_INJECT:
+        if str(annotations.get(key, "")).lower() == "enabled":
+            return f"annotation {key}"
+    return None
+
+
+def port_annotation(pod: dict) -> tuple[str, str] | None:
+    """(annotation name, value) of the ports the pod asks the agent to take, tpenv's first."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    for key in (ANN_INJECT_PORTS, *TP_PORTS):
+        if annotations.get(key):
+            return key, annotations[key]
+    return None
+
+
+def parse_ports(key: str, raw: str) -> list[int | str]:
+    """Comma-separated port names or numbers; Telepresence allows a ``/TCP`` or ``/UDP`` suffix
+    (UDP is refused: the agent carries TCP only)."""
+    out: list[int | str] = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        ident, _, proto = item.partition("/")
+        if proto and proto.upper() != "TCP":
+            raise ValueError(f"{key}: {item!r} is {proto.upper()}; the agent only carries TCP")
+        ident = ident.strip()
+        out.append(int(ident) if ident.isdigit() else ident)
+    return out

@@ -83,10 +83,11 @@ def _cluster_env() -> dict[str, str]:
 # Debian packages the test suite itself needs on this machine, whatever cluster it runs against:
 # sshfs and fuse3 for the mount tests, openssh-sftp-server for the local sshfs tests (a real SFTP
 # server behind a real FUSE mount, no cluster), nftables (libnftables) for tpenv connect's captures,
-# bash/zsh/fish for the completion tests, podman and busybox-static for --docker-run's engine and image
-# (the cluster's own packages are tests/cluster/packages.py).
+# bash/zsh/fish for the completion tests, podman and busybox-static for --docker-run's engine and image,
+# iptables and iproute2 for the in-pod redirect test (netns) (the cluster's own packages are
+# tests/cluster/packages.py).
 TEST_PACKAGES = ["sshfs", "fuse3", "openssh-sftp-server", "nftables", "bash", "zsh", "fish", "podman",
-                 "busybox-static"]
+                 "busybox-static", "iptables", "iproute2"]
 
 
 def _ensure_packages(packages: list[str]) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 from .bind import listen_socket
 from .inject import AUTH_SECRET, default_settings
+from .reporting import Policies, Refusals
 from .webhook import mutate
 
 AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
@@ -123,8 +124,10 @@ class Manager:
         self.idle_timeout = idle_timeout
         self.ready_namespaces: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
+        api = api_call if in_cluster() else None
+        self.policies, self.refusals = Policies(api), Refusals(api)
 
-    def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes, str]:
+    async def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes, str]:
         if path == "/healthz" and method == "GET":
             return 200, "OK", b"ok\n", "text/plain"
         if path == "/mutate" and method == "POST":
@@ -132,13 +135,18 @@ class Manager:
                 review = json.loads(body)
             except ValueError:
                 return 400, "Bad Request", b"AdmissionReview JSON expected\n", "text/plain"
-            answer, injected = mutate(review, self.settings)
             request = review.get("request") or {}
+            # The namespace's Pod Security decides between the redirect and the hand-over.
+            redirect, why = await self.policies.redirect(request["namespace"]) if request.get("namespace") \
+                else (True, "")
+            answer, injected = mutate(review, {**self.settings, "redirect": redirect, "redirect_off": why})
             where = f"{request.get('namespace', '?')}/{(request.get('object') or {}).get('metadata', {}).get('generateName', '?')}"
             log.info("[webhook/mutate] pod %s: %s", where, "agent injected" if injected else
                      "; ".join(answer["response"].get("warnings") or ["unchanged"]))
             if injected and request.get("namespace"):
                 self._ensure_auth_later(request["namespace"])
+            if answer["response"].get("warnings") and request.get("namespace") and not request.get("dryRun"):
+                self.refusals.refused(request["namespace"])
             return 200, "OK", json.dumps(answer).encode(), "application/json"
         return 404, "Not Found", b"not found\n", "text/plain"
 
@@ -149,7 +157,7 @@ class Manager:
                 if request is None:
                     break
                 method, path, headers, body = request
-                status, reason, payload, ctype = self.route(method, path, body)
+                status, reason, payload, ctype = await self.route(method, path, body)
                 close = headers.get("connection", "").lower() == "close"
                 writer.write(_response(status, reason, payload, ctype, close))
                 await writer.drain()
@@ -213,6 +221,20 @@ def api_call(method: str, path: str, body: dict | None = None, timeout: float = 
     ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
     with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
         return json.loads(resp.read() or b"{}")
+
+
+def api_stream(path: str, timeout: float):
+    """GET a watch through the API server; yields its lines (JSON events) as they come. Blocking."""
+    host = os.environ["KUBERNETES_SERVICE_HOST"]
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    host = f"[{host}]" if ":" in host else host
+    req = urllib.request.Request(f"https://{host}:{port}{path}", headers={
+        "Authorization": f"Bearer {(SA_DIR / 'token').read_text().strip()}", "Accept": "application/json"})
+    ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
+    with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
+        for line in resp:
+            if line.strip():
+                yield line
 
 
 def create_auth_secret(namespace: str) -> bool:

@@ -109,10 +109,12 @@ def test_patch_mode_round_trip(namespace, agent_image):
     original_wl = kubectl_json("get", "deployment", "web", ns=namespace)
     original_svc = kubectl_json("get", "service", "web", ns=namespace)
 
-    # A named and a numeric targetPort: the agent takes both, the Service's numeric one is rewritten.
+    # The hand-over (the fallback where Pod Security forbids the in-pod redirect): a named and a
+    # numeric targetPort, the agent takes both, the Service's numeric one is rewritten.
     settings = {"agent_image": ref, "image_pull_policy": policy}
-    first = plan_injection(original_wl, original_svc, "http", settings)
-    second = plan_injection(first.workload, original_svc, 81, settings)
+    off = (False, "the hand-over under test")
+    first = plan_injection(original_wl, original_svc, "http", settings, redirect=off)
+    second = plan_injection(first.workload, original_svc, 81, settings, redirect=off)
     assert first.service is None and second.service["spec"]["ports"][1]["targetPort"] == "tpenv-8080"
     apply(auth_secret_manifest(namespace, make_auth_material()), ns=namespace)
     _replace(second.workload, namespace)
@@ -208,7 +210,10 @@ def test_labelled_deployment_pod_gets_the_agent(manager, namespace, cli_env, age
     names = [c["name"] for c in spec["containers"]]
     assert names == ["echo", "tpenv-agent"]
     app, agent = spec["containers"]
-    assert app["ports"][0]["name"] == "tpx-http"
+    # The in-pod redirect: the app keeps its port; tpenv-init (NET_ADMIN only) redirects it.
+    assert app["ports"][0]["name"] == "http"
+    assert [c["name"] for c in spec["initContainers"]] == ["tpenv-init"]
+    assert spec["initContainers"][0]["args"] == ["init", "--redirect", "8080:7900"]
     assert agent["image"] == agent_image[0] and agent["imagePullPolicy"] == agent_image[1]
     assert agent["command"] == ["tpenv-agent"]
     assert agent["args"] == ["sidecar", "--container", "echo", "--listen", "7900:8080:http",

@@ -2,6 +2,9 @@
 
 Like Telepresence: ``hello: ready to intercept (traffic-agent not yet installed)``,
 ``... (traffic-agent already installed)``, or ``hello: intercepted`` with every intercept on it.
+A workload whose pod template opts in to the manager's webhook but whose pods carry no agent
+shows the webhook's reason: ``hello: opted in, not injected: <reason>`` (the pod annotation
+``tpenv.io/not-injected``; the manager also puts it in an Event on the pod and the workload).
 "By whom" comes from the agents themselves (their ``list`` op, all sessions, any machine), read
 over a short SSH session to one ready pod per injected workload; this machine's running
 sessions add their local details (destination).
@@ -12,15 +15,28 @@ import argparse
 import asyncio
 
 from tpenv.engine.agentquery import agent_intercepts, auth_material
-from tpenv.engine.agents import has_agent
+from tpenv.engine.agents import has_agent, webhook_mode
 from tpenv.engine.session import running_intercepts
-from tpenv.kits.kube import Kube, What, service_selects
+from tpenv.kits.kube import Kube, What, Workload, service_selects
+from tpenv_agent.inject import AGENT_CONTAINER
 
 HELP = "List the workloads you can intercept and the intercepts active on them."
+ANN_NOT_INJECTED = "tpenv.io/not-injected"  # tpenv_agent.webhook's; that module is the manager's, not the client's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     pass  # -n NS comes with the common options
+
+
+async def _webhook_state(kube: Kube, w: Workload) -> tuple[bool, str | None]:
+    """For a workload opted in to the webhook: (its pods run the agent, why the webhook refused)."""
+    if not webhook_mode(w):
+        return False, None
+    pods = [p for p in await kube.pods_of(w) if not p["metadata"].get("deletionTimestamp")]
+    if any(c.get("name") == AGENT_CONTAINER for p in pods for c in p["spec"].get("containers") or []):
+        return True, None
+    reasons = sorted({(p["metadata"].get("annotations") or {}).get(ANN_NOT_INJECTED) for p in pods} - {None})
+    return False, (reasons[0] if reasons else None)
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
@@ -29,21 +45,22 @@ async def run(args: argparse.Namespace, ctx) -> int:
         await kube.require_namespace(ns)
         workloads = sorted(await kube.list_workloads(ns), key=lambda w: (w.name, w.kind))
         services = (await kube.call(kube.core.list_namespaced_service, ns, what=What("list", "services", ns)))["items"]
-        material = await auth_material(kube, ns) if any(has_agent(w.obj) for w in workloads) else None
+        hooked = await asyncio.gather(*(_webhook_state(kube, w) for w in workloads))
+        injected = [has_agent(w.obj) or h[0] for w, h in zip(workloads, hooked)]
+        material = await auth_material(kube, ns) if any(injected) else None
         port = ctx.settings.agent.ssh_port
-        remote = await asyncio.gather(*(agent_intercepts(kube, w, material, port) if has_agent(w.obj)
-                                        else asyncio.sleep(0, []) for w in workloads))
+        remote = await asyncio.gather(*(agent_intercepts(kube, w, material, port) if agent
+                                        else asyncio.sleep(0, []) for w, agent in zip(workloads, injected)))
     local = {ic.get("id"): ic for _, ic in await running_intercepts(ctx.settings) if ic.get("namespace") == ns}
     rows, lines = [], []
-    for w, held in zip(workloads, remote):
+    for w, held, agent, (_, refused) in zip(workloads, remote, injected, hooked):
         selecting = [s["metadata"]["name"] for s in services if service_selects(s, w.template_labels)]
-        agent = has_agent(w.obj)
         intercepts = held if isinstance(held, list) else []
         rows.append({"name": w.name, "kind": w.kind, "namespace": ns, "services": selecting,
                      "agent_installed": agent, "intercepts": [{**ic, **({"local": local[ic["intercept_id"]]}
                                                                        if ic.get("intercept_id") in local else {})}
                                                               for ic in intercepts],
-                     "agent_error": held if isinstance(held, str) else None})
+                     "agent_error": held if isinstance(held, str) else None, "not_injected": refused})
         if intercepts:
             lines.append(f"{w.name}: intercepted")
             for ic in intercepts:
@@ -57,6 +74,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
                     lines.append(f"    Destination   : {mine.get('destination')}")
                     if mine.get("context"):  # the session's `contexts:` entry this intercept is in
                         lines.append(f"    Context       : {mine['context']}")
+        elif refused:
+            lines.append(f"{w.name}: opted in, not injected: {refused}")
         elif not selecting:
             lines.append(f"{w.name}: not interceptable (no Service selects it)")
         else:

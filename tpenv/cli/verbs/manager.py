@@ -66,13 +66,17 @@ async def run(args: argparse.Namespace, ctx) -> int:
             ctx.emit(engine.to_yaml_stream(docs), docs)
         return 0
 
+    from tpenv.engine.manager_ready import wait_webhook
     from tpenv.kits.kube import Kube
 
     async with await Kube.load(context=ctx.cluster_context()) as kube:
-        if args.action == "install":
-            docs = await engine.install(kube, ctx.settings, team_mode=bool(args.team_mode))
-        elif args.action == "upgrade":
-            docs = await engine.upgrade(kube, ctx.settings, team_mode=args.team_mode)
+        if args.action in ("install", "upgrade"):
+            if args.action == "install":
+                docs = await engine.install(kube, ctx.settings, team_mode=bool(args.team_mode))
+            else:
+                docs = await engine.upgrade(kube, ctx.settings, team_mode=args.team_mode)
+            # Return when a pod created now gets the agent, not when the manifests are stored.
+            checked = await wait_webhook(kube, ctx.namespace or "default")
         else:
             deleted = await engine.uninstall(kube)
             text = ("deleted:\n" + "\n".join(f"  {n}" for n in deleted)) if deleted else "the manager was not installed"
@@ -80,6 +84,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
             return 0
     team = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["team_mode"] == "true"
     ctx.emit(f"manager {args.action}ed in namespace {engine.NAMESPACE} (team mode {'on' if team else 'off'}); "
-             f"label pod templates tpenv.io/inject-agent: enabled to get the agent at pod creation",
-             {"applied": _names(docs), "team_mode": team})
+             f"{checked}: pods created from now on with the pod label tpenv.io/inject-agent: enabled (or "
+             f"Telepresence's annotation telepresence.getambassador.io/inject-traffic-agent: enabled) get the agent",
+             {"applied": _names(docs), "team_mode": team, "webhook": checked})
     return 0

@@ -59,11 +59,18 @@ def test_team_mode_is_stored_for_clients(tls):
 
 def test_webhook_never_blocks_pods_and_opts_in_by_pod_label(tls):
     (cfg,) = by_kind(m.render_manager(SETTINGS, team_mode=False, tls=tls), "MutatingWebhookConfiguration")
-    (hook,) = cfg["webhooks"]
+    hook, by_annotation = cfg["webhooks"]
     assert hook["failurePolicy"] == "Ignore"
     assert hook["sideEffects"] == "NoneOnDryRun"
     assert hook["timeoutSeconds"] <= 10
     assert hook["objectSelector"] == {"matchLabels": {"tpenv.io/inject-agent": "enabled"}}
+    # Telepresence's annotation: every pod without the label goes to the manager (it cannot be
+    # selected on); the two entries never both see one pod. Otherwise the same entry.
+    assert by_annotation["name"] == "annotation-injector.tpenv.io"
+    assert by_annotation["objectSelector"] == {"matchExpressions": [{"key": "tpenv.io/inject-agent",
+                                                                     "operator": "DoesNotExist"}]}
+    assert {k: v for k, v in by_annotation.items() if k not in ("name", "objectSelector")} == \
+        {k: v for k, v in hook.items() if k not in ("name", "objectSelector")}
     (expr,) = hook["namespaceSelector"]["matchExpressions"]
     assert expr["operator"] == "NotIn" and "tpenv" in expr["values"]
     assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
@@ -79,7 +86,12 @@ def test_rbac_grants_only_what_the_webhook_and_relay_use(tls):
     assert cluster_role["rules"] == [
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},  # the relay's pod ranges
-        {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]}]
+        {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},  # Pod Security: redirect or not
+        # Events on pods the webhook refused (their names exist only after admission).
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]}]
     roles = {d["metadata"]["name"]: d for d in by_kind(docs, "Role")}
     assert roles["tpenv-manager"]["rules"] == [  # the relay's own keys, by name
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-auth"], "verbs": ["get"]}]

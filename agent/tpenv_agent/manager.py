@@ -47,6 +47,7 @@ from typing import Any
 
 from .bind import listen_socket
 from .inject import AUTH_SECRET, default_settings
+from .inpod import opted_in
 from .reporting import Policies, Refusals
 from .webhook import mutate
 
@@ -137,8 +138,9 @@ class Manager:
                 return 400, "Bad Request", b"AdmissionReview JSON expected\n", "text/plain"
             request = review.get("request") or {}
             # The namespace's Pod Security decides between the redirect and the hand-over.
-            redirect, why = await self.policies.redirect(request["namespace"]) if request.get("namespace") \
-                else (True, "")
+            pod = request.get("object") if isinstance(request.get("object"), dict) else {}
+            redirect, why = await self.policies.redirect(request["namespace"]) \
+                if request.get("namespace") and opted_in(pod) else (True, "")
             answer, injected = mutate(review, {**self.settings, "redirect": redirect, "redirect_off": why})
             where = f"{request.get('namespace', '?')}/{(request.get('object') or {}).get('metadata', {}).get('generateName', '?')}"
             log.info("[webhook/mutate] pod %s: %s", where, "agent injected" if injected else

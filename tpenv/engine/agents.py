@@ -26,7 +26,7 @@ from typing import Any
 
 from tpenv.engine.injection import plan_injection, restore_plan
 from tpenv.engine.redirect import redirect_choice
-from tpenv.errors import NotFound, RolloutStalled, UsageError
+from tpenv.errors import NotFound, PermanentError, RolloutStalled, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import (AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT,
@@ -451,7 +451,7 @@ async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: d
     if not pods:
         refusals = {((p["metadata"].get("annotations") or {}).get("tpenv.io/not-injected")) for p in ready} - {None}
         if refusals:
-            raise RolloutStalled(f"{w.ref} opted in, not injected: {sorted(refusals)[0]}",
+            raise PermanentError(f"{w.ref} opted in, not injected: {sorted(refusals)[0]}",
                                  hint="fix the pod template as the reason says; the manager injects new pods")
         raise RolloutStalled(f"no ready pod of {w.ref} runs the webhook-injected agent for port {port_name!r}",
                              hint=f"is the manager installed (tpenv manager install)? pods created before it need "

@@ -134,6 +134,6 @@ def event(namespace: str, ref: dict, reason: str) -> dict[str, Any]:
         "involvedObject": {**ref, "namespace": namespace},
         "reason": REASON, "type": "Warning",
         "message": f"opted in to tpenv's agent, not injected: {reason}"[:1024],
-        "source": {"component": SOURCE}, "reportingComponent": SOURCE, "reportingInstance": SOURCE,
+        "source": {"component": SOURCE},
         "firstTimestamp": now, "lastTimestamp": now, "count": 1,
     }

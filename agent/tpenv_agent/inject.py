@@ -494,7 +494,8 @@ def _check_headless(svc: dict, spec: dict, target: int | str, where: str, redire
     if not declared:
         listed = ", ".join(f"{c['name']}:{p.get('containerPort')}/{p.get('protocol', 'TCP')}"
                            for c in _app_containers(spec) for p in c.get("ports") or []) or "none"
-        raise InjectError(f"headless {_where(svc)} targets port {target!r}, which no container of {where} "
+        name = (svc.get("metadata") or {}).get("name") or "?"  # objects from a list carry no kind
+        raise InjectError(f"headless Service/{name} targets port {target!r}, which no container of {where} "
                           f"exposes (its ports: {listed}): callers dial that port on pod IPs and nothing listens "
                           f"there; point the Service's targetPort at a port the app exposes")
 

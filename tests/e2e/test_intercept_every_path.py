@@ -98,16 +98,25 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
 
 
 GRPC_CLIENT = """
-import grpc, json, sys
+import grpc, json, sys, time
 # Client-side balancing: the channel resolves every pod IP of the headless Service and dials
 # each one itself (round_robin); kube-proxy never sees these connections.
 ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.lb_policy_name", "round_robin")])
 grpc.channel_ready_future(ch).result(timeout=30)
 say = ch.unary_unary("/echo.Echo/Say")
+# Warm up until the balancer has a connection to every pod (subchannels connect one by one).
+seen = set()
+for _ in range(60):
+    seen.add(json.loads(say(b"", timeout=15))["pod"])
+    if len(seen) >= int(sys.argv[3]):
+        break
+    time.sleep(0.5)
 out = []
 for i in range(int(sys.argv[2])):
-    md = [("x-dev", "alice")] if i % 2 == 0 else [("x-dev", "bob")]
-    out.append({"matched": i % 2 == 0, "pod": json.loads(say(b"", metadata=md, timeout=15))["pod"]})
+    # One in three matched: with two pods in the rotation, every other call would keep the
+    # matched ones on one pod and the rest on the other.
+    md = [("x-dev", "alice")] if i % 3 == 0 else [("x-dev", "bob")]
+    out.append({"matched": i % 3 == 0, "pod": json.loads(say(b"", metadata=md, timeout=15))["pod"]})
 print(json.dumps(out))
 """
 
@@ -127,7 +136,8 @@ def test_grpc_client_side_balancing_over_headless_service(namespace, tmp_path):
         # Stage 2: a gRPC client balancing by itself over the headless Service's pod IPs: its
         # matched streams reach the laptop, the others the pods, spread over both.
         target = f"dns:///db-headless.{ns}.svc.cluster.local:8080"
-        cp = kubectl("exec", "client", "--", "python3", "-c", GRPC_CLIENT, target, "20", ns=ns, timeout=120)
+        cp = kubectl("exec", "client", "--", "python3", "-c", GRPC_CLIENT, target, "30", str(replicas), ns=ns,
+                     timeout=180)
         calls = json.loads(cp.stdout)
         assert [c["pod"] for c in calls if c["matched"]] == ["laptop"] * 10, calls
         others = [c["pod"] for c in calls if not c["matched"]]

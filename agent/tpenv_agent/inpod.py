@@ -13,6 +13,8 @@ Kept apart from inject.py so each reads in one sitting; inject.py calls these.
 """
 from __future__ import annotations
 
+import copy
+
 INIT_CONTAINER = "tpenv-init"
 MODE_REDIRECT = "redirect"  # record["mode"]; absent means the hand-over (records older than the redirect)
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -48,7 +50,8 @@ def bypass_note(why: str) -> str:
 
 
 def init_container(entries: list[dict], settings: dict) -> dict:
-    """The short-lived privileged step: only NET_ADMIN, root (iptables needs it), gone before the app starts."""
+    """The short-lived privileged step: only NET_ADMIN, root (iptables needs it), gone before the app
+    starts. The agent's resources, so a namespace whose quota wants them on every container admits it."""
     args = ["init"]
     for e in entries:
         args += ["--redirect", f"{e['app_port']}:{e['agent_port']}"]
@@ -61,9 +64,10 @@ def init_container(entries: list[dict], settings: dict) -> dict:
         "securityContext": {
             "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",  # the iptables error shows in `describe`
-    }
+    } | ({"resources": copy.deepcopy(settings["resources"])} if settings.get("resources") else {})
 
 
 def install_init(spec: dict, entries: list[dict], settings: dict) -> None:

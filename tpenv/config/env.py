@@ -105,8 +105,10 @@ def _sh_quote(value: str) -> str:
 
 def _compose_quote(value: str) -> str:
     # Single quotes are literal in compose's .env (no escapes, no ${} interpolation); when the value
-    # holds a quote or a line break, double quotes with backslash escapes, and $$ for a literal $.
-    if "'" not in value and "\n" not in value and "\r" not in value:
+    # holds a quote, a line break or a backslash (readers take \' as an escaped quote even inside
+    # single quotes: a value ending in \ never closed), double quotes with backslash escapes, and
+    # $$ for a literal $.
+    if not any(c in value for c in "'\n\r\\"):
         return f"'{value}'"
     escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
                .replace("$", "$$"))

@@ -157,3 +157,12 @@ def test_dry_run_patches_but_reports_no_side_effect_wanted():
 def test_already_injected_pod_gets_no_patch():
     answer, injected = mutate(review(inject_pod(pod(), SETTINGS)), SETTINGS)
     assert "patch" not in answer["response"] and injected is False
+
+
+# --- issue 12: the control plane's namespaces and the manager's own are never injected ----------
+
+def test_mutate_never_injects_kube_system_or_tpenv():
+    for ns in ("kube-system", "tpenv"):
+        answer, inject = mutate(review(pod(), namespace=ns), SETTINGS)
+        assert not inject and "patch" not in answer["response"] and answer["response"]["allowed"]
+        assert ns in answer["response"]["warnings"][0]

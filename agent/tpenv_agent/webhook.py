@@ -59,6 +59,12 @@ def _warning(text: str) -> str:
     return text if len(text) <= WARNING_MAX else text[: WARNING_MAX - 1] + "…"
 
 
+# Never injected, whatever the webhook configuration's namespaceSelector says (an edited or
+# stale configuration must not put agents, and Secrets, into the control plane's namespaces
+# or the manager's own).
+EXCLUDED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "tpenv"})
+
+
 def mutate(review: dict, settings: dict) -> tuple[dict, bool]:
     """Answer one AdmissionReview. Returns (the answer, whether the pod gets an agent).
 
@@ -74,6 +80,10 @@ def mutate(review: dict, settings: dict) -> tuple[dict, bool]:
     if kind != "Pod" or request.get("operation", "CREATE") != "CREATE" or not isinstance(pod, dict):
         return answer, False
     if not opted_in(pod):
+        return answer, False
+    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+    if namespace in EXCLUDED_NAMESPACES:
+        response["warnings"] = [_warning(f"tpenv: no agent injected: namespace {namespace} is never injected")]
         return answer, False
     try:
         patched = inject_pod(pod, settings)
@@ -99,4 +109,5 @@ def refused(pod: dict, reason: str) -> dict:
     return out
 
 
-__all__ = ["mutate", "json_patch", "refused", "ADMISSION_API", "ANN_NOT_INJECTED"]
+__all__ = ["mutate", "json_patch", "refused", "ADMISSION_API", "ANN_NOT_INJECTED",
+           "EXCLUDED_NAMESPACES"]

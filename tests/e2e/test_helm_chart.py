@@ -74,7 +74,7 @@ def test_chart_renders_what_manager_install_applies(helm, tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     from_helm = [d for d in YAML(typ="safe").load_all(rendered.stdout) if d]
-    dry = tpenv(tmp_path, "manager", "install", "--dry-run",
+    dry = tpenv(tmp_path, "manager", "install", "--dry-run", "--with-private-keys",  # the whole Secret, as helm's
                 env={"TPENV_AGENT_IMAGE": agent_image(), "TPENV_AGENT_IMAGE_PULL_POLICY": "Never"})
     from_tpenv = [d for d in YAML(typ="safe").load_all(dry.stdout) if d]
     # Stage 3: the same objects (helm sorts them by kind for its install order); each TLS chain valid.

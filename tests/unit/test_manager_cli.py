@@ -54,3 +54,14 @@ def test_a_bad_relay_range_is_a_usage_error(capsys):
     assert main(["manager", "install", "--dry-run", "--relay-cidr", "10.0.0.0/33"]) == 2
     err = capsys.readouterr().err
     assert "--relay-cidr" in err and "10.0.0.0/33" in err
+
+
+def test_dry_run_leaves_private_keys_out_unless_asked(capsys):
+    # Issue 12: dry-run output lands in terminals, CI logs and Git; the TLS key only on request.
+    assert main(["manager", "install", "--dry-run", "-o", "json"]) == 0
+    tls = next(d for d in json.loads(capsys.readouterr().out) if d["kind"] == "Secret")
+    assert "tls.key" not in tls["data"] and "tls.crt" in tls["data"]
+    assert "--with-private-keys" in tls["metadata"]["annotations"]["tpenv.io/note"]
+    assert main(["manager", "install", "--dry-run", "--with-private-keys", "-o", "json"]) == 0
+    tls = next(d for d in json.loads(capsys.readouterr().out) if d["kind"] == "Secret")
+    assert "tls.key" in tls["data"]

@@ -27,12 +27,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chart: the directory to write the Helm chart into (default: ./tpenv-manager-chart)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the manifests (a YAML stream, for GitOps) instead of applying them")
+    parser.add_argument("--with-private-keys", action="store_true",
+                        help="--dry-run: include the webhook's TLS private key in the printed Secret (left out by "
+                             "default: output that lands in logs or Git must not carry it)")
     parser.add_argument("--team-mode", action=argparse.BooleanOptionalAction, default=None,
                         help="make personal header intercepts the default for every client of this cluster "
                              "(stored in ConfigMap tpenv/tpenv-manager; install default: off, upgrade: unchanged)")
     parser.add_argument("--relay-cidr", action="append", metavar="CIDR",
                         help="an address range the outbound relay may connect to (repeatable; default: the "
                              "cluster's pod and service ranges, read by the relay; setting manager.relay_cidrs)")
+
+
+def _without_private_keys(docs: list[dict]) -> list[dict]:
+    """The manifests with every Secret's private keys (``*.key``) left out, and a note saying so."""
+    out = []
+    for d in docs:
+        if d.get("kind") == "Secret" and any(k.endswith(".key") for k in d.get("data") or {}):
+            d = {**d, "data": {k: v for k, v in d["data"].items() if not k.endswith(".key")},
+                 "metadata": {**d["metadata"], "annotations": {
+                     **(d["metadata"].get("annotations") or {}),
+                     "tpenv.io/note": "private key left out of --dry-run output; add --with-private-keys"}}}
+        out.append(d)
+    return out
 
 
 def _names(docs: list[dict]) -> list[str]:
@@ -63,6 +79,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
             names = list(reversed(_names(docs)))
             ctx.emit("would delete:\n" + "\n".join(f"  {n}" for n in names), {"delete": names})
         else:
+            if not args.with_private_keys:
+                docs = _without_private_keys(docs)
             ctx.emit(engine.to_yaml_stream(docs), docs)
         return 0
 

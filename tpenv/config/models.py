@@ -466,16 +466,69 @@ class Forward(BaseModel):
         return self
 
 
+def _cidr(value: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _fail(f"{value!r} is not a CIDR", "e.g. 10.96.0.0/12, fd00::/108 or a single address 192.168.5.7") from None
+    return value.strip()
+
+
+def _suffix(value: str) -> str:
+    bare = value.strip().strip(".").lower()
+    if not bare or not all(is_dns_label(label) for label in bare.split(".")):
+        raise _fail(f"{value!r} is not a DNS suffix", "e.g. .com or .corp.example")
+    return "." + bare
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+CONNECT_MODES = ("auto", "host", "ns", "env", "off")
+LEGACY_MODES = {"root": "host", "rootless": "ns"}  # today's files keep working; docs say the new names
+DEFAULT_EXCLUDED_SUFFIXES = [".com", ".io", ".net", ".org", ".arpa", ".ru"]
+
+
 class Connect(BaseModel):
-    """Outbound access: this machine's processes reach cluster services by name."""
+    """Outbound access (`tpenv connect`): this machine's processes reach cluster services by name and address."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["auto", "root", "rootless", "off"] = Field("auto", description=(
-        "root: transparent redirect and DNS (needs root); rootless: local forwards and env rewrites; "
-        "auto: root when permitted, else rootless; off: no outbound access."))
-    namespaces: list[Namespace] = Field(default_factory=list, description=(
-        "Namespaces whose short service names resolve locally; default: the file's namespace."))
+    mode: Literal["auto", "host", "ns", "env", "off", "root", "rootless"] = Field("auto", description=(
+        "host: the cluster's ranges redirected to tpenv and its resolver for the whole machine (needs root); "
+        "ns: each command tpenv starts runs in its own network namespace, no root needed; "
+        "env: a local SOCKS5/HTTP proxy and port maps given to the command in its env, no namespaces; "
+        "auto: host with root, else ns where user namespaces are allowed, else env; off: no outbound access. "
+        "The older values root (= host) and rootless (= ns, falling back to env) still work."))
+    mapped_namespaces: list[Namespace] | None = Field(None, description=(
+        "Namespaces whose short service names (`svc`) resolve here, after the intercepted workloads' and the "
+        "file's namespace; default: the file's namespace only (Telepresence's --mapped-namespaces)."))
+    namespaces: list[Namespace] | None = Field(None, description="Older name of `mapped_namespaces`.")
+    also_proxy: list[Cidr] = Field(default_factory=list, description=(
+        "More address ranges sent to the cluster besides its discovered pod and service ranges (--also-proxy)."))
+    never_proxy: list[Cidr] = Field(default_factory=list, description=(
+        "Address ranges never sent to the cluster, even inside its ranges (--never-proxy)."))
+    allow_conflicting_subnets: bool = Field(False, description=(
+        "Send the cluster's ranges to the cluster even where they overlap a local route, e.g. a VPN; default: "
+        "an overlap is an error naming it (--allow-conflicting-subnets)."))
+    excluded_suffixes: list[Annotated[str, AfterValidator(_suffix)]] = Field(
+        default_factory=lambda: list(DEFAULT_EXCLUDED_SUFFIXES), description=(
+            "Names ending in these never go to the cluster's DNS (Telepresence's defaults)."))
+
+    @model_validator(mode="after")
+    def _one_list(self) -> "Connect":
+        if self.namespaces is not None and self.mapped_namespaces is not None:
+            raise _fail("give mapped_namespaces or namespaces, not both", "namespaces is the older name: drop it")
+        return self
+
+    @property
+    def capture(self) -> str:
+        """The mode with the older names mapped: auto, host, ns, env or off."""
+        return LEGACY_MODES.get(self.mode, self.mode)
+
+    @property
+    def mapped(self) -> list[str]:
+        return list(self.mapped_namespaces if self.mapped_namespaces is not None else self.namespaces or [])
 
 
 def is_image_ref(value: str) -> bool:

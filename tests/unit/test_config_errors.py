@@ -63,13 +63,13 @@ def test_misspelt_keys_get_a_suggestion(tmp_path):
 
 def test_unknown_key_without_close_match_lists_the_allowed_ones(tmp_path):
     assert problems(tmp_path, "connect: {zzz: 1}\n") == [
-        "F:1:11: unknown key 'zzz' in connect (allowed: mode, namespaces)"]
+        "F:1:11: unknown key 'zzz' in connect (allowed: mode, mapped_namespaces, namespaces, also_proxy, never_proxy, allow_conflicting_subnets, excluded_suffixes)"]
 
 
 def test_misspelt_enum_values_get_a_suggestion(tmp_path):
     text = "connect:\n  mode: roo\n" + HEAD + "    port: 1\n    env: {format: dockr}\n"
     assert problems(tmp_path, text) == [
-        "F:2:9: connect.mode: 'roo' is not one of 'auto', 'root', 'rootless', 'off' (did you mean 'root'?)",
+        "F:2:9: connect.mode: 'roo' is not one of 'auto', 'host', 'ns', 'env', 'off', 'root', 'rootless' (did you mean 'root'?)",
         "F:6:19: intercepts[0].env.format: 'dockr' is not one of 'docker', 'sh', 'json', 'compose' "
         "(did you mean 'docker'?)",
     ]

@@ -28,6 +28,7 @@ from tpenv.config.models import Config, Intercept
 from tpenv.engine.contexts import Clusters, Targets, resolve_targets
 from tpenv.engine.forwards import forward_specs
 from tpenv.engine.intercepts import InterceptRun, intercept_key
+from tpenv.engine.outbound.unit import ConnectSpec
 from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.up import UpContext, handler_specs
 from tpenv.errors import NotFound, TransientError
@@ -255,6 +256,7 @@ class UpFactory:
         self.ready_hashes: dict[Key, str] = {}
         self._resolved: tuple[Config, Targets] | None = None
         self.contexts: dict[Key, str | None] = {}  # unit key -> its context's name, for status
+        self.connection: Any = None  # the running ConnectUnit (outbound/unit.py), when connect: asks for one
 
     def status(self) -> dict[str, Any]:
         """Extra status of the session: its serving intercepts, marked as held by `tpenv up`
@@ -262,7 +264,8 @@ class UpFactory:
         runs = list(self.runs.items())
         return {"intercepts": [dict(run.describe(), held_by="up", context=self.contexts.get(key)) for key, run in runs],
                 "units": [dict(row, context=self.contexts.get(key)) for key, run in runs
-                          if (row := run.mount_row()) is not None]}
+                          if (row := run.mount_row()) is not None],
+                **({"connection": self.connection.snapshot} if self.connection is not None else {})}
 
     def checked(self, config: Config) -> Config:
         """``config`` with its contexts resolved in the reader's kubeconfig (ConfigError, exit 2,
@@ -295,19 +298,38 @@ class UpFactory:
               or kube.namespace)
         return kube, ns, target.name if config.contexts else None
 
-    def _env_for(self, key: Key) -> Callable[[], dict[str, str]]:
-        def env() -> dict[str, str]:
+    def _env_for(self, key: Key, namespace: str | None = None) -> Callable[[], Any]:
+        async def env() -> dict[str, str]:
             run = self.runs.get(key)
             unit = run.env_unit() if run else None
-            return dict(unit.env) if unit else {}
+            values = dict(unit.env) if unit else {}
+            # Under connect (env mode) the pod's own names (DB_HOST=db) are made to reach the
+            # cluster from here: port maps and proxy variables, resolved as the pod would.
+            if self.connection is not None and namespace is not None:
+                values = await self.connection.env_for(values, namespace)
+            return values
         return env
+
+    async def _connect_spec(self, config: Config, uctx: UpContext, namespaces: list[str]) -> UnitSpec | None:
+        """The connect unit, when the file has a ``connect:`` section not set to off."""
+        if "connect" not in config.model_fields_set or config.connect.capture == "off":
+            return None
+        kube, ns, context = await self._place(config, uctx, config.connect)
+        return ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context,
+                           on_ready=self._connected)
+
+    def _connected(self, unit: Any) -> None:
+        self.connection = unit
 
     async def __call__(self, config: Config, uctx: UpContext) -> dict[Key, UnitSpec]:
         specs: dict[Key, UnitSpec] = {}
         wanted = [ic for ic in config.intercepts if uctx.wanted(ic.name)]
         fwd_wanted = [fw for fw in config.forwards if uctx.wanted(fw.service)]
+        connect = await self._connect_spec(config, uctx, [])
+        if connect is None:
+            self.connection = None
         if not wanted and not fwd_wanted:
-            return dict(handler_specs(config, uctx))
+            return {**handler_specs(config, uctx), **({connect.key: connect} if connect else {})}
         base_dir = config.source.parent if config.source else Path.cwd()
         keys: dict[str, Key] = {}
         waiting: set[str] = set()
@@ -330,7 +352,11 @@ class UpFactory:
         specs.update(forwards)
         contexts.update({k: f.context for k, f in forwards.items()})
         self.contexts = contexts
-        handlers = handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name]),
-                                 depends_on=lambda ic: frozenset({keys[ic.name]}))
+        if connect is not None:  # short names of the intercepted workloads' namespaces first, as their pods see them
+            connect = await self._connect_spec(config, uctx, [key[1] for key in keys.values()])
+            specs[connect.key] = connect
+        after = frozenset({connect.key}) if connect is not None else frozenset()
+        handlers = handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name], keys[ic.name][1]),
+                                 depends_on=lambda ic: frozenset({keys[ic.name]}) | after)
         specs.update({k: h for k, h in handlers.items() if h.name not in waiting})
         return specs

@@ -275,7 +275,27 @@ def format_status(replies: list[dict[str, Any]], now: float | None = None) -> st
             out.append(line)
         if not r["units"]:
             out.append("  no units")
+        if r.get("connection"):
+            out.extend("  " + line for line in connection_lines(r["connection"]))
     return "\n".join(out)
+
+
+def connection_lines(c: dict[str, Any]) -> list[str]:
+    """The connection section of ``tpenv status`` (outbound/unit.py's snapshot), for people."""
+    rtt = c.get("relay_round_trip_ms")
+    lines = [f"connection: context {c.get('context') or '(current)'}, namespace {c.get('namespace')}, "
+             f"mode {c.get('mode')}" + (f" ({c['why']})" if c.get("why") else "")]
+    for label, key in (("mapped namespaces", "mapped_namespaces"), ("proxied", "cidrs"),
+                       ("DNS suffixes", "dns_suffixes"), ("cluster DNS", "cluster_dns")):
+        if c.get(key):
+            lines.append(f"  {label}: {', '.join(c[key])}")
+    for label, key in (("resolver", "resolver"), ("proxy", "proxy"), ("relay pod", "relay_pod")):
+        if c.get(key):
+            lines.append(f"  {label}: {c[key]}")
+    lines.append(f"  relay round trip: {rtt} ms" if rtt is not None else
+                 f"  relay round trip: unavailable ({c.get('relay_error', 'not connected')})")
+    lines.extend(f"  warning: {w}" for w in c.get("warnings") or [])
+    return lines
 
 
 def age_text(seconds: float) -> str:

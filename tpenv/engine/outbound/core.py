@@ -179,6 +179,10 @@ class OutboundCore:
                     self.log.info("relay not reachable yet (%s); next try in %.1fs", e, delay)
                     await asyncio.sleep(delay)
 
+    @property
+    def relay_up(self) -> bool:
+        return self._relay_up.is_set()
+
     async def live_relay(self) -> RelaySession:
         """The session, waiting (bounded) for one being reconnected."""
         if not self._relay_up.is_set():

@@ -126,6 +126,27 @@ def test_pods_reach_the_api_server_as_kubernetes_default_with_their_token(echo):
     assert version["major"] == "1"
 
 
+def test_cluster_dns_is_the_kube_dns_service_and_pods_use_it(echo):
+    # As kubeadm, kind and the clouds set it up: clients (tpenv connect) discover the cluster
+    # DNS from Service kube-dns in kube-system, and pods have its ClusterIP as their nameserver.
+    svc = kubectl_json("get", "service", "kube-dns", ns="kube-system")
+    cluster_ip = svc["spec"]["clusterIP"]
+    assert svc["spec"]["type"] == "ClusterIP" and cluster_ip not in ("", "None")
+    assert {(p["port"], p["protocol"]) for p in svc["spec"]["ports"]} >= {(53, "UDP"), (53, "TCP")}
+    resolv = kubectl("exec", "client", "--", "cat", "/etc/resolv.conf", ns=echo).stdout
+    assert f"nameserver {cluster_ip}" in resolv.splitlines(), resolv
+    # The address answers, over UDP (getaddrinfo) and TCP (an explicit DNS-over-TCP query).
+    script = ("import socket,struct,sys\n"
+              "print(socket.gethostbyname('echo'))\n"
+              "q=struct.pack('!HHHHHH',7,0x100,1,0,0,0)+b''.join(bytes([len(l)])+l.encode() for l in "
+              "'kubernetes.default.svc.cluster.local'.split('.'))+b'\\0'+struct.pack('!HH',1,1)\n"
+              "s=socket.create_connection((sys.argv[1],53),5); s.sendall(struct.pack('!H',len(q))+q)\n"
+              "n=struct.unpack('!H',s.recv(2))[0]; a=s.recv(n); print('tcp', a[3] & 15, struct.unpack('!H',a[6:8])[0])")
+    out = kubectl("exec", "client", "--", "python3", "-c", script, cluster_ip, ns=echo).stdout.split()
+    assert out[0] == kubectl_json("get", "service", "echo", ns=echo)["spec"]["clusterIP"]
+    assert out[1:] == ["tcp", "0", "1"]  # NOERROR, one answer
+
+
 # ---------------------------------------------------------------- 3. port-forward, exec, logs
 
 def test_port_forward_exec_and_logs(echo):

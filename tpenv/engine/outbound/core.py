@@ -56,8 +56,11 @@ class ConnectOptions:
 class OutboundCore:
     """``async with``; ``close()`` safe twice, then ``wait_closed()``."""
 
-    def __init__(self, kube: Kube, options: ConnectOptions, *, relay_factory: Any = None) -> None:
+    def __init__(self, kube: Kube, options: ConnectOptions, *, relay_factory: Any = None,
+                 upstream: Upstream | None = None) -> None:
+        """``upstream``: where names outside the cluster go (default: resolv.conf's nameservers)."""
         self.kube, self.options = kube, options
+        self.upstream = upstream or Upstream(mark=options.mark)
         self.log = unit_logger("connect", options.namespace)
         self._relay_factory = relay_factory or (lambda: RelaySession(kube, session_id=None))
         self.relay: RelaySession | None = None
@@ -110,7 +113,7 @@ class OutboundCore:
         try:
             await self._open_relay()
             await self._learn()
-            self.resolver = Resolver(self.rules, cluster=self._cluster_dns, upstream=Upstream(mark=self.mark).query,
+            self.resolver = Resolver(self.rules, cluster=self._cluster_dns, upstream=self.upstream.query,
                                      refresh_namespaces=self._refresh_namespaces)
             self.server = await DnsServer(self.resolver.answer).start()
             self._keeper = asyncio.ensure_future(self._keep())

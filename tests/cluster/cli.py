@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402
 import network as net  # noqa: E402
 import packages  # noqa: E402
-from components import (COREDNS_RBAC, NODE, Component, Layout, containerd_address,  # noqa: E402
+from components import (COREDNS_RBAC, KUBE_DNS, NODE, Component, Layout, containerd_address,  # noqa: E402
                         kubeconfig_path, state_dir)
 from proc import Daemons, run, say, wait_for  # noqa: E402
 
@@ -176,6 +176,7 @@ def up(argv: list[str]) -> int:
             _ensure(d, comps[name])
             _wait_healthy(d, comps[name])
         kubectl("apply", "-f", "-", input=json.dumps(COREDNS_RBAC))
+        kubectl("apply", "-f", "-", input=json.dumps(KUBE_DNS))  # before kubelet: pods get its ClusterIP
         rest = [c for n, c in comps.items() if n not in ("containerd", "etcd", "kube-apiserver")]
         for c in rest:
             _ensure(d, c)

@@ -23,6 +23,10 @@ NODE = "tpenv-node"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 CLUSTER_DOMAIN = "cluster.local"
 DNS_IP = net.NODE_IP  # CoreDNS runs on the host, on the bridge address
+# ...and is published as kubeadm and kind publish it: Service kube-dns in kube-system, this
+# ClusterIP (the tenth of the service range, as kubeadm picks it), which pods get as their
+# nameserver (kubelet clusterDNS). Clients discover the cluster DNS through it as on any cluster.
+DNS_SERVICE_IP = "10.96.0.10"
 API_PORT = 6443
 REGISTRIES = ["docker.io", "registry.k8s.io", "k8s.gcr.io", "gcr.io", "ghcr.io", "quay.io", "mcr.microsoft.com",
               "public.ecr.aws", "registry.gitlab.com"]
@@ -173,7 +177,7 @@ class Layout:
             "containerRuntimeEndpoint": sock, "imageServiceEndpoint": sock,
             # No systemd here, and this VM runs cgroup v1 (kubelet >= 1.35 refuses it by default).
             "cgroupDriver": "cgroupfs", "failCgroupV1": False, "failSwapOn": False,
-            "clusterDNS": [DNS_IP], "clusterDomain": CLUSTER_DOMAIN,
+            "clusterDNS": [DNS_SERVICE_IP], "clusterDomain": CLUSTER_DOMAIN,
             "resolvConf": str(self._write("resolv.conf", f"nameserver {DNS_IP}\n")),
             # Locally built images cannot be pulled back: never garbage-collect or evict them.
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
@@ -298,6 +302,26 @@ class Layout:
                       lambda: http_ok("http://127.0.0.1:18181/ready"), [self.corefile()]),
         ]
 
+
+# The kube-dns Service: no selector (CoreDNS is a host process, not a pod), so its EndpointSlice
+# is written here, pointing at the bridge address CoreDNS binds; kube-proxy does the rest.
+KUBE_DNS = {
+    "apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                      "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
+         "spec": {"clusterIP": DNS_SERVICE_IP, "ports": [
+             {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+             {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "kube-dns-host", "namespace": "kube-system",
+                      "labels": {"kubernetes.io/service-name": "kube-dns",
+                                 "endpointslice.kubernetes.io/managed-by": "tpenv-cluster"}},
+         "addressType": "IPv4",
+         "endpoints": [{"addresses": [DNS_IP], "conditions": {"ready": True}, "nodeName": NODE}],
+         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]},
+    ],
+}
 
 # RBAC for CoreDNS's user (kubeadm ships the same as system:coredns).
 COREDNS_RBAC = {

@@ -188,6 +188,8 @@ class OutboundCore:
 
     async def live_relay(self) -> RelaySession:
         """The session, waiting (bounded) for one being reconnected."""
+        if self.relay is not None and self.relay.closed.is_set():
+            self._relay_up.clear()  # ended a moment ago: the keeper has not seen it yet
         if not self._relay_up.is_set():
             try:
                 await asyncio.wait_for(self._relay_up.wait(), RECONNECT_WAIT)

@@ -107,7 +107,8 @@ def test_background_session_status_and_quit(manager, namespace, tmp_path):
     finally:
         # -- stage 4: quit says Disconnected; the proxy is gone --------------------------------------
         cp = tpenv(tmp_path, "quit")
-    assert cp.returncode == 0 and cp.stdout.strip() == "Disconnected", cp.stdout + cp.stderr
+    assert cp.returncode == 0 and cp.stdout.splitlines()[0] == "Disconnected", cp.stdout + cp.stderr
+    assert "nothing was left behind" in cp.stdout  # env mode changes nothing on the host
     assert connect_sessions(tmp_path) == []
     assert curl("-x", f"socks5h://{conn['proxy']}", f"http://hello.{ns}/").returncode != 0
     assert tpenv(tmp_path, "quit").stdout.startswith("Disconnected")

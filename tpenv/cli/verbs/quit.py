@@ -22,6 +22,31 @@ async def run(args: argparse.Namespace, ctx) -> int:
                 raise TransientError(f"connect session {s.id} (pid {s.pid}) did not stop within 60s",
                                      hint=f"kill {s.pid} ends it")
             stopped.append(s.id)
-    text = "Disconnected" if stopped else "Disconnected (no connect session was running)"
-    ctx.emit(text, {"disconnected": stopped})
+    lines = ["Disconnected" if stopped else "Disconnected (no connect session was running)"]
+    removed = _sweep(lines)
+    ctx.emit("\n".join(lines), {"disconnected": stopped, "removed": removed})
     return 0
+
+
+def _sweep(lines: list[str]) -> list[str]:
+    """What an earlier host-mode connect left on this machine (only after a crash: the kernel
+    removes an owned table with its process), removed now; said either way."""
+    import os
+
+    from tpenv.errors import Conflict, TpenvError
+
+    if os.geteuid() != 0:
+        return []  # nothing of the host capture can exist without root
+    from tpenv.kits.capture_host import sweep
+
+    try:
+        removed = sweep()
+    except Conflict as e:
+        lines.append(f"not swept: {e}")
+        return []
+    except TpenvError as e:  # no nftables on this machine: then nothing of it was left either
+        lines.append(f"nothing was left behind ({e})")
+        return []
+    lines.append(f"removed what an earlier connect left: {', '.join(removed)}" if removed
+                 else "nothing was left behind")
+    return removed

@@ -19,9 +19,8 @@ from tpenv.engine.outbound.envmode import EnvCapture
 from tpenv.engine.outbound.modes import Choice, choose
 from tpenv.engine.outbound.policy import parse_cidr
 from tpenv.engine.units import Key, Notify, State, TaskUnit, hash_spec
+from tpenv.kits.capture import MARK as CAPTURE_MARK  # SO_MARK of tpenv's own sockets: the capture rules skip it
 from tpenv.kits.kube import Kube
-
-CAPTURE_MARK = 0x74706E76  # "tpnv": SO_MARK of tpenv's own sockets; the host capture's rules skip it
 
 
 def connect_options(connect: Any, namespace: str, *, search_first: list[str] = (), flags: Mapping[str, Any] = {},

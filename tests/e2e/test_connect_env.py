@@ -30,10 +30,16 @@ def tpenv(workdir: Path, *args: str, timeout: float = 180) -> subprocess.Complet
 
 
 def network_state() -> str:
-    """What a connect could change on this machine: routes, rules, addresses."""
-    out = [subprocess.run(cmd, capture_output=True, text=True).stdout
-           for cmd in (["ip", "route", "show", "table", "all"], ["ip", "addr"], ["ip", "rule"])]
-    return "\n".join(out)
+    """What a connect could change on this machine: routes, rules, links, nftables tables. The
+    cluster's pods come and go on this shared machine (their veth links and routes), so those are
+    left out: tpenv never touches them."""
+    def run(*cmd: str) -> list[str]:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+
+    routes = [r for r in run("ip", "route", "show", "table", "all") if "veth" not in r and not r.startswith("fe80::")]
+    links = [line.split(":")[1].strip().split("@")[0] for line in run("ip", "-o", "link")]
+    return "\n".join([*routes, *run("ip", "rule"), *(n for n in links if not n.startswith("veth")),
+                      *run("nft", "list", "tables")])
 
 
 def connect_sessions(workdir: Path) -> list[str]:

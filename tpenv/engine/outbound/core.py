@@ -217,7 +217,13 @@ class OutboundCore:
         discovered = tuple(parse_cidr(c, "the relay's ranges") for c in info.get("ranges") or [])
         self.ranges = Ranges(discovered, tuple(self.options.also_proxy), tuple(self.options.never_proxy))
         self.rules.cluster_domain = info.get("domain") or "cluster.local"
-        self.cluster_dns = list(info.get("nameservers") or []) or await self._kube_dns()
+        # The kube-dns Service (kubeadm, kind, the clouds), then the pods' nameservers: the first
+        # the relay may dial is used (a DNS on a node's address is not a pod or service address).
+        self.cluster_dns = list(dict.fromkeys([*await self._kube_dns(),
+                                               *(a for a in info.get("nameservers") or [] if _is_ip(a))]))
+        if not self.cluster_dns:
+            self.warnings.append("no cluster DNS found (Service kube-dns, the pods' nameserver): names are "
+                                 "looked up by the relay, A and AAAA records only")
         for ns in self.options.mapped_namespaces:
             await self.kube.require_namespace(ns)
         await self._refresh_namespaces()
@@ -232,7 +238,7 @@ class OutboundCore:
             svc = await self.kube.call(self.kube.core.read_namespaced_service, "kube-dns", "kube-system",
                                        what=What("get", "services", "kube-system", "kube-dns"))
         except TpenvError as e:
-            self.warnings.append(f"no cluster DNS found ({e}): names are looked up by the relay, A records only")
+            self.log.info("Service kube-dns in kube-system not readable (%s): the pods' nameserver is used", e)
             return []
         ips = (svc.get("spec") or {}).get("clusterIPs") or [(svc.get("spec") or {}).get("clusterIP")]
         return [ip for ip in ips if ip and ip != "None"]
@@ -245,12 +251,23 @@ class OutboundCore:
             self.rules.namespaces = set(self.options.search)
 
     async def _cluster_dns(self, message: Any) -> Any:
+        if not self.cluster_dns:  # none known, or none the relay accepts: its lookups, A/AAAA only
+            return await self._lookup_by_relay(message)
         if self._stream_dns is None:
-            if not self.cluster_dns:
-                return await self._lookup_by_relay(message)
-            server = self.cluster_dns[0]
-            self._stream_dns = StreamDns(lambda: self._open_through_relay(server, 53))
+            self._stream_dns = StreamDns(self._open_cluster_dns)
         return await self._stream_dns.query(message)
+
+    async def _open_cluster_dns(self) -> tuple[Any, Any]:
+        """A stream to the first cluster DNS address the relay accepts (remembered)."""
+        refused = []
+        for server in list(self.cluster_dns):
+            try:
+                return await self._open_through_relay(server, 53)
+            except Forbidden as e:
+                refused.append(str(e))
+                self.cluster_dns.remove(server)
+                self.log.info("cluster DNS %s not usable through the relay: %s", server, e)
+        raise Forbidden("no cluster DNS address the relay may dial: " + "; ".join(refused))
 
     async def _lookup_by_relay(self, message: Any) -> Any:
         """An answer built from the relay's ``resolve`` op: the fallback without a cluster DNS."""
@@ -324,6 +341,14 @@ class OutboundCore:
             return await asyncio.open_connection(sock=sock)
         except (OSError, asyncio.TimeoutError) as e:
             raise TransientError(f"cannot connect to {host}:{port}: {e!r}") from e
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 __all__ = ["OutboundCore", "ConnectOptions", "RELAY_RIGHT"]

@@ -54,14 +54,10 @@ class RequestLoop:
     def ok_after(self, t: float) -> bool:
         return any(ok for at, ok in self.results if at > t)
 
-    def outage_after(self, t: float) -> float:
-        """Seconds from ``t`` to the first success after the last failure following ``t``."""
-        after = [(at, ok) for at, ok in self.results if at > t]
-        fails = [at for at, ok in after if not ok]
-        if not fails:
-            return 0.0
-        back = next(at for at, ok in after if ok and at > fails[-1])
-        return back - t
+    def longest_gap(self, t: float) -> float:
+        """The longest time between two answers after ``t`` (requests in between failed or waited)."""
+        oks = [at for at, ok in self.results if ok and at > t]
+        return max((b - a for a, b in zip([t, *oks], oks)), default=0.0)
 
 
 def connect_proxy(up: UpSession, ns: str) -> str:
@@ -81,22 +77,26 @@ def test_up_connect_heals_after_manager_restart_and_cut_port_forward(manager, na
                 RequestLoop(connect_proxy(up, ns), f"http://hello.{ns}/loop") as loop:
             up.until("a first answer through the connection", lambda: loop.ok_after(0), 60)
 
-            # -- stage 1: the manager pod is deleted: a new one, the relay reconnects ------------
+            # -- stage 1: the manager pod is deleted: a new one, the relay reconnects by itself -----
             t0 = time.monotonic()
             kubectl("delete", "pod", "-l", "app.kubernetes.io/name=tpenv-manager", "--wait=false", ns="tpenv")
-            up.until("a failure, then answers again", lambda: loop.outage_after(t0) > 0 and loop.ok_after(
-                max(at for at, ok in loop.results if not ok)), 120)
-            after_restart = loop.outage_after(t0)
-            up.wait_output(r"relay session back", 60)
+            up.wait_output(r"relay session back", 120)
+            back = time.monotonic()
+            up.until("an answer after the reconnection", lambda: loop.ok_after(back), 60)
+            after_restart = loop.longest_gap(t0)
 
-            # -- stage 2: every connection to the API server is cut (port-forward included) ------
+            # -- stage 2: every connection to the API server is cut (the port-forward with them) ---
             t1 = time.monotonic()
             assert api.cut() > 0
-            up.until("answers after the cut", lambda: loop.ok_after(t1 + 1) and loop.results[-1][1], 60)
-            after_cut = loop.outage_after(t1)
-            print(f"outage after the manager pod's deletion {after_restart:.1f}s, after the cut {after_cut:.1f}s")
+            up.wait_output(r"relay session back", 120, count=2)
+            back = time.monotonic()
+            up.until("an answer after the cut", lambda: loop.ok_after(back), 60)
+            after_cut = loop.longest_gap(t1)
+            print(f"longest wait for an answer: {after_restart:.1f}s around the manager pod's deletion, "
+                  f"{after_cut:.1f}s around the cut")
+            assert after_restart < 60 and after_cut < 60  # seconds, not a timeout: bounded generously on a busy machine
             assert up.unit(f"connect/{ns}")["state"] == "ready"
-            assert up.status()["connection"]["reconnects"] >= 1
+            assert up.status()["connection"]["reconnects"] >= 2
     finally:
         api.stop()
 

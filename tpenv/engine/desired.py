@@ -314,7 +314,7 @@ class UpFactory:
         """The connect unit, when the file has a ``connect:`` section not set to off."""
         if "connect" not in config.model_fields_set or config.connect.capture == "off":
             return None
-        kube, ns, context = await self._place(config, uctx, config.connect)
+        kube, ns, context = await self.place(config, uctx, config.connect)
         return ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context,
                            on_ready=self._connected)
 

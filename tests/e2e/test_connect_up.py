@@ -138,7 +138,9 @@ def test_intercepted_handler_reaches_db_by_the_pods_short_name(manager, namespac
         # -- stage 3: it reached the db Service through a port map; the env said where -----------
         assert answer["path"] == "/from-handler" and answer["pod"] in db_pods, answer
         assert answer["db_host"].startswith("127.77."), answer
-        maps = up.status()["connection"]["port_maps"]
+        # status's connection section is refreshed every few seconds: wait for the map to show
+        maps = up.until("db's port map in status", lambda: (lambda m: m if f"db.{ns}" in m else None)(
+            up.status()["connection"].get("port_maps") or {}), 30)
         assert maps[f"db.{ns}"] == answer["db_host"], maps  # (wp's own Service too: the kubelet's WP_SERVICE_HOST)
         # the address is this machine's loopback, nothing else listens there
         with socket.create_connection((answer["db_host"], 80), timeout=5):

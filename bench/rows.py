@@ -25,6 +25,7 @@ MODES: dict[str, dict[str, Any]] = {
 ROWS: list[tuple[str, str, str]] = [
     ("setup", "first_intercept_s", "tpenv intercept ready, agent injected on the way (s)"),
     ("setup", "intercept_s", "tpenv intercept ready, agent already there (s)"),
+    ("setup", "mirror_intercept_s", "tpenv intercept --mirror ready, agent already there (s)"),
     ("latency", "loopback", "(c) loopback TCP on the host"),
     ("latency", "port_forward", "(b) kubectl port-forward host -> app pod"),
     ("latency", "direct", "(a) in-cluster -> app"),
@@ -32,6 +33,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency", "intercept", "global intercept: in-cluster -> agent -> tunnel -> laptop"),
     ("latency", "header_matched", "header intercept HTTP/1.1, matched -> laptop"),
     ("latency", "header_unmatched", "header intercept HTTP/1.1, unmatched -> app"),
+    ("latency", "mirror_baseline", "mirror phase baseline: in-cluster -> agent -> app, no mirror"),
+    ("latency", "mirror_handler_up", "mirror intercept, laptop handler up: app answers, copy to laptop"),
+    ("latency", "mirror_handler_stopped", "mirror intercept, laptop handler stopped: app answers, copies dropped"),
     ("grpc", "direct", "(a) gRPC in-cluster -> app"),
     ("grpc", "passthrough", "(d) gRPC via agent passthrough (per-stream h2 path)"),
     ("grpc", "header_matched", "gRPC header intercept, matched stream -> laptop"),
@@ -68,7 +72,7 @@ ROWS: list[tuple[str, str, str]] = [
 
 
 # The phases of a run, in the order they run; `--only` picks among them.
-PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header")
+PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header", "mirror")
 
 
 

@@ -41,6 +41,7 @@ from bench.common import BENCH, log  # noqa: E402
 from bench.meters import infra_pids  # noqa: E402
 from bench.phase_baselines import phase_loopback, phase_port_forward  # noqa: E402
 from bench.phase_intercept import phase_header, phase_intercept  # noqa: E402
+from bench.phase_mirror import phase_mirror  # noqa: E402
 from bench.phase_passthrough import phase_passthrough  # noqa: E402
 from bench.report import chart, markdown, result, table  # noqa: E402
 from bench.rows import PHASES, ROWS  # noqa: E402  (ROWS: tests/e2e/test_bench_smoke.py reads it from here)
@@ -57,7 +58,7 @@ def run(bench: Bench) -> dict:
             phase_loopback(bench)
         if "intercept" in bench.only:
             phase_intercept(bench)
-        elif "passthrough" in bench.only or "header" in bench.only:
+        elif "passthrough" in bench.only or "header" in bench.only or "mirror" in bench.only:
             bench.inject_only()
         if "passthrough" in bench.only:
             phase_passthrough(bench)
@@ -65,6 +66,8 @@ def run(bench: Bench) -> dict:
             phase_port_forward(bench)
         if "header" in bench.only:
             phase_header(bench)
+        if "mirror" in bench.only:
+            phase_mirror(bench)
     except Exception as e:  # noqa: BLE001 - setup broke: every row not measured says so
         log(f"run stopped: {type(e).__name__}: {e}")
         bench.notes.append(f"run stopped: {type(e).__name__}: {e}")

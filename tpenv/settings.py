@@ -67,6 +67,9 @@ class TunnelSettings(_Section):
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a tunnel to an agent to open.")
     retry_initial: float = Field(0.5, gt=0, description="First delay in seconds before reopening a dropped tunnel.")
     retry_max: float = Field(10.0, gt=0, description="Longest delay in seconds between tunnel retries (backoff cap).")
+    leave_drain: float = Field(15.0, ge=0, description=(
+        "On leave, seconds to let connections and requests already sent to this machine finish before the "
+        "tunnel closes (new ones go to the app at once)."))
 
 
 class PortForwardSettings(_Section):

@@ -457,8 +457,8 @@ class RawSession:
         assert answer["id"] == self._ids
         return answer
 
-    async def intercept(self, name: str, port: str, match: dict | None, local_port: int) -> dict:
+    async def intercept(self, name: str, port: str, match: dict | None, local_port: int, **extra: Any) -> dict:
         self.forward_port += 1
         await self.conn.forward_remote_port("tpenv", self.forward_port, "127.0.0.1", local_port)
         return await self.call("intercept", intercept_id=f"{self.session}:{name}", port=port, match=match,
-                               forward={"host": "tpenv", "port": self.forward_port})
+                               forward={"host": "tpenv", "port": self.forward_port}, **extra)

@@ -79,7 +79,7 @@ async def test_raw_passthrough_under_load_hands_new_connections_to_per_request_r
     reach the dev handler; after the leave, new connections are raw again.
     """
     m = auth_material()
-    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"], extra=["--http1-passthrough", "raw"]) as agent:
         port = agent.port("http")
         phase = "before"
         seen: dict[tuple[str, str, str], int] = {}  # (phase, caller kind, who answered) -> count

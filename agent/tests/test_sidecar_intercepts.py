@@ -23,17 +23,20 @@ async def test_global_intercept_sends_new_connections_to_the_client_and_leave_re
         port = agent.port("http")
         async with RawSession(agent, m, "s1") as s:
             assert (await s.call("hello", session="s1", client="test"))["ports"][0]["name"] == "http"
-            # Stage: a keep-alive connection opened before the intercept stays with the app.
+            # Stage: a keep-alive connection opened before the intercept is parsed per request
+            # (--http1-passthrough route, the default): its next request goes to the client too.
             async with Http1(port) as before:
                 await before.request("/")
                 answer = await s.intercept("all", "http", None, dev.port)
                 assert answer["ok"], answer
                 assert (await get_once(port))["who"] == "dev"
                 _, _, body = await before.request("/")
+                assert b'"who": "dev"' in body
+                # Stage: leave; new connections, and the next request of that one, go to the app.
+                assert (await s.call("leave", intercept_id="s1:all"))["ok"]
+                assert (await get_once(port))["who"] == "app"
+                _, _, body = await before.request("/")
                 assert b'"who": "app"' in body
-            # Stage: leave; new connections go to the app again.
-            assert (await s.call("leave", intercept_id="s1:all"))["ok"]
-            assert (await get_once(port))["who"] == "app"
 
 
 async def test_http1_keepalive_connection_mixes_matched_and_unmatched_requests(tmp_path):

@@ -110,6 +110,7 @@ class ControlChannel:
             "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
             "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
             "lease": sc.lease,
+            "features": ["mirror"],
         }
 
     async def _identify(self, token: Any) -> None:
@@ -140,7 +141,10 @@ class ControlChannel:
         return True
 
     def _op_ping(self, req: dict) -> dict:
-        return {"time": time.time()}
+        # This session's mirror counters ride on the heartbeat, so the client's status stays current.
+        mirrors = {i.intercept_id: dict(i.mirror_stats) for i in self.sidecar.registry.all()
+                   if i.session == self.session and i.mirror}
+        return {"time": time.time(), **({"mirror": mirrors} if mirrors else {})}
 
     async def _op_intercept(self, req: dict) -> dict:
         iid = req.get("intercept_id")
@@ -154,14 +158,18 @@ class ControlChannel:
         forward = (fwd["host"].lower(), fwd["port"])
         if forward not in self.state.forwards:
             raise ControlError("bad-request", "forward was not registered with tcpip-forward on this connection")
+        mode = req.get("mode", "intercept")
+        if mode not in ("intercept", "mirror"):
+            raise ControlError("bad-request", f"mode must be 'intercept' or 'mirror', not {mode!r}")
         icpt = Intercept(iid, self.session, port, match, forward, owner=self, opener=self.state.opener(forward),
-                         user=self.user, verified=self.verified)
+                         user=self.user, verified=self.verified, mirror=mode == "mirror")
         old = next((i for i in self.sidecar.registry.all() if i.intercept_id == iid), None)
         force = old is not None and old.user != self.user and await self._may_force(req)
         self.sidecar.registry.add(icpt, force=force)
         if force:
             self.log.warning("intercept %s of %s replaced by %s (force)", iid, old.user, self.user)
-        self.log.info("intercept %s on port %s (%s)", iid, port.name, "all TCP" if match is None else "HTTP match")
+        self.log.info("intercept %s on port %s (%s%s)", iid, port.name, "all TCP" if match is None else "HTTP match",
+                      ", mirror" if icpt.mirror else "")
         return {"intercept": icpt.describe()}
 
     async def _op_leave(self, req: dict) -> dict:

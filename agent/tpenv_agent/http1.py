@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from .splice import Buffered, close_writer, splice_streams
+from .mirror import Tee
 
 HEAD_LIMIT = 64 * 1024
 CHUNK = 64 * 1024
@@ -225,8 +226,10 @@ class Http1Relay:
     """Serves one caller connection. ``route(head)`` -> (Pool, label, fallback Pool|None)."""
 
     def __init__(self, reader: Buffered, writer: Any, route: Callable[[Head], tuple[Pool, Pool | None]],
-                 log: Any) -> None:
+                 log: Any, mirror: Callable[[Head], list[Any]] | None = None) -> None:
         self.reader, self.writer, self.route, self.log = reader, writer, route, log
+        # The mirror sinks (mirror.MirrorSink) that want a copy of a request, if any.
+        self.mirror = mirror
 
     async def run(self) -> None:
         try:
@@ -279,12 +282,16 @@ class Http1Relay:
             await splice_streams(self.reader, self.writer, up[0], up[1])
             return False
         has_body = head.chunked or (head.content_length or 0) > 0
+        sinks = self.mirror(head) if self.mirror is not None else []
+        tee = None
         for attempt in (0, 1):
             (up_r, up_w), reused, used = await self._upstream(pool, fallback)
+            # With mirrors, what goes to the destination is also kept, as the copy (mirror.py).
+            out_w = tee = Tee(up_w) if sinks else up_w
             if has_body:  # the head goes out with the first piece of body
-                body = asyncio.ensure_future(copy_body(self.reader, up_w, head, prefix=head.raw))
+                body = asyncio.ensure_future(copy_body(self.reader, out_w, head, prefix=head.raw))
             else:
-                up_w.write(head.raw)
+                out_w.write(head.raw)
                 body = None
             try:
                 resp = await read_head(up_r, request=False)
@@ -311,6 +318,8 @@ class Http1Relay:
         framed = await copy_body(up_r, self.writer, resp, response_to=head.start[0], prefix=resp.raw)
         if body is not None:
             await body
+        for sink in sinks:  # never waits: a copy that cannot be queued is dropped and counted
+            sink.offer(tee)
         up_alive = framed and resp.keep_alive(resp.start[0])
         if up_alive:
             used.put((up_r, up_w))

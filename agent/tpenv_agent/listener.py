@@ -17,6 +17,7 @@ from . import log as logs
 from .bind import listen_socket
 from .http1 import METHOD_SNIFF, Http1Relay, Pool, looks_like_http1
 from .http2 import PREFACE, H2Router
+from .mirror import MirrorSink
 from .registry import Intercept, PortSpec
 from .splice import Buffered, Half, close_writer, join, splice_streams
 
@@ -104,6 +105,7 @@ class PortListener:
         self._tasks: set[asyncio.Task] = set()
         self.app_pool = Pool(self.open_app)
         self._icpt_pools: dict[Intercept, Pool] = {}
+        self._sinks: dict[Intercept, MirrorSink] = {}
         sidecar.registry.on_end.append(self._intercept_ended)
 
     async def start(self) -> int:
@@ -124,6 +126,8 @@ class PortListener:
         self.app_pool.close()
         for p in self._icpt_pools.values():
             p.close()
+        for m in self._sinks.values():
+            m.close()
 
     async def wait_closed(self) -> None:
         if self._server is not None:
@@ -144,6 +148,9 @@ class PortListener:
         pool = self._icpt_pools.pop(icpt, None)
         if pool is not None:
             pool.close()  # idle channels only; requests in flight finish on theirs
+        sink = self._sinks.pop(icpt, None)
+        if sink is not None:
+            sink.close()
 
     # --- connections ---------------------------------------------------------------------
     async def splice_to(self, entry: _Entry, holder: Intercept | None) -> None:
@@ -190,7 +197,7 @@ class PortListener:
         if first.startswith(PREFACE):
             await H2Router(reader, writer, self._route_h2, self._open_h2_dest, self.log).run()
         elif looks_like_http1(first):
-            await Http1Relay(reader, writer, self._route_h1, self.log).run()
+            await Http1Relay(reader, writer, self._route_h1, self.log, self._mirror_h1).run()
         else:
             await self._stream_splice(reader, writer)
 
@@ -226,6 +233,16 @@ class PortListener:
         if icpt is None:
             return self.app_pool, None
         return self._pool_for(icpt), self.app_pool
+
+    def _mirror_h1(self, head: Any) -> list[MirrorSink]:
+        out = []
+        for icpt in self.sidecar.registry.mirrors(self.spec, head.headers, head.start[1]):
+            sink = self._sinks.get(icpt)
+            if sink is None and not icpt.ended:
+                sink = self._sinks[icpt] = MirrorSink(icpt, self.log)
+            if sink is not None:
+                out.append(sink)
+        return out
 
     def _route_h2(self, headers: dict, path: bytes) -> Intercept | None:
         return self.sidecar.registry.route_request(self.spec, headers, path)

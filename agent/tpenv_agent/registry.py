@@ -126,6 +126,9 @@ class Intercept:
     # Opens a channel to the client: async (orig_host, orig_port) -> (reader, writer).
     opener: Callable[..., Any] | None = None
     ended: bool = False
+    # Mirror mode: the app keeps answering; matched HTTP requests are copied to the client (mirror.py).
+    mirror: bool = False
+    mirror_stats: dict[str, int] = field(default_factory=lambda: {"sent": 0, "dropped": 0})
 
     def __post_init__(self) -> None:
         rule = self.match.personal_rule() if self.match is not None else None
@@ -137,15 +140,19 @@ class Intercept:
         return self._personal
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "intercept_id": self.intercept_id,
             "session": self.session,
             "owner": self.user or f"session {self.session}",
             "verified": self.verified,
             "port": self.port.name,
             "match": self.match.spec if self.match else None,
+            "mode": "mirror" if self.mirror else "intercept",
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
         }
+        if self.mirror:
+            out["mirror"] = dict(self.mirror_stats)
+        return out
 
 
 class Registry:
@@ -169,15 +176,16 @@ class Registry:
         if old is not None and old.user != icpt.user and not force:
             raise ControlError("forbidden", f"intercept {icpt.intercept_id} is held by {_holder(old)}: only they "
                                             "can replace it (or a user allowed to force intercepts.tpenv.io)")
-        if icpt.match is None:
+        if icpt.match is None and not icpt.mirror:
             for other in self._by_id.values():
                 # Also within one session: one port has at most one all-TCP holder.
-                if other.port is icpt.port and other.match is None and other.intercept_id != icpt.intercept_id:
+                if other.port is icpt.port and other.match is None and not other.mirror \
+                        and other.intercept_id != icpt.intercept_id:
                     raise ControlError(
                         "conflict",
                         f"port {icpt.port.name} is already intercepted (all TCP) by {other.intercept_id} "
                         f"(held by {_holder(other)})")
-        else:
+        elif icpt.match is not None:  # a mirror's rule too: copies of someone's personal traffic are theirs
             rule = icpt.match.personal_rule()
             for other in self._by_id.values():
                 if (rule is not None and other.port is icpt.port and other.user != icpt.user
@@ -224,11 +232,12 @@ class Registry:
     # --- routing -----------------------------------------------------------------------
 
     def on_port(self, port: PortSpec) -> tuple[list[Intercept], Intercept | None]:
-        """(header intercepts in registration order, the all-TCP holder or None)."""
+        """(intercepts that need each request looked at: header and mirror ones, in registration
+        order; the all-TCP holder or None). A mirror never holds: the app keeps the connection."""
         header, holder = [], None
         for i in self._by_id.values():
             if i.port is port:
-                if i.match is None:
+                if i.match is None and not i.mirror:
                     holder = i
                 else:
                     header.append(i)
@@ -237,18 +246,23 @@ class Registry:
     def route_request(self, port: PortSpec, headers: dict[bytes, list[bytes]], path: bytes) -> Intercept | None:
         """Header intercepts first, then the all-TCP holder; None means the app. A request
         carrying a personal header goes first to the intercept it names, whatever was registered
-        before it: a broader rule never takes another developer's personal traffic."""
+        before it: a broader rule never takes another developer's personal traffic. Mirrors never route."""
         header, holder = self.on_port(port)
         named = headers.get(PERSONAL_HEADER.encode())
         if named:
             wanted = {v.decode("latin-1") for v in named}
             for i in header:
-                if i.personal_id() in wanted and i.match is not None and i.match.matches(headers, path):
+                if not i.mirror and i.personal_id() in wanted and i.match is not None and i.match.matches(headers, path):
                     return i
         for i in header:
-            if i.match is not None and i.match.matches(headers, path):
+            if not i.mirror and i.match is not None and i.match.matches(headers, path):
                 return i
         return holder
+
+    def mirrors(self, port: PortSpec, headers: dict[bytes, list[bytes]], path: bytes) -> list[Intercept]:
+        """The mirror intercepts that want a copy of this request (no rule: every request)."""
+        return [i for i in self._by_id.values() if i.port is port and i.mirror
+                and (i.match is None or i.match.matches(headers, path))]
 
 
 def _holder(icpt: Intercept) -> str:

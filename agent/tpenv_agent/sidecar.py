@@ -52,9 +52,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--h2-passthrough", choices=("route", "raw"), default="route",
                    help="route: h2c connections always go through the per-stream router, so intercepts "
                         "started later see streams of long-lived (gRPC) connections; raw: splice them")
-    p.add_argument("--http1-passthrough", choices=("route", "raw"), default="raw",
-                   help="raw: HTTP/1.x connections accepted while the port has no header intercept are "
-                        "spliced (cheap; keep-alive ones stay with the app); route: parse them too")
+    # route by default (issue #11): a keep-alive connection opened before an intercept must still
+    # have its next matching request intercepted; raw trades that for less CPU per request.
+    p.add_argument("--http1-passthrough", choices=("route", "raw"), default="route",
+                   help="route (default): HTTP/1.x connections are parsed per request even while the port has "
+                        "no header intercept, so an intercept started later sees the next requests of kept-alive "
+                        "connections; raw: splice them (cheaper; keep-alive ones stay with the app)")
     p.add_argument("--api-server", default=None,
                    help="the API server's URL, to verify sessions' users (default: the in-cluster one)")
     p.add_argument("--api-ca", default=None, help="its CA file (default: the pod's service-account ca.crt)")

@@ -85,15 +85,16 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
     out = json.loads(result.read_text())
     env_file = json.loads((tmp_path / "store.env").read_text())
 
-    # Stage 2: the env file is what the app container sees, plus TELEPRESENCE_*.
+    # Stage 2: the env file is what the app process sees (its image's ENV, and PWD its `sh -c`
+    # exported, included), plus TELEPRESENCE_*.
     pod = kubectl_json("get", "pods", "-l", "app=store", ns=ns)["items"][0]["metadata"]["name"]
-    seen = dict(line.split("=", 1) for line in kubectl("exec", pod, "-c", "app", "--", "env", ns=ns)
-                .stdout.splitlines() if "=" in line)
-    image_env = {"PATH", "HOME", "LANG", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
-    expected = {k: v for k, v in seen.items() if k not in image_env}
+    seen = dict(item.split("=", 1) for item in kubectl("exec", pod, "-c", "app", "--", "cat", "/proc/1/environ",
+                                                       ns=ns).stdout.split("\0") if "=" in item)
+    expected = dict(seen)
     expected["AWS_WEB_IDENTITY_TOKEN_FILE"] = f"{vol}{TOKEN_DIR}/token"
-    got = {k: v for k, v in env_file.items() if not k.startswith("TELEPRESENCE_") and k not in image_env}
+    got = {k: v for k, v in env_file.items() if not k.startswith("TELEPRESENCE_")}
     assert got == expected
+    assert got["PYTHONUNBUFFERED"] == "1" and got["LANG"] == "C.UTF-8"  # the testapp image's ENV
     assert env_file["TELEPRESENCE_ROOT"] == str(vol)
     assert env_file["TELEPRESENCE_CONTAINER"] == "app"
     assert set(env_file["TELEPRESENCE_MOUNTS"].split(":")) >= {"/data", TOKEN_DIR}

@@ -5,6 +5,7 @@ sidecar as a process; then the session's operations and how its errors map to tp
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -154,3 +155,33 @@ async def test_session_runs_over_a_pluggable_tunnel(tmp_path):
             await s.intercept("web", "http", None, dev.port)
             assert (await get_once(agent.port("http")))["who"] == "dev"
         assert tunnel.asked == [("pod/web-0", 7922)]
+
+
+async def test_leave_with_drain_lets_requests_already_sent_finish_before_the_session_closes(tmp_path):
+    # Issue #11 "zero loss": a matched request in flight on the laptop when the intercept ends must
+    # get its answer from the laptop. Leaving used to close the SSH session at once, cutting it.
+    m = make_auth_material()
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+        port = agent.port("http")
+        mine = {"x-telepresence-intercept-id": "s1:web"}
+
+        # Stage 1: a request reaches the laptop's handler and waits there (dev.gate).
+        s = session(m, agent)
+        await s.connect()
+        await s.intercept("web", "http", {"headers": dict(mine)}, local_port=dev.port)
+        pending = asyncio.ensure_future(get_once(port, "/slow", headers=mine))
+        await asyncio.wait_for(dev.arrived.wait(), 20)
+
+        # Stage 2: leave with a drain: the agent sends new requests to the app at once...
+        leaving = asyncio.ensure_future(s.leave("web", drain=20))
+        await asyncio.sleep(0)  # the leave's line goes out first; the agent answers in order
+        assert await s.list() == []
+        assert (await get_once(port, headers=mine))["who"] == "app"
+        assert not leaving.done()  # ... while the request in flight holds the drain
+
+        # Stage 3: the handler answers; the request ends on the laptop, then the leave returns.
+        dev.gate.set()
+        assert (await asyncio.wait_for(pending, 20))["who"] == "dev"
+        await asyncio.wait_for(leaving, 20)
+        s.close()
+        await s.wait_closed()

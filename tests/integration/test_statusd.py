@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tpenv.engine.statusd import StatusServer, find_sessions, request_down, request_status
+from tpenv.engine.statusd import StatusServer, find_sessions, request_down, request_env, request_status
 from tpenv.errors import NotFound, UsageError
 
 WAIT = 20.0
@@ -47,6 +47,18 @@ async def test_unknown_and_garbage_requests_get_an_error_not_a_crash(tmp_path):
         assert not first["ok"] and not second["ok"] and "reboot" in second["error"]
         writer.close()
         assert (await request_status(srv.info.socket))["ok"]  # still serving
+
+
+async def test_env_is_answered_per_name_and_never_in_status(tmp_path):
+    # `tpenv env NAME` asks the running session; the env (secrets) stays out of status and the state file.
+    envs = {"web": {"DB_PASSWORD": "s3cr3t", "LANG": "C.UTF-8"}}
+    async with server(tmp_path, session_id="s9", env_of=envs.get) as srv:
+        assert await request_env(srv.info, "web") == envs["web"]
+        assert await request_env(srv.info, "other") is None
+        assert "s3cr3t" not in json.dumps(await request_status(srv.info))
+        assert "s3cr3t" not in (tmp_path / "s9.json").read_text()
+    async with server(tmp_path, session_id="s10") as srv:  # a session without intercepts
+        assert await request_env(srv.info, "web") is None
 
 
 # --- stage 2: down from another shell ------------------------------------------------------------

@@ -404,6 +404,11 @@ class Intercept(BaseModel):
         "HTTP rules selecting the requests to intercept; 'all': every TCP connection, even in team mode; "
         f"absent: every TCP connection, or only requests with your personal header ({PERSONAL_HEADER}) when "
         "the cluster's manager runs in team mode."))
+    mode: Literal["intercept", "mirror"] = Field("intercept", description=(
+        "intercept: the matched traffic goes to this machine instead of the app; mirror: the app in the "
+        "cluster keeps answering every request and this machine gets a copy of each matched HTTP/1.x request, "
+        "its answers discarded (Telepresence's wiretap); a slow or stopped handler never slows the app, "
+        "copies it cannot take are dropped and counted in `tpenv status`."))
     env: EnvSpec = Field(default_factory=EnvSpec, description=EnvSpec.__doc__)
     mount: MountField = Field(default_factory=MountSpec, description=(
         MountSpec.__doc__ + " Not given: mounted where sshfs and FUSE are, else left out with a note saying how "

@@ -267,6 +267,14 @@ class UpFactory:
                           if (row := run.mount_row()) is not None],
                 **({"connection": self.connection.snapshot} if self.connection is not None else {})}
 
+    def env_of(self, name: str) -> dict[str, str] | None:
+        """The env of this session's intercept ``name`` (`tpenv env NAME`), once it is ready."""
+        for run in list(self.runs.values()):
+            env = run.env_of(name)
+            if env is not None:
+                return env
+        return None
+
     def checked(self, config: Config) -> Config:
         """``config`` with its contexts resolved in the reader's kubeconfig (ConfigError, exit 2,
         at start; a running session keeps its state on a bad edit). Use as run_up's ``load``."""

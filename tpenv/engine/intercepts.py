@@ -22,6 +22,7 @@ from typing import Any
 from tpenv import logs
 from tpenv.config.env import render_env, write_env_file
 from tpenv.config.models import Intercept
+from tpenv.engine.appenv import merge_app_env, read_app_env
 from tpenv.engine.agents import AgentReady, ensure_agent, pick_service, pod_serves, service_port
 from tpenv.engine.mounts import make_mount, skip_default_mount
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
@@ -54,6 +55,9 @@ class EnvMountSpec:
     base_dir: Path = Path(".")
     env_json: str | None = None  # an extra JSON env file (--env-json)
     settings: Any = field(default=None, compare=False, repr=False)
+    kube: Any = field(default=None, compare=False, repr=False)  # to read the app process's env (appenv.py)
+    # What was already said about an unreadable app env: once per intercept, not per pod.
+    said: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def key(self) -> Key:
@@ -102,9 +106,23 @@ class EnvMountUnit:
         s = self.spec
         self._state.set(State.STARTING)
         session = s.registry.session(s.tunnel_key)
-        base = await session.env()
+        # The app process's env (its image's ENV) is read in its container while the agent answers.
+        process = asyncio.ensure_future(read_app_env(s.kube, s.namespace, s.pod, s.container)) \
+            if s.kube is not None else None
+        try:
+            base = await session.env()
+            mounts = (await session.mounts())["mounts"]
+        except BaseException:
+            if process is not None:
+                process.cancel()
+            raise
+        if process is not None:
+            app = await process
+            if app.why_not is not None and app.why_not not in s.said:
+                s.said.add(app.why_not)
+                self.log.warning("%s", app.why_not)
+            base = merge_app_env(base, app.env)
         logs.secret_env(base)  # the app's secret values never reach a log line, at any level
-        mounts = (await session.mounts())["mounts"]
         self.mounts = list(mounts)
         mount_spec = s.intercept.mount
         if mount_spec.path is not False and mounts and not skip_default_mount(
@@ -175,6 +193,7 @@ class InterceptRun:
         self.rec: Reconciler | None = None
         self._pods: dict[str, dict[str, Any]] = {}
         self._watch_task: asyncio.Task | None = None
+        self._said: set[str] = set()  # warnings already given (EnvMountSpec.said)
         self.log = unit_logger("intercept", intercept.name or intercept.workload)
 
     # -- resolving ------------------------------------------------------------------------
@@ -211,7 +230,8 @@ class InterceptRun:
     def registration(self) -> Registration:
         assert self.resolved is not None
         match = self.match.wire(self.intercept_id) if self.match else None
-        return Registration(self.intercept.name or "", self.resolved.agent.port_name, match, self.intercept.port.local)
+        return Registration(self.intercept.name or "", self.resolved.agent.port_name, match, self.intercept.port.local,
+                            self.intercept.mode)
 
     def ready_pods(self) -> list[dict[str, Any]]:
         assert self.resolved is not None
@@ -227,13 +247,14 @@ class InterceptRun:
             spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
                               pod["metadata"]["uid"], self.session_id, self.material, (self.registration(),),
                               ssh_port=self.settings.agent.ssh_port if self.settings is not None else 7922,
-                              connect_timeout=t.connect_timeout if t is not None else 15.0)
+                              connect_timeout=t.connect_timeout if t is not None else 15.0,
+                              leave_drain=t.leave_drain if t is not None else 15.0)
             specs[spec.key] = spec
         pods = self.ready_pods()
         if pods:
             em = EnvMountSpec(self.registry, self.intercept, self.namespace, self.intercept.workload_name,
                               pods[0]["metadata"]["name"], self.intercept_id, self.resolved.agent.container,
-                              self.base_dir, self.env_json, self.settings)
+                              self.base_dir, self.env_json, self.settings, self.kube, self._said)
             specs[em.key] = em
         return specs
 
@@ -297,6 +318,13 @@ class InterceptRun:
                 "since": st.since, "last_error": st.last_error, "restarts": st.restarts,
                 "detail": st.detail, "pid": getattr(mount, "pid", None)}
 
+    def env_of(self, name: str) -> dict[str, str] | None:
+        """The env this intercept's handler gets, if ``name`` is this intercept and it is ready."""
+        unit = self.env_unit()
+        if name != self.intercept.name or unit is None or unit.health().state is not State.READY:
+            return None
+        return dict(unit.env)
+
     def first_error(self, *, permanent_only: bool = False) -> TpenvError | str | None:
         """A failed unit's last error. ``permanent_only``: only failures retrying cannot fix (a
         conflict, a refusal), which end the wait at once; a dropped tunnel is retried meanwhile."""
@@ -308,6 +336,15 @@ class InterceptRun:
                 if not permanent_only or tuple(u["key"]) in permanent:
                     return self.rec.errors.get(tuple(u["key"])) or u["last_error"]  # the error kept whole
         return None
+
+    def mirror_stats(self) -> dict[str, int]:
+        """Copies sent to this machine and dropped (slow or absent handler), summed over the replicas."""
+        out = {"sent": 0, "dropped": 0}
+        for unit in list(self.registry.units.values()):
+            stats = (unit.session.mirror_stats if unit.session is not None else {}).get(self.intercept_id) or {}
+            for k in out:
+                out[k] += int(stats.get(k) or 0)
+        return out
 
     def is_ready(self) -> bool:
         if self.rec is None:
@@ -356,6 +393,8 @@ class InterceptRun:
             "mount_point": str(unit.mount_point) if unit and unit.mount_point else None,
             "match": self.match.wire(self.intercept_id) if self.match else None,
             "team_mode_default": self.team_default,
+            "mode": self.intercept.mode,
+            **({"mirror": self.mirror_stats()} if self.intercept.mode == "mirror" else {}),
             "pods": [k[2] for k in (self.rec.running if self.rec else {}) if k[0] == "tunnel"],
             "state": "ACTIVE" if self.is_ready() else "WAITING",
         }

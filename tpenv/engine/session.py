@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tpenv.engine.statusd import SessionInfo, StatusServer, find_sessions, new_session_id, request_down, \
-    request_status
+    request_env, request_status
 from tpenv.errors import NotFound, TpenvError, UsageError
 
-__all__ = ["new_session_id", "publish_session", "running_intercepts", "find_intercept", "leave"]
+__all__ = ["new_session_id", "publish_session", "running_intercepts", "find_intercept", "intercept_env", "leave"]
 
 
 def _state_dir(settings: Any):
@@ -25,10 +25,13 @@ def _state_dir(settings: Any):
 
 @contextlib.asynccontextmanager
 async def publish_session(settings: Any, session_id: str, snapshot: Callable[[], dict[str, Any]],
-                          on_down: Callable[[], None]) -> AsyncIterator[StatusServer]:
-    """Publish this session while the block runs; `down`/`leave` from elsewhere call ``on_down``."""
+                          on_down: Callable[[], None],
+                          env_of: Callable[[str], dict[str, str] | None] | None = None
+                          ) -> AsyncIterator[StatusServer]:
+    """Publish this session while the block runs; `down`/`leave` from elsewhere call ``on_down``,
+    `tpenv env NAME` calls ``env_of(NAME)``."""
     async with StatusServer(snapshot=snapshot, on_down=on_down, state_dir=_state_dir(settings),
-                            session_id=session_id) as server:
+                            session_id=session_id, env_of=env_of) as server:
         yield server
 
 
@@ -52,6 +55,17 @@ async def find_intercept(settings: Any, name: str) -> tuple[SessionInfo, dict[st
                        hint="`tpenv list` shows the intercepts; an intercept of a killed session ends by "
                             "itself within the agent's lease")
     return found[0]
+
+
+async def intercept_env(settings: Any, name: str) -> dict[str, str] | None:
+    """The env a running intercept ``name`` on this machine gives its handler (``tpenv intercept`` or
+    ``tpenv up``); None when no running session holds an intercept of that name."""
+    for session, ic in await running_intercepts(settings):
+        if ic.get("name") == name:
+            env = await request_env(session, name)
+            if env is not None:
+                return env
+    return None
 
 
 async def leave(settings: Any, name: str, *, wait: float = 30.0) -> dict[str, Any]:

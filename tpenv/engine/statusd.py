@@ -87,10 +87,14 @@ class StatusServer:
         state_dir: str | Path = DEFAULT_STATE_DIR,
         session_id: str | None = None,
         config: str | Path | None = None,
+        env_of: Callable[[str], dict[str, str] | None] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).expanduser()
         self.id = session_id or new_session_id()
         self.snapshot, self.on_down = snapshot, on_down
+        # The env a named intercept's handler gets (None: no such intercept, or not ready yet).
+        # Asked for by `tpenv env NAME`; it holds secrets, so it is never in status or the state file.
+        self.env_of = env_of
         sock = self.state_dir / f"{self.id}.sock"
         if len(os.fsencode(sock)) > SUN_PATH_MAX:
             raise UsageError(f"session socket path too long for Unix sockets: {sock}",
@@ -127,17 +131,21 @@ class StatusServer:
         try:
             while line := await reader.readline():
                 try:
-                    request = json.loads(line).get("request")
+                    message = json.loads(line)
+                    request = message.get("request")
                 except (ValueError, AttributeError):
-                    request = None
+                    message, request = {}, None
                 if request == "status":
                     reply = {"ok": True, "session": asdict(self.info), **self.snapshot()}
                 elif request == "down":
                     self.log.info("down requested from another shell")
                     reply = {"ok": True, "stopping": True}
                     self.on_down()
+                elif request == "env":
+                    env = self.env_of(str(message.get("name"))) if self.env_of is not None else None
+                    reply = {"ok": True, "env": env}
                 else:
-                    reply = {"ok": False, "error": f"unknown request {request!r}; expected status or down"}
+                    reply = {"ok": False, "error": f"unknown request {request!r}; expected status, down or env"}
                 writer.write(json.dumps(reply, default=str).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, ValueError, asyncio.LimitOverrunError):
@@ -190,8 +198,9 @@ async def _open(session: SessionInfo | str | Path) -> tuple[asyncio.StreamReader
         raise TransientError(f"cannot reach the tpenv up session at {sock}: {e}") from e
 
 
-async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: str, timeout: float) -> dict:
-    writer.write(json.dumps({"request": request}).encode() + b"\n")
+async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: str, timeout: float,
+               **fields: Any) -> dict:
+    writer.write(json.dumps({"request": request, **fields}).encode() + b"\n")
     try:
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
@@ -212,6 +221,15 @@ async def request_status(session: SessionInfo | str | Path, timeout: float = 5.0
     reader, writer = await _open(session)
     try:
         return await _ask(reader, writer, "status", timeout)
+    finally:
+        writer.close()
+
+
+async def request_env(session: SessionInfo | str | Path, name: str, timeout: float = 5.0) -> dict[str, str] | None:
+    """The env intercept ``name`` of the session gives its handler; None when it has no such ready intercept."""
+    reader, writer = await _open(session)
+    try:
+        return (await _ask(reader, writer, "env", timeout, name=name)).get("env")
     finally:
         writer.close()
 

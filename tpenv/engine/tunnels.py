@@ -58,9 +58,11 @@ class Registration:
     port: str | int  # the agent port name as given in --listen (protocol §3)
     match: dict[str, Any] | None  # None: all TCP
     local_port: int
+    mode: str = "intercept"  # or "mirror": copies of the matched requests (protocol §3)
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "port": self.port, "match": self.match, "local_port": self.local_port}
+        return {"name": self.name, "port": self.port, "match": self.match, "local_port": self.local_port,
+                "mode": self.mode}
 
 
 class TunnelRegistry:
@@ -90,6 +92,7 @@ class TunnelSpec:
     registrations: tuple[Registration, ...] = ()
     ssh_port: int = 7922
     connect_timeout: float = 15.0
+    leave_drain: float = 15.0  # settings.tunnels.leave_drain
 
     @property
     def key(self) -> Key:
@@ -136,8 +139,9 @@ class TunnelUnit:
         try:
             await session.connect()
             for r in s.registrations:
-                await session.intercept(r.name, port=r.port, match=r.match, local_port=r.local_port)
-                self.log.info("intercept %s registered (port %s -> 127.0.0.1:%d)", r.name, r.port, r.local_port)
+                await session.intercept(r.name, port=r.port, match=r.match, local_port=r.local_port, mode=r.mode)
+                self.log.info("intercept %s registered (port %s -> 127.0.0.1:%d%s)", r.name, r.port, r.local_port,
+                              ", mirror" if r.mode == "mirror" else "")
         except BaseException:
             session.close()
             with contextlib.suppress(Exception):
@@ -169,9 +173,11 @@ class TunnelUnit:
         if self.spec.registry.units.get(self.key) is self:
             del self.spec.registry.units[self.key]
         if self.session is not None:
-            for r in self.spec.registrations:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.session.leave(r.name), 3)
+            # Leave everywhere first, then drain: each leave stops new work at once; what was
+            # already sent to us finishes before the session (and its channels) closes.
+            drain = self.spec.leave_drain
+            await asyncio.gather(*(asyncio.wait_for(self.session.leave(r.name, drain=drain), drain + 3)
+                                   for r in self.spec.registrations), return_exceptions=True)
             self.session.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.session.wait_closed(), 5)

@@ -134,6 +134,7 @@ async def run_up(
     load: Callable[[Path], Any] | None = None,
     view: Callable[[Callable[[], dict[str, Any]]], contextlib.AbstractAsyncContextManager] | None = None,
     extra_status: Callable[[], dict[str, Any]] | None = None,
+    env_of: Callable[[str], dict[str, str] | None] | None = None,
 ) -> int:
     """Run a session until Ctrl-C, SIGTERM or `tpenv down`. Returns 0 after a clean stop,
     130 after a forced one; raises ConfigError/UsageError when the config is wrong at start
@@ -191,7 +192,7 @@ async def run_up(
 
             await stack.enter_async_context(StatusServer(
                 snapshot=snapshot, on_down=rec.request_stop, state_dir=settings.session.state_dir,
-                session_id=session_id, config=config_path))
+                session_id=session_id, config=config_path, env_of=env_of))
             await stack.enter_async_context(FileWatcher(
                 config_path.parent, [config_path.name], on_change=lambda _: rec.notify(UnitEvent("config")),
                 debounce=h.debounce, name=config_path.name, recursive=False))
@@ -277,6 +278,12 @@ def format_status(replies: list[dict[str, Any]], now: float | None = None) -> st
             out.append("  no units")
         if r.get("connection"):
             out.extend("  " + line for line in connection_lines(r["connection"]))
+        for ic in r.get("intercepts") or []:  # the mode of each intercept; a mirror's copy counters
+            line = f"  intercept {ic.get('name')}: {ic.get('mode') or 'intercept'}"
+            if ic.get("mode") == "mirror":
+                m = ic.get("mirror") or {}
+                line += f", copies sent {m.get('sent', 0)}, dropped {m.get('dropped', 0)}"
+            out.append(line)
     return "\n".join(out)
 
 

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import asyncssh
+from asyncssh.constants import OPEN_CONNECT_FAILED
 
 from tpenv.kits.sshjson import JsonChannelSession
 from tpenv.logs import unit_logger
@@ -100,6 +101,41 @@ async def open_ssh(session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey,
         raise TunnelDropped(f"cannot reach {peer}: {type(e).__name__}: {e}") from e
 
 
+class _Inflight:
+    """The forwarded connections of one intercept still open on this machine (see ``leave``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def opened(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def closed(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.idle.set()
+
+
+class _TrackedForwarder(asyncssh.SSHForwarder):
+    """asyncssh's forwarder of one ``forwarded-tcpip`` channel, telling ``_Inflight`` when it ends
+    (counted as opened already: from the moment the channel was offered, see ``forward``)."""
+
+    def __init__(self, peer: asyncssh.SSHForwarder, inflight: _Inflight) -> None:
+        super().__init__(peer)
+        self._inflight = inflight
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self._inflight is not None:
+                self._inflight.closed()
+                self._inflight = None  # type: ignore[assignment]
+
+
 _ERRORS = {"conflict": Conflict, "not-found": NotFound, "bad-request": UsageError, "forbidden": Forbidden}
 
 
@@ -129,6 +165,9 @@ class AgentSession(JsonChannelSession):
         self.info: dict[str, Any] = {}
         self._ports = itertools.count(1)
         self._forwards: dict[str, asyncssh.SSHListener] = {}
+        self._inflight: dict[str, _Inflight] = {}
+        # Mirror counters of this session's intercepts, by intercept id, from the last ping answer.
+        self.mirror_stats: dict[str, dict[str, int]] = {}
 
     # --- lifecycle (the rest: JsonChannelSession) --------------------------------------
     async def connect(self) -> dict[str, Any]:
@@ -161,7 +200,8 @@ class AgentSession(JsonChannelSession):
         while True:
             await asyncio.sleep(every)
             try:
-                await asyncio.wait_for(self.request("ping"), max(lease, 1.0))
+                answer = await asyncio.wait_for(self.request("ping"), max(lease, 1.0))
+                self.mirror_stats = dict(answer.get("mirror") or {})
             except asyncio.TimeoutError:
                 self._lost("no answer to ping within the lease")
                 return
@@ -186,20 +226,42 @@ class AgentSession(JsonChannelSession):
         return {k: v for k, v in answer.items() if k not in ("id", "ok")}
 
     async def intercept(self, name: str, port: str | int, match: dict[str, Any] | None, local_port: int,
-                        *, force: bool = False) -> dict[str, Any]:
+                        *, force: bool = False, mode: str = "intercept") -> dict[str, Any]:
         """Route the agent port's traffic (all of it, or the HTTP requests ``match`` selects) to
-        ``127.0.0.1:local_port``. Calling it again with the same name replaces the rule; an
-        intercept another user holds only with ``force`` and the RBAC right (protocol §3)."""
+        ``127.0.0.1:local_port``; ``mode="mirror"``: copies of them, the app still answering.
+        Calling it again with the same name replaces the rule; an intercept another user holds
+        only with ``force`` and the RBAC right (protocol §3)."""
         assert self._conn is not None
+        if mode != "intercept" and mode not in (self.info.get("features") or []):
+            # An older agent ignores the field and would take the traffic instead of copying it.
+            raise PermanentError(f"the agent in pod {self.info.get('pod')} ({self.info.get('agent', '?')}) cannot "
+                                 f"{mode} requests", hint="restart the workload's pods to get the current agent, "
+                                                          "or `tpenv uninstall --agent WORKLOAD` and intercept again")
         listen_port = next(self._ports)
+        inflight = self._inflight.setdefault(name, _Inflight())
+        loop = asyncio.get_running_loop()
+
+        async def forward(_orig_host: str, _orig_port: int) -> asyncssh.SSHForwarder:
+            # asyncssh's forward_connection, counted from the offer on: leave() waits for these.
+            inflight.opened()
+            try:
+                _, peer = await loop.create_connection(asyncssh.SSHForwarder, "127.0.0.1", local_port)
+            except BaseException as e:  # the agent then sends this connection or request to the app
+                inflight.closed()
+                if isinstance(e, OSError):
+                    raise asyncssh.ChannelOpenError(OPEN_CONNECT_FAILED, str(e)) from None
+                raise
+            return _TrackedForwarder(peer, inflight)
+
         try:
-            listener = await self._conn.forward_remote_port(FORWARD_HOST, listen_port, "127.0.0.1", local_port)
+            listener = await self._conn.create_server(forward, FORWARD_HOST, listen_port)
         except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as e:
             raise TunnelDropped(f"the agent refused the forward: {e}") from e
         try:
             answer = await self.request("intercept", intercept_id=f"{self.session_id}:{name}", port=port,
                                         match=match, forward={"host": FORWARD_HOST, "port": listen_port},
-                                        **({"force": True} if force else {}))
+                                        **({"force": True} if force else {}),
+                                        **({"mode": mode} if mode != "intercept" else {}))
         except BaseException:
             listener.close()
             raise
@@ -209,14 +271,37 @@ class AgentSession(JsonChannelSession):
             old.close()
         return answer["intercept"]
 
-    async def leave(self, name: str, *, intercept_id: str | None = None, force: bool = False) -> None:
+    async def leave(self, name: str, *, intercept_id: str | None = None, force: bool = False,
+                    drain: float = 0.0) -> None:
         """End this session's intercept ``name``; or, with ``force`` (and the RBAC right), any
-        ``intercept_id``."""
+        ``intercept_id``. With ``drain``, then wait up to that many seconds for the connections
+        and requests the agent sent us before the leave to finish: the agent sends nothing new
+        once it answered, and closing the session earlier would cut them (a caller would see its
+        connection closed before any answer)."""
         await self.request("leave", intercept_id=intercept_id or f"{self.session_id}:{name}",
                            **({"force": True} if force else {}))
+        inflight = self._inflight.pop(name, None)
+        deadline = asyncio.get_running_loop().time() + drain
+        await self._drain(name, inflight, deadline)
+        # The agent may still offer a channel for a request it routed just before the leave:
+        # closing the forward now refuses later offers (the agent sends those to the app); the
+        # ones offered meanwhile are counted, and waited for too.
         listener = self._forwards.pop(name, None)
         if listener is not None:
             listener.close()
+        await self._drain(name, inflight, deadline)
+
+    async def _drain(self, name: str, inflight: _Inflight | None, deadline: float) -> None:
+        if inflight is None or inflight.idle.is_set():
+            return
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(inflight.idle.wait(), left)
+        except asyncio.TimeoutError:
+            self.log.info("intercept %s: %d connection(s) still open at the drain's end; closing them", name,
+                          inflight.count)
 
     async def list(self) -> list[dict[str, Any]]:
         return (await self.request("list"))["intercepts"]

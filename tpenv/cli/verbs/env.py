@@ -1,7 +1,10 @@
 """tpenv env: the environment an intercept's handler gets, printed in an env-file syntax.
 
-For intercept NAME of telepresence.yaml: asks the agent of a ready pod of its workload (over a
+An intercept running on this machine (`tpenv intercept`, from the command line or a file, or
+`tpenv up`) is asked through its session's status socket: the answer is exactly the env its
+handler got. Otherwise, for intercept NAME of telepresence.yaml: asks the agent of a ready pod of its workload (over a
 short SSH session through the port-forward) for the app container's environment, adds the
+variables the app's image sets (read in the app container, tpenv.engine.appenv), the
 TELEPRESENCE_ variables, applies the config's ``set`` and ``rewrite``, and prints it. The agent
 must be installed already (`tpenv up` or `tpenv intercept` installs it); nothing is changed.
 """
@@ -9,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import sys
+from pathlib import Path
 
 from tpenv.config.env import format_env, render_env
 from tpenv.engine.agents import agent_port_name, pick_service, pod_serves, service_port
+from tpenv.engine.appenv import merge_app_env, read_app_env
 from tpenv.engine.contexts import resolve_targets
 from tpenv.engine.injection import AUTH_KEYS
+from tpenv.engine.session import intercept_env
 from tpenv.engine.statusd import new_session_id
 from tpenv.errors import NotFound
 from tpenv.kits.agent_client import AgentSession
@@ -31,11 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
+    running = await intercept_env(ctx.settings, args.name)
+    if running is not None:
+        ctx.emit(format_env(running, args.format).rstrip("\n"), running)
+        return 0
+    if not Path(ctx.config_file).exists():
+        raise NotFound(f"no running intercept named {args.name!r} on this machine, and no {ctx.config_file} "
+                       f"to find it in", hint="`tpenv list` shows the running intercepts")
     config = ctx.load_config()
     found = [ic for ic in config.intercepts if ic.name == args.name]
     if not found:
         names = ", ".join(ic.name or "?" for ic in config.intercepts) or "none"
-        raise NotFound(f"no intercept named {args.name!r} in {ctx.config_file} (intercepts: {names})")
+        raise NotFound(f"no running intercept named {args.name!r} on this machine, and none in {ctx.config_file} "
+                       f"(intercepts: {names})")
     ic = found[0]
     target = resolve_targets(config, selected=ctx.kube_context, selected_by=ctx.context_by, units=[ic]).of(ic)
     async with await Kube.load(context=target.kube_context) as kube:
@@ -63,6 +78,10 @@ async def run(args: argparse.Namespace, ctx) -> int:
                 container = session.info.get("container") or ""
         finally:
             tunnel.close()
+        app = await read_app_env(kube, ns, pod, container)
+        if app.why_not is not None:
+            print(f"warning: {app.why_not}", file=sys.stderr)
+        base = merge_app_env(base, app.env)
     base["TELEPRESENCE_CONTAINER"] = container
     base["TELEPRESENCE_MOUNTS"] = ":".join(mounts)
     env = render_env(base, ic, None, f"{session_id}:{ic.name}", namespace=ns)

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     path.add_argument("--http-path-prefix", metavar="P", help="only requests whose path starts with P")
     path.add_argument("--http-path-equal", metavar="P", help="only requests whose path is P")
     path.add_argument("--http-path-regex", metavar="RE", help="only requests whose path matches RE")
+    parser.add_argument("--mirror", action="store_true",
+                        help="the app keeps answering every request; this machine gets a copy of each matched "
+                             "HTTP/1.x request, its answers discarded (Telepresence's wiretap)")
     parser.add_argument("--env-file", metavar="F", help="write the app's environment to F")
     parser.add_argument("--env-syntax", choices=("docker", "sh", "json", "compose"), default="docker",
                         help="syntax of --env-file (default: docker)")
@@ -109,6 +112,8 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
             "env": {"file": args.env_file, "format": args.env_syntax}}
     if explicit or args.rewrite_env or mount_mode:
         data["mount"] = mount
+    if getattr(args, "mirror", False):
+        data["mode"] = "mirror"
     if args.name:
         data["name"] = args.name
     if args.service:
@@ -124,6 +129,7 @@ def describe_text(d: dict) -> str:
     rows = [("Intercept name", d["name"]), ("State", d["state"]), ("Workload kind", d["workload_kind"]),
             ("Destination", d["destination"]), ("Service Port Identifier", d["service_port"]),
             ("Volume Mount Point", d["mount_point"] or "(none)"),
+            ("Mode", d.get("mode", "intercept") + (" (copies; the app answers)" if d.get("mode") == "mirror" else "")),
             ("Intercepting", intercepting_text(d["match"]) + (" (team mode default)" if d.get("team_mode_default")
                                                               else ""))]
     width = max(len(k) for k, _ in rows)
@@ -196,7 +202,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            async with publish_session(ctx.settings, session_id, irun.snapshot, stop.set), irun:
+            async with publish_session(ctx.settings, session_id, irun.snapshot, stop.set, irun.env_of), irun:
                 waiting = asyncio.ensure_future(irun.wait_ready(args.ready_timeout))
                 stopped = asyncio.ensure_future(stop.wait())
                 await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -66,6 +66,9 @@ async def run(args: argparse.Namespace, ctx) -> int:
             for ic in intercepts:
                 mine = local.get(ic.get("intercept_id"))
                 how = "all TCP" if not ic.get("match") else f"HTTP {ic['match']}"
+                if ic.get("mode") == "mirror":
+                    m = ic.get("mirror") or {}
+                    how += f", mirror (copies sent {m.get('sent', 0)}, dropped {m.get('dropped', 0)})"
                 lines.append(f"    Intercept id  : {ic.get('intercept_id')}" + (" (this machine)" if mine else ""))
                 lines.append(f"    Owner         : {ic.get('owner', '?')}"
                              + ("" if ic.get("verified") else " (unverified: no bearer token to check)"))

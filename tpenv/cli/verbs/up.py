@@ -27,4 +27,4 @@ async def run(args: argparse.Namespace, ctx) -> int:
     # factory.checked finds the file's contexts: in the kubeconfig (exit 2 at start when it cannot).
     return await run_up(ctx.config_file, ctx.settings, only=args.only, unit_factory=factory,
                         load=lambda _path: factory.checked(ctx.load_config()), view=view,
-                        extra_status=factory.status)
+                        extra_status=factory.status, env_of=factory.env_of)

@@ -1,0 +1,76 @@
+"""The app process's own environment, read in its container, added to the agent's report.
+
+The agent reports the pod spec's view of the app's env (docs/protocol.md §5): literal values,
+refs, envFrom, the kubelet's variables. What the app's *image* sets (``ENV`` in its Dockerfile:
+``LANG``, ``JAVA_HOME``, ``PYTHONUNBUFFERED``, ``PATH``...) never reaches the agent, whose own
+image has its own values. Only the app's container can show them, so we read
+``/proc/1/environ`` there (``pods/exec``), falling back to ``env -0`` (what the runtime gives
+every process of the container) when PID 1 is not readable; a container with neither ``cat``
+nor ``env`` (distroless) cannot be read.
+
+Precedence: the agent's report stays the base and keeps its values; the process adds only the
+names the report lacks. Both see the same pod spec, so a name both have has the same value, and
+a variable the pod spec sets over the image's is already in the report.
+
+Never guessed: when the read fails, the env is the agent's report alone and :func:`read_app_env`
+says why (which right is missing, or what the image lacks) and what is then missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tpenv.errors import Forbidden, TpenvError
+from tpenv.kits.podexec import ExecFailed, exec_output
+from tpenv.kits.portforward import KubeAccess
+
+READERS = (["cat", "/proc/1/environ"], ["env", "-0"])
+MISSING = "variables the app's image sets (ENV in its Dockerfile, e.g. LANG, PATH) are missing from the env"
+
+
+@dataclass(frozen=True)
+class AppEnv:
+    """What the app process sees (``env``, None when unreadable), or why it could not be read."""
+
+    env: dict[str, str] | None
+    why_not: str | None = None
+
+
+def parse_environ(raw: bytes) -> dict[str, str]:
+    """``/proc/PID/environ`` (or ``env -0``): NUL-separated ``NAME=value``; values may hold newlines."""
+    out: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep and name:
+            out[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+    return out
+
+
+def merge_app_env(report: dict[str, str], process: dict[str, str] | None) -> dict[str, str]:
+    """The agent's report, plus the process's variables the report lacks (the image's ENV)."""
+    out = dict(report)
+    for name, value in (process or {}).items():
+        out.setdefault(name, value)
+    return out
+
+
+async def read_app_env(kube: KubeAccess, namespace: str, pod: str, container: str) -> AppEnv:
+    """The app process's environment in ``container`` of ``pod``; ``why_not`` when it cannot be read."""
+    failures: list[str] = []
+    for argv in READERS:
+        try:
+            raw = await exec_output(kube, namespace, pod, container, argv)
+        except Forbidden:
+            return AppEnv(None, f"no right to exec in pod {pod} (create pods/exec in namespace {namespace}): "
+                                f"{MISSING}; `kubectl auth can-i create pods/exec -n {namespace}` checks it")
+        except ExecFailed as e:
+            failures.append(str(e))
+            continue
+        except TpenvError as e:
+            return AppEnv(None, f"cannot read the app's environment in container {container} of pod {pod} "
+                                f"({e}): {MISSING}")
+        env = parse_environ(raw)
+        if env:
+            return AppEnv(env)
+        failures.append(f"{' '.join(argv)}: no output")
+    return AppEnv(None, f"cannot read the app's environment in container {container} of pod {pod} (its image "
+                        f"has neither `cat` nor `env`, or PID 1 is not readable: {failures[-1]}): {MISSING}")

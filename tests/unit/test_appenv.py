@@ -13,12 +13,12 @@ def test_environ_is_nul_separated_and_values_keep_newlines_and_equals():
                                   "CERT": "-----BEGIN\nabc=\n-----END", "EMPTY": ""}
 
 
-def test_agent_report_stays_the_base_and_the_process_adds_what_it_lacks():
-    report = {"GREETING": "hello", "LANG": "C", "HOSTNAME": "pod-1"}
+def test_agent_report_is_the_base_and_the_process_is_laid_over_it():
+    report = {"GREETING": "hello", "LANG": "C", "HOSTNAME": "pod-1", "ONLY_REPORTED": "x"}
     process = {"GREETING": "hello", "LANG": "C", "HOSTNAME": "pod-1", "PYTHONUNBUFFERED": "1", "PATH": "/bin"}
     assert merge_app_env(report, process) == {**report, "PYTHONUNBUFFERED": "1", "PATH": "/bin"}
-    # The report's values win where both have a name (the pod spec's declared value).
-    assert merge_app_env({"X": "spec"}, {"X": "image"}) == {"X": "spec"}
+    # Where they differ the process is right: HOME follows each container's user (a non-root agent).
+    assert merge_app_env({"HOME": "/"}, {"HOME": "/root"}) == {"HOME": "/root"}
     # Unreadable process env: the report alone, never a guess.
     assert merge_app_env(report, None) == report
 

@@ -8,9 +8,11 @@ image has its own values. Only the app's container can show them, so we read
 every process of the container) when PID 1 is not readable; a container with neither ``cat``
 nor ``env`` (distroless) cannot be read.
 
-Precedence: the agent's report stays the base and keeps its values; the process adds only the
-names the report lacks. Both see the same pod spec, so a name both have has the same value, and
-a variable the pod spec sets over the image's is already in the report.
+Precedence: the agent's report is the base; the process's values are laid over it. Both see the
+same pod spec, so they differ only where the container runtime sets a variable per container
+(``HOME`` follows the container's user: the agent runs as another user than the app) or where the
+image sets one: there the process is right, since it is what the app sees. A name only the report
+has stays.
 
 Never guessed: when the read fails, the env is the agent's report alone and :func:`read_app_env`
 says why (which right is missing, or what the image lacks) and what is then missing.
@@ -46,11 +48,8 @@ def parse_environ(raw: bytes) -> dict[str, str]:
 
 
 def merge_app_env(report: dict[str, str], process: dict[str, str] | None) -> dict[str, str]:
-    """The agent's report, plus the process's variables the report lacks (the image's ENV)."""
-    out = dict(report)
-    for name, value in (process or {}).items():
-        out.setdefault(name, value)
-    return out
+    """The agent's report with the process's variables laid over it (the image's ENV, HOME...)."""
+    return {**report, **(process or {})}
 
 
 async def read_app_env(kube: KubeAccess, namespace: str, pod: str, container: str) -> AppEnv:

@@ -74,8 +74,11 @@ LOAD = textwrap.dedent("""\
         t.start()
     for t in threads:
         t.join()
-    for rec in out:
-        print(json.dumps(rec))
+    # Into a file, read afterwards: an exec stream cut meanwhile (a kubelet restart) loses nothing.
+    with open("/tmp/load.jsonl.tmp", "w") as f:
+        for rec in out:
+            f.write(json.dumps(rec) + "\n")
+    os.rename("/tmp/load.jsonl.tmp", "/tmp/load.jsonl")
 """) % HEADER
 
 
@@ -95,7 +98,7 @@ class Load:
 
     def __init__(self, ns: str, workers: int = 10, rate: float = 50.0) -> None:
         self.ns = ns
-        kubectl("exec", "client", "--", "rm", "-f", "/tmp/stop", ns=ns)
+        kubectl("exec", "client", "--", "rm", "-f", "/tmp/stop", "/tmp/load.jsonl", ns=ns)
         # The Service's address, not its name: a name lookup per new connection would blur the timing.
         ip = kubectl_json("get", "service", "busy", ns=ns)["spec"]["clusterIP"]
         self.proc = subprocess.Popen([kubectl_binary(), "-n", ns, "exec", "client", "--", "python3", "-c", LOAD,
@@ -104,8 +107,11 @@ class Load:
 
     def stop(self) -> list[dict]:
         kubectl("exec", "client", "--", "touch", "/tmp/stop", ns=self.ns)
-        out, err = self.proc.communicate(timeout=120)
-        assert self.proc.returncode == 0, err
+        self.proc.communicate(timeout=120)
+        # The generator renames its file into place when it has written everything.
+        kubectl("exec", "client", "--", "sh", "-c", "while [ ! -e /tmp/load.jsonl ]; do sleep 0.2; done",
+                ns=self.ns, timeout=120)
+        out = kubectl("exec", "client", "--", "cat", "/tmp/load.jsonl", ns=self.ns).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -141,6 +147,10 @@ def test_intercept_leave_cycles_under_load_lose_nothing(namespace, tmp_path):
     try:
         # Stage 1: the agent is injected once (a rollout; not part of the measured cycles).
         asyncio.run(cycles(ns, local.port, 1))
+        # The pods of the old template finish terminating before the measured cycles.
+        kubectl("rollout", "status", "deployment/busy", "--timeout=120s", ns=ns, timeout=150)
+        kubectl("wait", "--for=delete", "pod", "-l", "app=busy", "--field-selector", "status.phase!=Running",
+                "--timeout=120s", ns=ns, timeout=150, check=False)
 
         # Stage 2: load on, 100 intercept/leave cycles, load off.
         load = Load(ns)

@@ -2,7 +2,7 @@
 static Go client, and a process that runs a capture with a callback answering, over HTTP, which
 destination it was handed (the stand-in for the core of ``tpenv connect``).
 
-    python -m tests.integration.capture_kit host CIDR [CIDR...]   # prints "ready PORT" when capturing
+    python -m tests.integration.capture_kit host [--backend=iptables] CIDR...   # prints "ready PORT" when capturing
     python -m tests.integration.capture_kit ns CIDR -- CMD ...    # CMD in its namespaces; exits with its status
 """
 from __future__ import annotations
@@ -109,7 +109,10 @@ def static_client(out_dir: Path) -> Path:
 async def _host(cidrs: list[str]) -> None:
     from tpenv.kits.capture_host import HostCapture
 
-    async with HostCapture(cidrs, answer_with_destination) as cap:
+    backend = "auto"
+    if cidrs[0].startswith("--backend="):
+        backend, cidrs = cidrs[0].split("=", 1)[1], cidrs[1:]
+    async with HostCapture(cidrs, answer_with_destination, backend=backend) as cap:
         print(f"ready {cap.port}", flush=True)
         await asyncio.Event().wait()
 

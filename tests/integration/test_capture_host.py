@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.pytest_plugin import wait_until
 from tests.integration.capture_kit import netns, sh, state
 from tpenv.kits import nft as nftkit
 
@@ -70,6 +71,21 @@ def test_kill_9_leaves_nothing_behind(machine):
     proc.wait()
     # The process's sockets are closed before it is reaped, so the state is back at once: no wait.
     assert state(machine) == before
+    assert curl(machine, "http://10.199.3.4:8080/").returncode != 0
+
+
+def test_the_iptables_fallback_is_removed_by_its_guard_after_kill_9(machine):
+    # Where libnftables is absent: iptables rules, with a guard process waiting on a pipe from tpenv.
+    before = state(machine)
+    proc, port = start_capture(machine, "--backend=iptables", "10.199.0.0/16")
+    assert curl(machine, "http://10.199.3.4:8080/").stdout == "captured 10.199.3.4:8080\n"
+    assert f"--to-ports {port}" in state(machine)["iptables"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # The guard saw its pipe close (the kernel closes it with the killed process) and cleaned up;
+    # the promise is "within a second".
+    wait_until("the guard removing the rules", lambda: "TPENV-CONNECT" not in state(machine)["iptables"], 1.0,
+               interval=0.05)
     assert curl(machine, "http://10.199.3.4:8080/").returncode != 0
 
 

@@ -65,9 +65,24 @@ def test_the_namespace_resolver_files(tmp_path):
     conf = resolv_conf(host)
     assert [ln for ln in conf.splitlines() if ln.startswith("nameserver")] == ["nameserver 127.0.0.1"]
     assert "search corp.example" in conf and "options ndots:2" in conf
+    # The cluster's search domains first, as in a pod, then the machine's.
+    conf = resolv_conf(host, search=["shop.svc.cluster.local", "svc.cluster.local"])
+    assert "search shop.svc.cluster.local svc.cluster.local corp.example" in conf
     ns = tmp_path / "nsswitch.conf"
     ns.write_text("passwd: files systemd\nhosts: files mdns4_minimal [NOTFOUND=return] resolve dns myhostname\n")
     out = nsswitch_conf(ns)
     assert "passwd: files systemd" in out and [ln for ln in out.splitlines() if ln.startswith("hosts:")] == [
         "hosts: files dns"]
     assert nsswitch_conf(tmp_path / "missing").strip() == "hosts: files dns"
+
+
+def test_the_iptables_fallback_rules_mirror_the_nft_ones():
+    from tpenv.kits.capture_iptables import rules as ipt_rules
+
+    out = ipt_rules(networks(["10.96.0.0/16"]), 4321, dns_port=5353, nameservers=["10.0.0.53", "fe80::1"],
+                    exclude=["10.96.0.1"], mark=MARK)
+    assert out[0] == ["-m", "mark", "--mark", hex(MARK), "-j", "RETURN"]
+    assert out[1] == ["-d", "10.96.0.1/32", "-j", "RETURN"]
+    assert out[2:4] == [["-d", "10.0.0.53/32", "-p", p, "--dport", "53", "-j", "REDIRECT", "--to-ports", "5353"]
+                        for p in ("udp", "tcp")]  # IPv6 nameservers are not redirected (IPv4 capture)
+    assert out[4] == ["-d", "10.96.0.0/16", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "4321"]

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from tpenv.errors import UsageError
+from tpenv.kits.splice import splice
 
 OnConnection = Callable[[str, int, Any, Any], Awaitable[None]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,15 +66,6 @@ def mark(sock: socket.socket, value: int = MARK) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, value)
 
 
-async def pipe(reader: Any, writer: Any) -> None:
-    with contextlib.suppress(OSError, ConnectionError):
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
-
 async def dial_direct(dst_ip: str, dst_port: int, reader: Any, writer: Any, *, use_mark: bool = False) -> None:
     """A destination tpenv does not proxy: dialled from this process as any program would, then
     spliced. ``use_mark`` when this process's own connections would otherwise be captured."""
@@ -88,10 +80,7 @@ async def dial_direct(dst_ip: str, dst_port: int, reader: Any, writer: Any, *, u
         sock.close()
         return  # the caller sees its connection closed, as with a refused connect
     up_r, up_w = await asyncio.open_connection(sock=sock)
-    try:
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-    finally:
-        up_w.close()
+    await splice(reader, writer, up_r, up_w)
 
 
 class CaptureListener:
@@ -154,4 +143,4 @@ def router(proxied: list[Network], on_connection: OnConnection, *, use_mark: boo
 
 
 __all__ = ["OnConnection", "CaptureListener", "original_dst", "mark", "networks", "contains", "router",
-           "dial_direct", "pipe", "MARK"]
+           "dial_direct", "MARK"]

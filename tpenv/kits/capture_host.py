@@ -18,6 +18,9 @@ Nothing else changes on the machine: no link, no route, no file. ``/etc/resolv.c
 deletes the owned table with its netlink socket, so nothing is left to clean up; :func:`sweep`
 (``tpenv quit``, the next connect) reports whether anything was.
 
+Where libnftables is absent, the same rules go into iptables (:mod:`tpenv.kits.capture_iptables`),
+with a guard process that removes them when this process ends, kill -9 included.
+
 Where systemd-resolved runs, the configured nameserver is its stub (127.0.0.53), which the same
 port-53 redirect covers; tpenv's resolver then asks the stub for the names it does not own.
 """
@@ -30,6 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tpenv.errors import Conflict, PermanentError, UsageError
+from tpenv.kits import capture_iptables
 from tpenv.kits import nft as nftkit
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.capture import MARK, CaptureListener, OnConnection, networks
@@ -83,10 +87,12 @@ def sweep(nft: nftkit.Nft | None = None) -> list[str]:
     """Remove what a previous connect left in this network namespace; what was removed, as
     sentences. An owned table belongs to a live process (the kernel deletes it with its owner), so
     it means another ``tpenv connect`` is running: Conflict."""
+    if nft is None and not nftkit.available():
+        return capture_iptables.sweep()
     own = nft is None
     nft = nft or nftkit.Nft()
     try:
-        removed = []
+        removed = capture_iptables.sweep()
         for t in nft.tables():
             if t["name"] != TABLE or t["family"] != FAMILY:
                 continue
@@ -105,7 +111,10 @@ class HostCapture:
     """``async with``; ``close()`` safe twice, then ``wait_closed()``."""
 
     def __init__(self, cidrs: Iterable[Any], on_connection: OnConnection, *, dns: tuple[str, int] | None = None,
-                 nameservers: Iterable[str] = (), exclude: Iterable[Any] = (), mark: int = MARK) -> None:
+                 nameservers: Iterable[str] = (), exclude: Iterable[Any] = (), mark: int = MARK,
+                 backend: str = "auto") -> None:
+        """``backend``: ``nft`` (libnftables in this process), ``iptables`` (rules plus a guard
+        process), or ``auto`` (nft where libnftables loads)."""
         self.proxied = networks(cidrs)
         v6 = [str(n) for n in self.proxied if n.version == 6]
         if v6:
@@ -116,7 +125,9 @@ class HostCapture:
         self.dns, self.nameservers, self.exclude, self.mark = dns, list(nameservers), list(exclude), mark
         self.on_connection = on_connection
         self.log = unit_logger("capture", "host")
+        self.backend = backend if backend != "auto" else ("nft" if nftkit.available() else "iptables")
         self.nft: nftkit.Nft | None = None
+        self.guard: Any = None
         self.listener: CaptureListener | None = None
         self.port: int | None = None
 
@@ -140,17 +151,25 @@ class HostCapture:
             self.port = sock.getsockname()[1]
             self.listener = CaptureListener(sock, self.on_connection, self.log)
             await self.listener.start()
-            self.nft = nftkit.Nft()
-            for what in sweep(self.nft):
-                self.log.warning("removed %s, left by an earlier tpenv connect", what)
-            self.nft.create_owned_table(FAMILY, TABLE)
-            self.nft.apply(rules(self.proxied, self.port, dns_port=self.dns[1] if self.dns else None,
-                                 nameservers=self.nameservers, exclude=self.exclude, mark=self.mark))
+            dns_port = self.dns[1] if self.dns else None
+            if self.backend == "nft":
+                self.nft = nftkit.Nft()
+                for what in sweep(self.nft):
+                    self.log.warning("removed %s, left by an earlier tpenv connect", what)
+                self.nft.create_owned_table(FAMILY, TABLE)
+                self.nft.apply(rules(self.proxied, self.port, dns_port=dns_port, nameservers=self.nameservers,
+                                     exclude=self.exclude, mark=self.mark))
+            else:
+                self.guard = capture_iptables.start_guard()  # first: no rule may exist without it
+                capture_iptables.install(capture_iptables.rules(self.proxied, self.port, dns_port=dns_port,
+                                                                nameservers=self.nameservers, exclude=self.exclude,
+                                                                mark=self.mark))
         except BaseException:
             sock.close()
             self.close()
             raise
-        self.log.info("capturing %s on 127.0.0.1:%d%s", ", ".join(map(str, self.proxied)) or "nothing", self.port,
+        self.log.info("capturing (%s) %s on 127.0.0.1:%d%s", self.backend,
+                      ", ".join(map(str, self.proxied)) or "nothing", self.port,
                       f"; DNS to {', '.join(self.nameservers)} -> 127.0.0.1:{self.dns[1]}"
                       if self.dns and self.nameservers else "")
 
@@ -158,10 +177,14 @@ class HostCapture:
         """Delete the table (closing its socket does it) and stop accepting."""
         if self.nft is not None:
             self.nft.close()
+        if self.guard is not None and self.guard.stdin and not self.guard.stdin.closed:
+            self.guard.stdin.close()  # EOF: the guard removes the iptables rules and exits
         if self.listener is not None:
             self.listener.close()
 
     async def wait_closed(self) -> None:
+        if self.guard is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.guard.wait)
         if self.listener is not None:
             await self.listener.wait_closed()
 

@@ -32,7 +32,8 @@ from typing import Any
 
 from tpenv.errors import MissingTool, PermanentError
 from tpenv.kits.aio import unit_logger
-from tpenv.kits.capture import CaptureListener, OnConnection, pipe, networks, router
+from tpenv.kits.capture import CaptureListener, OnConnection, networks, router
+from tpenv.kits.splice import splice
 
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--propagation", "private"]
 DNS_TIMEOUT = 10.0
@@ -65,15 +66,22 @@ def userns_problem(proc_sys: str | Path = "/proc/sys") -> str | None:
     return None
 
 
-def resolv_conf(host_resolv_conf: str | Path = "/etc/resolv.conf") -> str:
-    """The namespace's resolv.conf: our resolver first and only; the host's search and options."""
-    kept: list[str] = []
+def resolv_conf(host_resolv_conf: str | Path = "/etc/resolv.conf", search: Iterable[str] = ()) -> str:
+    """The namespace's resolv.conf: our resolver first and only; ``search`` (the cluster's, as in
+    a pod: ``svc.cluster.local`` names of the connected namespaces) before the host's search
+    domains; the host's options."""
+    domains, kept = list(search), []
     with contextlib.suppress(OSError):
         for line in Path(host_resolv_conf).read_text().splitlines():
-            word = line.split()[0] if line.split() else ""
-            if word in ("search", "domain", "options"):
+            words = line.split()
+            if words[:1] in (["search"], ["domain"]):
+                domains += [d for d in words[1:] if d not in domains]
+            elif words[:1] == ["options"]:
                 kept.append(line.strip())
-    return "\n".join(["# tpenv connect: names through tpenv's resolver", "nameserver 127.0.0.1", *kept]) + "\n"
+    lines = ["# tpenv connect: names through tpenv's resolver", "nameserver 127.0.0.1"]
+    if domains:
+        lines.append("search " + " ".join(domains))
+    return "\n".join([*lines, *kept]) + "\n"
 
 
 def nsswitch_conf(host_nsswitch: str | Path = "/etc/nsswitch.conf") -> str:
@@ -142,10 +150,11 @@ class NsCommand:
     """One command in its own namespaces; ``run()`` returns its exit status."""
 
     def __init__(self, command: list[str], cidrs: Iterable[Any], on_connection: OnConnection, *,
-                 dns: tuple[str, int], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+                 dns: tuple[str, int], search: Iterable[str] = (), env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
         if not command:
             raise PermanentError("no command to run: write it after `--`, e.g. `tpenv connect -- curl ...`")
-        self.command, self.dns, self.env, self.cwd = list(command), dns, env, cwd
+        self.command, self.dns, self.search, self.env, self.cwd = list(command), dns, list(search), env, cwd
         self.route = router(networks(cidrs), on_connection)
         self.log = unit_logger("capture", "ns")
         self.proc: asyncio.subprocess.Process | None = None
@@ -156,7 +165,7 @@ class NsCommand:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         served: list[Any] = []
         try:
-            Path(files, "resolv.conf").write_text(resolv_conf())
+            Path(files, "resolv.conf").write_text(resolv_conf(search=self.search))
             Path(files, "nsswitch.conf").write_text(nsswitch_conf())
             self.proc = await asyncio.create_subprocess_exec(
                 *UNSHARE, "--", sys.executable, "-m", "tpenv.kits.capture_ns_inside", "--control",
@@ -221,11 +230,7 @@ class NsCommand:
             self.log.warning("cannot reach the resolver at %s:%d: %s", *self.dns, e)
             writer.close()
             return
-        try:
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-        finally:
-            up_w.close()
-            writer.close()
+        await splice(reader, writer, up_r, up_w)
 
 
 __all__ = ["NsCommand", "probe", "userns_problem", "resolv_conf", "nsswitch_conf"]

@@ -1,0 +1,167 @@
+"""The developer's machine for the connect e2e tests: a network namespace that reaches the API
+server and nothing of the cluster's pod or service ranges, except through tpenv.
+
+    with Laptop.create(kubeconfig) as laptop:
+        laptop.run("curl", "-sS", "http://hello.ns/")       # fails: nothing routes it
+        laptop.kubeconfig                                     # the API server at the host's veth address
+        laptop.snapshot()                                     # nft, iptables, links, addrs, routes, resolv.conf
+
+How (root): a veth pair in a private /30 of 169.254.128.0/17 (link-local: never routed, clear of
+169.254.169.254 and of docs/cluster.md's 10.244.0.0/16 and 10.96.0.0/16). The laptop's default
+route points at the host, as a laptop's points at its router (so tpenv sees no route colliding
+with the cluster's ranges). Two locks keep everything but the API server out of reach:
+- the laptop's firewall (table ``inet laptop``, filter ``output``) rejects whatever would leave
+  on the veth for any address but the host's end: a pod IP or a ClusterIP fails at once
+  (connection refused), and nothing reaches the host's PREROUTING, where kube-proxy's DNAT would
+  otherwise turn ``10.96.0.1:443`` into the local API server. tpenv's captures redirect in the
+  nat ``output`` hook, which runs first; the filter hook still sees the first route's device
+  (``oifname`` is fixed for the whole hook traversal), hence the exception for loopback
+  destinations, which is what a redirected packet has by then;
+- the host's end has IPv4 forwarding off: the host delivers to its own address there (the API
+  server listens on all of them) but routes nothing from the laptop anywhere, off the machine
+  least of all.
+Its resolv.conf (``/etc/netns/<name>/resolv.conf``, which
+``ip netns exec`` mounts) names the host's veth address, where nothing serves DNS: outside names
+fail locally. The kubeconfig keeps the admin credentials with ``tls-server-name: kubernetes`` (a
+name in the API server's certificate), the address being the host's end of the veth.
+"""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+POOL = ipaddress.ip_network("169.254.128.0/17")
+
+
+def sh(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def _free_slash30() -> ipaddress.IPv4Network:
+    used = sh("ip", "-o", "-4", "addr").stdout
+    for _ in range(100):
+        first = POOL.network_address + 4 * secrets.randbelow(POOL.num_addresses // 4)
+        net = ipaddress.ip_network(f"{first}/30")
+        if not any(f"inet {a}/" in used for a in net):
+            return net
+    raise AssertionError("no free /30 in 169.254.128.0/17 for the laptop namespace")
+
+
+@dataclass
+class Laptop:
+    name: str
+    host_ip: str
+    laptop_ip: str
+    kubeconfig: Path
+    dir: Path
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, kubeconfig: str | Path, workdir: Path):
+        suffix = secrets.token_hex(3)
+        name, host_if, laptop_if = f"tpl-{suffix}", f"tplh{suffix}", f"tpll{suffix}"
+        net = _free_slash30()
+        host_ip, laptop_ip = (str(a) for a in list(net.hosts())[:2])
+        etc = Path("/etc/netns") / name
+        sh("ip", "netns", "add", name)
+        try:
+            # IPv4 only: an IPv6 link-local address would still be settling (DAD "tentative")
+            # when a test takes its first snapshot.
+            sh("ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
+            # The wire: the host's end, forwarding off on it, so nothing from the laptop is routed.
+            sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", laptop_if, "netns", name)
+            sh("sysctl", "-q", "-w", f"net.ipv4.conf.{host_if}.forwarding=0")
+            sh("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
+            sh("ip", "link", "set", host_if, "up")
+            # The laptop: its end, a default route to the host, and its firewall.
+            for args in (("link", "set", "lo", "up"), ("addr", "add", f"{laptop_ip}/30", "dev", laptop_if),
+                         ("link", "set", laptop_if, "up"), ("route", "add", "default", "via", host_ip)):
+                sh("ip", "-n", name, *args)
+            firewall = ("table inet laptop {\n chain output {\n  type filter hook output priority 0; policy accept;\n"
+                        f'  oifname "{laptop_if}" ip daddr != {{ {host_ip}, 127.0.0.0/8 }} reject\n'
+                        f'  oifname "{laptop_if}" ip6 daddr != ::1 reject\n }}\n}}\n')
+            sh("ip", "netns", "exec", name, "nft", "-f", "-", input=firewall)
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text(f"nameserver {host_ip}\n")
+            workdir.mkdir(parents=True, exist_ok=True)
+            laptop = cls(name, host_ip, laptop_ip, workdir / "kubeconfig", workdir)
+            laptop._write_kubeconfig(Path(kubeconfig))
+            yield laptop
+        finally:
+            sh("ip", "netns", "del", name, check=False)  # takes the veth pair with it
+            shutil.rmtree(etc, ignore_errors=True)
+
+    def _write_kubeconfig(self, source: Path) -> None:
+        yaml = YAML()
+        doc = yaml.load(source.read_text())
+        for c in doc["clusters"]:
+            c["cluster"]["server"] = f"https://{self.host_ip}:6443"
+            c["cluster"]["tls-server-name"] = "kubernetes"
+        with self.kubeconfig.open("w") as f:
+            yaml.dump(doc, f)
+        self.kubeconfig.chmod(0o644)
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, *args: str, check: bool = False, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        return sh(*self.argv(*args), check=check, timeout=timeout, **kw)
+
+    def curl(self, url: str, *extra: str) -> subprocess.CompletedProcess:
+        return self.run("curl", "-sS", "-m", "15", *extra, url, timeout=60)
+
+    def snapshot(self) -> dict[str, str]:
+        """All a connect could change on the laptop: rules, links, addresses, routes, resolver files."""
+        return {"nft": self.run("nft", "list", "ruleset").stdout, "iptables": self.run("iptables-save").stdout,
+                "links": self.run("ip", "-o", "link").stdout, "addrs": self.run("ip", "-o", "addr").stdout,
+                "routes": self.run("ip", "route", "show", "table", "all").stdout,
+                "rules": self.run("ip", "rule").stdout,
+                "resolv.conf": self.run("cat", "/etc/resolv.conf").stdout,
+                "hosts": self.run("cat", "/etc/hosts").stdout}
+
+
+class UpstreamDns:
+    """The laptop's usual nameserver (what its resolv.conf names: the host's veth address, on this
+    machine): answers every A query with OUTSIDE_ANSWER, a TEST-NET address nobody dials, and
+    records the names it was asked, so a test can tell which names left for the usual resolver."""
+
+    OUTSIDE_ANSWER = "192.0.2.10"
+
+    def __init__(self, host_ip: str) -> None:
+        import socketserver
+        import threading
+
+        import dns.message
+        import dns.rrset
+
+        self.asked: list[str] = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                q = dns.message.from_wire(data)
+                name = q.question[0].name
+                outer.asked.append(name.to_text().rstrip("."))
+                r = dns.message.make_response(q)
+                if q.question[0].rdtype == 1:  # A
+                    r.answer.append(dns.rrset.from_text(name, 30, "IN", "A", outer.OUTSIDE_ANSWER))
+                sock.sendto(r.to_wire(), self.client_address)
+
+        self.server = socketserver.ThreadingUDPServer((host_ip, 53), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -154,7 +154,10 @@ async def run_command(config: Config, kube: Kube, flags: dict[str, Any], command
         if choice.mode == "ns":
             from tpenv.kits.capture_ns import NsCommand
 
-            return await NsCommand(command, core.cidrs, core.on_connection, dns=core.resolver_address, env=env).run()
+            # The cluster's search list, as a pod's resolv.conf has it, so bare names resolve in
+            # the command exactly as they do in the connected namespace's pods.
+            return await NsCommand(command, core.cidrs, core.on_connection, dns=core.resolver_address,
+                                   search=core.search_list, env=env).run()
         try:
             proc = await asyncio.create_subprocess_exec(*command, env=env)
         except OSError as e:

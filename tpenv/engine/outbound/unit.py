@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +42,22 @@ def connect_options(connect: Any, namespace: str, *, search_first: list[str] = (
                           mark=CAPTURE_MARK if mode == "host" else None)
 
 
+async def api_server_addresses(server_url: str) -> list[str]:
+    """The API server's addresses. The host capture leaves them alone: tpenv's own API traffic (and
+    the port-forward the relay rides on) must never be redirected into the relay, even where the
+    server's address lies in a proxied range (an in-cluster kubeconfig, an overlapping ClusterIP)."""
+    host = urllib.parse.urlsplit(server_url).hostname or ""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []  # the kube client cannot reach it either; its own error says so
+    return sorted({i[4][0] for i in infos})
+
+
 async def start_capture(choice: Choice, core: OutboundCore, stack: contextlib.AsyncExitStack) -> Any:
     """The capture of ``choice`` in front of ``core``, entered on ``stack``."""
     if choice.mode == "env":
@@ -47,8 +66,10 @@ async def start_capture(choice: Choice, core: OutboundCore, stack: contextlib.As
         from tpenv.kits.capture_host import HostCapture
         from tpenv.kits.dns_upstream import nameservers
 
+        exclude = await api_server_addresses(core.kube.host)
         return await stack.enter_async_context(HostCapture(core.cidrs, core.on_connection, dns=core.resolver_address,
-                                                           nameservers=nameservers(), mark=CAPTURE_MARK))
+                                                           nameservers=nameservers(), exclude=exclude,
+                                                           mark=CAPTURE_MARK))
     return None  # ns: per command (tpenv connect -- CMD), started by the verb
 
 
@@ -154,4 +175,4 @@ class ConnectUnit(TaskUnit):
         return st
 
 
-__all__ = ["ConnectSpec", "ConnectUnit", "connect_options", "start_capture", "CAPTURE_MARK"]
+__all__ = ["ConnectSpec", "ConnectUnit", "api_server_addresses", "connect_options", "start_capture", "CAPTURE_MARK"]

@@ -84,3 +84,24 @@ async def test_intercepts_end_when_the_control_channel_closes(tmp_path):
             assert await s.stdout.read() == b""
             await s.stdin.channel.wait_closed()
             assert (await get_once(agent.port("http"), headers={"x-dev": "a"}))["who"] == "app"
+
+
+async def test_list_tells_an_abandoned_intercept_from_a_left_one(tmp_path):
+    """`list` reports intercepts whose client vanished (doctor fails on those), not ones left."""
+    m = auth_material()
+    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"], lease=3) as agent:
+        # Stage 1: an intercept left cleanly leaves nothing behind.
+        async with RawSession(agent, m, "s1") as s:
+            assert (await s.intercept("web", "http", None, dev.port))["ok"]
+            assert (await s.call("leave", intercept_id="s1:web"))["ok"]
+        # Stage 2: a client that stops pinging abandons its intercept: remembered, with why.
+        async with RawSession(agent, m, "s2") as s:
+            assert (await s.intercept("web", "http", None, dev.port))["ok"]
+            await asyncio.wait_for(s.conn.wait_closed(), 10)
+        async with RawSession(agent, m, "s3") as s:
+            answer = await s.call("list")
+            assert answer["intercepts"] == []
+            assert [(a["intercept_id"], a["ended"]) for a in answer["abandoned"]] == [("s2:web", "lease expired")]
+            # Stage 3: the next intercept clears the record (someone uses the agent again).
+            assert (await s.intercept("web", "http", None, dev.port))["ok"]
+            assert (await s.call("list"))["abandoned"] == []

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .sidecar import Sidecar
     from .sshd import ConnState
 
+ABANDONED_KEPT = 8  # the last intercepts whose client vanished, reported by `list`
+
 
 class ControlChannel:
     def __init__(self, sidecar: "Sidecar", state: "ConnState", process: Any) -> None:
@@ -58,6 +60,12 @@ class ControlChannel:
     def end(self, why: str) -> None:
         for icpt in self.sidecar.registry.remove_owned_by(self):
             self.log.info("intercept %s ended: %s", icpt.intercept_id, why)
+            # A client that leaves sends `leave` first, so what is still held here was abandoned
+            # (kill -9, a closed laptop, a cut network): remembered, so `list` can tell an agent
+            # kept in passthrough after a leave (by design) from one whose client vanished.
+            self.sidecar.abandoned = [*self.sidecar.abandoned[-(ABANDONED_KEPT - 1):],
+                                      {**icpt.describe(), "ended": why,
+                                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
 
     async def _lease(self) -> None:
         """Ends this channel's intercepts when pings stop; the connection is closed too, so the
@@ -166,6 +174,7 @@ class ControlChannel:
         old = next((i for i in self.sidecar.registry.all() if i.intercept_id == iid), None)
         force = old is not None and old.user != self.user and await self._may_force(req)
         self.sidecar.registry.add(icpt, force=force)
+        self.sidecar.abandoned = []  # someone is using the agent again: what was abandoned no longer matters
         if force:
             self.log.warning("intercept %s of %s replaced by %s (force)", iid, old.user, self.user)
         self.log.info("intercept %s on port %s (%s%s)", iid, port.name, "all TCP" if match is None else "HTTP match",
@@ -184,7 +193,8 @@ class ControlChannel:
         return {}
 
     def _op_list(self, req: dict) -> dict:
-        return {"intercepts": [i.describe() for i in self.sidecar.registry.all()]}
+        return {"intercepts": [i.describe() for i in self.sidecar.registry.all()],
+                "abandoned": list(self.sidecar.abandoned)}
 
     def _op_env(self, req: dict) -> dict:
         return {"env": self.sidecar.app_env()}

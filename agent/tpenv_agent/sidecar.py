@@ -78,6 +78,8 @@ class Sidecar:
         self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()
         self.registry = Registry(list(args.listen))
+        # Intercepts ended because their client vanished, until the next intercept (control.py).
+        self.abandoned: list[dict[str, Any]] = []
         self.api = ApiServer(args.api_server, args.api_ca)
         self.ssh_conns: dict[Any, Any] = {}
         self.ready = asyncio.Event()

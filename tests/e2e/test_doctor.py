@@ -6,7 +6,8 @@ Stages (one namespace, one hello Deployment):
 3. the agent image missing (an image no node has, pull policy Never): named;
 4. a Role without pods/portforward (a ServiceAccount's token as the kubeconfig): named, with the
    kubectl lines that grant it to that ServiceAccount;
-5. an idle agent after kill -9 of `tpenv intercept`: named; `--fix` removes it; doctor exits 0;
+5. an agent kept after a clean leave: reported, exit 0 (by design); an agent abandoned by a
+   kill -9 of `tpenv intercept`: named; `--fix` removes it; doctor exits 0;
 6. a Service left on `tpenv-8080` (what a GitOps revert of the workload leaves): named; `--fix`
    puts the number back; doctor exits 0 and the Service answers again.
 
@@ -124,7 +125,22 @@ def test_doctor_healthy_then_broken_one_way_at_a_time(namespace, tmp_path):
     assert "--resource=pods/portforward" in rights["fix"] and f"--serviceaccount={ns}:dev" in rights["fix"]
     assert "get pods" not in rights["detail"]  # only what is missing
 
-    # Stage 5: kill -9 of `tpenv intercept` leaves an agent no session uses.
+    # Stage 5a: an intercept left cleanly (Ctrl-C) keeps its agent in passthrough, by design:
+    # reported, not a failure, and --fix leaves it alone.
+    local = LocalServer("from the laptop")
+    run = Intercepting(state, "hello", "--port", str(local.port), "--mount", "false", "-n", ns)
+    try:
+        run.ready()
+        assert run.stop() == 0
+    finally:
+        local.close()
+    code, report = doctor(state, ns)
+    assert code == 0, failures(report)
+    idle = check(report, "cluster/idle-agents")
+    assert idle["status"] == "ok" and "kept in passthrough after a leave" in idle["detail"], idle
+    assert "deployment/hello" in idle["detail"]
+
+    # Stage 5b: kill -9 of `tpenv intercept` leaves an agent no session uses.
     local = LocalServer("from the laptop")
     run = Intercepting(state, "hello", "--port", str(local.port), "--mount", "false", "-n", ns)
     try:

@@ -38,6 +38,15 @@ async def agent_pod(kube: Kube, w: Workload) -> str | None:
 async def agent_intercepts(kube: Kube, w: Workload, material: dict[str, bytes] | None,
                            ssh_port: int) -> list[dict[str, Any]] | str:
     """Every intercept the agent of one ready pod of ``w`` holds, or why it could not be asked."""
+    inventory = await agent_inventory(kube, w, material, ssh_port)
+    return inventory if isinstance(inventory, str) else inventory[0]
+
+
+async def agent_inventory(kube: Kube, w: Workload, material: dict[str, bytes] | None,
+                          ssh_port: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | str:
+    """(held, abandoned) of the agent of one ready pod of ``w``, or why it could not be asked:
+    the intercepts it holds, and those that ended because their client vanished since its last
+    intercept (docs/protocol.md, ``list``; empty from an agent older than that record)."""
     if material is None:
         return f"cannot read Secret {AUTH_SECRET}"
     pod = await agent_pod(kube, w)
@@ -48,7 +57,8 @@ async def agent_intercepts(kube: Kube, w: Workload, material: dict[str, bytes] |
         async with AgentSession(f"list-{new_session_id()}", ca_key=material["ca_key"],
                                 host_key_pub=material["host_key.pub"], host=pod, port=ssh_port, tunnel=tunnel,
                                 connect_timeout=10, token=kube.bearer_token()) as session:
-            return await session.list()
+            answer = await session.request("list")
+            return answer["intercepts"], answer.get("abandoned") or []
     except TpenvError as e:
         return f"agent unreachable: {e}"
     finally:

@@ -1,9 +1,11 @@
 """Doctor's checks of what a crash or a GitOps revert leaves in the namespace, and the probes.
 
 - **idle agents**: a workload tpenv patched (patch mode) whose agent holds no intercept of any
-  session: its client was killed (kill -9, a closed laptop) and nobody came back. The agent only
-  passes traffic through, but it is a change nobody is using; ``--fix`` restores the workload
-  (`tpenv uninstall --agent`). Webhook-injected agents are the workload's own choice: never touched.
+  session. After a ``leave`` that is by design (DESIGN: the agent stays in passthrough so the next
+  intercept needs no rollout): reported, fine. When the agent says its last intercepts were
+  abandoned (their client was killed, a laptop closed, and nobody came back), it is a change
+  nobody is using: a failure, and ``--fix`` restores the workload (`tpenv uninstall --agent`).
+  Webhook-injected agents are the workload's own choice: never touched.
 - **broken Services**: a Service whose named ``targetPort`` (``tpenv-8080``, or a name tpenv
   handed to the agent) is a port none of its pods has any more: every request to it fails.
   ``--fix`` puts the Service back from tpenv's restore record, else from the number in
@@ -17,7 +19,7 @@ import re
 import time
 from typing import Any
 
-from tpenv.engine.agentquery import agent_intercepts, agent_round_trip, auth_material
+from tpenv.engine.agentquery import agent_inventory, agent_round_trip, auth_material
 from tpenv.engine.agents import (has_agent, injected_workloads, prune_agent_history, remove_agent, wait_agent_gone,
                                  webhook_mode)
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
@@ -35,21 +37,26 @@ def idle_agents(kube: Kube, namespace: str, settings: Any) -> Check:
         if not workloads:
             return Outcome(OK, f"no agent injected by tpenv in {namespace!r}")
         material = await auth_material(kube, namespace)
-        idle, busy, unknown = [], [], []
+        idle, kept, busy, unknown = [], [], [], []
         for w in workloads:
-            held = await agent_intercepts(kube, w, material, settings.agent.ssh_port)
-            if isinstance(held, str):
-                unknown.append(f"{w.ref} ({held})")
-            elif held:
-                busy.append(f"{w.ref} ({len(held)} intercept(s))")
-            else:
+            inventory = await agent_inventory(kube, w, material, settings.agent.ssh_port)
+            if isinstance(inventory, str):
+                unknown.append(f"{w.ref} ({inventory})")
+            elif inventory[0]:
+                busy.append(f"{w.ref} ({len(inventory[0])} intercept(s))")
+            elif inventory[1]:
                 idle.append(w)
+            else:
+                kept.append(w.ref)
         if not idle:
             detail = ", ".join(busy) or "none idle"
+            if kept:
+                detail += (f"; kept in passthrough after a leave, as designed: {', '.join(kept)} "
+                           f"(`tpenv uninstall --agent` removes one)")
             if unknown:
                 return Outcome(WARN, f"could not ask {', '.join(unknown)}; in use: {detail}",
                                fix=f"kubectl -n {namespace} get pods -l tpenv.io/agent")
-            return Outcome(OK, f"every agent is in use: {detail}")
+            return Outcome(OK, f"no agent abandoned: {detail}")
 
         async def remove() -> list[str]:
             changed = []

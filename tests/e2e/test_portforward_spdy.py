@@ -91,7 +91,10 @@ def test_hello_intercept_over_spdy(namespace, tmp_path, monkeypatch):
         # The agent's SSH ran over SPDY sessions, and never over a WebSocket.
         log = "".join(run.stderr)
         assert "[spdy/" in log and "session open" in log, log[-3000:]
-        assert "v4.channel.k8s.io" not in log
+        # (The app's env is read through pods/exec, a WebSocket of its own: only port-forward
+        # requests must not have gone over one.)
+        ws_requests = [line for line in log.splitlines() if '"> GET ' in line]
+        assert not [line for line in ws_requests if "/portforward" in line], ws_requests
         tpenv(tmp_path, "leave", "hello")
         assert run.proc.wait(60) == 0
     finally:

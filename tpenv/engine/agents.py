@@ -466,13 +466,15 @@ async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: d
 
 
 async def revisions_in_use(kube: Kube, namespace: str, sts: dict[str, Any]) -> set[str]:
-    """The ControllerRevisions a StatefulSet still needs: the one it rolls out to, the current
-    one, and every one a pod of it runs (label controller-revision-hash). With a ``partition``
-    or ``updateStrategy: OnDelete`` pods keep running an older revision for as long as the
-    user wants; deleting it would leave them unrecoverable by the controller."""
-    status = sts.get("status") or {}
-    keep = {r for r in (status.get("updateRevision"), status.get("currentRevision")) if r}
-    labels = ((sts.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    """The ControllerRevisions a StatefulSet still needs: the one it rolls out to, every one a
+    live pod of it runs (label controller-revision-hash), and the current one where the
+    controller recreates pods from it. With a ``partition`` or ``updateStrategy:
+    OnDelete`` pods keep running an older revision for as long as the user wants; deleting it
+    would leave them unrecoverable by the controller."""
+    spec, status = sts.get("spec") or {}, sts.get("status") or {}
+    update, current = status.get("updateRevision"), status.get("currentRevision")
+    running: set[str] = set()
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
     selector = ",".join(f"{k}={v}" for k, v in labels.items())
     if selector:
         pods = await kube.call(kube.core.list_namespaced_pod, namespace, label_selector=selector,
@@ -480,10 +482,20 @@ async def revisions_in_use(kube: Kube, namespace: str, sts: dict[str, Any]) -> s
         uid = (sts.get("metadata") or {}).get("uid")
         for pod in pods.get("items", []):
             meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue  # on its way out: the controller replaces it from the update revision
             if any(o.get("uid") == uid for o in meta.get("ownerReferences") or []):
                 rev = (meta.get("labels") or {}).get("controller-revision-hash")
                 if rev:
-                    keep.add(rev)
+                    running.add(rev)
+    strategy = spec.get("updateStrategy") or {}
+    partitioned = strategy.get("type") == "OnDelete" or ((strategy.get("rollingUpdate") or {}).get("partition") or 0) > 0
+    keep = {r for r in (update, *running) if r}
+    # An unpartitioned rolling update creates every missing pod from the update revision, so
+    # the current one matters only while a pod runs it (counted above); status.currentRevision
+    # itself lags a finished rollout. A partition or OnDelete recreates pods from it: kept.
+    if current and partitioned:
+        keep.add(current)
     return keep
 
 

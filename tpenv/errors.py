@@ -12,7 +12,8 @@
     └── TransientError              worth retrying after ``retry_after`` seconds (exit 1)
         ├── ClusterUnreachable      API server down or network cut
         ├── TunnelDropped           port-forward or SSH connection lost
-        └── RolloutStalled          pods did not become ready in time
+        ├── RolloutStalled          pods did not become ready in time
+        └── UpdateConflict          an update from a stale copy (409): read the object again, redo
 
 Errors from kubernetes, asyncssh, websockets and the OS are wrapped at the edges with
 ``raise ... from e``; only the CLI maps these to messages and exit codes.
@@ -119,8 +120,14 @@ class RolloutStalled(TransientError):
     retry_after = 5.0
 
 
+class UpdateConflict(TransientError):
+    """The API server refused an update made from a stale copy (HTTP 409): read again, redo."""
+
+    retry_after = 0.2
+
+
 __all__ = [
-    "TpenvError", "Problem", "ConfigError", "UsageError", "NotBuiltYet", "PermanentError", "NotFound",
+    "TpenvError", "Problem", "UpdateConflict", "ConfigError", "UsageError", "NotBuiltYet", "PermanentError", "NotFound",
     "Forbidden", "Conflict", "MissingTool", "TransientError", "ClusterUnreachable", "TunnelDropped",
     "RolloutStalled",
 ]

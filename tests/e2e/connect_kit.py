@@ -55,7 +55,15 @@ def deploy_apps(ns: str) -> dict:
     kubectl("rollout", "status", "statefulset/web", "--timeout=120s", ns=ns, timeout=150)
     pods = [p for p in kubectl_json("get", "pods", "-l", "app=hello", ns=ns)["items"]
             if not p["metadata"].get("deletionTimestamp")]
-    return {"cluster_ip": kubectl_json("get", "service", "hello", ns=ns)["spec"]["clusterIP"],
+    cluster_ip = kubectl_json("get", "service", "hello", ns=ns)["spec"]["clusterIP"]
+    # kube-proxy programs a new Service's ClusterIP a moment after it exists (seconds on a busy
+    # machine; until then the node answers "no route to host"): wait until a pod reaches it, so
+    # the tests measure tpenv, not kube-proxy's lag.
+    probe = f"import urllib.request; urllib.request.urlopen('http://{cluster_ip}/', timeout=3)"
+    wait_until("kube-proxy to route the hello Service",
+               lambda: kubectl("exec", "web-0", "--", "python3", "-c", probe, ns=ns, check=False).returncode == 0,
+               timeout=60)
+    return {"cluster_ip": cluster_ip,
             "pod_ip": pods[0]["status"]["podIP"],
             "web_ip": kubectl_json("get", "pod", "web-0", ns=ns)["status"]["podIP"]}
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from tpenv.engine.injection import plan_injection, restore_plan
 from tpenv.engine.redirect import redirect_choice
-from tpenv.errors import NotFound, PermanentError, RolloutStalled, UsageError
+from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflict, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import (AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT,
@@ -37,6 +37,7 @@ Progress = Callable[[str], None]
 # Waiting reasons that never heal by themselves: fail at once, naming them.
 _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 _UNSCHEDULABLE_GRACE = 15.0  # the scheduler may still place it when another pod goes away
+UPDATE_ATTEMPTS = 5  # a 409 on restore: read again and redo, at most this many times
 
 
 @dataclass
@@ -276,13 +277,25 @@ async def remove_agent(kube: Kube, w: Workload, *, progress: Progress | None = N
             await kube.call(kube.core.replace_namespaced_service, name, w.namespace, restored,
                             what=What("update", "services", w.namespace, name))
             changed = True
-    if ANN_RESTORE in (w.obj["metadata"].get("annotations") or {}) or has_agent(w.obj):
+    for attempt in range(UPDATE_ATTEMPTS):
+        if not (ANN_RESTORE in (w.obj["metadata"].get("annotations") or {}) or has_agent(w.obj)):
+            break
         plan = restore_plan(w.obj, None)
-        if plan.workload_changed:
-            if progress:
-                progress(f"Removing the tpenv agent from {w.ref}")
+        if not plan.workload_changed:
+            break
+        if progress and attempt == 0:
+            progress(f"Removing the tpenv agent from {w.ref}")
+        try:
             await kube.replace_workload(w, plan.workload)
-            changed = True
+        except UpdateConflict:
+            # A controller wrote the object since we read it (status, a rollout): the plan is a
+            # pure function of the object, so read it again and redo it.
+            if attempt == UPDATE_ATTEMPTS - 1:
+                raise
+            w = await kube.reload(w)
+            continue
+        changed = True
+        break
     return changed
 
 

@@ -32,7 +32,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from tpenv import logs
 from tpenv.kits.kuberest import ApiGroup
-from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UsageError
+from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UpdateConflict, UsageError
 
 log = logging.getLogger("tpenv.kube")
 
@@ -91,7 +91,7 @@ def wrap_api_error(e: Exception, what: What) -> Exception:
             return Forbidden(f"forbidden: cannot {what} ({msg})",
                              hint=f"check your rights with: {what.can_i()}")
         if e.status == 409:
-            return TransientError(f"{what}: conflict ({msg})", retry_after=0.2)
+            return UpdateConflict(f"{what}: conflict ({msg})")
         if e.status == 422 or e.status == 400:
             return UsageError(f"{what}: rejected by the API server ({msg})")
         if e.status == 0 or e.status >= 500:

@@ -87,4 +87,16 @@ class PortForwardTransportBase(asyncio.Transport):
             self._protocol.resume_writing()
 
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "PortForwardTransportBase", "api_refusal", "status_message"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "PortForwardTransportBase", "api_refusal", "status_message", "tls_kwargs"]
+
+
+def tls_kwargs(kube: Any) -> dict[str, Any]:
+    """The ``ssl``/``server_hostname`` arguments of a WebSocket to the API server (port-forward,
+    exec): the kubeconfig's CA and client certificate, and its tls-server-name when it has one."""
+    kw: dict[str, Any] = {}
+    ctx = kube.ssl_context()
+    if ctx is not None:
+        kw["ssl"] = ctx
+        if kube.tls_server_name:
+            kw["server_hostname"] = kube.tls_server_name
+    return kw

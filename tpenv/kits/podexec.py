@@ -22,7 +22,7 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from tpenv.errors import ClusterUnreachable, PermanentError, TransientError
-from tpenv.kits.pf_common import api_refusal, status_message
+from tpenv.kits.pf_common import api_refusal, status_message, tls_kwargs
 from tpenv.kits.portforward import KubeAccess
 
 SUBPROTOCOL = "v4.channel.k8s.io"
@@ -61,12 +61,7 @@ async def exec_output(kube: KubeAccess, namespace: str, pod: str, container: str
                       *, timeout: float = 30.0) -> bytes:
     """The stdout of ``argv`` run in ``container`` of ``pod``; ExecFailed with its stderr otherwise."""
     what = f"exec in container {container!r} of pod {pod!r} in namespace {namespace!r}"
-    kw: dict[str, Any] = {}
-    ctx = kube.ssl_context()
-    if ctx is not None:
-        kw["ssl"] = ctx
-        if kube.tls_server_name:
-            kw["server_hostname"] = kube.tls_server_name
+    kw = tls_kwargs(kube)
     url = exec_url(kube.host, namespace, pod, container, argv)
     out, err, status = bytearray(), bytearray(), bytearray()
     try:

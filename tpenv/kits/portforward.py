@@ -43,7 +43,7 @@ from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
 from tpenv.errors import ClusterUnreachable, TunnelDropped
 from tpenv.kits import spdy
-from tpenv.kits.pf_common import PortForwardTransportBase, api_refusal, status_message
+from tpenv.kits.pf_common import PortForwardTransportBase, api_refusal, status_message, tls_kwargs
 
 log = logging.getLogger("tpenv.portforward")
 
@@ -77,12 +77,7 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
     """Upgrade to the port-forward WebSocket; HTTP refusals become NotFound/Forbidden/TunnelDropped."""
     url = portforward_url(kube.host, namespace, pod, port)
     what = f"port-forward to pod {pod!r} port {port} in namespace {namespace!r}"
-    kw: dict[str, Any] = {}
-    ctx = kube.ssl_context()
-    if ctx is not None:
-        kw["ssl"] = ctx
-        if kube.tls_server_name:
-            kw["server_hostname"] = kube.tls_server_name
+    kw = tls_kwargs(kube)
     try:
         return await ws_connect(
             url, subprotocols=[SUBPROTOCOL], additional_headers=kube.auth_headers(),

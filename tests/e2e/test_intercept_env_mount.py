@@ -87,7 +87,11 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
 
     # Stage 2: the env file is what the app process sees (its image's ENV, and PWD its `sh -c`
     # exported, included), plus TELEPRESENCE_*.
-    pod = kubectl_json("get", "pods", "-l", "app=store", ns=ns)["items"][0]["metadata"]["name"]
+    # The leave restored the Deployment, so a rollout may be under way: read a pod it keeps (Running, not
+    # being deleted), never one it has finished with.
+    kubectl("rollout", "status", "deployment/store", "--timeout=120s", ns=ns, timeout=150)
+    pod = next(p["metadata"]["name"] for p in kubectl_json("get", "pods", "-l", "app=store", ns=ns)["items"]
+               if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp"))
     seen = dict(item.split("=", 1) for item in kubectl("exec", pod, "-c", "app", "--", "cat", "/proc/1/environ",
                                                        ns=ns).stdout.split("\0") if "=" in item)
     expected = dict(seen)

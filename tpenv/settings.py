@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tpenv.errors import UsageError
 
@@ -37,9 +37,14 @@ class AgentSettings(_Section):
     image_pull_policy: str = Field(
         "IfNotPresent", description="imagePullPolicy of the agent container (Never on the local test cluster)."
     )
-    ssh_port: int = Field(7922, ge=1, le=65535, description="Agent SSH port, on the pod's loopback only.")
-    # No health or first listener port here: those are the injector's constants (agent/tpenv_agent/
-    # inject.py) and no setting reached the pod, so such settings would only lie (issue #14).
+    ssh_port: int = Field(7922, ge=1, le=65535, description=(
+        "Agent SSH port, on the pod's loopback only: the injected agent listens there and tpenv dials it "
+        "through pods/portforward (the manager's webhook takes it from its own --agent-ssh-port)."))
+    health_port: int = Field(7921, ge=1, le=65535, description=(
+        "Agent health port (/readyz, /livez for the kubelet's probes); pick another when the app already "
+        "uses it (the manager's webhook takes it from its own --agent-health-port)."))
+    # No first listener port: the injector picks the agent's listener ports from 7900 up, skipping
+    # every port the pod declares, so a setting would only move a search that never collides.
     lease_seconds: float = Field(
         5.0, gt=0, description="Seconds without a ping after which the agent ends a session's intercepts."
     )
@@ -51,6 +56,13 @@ class AgentSettings(_Section):
         "CPU limit of the agent container; empty: none (a CPU limit throttles the app's traffic through it)."))
     memory_limit: str = Field("256Mi", pattern=_QUANTITY_OR_NONE, description=(
         "Memory limit of the agent container (e.g. 256Mi); empty: none."))
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "AgentSettings":
+        if self.ssh_port == self.health_port:
+            raise ValueError(f"TPENV_AGENT_SSH_PORT and TPENV_AGENT_HEALTH_PORT are both {self.ssh_port}: the agent "
+                             f"needs two different ports")
+        return self
 
     def resources(self) -> dict:
         """The agent container's ``resources`` as these settings say."""
@@ -218,6 +230,9 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         settings = Settings.model_validate(data)
     except ValidationError as e:
         for err in e.errors():
+            if len(err["loc"]) < 2:  # a section's own check across fields: its message names them
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
             section, name = str(err["loc"][0]), str(err["loc"][-1])
             var = f"{ENV_PREFIX}{section}_{name}".upper()
             problems.append(f"{var}={err.get('input')!r}: {err['msg'].lower()}")

@@ -12,7 +12,8 @@ imports the same code, so patch mode and webhook mode cannot drift apart. ``temp
 only the manager's install manifests, which only the client renders.
 
 ``settings`` keys (all optional): ``agent_image`` (default ``tpenv/agent:<version>``),
-``image_pull_policy`` (default ``IfNotPresent``), ``lease`` (seconds, default 5),
+``image_pull_policy`` (default ``IfNotPresent``), ``lease`` (seconds, default 5), ``ssh_port``
+(default 7922, on the pod's loopback) and ``health_port`` (default 7921: /readyz, /livez),
 ``resources`` (the agent container's ``resources``, default :data:`DEFAULT_RESOURCES`), ``redirect``
 (default True: the in-pod redirect, inpod.py; False: the port hand-over, for namespaces whose
 Pod Security level forbids it; ``redirect_off`` then says why, and the record keeps it).
@@ -39,10 +40,13 @@ AUTH_VOLUME = "tpenv-auth"
 AUTH_SECRET = "tpenv-auth"
 AUTH_DIR = "/tpenv/auth"
 MOUNTS_ROOT = "/tpenv/mounts"
-SSH_ADDR = "127.0.0.1:7922"
+# The agent's own ports: defaults of the ``ssh_port``/``health_port`` settings (the client's
+# TPENV_AGENT_SSH_PORT/TPENV_AGENT_HEALTH_PORT, the manager's --agent-ssh-port/--agent-health-port),
+# which the client dials and the kubelet probes, so they travel with the injection, never apart.
+SSH_HOST = "127.0.0.1"  # loopback only (protocol §1): reached through pods/portforward
+SSH_PORT = 7922
 HEALTH_PORT = 7921
 FIRST_AGENT_PORT = 7900
-RESERVED_PORTS = frozenset({HEALTH_PORT, 7922})
 
 LABEL_AGENT = "tpenv.io/agent"
 ANN_RESTORE = "tpenv.io/restore"
@@ -73,12 +77,17 @@ def _version() -> str:
 
 def default_settings() -> dict:
     return {"agent_image": f"tpenv/agent:{_version()}", "image_pull_policy": "IfNotPresent", "lease": 5,
+            "ssh_port": SSH_PORT, "health_port": HEALTH_PORT,
             "resources": copy.deepcopy(DEFAULT_RESOURCES), "redirect": True, "redirect_off": ""}
 
 
 def _settings(settings: dict | None) -> dict:
     merged = default_settings()
     merged.update({k: v for k, v in (settings or {}).items() if v is not None})
+    ports = [merged["ssh_port"], merged["health_port"]]
+    if not all(isinstance(p, int) and 0 < p < 65536 for p in ports) or ports[0] == ports[1]:
+        raise InjectError(f"the agent's ssh_port and health_port must be two different ports 1-65535, "
+                          f"not {ports[0]!r} and {ports[1]!r}")
     return merged
 
 
@@ -186,9 +195,10 @@ def agent_container(app: dict, entries: list[dict], settings: dict, pod_spec: di
     args = ["sidecar", "--container", app["name"]]
     for e in entries:
         args += ["--listen", f"{e['agent_port']}:{e['app_port']}:{e['name']}"]
-    args += ["--ssh", SSH_ADDR, "--health", f"0.0.0.0:{HEALTH_PORT}", "--auth-dir", AUTH_DIR,
+    health = settings["health_port"]
+    args += ["--ssh", f"{SSH_HOST}:{settings['ssh_port']}", "--health", f"0.0.0.0:{health}", "--auth-dir", AUTH_DIR,
              "--mounts", MOUNTS_ROOT, "--lease", str(settings["lease"])]
-    probe = lambda path: {"httpGet": {"path": path, "port": HEALTH_PORT}, "periodSeconds": 5}  # noqa: E731
+    probe = lambda path: {"httpGet": {"path": path, "port": health}, "periodSeconds": 5}  # noqa: E731
     c: dict = {
         "name": AGENT_CONTAINER,
         "image": settings["agent_image"],
@@ -256,19 +266,19 @@ def _pick_container(spec: dict, target: int | str, explicit: str | None, where: 
     return found[0]
 
 
-def _used_ports(spec: dict) -> set[int]:
-    used = set(RESERVED_PORTS)
+def _used_ports(spec: dict, settings: dict) -> set[int]:
+    used = {settings["ssh_port"], settings["health_port"]}
     for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
         used.update(p.get("containerPort") for p in c.get("ports") or [])
     return used
 
 
-def _take_port(spec: dict, app: dict, target: int | str, where: str, record: dict) -> dict:
+def _take_port(spec: dict, app: dict, target: int | str, where: str, record: dict, settings: dict) -> dict:
     """Hand ``target`` of container ``app`` to the agent (in our copy); return the port record.
 
     Redirect mode changes nothing of the app: the init container sends the port's traffic to
     the agent. The hand-over renames a named port (and the probes and hooks naming it)."""
-    used = _used_ports(spec) | {e["agent_port"] for e in record["ports"]}
+    used = _used_ports(spec, settings) | {e["agent_port"] for e in record["ports"]}
     agent_port = next(p for p in range(FIRST_AGENT_PORT, 65536) if p not in used)
     entry: dict = {"name": _agent_port_name(target), "agent_port": agent_port}
     redirect = record.get("mode") == MODE_REDIRECT
@@ -454,7 +464,7 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
         if record["container"] not in (None, app["name"]):
             raise InjectError(f"the agent in {where} already serves container {record['container']!r}; "
                               f"port {port!r} belongs to {app['name']!r}: one agent serves one container")
-        record["ports"].append(_take_port(tpl["spec"], app, target, where, record))
+        record["ports"].append(_take_port(tpl["spec"], app, target, where, record, settings))
         record["container"] = app["name"]
         # One list of created paths, relative to the workload; the template's carry its prefix.
         prefix = "spec.template."
@@ -612,7 +622,7 @@ def inject_pod(pod: dict, settings: dict | None = None) -> dict:
             raise InjectError(f"container {app['name']!r} declares no port named {target!r} "
                               f"(from the pod annotation {(inpod.port_annotation(p) or ('?',))[0]})")
         if _agent_port_name(target) not in {e["name"] for e in record["ports"]}:
-            record["ports"].append(_take_port(spec, app, target, where, record))
+            record["ports"].append(_take_port(spec, app, target, where, record, settings))
     _install_agent(p, record, settings, record["created"])
     _write(p, ANN_RESTORE, record)
     return p
@@ -620,7 +630,7 @@ def inject_pod(pod: dict, settings: dict | None = None) -> dict:
 
 __all__ = [
     "InjectError", "inject", "restore", "inject_pod", "agent_container", "agent_security", "auth_volume",
-    "default_settings", "DEFAULT_RESOURCES", "AGENT_UID",
+    "default_settings", "DEFAULT_RESOURCES", "AGENT_UID", "SSH_PORT", "HEALTH_PORT",
     "AGENT_CONTAINER", "AUTH_SECRET", "LABEL_AGENT", "LABEL_INJECT", "ANN_RESTORE", "ANN_RESTORE_SERVICE",
     "ANN_INJECT_PORTS", "ANN_INJECT_CONTAINER", "WORKLOAD_KINDS", "INIT_CONTAINER", "MODE_REDIRECT",
 ]

@@ -72,6 +72,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--agent-image", default=os.environ.get("TPENV_AGENT_IMAGE") or defaults["agent_image"])
     p.add_argument("--agent-pull-policy", default=defaults["image_pull_policy"])
     p.add_argument("--lease", type=int, default=defaults["lease"])
+    p.add_argument("--agent-ssh-port", type=int, default=defaults["ssh_port"],
+                   help="the injected agent's SSH port, on the pod's loopback (the client's TPENV_AGENT_SSH_PORT)")
+    p.add_argument("--agent-health-port", type=int, default=defaults["health_port"],
+                   help="the injected agent's /readyz and /livez port (the client's TPENV_AGENT_HEALTH_PORT)")
     p.add_argument("--agent-resources", type=json.loads, default=defaults["resources"],
                    help="the injected agent container's resources, as JSON ({\"requests\": {...}, \"limits\": {...}})")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
@@ -384,6 +388,12 @@ def tls_context(tls_dir: Path) -> ssl.SSLContext:
     return ctx
 
 
+def injection_settings(args: argparse.Namespace) -> dict:
+    """The webhook's inject_pod settings from the manager's command line (rendered from the client's settings)."""
+    return {"agent_image": args.agent_image, "image_pull_policy": args.agent_pull_policy, "lease": args.lease,
+            "resources": args.agent_resources, "ssh_port": args.agent_ssh_port, "health_port": args.agent_health_port}
+
+
 async def run_manager(argv: list[str]) -> int:
     """Serve the webhook until SIGTERM/SIGINT. ``argv``: the arguments after ``manager``."""
     args = parse_args(argv)
@@ -393,8 +403,7 @@ async def run_manager(argv: list[str]) -> int:
         agent_log.setup(args.log_level)
     except ImportError:  # the sidecar's log module is optional for this role
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
-    settings = {"agent_image": args.agent_image, "image_pull_policy": args.agent_pull_policy, "lease": args.lease,
-                "resources": args.agent_resources}
+    settings = injection_settings(args)
     try:
         ctx = tls_context(args.tls_dir)
     except (OSError, ssl.SSLError) as e:

@@ -32,12 +32,32 @@ def test_settings_model_becomes_the_agent_image_and_lease():
                                            "memory_limit": "512Mi", "cpu_limit": "1"}})
     resources = {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}
     assert inject_settings(s) == {"agent_image": "me/agent:7", "image_pull_policy": "Never", "lease": 3,
-                                  "resources": resources}
+                                  "resources": resources, "ssh_port": 7922, "health_port": 7921}
     plan = plan_injection(WORKLOAD, SERVICE, "http", s)
     agent = agent_of(plan.workload)
     assert agent["image"] == "me/agent:7" and agent["imagePullPolicy"] == "Never"
     assert agent["resources"] == resources
     assert agent["args"][agent["args"].index("--lease") + 1] == "3"
+
+
+def test_agent_ports_from_the_settings_reach_the_listen_addresses_and_the_probes():
+    # The client dials settings.agent.ssh_port: an injector with its own port would break every tunnel.
+    s = Settings.model_validate({"agent": {"ssh_port": 7932, "health_port": 7931}})
+    agent = agent_of(plan_injection(WORKLOAD, SERVICE, "http", s).workload)
+    args = agent["args"]
+    assert args[args.index("--ssh") + 1] == "127.0.0.1:7932"  # loopback only, whatever the port
+    assert args[args.index("--health") + 1] == "0.0.0.0:7931"
+    assert agent["readinessProbe"]["httpGet"]["port"] == agent["livenessProbe"]["httpGet"]["port"] == 7931
+
+
+def test_agent_ports_are_not_handed_to_the_app_nor_equal():
+    # An app already on the agent's SSH port: the agent's listener port skips it.
+    wl = copy.deepcopy(WORKLOAD)
+    wl["spec"]["template"]["spec"]["containers"][0]["ports"].append({"name": "x", "containerPort": 7901})
+    s = Settings.model_validate({"agent": {"ssh_port": 7900, "health_port": 7902}})
+    assert plan_injection(wl, SERVICE, "http", s).record["ports"][0]["agent_port"] == 7903
+    with pytest.raises(ValueError, match="two different ports"):
+        Settings.model_validate({"agent": {"ssh_port": 7921}})
 
 
 def test_agent_resources_are_checked_quantities():

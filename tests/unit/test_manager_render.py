@@ -157,6 +157,25 @@ def test_settings_model_is_accepted(tls):
     assert c["image"] == "reg.example/tpenv/agent:9" and c["imagePullPolicy"] == "Always"
 
 
+def test_agent_ports_flow_from_settings_through_the_manager_to_the_webhooks_injection(tls):
+    # The client's TPENV_AGENT_SSH_PORT/HEALTH_PORT -> the manager's flags -> the pods the webhook injects.
+    from tpenv_agent.inject import inject_pod
+    from tpenv_agent.manager import injection_settings, parse_args
+
+    s = Settings.model_validate({"agent": {"ssh_port": 7942, "health_port": 7941}})
+    (dep,) = by_kind(m.render_manager(s, team_mode=False, tls=tls), "Deployment")
+    settings = injection_settings(parse_args(dep["spec"]["template"]["spec"]["containers"][0]["args"]))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+           "spec": {"containers": [{"name": "web", "image": "nginx", "ports": [{"name": "http", "containerPort": 80}]}]}}
+    agent = next(c for c in inject_pod(pod, settings)["spec"]["containers"] if c["name"] == "tpenv-agent")
+    assert agent["args"][agent["args"].index("--ssh") + 1] == "127.0.0.1:7942"
+    assert agent["args"][agent["args"].index("--health") + 1] == "0.0.0.0:7941"
+    assert agent["readinessProbe"]["httpGet"]["port"] == 7941
+    # The defaults, without settings, are the settings' defaults.
+    defaults = injection_settings(parse_args(["--tls-dir", "/x"]))
+    assert (defaults["ssh_port"], defaults["health_port"]) == (Settings().agent.ssh_port, Settings().agent.health_port)
+
+
 def test_a_broken_template_is_reported_not_applied(tmp_path, monkeypatch, tls):
     (tmp_path / "00-bad.yaml.j2").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n")
     monkeypatch.setattr(m, "TEMPLATES", tmp_path)

@@ -34,6 +34,10 @@ VALUES: dict[str, tuple[str, Any, str]] = {
                          "imagePullPolicy of the injected agent (TPENV_AGENT_IMAGE_PULL_POLICY)."),
     "agent.leaseSeconds": ("__TPENV_LEASE__", max(1, round(_DEFAULTS.agent.lease_seconds)),
                            "Seconds an intercept outlives its client's last ping (TPENV_AGENT_LEASE_SECONDS)."),
+    "agent.sshPort": ("__TPENV_AGENT_SSH_PORT__", _DEFAULTS.agent.ssh_port,
+                      "The agent's SSH port on the pod's loopback; clients set the same TPENV_AGENT_SSH_PORT."),
+    "agent.healthPort": ("__TPENV_AGENT_HEALTH_PORT__", _DEFAULTS.agent.health_port,
+                         "The agent's /readyz and /livez port; clients set the same TPENV_AGENT_HEALTH_PORT."),
     "manager.image": ("__TPENV_MANAGER_IMAGE__", "",
                       "Image of the manager (empty: the agent image: one image, two roles)."),
     "manager.pullPolicy": ("__TPENV_MANAGER_PULL__", _DEFAULTS.agent.image_pull_policy,
@@ -59,6 +63,7 @@ def _context(team_mode: bool, cidrs: list[str]) -> dict[str, Any]:
     ctx.update(agent_image=VALUES["agent.image"][0], agent_image_pull_policy=VALUES["agent.pullPolicy"][0],
                image=VALUES["manager.image"][0], image_pull_policy=VALUES["manager.pullPolicy"][0],
                lease=VALUES["agent.leaseSeconds"][0], relay_port=VALUES["relay.port"][0], relay_cidrs=cidrs,
+               agent_ssh_port=VALUES["agent.sshPort"][0], agent_health_port=VALUES["agent.healthPort"][0],
                tls=dict(TLS), tls_checksum=CHECKSUM)
     return ctx
 

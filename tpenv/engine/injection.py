@@ -47,7 +47,8 @@ def inject_settings(settings: Any) -> dict:
         return dict(settings)
     agent = settings.agent
     return {"agent_image": agent.image, "image_pull_policy": agent.image_pull_policy,
-            "lease": max(1, round(float(agent.lease_seconds))), "resources": agent.resources()}
+            "lease": max(1, round(float(agent.lease_seconds))), "resources": agent.resources(),
+            "ssh_port": agent.ssh_port, "health_port": agent.health_port}
 
 
 def _wrapped(e: InjectError, what: str) -> PermanentError:

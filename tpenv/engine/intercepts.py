@@ -32,6 +32,7 @@ from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_sp
 from tpenv.errors import TpenvError, TransientError
 from tpenv.kits.aio import Backoff, unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
+from tpenv.settings import Settings
 
 
 def intercept_key(namespace: str, workload: str, port: Any, context: str | None = None) -> Key:
@@ -242,13 +243,12 @@ class InterceptRun:
     def desired(self) -> dict[Key, Any]:
         assert self.resolved is not None
         specs: dict[Key, Any] = {}
-        t = self.settings.tunnels if self.settings is not None else None
+        s = self.settings if self.settings is not None else Settings()  # the documented defaults, never others
         for pod in self.ready_pods():
             spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
                               pod["metadata"]["uid"], self.session_id, self.material, (self.registration(),),
-                              ssh_port=self.settings.agent.ssh_port if self.settings is not None else 7922,
-                              connect_timeout=t.connect_timeout if t is not None else 15.0,
-                              leave_drain=t.leave_drain if t is not None else 15.0)
+                              ssh_port=s.agent.ssh_port, connect_timeout=s.tunnels.connect_timeout,
+                              leave_drain=s.tunnels.leave_drain)
             specs[spec.key] = spec
         pods = self.ready_pods()
         if pods:

@@ -38,7 +38,7 @@ from ruamel.yaml.error import YAMLError
 from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
 from tpenv.errors import NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
-from tpenv_agent.inject import DEFAULT_RESOURCES
+from tpenv_agent.inject import DEFAULT_RESOURCES, HEALTH_PORT, SSH_PORT
 
 NAME = "tpenv-manager"
 TLS_SECRET = "tpenv-manager-tls"
@@ -73,7 +73,8 @@ def _version() -> str:
 def manager_values(settings: Any) -> dict[str, Any]:
     """The values the templates need, from tpenv's Settings model or a plain dict.
 
-    Plain dict keys: ``agent_image``, ``image_pull_policy``, ``lease``, and optionally
+    Plain dict keys: ``agent_image``, ``image_pull_policy``, ``lease``, ``ssh_port`` and
+    ``health_port`` (the injected agent's, defaults 7922 and 7921), and optionally
     ``manager_image`` (default: the agent image; one image, two roles), ``relay_port`` (default
     8022) and ``relay_cidrs`` (the ranges the relay may dial; default: none given, the relay
     discovers the cluster's pod and service ranges itself).
@@ -87,14 +88,17 @@ def manager_values(settings: Any) -> dict[str, Any]:
         relay_port = int(settings.get("relay_port") or RELAY_PORT)
         relay_cidrs = [str(c) for c in settings.get("relay_cidrs") or []]
         resources = settings.get("resources") or DEFAULT_RESOURCES
+        ssh_port, health_port = settings.get("ssh_port") or SSH_PORT, settings.get("health_port") or HEALTH_PORT
     else:  # tpenv.settings.Settings
         agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
         lease, image = settings.agent.lease_seconds, settings.agent.image
         relay_port, relay_cidrs = settings.manager.relay_port, list(settings.manager.relay_cidrs)
         resources = settings.agent.resources()
+        ssh_port, health_port = settings.agent.ssh_port, settings.agent.health_port
     return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image, "agent_resources": resources,
             "image_pull_policy": pull, "lease": max(1, round(float(lease))),
-            "relay_port": relay_port, "relay_cidrs": relay_cidrs}
+            "relay_port": relay_port, "relay_cidrs": relay_cidrs,
+            "agent_ssh_port": ssh_port, "agent_health_port": health_port}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.units import State, UnitEvent, UnitState
-from tpenv.errors import ConfigError, NotFound
+from tpenv.errors import ConfigError, NotFound, RolloutStalled, TransientError, TunnelDropped
 
 WAIT = 10.0  # deadline for anything to happen; never a fixed sleep
 
@@ -258,6 +258,55 @@ async def test_a_failed_unit_keeps_its_error_whole(world, desired):
     async with rec:
         assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
         assert type(rec.errors[H]) is NotFound and str(rec.errors[H]) == state_of(rec, H)["last_error"]
+
+
+async def test_a_transient_error_waits_its_retry_after_even_past_the_backoff_cap(world, desired):
+    # The backoff alone would retry within restart_max (0.1 s); the error asks for 30 s.
+    world.fail_starts[H] = 1
+    world.fail_with = lambda msg: TransientError(msg, retry_after=30.0)
+    async with fast(desired) as rec:
+        assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
+        assert state_of(rec, H)["detail"] == "retry in 30.0s"  # no "or on the next change": not permanent
+        # Transient, so an outside change does not cut the wait short (only a permanent one does).
+        before = rec.passes
+        rec.notify(UnitEvent("kube", detail="something else changed"))
+        assert await rec.wait_until(lambda r: r.passes > before, WAIT)
+        assert [k for op, k in world.journal if op == "start"].count(H) == 1
+        assert state_of(rec, H)["state"] == "failed" and isinstance(rec.errors[H], TransientError)
+
+
+async def test_the_retry_after_of_the_errors_class_counts_and_a_short_one_retries_soon(world, desired):
+    world.fail_starts[H] = 1
+    world.fail_with = RolloutStalled  # retry_after 5.0 by its class
+    async with fast(desired) as rec:
+        assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
+        assert state_of(rec, H)["detail"] == "retry in 5.0s"
+    world.journal.clear()
+    world.fail_starts[H] = 1
+    world.fail_with = lambda msg: TransientError(msg, retry_after=0.05)
+    async with fast(desired) as rec:
+        assert await rec.wait_until(all_ready(T, I, H), WAIT)
+        assert [k for op, k in world.journal if op == "start"].count(H) == 2
+
+
+async def test_a_unit_reporting_a_typed_failure_is_retried_by_its_type(world, desired):
+    # A running unit's exception travels with its report: its kind in rec.errors, its retry_after honoured.
+    async with fast(desired) as rec:
+        assert await rec.wait_until(all_ready(T, I, H), WAIT)
+        world.units[T].notify(UnitEvent("unit_failed", error="gone", exc=TunnelDropped("gone", retry_after=30.0)))
+        assert await rec.wait_until(lambda r: (s := state_of(r, T)) and s["state"] == "failed", WAIT)
+        assert state_of(rec, T)["detail"] == "retry in 30.0s" and type(rec.errors[T]) is TunnelDropped
+        assert state_of(rec, I)["state"] == "pending"  # its dependent waits for it
+
+
+async def test_a_foreign_error_is_transient_on_the_backoff_alone(world, desired):
+    world.fail_starts[H] = 1  # RuntimeError: no type of ours, no retry_after; the backoff's curve decides
+    rec = Reconciler(desired, debounce=0.02, restart_initial=30.0, restart_max=30.0)
+    async with rec:
+        assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
+        detail = state_of(rec, H)["detail"]
+        assert detail.startswith("retry in ") and "next change" not in detail
+        assert 24.0 <= float(detail.removeprefix("retry in ").removesuffix("s")) <= 30.0  # 30 s, jitter 20 %
 
 
 # --- stage 4: stop and abort ------------------------------------------------------------------

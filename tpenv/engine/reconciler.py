@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpenv.errors import PermanentError, TpenvError
+from tpenv.errors import PermanentError, TpenvError, TransientError
 from tpenv.kits.aio import Backoff, NamedTask, unit_logger
 from tpenv.engine.units import Key, State, Unit, UnitEvent, UnitSpec, UnitState, key_text
 
@@ -191,7 +191,7 @@ class Reconciler:
 
         def notify(event: UnitEvent) -> None:
             self.queue.put_nowait(UnitEvent(event.kind, event.key or key, event.error, event.detail,
-                                            source=box[0] if box else None))
+                                            source=box[0] if box else None, exc=event.exc))
 
         notify.box = box  # type: ignore[attr-defined]  # filled once the unit exists
         return notify
@@ -307,7 +307,7 @@ class Reconciler:
         outside = any(e.kind in ("config", "kube") for e in events)
         for e in events:
             if e.kind == "unit_failed" and e.key in self.running and self.running[e.key] is e.source:
-                self._failed(e.key, e.error or "failed")
+                self._failed(e.key, e.exc if e.exc is not None else (e.error or "failed"))
                 self._restart.add(e.key)
         if outside:  # the world changed: a permanent failure may be fixed now
             for k in self._permanent:
@@ -350,7 +350,12 @@ class Reconciler:
         return result
 
     def _failed(self, key: Key, exc: Exception | str) -> None:
-        """``exc``: what start raised, or the text a running unit reported (transient)."""
+        """``exc``: what start raised or a running unit reported; only a text (an untyped report)
+        or a foreign exception counts as transient without saying so.
+
+        The type decides: a PermanentError is retried on the next outside change (and, slowly,
+        by the backoff); a TransientError no sooner than its ``retry_after`` (a rollout's pace,
+        a 409's quick redo), the backoff's curve when that is longer."""
         if isinstance(exc, Exception):
             self.errors[key] = exc
         else:
@@ -358,6 +363,8 @@ class Reconciler:
         error, permanent = str(exc), isinstance(exc, PermanentError)
         backoff = self._backoff.setdefault(key, Backoff(**self._backoff_args))
         delay = backoff.failed()
+        if isinstance(exc, TransientError):
+            delay = max(delay, exc.retry_after)
         self._retry_at[key] = asyncio.get_running_loop().time() + delay
         (self._permanent.add if permanent else self._permanent.discard)(key)
         st = self._status.setdefault(key, UnitState())

@@ -162,7 +162,8 @@ class TunnelUnit:
         if self.spec.registry.units.get(self.key) is self:
             del self.spec.registry.units[self.key]
         if self._notify is not None:
-            self._notify(UnitEvent("unit_failed", self.key, error="agent session lost"))
+            self._notify(UnitEvent("unit_failed", self.key, error="agent session lost",
+                                   exc=TunnelDropped("agent session lost")))
 
     async def stop(self) -> None:
         """Close the session: the agent ends this session's intercepts at once. Safe twice."""

@@ -76,6 +76,9 @@ class UnitEvent:
     # The unit instance that sent it (set by the reconciler's notify): a late event from a
     # unit already replaced must not restart its successor.
     source: Any = field(default=None, compare=False, repr=False)
+    # unit_failed: the exception itself when there is one, so the retry follows its type
+    # (permanent or transient, retry_after) and rec.errors keeps its kind and hint.
+    exc: Exception | None = field(default=None, compare=False)
 
 
 Notify = Callable[[UnitEvent], None]
@@ -178,7 +181,8 @@ class TaskUnit:
             return  # asked to stop, or start() reports the failure itself
         error = str(task.error) if task.error is not None else "ended unexpectedly"
         self.state.set(State.FAILED, error=error)
-        self.notify(UnitEvent("unit_failed", self.key, error=error))
+        exc = task.error if isinstance(task.error, Exception) else None
+        self.notify(UnitEvent("unit_failed", self.key, error=error, exc=exc))
 
     async def stop(self) -> None:
         self._stop_requested = True

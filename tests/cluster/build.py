@@ -30,6 +30,7 @@ from pathlib import Path
 K8S_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"  # the one already in the k8s module graph, so the module cache has it
 COREDNS_VERSION = "v1.13.2"  # requires client-go v0.34.x, like our k8s
+LOCAL_PATH_VERSION = "v0.0.30"  # rancher's local-path-provisioner: the default StorageClass (issue 16)
 HELM_VERSION = "v3.19.5"  # the last helm on client-go v0.34.x, like our k8s: most modules are cached already
 GO_FALLBACK = "go1.25.4"  # fetched from the module proxy when no `go` is installed
 
@@ -58,6 +59,10 @@ def coredns_bin() -> Path:
 
 def kubectl_bin() -> Path:
     return k8s_bin_dir() / "kubectl"
+
+
+def local_path_bin() -> Path:
+    return cache_root() / "bin" / f"local-path-provisioner-{LOCAL_PATH_VERSION}" / "local-path-provisioner"
 
 
 def helm_bin() -> Path:
@@ -230,41 +235,49 @@ def build_coredns(log=print) -> Path:
                           coredns_bin(), "-s -w", log)
 
 
-HELM_TOOLS = """//go:build tools
-
-// Package tools pins helm's main package so that `go mod tidy` keeps its dependencies.
-package tools
-
-import _ "helm.sh/helm/v3/cmd/helm"
-"""
+def _tools_build(name: str, module: str, version: str, pkg: str, out: Path, ldflags: str, log=print) -> Path:
+    """Build ``pkg`` of ``module`` at ``version`` from a wrapper whose tools.go pins the main package,
+    so that `go mod tidy` keeps exactly the dependencies the module's own go.mod pins."""
+    if out.exists():
+        return out
+    work = cache_root() / f"{name}-build"
+    work.mkdir(parents=True, exist_ok=True)
+    gomod = f"module tpenv.local/{name.replace('-', '')}build\n\ngo 1.24.0\n\nrequire {module} {version}\n"
+    if not (work / "go.mod").exists() or f"require {module} {version}" not in (work / "go.mod").read_text():
+        (work / "go.mod").write_text(gomod)
+        (work / "go.sum").unlink(missing_ok=True)
+    (work / "tools.go").write_text(
+        "//go:build tools\n\n// Package tools pins the main package so that `go mod tidy` keeps its dependencies.\n"
+        f'package tools\n\nimport _ "{pkg}"\n')
+    log(f"cluster: building {name} {version} from the Go module proxy (cold: a few minutes)")
+    t = time.monotonic()
+    _go(["mod", "tidy"], work, log)
+    _go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(out), pkg], work, log)
+    log(f"cluster: {name} built in {time.monotonic() - t:.0f}s -> {out}")
+    return out
 
 
 def build_helm(log=print) -> Path:
     """helm, for the manager chart's tests (`helm install` on the local cluster)."""
-    out = helm_bin()
-    if out.exists():
-        return out
-    work = cache_root() / "helm-build"
-    work.mkdir(parents=True, exist_ok=True)
-    module = "helm.sh/helm/v3"
-    gomod = f"module tpenv.local/helmbuild\n\ngo 1.24.0\n\nrequire {module} {HELM_VERSION}\n"
-    if not (work / "go.mod").exists() or f"require {module} {HELM_VERSION}" not in (work / "go.mod").read_text():
-        (work / "go.mod").write_text(gomod)
-        (work / "go.sum").unlink(missing_ok=True)
-    (work / "tools.go").write_text(HELM_TOOLS)
-    log(f"cluster: building helm {HELM_VERSION} from the Go module proxy (cold: a few minutes)")
-    t = time.monotonic()
-    _go(["mod", "tidy"], work, log)
-    ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
-    _go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(out), f"{module}/cmd/helm"], work, log)
-    log(f"cluster: helm built in {time.monotonic() - t:.0f}s -> {out}")
-    return out
+    return _tools_build("helm", "helm.sh/helm/v3", HELM_VERSION, "helm.sh/helm/v3/cmd/helm", helm_bin(),
+                        f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}", log)
+
+
+def build_local_path(log=print) -> Path:
+    """rancher's local-path-provisioner: PVCs get a directory on the node (the cluster's StorageClass).
+
+    Its main package is the module's root; built with its own pins (client-go v0.30).
+    """
+    module = "github.com/rancher/local-path-provisioner"
+    return _tools_build("local-path-provisioner", module, LOCAL_PATH_VERSION, module, local_path_bin(),
+                        f"-s -w -X main.VERSION={LOCAL_PATH_VERSION}", log)
 
 
 def build_all(log=print) -> None:
     build_k8s(log)
     build_etcd(log)
     build_coredns(log)
+    build_local_path(log)
     build_helm(log)
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402
 import network as net  # noqa: E402
 import packages  # noqa: E402
+import storage  # noqa: E402
 from components import (COREDNS_RBAC, KUBE_DNS, NODE, Component, Layout, containerd_address,  # noqa: E402
                         kubeconfig_path, state_dir)
 from proc import Daemons, run, say, wait_for  # noqa: E402
@@ -193,6 +194,9 @@ def up(argv: list[str]) -> int:
         images_thread.join()
     if errors:
         raise RuntimeError(f"building or importing the images failed: {errors[0]}") from errors[0]
+    # After the images: the provisioner's own image must be in containerd (it is never pulled).
+    import images
+    storage.install(kubectl, images.local_path_ref(), state_dir() / "local-path", log=say)
     say(f"cluster ready in {time.monotonic() - t0:.1f}s; {env_line()}")
     return 0
 

@@ -8,6 +8,8 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
     registry.k8s.io/pause:3.10   pause.c, gcc -static
     (shared base layer)          Debian bookworm minbase + python3, curl, ca-certificates (debootstrap)
     tpenv/testapp:dev            base + h2, grpcio + wrk (Debian) + tests/cluster/apps (tpenv-echo, tpenv-get)
+    tpenv/local-path-provisioner:v0.0.30
+                                 base + rancher's local-path-provisioner (build.py); also its helper pods' image
     tpenv/agent:<version>        base + asyncssh, cryptography, h2, uvloop + iptables (Debian) + agent/tpenv_agent
       (also :dev and :0.1.0)     version = <project version>-<hash of the agent sources>
 
@@ -218,12 +220,21 @@ def _remove_tree(path: Path) -> None:
 
 def base_rootfs(log=print) -> Path:
     """Debian bookworm minbase with python3, as a rootfs tarball (numeric owners, original mtimes)."""
-    key = _hash(BASE_RECIPE, SUITE, *BASE_PACKAGES, *BASE_PRUNE)
-    out = _cached(f"rootfs-{SUITE}", key, ".tar")
+    return debian_rootfs(f"rootfs-{SUITE}", BASE_PACKAGES, BASE_RECIPE, log)
+
+
+def debian_rootfs(stem: str, packages: list[str], recipe: str, log=print, finish=None) -> Path:
+    """Debian minbase with ``packages`` installed by debootstrap (maintainer scripts run: a real
+    installation, unlike debs_layer), pruned as BASE_PRUNE says, as a cached rootfs tarball.
+
+    ``finish(root)``, when given, changes the tree before it is packed; ``recipe`` names it in the key.
+    """
+    key = _hash(recipe, SUITE, *packages, *BASE_PRUNE)
+    out = _cached(stem, key, ".tar")
     if out.exists():
         return out
     mirror = apt_mirror()
-    log(f"images: debootstrap {SUITE} from {mirror} (about a minute)")
+    log(f"images: debootstrap {SUITE} + {' '.join(packages)} from {mirror} (a minute or more)")
     t0 = time.monotonic()
     # Leftovers of an interrupted build (we hold the lock: nobody else is building).
     for stale in cache_dir().glob("tpenv-rootfs-*"):
@@ -231,7 +242,7 @@ def base_rootfs(log=print) -> Path:
     tmp = tempfile.mkdtemp(prefix="tpenv-rootfs-", dir=cache_dir())
     try:
         root = Path(tmp) / "root"
-        cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), SUITE, str(root), mirror]
+        cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(packages), SUITE, str(root), mirror]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:  # once more from scratch: a mirror hiccup should not fail a cold CI run
             log(f"images: debootstrap failed (exit {r.returncode}), retrying once")
@@ -252,13 +263,15 @@ def base_rootfs(log=print) -> Path:
             if p.is_file() and p.name != "copyright":
                 p.unlink()
         (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        if finish is not None:
+            finish(root)
         tmp_out = Path(tmp) / "rootfs.tar"
         _run(["tar", "--numeric-owner", "--sort=name", "-cf", str(tmp_out), "-C", str(root), "."])
         os.replace(tmp_out, out)
     finally:
         _remove_tree(Path(tmp))
-    _prune(f"rootfs-{SUITE}", out, ".tar")
-    log(f"images: rootfs {SUITE} in {time.monotonic() - t0:.0f}s ({out.stat().st_size >> 20} MiB)")
+    _prune(stem, out, ".tar")
+    log(f"images: rootfs {stem} in {time.monotonic() - t0:.0f}s ({out.stat().st_size >> 20} MiB)")
     return out
 
 
@@ -536,6 +549,34 @@ def build_testapp(log=print) -> Path:
     return _cached_image([TESTAPP_REF], [base, site, tools, apps], cfg, log, t0)
 
 
+# --- tpenv/local-path-provisioner ---------------------------------------------------------
+
+
+def local_path_ref() -> str:
+    import build  # tests/cluster/build.py: the Go binary, built (and cached) from the module proxy
+
+    return f"tpenv/local-path-provisioner:{build.LOCAL_PATH_VERSION}"
+
+
+@_locked
+def build_local_path(log=print) -> Path:
+    """The storage provisioner (tests/cluster/storage.py) on the Debian base: the base's /bin/sh,
+    mkdir and rm run its helper pods' setup and teardown scripts, so one image serves both."""
+    import build
+
+    t0 = time.monotonic()
+    base = base_layer(log)
+    binary = build.build_local_path(log)
+    key = _hash("local-path-v1", binary.read_bytes(), _tool_hash())
+
+    def fill(lw: oci.LayerWriter) -> None:
+        lw.add_file("usr/local/bin/local-path-provisioner", binary.read_bytes(), 0o755)
+
+    layer = _cached_layer("layer-local-path", key, fill, log)
+    cfg = oci.image_config([base, layer], entrypoint=["local-path-provisioner"], env=[PATH_ENV], user="65532:65532")
+    return _cached_image([local_path_ref()], [base, layer], cfg, log, t0)
+
+
 # --- tpenv/agent --------------------------------------------------------------------------
 
 AGENT_PKG = REPO / "agent" / "tpenv_agent"
@@ -621,7 +662,7 @@ def _ensure_tools() -> None:
 def build_all(log=print) -> list[Path]:
     """Build (or reuse from the cache) every image; return the OCI tarballs, pause first."""
     _ensure_tools()
-    return [build_pause(log), build_testapp(log), build_agent(log)]
+    return [build_pause(log), build_testapp(log), build_agent(log), build_local_path(log)]
 
 
 def image_names(path: Path) -> dict[str, str]:

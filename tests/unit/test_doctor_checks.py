@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tpenv.engine.doctor import FAIL, OK, WARN, Outcome, exit_code, repair, run_check, run_checks
 from tpenv.engine.doctor.cluster import _node_has, _subject_flag
-from tpenv.engine.doctor.leftovers import _patch_command, _repaired
+from tpenv.engine.strayports import patch_command as _patch_command, repaired as _repaired, stray_in
 from tpenv.engine.doctor.machine import _stale_session_files, session_state
 from tpenv.errors import NotFound
 
@@ -70,6 +70,29 @@ def test_a_service_on_tpenv_port_goes_back_to_the_number():
     assert _patch_command("ns", svc, fixed) == ("kubectl -n ns patch service hello --type=json -p "
                                                 """'[{"op":"replace","path":"/spec/ports/0/targetPort","value":8080}]'""")
     assert _repaired(svc, ["metrics"]) is None  # not tpenv's name: no guess
+
+
+def test_stray_services_are_those_naming_a_port_no_live_pod_has():
+    def svc(name, target, sel=None):
+        return {"metadata": {"name": name, "namespace": "ns"}, "spec": {"selector": sel or {"app": name},
+                                                                       "ports": [{"port": 80, "targetPort": target}]}}
+
+    def pod(app, port_name, deleting=False):
+        meta = {"labels": {"app": app}, "namespace": "ns", **({"deletionTimestamp": "x"} if deleting else {})}
+        return {"metadata": meta, "spec": {"containers": [{"ports": [{"name": port_name, "containerPort": 8080}]}]}}
+    services = [svc("reverted", "tpenv-8080"), svc("fine", "http"), svc("numeric", 8080), svc("nopods", "tpenv-1"),
+                svc("rolling", "tpenv-8080"), svc("foreign", "metrics")]
+    pods = [pod("reverted", "http"), pod("fine", "http"), pod("numeric", "http"),
+            pod("rolling", "http"), pod("rolling", "tpenv-8080"), pod("foreign", "http"),
+            pod("nopods", "tpenv-1", deleting=True)]
+    other_ns = pod("reverted", "tpenv-8080")
+    other_ns["metadata"]["namespace"] = "elsewhere"  # same labels, another namespace: not its pod
+    pods.append(other_ns)
+    found = {s.name: s for s in stray_in(services, pods)}
+    # A pod still having the port (mid-rollout) keeps the Service valid; a deleting pod does not count.
+    assert sorted(found) == ["foreign", "reverted"]
+    assert found["reverted"].target["spec"]["ports"][0]["targetPort"] == 8080
+    assert found["foreign"].target is None  # not tpenv's name: reported, never guessed
 
 
 def test_node_images_listed_by_any_of_their_names():

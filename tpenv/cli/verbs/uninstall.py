@@ -3,7 +3,9 @@
 ``--agent W`` and ``--all-agents`` restore workloads (and the Services whose targetPort tpenv
 rewrote) from the ``tpenv.io/restore*`` annotations and wait until no pod runs the agent.
 ``--everything`` does that in every namespace, then deletes the ``tpenv-auth`` Secrets and the
-manager, so the cluster is as it was before tpenv touched it.
+manager, so the cluster is as it was before tpenv touched it. Both sweep for Services whose
+targetPort still names a ``tpenv-<n>`` port no pod has (a GitOps revert of the workload leaves
+them; tpenv.engine.strayports, shared with ``doctor --fix``) and put the number back.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 from tpenv.engine.agents import (injected_workloads, prune_agent_history, remove_agent, revisions_in_use,
                                  wait_agent_gone)
+from tpenv.engine.strayports import find_stray_services, repair_stray
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, restore
@@ -69,6 +72,11 @@ async def run(args: argparse.Namespace, ctx) -> int:
                     continue
         if args.everything:
             done["replicasets"] = await _delete_agent_history(kube)
+        if args.all_agents or args.everything:
+            # The sweep (after the waits, so the pods are the ones that stay): a Service still
+            # naming a tpenv-<n> port no pod has, e.g. after a GitOps revert of its Deployment.
+            _, strays = await find_stray_services(kube, None if args.everything else ns)
+            done["services"] += await repair_stray(kube, strays)
     if args.agent and not done["workloads"]:
         ctx.emit(f"{args.agent}: no tpenv agent to remove", done)
     else:

@@ -9,13 +9,12 @@
 - **broken Services**: a Service whose named ``targetPort`` (``tpenv-8080``, or a name tpenv
   handed to the agent) is a port none of its pods has any more: every request to it fails.
   ``--fix`` puts the Service back from tpenv's restore record, else from the number in
-  ``tpenv-<n>``.
+  ``tpenv-<n>`` (tpenv.engine.strayports, shared with ``uninstall``'s sweep).
 - **probes**: a round trip through a tunnel (SSH to an agent over the port-forward, else a bare
   port-forward stream to a ready pod) and a DNS lookup through the manager's relay, timed.
 """
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -24,11 +23,9 @@ from tpenv.engine.agents import (has_agent, injected_workloads, prune_agent_hist
                                  webhook_mode)
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
 from tpenv.errors import Forbidden, NotFound, TpenvError
-from tpenv.kits.kube import Kube, What, pod_is_ready, service_selects
+from tpenv.engine.strayports import find_stray_services, patch_command, repair_stray
+from tpenv.kits.kube import Kube, What, pod_is_ready
 from tpenv.kits.portforward import PodTunnel
-from tpenv_agent.inject import ANN_RESTORE_SERVICE, restore
-
-_TPENV_PORT = re.compile(r"^tpenv-(\d+)$")
 
 
 def idle_agents(kube: Kube, namespace: str, settings: Any) -> Check:
@@ -76,82 +73,26 @@ def idle_agents(kube: Kube, namespace: str, settings: Any) -> Check:
     return check
 
 
-def _pod_port_names(pod: dict[str, Any]) -> set[str]:
-    return {p["name"] for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or []
-            if p.get("name")}
-
-
-def _repaired(svc: dict[str, Any], broken: list[str]) -> dict[str, Any] | None:
-    """The Service as it should be: from tpenv's restore record, else numbers from ``tpenv-<n>``."""
-    if ANN_RESTORE_SERVICE in (svc["metadata"].get("annotations") or {}):
-        _, restored = restore({"metadata": {}}, svc)
-        if restored is not None:
-            return restored
-    fixed = {**svc, "spec": {**svc["spec"], "ports": [dict(p) for p in svc["spec"]["ports"]]}}
-    changed = False
-    for p in fixed["spec"]["ports"]:
-        m = _TPENV_PORT.match(str(p.get("targetPort", "")))
-        if p.get("targetPort") in broken and m:
-            p["targetPort"] = int(m.group(1))
-            changed = True
-    return fixed if changed else None
-
-
-def _patch_command(namespace: str, svc: dict[str, Any], target: dict[str, Any]) -> str:
-    """The kubectl line that does what the repair does (for those who fix by hand)."""
-    import json
-
-    ops = [{"op": "replace", "path": f"/spec/ports/{i}/targetPort", "value": new.get("targetPort", new.get("port"))}
-           for i, (old, new) in enumerate(zip(svc["spec"]["ports"], target["spec"]["ports"]))
-           if old.get("targetPort") != new.get("targetPort")]
-    return (f"kubectl -n {namespace} patch service {svc['metadata']['name']} --type=json "
-            f"-p '{json.dumps(ops, separators=(',', ':'))}'")
-
-
 def broken_services(kube: Kube, namespace: str) -> Check:
     async def check() -> Outcome:
-        services = (await kube.call(kube.core.list_namespaced_service, namespace,
-                                    what=What("list", "services", namespace)))["items"]
-        pods = [p for p in (await kube.call(kube.core.list_namespaced_pod, namespace,
-                                            what=What("list", "pods", namespace)))["items"]
-                if not p["metadata"].get("deletionTimestamp")]
-        found: list[tuple[dict[str, Any], list[str]]] = []
-        for svc in services:
-            selected = [p for p in pods if service_selects(svc, (p["metadata"].get("labels") or {}))]
-            if not selected:
-                continue  # scaled to zero or no selector: nothing to compare with
-            names = set().union(*(_pod_port_names(p) for p in selected))
-            broken = [str(p["targetPort"]) for p in svc["spec"].get("ports") or []
-                      if isinstance(p.get("targetPort"), str) and not p["targetPort"].isdigit()
-                      and p["targetPort"] not in names]
-            if broken:
-                found.append((svc, broken))
+        count, found = await find_stray_services(kube, namespace)
         if not found:
-            return Outcome(OK, f"{len(services)} Service(s) in {namespace!r}: every named targetPort exists on "
+            return Outcome(OK, f"{count} Service(s) in {namespace!r}: every named targetPort exists on "
                                "their pods")
-        fixes, repairs = [], []
-        for svc, broken in found:
-            name = svc["metadata"]["name"]
-            target = _repaired(svc, broken)
-            if target is not None:
-                repairs.append((name, target, broken))
-                fixes.append(_patch_command(namespace, svc, target))
+        fixes = []
+        for s in found:
+            if s.target is not None:
+                fixes.append(patch_command(namespace, s.service, s.target))
             else:
-                fixes.append(f"kubectl -n {namespace} edit service {name}   (set targetPort of "
-                             f"{', '.join(broken)} to a port its pods have)")
+                fixes.append(f"kubectl -n {namespace} edit service {s.name}   (set targetPort of "
+                             f"{', '.join(s.broken)} to a port its pods have)")
 
         async def put_back() -> list[str]:
-            changed = []
-            for name, target, broken in repairs:
-                await kube.call(kube.core.replace_namespaced_service, name, namespace, target,
-                                what=What("update", "services", namespace, name))
-                ports = ", ".join(f"{p.get('port')}->{p.get('targetPort', p.get('port'))}"
-                                  for p in target["spec"]["ports"])
-                changed.append(f"service/{name} in {namespace}: targetPort {', '.join(broken)} put back ({ports})")
-            return changed
-        detail = "; ".join(f"service/{s['metadata']['name']} targets port {', '.join(b)}, which none of its pods has "
-                           "(every request to it fails)" for s, b in found)
-        return Outcome(FAIL, detail, fix=" && ".join(dict.fromkeys(fixes)), repair=put_back if repairs else None)
+            return await repair_stray(kube, found)
+        detail = "; ".join(f"service/{s.name} targets port {', '.join(s.broken)}, which none of its pods has "
+                           "(every request to it fails)" for s in found)
+        repairable = any(s.target is not None for s in found)
+        return Outcome(FAIL, detail, fix=" && ".join(dict.fromkeys(fixes)), repair=put_back if repairable else None)
     return check
 
 

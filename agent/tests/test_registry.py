@@ -116,6 +116,31 @@ def test_only_the_holder_replaces_or_ends_an_intercept():
     assert reg.remove("sa:web", user="bob").user == "bob"
 
 
+def test_force_takes_over_a_port_another_user_holds_for_all_tcp_and_never_their_personal_traffic():
+    reg = Registry([P])
+    ended: list = []
+    reg.on_end.append(ended.append)
+    alice = reg.add(held("sa:web", "alice", None))
+    bobs = held("sb:web", "bob", None)
+    assert reg.takes_from_others(bobs)
+    with pytest.raises(ControlError) as e:
+        reg.add(bobs)
+    assert e.value.code == "conflict" and "alice" in e.value.message and "--force" in e.value.message
+    # Forced (the agent checked bob's RBAC right): alice's intercept ends, bob's holds the port.
+    reg.add(bobs, force=True)
+    assert ended == [alice] and [i.intercept_id for i in reg.all()] == ["sb:web"]
+    # The same user's second all-TCP intercept is a plain conflict: force is for other users'.
+    with pytest.raises(ControlError) as e:
+        reg.add(held("sc:web", "bob", None), force=True)
+    assert e.value.code == "conflict"
+    # Personal traffic stays personal even with force.
+    reg.remove("sb:web")
+    reg.add(held("sa:web", "alice", personal("sa:web")))
+    assert not reg.takes_from_others(held("sb:web", "bob", personal(".*")))
+    with pytest.raises(ControlError):
+        reg.add(held("sb:web", "bob", personal(".*")), force=True)
+
+
 def test_a_rule_taking_another_users_personal_header_is_refused_naming_the_holder():
     reg = Registry([P])
     reg.add(held("sa:web", "alice", personal("sa:web")))

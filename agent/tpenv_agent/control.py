@@ -171,12 +171,17 @@ class ControlChannel:
             raise ControlError("bad-request", f"mode must be 'intercept' or 'mirror', not {mode!r}")
         icpt = Intercept(iid, self.session, port, match, forward, owner=self, opener=self.state.opener(forward),
                          user=self.user, verified=self.verified, mirror=mode == "mirror")
-        old = next((i for i in self.sidecar.registry.all() if i.intercept_id == iid), None)
-        force = old is not None and old.user != self.user and await self._may_force(req)
-        self.sidecar.registry.add(icpt, force=force)
+        registry = self.sidecar.registry
+        taken = [i for i in registry.all() if i.user != self.user and (
+            i.intercept_id == iid or (icpt.match is None and not icpt.mirror and i.port is port
+                                      and i.match is None and not i.mirror))]
+        force = registry.takes_from_others(icpt) and await self._may_force(req)
+        registry.add(icpt, force=force)
         self.sidecar.abandoned = []  # someone is using the agent again: what was abandoned no longer matters
         if force:
-            self.log.warning("intercept %s of %s replaced by %s (force)", iid, old.user, self.user)
+            for other in taken:
+                self.log.warning("intercept %s of %s taken over by %s as %s (force)", other.intercept_id, other.user,
+                                 self.user, iid)
         self.log.info("intercept %s on port %s (%s%s)", iid, port.name, "all TCP" if match is None else "HTTP match",
                       ", mirror" if icpt.mirror else "")
         return {"intercept": icpt.describe()}

@@ -176,15 +176,21 @@ class Registry:
         if old is not None and old.user != icpt.user and not force:
             raise ControlError("forbidden", f"intercept {icpt.intercept_id} is held by {_holder(old)}: only they "
                                             "can replace it (or a user allowed to force intercepts.tpenv.io)")
+        displaced = []
         if icpt.match is None and not icpt.mirror:
             for other in self._by_id.values():
                 # Also within one session: one port has at most one all-TCP holder.
                 if other.port is icpt.port and other.match is None and not other.mirror \
                         and other.intercept_id != icpt.intercept_id:
+                    if force and other.user != icpt.user:
+                        displaced.append(other)  # taken over: the caller checked the right to force
+                        continue
                     raise ControlError(
                         "conflict",
                         f"port {icpt.port.name} is already intercepted (all TCP) by {other.intercept_id} "
-                        f"(held by {_holder(other)})")
+                        f"(held by {_holder(other)})"
+                        + ("" if other.user == icpt.user else "; a user allowed to force intercepts.tpenv.io "
+                                                               "can take it over (--force)"))
         elif icpt.match is not None:  # a mirror's rule too: copies of someone's personal traffic are theirs
             rule = icpt.match.personal_rule()
             for other in self._by_id.values():
@@ -199,8 +205,21 @@ class Registry:
         self._by_id.pop(icpt.intercept_id, None)
         if old is not None:
             self._end(old)
+        for other in displaced:
+            del self._by_id[other.intercept_id]
+            self._end(other)
         self._by_id[icpt.intercept_id] = icpt
         return icpt
+
+    def takes_from_others(self, icpt: Intercept) -> bool:
+        """Whether registering ``icpt`` needs ``force``: it replaces another user's intercept of
+        the same id, or takes a port another user holds for all TCP."""
+        old = self._by_id.get(icpt.intercept_id)
+        if old is not None and old.user != icpt.user:
+            return True
+        return icpt.match is None and not icpt.mirror and any(
+            o.port is icpt.port and o.match is None and not o.mirror and o.user != icpt.user
+            and o.intercept_id != icpt.intercept_id for o in self._by_id.values())
 
     def remove(self, intercept_id: str, *, user: str | None = None, force: bool = False) -> Intercept:
         """End an intercept; with ``user``, only if that user holds it (or ``force``)."""

@@ -409,6 +409,11 @@ class Intercept(BaseModel):
         "cluster keeps answering every request and this machine gets a copy of each matched HTTP/1.x request, "
         "its answers discarded (Telepresence's wiretap); a slow or stopped handler never slows the app, "
         "copies it cannot take are dropped and counted in `tpenv status`."))
+    force: bool = Field(False, description=(
+        "Take the intercept over from another user: end their intercept that holds this port for all TCP "
+        "(or has this intercept's id). The agent allows it only to a user the cluster lets force "
+        "intercepts.tpenv.io in the namespace (RBAC: apiGroups [tpenv.io], resources [intercepts], verbs "
+        "[force]); never lets a header rule take another user's personal traffic. `tpenv intercept --force`."))
     env: EnvSpec = Field(default_factory=EnvSpec, description=EnvSpec.__doc__)
     mount: MountField = Field(default_factory=MountSpec, description=(
         MountSpec.__doc__ + " Not given: mounted where sshfs and FUSE are, else left out with a note saying how "

@@ -232,7 +232,7 @@ class InterceptRun:
         assert self.resolved is not None
         match = self.match.wire(self.intercept_id) if self.match else None
         return Registration(self.intercept.name or "", self.resolved.agent.port_name, match, self.intercept.port.local,
-                            self.intercept.mode)
+                            self.intercept.mode, self.intercept.force)
 
     def ready_pods(self) -> list[dict[str, Any]]:
         assert self.resolved is not None

@@ -59,10 +59,11 @@ class Registration:
     match: dict[str, Any] | None  # None: all TCP
     local_port: int
     mode: str = "intercept"  # or "mirror": copies of the matched requests (protocol §3)
+    force: bool = False  # take it over from another user (the agent checks the RBAC right, protocol §2.1)
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "port": self.port, "match": self.match, "local_port": self.local_port,
-                "mode": self.mode}
+                "mode": self.mode, **({"force": True} if self.force else {})}
 
 
 class TunnelRegistry:
@@ -139,7 +140,8 @@ class TunnelUnit:
         try:
             await session.connect()
             for r in s.registrations:
-                await session.intercept(r.name, port=r.port, match=r.match, local_port=r.local_port, mode=r.mode)
+                await session.intercept(r.name, port=r.port, match=r.match, local_port=r.local_port, mode=r.mode,
+                                        force=r.force)
                 self.log.info("intercept %s registered (port %s -> 127.0.0.1:%d%s)", r.name, r.port, r.local_port,
                               ", mirror" if r.mode == "mirror" else "")
         except BaseException:

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mirror", action="store_true",
                         help="the app keeps answering every request; this machine gets a copy of each matched "
                              "HTTP/1.x request, its answers discarded (Telepresence's wiretap)")
+    parser.add_argument("--force", action="store_true",
+                        help="take the port over from another user's all-TCP intercept, which ends (needs the "
+                             "RBAC verb force on intercepts.tpenv.io in the namespace)")
     parser.add_argument("--env-file", metavar="F", help="write the app's environment to F")
     parser.add_argument("--env-syntax", choices=("docker", "sh", "json", "compose"), default="docker",
                         help="syntax of --env-file (default: docker)")
@@ -114,6 +117,8 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
         data["mount"] = mount
     if getattr(args, "mirror", False):
         data["mode"] = "mirror"
+    if getattr(args, "force", False):
+        data["force"] = True
     if args.name:
         data["name"] = args.name
     if args.service:

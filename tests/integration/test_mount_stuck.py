@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from types import SimpleNamespace
 
 import pytest
 
 from local_sshfs import SFTP_SERVER, mounted, need_sshfs
 from tpenv.engine.mounts import SshfsMount
 from tpenv.engine.units import State
+from tpenv.settings import Settings
 
 WAIT = 30.0  # generous: a loaded 2-core machine
 pytestmark = pytest.mark.timeout(180)
@@ -45,8 +45,8 @@ async def sftp_servers():
             await p.wait()
 
 
-def settings(interval: float) -> SimpleNamespace:
-    return SimpleNamespace(mounts=SimpleNamespace(probe_interval=interval, probe_timeout=3.0, unmount_timeout=5.0))
+def settings(interval: float) -> Settings:
+    return Settings.model_validate({"mounts": {"probe_interval": interval, "probe_timeout": 3.0, "unmount_timeout": 5.0}})
 
 
 async def until(predicate, timeout=WAIT):

@@ -82,3 +82,34 @@ def test_help_and_docs_show_real_defaults():
     defaults = {var: default for var, _s, _n, default, _d in env_overrides()}
     # Each shown default, given back as the environment, is the default itself (it round-trips).
     assert load_settings(defaults) == load_settings({})
+
+
+def test_settings_travel_typed_without_private_fallbacks():
+    """Settings reach the engine as the typed model: no ``settings: Any``, and no ``if settings is
+    None`` branch with numbers of its own (a connect timeout of 15.0 against the setting's 10.0)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "tpenv"
+    pattern = re.compile(r"settings\w*\s*:\s*Any\b|settings\w* is (not )?None|settings\w* else\b")
+    offenders = [f"{p.relative_to(root.parent)}:{n}: {line.strip()}" for p in sorted(root.rglob("*.py"))
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == [], "\n".join(offenders)
+
+
+def test_kit_and_spec_defaults_are_the_documented_ones():
+    # Units built without settings (tests, tools) behave as the documented defaults say.
+    from tpenv.engine.forwards import ForwardSpec
+    from tpenv.engine.handlers import HandlerSpec
+    from tpenv.engine.tunnels import TunnelSpec
+    from tpenv.kits import agent_client
+
+    s = Settings()
+    tunnel = TunnelSpec.__dataclass_fields__
+    assert (tunnel["ssh_port"].default, tunnel["connect_timeout"].default, tunnel["leave_drain"].default) == \
+        (s.agent.ssh_port, s.tunnels.connect_timeout, s.tunnels.leave_drain)
+    assert ForwardSpec.__dataclass_fields__["connect_timeout"].default == s.tunnels.connect_timeout
+    assert (agent_client.SSH_PORT, agent_client.CONNECT_TIMEOUT) == (s.agent.ssh_port, s.tunnels.connect_timeout)
+    h = HandlerSpec.__dataclass_fields__
+    assert [h[k].default for k in ("stop_grace", "term_grace", "restart_initial", "restart_max", "debounce")] == \
+        [s.handlers.stop_grace, s.handlers.term_grace, s.handlers.restart_initial, s.handlers.restart_max,
+         s.handlers.debounce]

@@ -56,7 +56,7 @@ async def agent_inventory(kube: Kube, w: Workload, material: dict[str, bytes] | 
     try:
         async with AgentSession(f"list-{new_session_id()}", ca_key=material["ca_key"],
                                 host_key_pub=material["host_key.pub"], host=pod, port=ssh_port, tunnel=tunnel,
-                                connect_timeout=10, token=kube.bearer_token()) as session:
+                                token=kube.bearer_token()) as session:
             answer = await session.request("list")
             return answer["intercepts"], answer.get("abandoned") or []
     except TpenvError as e:
@@ -75,7 +75,7 @@ async def agent_round_trip(kube: Kube, w: Workload, material: dict[str, bytes], 
     try:
         async with AgentSession(f"doctor-{new_session_id()}", ca_key=material["ca_key"],
                                 host_key_pub=material["host_key.pub"], host=pod, port=ssh_port, tunnel=tunnel,
-                                connect_timeout=10, token=kube.bearer_token()) as session:
+                                token=kube.bearer_token()) as session:
             await session.list()
             return pod, time.monotonic() - start
     finally:

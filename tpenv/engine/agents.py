@@ -32,6 +32,7 @@ from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import (AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT,
                                 MODE_REDIRECT)
 from tpenv_agent.inpod import bypass_note, opted_in
+from tpenv.settings import Settings
 
 Progress = Callable[[str], None]
 # Waiting reasons that never heal by themselves: fail at once, naming them.
@@ -123,7 +124,7 @@ async def pick_service(kube: Kube, w: Workload, name: str | None) -> dict[str, A
     return services[0]
 
 
-async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], settings: Any, *,
+async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], settings: Settings, *,
                        progress: Progress | None = None, container: str | None = None) -> AgentReady:
     """Inject the agent for Service port ``sp`` unless it is there; wait until the pods run it."""
     log = unit_logger("agent", f"{w.namespace}/{w.name}")
@@ -155,7 +156,7 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
         w = await kube.replace_workload(w, plan.workload)
         rolled_out = True
-    timeout = float(getattr(getattr(settings, "kube", None), "rollout_timeout", 120.0))
+    timeout = settings.kube.rollout_timeout
     try:
         w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
     except RolloutStalled as e:

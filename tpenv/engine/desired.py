@@ -35,6 +35,7 @@ from tpenv.errors import NotFound, TransientError
 from tpenv.kits.aio import Backoff
 from tpenv.kits.kube import Kube, What, parse_workload_ref
 from tpenv.kits.kubeconfig import Kubeconfig
+from tpenv.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class InterceptSpec:
     intercept: Intercept = field(compare=False)
     namespace: str
     session_id: str
-    settings: Any = field(compare=False, repr=False)
+    settings: Settings = field(compare=False, repr=False)
     base_dir: Path = Path(".")
     runs: dict = field(default_factory=dict, compare=False, repr=False)  # key -> ready InterceptRun, shared
     ready_hashes: dict = field(default_factory=dict, compare=False, repr=False)  # key -> spec_hash of that run
@@ -80,7 +81,7 @@ class InterceptUnit(TaskUnit):
 
     def __init__(self, spec: InterceptSpec, notify: Notify) -> None:
         super().__init__(spec.key, spec.spec_hash, notify,
-                         stop_grace=spec.settings.handlers.stop_grace + 5.0 if spec.settings else 8.0)
+                         stop_grace=spec.settings.handlers.stop_grace + 5.0)
         self.spec = spec
         self.irun: InterceptRun | None = None
 
@@ -110,7 +111,7 @@ class InterceptUnit(TaskUnit):
                     self.set_state(State.PENDING, detail=waiting)
                     if not await _first_of(change, stopping.wait()):
                         return
-            timeout = s.settings.kube.rollout_timeout if s.settings else 120.0
+            timeout = s.settings.kube.rollout_timeout
             # The last progress line ("Waiting for ... pods ready") is over: say what is pending now.
             self.set_state(State.PENDING, detail="connecting to the agents, reading the env and mounting the volumes")
             await self.irun.wait_ready(timeout)
@@ -139,8 +140,8 @@ class InterceptUnit(TaskUnit):
         s, kube, w = self.spec, self.spec.kube, self.irun.resolved.workload
         lister = getattr(kube.apps, _WORKLOAD_LISTERS[w.kind])
         what = What("watch", _PLURAL_OF[w.kind], w.namespace)
-        t = s.settings.tunnels if s.settings else None
-        backoff = Backoff(t.retry_initial if t else 0.5, t.retry_max if t else 10.0)
+        t = s.settings.tunnels
+        backoff = Backoff(t.retry_initial, t.retry_max)
         kw = {"field_selector": f"metadata.name={w.name}"}
         while True:
             try:
@@ -242,7 +243,7 @@ class UpFactory:
     """``factory(config, uctx)`` for run_up: intercepts, forwards and handlers, each in its context
     (contexts.py): one Kube per kubeconfig context, opened on the first pass that needs it."""
 
-    def __init__(self, settings: Any, *, kube_context: str | None = None, kubeconfig: str | None = None,
+    def __init__(self, settings: Settings, *, kube_context: str | None = None, kubeconfig: str | None = None,
                  namespace_override: str | None = None, only: Sequence[str] = (),
                  context_by: str = "--context") -> None:
         self.settings = settings
@@ -353,10 +354,9 @@ class UpFactory:
             # serves. Until then it is left out; the intercept's "ready" event brings it in.
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
-        t = self.settings.tunnels if self.settings else None
         placed = {id(fw): await self.place(config, uctx, fw) for fw in fwd_wanted}
         forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
-                                 connect_timeout=t.connect_timeout if t else 10.0)
+                                 connect_timeout=self.settings.tunnels.connect_timeout)
         specs.update(forwards)
         contexts.update({k: f.context for k, f in forwards.items()})
         self.contexts = contexts

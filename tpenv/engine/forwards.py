@@ -24,6 +24,9 @@ from tpenv.errors import NotFound, TpenvError, TransientError
 from tpenv.kits.kube import Kube, What
 from tpenv.kits.portforward import PodTunnel
 from tpenv.kits.splice import CHUNK as _CHUNK, splice as _splice
+from tpenv.settings import TunnelSettings
+
+_CONNECT_TIMEOUT = TunnelSettings().connect_timeout  # the documented default
 
 _ATTEMPTS = 3  # pods tried for one accepted connection before giving up on it
 
@@ -100,7 +103,7 @@ class ForwardSpec:
     port: int | str
     local: int
     host: str = "127.0.0.1"
-    connect_timeout: float = 10.0
+    connect_timeout: float = _CONNECT_TIMEOUT
     context: str | None = None  # the contexts: entry (None: the file's one unnamed context)
 
     @property
@@ -228,7 +231,8 @@ class ForwardUnit(TaskUnit):
 
 
 def forward_specs(config: Any, place: Callable[[Any], tuple[Kube, str, str | None]],
-                  wanted: Callable[[str], bool], *, connect_timeout: float = 10.0) -> dict[Key, ForwardSpec]:
+                  wanted: Callable[[str], bool], *,
+                  connect_timeout: float = _CONNECT_TIMEOUT) -> dict[Key, ForwardSpec]:
     """A spec per wanted ``forwards:`` entry (``--only`` matches the Service name);
     ``place(forward)`` gives its context's Kube, its namespace and its context's name."""
     specs: dict[Key, ForwardSpec] = {}

@@ -20,6 +20,9 @@ from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_sp
 from tpenv.engine.watcher import FileWatcher
 from tpenv.kits.aio import Backoff, NamedTask, unit_logger
 from tpenv.kits.procs import ProcessGroup
+from tpenv.settings import HandlerSettings, Settings
+
+_H = HandlerSettings()  # the documented defaults: one source for a spec built without settings
 
 EnvFn = Callable[[], "Mapping[str, str] | Awaitable[Mapping[str, str]]"]
 Policy = Literal["on-failure", "always", "never"]
@@ -47,11 +50,11 @@ class HandlerSpec:
     env: EnvFn = field(default=_no_env, compare=False)
     env_version: str = ""
     depends_on: frozenset[Key] = frozenset()
-    stop_grace: float = 3.0
-    term_grace: float = 2.0
-    restart_initial: float = 0.5
-    restart_max: float = 30.0
-    debounce: float = 0.2
+    stop_grace: float = _H.stop_grace
+    term_grace: float = _H.term_grace
+    restart_initial: float = _H.restart_initial
+    restart_max: float = _H.restart_max
+    debounce: float = _H.debounce
     healthy_after: float = 10.0
     output: Callable[[str], None] | None = field(default=None, compare=False)
 
@@ -68,15 +71,14 @@ class HandlerSpec:
         return HandlerUnit(self, notify)
 
     @classmethod
-    def from_run(cls, name: str, run: Any, base: Path, settings: Any = None, **kw: Any) -> HandlerSpec:
+    def from_run(cls, name: str, run: Any, base: Path, settings: Settings, **kw: Any) -> HandlerSpec:
         """From a config ``RunSpec`` (command, cwd, watch, ignore, restart); ``cwd`` is relative
         to ``base`` (the config file's directory); ``settings``: tpenv.settings.Settings."""
         argv = run.argv() if hasattr(run, "argv") else (["sh", "-c", run.command] if isinstance(run.command, str)
                                                         else list(run.command))
-        if settings is not None:
-            h = settings.handlers
-            kw = dict(stop_grace=h.stop_grace, term_grace=h.term_grace, restart_initial=h.restart_initial,
-                      restart_max=h.restart_max, debounce=h.debounce) | kw
+        h = settings.handlers
+        kw = dict(stop_grace=h.stop_grace, term_grace=h.term_grace, restart_initial=h.restart_initial,
+                  restart_max=h.restart_max, debounce=h.debounce) | kw
         return cls(name=name, argv=tuple(argv), cwd=(base / run.cwd).resolve(), restart=run.restart,
                    watch=tuple(run.watch), ignore=tuple(run.ignore),
                    restart_signal=getattr(run, "restart_signal", "SIGTERM"), **kw)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
 
 from tpenv.errors import PermanentError
 from tpenv_agent.inject import AUTH_SECRET, InjectError, inject, restore
+from tpenv.settings import Settings
 
 AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
@@ -39,10 +39,8 @@ class RestorePlan:
     workload_changed: bool
 
 
-def inject_settings(settings: Any) -> dict:
+def inject_settings(settings: Settings | dict) -> dict:
     """inject()'s settings from tpenv's Settings model (``settings.agent``) or a plain dict."""
-    if settings is None:
-        return {}
     if isinstance(settings, dict):
         return dict(settings)
     agent = settings.agent
@@ -56,7 +54,7 @@ def _wrapped(e: InjectError, what: str) -> PermanentError:
                           hint="fix the workload or Service as the message says, or choose another port")
 
 
-def plan_injection(workload: dict, service: dict, port: str | int, settings: Any, *,
+def plan_injection(workload: dict, service: dict, port: str | int, settings: Settings | dict, *,
                    container: str | None = None, auth_secret_exists: bool = False,
                    redirect: tuple[bool, str] = (True, "")) -> InjectionPlan:
     """``redirect``: (whether a new injection may use the in-pod redirect, why not); an agent

@@ -55,7 +55,7 @@ class EnvMountSpec:
     container: str
     base_dir: Path = Path(".")
     env_json: str | None = None  # an extra JSON env file (--env-json)
-    settings: Any = field(default=None, compare=False, repr=False)
+    settings: Settings = field(default_factory=Settings, compare=False, repr=False)
     kube: Any = field(default=None, compare=False, repr=False)  # to read the app process's env (appenv.py)
     # What was already said about an unreadable app env: once per intercept, not per pod.
     said: set[str] = field(default_factory=set, compare=False, repr=False)
@@ -172,7 +172,7 @@ class Resolved:
 class InterceptRun:
     """One intercept kept alive by a reconciler: ``async with InterceptRun(...) as run: ...``."""
 
-    def __init__(self, kube: Kube, intercept: Intercept, namespace: str, session_id: str, settings: Any, *,
+    def __init__(self, kube: Kube, intercept: Intercept, namespace: str, session_id: str, settings: Settings, *,
                  progress=None, base_dir: Path = Path("."), env_json: str | None = None,
                  container: str | None = None) -> None:
         self.kube = kube
@@ -243,7 +243,7 @@ class InterceptRun:
     def desired(self) -> dict[Key, Any]:
         assert self.resolved is not None
         specs: dict[Key, Any] = {}
-        s = self.settings if self.settings is not None else Settings()  # the documented defaults, never others
+        s = self.settings
         for pod in self.ready_pods():
             spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
                               pod["metadata"]["uid"], self.session_id, self.material, (self.registration(),),
@@ -263,8 +263,8 @@ class InterceptRun:
         opened again with backoff, after a fresh list: pods deleted meanwhile are forgotten."""
         assert self.resolved is not None and self.rec is not None
         w = self.resolved.workload
-        t = self.settings.tunnels if self.settings is not None else None
-        backoff = Backoff(t.retry_initial if t is not None else 0.5, t.retry_max if t is not None else 10.0)
+        t = self.settings.tunnels
+        backoff = Backoff(t.retry_initial, t.retry_max)
         relist = False
         while True:
             try:
@@ -290,10 +290,8 @@ class InterceptRun:
         assert self.resolved is not None
         pods = await self.kube.pods_of(self.resolved.workload)
         self._pods = {p["metadata"]["uid"]: p for p in pods}
-        t = self.settings.tunnels if self.settings is not None else None
-        self.rec = Reconciler(self.desired, debounce=0.1,
-                              restart_initial=t.retry_initial if t is not None else 0.5,
-                              restart_max=t.retry_max if t is not None else 10.0,
+        t = self.settings.tunnels
+        self.rec = Reconciler(self.desired, debounce=0.1, restart_initial=t.retry_initial, restart_max=t.retry_max,
                               name=self.intercept.name or "intercept")
         await self.rec.__aenter__()
         self._watch_task = asyncio.ensure_future(self._watch_pods())

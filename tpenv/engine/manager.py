@@ -39,6 +39,7 @@ from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
 from tpenv.errors import NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import DEFAULT_RESOURCES, HEALTH_PORT, SSH_PORT
+from tpenv.settings import Settings
 
 NAME = "tpenv-manager"
 TLS_SECRET = "tpenv-manager-tls"
@@ -70,7 +71,7 @@ def _version() -> str:
         return "dev"
 
 
-def manager_values(settings: Any) -> dict[str, Any]:
+def manager_values(settings: Settings | dict) -> dict[str, Any]:
     """The values the templates need, from tpenv's Settings model or a plain dict.
 
     Plain dict keys: ``agent_image``, ``image_pull_policy``, ``lease``, ``ssh_port`` and
@@ -185,7 +186,7 @@ def _validate(doc: Any, source: str) -> dict:
     return doc
 
 
-def manager_context(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | None = None,
+def manager_context(settings: Settings | dict, *, team_mode: bool, tls: dict[str, bytes] | None = None,
                     namespace: str = NAMESPACE) -> dict[str, Any]:
     """What the templates are rendered with (also the Helm chart's starting point, tpenv.engine.chart)."""
     tls = tls if tls is not None else generate_tls(namespace)
@@ -218,7 +219,7 @@ def render_context(context: dict[str, Any]) -> list[dict]:
     return docs
 
 
-def render_manager(settings: Any, *, team_mode: bool, tls: dict[str, bytes] | None = None,
+def render_manager(settings: Settings | dict, *, team_mode: bool, tls: dict[str, bytes] | None = None,
                    namespace: str = NAMESPACE) -> list[dict]:
     """Every manifest of the manager install, in apply order (plain dicts, validated)."""
     return render_context(manager_context(settings, team_mode=team_mode, tls=tls, namespace=namespace))
@@ -317,7 +318,7 @@ async def _mark_ownership(kube: Kube, docs: list[dict]) -> None:
         doc["metadata"].setdefault("annotations", {}).update({ANN_INSTALL_ID: install_id, ANN_OWNERSHIP: ownership})
 
 
-async def install(kube: Kube, settings: Any, *, team_mode: bool, namespace: str = NAMESPACE) -> list[dict]:
+async def install(kube: Kube, settings: Settings | dict, *, team_mode: bool, namespace: str = NAMESPACE) -> list[dict]:
     """Create or replace every object of the manager; returns the manifests applied."""
     tls, _ = await _current(kube, namespace)
     docs = render_manager(settings, team_mode=team_mode, tls=tls, namespace=namespace)
@@ -327,7 +328,7 @@ async def install(kube: Kube, settings: Any, *, team_mode: bool, namespace: str 
     return docs
 
 
-async def upgrade(kube: Kube, settings: Any, *, team_mode: bool | None = None,
+async def upgrade(kube: Kube, settings: Settings | dict, *, team_mode: bool | None = None,
                   namespace: str = NAMESPACE) -> list[dict]:
     """Re-apply the manager with these settings; team mode stays as installed unless given."""
     tls, installed_team = await _current(kube, namespace)

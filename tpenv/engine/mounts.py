@@ -35,13 +35,13 @@ from tpenv.config.models import MOUNT_MODES
 from tpenv.engine.units import State, UnitState
 from tpenv.kits.mounttable import bounded_run, is_mounted, mount_entry, sshfs_serving
 from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
+from tpenv.settings import Settings
 
 log = logging.getLogger("tpenv.mounts")
 
 # (writer, reader) of an SSH channel running the agent's sftp subsystem, bytes mode.
 OpenSftp = Callable[[], Awaitable[tuple[Any, Any]]]
 MOUNT_TIMEOUT = 30.0
-PROBE_INTERVAL, PROBE_TIMEOUT, UNMOUNT_TIMEOUT = 2.0, 5.0, 5.0  # defaults of settings.mounts
 
 
 # Said whenever sshfs cannot run: sync mode is the way without FUSE, but never chosen silently
@@ -88,7 +88,7 @@ def skip_default_mount(mode: str, explicit: bool, mounts: list[str], log: Any, *
 
 
 def make_mount(mode: str, session: Any, path: str | Path | None, mounts: list[str], *, name: str,
-               settings: Any = None) -> "SshfsMount | Any":
+               settings: Settings) -> "SshfsMount | Any":
     """The mount unit for ``mount.mode``: sync → a synced copy (syncmount.SyncMount); sshfs and
     auto → sshfs, whose start() says what is missing (and that sync mode exists) without FUSE."""
     if mode not in MOUNT_MODES:
@@ -164,13 +164,12 @@ class SshfsMount:
     """
 
     def __init__(self, open_sftp: OpenSftp, path: str | Path | None, *, name: str,
-                 key: tuple = (), extra_options: list[str] | None = None, settings: Any = None,
+                 key: tuple = (), extra_options: list[str] | None = None, settings: Settings | None = None,
                  remote: str = "/") -> None:
         self.open_sftp = open_sftp
-        m = getattr(settings, "mounts", None)
-        self.probe_interval = getattr(m, "probe_interval", PROBE_INTERVAL)
-        self.probe_timeout = getattr(m, "probe_timeout", PROBE_TIMEOUT)
-        self.unmount_timeout = getattr(m, "unmount_timeout", UNMOUNT_TIMEOUT)
+        m = (settings or Settings()).mounts  # none given: the documented defaults, never others
+        self.probe_interval, self.probe_timeout = m.probe_interval, m.probe_timeout
+        self.unmount_timeout = m.unmount_timeout
         self.remote = remote  # the agent's SFTP root; tests mount a local sftp-server's directory
         self.name = name
         self.key = key or ("mount", name)

@@ -20,9 +20,11 @@ from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload
 from tpenv_agent.inject import ANN_RESTORE
 from tpenv_agent.inpod import init_container, redirect_allowed
+from tpenv.settings import Settings
 
 
-async def redirect_choice(kube: Kube, w: Workload, settings: Any, container: str | None) -> tuple[bool, str]:
+async def redirect_choice(kube: Kube, w: Workload, settings: Settings | dict,
+                          container: str | None) -> tuple[bool, str]:
     if ANN_RESTORE in (w.obj["metadata"].get("annotations") or {}):
         return True, ""  # the record decides (plan_injection ignores the choice then)
     log = unit_logger("agent", f"{w.namespace}/{w.name}")
@@ -36,7 +38,7 @@ async def redirect_choice(kube: Kube, w: Workload, settings: Any, container: str
     return await _admitted(kube, w, settings, log)
 
 
-async def _admitted(kube: Kube, w: Workload, settings: Any, log: Any) -> tuple[bool, str]:
+async def _admitted(kube: Kube, w: Workload, settings: Settings | dict, log: Any) -> tuple[bool, str]:
     """A dry-run pod from the workload's template plus the init container: does admission take it?"""
     tpl = copy.deepcopy((w.obj.get("spec") or {}).get("template") or {})
     spec = tpl.setdefault("spec", {})
@@ -59,7 +61,7 @@ async def _admitted(kube: Kube, w: Workload, settings: Any, log: Any) -> tuple[b
     return True, ""
 
 
-def _defaults(settings: Any) -> dict:
+def _defaults(settings: Settings | dict) -> dict:
     from tpenv_agent.inject import default_settings
 
     merged = default_settings()

@@ -15,16 +15,17 @@ from typing import Any
 from tpenv.engine.statusd import SessionInfo, StatusServer, find_sessions, new_session_id, request_down, \
     request_env, request_status
 from tpenv.errors import NotFound, TpenvError, UsageError
+from tpenv.settings import Settings
 
 __all__ = ["new_session_id", "publish_session", "running_intercepts", "find_intercept", "intercept_env", "leave"]
 
 
-def _state_dir(settings: Any):
+def _state_dir(settings: Settings):
     return settings.session.state_dir
 
 
 @contextlib.asynccontextmanager
-async def publish_session(settings: Any, session_id: str, snapshot: Callable[[], dict[str, Any]],
+async def publish_session(settings: Settings, session_id: str, snapshot: Callable[[], dict[str, Any]],
                           on_down: Callable[[], None],
                           env_of: Callable[[str], dict[str, str] | None] | None = None
                           ) -> AsyncIterator[StatusServer]:
@@ -35,7 +36,7 @@ async def publish_session(settings: Any, session_id: str, snapshot: Callable[[],
         yield server
 
 
-async def running_intercepts(settings: Any) -> list[tuple[SessionInfo, dict[str, Any]]]:
+async def running_intercepts(settings: Settings) -> list[tuple[SessionInfo, dict[str, Any]]]:
     """Every intercept of every running session on this machine, with its session."""
     out = []
     for s in find_sessions(_state_dir(settings)):
@@ -48,7 +49,7 @@ async def running_intercepts(settings: Any) -> list[tuple[SessionInfo, dict[str,
     return out
 
 
-async def find_intercept(settings: Any, name: str) -> tuple[SessionInfo, dict[str, Any]]:
+async def find_intercept(settings: Settings, name: str) -> tuple[SessionInfo, dict[str, Any]]:
     found = [(s, ic) for s, ic in await running_intercepts(settings) if ic.get("name") == name]
     if not found:
         raise NotFound(f"no running intercept named {name!r} on this machine",
@@ -57,7 +58,7 @@ async def find_intercept(settings: Any, name: str) -> tuple[SessionInfo, dict[st
     return found[0]
 
 
-async def intercept_env(settings: Any, name: str) -> dict[str, str] | None:
+async def intercept_env(settings: Settings, name: str) -> dict[str, str] | None:
     """The env a running intercept ``name`` on this machine gives its handler (``tpenv intercept`` or
     ``tpenv up``); None when no running session holds an intercept of that name."""
     for session, ic in await running_intercepts(settings):
@@ -68,7 +69,7 @@ async def intercept_env(settings: Any, name: str) -> dict[str, str] | None:
     return None
 
 
-async def leave(settings: Any, name: str, *, wait: float = 30.0) -> dict[str, Any]:
+async def leave(settings: Settings, name: str, *, wait: float = 30.0) -> dict[str, Any]:
     """End intercept ``name``: its session leaves (agents back to passthrough), unmounts and exits."""
     session, ic = await find_intercept(settings, name)
     if ic.get("held_by") == "up":

@@ -40,6 +40,7 @@ from tpenv.engine.units import State, UnitState
 from tpenv.errors import TransientError, TunnelDropped, UsageError
 from tpenv.kits import treesync as ts
 from tpenv.kits.treesync import DIR, FILE, LINK, Entry
+from tpenv.settings import Settings
 
 log = logging.getLogger("tpenv.syncmount")
 
@@ -52,12 +53,10 @@ _SESSION_GONE = (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncss
 
 
 class _Limits:
-    def __init__(self, settings: Any) -> None:
-        m = getattr(settings, "mounts", None)
-        self.interval = m.sync_interval if m is not None else 2.0
-        self.debounce = m.sync_debounce if m is not None else 0.3
-        self.max_files = m.sync_max_files if m is not None else 20000
-        self.max_bytes = m.sync_max_bytes if m is not None else 512 * 1024 * 1024
+    def __init__(self, settings: Settings | None) -> None:
+        m = (settings or Settings()).mounts  # none given: the documented defaults, never others
+        self.interval, self.debounce = m.sync_interval, m.sync_debounce
+        self.max_files, self.max_bytes = m.sync_max_files, m.sync_max_bytes
 
 
 class SyncMount:
@@ -68,7 +67,7 @@ class SyncMount:
     fresh temporary one, removed on stop)."""
 
     def __init__(self, open_client: OpenSftpClient, path: str | Path | None, mounts: list[str], *,
-                 name: str, settings: Any = None, key: tuple = ()) -> None:
+                 name: str, settings: Settings | None = None, key: tuple = ()) -> None:
         self.open_client = open_client
         self.name = name
         self.key = key or ("mount", name)

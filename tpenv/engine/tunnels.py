@@ -24,6 +24,7 @@ from tpenv.kits.agent_client import AgentSession, make_auth_material
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What
 from tpenv.kits.portforward import PodTunnel
+from tpenv.settings import AgentSettings, TunnelSettings
 from tpenv_agent.inject import AUTH_SECRET
 
 
@@ -91,9 +92,10 @@ class TunnelSpec:
     session_id: str
     material: dict[str, bytes] = field(compare=False, repr=False)
     registrations: tuple[Registration, ...] = ()
-    ssh_port: int = 7922
-    connect_timeout: float = 15.0
-    leave_drain: float = 15.0  # settings.tunnels.leave_drain
+    # The documented defaults (settings.agent, settings.tunnels); the engine passes the settings.
+    ssh_port: int = AgentSettings().ssh_port
+    connect_timeout: float = TunnelSettings().connect_timeout
+    leave_drain: float = TunnelSettings().leave_drain
 
     @property
     def key(self) -> Key:

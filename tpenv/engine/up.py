@@ -36,6 +36,7 @@ from tpenv.engine.units import Key, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.watcher import FileWatcher
 from tpenv.errors import NotFound, UsageError
 from tpenv.kits.aio import DaemonExecutor, unit_logger
+from tpenv.settings import Settings
 
 EXIT_FORCED = 130
 FORCE_EXIT_AFTER = 2.0  # seconds between a second Ctrl-C and the exit, whatever still runs
@@ -54,7 +55,7 @@ class UpContext:
     """What a unit factory gets besides the config."""
 
     session_id: str
-    settings: Any  # tpenv.settings.Settings
+    settings: Settings  # tpenv.settings.Settings
     only: frozenset[str]
     notify: Callable[[UnitEvent], None]
     resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
@@ -126,7 +127,7 @@ def _check_only(config: Any, only: Sequence[str]) -> None:
 
 async def run_up(
     config_path: str | Path,
-    settings: Any,
+    settings: Settings,
     *,
     only: Sequence[str] = (),
     unit_factory: UnitFactory = local_units,
@@ -233,7 +234,7 @@ def _pick(state_dir: Path, session_id: str | None) -> list:
     return sessions
 
 
-async def run_down(settings: Any, *, session_id: str | None = None, wait: float = 60.0) -> list[str]:
+async def run_down(settings: Settings, *, session_id: str | None = None, wait: float = 60.0) -> list[str]:
     """Stop every running session (or the one with ``session_id``) and wait until each has
     stopped; returns the ids stopped. NotFound when none runs; TransientError on a timeout."""
     from tpenv.errors import TransientError
@@ -247,7 +248,7 @@ async def run_down(settings: Any, *, session_id: str | None = None, wait: float 
     return stopped
 
 
-async def run_status(settings: Any, *, session_id: str | None = None) -> list[dict[str, Any]]:
+async def run_status(settings: Settings, *, session_id: str | None = None) -> list[dict[str, Any]]:
     """Status of every running session: ``[{"session": {...}, "units": [...], "config_error": ...}]``."""
     return [await request_status(s) for s in _pick(settings.session.state_dir, session_id)]
 

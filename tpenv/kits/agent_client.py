@@ -40,6 +40,12 @@ from asyncssh.constants import OPEN_CONNECT_FAILED
 from tpenv.kits.sshjson import JsonChannelSession
 from tpenv.logs import unit_logger
 from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
+from tpenv.settings import AgentSettings, TunnelSettings
+
+# The documented defaults (TPENV_AGENT_SSH_PORT, TPENV_TUNNELS_CONNECT_TIMEOUT): callers with
+# settings pass theirs; one without gets these, never a private number that disagrees.
+SSH_PORT = AgentSettings().ssh_port
+CONNECT_TIMEOUT = TunnelSettings().connect_timeout
 
 CLIENT_VERSION = "tpenv/0.1.0"
 CERT_VALIDITY = 12 * 3600
@@ -147,8 +153,8 @@ class AgentSession(JsonChannelSession):
     """
 
     def __init__(self, session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey, host_key_pub: bytes | str,
-                 host: str = "127.0.0.1", port: int = 7922, tunnel: Any = None,
-                 client_version: str = CLIENT_VERSION, connect_timeout: float = 15.0,
+                 host: str = "127.0.0.1", port: int = SSH_PORT, tunnel: Any = None,
+                 client_version: str = CLIENT_VERSION, connect_timeout: float = CONNECT_TIMEOUT,
                  token: str | None = None) -> None:
         if ":" in session_id or not session_id:
             raise UsageError(f"bad session id {session_id!r}: it may not be empty or contain ':'")

@@ -29,7 +29,7 @@ import asyncssh
 from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED
 
 from tpenv.errors import Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
-from tpenv.kits.agent_client import open_ssh
+from tpenv.kits.agent_client import CONNECT_TIMEOUT, open_ssh
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, pod_is_ready
 from tpenv.kits.portforward import PodTunnel
@@ -79,7 +79,7 @@ class RelaySession(JsonChannelSession):
     """One SSH connection to the manager's relay; ``async with``, ``close()`` safe twice."""
 
     def __init__(self, kube: Kube | None = None, *, session_id: str | None = None, namespace: str = NAMESPACE,
-                 port: int = RELAY_PORT, connect_timeout: float = 15.0, lookup_timeout: float = 15.0,
+                 port: int = RELAY_PORT, connect_timeout: float = CONNECT_TIMEOUT, lookup_timeout: float = 15.0,
                  material: dict[str, bytes] | None = None, tunnel: Any = None, host: str = "127.0.0.1") -> None:
         """``kube``: where to find the manager. ``material`` (``ca_key``, ``host_key.pub``) and
         ``tunnel`` (anything asyncssh takes as ``tunnel=``, with ``host``) replace the Secret and

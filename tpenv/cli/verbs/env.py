@@ -72,6 +72,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
         try:
             async with AgentSession(session_id, ca_key=material["ca_key"], host_key_pub=material["host_key.pub"],
                                     host=pod, port=ctx.settings.agent.ssh_port, tunnel=tunnel,
+                                    connect_timeout=ctx.settings.tunnels.connect_timeout,
                                     token=kube.bearer_token()) as session:
                 base = dict(await session.env())
                 mounts = (await session.mounts())["mounts"]

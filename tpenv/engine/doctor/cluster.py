@@ -26,6 +26,7 @@ from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.kits.kube import Kube, What, pod_is_ready, wrap_api_error
 from tpenv.kits.kuberest import ApiGroup
 from tpenv_agent.inject import AGENT_CONTAINER, LABEL_INJECT
+from tpenv.settings import Settings
 
 MANAGER = "tpenv-manager"
 WEBHOOK = "tpenv-agent-injector"
@@ -157,7 +158,7 @@ async def _probe_pod(kube: Kube, namespace: str, image: str, pull: str) -> tuple
             pass  # a user who may create but not delete pods: it ran `true` and stays Completed
 
 
-def agent_image(kube: Kube, namespace: str, settings: Any) -> Check:
+def agent_image(kube: Kube, namespace: str, settings: Settings) -> Check:
     async def check() -> Outcome:
         image, pull = settings.agent.image, settings.agent.image_pull_policy
         fix = (f"make {image} available to the nodes (push it to a registry they pull from, or on a local "
@@ -258,7 +259,7 @@ async def _webhook_round_trip(kube: Kube, namespace: str, image: str) -> tuple[b
     return injected, warning
 
 
-def webhook(kube: Kube, namespace: str, settings: Any) -> Check:
+def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
     async def check() -> Outcome:
         try:
             if await _manager_deployment(kube) is None:
@@ -378,7 +379,7 @@ def cidr_overlap(kube: Kube) -> Check:
     return check
 
 
-def cluster_checks(kube: Kube, namespace: str, settings: Any) -> list[tuple[str, Check]]:
+def cluster_checks(kube: Kube, namespace: str, settings: Settings) -> list[tuple[str, Check]]:
     return [("cluster/rights", rights(kube, namespace)), ("cluster/cidrs", cidr_overlap(kube)),
             ("cluster/agent-image", agent_image(kube, namespace, settings)),
             ("cluster/manager", manager(kube)), ("cluster/webhook", webhook(kube, namespace, settings))]

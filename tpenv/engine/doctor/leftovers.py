@@ -26,9 +26,10 @@ from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.engine.strayports import find_stray_services, patch_command, repair_stray
 from tpenv.kits.kube import Kube, What, pod_is_ready
 from tpenv.kits.portforward import PodTunnel
+from tpenv.settings import Settings
 
 
-def idle_agents(kube: Kube, namespace: str, settings: Any) -> Check:
+def idle_agents(kube: Kube, namespace: str, settings: Settings) -> Check:
     async def check() -> Outcome:
         workloads = [w for w in await injected_workloads(kube, namespace) if has_agent(w.obj) and not webhook_mode(w)]
         if not workloads:
@@ -96,7 +97,7 @@ def broken_services(kube: Kube, namespace: str) -> Check:
     return check
 
 
-def tunnel_probe(kube: Kube, namespace: str, settings: Any) -> Check:
+def tunnel_probe(kube: Kube, namespace: str, settings: Settings) -> Check:
     async def check() -> Outcome:
         agents = [w for w in await injected_workloads(kube, namespace) if has_agent(w.obj)]
         material = await auth_material(kube, namespace) if agents else None
@@ -149,10 +150,10 @@ def dns_probe(kube: Kube) -> Check:
     return check
 
 
-def leftover_checks(kube: Kube, namespace: str, settings: Any) -> list[tuple[str, Check]]:
+def leftover_checks(kube: Kube, namespace: str, settings: Settings) -> list[tuple[str, Check]]:
     return [("cluster/idle-agents", idle_agents(kube, namespace, settings)),
             ("cluster/service-ports", broken_services(kube, namespace))]
 
 
-def probe_checks(kube: Kube, namespace: str, settings: Any) -> list[tuple[str, Check]]:
+def probe_checks(kube: Kube, namespace: str, settings: Settings) -> list[tuple[str, Check]]:
     return [("e2e/tunnel", tunnel_probe(kube, namespace, settings)), ("e2e/dns", dns_probe(kube))]

@@ -16,11 +16,11 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
 from tpenv.engine.mounts import check_fuse
 from tpenv.errors import MissingTool
+from tpenv.settings import Settings
 
 MIN_PYTHON = (3, 11)
 # The libraries whose versions matter to a bug report; minimums come from tpenv's own metadata.
@@ -246,7 +246,7 @@ def connect_rules(running_sessions: int) -> Check:
     return check
 
 
-def machine_checks(settings: Any) -> list[tuple[str, Check]]:
+def machine_checks(settings: Settings) -> list[tuple[str, Check]]:
     state_dir = Path(settings.session.state_dir).expanduser()
     # Counted here, not with statusd.find_sessions: that one deletes stale files, which the
     # sessions check must see to report them.

@@ -26,6 +26,7 @@ from tpenv.engine.outbound.modes import choose
 from tpenv.engine.outbound.unit import ConnectSpec, connect_options, start_capture
 from tpenv.errors import ConfigError, NotFound, PermanentError, TpenvError, UsageError
 from tpenv.kits.kube import Kube
+from tpenv.settings import Settings
 
 SESSION_PREFIX = "connect-"
 
@@ -61,7 +62,7 @@ def _freeze(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-async def run_foreground(config: Config, config_path: Path, settings: Any, kube_context: str | None,
+async def run_foreground(config: Config, config_path: Path, settings: Settings, kube_context: str | None,
                          flags: dict[str, Any], ready_fd: int | None) -> int:
     """The background session itself: the connect unit under the reconciler until quit/Ctrl-C.
     ``ready_fd`` gets one JSON line: connected (with what to print) or the error."""

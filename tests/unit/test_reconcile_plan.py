@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpenv.engine.reconciler import DependencyCycle, plan
+from tpenv.engine.plan import DependencyCycle, plan
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,18 @@ A port-forwarded TCP stream is an asyncio Transport over WebSocket
 is the same and lives here once: the Transport methods that only hold state
 (:class:`PortForwardTransportBase`), the write-buffer marks that pause and resume the
 protocol, the ``message`` of a Kubernetes Status body, and what a 404 / 401 / 403 answer to
-the upgrade means (:func:`api_refusal`). This module imports neither transport, so both (and
+the upgrade means (:func:`api_refusal`), and which answers refuse the WebSocket upgrade itself
+(:func:`upgrade_refused`, :class:`WebSocketRefused`: SPDY may still work). This module imports neither transport, so both (and
 :mod:`tpenv.kits.spdy_upgrade`) can import it without a cycle.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any, Callable
 
-from tpenv.errors import Forbidden, NotFound
+from tpenv.errors import Forbidden, NotFound, TunnelDropped
 
 HIGH_WATER = 1024 * 1024  # per stream transport: pause the protocol's writing above this many buffered bytes
 LOW_WATER = 256 * 1024  # ... and resume it at or below this many
@@ -42,6 +44,46 @@ def api_refusal(what: str, namespace: str, status: int, text: str) -> Exception 
         return Forbidden(f"forbidden: cannot {what} ({text})",
                          hint=f"check with: kubectl auth can-i create pods/portforward -n {namespace}")
     return None
+
+
+class WebSocketRefused(TunnelDropped):
+    """The API server (or a proxy) answered the WebSocket upgrade with a status that refuses the
+    upgrade itself, not the request: SPDY may still work."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, hint="set TPENV_PORTFORWARD_PROTOCOL=spdy (or auto) to use SPDY/3.1 instead")
+        self.status = status
+
+
+# Statuses that refuse the upgrade, whatever the body: 400 (the API server's "Upgrade request
+# required", the kubelet's "unable to upgrade: missing upgrade headers"), 405 and 501 (a
+# server or proxy without WebSocket for this path), 426 Upgrade Required.
+_UPGRADE_STATUSES = frozenset({400, 405, 426, 501})
+_UPGRADE_WORDS = re.compile(r"upgrade|websocket|negotiate|protocol|spdy", re.IGNORECASE)
+_RBAC_WORDS = re.compile(r"is forbidden:|cannot create resource|\bUser \"", re.IGNORECASE)
+
+
+def upgrade_refused(status: int, body: str) -> bool:
+    """Whether an HTTP answer to the WebSocket handshake refuses the upgrade (fall back to SPDY).
+
+    A 403 is ambiguous: RBAC says ``pods "x" is forbidden: User "u" cannot create resource
+    "pods/portforward"`` (an error, SPDY would get the same), while apimachinery's handshake
+    says ``unable to upgrade: unable to negotiate protocol`` (fall back). 404 and 401 never
+    fall back, nor do 5xx answers other than 501.
+    """
+    if status in _UPGRADE_STATUSES:
+        return True
+    if status == 403:
+        text = status_message(body)
+        reason = ""
+        try:
+            reason = str((json.loads(body) or {}).get("reason") or "")
+        except (ValueError, AttributeError):
+            pass
+        if reason == "Forbidden" or _RBAC_WORDS.search(text):
+            return False
+        return bool(_UPGRADE_WORDS.search(text))
+    return False
 
 
 class PortForwardTransportBase(asyncio.Transport):

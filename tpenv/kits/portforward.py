@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import struct
 from typing import Any, Callable, Protocol
 from urllib.parse import quote
@@ -43,7 +42,8 @@ from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
 from tpenv.errors import ClusterUnreachable, TunnelDropped
 from tpenv.kits import spdy
-from tpenv.kits.pf_common import PortForwardTransportBase, api_refusal, status_message, tls_kwargs
+from tpenv.kits.pf_common import (PortForwardTransportBase, WebSocketRefused, api_refusal, status_message, tls_kwargs,
+                                  upgrade_refused)
 
 log = logging.getLogger("tpenv.portforward")
 
@@ -96,48 +96,6 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
         raise (api_refusal(what, namespace, status, text) or TunnelDropped(f"{what}: refused ({text})")) from e
     except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as e:
         raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
-
-
-class WebSocketRefused(TunnelDropped):
-    """The API server (or a proxy) answered the WebSocket upgrade with a status that refuses the
-    upgrade itself, not the request: SPDY may still work."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message, hint="set TPENV_PORTFORWARD_PROTOCOL=spdy (or auto) to use SPDY/3.1 instead")
-        self.status = status
-
-
-# Statuses that refuse the upgrade, whatever the body: 400 (the API server's "Upgrade request
-# required", the kubelet's "unable to upgrade: missing upgrade headers"), 405 and 501 (a
-# server or proxy without WebSocket for this path), 426 Upgrade Required.
-_UPGRADE_STATUSES = frozenset({400, 405, 426, 501})
-_UPGRADE_WORDS = re.compile(r"upgrade|websocket|negotiate|protocol|spdy", re.IGNORECASE)
-_RBAC_WORDS = re.compile(r"is forbidden:|cannot create resource|\bUser \"", re.IGNORECASE)
-
-
-def upgrade_refused(status: int, body: str) -> bool:
-    """Whether an HTTP answer to the WebSocket handshake refuses the upgrade (fall back to SPDY).
-
-    A 403 is ambiguous: RBAC says ``pods "x" is forbidden: User "u" cannot create resource
-    "pods/portforward"`` (an error, SPDY would get the same), while apimachinery's handshake
-    says ``unable to upgrade: unable to negotiate protocol`` (fall back). 404 and 401 never
-    fall back, nor do 5xx answers other than 501.
-    """
-    if status in _UPGRADE_STATUSES:
-        return True
-    if status == 403:
-        text = status_message(body)
-        reason = ""
-        try:
-            import json
-
-            reason = str((json.loads(body) or {}).get("reason") or "")
-        except (ValueError, AttributeError):
-            pass
-        if reason == "Forbidden" or _RBAC_WORDS.search(text):
-            return False
-        return bool(_UPGRADE_WORDS.search(text))
-    return False
 
 
 class PortForwardTransport(PortForwardTransportBase):

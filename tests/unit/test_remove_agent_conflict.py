@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from tpenv.engine.agents import UPDATE_ATTEMPTS, remove_agent
+from tpenv.engine.agent_removal import UPDATE_ATTEMPTS, remove_agent
 from tpenv.errors import UpdateConflict
 from tpenv.kits.kube import Workload
 from tpenv_agent.inject import AGENT_CONTAINER

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpenv.engine.agents import revisions_in_use
+from tpenv.engine.agent_removal import revisions_in_use
 
 
 class FakeKube:

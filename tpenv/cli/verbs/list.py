@@ -15,7 +15,8 @@ import argparse
 import asyncio
 
 from tpenv.engine.agentquery import agent_intercepts, auth_material
-from tpenv.engine.agents import has_agent, webhook_mode
+from tpenv.engine.agent_removal import has_agent
+from tpenv.engine.agents import webhook_mode
 from tpenv.engine.session import running_intercepts
 from tpenv.kits.kube import Kube, What, Workload, service_selects
 from tpenv_agent.inject import AGENT_CONTAINER

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpenv.engine.agents import (injected_workloads, prune_agent_history, remove_agent, revisions_in_use,
-                                 wait_agent_gone)
+from tpenv.engine.agent_removal import (injected_workloads, prune_agent_history, remove_agent, revisions_in_use,
+                                        wait_agent_gone)
 from tpenv.engine.strayports import find_stray_services, repair_stray
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What

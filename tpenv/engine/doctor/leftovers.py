@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from tpenv.engine.agentquery import agent_inventory, agent_round_trip, auth_material
-from tpenv.engine.agents import (has_agent, injected_workloads, prune_agent_history, remove_agent, wait_agent_gone,
-                                 webhook_mode)
+from tpenv.engine.agent_removal import (has_agent, injected_workloads, prune_agent_history, remove_agent,
+                                        wait_agent_gone)
+from tpenv.engine.agents import webhook_mode
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
 from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.engine.strayports import find_stray_services, patch_command, repair_stray

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from tpenv.engine.agentquery import agent_inventory, agent_round_trip, auth_material
 from tpenv.engine.agent_removal import (has_agent, injected_workloads, prune_agent_history, remove_agent,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH, REPO, log
-from tests.cluster.pytest_plugin import kubectl_binary  # (stdlib + pytest, in the venv)
+from tests.kit.kubectl import kubectl_binary
 
 SERVER = (BENCH / "server.py").read_text()
 
@@ -64,7 +64,7 @@ def short_err(text: str) -> str:
 
 
 def local_cluster() -> bool:
-    import cli as cluster_cli  # tests/cluster/cli.py (on sys.path through the pytest plugin's import)
+    import cli as cluster_cli  # tests/cluster/cli.py (on sys.path through tests/kit/kubectl.py's import)
 
     return os.path.realpath(os.environ.get("KUBECONFIG", "")) == os.path.realpath(cluster_cli.kubeconfig_path())
 

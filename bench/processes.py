@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.cluster_setup import kubectl, short_err, tpenv_env
 from bench.common import BENCH, Unavailable
-from tests.cluster.pytest_plugin import kubectl_binary
+from tests.kit.kubectl import kubectl_binary
 
 LOAD = (BENCH / "load.py").read_text()
 

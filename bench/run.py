@@ -44,7 +44,7 @@ from bench.phase_intercept import phase_header, phase_intercept  # noqa: E402
 from bench.phase_mirror import phase_mirror  # noqa: E402
 from bench.phase_passthrough import phase_passthrough  # noqa: E402
 from bench.report import chart, markdown, result, table  # noqa: E402
-from bench.rows import PHASES, ROWS  # noqa: E402  (ROWS: tests/e2e/test_bench_smoke.py reads it from here)
+from bench.rows import PHASES, ROWS  # noqa: E402
 from bench.session import Bench  # noqa: E402
 
 

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.cluster.images import agent_image_ref  # noqa: E402
-from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_binary  # noqa: E402
-from tests.e2e.test_up_kit import echo_app, set_version, write_handler  # noqa: E402
+from tests.kit.kubectl import TEST_LABEL, apply, kubectl, kubectl_binary  # noqa: E402
+from tests.kit.apps import echo_app, set_version, write_handler  # noqa: E402
 
 TPENV = str(Path(sys.executable).parent / "tpenv")
 TARGETS = {"up_to_first_answer_installed": 1.5, "up_to_first_answer_injecting": 1.5,

@@ -18,11 +18,9 @@ Helpers, importable by any test (``from tests.cluster.pytest_plugin import kubec
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import shutil
 import string
 import subprocess
 import sys
@@ -36,51 +34,12 @@ _CLUSTER_DIR = Path(__file__).resolve().parent
 if str(_CLUSTER_DIR) not in sys.path:
     sys.path.insert(0, str(_CLUSTER_DIR))
 
-import build as _build  # noqa: E402  (tests/cluster/build.py)
 import cli as _cluster_cli  # noqa: E402  (tests/cluster/cli.py)
 
-TEST_LABEL = "tpenv.io/test"
-
-
-class KubectlError(subprocess.CalledProcessError):
-    def __str__(self) -> str:
-        return f"kubectl {' '.join(self.cmd[1:])} failed (exit {self.returncode}):\n{(self.stderr or '').strip()}"
-
-
-def _kubeconfig_env() -> str:
-    kc = os.environ.get("KUBECONFIG")
-    return kc if kc else str(_cluster_cli.kubeconfig_path())
-
-
-def kubectl_binary() -> str:
-    """The kubectl we built for the local cluster; for an external cluster, the one on PATH if any."""
-    built = _build.kubectl_bin()
-    local = _kubeconfig_env() == str(_cluster_cli.kubeconfig_path())
-    if local and built.exists():
-        return str(built)
-    return shutil.which("kubectl") or str(built)
-
-
-def kubectl(*args: str, ns: str | None = None, input: str | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run kubectl against the test cluster; on failure the exception carries its stderr."""
-    cmd = [kubectl_binary(), *(["-n", ns] if ns else []), *map(str, args)]
-    env = dict(os.environ, KUBECONFIG=_kubeconfig_env())
-    cp = subprocess.run(cmd, input=input, capture_output=True, text=True, env=env, timeout=timeout)
-    if check and cp.returncode != 0:
-        raise KubectlError(cp.returncode, cmd, cp.stdout, cp.stderr)
-    return cp
-
-
-def kubectl_json(*args: str, ns: str | None = None) -> Any:
-    return json.loads(kubectl(*args, "-o", "json", ns=ns).stdout)
-
-
-def apply(obj: dict | list, ns: str | None = None) -> subprocess.CompletedProcess:
-    items = obj if isinstance(obj, list) else [obj]
-    doc = {"apiVersion": "v1", "kind": "List", "items": items}
-    return kubectl("apply", "-f", "-", ns=ns, input=json.dumps(doc))
-
+# The kubectl helpers live in a plain module the benchmarks import too (tests/kit/kubectl.py);
+# tests keep importing them from here.
+from tests.kit.kubectl import (TEST_LABEL, KubectlError, _kubeconfig_env, apply, kubectl,  # noqa: E402,F401
+                               kubectl_binary, kubectl_json)
 
 def wait_until(what: str, fn: Callable[[], Any], timeout: float = 60, interval: float = 0.5) -> Any:
     """Poll ``fn`` until it returns something truthy; fail the test with ``what`` and the last error."""

@@ -29,50 +29,8 @@ import yaml
 from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_json, wait_until
 from tests.e2e.helpers_up import TPENV, TpenvProcess, free_port
 from tests.e2e.test_intercept_kit import tpenv_env
-
-HANDLER = '''"""A test handler: answers every GET with JSON saying who answered."""
-import json, os
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-VERSION = "v1"
-
-
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"source": "laptop", "name": os.environ.get("NAME"), "version": VERSION,
-                           "pid": os.getpid(), "path": self.path,
-                           "cluster_env": "KUBERNETES_SERVICE_HOST" in os.environ}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-port = int(os.environ["PORT"])
-server = ThreadingHTTPServer(("127.0.0.1", port), H)
-print(f"serving {os.environ.get('NAME')} {VERSION} on {port} pid {os.getpid()}", flush=True)
-try:
-    server.serve_forever()
-except KeyboardInterrupt:
-    pass
-'''
-
-
-def write_handler(directory: Path, version: str = "v1") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "server.py"
-    path.write_text(HANDLER.replace('VERSION = "v1"', f'VERSION = "{version}"'))
-    return path
-
-
-def set_version(server: Path, version: str) -> None:
-    text = re.sub(r'VERSION = "[^"]*"', f'VERSION = "{version}"', server.read_text())
-    server.write_text(text)
-
+# The echo app and the handler, shared with bench/: tests/kit/apps.py.
+from tests.kit.apps import HANDLER, echo_app, set_version, write_handler  # noqa: F401
 
 def intercept_yaml(name: str, namespace: str, port: int, *, cwd: str, match: str | None = None,
                    ignore: tuple[str, ...] = ()) -> str:
@@ -88,22 +46,6 @@ def intercept_yaml(name: str, namespace: str, port: int, *, cwd: str, match: str
     lines.append(f"    run: {{command: [python3, server.py], cwd: {cwd}, watch: [\"*.py\"]"
                  + (f", ignore: {json.dumps(list(ignore))}" if ignore else "") + "}")
     return "\n".join(lines) + "\n"
-
-
-def echo_app(name: str, replicas: int = 1) -> list[dict]:
-    labels = {"app": name}
-    return [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                  "template": {"metadata": {"labels": labels}, "spec": {
-                      "terminationGracePeriodSeconds": 2,
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
-                                      "env": [{"name": "ECHO_QUIET", "value": "1"}],
-                                      "ports": [{"name": "http", "containerPort": 8080}],
-                                      "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-         "spec": {"selector": labels, "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}},
-    ]
 
 
 def deploy(name: str, ns: str, replicas: int = 1, wait: bool = True) -> None:

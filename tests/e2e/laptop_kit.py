@@ -24,14 +24,25 @@ Its resolv.conf (``/etc/netns/<name>/resolv.conf``, which
 ``ip netns exec`` mounts) names the host's veth address, where nothing serves DNS: outside names
 fail locally. The kubeconfig keeps the admin credentials with ``tls-server-name: kubernetes`` (a
 name in the API server's certificate), the address being the host's end of the veth.
+
+Stale laptops: a run stopped hard (the CI runner killed, a test timed out under kill -9) never
+reaches the ``finally`` that deletes its namespace, and a process still inside it (a host-mode
+connect) keeps the namespace, its veth pair and its /30 alive. ``Laptop.create`` first sweeps
+every laptop whose owner (the pid recorded in ``/etc/netns/<name>/owner``, with its start time,
+so a reused pid does not count) is gone: the processes left inside are killed, the namespace,
+its ``/etc/netns`` directory and any host-side ``tplh*`` veth without a peer are deleted. A live
+laptop of another test run on this shared machine is left alone.
 """
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import secrets
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +56,53 @@ def sh(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat): with the pid, who it is for sure."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+UNOWNED_GRACE = 1800.0  # s: longer than any test's timeout (900 s)
+
+
+def _owner_alive(etc: Path) -> bool:
+    try:
+        pid, started = (etc / "owner").read_text().split()
+    except (OSError, ValueError):
+        # A laptop of a kit from before owners were recorded (another checkout on this shared
+        # machine), or half made: stale only once older than any test could be.
+        made = [p.stat().st_mtime for p in (etc, Path("/run/netns") / etc.name) if p.exists()]
+        return bool(made) and time.time() - max(made) < UNOWNED_GRACE
+    return _start_time(int(pid)) == started
+
+
+def sweep_stale() -> list[str]:
+    """Remove the laptops whose owner is gone (see the module's doc); what was removed."""
+    removed = []
+    names = {line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line.startswith("tpl-")}
+    names |= {p.name for p in Path("/etc/netns").glob("tpl-*")} if Path("/etc/netns").is_dir() else set()
+    for name in sorted(names):
+        etc = Path("/etc/netns") / name
+        if _owner_alive(etc):
+            continue
+        for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        sh("ip", "netns", "del", name, check=False)
+        shutil.rmtree(etc, ignore_errors=True)
+        removed.append(name)
+    # A namespace deleted by name but held by a process inside keeps its veth pair: the host's end
+    # names it (tplh<suffix> for tpl-<suffix>); deleting that end deletes the pair.
+    for line in sh("ip", "-o", "link", "show", "type", "veth").stdout.splitlines():
+        dev = line.split(":")[1].strip().split("@")[0]
+        if dev.startswith("tplh") and not _owner_alive(Path("/etc/netns") / f"tpl-{dev[4:]}"):
+            sh("ip", "link", "del", dev, check=False)
+            removed.append(dev)
+    return removed
 
 
 def _free_slash30() -> ipaddress.IPv4Network:
@@ -68,11 +126,16 @@ class Laptop:
     @classmethod
     @contextlib.contextmanager
     def create(cls, kubeconfig: str | Path, workdir: Path):
+        stale = sweep_stale()
+        if stale:
+            print(f"laptop kit: removed stale laptops of an earlier run: {', '.join(stale)}")
         suffix = secrets.token_hex(3)
         name, host_if, laptop_if = f"tpl-{suffix}", f"tplh{suffix}", f"tpll{suffix}"
         net = _free_slash30()
         host_ip, laptop_ip = (str(a) for a in list(net.hosts())[:2])
         etc = Path("/etc/netns") / name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         sh("ip", "netns", "add", name)
         try:
             # IPv4 only: an IPv6 link-local address would still be settling (DAD "tentative")
@@ -91,13 +154,16 @@ class Laptop:
                         f'  oifname "{laptop_if}" ip daddr != {{ {host_ip}, 127.0.0.0/8 }} reject\n'
                         f'  oifname "{laptop_if}" ip6 daddr != ::1 reject\n }}\n}}\n')
             sh("ip", "netns", "exec", name, "nft", "-f", "-", input=firewall)
-            etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(f"nameserver {host_ip}\n")
             workdir.mkdir(parents=True, exist_ok=True)
             laptop = cls(name, host_ip, laptop_ip, workdir / "kubeconfig", workdir)
             laptop._write_kubeconfig(Path(kubeconfig))
             yield laptop
         finally:
+            # Whatever a test left inside (a connect it could not stop) would keep the namespace alive.
+            for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "del", name, check=False)  # takes the veth pair with it
             shutil.rmtree(etc, ignore_errors=True)
 

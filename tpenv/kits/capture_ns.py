@@ -13,6 +13,11 @@ destination (SO_ORIGINAL_DST), and hands cluster destinations to the core's call
 destination is dialled from here, the host's namespace, as CMD would have. DNS queries go to the
 core's resolver. Works for any binary, static ones included: nothing is preloaded.
 
+Inbound (``inbound=[port]``: an intercept's local port, the handler running inside): tpenv
+listens on the host's 127.0.0.1:port, where the intercept's tunnels deliver, and for each
+connection asks a dialer left inside the namespace (over the same control socket) for a socket
+connected to the namespace's own 127.0.0.1:port, passed back with SCM_RIGHTS; the two are spliced.
+
 Nothing on the host changes: no root, no rule, no link, no file outside a private temp dir.
 IPv4 TCP and DNS are carried; other UDP and IPv6 have no route out of the namespace.
 """
@@ -37,6 +42,7 @@ from tpenv.kits.splice import splice
 
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--propagation", "private"]
 DNS_TIMEOUT = 10.0
+DIAL_TIMEOUT = 10.0  # s: the dialer inside answers at once, unless the namespace is gone
 
 
 def userns_problem(proc_sys: str | Path = "/proc/sys") -> str | None:
@@ -151,13 +157,22 @@ class NsCommand:
 
     def __init__(self, command: list[str], cidrs: Iterable[Any], on_connection: OnConnection, *,
                  dns: tuple[str, int], search: Iterable[str] = (), env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, inbound: Iterable[int] = ()) -> None:
         if not command:
             raise PermanentError("no command to run: write it after `--`, e.g. `tpenv connect -- curl ...`")
         self.command, self.dns, self.search, self.env, self.cwd = list(command), dns, list(search), env, cwd
         self.route = router(networks(cidrs), on_connection)
         self.log = unit_logger("capture", "ns")
+        self.inbound = sorted(set(inbound))
         self.proc: asyncio.subprocess.Process | None = None
+        self._control: socket.socket | None = None
+        self._dial_lock = asyncio.Lock()
+
+    def send_signal(self, sig: int) -> None:
+        """To CMD (once it runs): how the caller stops it (Ctrl-C, `tpenv leave`)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
 
     async def run(self) -> int:
         await probe()
@@ -170,7 +185,7 @@ class NsCommand:
             self.proc = await asyncio.create_subprocess_exec(
                 *UNSHARE, "--", sys.executable, "-m", "tpenv.kits.capture_ns_inside", "--control",
                 str(theirs.fileno()), "--files", files, "--uid", str(os.getuid()), "--gid", str(os.getgid()),
-                "--", *self.command, pass_fds=(theirs.fileno(),), env=self.env, cwd=self.cwd)
+                *(["--dialer"] if self.inbound else []), "--", *self.command, pass_fds=(theirs.fileno(),), env=self.env, cwd=self.cwd)
             theirs.close()  # the child's copy is its own: EOF here means it is gone
             header, fds = await self._receive(ours)
             capture = socket.socket(fileno=fds[0])
@@ -184,6 +199,15 @@ class NsCommand:
             served.append(udp_transport)
             dns_tcp.setblocking(False)
             served.append(await asyncio.start_server(self._dns_tcp, sock=dns_tcp))
+            self._control = ours
+            for port in self.inbound:
+                try:
+                    served.append(await asyncio.start_server(lambda r, w, port=port: self._inbound(r, w, port),
+                                                             "127.0.0.1", port))
+                except OSError as e:
+                    raise PermanentError(f"cannot listen on 127.0.0.1:{port} for the command in its namespace: "
+                                         f"{e.strerror or e}", hint="stop what listens there, or pick another "
+                                                                    "local port") from e
             self.log.info("running %s in its own namespaces (capture port %s inside)", self.command[0],
                           header.get("capture_port"))
             await asyncio.get_running_loop().sock_sendall(ours, b"go")
@@ -222,6 +246,43 @@ class NsCommand:
                 hint = "install nftables (Debian/Ubuntu: `apt-get install nftables`)"
             raise PermanentError(f"cannot prepare the namespaces of `tpenv connect -- CMD`: {why}", hint=hint)
         return header, fds
+
+    async def _inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        """A connection for CMD's port: the dialer inside connects, we splice."""
+        try:
+            sock = await self._dial_inside(port)
+        except OSError as e:
+            self.log.info("inbound to port %d inside: %s", port, e)
+            sock = None
+        if sock is None:
+            writer.close()  # nothing listens inside yet: as a refused connection would be
+            return
+        up_r, up_w = await asyncio.open_connection(sock=sock)
+        await splice(reader, writer, up_r, up_w)
+
+    async def _dial_inside(self, port: int) -> socket.socket | None:
+        """One request at a time on the control socket: ``D`` + port, answered ``k`` with the
+        connected socket's fd, or ``e`` (refused inside)."""
+        control = self._control
+        if control is None:
+            return None
+        loop = asyncio.get_running_loop()
+        async with self._dial_lock:
+            await loop.sock_sendall(control, b"D" + port.to_bytes(2, "big"))
+            readable = loop.create_future()
+            loop.add_reader(control.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, DIAL_TIMEOUT)
+            finally:
+                loop.remove_reader(control.fileno())
+            msg, fds, _, _ = socket.recv_fds(control, 16, 1)
+        if msg[:1] != b"k" or not fds:
+            for fd in fds:
+                os.close(fd)
+            return None
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+        return sock
 
     async def _dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -19,6 +19,12 @@ allowed without any privilege on the machine (and touches nothing outside the na
 6. when tpenv answers ``go``, CMD is executed in a nested user namespace that maps the caller's
    own uid and gid back, so CMD runs as the user, without CAP_NET_ADMIN: it cannot undo 1-4.
 
+With ``--dialer`` (an intercepted handler, which listens inside), a child stays behind before
+the exec, in the namespace, on the control socket: for each ``D`` + port it connects to
+127.0.0.1:port here and passes the socket out (``k`` with SCM_RIGHTS, ``e`` when refused), which
+is how tpenv, outside, delivers the intercept's connections to CMD. It ends when tpenv closes
+the control socket (CMD exited, or tpenv is gone).
+
 Errors go to tpenv as ``{"error": ...}`` on the control socket, and the exit status is 125.
 """
 from __future__ import annotations
@@ -91,12 +97,32 @@ def prepare(control: socket.socket, files: str) -> None:
         s.close()  # tpenv holds them now; CMD must not inherit them
 
 
+def dialer(control: socket.socket) -> None:
+    """The child left inside with ``--dialer`` (see the module's doc)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):  # CMD's stdin/stdout are not ours to hold open
+        os.dup2(devnull, fd)
+    while True:
+        request = control.recv(3, socket.MSG_WAITALL)
+        if len(request) < 3 or request[:1] != b"D":
+            return  # tpenv closed its end: CMD is done
+        port = int.from_bytes(request[1:], "big")
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError:
+            control.sendall(b"e")
+            continue
+        socket.send_fds(control, [b"k"], [conn.fileno()])
+        conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tpenv-ns-inside")
     p.add_argument("--control", type=int, required=True)
     p.add_argument("--files", required=True)
     p.add_argument("--uid", type=int, required=True)
     p.add_argument("--gid", type=int, required=True)
+    p.add_argument("--dialer", action="store_true")
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
@@ -108,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return 125
     if control.recv(16) != b"go":
         return 125  # tpenv went away before starting CMD
+    if a.dialer and os.fork() == 0:
+        try:
+            dialer(control)
+        finally:
+            os._exit(0)
     control.close()
     # Back to the caller's own uid/gid, in a nested user namespace without our capabilities.
     argv_exec = ["unshare", "--user", f"--map-user={a.uid}", f"--map-group={a.gid}", "--", *command]

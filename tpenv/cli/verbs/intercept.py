@@ -4,6 +4,11 @@ A one-unit run of the reconciler machinery (tpenv.engine.intercepts.InterceptRun
 agent if needed, keep a tunnel to every ready replica, read the env and mount the volumes, then
 run ``-- CMD ARGS`` with that env (the intercept ends when it exits) or hold until Ctrl-C or
 ``tpenv leave NAME`` from another shell.
+
+Connected (``--connect MODE``, or the file's ``connect:`` section): as ``telepresence intercept``
+runs within a ``telepresence connect``, CMD then sees the cluster the pod sees: the pod's
+``DB_HOST=db`` reaches the ``db`` Service of the workload's namespace (short names are looked up
+there first), through the mode's capture (docs/connect.md, "tpenv intercept").
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -23,7 +29,7 @@ from tpenv.config.env import write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.intercepts import InterceptRun
 from tpenv.engine.session import publish_session
-from tpenv.errors import MissingTool, UsageError
+from tpenv.errors import ConfigError, MissingTool, UsageError
 from tpenv.kits.kube import Kube
 
 HELP = "Send a workload port's traffic (all of it, or matching HTTP requests) to a local port."
@@ -71,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docker-run", action="store_true",
                         help="the command is `IMAGE ARGS`: run it with `docker run` (or podman), the env file, "
                              "mounts and port")
+    parser.add_argument("--connect", choices=("auto", "host", "ns", "env", "off"), default=None, metavar="MODE",
+                        help="run CMD connected to the cluster, so the pod's names (DB_HOST=db) reach its Services: "
+                             "auto (host with root, else ns, else env), host, ns, env, or off. Default: the mode of "
+                             "the file's connect: section, else off (see docs/connect.md)")
     parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
                         help="seconds to wait for the tunnels once the agent runs (default: 60)")
     parser.add_argument("command", nargs="*", metavar="-- CMD ARGS",
@@ -186,10 +196,38 @@ def docker_argv(args: argparse.Namespace, env_file: str, mount_point: str | None
     return argv + list(args.command)
 
 
+def connect_section(args: argparse.Namespace, ctx) -> Any:
+    """The ``connect:`` settings CMD runs under, or None (not connected): ``--connect MODE`` over
+    the file's section; a section of a file that does not load does not apply (said by
+    apply_project_agent already)."""
+    from tpenv.config.models import Connect
+
+    section = None
+    if ctx.config_file.is_file():
+        with contextlib.suppress(ConfigError):
+            config = ctx.load_config()
+            if "connect" in config.model_fields_set:
+                section = config.connect
+    mode = args.connect or (section.capture if section is not None else "off")
+    if mode == "off":
+        return None
+    if not args.command:
+        if args.connect:
+            raise UsageError("--connect needs `-- CMD`: it is CMD that runs connected",
+                             hint="for this whole machine, run `tpenv connect` in another shell")
+        return None
+    if args.docker_run:
+        raise UsageError("--docker-run cannot run connected: the container has its own network",
+                         hint="drop --connect (or set connect: mode off), or run `sudo tpenv connect` (host mode) "
+                              "next to it")
+    return (section or Connect()).model_copy(update={"mode": mode})
+
+
 async def run(args: argparse.Namespace, ctx) -> int:
     intercept = build_intercept(args)
     if args.docker_run and not args.command:
         raise UsageError("--docker-run needs `-- IMAGE [ARGS]`")
+    connect = connect_section(args, ctx)
     if args.docker_run:
         container_engine()  # before any change in the cluster
     say = (lambda text: print(text, file=sys.stderr, flush=True))
@@ -226,7 +264,9 @@ async def run(args: argparse.Namespace, ctx) -> int:
                 if not args.command:
                     await stop.wait()
                     return 0
-                return await _run_command(args, intercept, unit, stop)
+                if connect is None:
+                    return await _run_command(args, intercept, unit, stop)
+                return await _run_connected(args, intercept, unit, stop, kube, connect, namespace, say)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -277,6 +317,29 @@ async def _run_command(args: argparse.Namespace, intercept: Intercept, unit, sto
     finally:
         if tmp_env:
             Path(tmp_env).unlink(missing_ok=True)
+
+
+async def _run_connected(args: argparse.Namespace, intercept: Intercept, unit, stop: asyncio.Event, kube: Kube,
+                         connect: Any, namespace: str, say: Any) -> int:
+    """CMD connected (--connect): the pod's env as the mode needs it, CMD's intercept port
+    reachable from this machine's loopback (ns mode), stopped by Ctrl-C / `tpenv leave`."""
+    from tpenv.engine.outbound.session import connected
+
+    async with connected(kube, connect, namespace, {}, search_first=[namespace]) as conn:
+        say(f"connected: mode {conn.choice.mode}: {conn.choice.why}")
+        env = command_env(await conn.env_for(dict(unit.env), namespace))
+        running = await conn.start(list(args.command), env, inbound=[intercept.port.local])
+        waiter = asyncio.ensure_future(running.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                return await running.stop()
+            return waiter.result()
+        finally:
+            stopper.cancel()
+            if not waiter.done():
+                await running.stop()
 
 
 async def _listening(port: int) -> bool:

@@ -139,39 +139,87 @@ def raise_reported(answer: dict[str, Any]) -> None:
     raise e
 
 
-async def run_command(config: Config, kube: Kube, flags: dict[str, Any], command: list[str], say: Any) -> int:
-    """``tpenv connect -- CMD``: connected for the lifetime of one command; its exit status."""
-    namespace = config.namespace or kube.namespace
-    choice = choose(flags.get("mode") or config.connect.mode, command=True)
-    options = connect_options(config.connect, namespace, flags=flags, mode=choice.mode)
-    async with contextlib.AsyncExitStack() as stack:
-        core = await stack.enter_async_context(OutboundCore(kube, options))
-        capture = await start_capture(choice, core, stack)
-        say(f"Connected to context {kube.context or '(current)'}, namespace {namespace} ({kube.host}); "
-            f"mode {choice.mode}: {choice.why}")
-        env = dict(os.environ)
-        if isinstance(capture, EnvCapture):
-            env = await capture.env_for(env, namespace)
-        if choice.mode == "ns":
+class Connected:
+    """The core and its capture for one command (``connected()``): the command's env, and the
+    command started under the capture (ns mode: in its own namespaces)."""
+
+    def __init__(self, choice: Any, core: OutboundCore, capture: Any) -> None:
+        self.choice, self.core, self.capture = choice, core, capture
+
+    async def env_for(self, env: dict[str, str], namespace: str) -> dict[str, str]:
+        """env mode: proxy variables, and the values naming Services of ``namespace`` pointed at
+        their port maps; other modes: as is (the capture makes the names work)."""
+        if isinstance(self.capture, EnvCapture):
+            return await self.capture.env_for(env, namespace)
+        return dict(env)
+
+    async def start(self, argv: list[str], env: dict[str, str], *, inbound: list[int] = (),
+                    cwd: str | None = None) -> "Running":
+        """``argv`` started connected. ``inbound``: local ports the command listens on that
+        must be reachable from this machine's loopback (an intercept's port; ns mode)."""
+        if self.choice.mode == "ns":
             from tpenv.kits.capture_ns import NsCommand
 
             # The cluster's search list, as a pod's resolv.conf has it, so bare names resolve in
             # the command exactly as they do in the connected namespace's pods.
-            return await NsCommand(command, core.cidrs, core.on_connection, dns=core.resolver_address,
-                                   search=core.search_list, env=env).run()
+            ns = NsCommand(argv, self.core.cidrs, self.core.on_connection, dns=self.core.resolver_address,
+                           search=self.core.search_list, env=env, cwd=cwd, inbound=inbound)
+            return Running(asyncio.ensure_future(ns.run()), ns.send_signal)
         try:
-            proc = await asyncio.create_subprocess_exec(*command, env=env)
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=cwd)
         except OSError as e:
-            raise UsageError(f"cannot run {command[0]!r}: {e.strerror or e}") from e
-        try:
-            code = await proc.wait()
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
-            await asyncio.wait_for(proc.wait(), 5)
-            raise
+            raise UsageError(f"cannot run {argv[0]!r}: {e.strerror or e}") from e
+        return Running(asyncio.ensure_future(proc.wait()), proc.send_signal)
+
+
+class Running:
+    """A started command: ``wait()`` its exit status (128+N for a signal), ``stop()`` it."""
+
+    def __init__(self, task: "asyncio.Future[int]", signal_fn: Any) -> None:
+        self.task, self._signal = task, signal_fn
+
+    async def wait(self) -> int:
+        code = await asyncio.shield(self.task)
         return code if code >= 0 else 128 - code
 
+    async def stop(self, grace: float = 5.0) -> int:
+        """SIGINT, then SIGKILL after ``grace`` seconds."""
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                self._signal(sig)
+            try:
+                return await asyncio.wait_for(self.wait(), grace)
+            except asyncio.TimeoutError:
+                continue
+        return await self.wait()
 
-__all__ = ["check_namespaces", "run_foreground", "start_background", "run_command", "raise_reported",
-           "SESSION_PREFIX"]
+
+@contextlib.asynccontextmanager
+async def connected(kube: Kube, connect: Any, namespace: str, flags: dict[str, Any], *,
+                    search_first: list[str] = ()) -> Any:
+    """Connected for one command: the mode chosen (``flags["mode"]``, else ``connect.mode``),
+    the core up, the capture in place; all of it gone on exit."""
+    choice = choose(flags.get("mode") or connect.mode, command=True)
+    options = connect_options(connect, namespace, search_first=list(search_first), flags=flags, mode=choice.mode)
+    async with contextlib.AsyncExitStack() as stack:
+        core = await stack.enter_async_context(OutboundCore(kube, options))
+        capture = await start_capture(choice, core, stack)
+        yield Connected(choice, core, capture)
+
+
+async def run_command(config: Config, kube: Kube, flags: dict[str, Any], command: list[str], say: Any) -> int:
+    """``tpenv connect -- CMD``: connected for the lifetime of one command; its exit status."""
+    namespace = config.namespace or kube.namespace
+    async with connected(kube, config.connect, namespace, flags) as conn:
+        say(f"Connected to context {kube.context or '(current)'}, namespace {namespace} ({kube.host}); "
+            f"mode {conn.choice.mode}: {conn.choice.why}")
+        running = await conn.start(command, await conn.env_for(dict(os.environ), namespace))
+        try:
+            return await running.wait()
+        except asyncio.CancelledError:
+            await running.stop()
+            raise
+
+
+__all__ = ["check_namespaces", "run_foreground", "start_background", "run_command", "raise_reported", "connected",
+           "Connected", "Running", "SESSION_PREFIX"]

@@ -12,20 +12,22 @@ from tpenv.kits.capture_host import rules
 from tpenv.kits.capture_ns import nsswitch_conf, resolv_conf, userns_problem
 
 
-def test_rules_skip_marked_and_excluded_then_redirect_dns_and_the_cluster():
+def test_rules_skip_marked_then_redirect_dns_then_skip_excluded_then_redirect_the_cluster():
     cmds = rules(networks(["10.96.0.0/16", "10.244.0.0/24"]), 4321, dns_port=5353, nameservers=["10.0.0.53"],
                  exclude=["10.244.0.1/32"])
     chain = cmds[0]["add"]["chain"]
     assert (chain["type"], chain["hook"], chain["table"]) == ("nat", "output", "tpenv")
     exprs = [c["add"]["rule"]["expr"] for c in cmds[1:]]
-    # Order matters: our own marked sockets and the excluded API server pass before any redirect.
+    # Order matters: our own marked sockets pass first; DNS to the nameservers is the resolver's
+    # even where a nameserver shares the API server's address; the excluded API server passes
+    # before the cluster's redirect.
     assert exprs[0] == [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": MARK}}, {"return": None}]
-    assert exprs[1][0]["match"]["right"] == {"set": [{"prefix": {"addr": "10.244.0.1", "len": 32}}]}
-    assert exprs[1][1] == {"return": None}
-    dns = exprs[2:4]
+    dns = exprs[1:3]
     assert [e[1]["match"]["left"]["payload"]["protocol"] for e in dns] == ["udp", "tcp"]
     assert all(e[0]["match"]["right"] == {"set": [{"prefix": {"addr": "10.0.0.53", "len": 32}}]} for e in dns)
     assert all(e[-1] == {"redirect": {"port": 5353}} for e in dns)
+    assert exprs[3][0]["match"]["right"] == {"set": [{"prefix": {"addr": "10.244.0.1", "len": 32}}]}
+    assert exprs[3][1] == {"return": None}
     assert exprs[4][0]["match"]["right"]["set"] == [{"prefix": {"addr": "10.96.0.0", "len": 16}},
                                                     {"prefix": {"addr": "10.244.0.0", "len": 24}}]
     assert exprs[4][-1] == {"redirect": {"port": 4321}}
@@ -82,7 +84,7 @@ def test_the_iptables_fallback_rules_mirror_the_nft_ones():
     out = ipt_rules(networks(["10.96.0.0/16"]), 4321, dns_port=5353, nameservers=["10.0.0.53", "fe80::1"],
                     exclude=["10.96.0.1"], mark=MARK)
     assert out[0] == ["-m", "mark", "--mark", hex(MARK), "-j", "RETURN"]
-    assert out[1] == ["-d", "10.96.0.1/32", "-j", "RETURN"]
-    assert out[2:4] == [["-d", "10.0.0.53/32", "-p", p, "--dport", "53", "-j", "REDIRECT", "--to-ports", "5353"]
+    assert out[1:3] == [["-d", "10.0.0.53/32", "-p", p, "--dport", "53", "-j", "REDIRECT", "--to-ports", "5353"]
                         for p in ("udp", "tcp")]  # IPv6 nameservers are not redirected (IPv4 capture)
+    assert out[3] == ["-d", "10.96.0.1/32", "-j", "RETURN"]
     assert out[4] == ["-d", "10.96.0.0/16", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "4321"]

@@ -67,9 +67,6 @@ def rules(proxied: list[Any], proxy_port: int, *, dns_port: int | None = None, n
         out.append({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": CHAIN, "expr": list(expr)}}})
 
     rule(_match({"meta": {"key": "mark"}}, mark), {"return": None})
-    excluded = [n for n in networks(exclude) if n.version == 4]
-    if excluded:
-        rule(_match(_daddr(), _addr_set(excluded)), {"return": None})
     if dns_port is not None:
         servers = [n for n in networks(f"{s}/32" if "/" not in str(s) else s for s in nameservers) if n.version == 4]
         for proto in ("udp", "tcp"):
@@ -77,6 +74,11 @@ def rules(proxied: list[Any], proxy_port: int, *, dns_port: int | None = None, n
                 rule(_match(_daddr(), _addr_set(servers)),
                      _match({"payload": {"protocol": proto, "field": "dport"}}, 53),
                      {"redirect": {"port": dns_port}})
+    # After the DNS rules: the API server may share its address with a nameserver (a VM or a
+    # router serving both); its port 53 is still the resolver's, every other port passes.
+    excluded = [n for n in networks(exclude) if n.version == 4]
+    if excluded:
+        rule(_match(_daddr(), _addr_set(excluded)), {"return": None})
     if proxied:
         rule(_match(_daddr(), _addr_set(proxied)), _match({"meta": {"key": "l4proto"}}, "tcp"),
              {"redirect": {"port": proxy_port}})

@@ -35,12 +35,13 @@ def rules(proxied: list[Any], proxy_port: int, *, dns_port: int | None, nameserv
           exclude: Iterable[Any], mark: int) -> list[list[str]]:
     """The chain's rules, in order, as iptables arguments (pure)."""
     out = [["-m", "mark", "--mark", hex(mark), "-j", "RETURN"]]
-    out += [["-d", str(ipaddress.ip_network(e, strict=False)), "-j", "RETURN"] for e in exclude]
     if dns_port is not None:
         for ns in nameservers:
             if ipaddress.ip_address(ns).version == 4:
                 out += [["-d", f"{ns}/32", "-p", proto, "--dport", "53", "-j", "REDIRECT", "--to-ports",
                          str(dns_port)] for proto in ("udp", "tcp")]
+    # After DNS, as in the nftables table: a nameserver on the API server's address stays ours.
+    out += [["-d", str(ipaddress.ip_network(e, strict=False)), "-j", "RETURN"] for e in exclude]
     out += [["-d", str(n), "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(proxy_port)] for n in proxied]
     return out
 

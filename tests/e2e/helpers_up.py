@@ -30,8 +30,8 @@ def http_json(url: str, headers: dict[str, str] | None = None, timeout: float = 
 class TpenvProcess:
     """`tpenv ARGS` in the background, its output collected (and echoed on failure by the test)."""
 
-    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.cmd = [TPENV, *args]
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None, prefix: list[str] = ()) -> None:
+        self.cmd = [*prefix, TPENV, *args]  # prefix: e.g. `ip netns exec LAPTOP` (tests/e2e/laptop_kit.py)
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env={**os.environ, **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)

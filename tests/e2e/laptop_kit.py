@@ -28,7 +28,7 @@ name in the API server's certificate), the address being the host's end of the v
 Stale laptops: a run stopped hard (the CI runner killed, a test timed out under kill -9) never
 reaches the ``finally`` that deletes its namespace, and a process still inside it (a host-mode
 connect) keeps the namespace, its veth pair and its /30 alive. ``Laptop.create`` first sweeps
-every laptop whose owner (the pid recorded in ``/etc/netns/<name>/owner``, with its start time,
+every laptop whose owner (the pid recorded in ``/run/tpenv-laptops/<name>``, with its start time,
 so a reused pid does not count) is gone: the processes left inside are killed, the namespace,
 its ``/etc/netns`` directory and any host-side ``tplh*`` veth without a peer are deleted. A live
 laptop of another test run on this shared machine is left alone.
@@ -49,6 +49,8 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 POOL = ipaddress.ip_network("169.254.128.0/17")
+# Who made each laptop: not in /etc/netns/<name>/, whose every file `ip netns exec` mounts over /etc.
+OWNERS = Path("/run/tpenv-laptops")
 
 
 def sh(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -71,7 +73,7 @@ UNOWNED_GRACE = 1800.0  # s: longer than any test's timeout (900 s)
 
 def _owner_alive(etc: Path) -> bool:
     try:
-        pid, started = (etc / "owner").read_text().split()
+        pid, started = (OWNERS / etc.name).read_text().split()
     except (OSError, ValueError):
         # A laptop of a kit from before owners were recorded (another checkout on this shared
         # machine), or half made: stale only once older than any test could be.
@@ -94,6 +96,7 @@ def sweep_stale() -> list[str]:
                 os.kill(int(pid), signal.SIGKILL)
         sh("ip", "netns", "del", name, check=False)
         shutil.rmtree(etc, ignore_errors=True)
+        (OWNERS / name).unlink(missing_ok=True)
         removed.append(name)
     # A namespace deleted by name but held by a process inside keeps its veth pair: the host's end
     # names it (tplh<suffix> for tpl-<suffix>); deleting that end deletes the pair.
@@ -135,7 +138,8 @@ class Laptop:
         host_ip, laptop_ip = (str(a) for a in list(net.hosts())[:2])
         etc = Path("/etc/netns") / name
         etc.mkdir(parents=True, exist_ok=True)
-        (etc / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / name).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         sh("ip", "netns", "add", name)
         try:
             # IPv4 only: an IPv6 link-local address would still be settling (DAD "tentative")
@@ -166,6 +170,7 @@ class Laptop:
                     os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "del", name, check=False)  # takes the veth pair with it
             shutil.rmtree(etc, ignore_errors=True)
+            (OWNERS / name).unlink(missing_ok=True)
 
     def _write_kubeconfig(self, source: Path) -> None:
         yaml = YAML()

@@ -53,8 +53,11 @@ def tpenv(state_dir: Path, *args: str, timeout: float = 180, check: bool = True,
 class Intercepting:
     """`tpenv intercept ARGS` as a background process; ready when it printed its block (-o json)."""
 
-    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tpenv.cli.main", "-o", "json", "intercept", *args],
+    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 prefix: list[str] = ()) -> None:
+        # prefix: e.g. `ip netns exec LAPTOP` (tests/e2e/laptop_kit.py)
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "tpenv.cli.main", "-o", "json", "intercept",
+                                      *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**tpenv_env(state_dir), **(env or {})}, cwd=state_dir,
                                      start_new_session=True)

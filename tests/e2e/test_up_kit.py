@@ -131,12 +131,12 @@ def pid_alive(pid: int) -> bool:
 class UpSession(TpenvProcess):
     """`tpenv up` in ``workdir`` (telepresence.yaml there), sessions kept in ``workdir/state``."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, prefix: list[str] = ()) -> None:
         self.workdir = workdir
         self.state = workdir / "state"
         self.state.mkdir(exist_ok=True)
         self.env = {**tpenv_env(self.state), **(env or {})}
-        super().__init__("up", *args, cwd=workdir, env=self.env)
+        super().__init__("up", *args, cwd=workdir, env=self.env, prefix=prefix)
 
     def tpenv(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Another shell's `tpenv ARGS` against this session (same state dir)."""

@@ -21,7 +21,7 @@ from tpenv.kits.kube import Kube, What, Workload, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, LABEL_AGENT
 
 Progress = Callable[[str], None]
-UPDATE_ATTEMPTS = 5  # a 409 on restore: read again and redo, at most this many times
+UPDATE_ATTEMPTS = 5  # a 409 on restore (or on injection, agents.py): read again and redo, at most this many times
 
 
 def has_agent(obj: dict[str, Any]) -> bool:

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tpenv.engine.agent_removal import remove_agent
-from tpenv.engine.injection import plan_injection
+from tpenv.engine.agent_removal import UPDATE_ATTEMPTS, remove_agent
+from tpenv.engine.injection import InjectionPlan, plan_injection
 from tpenv.engine.redirect import redirect_choice
-from tpenv.errors import NotFound, PermanentError, RolloutStalled, UsageError
+from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflict, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, AUTH_SECRET, MODE_REDIRECT
@@ -130,27 +130,43 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     secret_exists = await _secret_exists(kube, w.namespace)
     port_key = sp.get("name") or sp["port"]
     redirect, why = await redirect_choice(kube, w, settings, container)
-    plan = plan_injection(w.obj, service, port_key, settings, container=container, auth_secret_exists=secret_exists,
-                          redirect=(redirect, why))
+    svc_name = service["metadata"]["name"]
+
+    def planned(w: Workload, service: dict[str, Any]) -> InjectionPlan:
+        return plan_injection(w.obj, service, port_key, settings, container=container,
+                              auth_secret_exists=secret_exists, redirect=(redirect, why))
+
+    plan = planned(w, service)
     if plan.record.get("mode") != MODE_REDIRECT:
         # Said once per intercept, where the user looks (the progress lines), never only in a log.
         say(f"Note: {bypass_note(plan.record.get('why') or why or 'the agent was injected without it')}")
     rolled_out = False
-    svc_name = service["metadata"]["name"]
-    # Dry runs first: a refusal (RBAC, admission, validation) must come before any change.
-    if plan.workload_changed:
-        await kube.replace_workload(w, plan.workload, dry_run=True)
-    if plan.service is not None:
-        await kube.call(kube.core.replace_namespaced_service, svc_name, w.namespace, plan.service, dry_run="All",
-                        what=What("update", "services", w.namespace, svc_name))
-    if plan.workload_changed:
-        if not secret_exists:
-            from tpenv.engine.tunnels import ensure_auth_material
+    for attempt in range(UPDATE_ATTEMPTS):
+        try:
+            # Dry runs first: a refusal (RBAC, admission, validation) must come before any change.
+            if plan.workload_changed:
+                await kube.replace_workload(w, plan.workload, dry_run=True)
+            if plan.service is not None:
+                await kube.call(kube.core.replace_namespaced_service, svc_name, w.namespace, plan.service,
+                                dry_run="All", what=What("update", "services", w.namespace, svc_name))
+            if plan.workload_changed:
+                if not secret_exists:
+                    from tpenv.engine.tunnels import ensure_auth_material
 
-            await ensure_auth_material(kube, w.namespace)
-        say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
-        w = await kube.replace_workload(w, plan.workload)
-        rolled_out = True
+                    await ensure_auth_material(kube, w.namespace)
+                if attempt == 0:
+                    say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
+                w = await kube.replace_workload(w, plan.workload)
+                rolled_out = True
+            break
+        except UpdateConflict:
+            # Another writer (a controller's status, a rollout, a second intercept) changed the
+            # workload or the Service since we read them: the plan is a pure function of both,
+            # so read them again and redo it.
+            if attempt == UPDATE_ATTEMPTS - 1:
+                raise
+            w, service = await kube.reload(w), await _read_service(kube, w.namespace, svc_name)
+            plan = planned(w, service)
     timeout = settings.kube.rollout_timeout
     try:
         w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
@@ -160,15 +176,29 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         # We broke it: put the workload back as it was, so the app keeps serving as before.
         await remove_agent(kube, await kube.reload(w), progress=say)
         raise RolloutStalled(f"{e.message}; {w.ref} was restored as it was", hint=e.hint) from e
-    if plan.service is not None:
-        await kube.call(kube.core.replace_namespaced_service, service["metadata"]["name"], w.namespace,
-                        plan.service, what=What("update", "services", w.namespace, service["metadata"]["name"]))
-        service = plan.service
+    for attempt in range(UPDATE_ATTEMPTS):
+        if plan.service is None:
+            break
+        try:
+            service = await kube.call(kube.core.replace_namespaced_service, svc_name, w.namespace, plan.service,
+                                      what=What("update", "services", w.namespace, svc_name))
+            break
+        except UpdateConflict:
+            if attempt == UPDATE_ATTEMPTS - 1:
+                raise
+            # The rolled-out workload (wait_rollout read it) with the Service as it is now.
+            service = await _read_service(kube, w.namespace, svc_name)
+            plan = planned(w, service)
     entry = next(e for e in plan.record["ports"] if e["name"] == port_name)
     # With the redirect the endpoints keep the app's port (the pod sends it to the agent).
     endpoint_port = entry["app_port"] if plan.record.get("mode") == MODE_REDIRECT else entry["agent_port"]
     await wait_endpoints(kube, w, service, sp, endpoint_port, port_name, progress=say)
     return AgentReady(w, service, plan.record, port_name, plan.record["container"], rolled_out)
+
+
+async def _read_service(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return await kube.call(kube.core.read_namespaced_service, name, namespace,
+                           what=What("get", "services", namespace, name))
 
 
 async def _secret_exists(kube: Kube, namespace: str) -> bool:

@@ -19,13 +19,15 @@ says why (which right is missing, or what the image lacks) and what is then miss
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
-from tpenv.errors import Forbidden, TpenvError
+from tpenv.errors import Forbidden, TpenvError, TransientError
 from tpenv.kits.podexec import ExecFailed, exec_output
 from tpenv.kits.portforward import KubeAccess
 
 READERS = (["cat", "/proc/1/environ"], ["env", "-0"])
+EXEC_ATTEMPTS = 4  # a cut exec stream or an API server that did not answer: run the read again
 MISSING = "variables the app's image sets (ENV in its Dockerfile, e.g. LANG, PATH) are missing from the env"
 
 
@@ -57,7 +59,7 @@ async def read_app_env(kube: KubeAccess, namespace: str, pod: str, container: st
     failures: list[str] = []
     for argv in READERS:
         try:
-            raw = await exec_output(kube, namespace, pod, container, argv)
+            raw = await _exec_again_when_cut(kube, namespace, pod, container, argv)
         except Forbidden:
             return AppEnv(None, f"no right to exec in pod {pod} (create pods/exec in namespace {namespace}): "
                                 f"{MISSING}; `kubectl auth can-i create pods/exec -n {namespace}` checks it")
@@ -73,3 +75,18 @@ async def read_app_env(kube: KubeAccess, namespace: str, pod: str, container: st
         failures.append(f"{' '.join(argv)}: no output")
     return AppEnv(None, f"cannot read the app's environment in container {container} of pod {pod} (its image "
                         f"has neither `cat` nor `env`, or PID 1 is not readable: {failures[-1]}): {MISSING}")
+
+
+async def _exec_again_when_cut(kube: KubeAccess, namespace: str, pod: str, container: str, argv: list[str]) -> bytes:
+    """``exec_output``, run again when its stream was cut or the API server did not answer: a
+    read of the environment changes nothing, so running it twice is safe; without this one cut
+    stream (an API server busy rolling, a kubelet restart) would leave the env without the image's
+    ENV for the whole intercept."""
+    for attempt in range(EXEC_ATTEMPTS):
+        try:
+            return await exec_output(kube, namespace, pod, container, argv)
+        except TransientError as e:
+            if attempt == EXEC_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(e.retry_after * 2 ** attempt)  # a retry's backoff, not a wait for readiness
+    raise AssertionError("unreachable")

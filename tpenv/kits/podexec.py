@@ -9,7 +9,8 @@ No stdin and no TTY are asked for, so nothing is ever sent but the upgrade.
 Used to read what the app process really sees (``/proc/1/environ``), which only the app's own
 container can show: variables its image's config sets (``ENV`` in a Dockerfile) are invisible to
 the pod spec and to the agent. The right needed is ``create pods/exec``; a refusal is
-:class:`~tpenv.errors.Forbidden`, a command that fails is :class:`ExecFailed`.
+:class:`~tpenv.errors.Forbidden`, a command that fails is :class:`ExecFailed`, a stream cut before
+the command's exit status is :class:`~tpenv.errors.TunnelDropped` (transient: run it again).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from urllib.parse import quote, urlencode
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from tpenv.errors import ClusterUnreachable, PermanentError, TransientError
+from tpenv.errors import ClusterUnreachable, PermanentError, TransientError, TunnelDropped
 from tpenv.kits.pf_common import api_refusal, status_message, tls_kwargs
 from tpenv.kits.portforward import KubeAccess
 
@@ -86,11 +87,16 @@ async def exec_output(kube: KubeAccess, namespace: str, pod: str, container: str
             refusal.hint = f"check with: kubectl auth can-i create pods/exec -n {namespace}"
         raise (refusal or ExecFailed(f"{what}: refused ({text})")) from e
     except websockets.ConnectionClosedError as e:
-        raise TransientError(f"{what}: the connection closed early ({e})") from e
+        raise TunnelDropped(f"{what}: the stream was cut ({e})") from e
     except TimeoutError as e:
         raise TransientError(f"{what}: no answer within {timeout:.0f}s") from e
     except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as e:
         raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
+    if not status:
+        # The API server ends every exec with a Status on the error channel, success included: a
+        # stream closed (even cleanly) without one was cut (an API server or kubelet restart, a
+        # proxy), and its output may be short. Never taken as the command's whole answer.
+        raise TunnelDropped(f"{what}: the stream ended before the command's exit status")
     reason = exec_status(bytes(status))
     if reason is not None:
         detail = err.decode("utf-8", "replace").strip()

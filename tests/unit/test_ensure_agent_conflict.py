@@ -47,6 +47,7 @@ class FakeKube:
     def put_service(self, name: str, ns: str, body: dict, dry_run: str | None = None) -> dict:
         self._refuse("service")
         if dry_run is None:
+            self._refuse("service write")  # refused only when it would be stored (after the rollout)
             self.writes["service"].append(body)
             self.svc = copy.deepcopy(body)
         return copy.deepcopy(body)
@@ -101,6 +102,13 @@ async def test_conflicts_on_workload_and_service_are_read_again_and_redone():
     assert AGENT_CONTAINER in [c["name"] for c in kube.obj["spec"]["template"]["spec"]["containers"]]
     assert kube.svc == load("expected-service.yaml")
     assert ready.rolled_out and kube.reads >= 4
+
+
+async def test_a_conflict_on_the_service_after_the_rollout_is_redone_on_the_rolled_out_workload():
+    kube = FakeKube({"service write": 2})
+    await start(kube)
+    assert len(kube.writes["workload"]) == 1 and len(kube.writes["service"]) == 1
+    assert kube.svc == load("expected-service.yaml")
 
 
 async def test_conflicts_without_end_are_reported_and_nothing_is_written():

@@ -2,7 +2,8 @@
 
 Patch mode (docs/protocol.md §1): :func:`ensure_agent` plans the injection with
 ``tpenv.engine.injection`` (pure), creates Secret ``tpenv-auth`` when missing, replaces the
-workload (with its resourceVersion: a concurrent edit fails instead of being lost), waits for
+workload (with its resourceVersion: a concurrent edit fails instead of being lost, and the
+refused write, a 409, reads the workload and Service again and redoes the plan), waits for
 the rollout while printing a progress line. With the in-pod redirect (the default) nothing else
 changes; where the namespace's Pod Security forbids it (``redirect.py`` of this package decides),
 the hand-over then rewrites the Service's numeric ``targetPort`` (only after the rollout, so no

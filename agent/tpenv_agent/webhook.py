@@ -88,16 +88,25 @@ def mutate(review: dict, settings: dict) -> tuple[dict, bool]:
     try:
         patched = inject_pod(pod, settings)
     except InjectError as e:
-        response["warnings"] = [_warning(f"tpenv: no agent injected: {e}")]
-        ops = json_patch(pod, refused(pod, str(e)))
-        response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
-        return answer, False
+        return refusal(review, str(e)), False
     ops = json_patch(pod, patched)
     if ops:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
     return answer, bool(ops) and not request.get("dryRun", False)
+
+
+def refusal(review: dict, reason: str) -> dict:
+    """The answer admitting the review's pod without an agent: a warning, and a patch adding only
+    the refusal annotation (what Events, `tpenv list` and `doctor` show)."""
+    request = review.get("request") or {}
+    pod = request.get("object") or {}
+    ops = json_patch(pod, refused(pod, reason))
+    return {"apiVersion": review.get("apiVersion") or ADMISSION_API, "kind": "AdmissionReview",
+            "response": {"uid": request.get("uid", ""), "allowed": True,
+                         "warnings": [_warning(f"tpenv: no agent injected: {reason}")],
+                         "patchType": "JSONPatch",
+                         "patch": base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()}}
 
 
 def refused(pod: dict, reason: str) -> dict:
@@ -109,5 +118,5 @@ def refused(pod: dict, reason: str) -> dict:
     return out
 
 
-__all__ = ["mutate", "json_patch", "refused", "ADMISSION_API", "ANN_NOT_INJECTED",
+__all__ = ["mutate", "json_patch", "refused", "refusal", "ADMISSION_API", "ANN_NOT_INJECTED",
            "EXCLUDED_NAMESPACES"]

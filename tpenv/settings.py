@@ -160,6 +160,10 @@ class ManagerSettings(_Section):
         "empty: the relay reads the cluster's pod and service ranges itself (nodes' podCIDRs, ServiceCIDRs). "
         "Give them when your CNI assigns pod addresses outside the nodes' podCIDRs."))
 
+    cert_lifetime_seconds: int = Field(5 * 365 * 86400, ge=120, description=(
+        "Lifetime of the webhook's serving certificate an install makes; the manager renews it itself two "
+        "thirds into it, keeping this lifetime (short values are for watching a rotation)."))
+
     @field_validator("relay_cidrs", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

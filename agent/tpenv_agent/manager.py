@@ -6,6 +6,9 @@ the outbound relay for developer machines (docs/protocol.md §7, :mod:`tpenv_age
                         [--relay HOST:PORT|off] [--relay-auth-dir DIR] [--relay-cidr CIDR ...]
                         [--relay-port-file PATH]
 
+The serving certificate is renewed by the manager itself two thirds into its lifetime
+(certrotate.py), in the cluster only.
+
 Webhook routes: ``POST /mutate`` (AdmissionReview v1, answered by webhook.mutate) and ``GET
 /healthz``. ``--tls-dir`` holds ``tls.crt`` and ``tls.key`` (the install's Secret, mounted); the
 API server checks them against the caBundle of the webhook configuration. With ``--listen
@@ -13,9 +16,11 @@ HOST:0`` the kernel picks the port: the bound address is printed as ``listening 
 https://HOST:PORT`` on stdout and, with ``--port-file``, written there (tests use both).
 
 When a pod gets an agent, the manager makes sure its namespace has the ``tpenv-auth`` Secret
-(docs/protocol.md §2), in the background: the kubelet retries the Secret volume until it exists.
-That is the webhook's only side effect, skipped for dry-run requests (``sideEffects:
-NoneOnDryRun``). It needs the in-cluster service account; outside a cluster it is skipped.
+(docs/protocol.md §2) before answering, re-checked every few seconds and backed off on failure
+(authsecrets.py): a Secret it cannot make means no agent for that pod, said in a warning, an
+annotation and Events, never a pod stuck waiting for its volume. That is the webhook's only
+side effect, skipped for dry-run requests (``sideEffects: NoneOnDryRun``). It needs the
+in-cluster service account; outside a cluster it is skipped.
 
 The relay (SSH, default ``127.0.0.1:8022``: the pod's loopback, reached through
 ``pods/portforward``) runs in the same process as its own task; a relay that fails is logged
@@ -45,11 +50,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .authsecrets import AuthSecrets
 from .bind import listen_socket
 from .inject import AUTH_SECRET, default_settings
 from .inpod import opted_in
 from .reporting import Policies, Refusals
-from .webhook import mutate
+from .webhook import mutate, refusal
 
 AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
 
@@ -88,6 +94,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a range the relay may dial (repeatable); default: the cluster's pod and service "
                         "ranges, discovered from the API")
     p.add_argument("--relay-port-file", type=Path, help="write the relay's bound port here once listening")
+    p.add_argument("--webhook-config", default="tpenv-agent-injector",
+                   help="the MutatingWebhookConfiguration whose caBundle a certificate rotation updates")
+    p.add_argument("--tls-secret", default="tpenv-manager-tls",
+                   help="the Secret holding --tls-dir's material, rewritten by a rotation ('off': no rotation)")
+    p.add_argument("--tls-work-dir", type=Path, default=Path("/tpenv/run"),
+                   help="a writable directory (an emptyDir) for a rotated certificate's files")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv[1:] if argv[:1] == ["manager"] else argv)
 
@@ -127,9 +139,8 @@ class Manager:
     def __init__(self, settings: dict, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.settings = settings
         self.idle_timeout = idle_timeout
-        self.ready_namespaces: set[str] = set()
-        self.tasks: set[asyncio.Task] = set()
         api = api_call if in_cluster() else None
+        self.auth = AuthSecrets(create_auth_secret) if api is not None else None
         self.policies, self.refusals = Policies(api), Refusals(api)
 
     async def route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes, str]:
@@ -146,11 +157,14 @@ class Manager:
             redirect, why = await self.policies.redirect(request["namespace"]) \
                 if request.get("namespace") and opted_in(pod) else (True, "")
             answer, injected = mutate(review, {**self.settings, "redirect": redirect, "redirect_off": why})
+            if injected and request.get("namespace") and self.auth is not None:
+                # The pod will mount tpenv-auth: it must exist before the pod does (authsecrets.py).
+                problem = await self.auth.ensure(request["namespace"])
+                if problem is not None:
+                    answer, injected = refusal(review, problem), False
             where = f"{request.get('namespace', '?')}/{(request.get('object') or {}).get('metadata', {}).get('generateName', '?')}"
             log.info("[webhook/mutate] pod %s: %s", where, "agent injected" if injected else
                      "; ".join(answer["response"].get("warnings") or ["unchanged"]))
-            if injected and request.get("namespace"):
-                self._ensure_auth_later(request["namespace"])
             if answer["response"].get("warnings") and request.get("namespace") and not request.get("dryRun"):
                 self.refusals.refused(request["namespace"])
             return 200, "OK", json.dumps(answer).encode(), "application/json"
@@ -173,23 +187,6 @@ class Manager:
             log.debug("[webhook/conn] dropped: %s", type(e).__name__)
         finally:
             writer.close()
-
-    def _ensure_auth_later(self, namespace: str) -> None:
-        if namespace in self.ready_namespaces or not (SA_DIR / "token").exists():
-            return
-        self.ready_namespaces.add(namespace)
-        task = asyncio.get_running_loop().create_task(self._ensure_auth(namespace))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _ensure_auth(self, namespace: str) -> None:
-        try:
-            created = await asyncio.to_thread(create_auth_secret, namespace)
-            log.info("[auth/%s] Secret %s %s", namespace, AUTH_SECRET, "created" if created else "already there")
-        except (OSError, urllib.error.URLError, ValueError) as e:
-            self.ready_namespaces.discard(namespace)  # try again on the next pod
-            log.warning("[auth/%s] could not create Secret %s: %s", namespace, AUTH_SECRET, e)
-
 
 # ---------------------------------------------------------------------------------------------
 # the tpenv-auth Secret (docs/protocol.md §2), created with the pod's own service account
@@ -425,6 +422,15 @@ async def run_manager(argv: list[str]) -> int:
     log.info("[webhook/server] listening on %s:%d, injecting %s", host, bound, settings["agent_image"])
     relay_task = asyncio.ensure_future(run_relay(args, stop))
     relay_task.add_done_callback(_guard)
+    rotate_task = None
+    if in_cluster() and args.tls_secret != "off":
+        from .certrotate import Rotator, read_material
+
+        rotator = Rotator(ctx, read_material(args.tls_dir), (SA_DIR / "namespace").read_text().strip(), api_call,
+                          args.tls_work_dir, args.webhook_config, args.tls_secret)
+        rotate_task = asyncio.ensure_future(rotator.run(stop))
+        rotate_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+            "[tls/rotate] task failed: %s", t.exception(), exc_info=t.exception()))
     async with server:
         await stop.wait()
     log.info("[webhook/server] stopped")

@@ -91,10 +91,15 @@ def test_rbac_grants_only_what_the_webhook_and_relay_use(tls):
         # Events on pods the webhook refused (their names exist only after admission).
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]}]
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
+        # Certificate rotation: the new CA into this one webhook configuration's caBundle.
+        {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+         "resourceNames": ["tpenv-agent-injector"], "verbs": ["get", "update"]}]
     roles = {d["metadata"]["name"]: d for d in by_kind(docs, "Role")}
-    assert roles["tpenv-manager"]["rules"] == [  # the relay's own keys, by name
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-auth"], "verbs": ["get"]}]
+    assert roles["tpenv-manager"]["rules"] == [  # the relay's own keys, by name; the rotated certificate
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-auth"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-manager-tls"],
+         "verbs": ["get", "update"]}]
     assert roles["tpenv-client-config"]["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpenv-manager"], "verbs": ["get"]}]
     bindings = {d["metadata"]["name"]: d for d in by_kind(docs, "RoleBinding")}

@@ -17,13 +17,16 @@ when it existed before (an admin's own ``tpenv`` namespace, say). ``uninstall`` 
 created and only releases what it adopted (drops its own fields by an empty server-side apply),
 so a namespace that was there before, with whatever else lives in it, stays.
 
-The TLS material (CA + serving certificate for ``tpenv-manager.tpenv.svc``) is generated with
-``cryptography`` at the first install and reused by later installs and upgrades while it has
-more than 30 days left, so an upgrade never races a new caBundle against an old serving pod.
+The TLS material (CA + serving certificate for ``tpenv-manager.tpenv.svc``, lifetime
+``TPENV_MANAGER_CERT_LIFETIME_SECONDS``) is generated with ``cryptography`` at the first install
+and reused by later installs and upgrades while it has more than 30 days left, so an upgrade
+never races a new caBundle against an old serving pod. Between upgrades the manager renews it
+itself, two thirds into its lifetime (tpenv_agent.certrotate).
 """
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import io
 import uuid
@@ -87,16 +90,18 @@ def manager_values(settings: Settings | dict) -> dict[str, Any]:
         relay_cidrs = [str(c) for c in settings.get("relay_cidrs") or []]
         resources = settings.get("resources") or DEFAULT_RESOURCES
         ssh_port, health_port = settings.get("ssh_port") or SSH_PORT, settings.get("health_port") or HEALTH_PORT
+        cert_lifetime = int(settings.get("cert_lifetime_seconds") or CERT_LIFETIME.total_seconds())
     else:  # tpenv.settings.Settings
         agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
         lease, image = settings.agent.lease_seconds, settings.agent.image
         relay_port, relay_cidrs = settings.manager.relay_port, list(settings.manager.relay_cidrs)
         resources = settings.agent.resources()
         ssh_port, health_port = settings.agent.ssh_port, settings.agent.health_port
+        cert_lifetime = settings.manager.cert_lifetime_seconds
     return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image, "agent_resources": resources,
             "image_pull_policy": pull, "lease": max(1, round(float(lease))),
             "relay_port": relay_port, "relay_cidrs": relay_cidrs,
-            "agent_ssh_port": ssh_port, "agent_health_port": health_port}
+            "agent_ssh_port": ssh_port, "agent_health_port": health_port, "cert_lifetime": cert_lifetime}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +132,8 @@ def _validate(doc: Any, source: str) -> dict:
 def manager_context(settings: Settings | dict, *, team_mode: bool, tls: dict[str, bytes] | None = None,
                     namespace: str = NAMESPACE) -> dict[str, Any]:
     """What the templates are rendered with (also the Helm chart's starting point, tpenv.engine.chart)."""
-    tls = tls if tls is not None else generate_tls(namespace)
     values = manager_values(settings)
+    tls = tls if tls is not None else generate_tls(namespace, lifetime=dt.timedelta(seconds=values["cert_lifetime"]))
     selector = {"app.kubernetes.io/name": NAME}
     return {
         **values,

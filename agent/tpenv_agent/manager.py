@@ -16,7 +16,7 @@ HOST:0`` the kernel picks the port: the bound address is printed as ``listening 
 https://HOST:PORT`` on stdout and, with ``--port-file``, written there (tests use both).
 
 When a pod gets an agent, the manager makes sure its namespace has the ``tpenv-auth`` Secret
-(docs/protocol.md §2) before answering, re-checked every few seconds and backed off on failure
+(docs/protocol.md §2) before answering, asked at every injection and backed off on failure
 (authsecrets.py): a Secret it cannot make means no agent for that pod, said in a warning, an
 annotation and Events, never a pod stuck waiting for its volume. That is the webhook's only
 side effect, skipped for dry-run requests (``sideEffects: NoneOnDryRun``). It needs the

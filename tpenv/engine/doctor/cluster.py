@@ -289,8 +289,9 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
         if expiry <= now:
             return Outcome(FAIL, f"the webhook's certificate expired on {expiry:%Y-%m-%d}", fix="tpenv manager upgrade")
         if expiry - now < CERT_WARN_BEFORE:
-            notes.append(f"certificate expires {expiry:%Y-%m-%d}")
-            fix = "tpenv manager upgrade"
+            notes.append(f"certificate expires {expiry:%Y-%m-%d %H:%M:%S} UTC (the manager renews it itself two "
+                         "thirds into its lifetime; if it does not, see its log)")
+            fix = f"kubectl -n {MANAGER_NS} logs deployment/{MANAGER} | grep tls/rotate; or tpenv manager upgrade"
         # Pods that opted in but came up without the agent: the webhook was not reached when they were made.
         try:
             optins = (await kube.call(kube.core.list_pod_for_all_namespaces, label_selector=f"{LABEL_INJECT}=enabled",
@@ -299,9 +300,9 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
             optins = (await kube.call(kube.core.list_namespaced_pod, namespace,
                                       label_selector=f"{LABEL_INJECT}=enabled",
                                       what=What("list", "pods", namespace)))["items"]
-        missed = [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in optins
-                  if not p["metadata"].get("deletionTimestamp")
+        missed = [_missed(p) for p in optins if not p["metadata"].get("deletionTimestamp")
                   and not any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
+        gone = await _auth_missing(kube, optins)
         if namespace in (MANAGER_NS, "kube-system"):
             return Outcome(SKIP, f"namespace {namespace!r} is never injected; certificate valid until "
                                  f"{expiry:%Y-%m-%d}")
@@ -312,18 +313,46 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
         if injected is False:
             why = (f" (it said: {warning})" if warning
                    else " (it did not answer: failurePolicy Ignore let the pod through)")
-            return Outcome(FAIL, f"the webhook did not inject a dry-run pod in {namespace!r}{why}",
+            started = (f"; {len(missed)} opted-in pod(s) started without the agent: " + ", ".join(missed[:5])
+                       if missed else "")
+            return Outcome(FAIL, f"the webhook did not inject a dry-run pod in {namespace!r}{why}{started}",
                            fix=f"kubectl -n {MANAGER_NS} get pods,endpointslices; kubectl -n {MANAGER_NS} logs "
                                f"deployment/{MANAGER}; then kubectl -n {MANAGER_NS} rollout restart "
                                f"deployment/{MANAGER}")
         if missed:
-            notes.append(f"{len(missed)} opted-in pod(s) started without the agent (admission missed): "
-                         + ", ".join(missed[:5]))
-            fix = fix or "kubectl delete pod " + " ".join(missed[:5]) + " (their workload recreates them, injected)"
+            notes.append(f"{len(missed)} opted-in pod(s) started without the agent: " + ", ".join(missed[:5]))
+            names = [m.split(" ", 1)[0] for m in missed[:5]]
+            fix = fix or "kubectl delete pod " + " ".join(names) + " (their workload recreates them, injected)"
+        if gone:
+            notes.append(f"Secret tpenv-auth is missing in {', '.join(gone)}, where pods run the agent: new SSH "
+                         "sessions to them fail (the manager makes it again at the next injection)")
+            fix = fix or " && ".join(f"kubectl -n {ns} rollout restart deployment -l {LABEL_INJECT}=enabled"
+                                     for ns in gone)
         detail = (f"{'dry-run injection works' if injected else 'reachability not tried (no right to create pods)'}; "
                   f"certificate valid until {expiry:%Y-%m-%d}")
         return Outcome(WARN if notes else OK, detail + ("; " + "; ".join(notes) if notes else ""), fix=fix)
     return check
+
+
+def _missed(pod: dict[str, Any]) -> str:
+    """``ns/name``, with the webhook's reason when it gave one (the pod annotation)."""
+    why = (pod["metadata"].get("annotations") or {}).get("tpenv.io/not-injected")
+    where = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+    return f"{where} ({why})" if why else f"{where} (the webhook was not reached)"
+
+
+async def _auth_missing(kube: Kube, pods: list[dict[str, Any]]) -> list[str]:
+    """Namespaces where an opted-in pod runs the agent but Secret tpenv-auth is gone."""
+    out = []
+    for ns in sorted({p["metadata"]["namespace"] for p in pods
+                      if any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])}):
+        try:
+            await kube.call(kube.core.read_namespaced_secret, "tpenv-auth", ns, what=What("get", "secrets", ns))
+        except NotFound:
+            out.append(ns)
+        except Forbidden:
+            continue
+    return out
 
 
 # Interfaces a cluster node itself routes its pods through: their routes are the cluster's, not a conflict.

@@ -3,7 +3,7 @@ tests/e2e/laptop_kit.py): the WordPress case of issue 18. The intercepted worklo
 ``DB_HOST=db``; the handler tpenv starts opens a plain socket (no proxy support) to $DB_HOST:80
 and must reach the ``db`` Service of the workload's namespace, with no edit, in each mode, through
 the real CLI verbs: ``tpenv intercept wp --connect MODE -- CMD`` and ``tpenv up`` with a
-``connect:`` section. The handler also serves the intercepted port, so every run proves the
+``connect:`` section (ns mode: each handler in its own namespaces, tpenv/engine/outbound/nsmode.py). The handler also serves the intercepted port, so every run proves the
 intercept's own direction too (a request to the wp Service from a pod answers from the laptop;
 in ns mode through the dialer inside the command's namespace).
 
@@ -149,7 +149,7 @@ def test_intercept_connect_handler_reaches_db_by_the_pods_short_name(wordpress, 
     assert db_unreachable(lap)
 
 
-@pytest.mark.parametrize("mode", ["host", "env"])
+@pytest.mark.parametrize("mode", ["host", "ns", "env"])
 def test_up_connect_handler_reaches_db_by_the_pods_short_name(wordpress, laptop, tmp_path, mode):  # noqa: F811
     app, lap = wordpress, laptop
     (tmp_path / "handler.py").write_text(HANDLER)

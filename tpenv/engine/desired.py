@@ -319,6 +319,13 @@ class UpFactory:
             return values
         return env
 
+    def _wrap_for(self, ic: Any) -> Callable[[list[str]], list[str]]:
+        """Under connect in ns mode, the handler runs in its own namespaces, its intercept's port
+        delivered inside; other modes: as is. Asked at each start (the connection may be new)."""
+        def wrap(argv: list[str]) -> list[str]:
+            return self.connection.wrap(argv, inbound=[ic.port.local]) if self.connection is not None else argv
+        return wrap
+
     async def _connect_spec(self, config: Config, uctx: UpContext, namespaces: list[str]) -> UnitSpec | None:
         """The connect unit, when the file has a ``connect:`` section not set to off."""
         if "connect" not in config.model_fields_set or config.connect.capture == "off":
@@ -365,6 +372,7 @@ class UpFactory:
             specs[connect.key] = connect
         after = frozenset({connect.key}) if connect is not None else frozenset()
         handlers = handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name], keys[ic.name][1]),
-                                 depends_on=lambda ic: frozenset({keys[ic.name]}) | after)
+                                 depends_on=lambda ic: frozenset({keys[ic.name]}) | after,
+                                 wrap_for=lambda ic: self._wrap_for(ic) if connect is not None else None)
         specs.update({k: h for k, h in handlers.items() if h.name not in waiting})
         return specs

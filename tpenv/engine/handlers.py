@@ -57,6 +57,9 @@ class HandlerSpec:
     debounce: float = _H.debounce
     healthy_after: float = 10.0
     output: Callable[[str], None] | None = field(default=None, compare=False)
+    # argv -> the argv actually started, asked at every (re)start: connect's ns mode runs the
+    # handler in its own namespaces (outbound/nsmode.py). None: argv as is.
+    wrap: Callable[[list[str]], list[str]] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> Key:
@@ -153,7 +156,10 @@ class HandlerUnit:
         return {**os.environ, **extra}
 
     async def _spawn(self) -> None:
-        self.proc = ProcessGroup(list(self.spec.argv), cwd=self.spec.cwd, env=await self._fresh_env(),
+        argv = list(self.spec.argv)
+        if self.spec.wrap is not None:
+            argv = self.spec.wrap(argv)
+        self.proc = ProcessGroup(argv, cwd=self.spec.cwd, env=await self._fresh_env(),
                                  kind="handler", name=self.spec.name, output=self.spec.output,
                                  stop_grace=self.spec.stop_grace, term_grace=self.spec.term_grace)
         await self.proc.start()

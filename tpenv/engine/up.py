@@ -80,12 +80,14 @@ def handler_specs(
     *,
     env_for: Callable[[Any], EnvFn] = static_env,
     depends_on: Callable[[Any], frozenset[Key]] = lambda intercept: frozenset(),
+    wrap_for: Callable[[Any], Any] = lambda intercept: None,
 ) -> dict[Key, HandlerSpec]:
     """A handler spec for every wanted intercept with ``run:``.
 
     ``env_for(intercept)`` returns the callable giving the fresh env at each start (the
     intercept engine's rendered env); ``depends_on(intercept)`` the keys the handler waits
-    for (e.g. its intercept's key). The handler restarts when its ``run:`` or ``env:`` changes.
+    for (e.g. its intercept's key); ``wrap_for(intercept)`` what starts its argv (None: as is).
+    The handler restarts when its ``run:`` or ``env:`` changes.
     """
     base = config.source.parent if config.source else Path.cwd()
     specs: dict[Key, HandlerSpec] = {}
@@ -94,7 +96,8 @@ def handler_specs(
             continue
         spec = HandlerSpec.from_run(ic.name, ic.run, base, ctx.settings, env=env_for(ic),
                                     env_version=hash_spec(ic.env.model_dump(mode="json")),
-                                    depends_on=frozenset(depends_on(ic)), exclude=tpenv_outputs(config, base))
+                                    depends_on=frozenset(depends_on(ic)), exclude=tpenv_outputs(config, base),
+                                    wrap=wrap_for(ic))
         specs[spec.key] = spec
     return specs
 

@@ -58,8 +58,10 @@ async def api_server_addresses(server_url: str) -> list[str]:
     return sorted({i[4][0] for i in infos})
 
 
-async def start_capture(choice: Choice, core: OutboundCore, stack: contextlib.AsyncExitStack) -> Any:
-    """The capture of ``choice`` in front of ``core``, entered on ``stack``."""
+async def start_capture(choice: Choice, core: OutboundCore, stack: contextlib.AsyncExitStack, *,
+                        handlers: bool = False) -> Any:
+    """The capture of ``choice`` in front of ``core``, entered on ``stack``. ``handlers``: for
+    the processes of ``tpenv up`` (ns mode: each wrapped in its own namespaces)."""
     if choice.mode == "env":
         return await stack.enter_async_context(EnvCapture(core))
     if choice.mode == "host":
@@ -70,6 +72,10 @@ async def start_capture(choice: Choice, core: OutboundCore, stack: contextlib.As
         return await stack.enter_async_context(HostCapture(core.cidrs, core.on_connection, dns=core.resolver_address,
                                                            nameservers=nameservers(), exclude=exclude,
                                                            mark=CAPTURE_MARK))
+    if handlers:
+        from tpenv.engine.outbound.nsmode import NsHandlers
+
+        return await stack.enter_async_context(NsHandlers(core))
     return None  # ns: per command (tpenv connect -- CMD), started by the verb
 
 
@@ -122,7 +128,7 @@ class ConnectUnit(TaskUnit):
                 options = connect_options(s.connect, s.namespace, search_first=list(s.search_first), flags=flags,
                                           mode=self.choice.mode)
                 self.core = await stack.enter_async_context(OutboundCore(s.kube, options))
-                self.capture = await start_capture(self.choice, self.core, stack)
+                self.capture = await start_capture(self.choice, self.core, stack, handlers=True)
             except BaseException as e:
                 if s.on_failed:
                     s.on_failed(e)
@@ -142,6 +148,12 @@ class ConnectUnit(TaskUnit):
         if isinstance(self.capture, EnvCapture):
             return await self.capture.env_for(env, namespace)
         return dict(env)
+
+    def wrap(self, argv: list[str], inbound: list[int] = ()) -> list[str]:
+        """A handler's argv under this connection (ns mode: in its own namespaces)."""
+        from tpenv.engine.outbound.nsmode import NsHandlers
+
+        return self.capture.wrap(argv, inbound) if isinstance(self.capture, NsHandlers) else list(argv)
 
     async def describe(self) -> dict[str, Any]:
         """The connection section of ``tpenv status``."""

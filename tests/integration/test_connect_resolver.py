@@ -132,3 +132,30 @@ async def test_missing_service_of_a_namespace_is_nxdomain_not_leaked(world):
     local, _, upstream = world
     r = await ask(local, "nope.shop.")
     assert r.rcode() == dns.rcode.NXDOMAIN and upstream.asked == []
+
+
+# --- stage 4: a repeated question is answered from the reply's bytes -----------------------------
+
+async def test_a_repeated_question_is_replayed_with_its_own_id_until_forgotten():
+    asked = []
+
+    async def cluster(q: dns.message.Message) -> dns.message.Message:
+        asked.append(q.question[0].name.to_text())
+        return cluster_answer(q)
+
+    async def upstream(wire: bytes) -> bytes:
+        raise AssertionError("a cluster name went upstream")
+
+    resolver = Resolver(NameRules(["shop"], namespaces={"shop"}), cluster=cluster, upstream=upstream)
+    # Stage 1: the first question goes to the cluster; the same one again (another id) does not,
+    # and its reply carries its own id and the same records.
+    q1, q2 = dns.message.make_query("hello.shop.", "A"), dns.message.make_query("hello.shop.", "A")
+    q2.id = (q1.id + 1) % 65536
+    r1 = dns.message.from_wire(await resolver.answer(q1.to_wire()))
+    r2 = dns.message.from_wire(await resolver.answer(q2.to_wire()))
+    assert (r1.id, r2.id) == (q1.id, q2.id) and r1.answer == r2.answer
+    assert asked == ["hello.shop.svc.cluster.local."] and resolver.stats["cached"] == 1
+    # Stage 2: forgotten (the benchmark's cold lookups), the question goes to the cluster again.
+    resolver.forget()
+    await resolver.answer(q2.to_wire())
+    assert asked == ["hello.shop.svc.cluster.local."] * 2

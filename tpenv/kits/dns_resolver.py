@@ -43,6 +43,10 @@ def _ttl(response: dns.message.Message) -> float:
     return 5.0
 
 
+WIRE_CACHE_SECONDS = 1.0
+WIRE_CACHE_MAX = 4096
+
+
 class Resolver:
     """``answer(wire) -> wire``: the DnsServer's callback. ``refresh_namespaces`` (optional): a
     coroutine that updates ``rules.namespaces`` when a name looks like ``svc.ns`` of an unknown
@@ -55,9 +59,22 @@ class Resolver:
         self._cache: dict[tuple[str, int, int], tuple[float, dns.message.Message]] = {}
         self._inflight: dict[tuple[str, int, int], asyncio.Future] = {}
         self.stats = {"cluster": 0, "cached": 0, "upstream": 0}
+        # The fast path of a repeated question: the reply's bytes by the query's bytes past its id,
+        # kept at most WIRE_CACHE_SECONDS (TTLs are counted down in whole seconds anyway), so a
+        # cached lookup costs a dict lookup and no DNS parsing at all.
+        self._wire: dict[bytes, tuple[float, bytes]] = {}
+
+    def forget(self) -> None:
+        """Empty every cache (the benchmark's cold lookups)."""
+        self._cache.clear()
+        self._wire.clear()
 
     # --- entry point ---------------------------------------------------------------------------
     async def answer(self, wire: bytes) -> bytes | None:
+        hit = self._wire.get(wire[2:]) if len(wire) > 12 else None
+        if hit is not None and hit[0] > time.monotonic():
+            self.stats["cached"] += 1
+            return wire[:2] + hit[1]
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
@@ -77,13 +94,23 @@ class Resolver:
                 log.warning("cluster DNS failed for %s: %s", name, e)
                 return self._fail(query, dns.rcode.SERVFAIL)
             if found is not None:
-                return found.to_wire()
+                out = found.to_wire()
+                self._remember(wire, found, out)
+                return out
         self.stats["upstream"] += 1
         try:
             return await self._upstream(wire)
         except TpenvError as e:
             log.warning("upstream DNS failed for %s: %s", name, e)
             return self._fail(query, dns.rcode.SERVFAIL)
+
+    def _remember(self, wire: bytes, reply: dns.message.Message, out: bytes) -> None:
+        ttls = [r.ttl for section in (reply.answer, reply.authority) for r in section]
+        if not ttls or min(ttls) < 1:
+            return  # nothing to count down from, or expiring now: never replayed
+        if len(self._wire) >= WIRE_CACHE_MAX:
+            self._wire.clear()  # bounded; refilled by the next questions
+        self._wire[wire[2:]] = (time.monotonic() + min(WIRE_CACHE_SECONDS, min(ttls)), out[2:])
 
     # --- cluster -------------------------------------------------------------------------------
     async def _from_cluster(self, query: dns.message.Message, candidates: list[str]) -> dns.message.Message | None:

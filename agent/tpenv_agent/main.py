@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Callable
 
-USAGE = "usage: tpenv-agent {sidecar|manager|init} [options]  (tpenv-agent ROLE --help for options)"
+USAGE = "usage: tpenv-agent {sidecar|manager|init|pause} [options]  (tpenv-agent ROLE --help for options)"
 # The sidecar's event loop: "auto" (uvloop when importable, else asyncio's), "uvloop" (the same,
 # and the fallback is a warning too) or "asyncio". uvloop's C loop and transports cut the agent's
 # CPU per passthrough request by about a quarter (0.72 x locally; docs/performance.md, issue 4).
@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if role == "init":
         from .redirect import main as init_main
         return init_main(rest)
+    if role == "pause":
+        # Replace mode's stand-in for the app container (replace.py): holds its place (name,
+        # ports, volumes) and runs nothing until the pod is stopped.
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while True:
+            signal.pause()
     if role == "manager":
         # Built separately (manager.py); the sidecar must run without it.
         try:

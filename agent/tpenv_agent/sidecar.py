@@ -22,6 +22,7 @@ from .health import HealthServer
 from .identity import ApiServer
 from .listener import PortListener
 from .registry import PortSpec, Registry
+from .restorer import Restorer
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -61,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-server", default=None,
                    help="the API server's URL, to verify sessions' users (default: the in-cluster one)")
     p.add_argument("--api-ca", default=None, help="its CA file (default: the pod's service-account ca.crt)")
+    p.add_argument("--restore", default=None, metavar="DIR",
+                   help="replace mode: the restore Secret's directory; the agent restores the workload itself "
+                        "when its intercepts end and nobody takes them again (restorer.py)")
+    p.add_argument("--restore-grace", type=float, default=20.0,
+                   help="seconds without any intercept before --restore applies")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -89,6 +95,9 @@ class Sidecar:
         self._ssh: Any = None
         self._health: HealthServer | None = None
         self._closed = asyncio.Event()
+        self.restorer: Restorer | None = None
+        if args.restore:
+            self.restorer = Restorer(self.registry, args.restore, grace=args.restore_grace)
 
     async def __aenter__(self) -> "Sidecar":
         await self.start()
@@ -118,6 +127,8 @@ class Sidecar:
         self.registry.ports[:] = specs
         self._ssh = await sshd.start(self, *self.args.ssh, self.args.auth_dir)
         ssh_port = self._ssh.sockets[0].getsockname()[1]
+        if self.restorer is not None:
+            self.restorer.start()
         self.ready.set()
         self.log.info("ready: %d listener(s), ssh and health up", len(bound))
         return {"ready": True, "ssh": ssh_port, "health": health_port, "listeners": bound}
@@ -144,6 +155,8 @@ class Sidecar:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self.restorer is not None:
+            self.restorer.close()
         for lst in self._listeners:
             lst.close()
         if self._ssh is not None:
@@ -153,6 +166,8 @@ class Sidecar:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+        if self.restorer is not None:
+            await self.restorer.wait_closed()
         for lst in self._listeners:
             await lst.wait_closed()
         if self._ssh is not None:

@@ -404,11 +404,16 @@ class Intercept(BaseModel):
         "HTTP rules selecting the requests to intercept; 'all': every TCP connection, even in team mode; "
         f"absent: every TCP connection, or only requests with your personal header ({PERSONAL_HEADER}) when "
         "the cluster's manager runs in team mode."))
-    mode: Literal["intercept", "mirror"] = Field("intercept", description=(
+    mode: Literal["intercept", "mirror", "replace"] = Field("intercept", description=(
         "intercept: the matched traffic goes to this machine instead of the app; mirror: the app in the "
         "cluster keeps answering every request and this machine gets a copy of each matched HTTP/1.x request, "
         "its answers discarded (Telepresence's wiretap); a slow or stopped handler never slows the app, "
-        "copies it cannot take are dropped and counted in `tpenv status`."))
+        "copies it cannot take are dropped and counted in `tpenv status`; replace (Telepresence's replace): the "
+        "app container stops running in the cluster while the intercept lasts (a queue consumer or cron in it "
+        "no longer competes), every one of its TCP ports comes to this machine (the intercepted one to the "
+        "local port, the others to the same port number here), and it comes back as it was on leave, Ctrl-C, "
+        "or, by its agent, when this machine is gone (kill -9); needs the in-pod redirect, no `match`, and "
+        "no other session's intercept on the workload."))
     force: bool = Field(False, description=(
         "Take the intercept over from another user: end their intercept that holds this port for all TCP "
         "(or has this intercept's id). The agent allows it only to a user the cluster lets force "
@@ -419,6 +424,15 @@ class Intercept(BaseModel):
         MountSpec.__doc__ + " Not given: mounted where sshfs and FUSE are, else left out with a note saying how "
         "to get them; given, a mount that cannot be made is an error."))
     run: RunSpec | None = Field(None, description="The handler process; absent: run it yourself.")
+
+    @model_validator(mode="after")
+    def _replace_takes_all(self) -> "Intercept":
+        # The app stops in replace mode: traffic a rule leaves unmatched would have no one to answer it.
+        if self.mode == "replace" and self.match is not None and self.match != "all":
+            raise _fail("mode replace takes every connection of every port of the app: it cannot have a 'match' "
+                        "rule (the app no longer runs to answer what the rule leaves out)",
+                        "drop 'match', or use mode: intercept for a header rule")
+        return self
 
     @model_validator(mode="after")
     def _default_name(self) -> "Intercept":

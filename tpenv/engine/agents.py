@@ -245,10 +245,14 @@ def _readiness_cause(pods: list[dict[str, Any]]) -> str:
 
 
 async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: float,
-                       progress: Progress) -> Workload:
-    """Until every replica is a ready pod whose agent serves ``port_name`` and no pod without it is
-    left (terminating ones aside); driven by the pod watch, with the stall cause on failure."""
+                       progress: Progress, serves: Callable[[dict[str, Any]], bool] | None = None,
+                       what: str = "with the agent") -> Workload:
+    """Until every replica is a ready pod whose agent serves ``port_name`` (or for which ``serves``
+    holds: replace mode waits for its placeholder, and for its absence on leave) and no pod without
+    it is left (terminating ones aside); driven by the pod watch, with the stall cause on failure."""
     started = time.monotonic()
+    if serves is None:
+        serves = lambda p: pod_serves(p, port_name)  # noqa: E731
     pods: dict[str, dict[str, Any]] = {}
     last_line = ""
 
@@ -258,21 +262,21 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
 
     def done() -> bool:
         live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
-        good = [p for p in live if pod_serves(p, port_name) and pod_is_ready(p)]
-        stale = [p for p in live if not pod_serves(p, port_name)]
+        good = [p for p in live if serves(p) and pod_is_ready(p)]
+        stale = [p for p in live if not serves(p)]
         return len(good) >= replicas() and not stale
 
     def line() -> str:
         live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
-        good = sum(1 for p in live if pod_serves(p, port_name) and pod_is_ready(p))
-        return f"Waiting for {w.ref}: {good}/{replicas()} pods ready with the agent"
+        good = sum(1 for p in live if serves(p) and pod_is_ready(p))
+        return f"Waiting for {w.ref}: {good}/{replicas()} pods ready {what}"
 
     try:
         async with asyncio.timeout(timeout):
             async with kube.watch(kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
                                   what=What("watch", "pods", w.namespace)) as events:
                 async for kind, pod in tracked(events, pods):
-                    if kind != "DELETED" and pod_serves(pod, port_name) and not pod_is_ready(pod):
+                    if kind != "DELETED" and serves(pod) and not pod_is_ready(pod):
                         cause = _stall_cause(pod, time.monotonic(), started)
                         if cause:
                             raise RolloutStalled(f"the rollout of {w.ref} stalled: {cause}", retry_after=10)
@@ -283,7 +287,7 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
                         last_line = text
                         progress(text)
     except TimeoutError as e:
-        serving = [p for p in pods.values() if pod_serves(p, port_name)]
+        serving = [p for p in pods.values() if serves(p)]
         raise RolloutStalled(f"the rollout of {w.ref} did not finish within {timeout:.0f}s: "
                              f"{_readiness_cause(serving)}") from e
     raise RolloutStalled(f"the pod watch of {w.ref} ended before the rollout finished")

@@ -23,10 +23,11 @@ from tpenv import logs
 from tpenv.config.env import render_env, write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.appenv import merge_app_env, read_app_env
-from tpenv.engine.agents import AgentReady, ensure_agent, pick_service, pod_serves, service_port
+from tpenv.engine.agents import AgentReady, agent_port_name, ensure_agent, pick_service, pod_serves, service_port
 from tpenv.engine.mounts import make_mount, skip_default_mount
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
+from tpenv.engine.replace import Replacement, start_replace
 from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
 from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
 from tpenv.errors import TpenvError, TransientError
@@ -190,6 +191,7 @@ class InterceptRun:
         self.team_default = False
         self.registry = TunnelRegistry()
         self.resolved: Resolved | None = None
+        self.replacement: Replacement | None = None  # replace mode, while in force
         self.material: dict[str, bytes] = {}
         self.rec: Reconciler | None = None
         self._pods: dict[str, dict[str, Any]] = {}
@@ -203,7 +205,8 @@ class InterceptRun:
         """Workload, Service, port; inject the agent when needed (progress lines while rolling out)."""
         ic = self.intercept
         # Team mode matters only without a rule; read alongside the workload, not after it.
-        team = asyncio.ensure_future(team_mode(self.kube)) if ic.match is None else None
+        # Replace takes everything: never the team mode's personal header.
+        team = asyncio.ensure_future(team_mode(self.kube)) if ic.match is None and ic.mode != "replace" else None
         if team is not None:  # its error is raised below; unread if resolving fails first
             team.add_done_callback(lambda t: t.cancelled() or t.exception())
         w = await self.kube.get_workload(ic.workload, self.namespace)
@@ -211,8 +214,17 @@ class InterceptRun:
             self.progress(f"Using {w.kind} {w.name}")  # Telepresence's first line
         service = await pick_service(self.kube, w, ic.service)
         sp = service_port(service, ic.port.remote)
-        agent = await ensure_agent(self.kube, w, service, sp, self.settings, progress=self.progress,
-                                   container=self.container)
+        if ic.mode == "replace":
+            # Not ensure_agent: every app port goes to the agent and the app stops (replace.py).
+            self.replacement = await start_replace(
+                self.kube, w, service, sp, self.settings, session=self.session_id, container=self.container,
+                progress=self.progress or (lambda text: self.log.info("%s", text)))
+            plan = self.replacement.plan
+            agent = AgentReady(self.replacement.workload, service, plan.record, agent_port_name(sp),
+                               plan.record["container"], True)
+        else:
+            agent = await ensure_agent(self.kube, w, service, sp, self.settings, progress=self.progress,
+                                       container=self.container)
         self.material = await ensure_auth_material(self.kube, self.namespace)
         if team is not None:
             on = await team
@@ -231,8 +243,19 @@ class InterceptRun:
     def registration(self) -> Registration:
         assert self.resolved is not None
         match = self.match.wire(self.intercept_id) if self.match else None
+        mode = "intercept" if self.intercept.mode == "replace" else self.intercept.mode
         return Registration(self.intercept.name or "", self.resolved.agent.port_name, match, self.intercept.port.local,
-                            self.intercept.mode, self.intercept.force)
+                            mode, self.intercept.force)
+
+    def registrations(self) -> tuple[Registration, ...]:
+        """The intercept's own; in replace mode also every other port of the app, all TCP, each to
+        the same port number on this machine (as Telepresence's replace does)."""
+        main = self.registration()
+        if self.replacement is None:
+            return (main,)
+        extra = tuple(Registration(f"{main.name}-{e['app_port']}", e["name"], None, int(e["app_port"]))
+                      for e in self.replacement.plan.ports if e["name"] != main.port)
+        return (main, *extra)
 
     def ready_pods(self) -> list[dict[str, Any]]:
         assert self.resolved is not None
@@ -246,7 +269,7 @@ class InterceptRun:
         s = self.settings
         for pod in self.ready_pods():
             spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
-                              pod["metadata"]["uid"], self.session_id, self.material, (self.registration(),),
+                              pod["metadata"]["uid"], self.session_id, self.material, self.registrations(),
                               ssh_port=s.agent.ssh_port, connect_timeout=s.tunnels.connect_timeout,
                               leave_drain=s.tunnels.leave_drain)
             specs[spec.key] = spec
@@ -393,6 +416,10 @@ class InterceptRun:
             "team_mode_default": self.team_default,
             "mode": self.intercept.mode,
             **({"mirror": self.mirror_stats()} if self.intercept.mode == "mirror" else {}),
+            **({"replaced": {"container": self.replacement.plan.record["container"],
+                             "ports": {str(e["app_port"]): self.intercept.port.local if e["name"] == r.agent.port_name
+                                       else int(e["app_port"]) for e in self.replacement.plan.ports}}}
+               if self.replacement is not None and r is not None else {}),
             "pods": [k[2] for k in (self.rec.running if self.rec else {}) if k[0] == "tunnel"],
             "state": "ACTIVE" if self.is_ready() else "WAITING",
         }
@@ -406,6 +433,9 @@ class InterceptRun:
             self._watch_task = None
         if self.rec is not None:
             await self.rec.close()
+        if self.replacement is not None:
+            # After the tunnels left (no new connection goes to this machine): the app comes back.
+            await self.replacement.end(self.progress)
 
     def abort(self) -> None:
         if self.rec is not None:

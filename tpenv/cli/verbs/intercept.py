@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="take the port over from another user's all-TCP intercept, which ends (needs the "
                              "RBAC verb force on intercepts.tpenv.io in the namespace)")
+    parser.add_argument("--replace", action="store_true",
+                        help="the app container stops running in the cluster while the intercept lasts; every one "
+                             "of its ports comes here (Telepresence's replace); it comes back on leave, Ctrl-C, or "
+                             "by itself when this machine is gone")
     parser.add_argument("--env-file", metavar="F", help="write the app's environment to F")
     parser.add_argument("--env-syntax", choices=("docker", "sh", "json", "compose"), default="docker",
                         help="syntax of --env-file (default: docker)")
@@ -89,6 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_intercept(args: argparse.Namespace) -> Intercept:
     """The config model of this intercept, from the flags; UsageError naming the bad flag."""
+    replacing = getattr(args, "replace", False)
+    if replacing and getattr(args, "mirror", False):
+        raise UsageError("--mirror and --replace cannot be combined: --mirror keeps the app answering every "
+                         "request and sends this machine copies, --replace stops the app and sends this machine "
+                         "everything", hint="choose one of them")
+    if replacing and ([h for h in args.http_header if h != "all"] or args.http_path_prefix or args.http_path_equal
+                      or args.http_path_regex):
+        raise UsageError("--replace cannot be combined with --http-header/--http-path-*: the app stops, so "
+                         "requests a rule leaves out would have no one to answer them",
+                         hint="drop the rule, or intercept without --replace")
     headers: dict[str, str] | str | None = None
     if "all" in args.http_header and len(args.http_header) > 1:
         raise UsageError("--http-header all takes every connection: it cannot be combined with other headers")
@@ -129,6 +143,8 @@ def build_intercept(args: argparse.Namespace) -> Intercept:
         data["mode"] = "mirror"
     if getattr(args, "force", False):
         data["force"] = True
+    if replacing:
+        data["mode"] = "replace"
     if args.name:
         data["name"] = args.name
     if args.service:
@@ -144,7 +160,9 @@ def describe_text(d: dict) -> str:
     rows = [("Intercept name", d["name"]), ("State", d["state"]), ("Workload kind", d["workload_kind"]),
             ("Destination", d["destination"]), ("Service Port Identifier", d["service_port"]),
             ("Volume Mount Point", d["mount_point"] or "(none)"),
-            ("Mode", d.get("mode", "intercept") + (" (copies; the app answers)" if d.get("mode") == "mirror" else "")),
+            ("Mode", d.get("mode", "intercept") + {"mirror": " (copies; the app answers)",
+                                                   "replace": " (the app container is stopped; every port here)"}
+             .get(d.get("mode"), "")),
             ("Intercepting", intercepting_text(d["match"]) + (" (team mode default)" if d.get("team_mode_default")
                                                               else ""))]
     width = max(len(k) for k, _ in rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from tpenv_agent.replace import ANN_REPLACE
 from tpenv.engine.agentquery import agent_intercepts, auth_material
 from tpenv.engine.agent_removal import has_agent
 from tpenv.engine.agents import webhook_mode
@@ -61,12 +62,15 @@ async def run(args: argparse.Namespace, ctx) -> int:
                      "agent_installed": agent, "intercepts": [{**ic, **({"local": local[ic["intercept_id"]]}
                                                                        if ic.get("intercept_id") in local else {})}
                                                               for ic in intercepts],
-                     "agent_error": held if isinstance(held, str) else None, "not_injected": refused})
+                     "agent_error": held if isinstance(held, str) else None,
+                     "replaced": ANN_REPLACE in (w.obj["metadata"].get("annotations") or {}), "not_injected": refused})
         if intercepts:
             lines.append(f"{w.name}: intercepted")
             for ic in intercepts:
                 mine = local.get(ic.get("intercept_id"))
                 how = "all TCP" if not ic.get("match") else f"HTTP {ic['match']}"
+                if ANN_REPLACE in (w.obj["metadata"].get("annotations") or {}):
+                    how += ", replace (the app container is stopped in the cluster)"
                 if ic.get("mode") == "mirror":
                     m = ic.get("mirror") or {}
                     how += f", mirror (copies sent {m.get('sent', 0)}, dropped {m.get('dropped', 0)})"

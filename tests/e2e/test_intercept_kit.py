@@ -108,9 +108,10 @@ class Intercepting:
 
 
 class LocalServer:
-    """The developer's handler: answers every GET with ``text`` on 127.0.0.1:<port>."""
+    """The developer's handler: answers every GET with ``text`` on 127.0.0.1:<port> (``port``: 0 for
+    any free one, or a fixed number, e.g. replace mode's same-number ports; taken: a failure saying so)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, port: int = 0) -> None:
         body = text.encode()
 
         class Handler(BaseHTTPRequestHandler):
@@ -123,7 +124,10 @@ class LocalServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        try:
+            self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        except OSError as e:
+            pytest.fail(f"127.0.0.1:{port} is taken on this machine ({e}); the test needs it free", pytrace=False)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -12,11 +12,8 @@ resourceVersion and generation do not move.
 """
 from __future__ import annotations
 
-import json
 import signal
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import threading
 
 import pytest
 
@@ -80,33 +77,6 @@ def all_back(ns: str, before_spec: dict) -> bool:
                for p in pods)
 
 
-class FixedPortServer:
-    """The laptop's handler of the app's second port: the same number here (Telepresence's rule)."""
-
-    def __init__(self, port: int, text: str) -> None:
-        body = text.encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        try:
-            self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        except OSError as e:
-            pytest.fail(f"127.0.0.1:{port} is taken on this machine ({e}); the test needs it free", pytrace=False)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def check_replaced(ns: str, tmp_path, session_marker: str) -> None:
     """While replaced: no app process in any pod, every port of every path to the laptop."""
     pods = live_pods(ns)
@@ -135,7 +105,7 @@ def test_replace_stops_the_app_and_it_comes_back_on_leave_and_after_kill_9(names
     before = settled_template(ns)
     first_pod = live_pods(ns)[0]["metadata"]["name"]
     assert any("tpenv-echo --port 8080" in line for line in app_processes(ns, first_pod))
-    main, second = LocalServer("main port on the laptop"), FixedPortServer(SECOND_PORT, "second port on the laptop")
+    main, second = LocalServer("main port on the laptop"), LocalServer("second port on the laptop", SECOND_PORT)
     try:
         # Stage 1: replace, then leave with Ctrl-C.
         run = Intercepting(tmp_path, "worker", "--port", f"{main.port}:web", "--replace", "--mount", "false",
@@ -213,13 +183,13 @@ def test_replace_refusals_name_the_conflict_and_change_nothing(namespace, tmp_pa
     other_state = tmp_path / "other"
     other_state.mkdir()
     theirs = LocalServer("theirs")
-    other = Intercepting(other_state, "hello", "--port", f"{theirs.port}", "--http-header", "auto",
+    other = Intercepting(other_state, "hello", "--service", "hello", "--port", f"{theirs.port}", "--http-header", "auto",
                          "--mount", "false", "-n", ns)
     try:
         held = other.ready()["id"]
         kubectl("rollout", "status", "deployment/hello", "--timeout=120s", ns=ns, timeout=150)
         unchanged = _version(ns, "deployment", "hello")
-        cp = tpenv(tmp_path, "intercept", "hello", "--name", "mine", "--port", "8080", "--replace",
+        cp = tpenv(tmp_path, "intercept", "hello", "--service", "hello", "--name", "mine", "--port", "8080", "--replace",
                    "--mount", "false", "-n", ns, check=False)
         assert cp.returncode != 0
         line = error_lines(cp)[0]

@@ -25,13 +25,13 @@ import jinja2
 from ruamel.yaml import YAML
 
 from tpenv.engine.agentquery import agent_intercepts, auth_material
-from tpenv.engine.agents import Progress, has_agent, wait_endpoints, wait_rollout, webhook_mode
+from tpenv.engine.agents import Progress, agent_port_name, has_agent, wait_endpoints, wait_rollout, webhook_mode
 from tpenv.engine.injection import MANAGED_BY, inject_settings
 from tpenv.engine.redirect import redirect_choice
-from tpenv.errors import Conflict, NotFound, PermanentError, TpenvError, UpdateConflict, UsageError
+from tpenv.errors import Conflict, NotFound, PermanentError, UpdateConflict, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import _PLURAL, Kube, What, Workload
-from tpenv_agent.inject import ANN_RESTORE, InjectError, _settings, inject
+from tpenv_agent.inject import InjectError, _settings, inject
 from tpenv_agent.replace import ANN_REPLACE, pod_replaced, replace, restore_names
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "replace"
@@ -218,7 +218,7 @@ async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settin
                                progress=progress, serves=lambda p: pod_replaced(p) == session,
                                what="with the app replaced")
         rep.workload = w
-        entry = next(e for e in plan.ports if e["name"] == _port_name(sp))
+        entry = next(e for e in plan.ports if e["name"] == agent_port_name(sp))
         await wait_endpoints(kube, w, service, sp, entry["app_port"], entry["name"], progress=progress)
     except BaseException:
         await rep.end(progress)
@@ -226,11 +226,5 @@ async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settin
     return rep
 
 
-def _port_name(sp: dict) -> str:
-    from tpenv.engine.agents import agent_port_name
-
-    return agent_port_name(sp)
-
-
 __all__ = ["ReplacePlan", "Replacement", "plan_replace", "render_restore", "start_replace", "refuse_if_shared",
-           "remove_restore_right", "ANN_RESTORE", "TpenvError"]
+           "remove_restore_right"]

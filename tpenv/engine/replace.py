@@ -25,12 +25,14 @@ import jinja2
 from ruamel.yaml import YAML
 
 from tpenv.engine.agentquery import agent_intercepts, auth_material
-from tpenv.engine.agents import Progress, agent_port_name, has_agent, wait_endpoints, wait_rollout, webhook_mode
+from tpenv.engine.agent_removal import has_agent
+from tpenv.engine.agents import Progress, agent_port_name, wait_endpoints, wait_rollout, webhook_mode
 from tpenv.engine.injection import MANAGED_BY, inject_settings
 from tpenv.engine.redirect import redirect_choice
 from tpenv.errors import Conflict, NotFound, PermanentError, UpdateConflict, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import _PLURAL, Kube, What, Workload
+from tpenv.settings import Settings
 from tpenv_agent.inject import InjectError, _settings, inject
 from tpenv_agent.replace import ANN_REPLACE, pod_replaced, replace, restore_names
 
@@ -46,7 +48,7 @@ class ReplacePlan:
     ports: list[dict] = field(default_factory=list)  # the record's entries, {name, agent_port, app_port}
 
 
-def plan_replace(workload: dict, service: dict, port: str | int, settings: Any, *, session: str,
+def plan_replace(workload: dict, service: dict, port: str | int, settings: Settings | dict, *, session: str,
                  container: str | None = None, redirect: tuple[bool, str] = (True, "")) -> ReplacePlan:
     """Pure: what to write to replace the app of ``workload`` (Service port ``port`` first)."""
     name = f"{workload.get('kind', 'workload')}/{(workload.get('metadata') or {}).get('name', '?')}"
@@ -101,6 +103,7 @@ class Replacement:
     kube: Kube
     workload: Workload
     plan: ReplacePlan
+    rollout_timeout: float  # settings.kube.rollout_timeout, for the rollout back
     ended: bool = False
 
     async def end(self, progress: Progress | None = None) -> None:
@@ -117,7 +120,7 @@ class Replacement:
             # The patch's `test` failed: the agent restored it already (the client was away too long).
             say(f"{w.ref} was already restored")
         try:
-            await wait_rollout(self.kube, w, "", timeout=180.0, progress=say,
+            await wait_rollout(self.kube, w, "", timeout=self.rollout_timeout, progress=say,
                                serves=lambda p: pod_replaced(p) is None, what="with the app back")
         finally:
             await remove_restore_right(self.kube, w)
@@ -149,12 +152,12 @@ async def _create_or_replace(kube: Kube, doc: dict) -> dict:
     return await kube.call(getattr(group, f"create_namespaced_{snake}"), ns, doc, what=What("create", plural, ns, name))
 
 
-async def refuse_if_shared(kube: Kube, w: Workload, settings: Any) -> None:
+async def refuse_if_shared(kube: Kube, w: Workload, settings: Settings) -> None:
     """Replace stops the app for everyone: refused while the pods run other tpenv intercepts."""
     if not has_agent(w.obj):
         return
     material = await auth_material(kube, w.namespace)
-    port = settings.agent.ssh_port if settings is not None else 7922
+    port = settings.agent.ssh_port
     held = await agent_intercepts(kube, w, material, port)
     if isinstance(held, str):
         raise PermanentError(f"cannot replace the app of {w.ref}: cannot tell whether its pods run other "
@@ -167,7 +170,7 @@ async def refuse_if_shared(kube: Kube, w: Workload, settings: Any) -> None:
                        hint="ask them to leave first (tpenv leave NAME), or intercept without --replace")
 
 
-async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settings: Any, *, session: str,
+async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settings: Settings, *, session: str,
                         container: str | None, progress: Progress) -> Replacement:
     """Refuse, or replace the app of ``w`` and wait until every pod runs the placeholder."""
     if webhook_mode(w):
@@ -211,10 +214,9 @@ async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settin
     except BaseException:
         await remove_restore_right(kube, w)
         raise
-    rep = Replacement(kube, w, plan)
+    rep = Replacement(kube, w, plan, float(settings.kube.rollout_timeout))
     try:
-        w = await wait_rollout(kube, w, "", timeout=float(getattr(getattr(settings, "kube", None),
-                                                                    "rollout_timeout", 120.0)),
+        w = await wait_rollout(kube, w, "", timeout=rep.rollout_timeout,
                                progress=progress, serves=lambda p: pod_replaced(p) == session,
                                what="with the app replaced")
         rep.workload = w

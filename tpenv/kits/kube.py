@@ -20,9 +20,8 @@ import asyncio
 import json
 import logging
 import ssl
-import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import urllib3
 from kubernetes import client as k8s
@@ -32,6 +31,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from tpenv import logs
 from tpenv.kits.kuberest import ApiGroup
+from tpenv.kits.kubewatch import Watch, tracked  # noqa: F401 - tracked: the kit's API, used with watch()
 from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UpdateConflict, UsageError
 
 log = logging.getLogger("tpenv.kube")
@@ -180,7 +180,7 @@ class Kube:
         self.discovery = ApiGroup(self.api, "/apis/discovery.k8s.io/v1")
         self.rbac = ApiGroup(self.api, "/apis/rbac.authorization.k8s.io/v1")
         self.admission = ApiGroup(self.api, "/apis/admissionregistration.k8s.io/v1")
-        self._watches: set[_Watch] = set()
+        self._watches: set[Watch] = set()
         self._closed = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -362,13 +362,13 @@ class Kube:
 
     # -- watches -------------------------------------------------------------------------------
 
-    def watch(self, fn: Callable[..., Any], *args: Any, what: What, **kw: Any) -> "_Watch":
+    def watch(self, fn: Callable[..., Any], *args: Any, what: What, **kw: Any) -> Watch:
         """An async iterator of ``(type, object dict)`` events of a list call's watch.
 
         Use as ``async with kube.watch(...) as events: async for kind, obj in events``. The thread
         re-opens the watch when the server ends it (its timeout) and ends on close().
         """
-        w = _Watch(self, fn, args, kw, what)
+        w = Watch(fn, args, kw, what, wrap=wrap_api_error, on_close=self._watches.discard)
         self._watches.add(w)
         return w
 
@@ -397,105 +397,3 @@ def parse_workload_ref(ref: str) -> tuple[str | None, str]:
         raise UsageError(f"{ref!r} is not a workload I can intercept",
                          hint="use NAME, deployment/NAME, statefulset/NAME or replicaset/NAME")
     return canonical, name
-
-
-async def tracked(events: AsyncIterator[tuple[str, dict[str, Any]]],
-                  into: dict[str, dict[str, Any]]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Watch events, each applied to ``into`` (uid → object) before it is yielded, so the
-    consumer always sees the current set of objects (e.g. a workload's pods) with the event."""
-    async for kind, obj in events:
-        uid = obj["metadata"]["uid"]
-        if kind == "DELETED":
-            into.pop(uid, None)
-        else:
-            into[uid] = obj
-        yield kind, obj
-
-
-_STOP = object()
-
-
-class _Watch:
-    """One watch: a daemon thread reading the chunked response, an asyncio queue to the consumer."""
-
-    def __init__(self, kube: Kube, fn: Callable[..., Any], args: tuple, kw: dict, what: What) -> None:
-        self._kube, self._fn, self._args, self._kw, self._what = kube, fn, args, kw, what
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._stop = threading.Event()
-        self._resp: Any = None
-        # A daemon thread, not to_thread: the default executor would hold asyncio.run's exit.
-        self._thread = threading.Thread(target=self._run, name=f"watch {what}", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is listening any more
-
-    def _run(self) -> None:
-        rv = self._kw.pop("resource_version", None)
-        try:
-            while not self._stop.is_set():
-                resp = self._fn(*self._args, watch=True, resource_version=rv, timeout_seconds=300,
-                                allow_watch_bookmarks=True, _preload_content=False,
-                                _request_timeout=(10, 330), **self._kw)
-                self._resp = resp
-                buf = b""
-                for chunk in resp.stream(65536, decode_content=True):
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        if not line.strip():
-                            continue
-                        ev = json.loads(line)
-                        obj = ev.get("object") or {}
-                        if ev.get("type") == "ERROR":
-                            if obj.get("code") == 410:  # resourceVersion too old: list again from now
-                                rv = None
-                                break
-                            raise ApiException(status=obj.get("code", 500), reason=obj.get("message"))
-                        rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
-                        if ev.get("type") != "BOOKMARK":
-                            self._put((ev["type"], obj))
-                resp.release_conn()
-        except Exception as e:  # noqa: BLE001 - handed to the consumer, wrapped
-            if not self._stop.is_set():
-                wrapped = wrap_api_error(e, self._what)
-                if wrapped is not e:
-                    wrapped.__cause__ = e
-                self._put(wrapped)
-        finally:
-            self._put(_STOP)
-
-    def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        while True:
-            item = await self._queue.get()
-            if item is _STOP:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        resp = self._resp
-        if resp is not None:
-            # Unblocks the thread's read at once instead of at the server's timeout.
-            try:
-                resp.shutdown()
-            except Exception:  # noqa: BLE001 - best effort on an already broken response
-                pass
-        self._kube._watches.discard(self)
-
-    async def __aenter__(self) -> "_Watch":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

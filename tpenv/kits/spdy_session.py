@@ -31,10 +31,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from tpenv.errors import ClusterUnreachable, TunnelDropped
-from tpenv.kits.spdy_frames import (DATA, DEFAULT_WINDOW, GOAWAY, HEADERS, PING, PROTOCOL_ERROR, REFUSED_STREAM,
-                                    RST_STATUS_NAMES, RST_STREAM, SETTINGS, SETTINGS_INITIAL_WINDOW_SIZE,
-                                    SYN_REPLY, SYN_STREAM, WINDOW_UPDATE, Frame, FrameParser, HeaderCompressor,
-                                    SpdyProtocolError, encode, encode_data)
+from tpenv.kits.spdy_frames import (DEFAULT_WINDOW, GOAWAY, PING, PROTOCOL_ERROR, RST_STREAM, SYN_STREAM, WINDOW_UPDATE,
+                                    Frame, FrameParser, HeaderCompressor, SpdyProtocolError, encode, encode_data)
+from tpenv.kits.spdy_dispatch import FrameDispatch
 from tpenv.kits.spdy_keepalive import Keepalive
 from tpenv.kits.spdy_stream import SpdyStream, StreamOwner, quiet_future
 from tpenv.kits.spdy_upgrade import UpgradeAnswer, refusal, upgrade_request
@@ -51,7 +50,7 @@ _PING_TIMEOUT = 15.0
 _CLOSE_LINGER = 30.0  # after our FIN, how long a stream waits for the peer's before it is reset
 
 
-class SpdySession(asyncio.Protocol):
+class SpdySession(FrameDispatch, asyncio.Protocol):
     """A client SPDY/3.1 session on one upgraded HTTP/1.1 connection (see the module doc)."""
 
     def __init__(self, *, name: str = "spdy", idle_timeout: float | None = 10.0,
@@ -244,80 +243,6 @@ class SpdySession(asyncio.Protocol):
             if s.id in self.streams and s not in self._ready:
                 self._ready.append(s)
         self._pump()
-
-    def _dispatch(self, f: Frame) -> None:
-        k = f.kind
-        if k == DATA:
-            self.recv_window -= len(f.data)
-            s = self.streams.get(f.stream_id)
-            if s is None or s.reset:
-                self._session_consumed(len(f.data))  # late data for a stream we dropped
-                return
-            s.recv_window -= len(f.data)
-            if f.data:
-                s.owner._stream_data(s, f.data)
-            if f.fin:
-                self._remote_fin(s)
-        elif k == SYN_REPLY:
-            s = self.streams.get(f.stream_id)
-            if s is not None and not s.replied.done():
-                s.replied.set_result(None)
-                if s.outbuf or s.fin_pending:
-                    self._schedule(s)
-                if f.fin:
-                    self._remote_fin(s)
-        elif k == HEADERS:
-            s = self.streams.get(f.stream_id)
-            if s is not None and f.fin:
-                self._remote_fin(s)
-        elif k == RST_STREAM:
-            s = self.streams.pop(f.stream_id, None)
-            if s is not None:
-                self._peer_reset(s, RST_STATUS_NAMES.get(f.status, f"status {f.status}"))
-                self._maybe_idle()
-        elif k == SETTINGS:
-            new = f.settings.get(SETTINGS_INITIAL_WINDOW_SIZE)
-            if new is not None:
-                self.peer_flow_control = True
-                delta, self.peer_initial_window = new - self.peer_initial_window, new
-                for s in self.streams.values():
-                    s.send_window += delta
-                self._unblock()
-        elif k == PING:
-            if f.value % 2 == 0:  # the server's ping: echo it
-                self._write(encode(Frame(PING, value=f.value)))
-            else:
-                self.keepalive.answered(f.value)
-        elif k == GOAWAY:
-            self._going_away = True
-            log.debug("[spdy/%s] GOAWAY from the server (last good stream %d, status %d)",
-                      self.name, f.value, f.status)
-            for sid in [sid for sid in self.streams if sid > f.value]:
-                self._peer_reset(self.streams.pop(sid), "the server is going away (GOAWAY)")
-            self._maybe_idle()
-        elif k == WINDOW_UPDATE:
-            self.peer_flow_control = True
-            if f.stream_id == 0:
-                self.send_window += f.value
-            elif (s := self.streams.get(f.stream_id)) is not None:
-                s.send_window += f.value
-            # else: a late update for a finished stream; ignored (draft 3, 2.6.8)
-            self._unblock()
-        elif k == SYN_STREAM:  # a server push has no use in port-forward
-            self._write(encode(Frame(RST_STREAM, f.stream_id, status=REFUSED_STREAM)))
-
-    def _peer_reset(self, s: SpdyStream, why: str) -> None:
-        s.mark_reset()
-        if not s.replied.done():
-            s.replied.set_exception(TunnelDropped(f"port-forward {self.name}: stream refused ({why})"))
-        s.owner._stream_reset(s, why)
-
-    def _remote_fin(self, s: SpdyStream) -> None:
-        if s.remote_closed:
-            return
-        s.remote_closed = True
-        s.owner._stream_fin(s)
-        self._maybe_forget(s)
 
     def _maybe_forget(self, s: SpdyStream) -> None:
         if s.done:

@@ -28,7 +28,6 @@ import logging
 import os
 import posixpath
 import shutil
-import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -40,6 +39,7 @@ from tpenv.engine.units import State, UnitState
 from tpenv.errors import TransientError, TunnelDropped, UsageError
 from tpenv.kits import treesync as ts
 from tpenv.kits.treesync import DIR, FILE, LINK, Entry
+from tpenv.engine.syncscan import RemoteTree
 from tpenv.settings import Settings
 
 log = logging.getLogger("tpenv.syncmount")
@@ -77,6 +77,7 @@ class SyncMount:
         self.path: Path | None = None
         self._created_tmp = False
         self._client: Any = None
+        self._remote: RemoteTree | None = None  # the pod's side, once the SFTP session is open
         self._state = UnitState()
         self._base_local: dict[str, Entry] = {}
         self._base_remote: dict[str, Entry] = {}
@@ -101,6 +102,7 @@ class SyncMount:
         try:
             try:
                 self._client = await self.open_client()
+                self._remote = RemoteTree(self._client, self.roots, name=self.name, warn_once=self._warn_once)
             except (OSError, asyncssh.Error) as e:
                 raise TunnelDropped(f"[mount/{self.name}] the agent refused the sftp session: {e}") from e
             await self._initial_copy()
@@ -250,79 +252,8 @@ class SyncMount:
         return out
 
     async def _scan_remote(self, *, limit: bool = False) -> dict[str, Entry]:
-        """A stat walk of every root, directory by directory (each level's directories at once)."""
-        out: dict[str, Entry] = {}
-        total = 0
-        level: list[str] = []
-        for root in self.roots:
-            try:
-                attrs = await self._client.lstat("/" + root)
-            except asyncssh.SFTPNoSuchFile:
-                continue
-            if stat.S_ISDIR(attrs.permissions or 0):
-                out[root] = Entry.dir(attrs.permissions)
-                level.append(root)
-        while level:
-            listings = await asyncio.gather(*(self._list_dir(d) for d in level))
-            level = []
-            for rel_dir, names in listings:
-                for name, attrs in names:
-                    rel = f"{rel_dir}/{name}"
-                    entry = await self._remote_entry(rel, attrs)
-                    if entry is None:
-                        continue
-                    out[rel] = entry
-                    total += entry.size
-                    if entry.kind == DIR:
-                        level.append(rel)
-            if limit:
-                self._check_limits(len(out), total)
-        return out
-
-    async def _list_dir(self, rel_dir: str) -> tuple[str, list[tuple[str, Any]]]:
-        names: list[tuple[str, Any]] = []
-        try:
-            async for n in self._client.scandir("/" + rel_dir):
-                name = n.filename if isinstance(n.filename, str) else n.filename.decode()
-                if name in (".", "..") or name.startswith(ts.TEMP_PREFIX):
-                    continue
-                names.append((name, n.attrs))
-        except asyncssh.SFTPNoSuchFile:
-            pass  # removed while we walked
-        return rel_dir, names
-
-    async def _remote_entry(self, rel: str, attrs: Any) -> Entry | None:
-        mode = attrs.permissions or 0
-        if stat.S_ISDIR(mode):
-            return Entry.dir(mode)
-        if stat.S_ISREG(mode):
-            return Entry.file(mode, attrs.size or 0, attrs.mtime or 0)
-        if stat.S_ISLNK(mode):
-            return await self._remote_link(rel)
-        return None
-
-    async def _remote_link(self, rel: str) -> Entry | None:
-        root = next(r for r in self.roots if rel == r or rel.startswith(r + "/"))
-        try:
-            resolved = (await self._client.realpath("/" + rel)).lstrip("/")
-        except asyncssh.SFTPError:
-            resolved = None  # the server refuses links leading out of its root
-        if resolved is None or not (resolved == root or resolved.startswith(root + "/")):
-            self._warn_once(rel, "[mount/%s] not synced: symlink %s leads out of its volume", self.name, "/" + rel)
-            return None
-        return Entry.link(posixpath.relpath(resolved, posixpath.dirname(rel)))
-
-    def _check_limits(self, files: int, size: int) -> None:
-        if files > self.limits.max_files:
-            raise UsageError(f"[mount/{self.name}] the volumes hold more than {self.limits.max_files} files and "
-                             "directories: too many to copy in sync mode",
-                             hint="raise TPENV_MOUNTS_SYNC_MAX_FILES, or use sshfs (--mount-mode sshfs), "
-                                  "or --mount false")
-        if size > self.limits.max_bytes:
-            raise UsageError(f"[mount/{self.name}] the volumes hold more than {self.limits.max_bytes} bytes: "
-                             "too much to copy in sync mode",
-                             hint="raise TPENV_MOUNTS_SYNC_MAX_BYTES, or use sshfs (--mount-mode sshfs), "
-                                  "or --mount false")
+        assert self._remote is not None
+        return await self._remote.scan(self.limits if limit else None)
 
     # -- carrying out a plan ----------------------------------------------------------------------
 
@@ -386,7 +317,8 @@ class SyncMount:
             attrs = await self._client.lstat("/" + rel)
         except asyncssh.SFTPNoSuchFile:
             return None
-        return await self._remote_entry(rel, attrs)
+        assert self._remote is not None
+        return await self._remote.entry(rel, attrs)
 
     async def _pull(self, e: Entry, lpath: Path, rpath: str) -> None:
         lpath.parent.mkdir(parents=True, exist_ok=True)

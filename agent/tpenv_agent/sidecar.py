@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from . import envreport
+from .agentspec import SSH_HOST, SSH_PORT
 from . import log as logs
 from . import sshd
 from .health import HealthServer
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--container", default="app", help="the app container's name")
     p.add_argument("--listen", action="append", default=[], type=PortSpec.parse,
                    metavar="AGENT_PORT:APP_PORT[:NAME]", help="one per intercepted port")
-    p.add_argument("--ssh", type=_hostport, default=("127.0.0.1", 7922), metavar="HOST:PORT")
+    p.add_argument("--ssh", type=_hostport, default=(SSH_HOST, SSH_PORT), metavar="HOST:PORT")
     p.add_argument("--health", type=_hostport, default=None, metavar="HOST:PORT")
     p.add_argument("--auth-dir", default="/tpenv/auth")
     p.add_argument("--mounts", default="/tpenv/mounts")

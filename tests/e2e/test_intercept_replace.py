@@ -141,6 +141,14 @@ def test_replace_stops_the_app_and_it_comes_back_on_leave_and_after_kill_9(names
         assert curl(ns, f"http://worker.{ns}/").startswith("{")  # the app's own JSON answer
         # The agent deleted the Secret holding its token (which revokes the token).
         assert kubectl("get", "secret", "tpenv-restore-worker", ns=ns, check=False).returncode != 0
+        # What the agent may not delete (its ServiceAccount, Role, RoleBinding) stays, inert (no token
+        # exists); `tpenv uninstall --agent` takes it away.
+        kinds = "serviceaccount/tpenv-restore-worker,role/tpenv-restore-worker,rolebinding/tpenv-restore-worker"
+        assert kubectl("get", kinds, ns=ns, check=False).returncode == 0
+        tpenv(tmp_path, "uninstall", "--agent", "worker", "-n", ns)
+        assert "tpenv-restore-worker" not in kubectl("get", "serviceaccounts,roles,rolebindings", "-o", "name",
+                                                     ns=ns).stdout
+        assert kubectl_json("get", "deployment", "worker", ns=ns)["spec"] == before
     finally:
         main.close()
         second.close()

@@ -37,6 +37,7 @@ from tpenv_agent.inject import InjectError, _settings, inject
 from tpenv_agent.replace import ANN_REPLACE, pod_replaced, replace, restore_names
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "replace"
+REPLACE_OF = "tpenv.io/replace-of"  # label of the restore right's objects: the workload's name
 TOKEN_SECONDS = 7 * 24 * 3600  # the API server may shorten it; bound to the Secret, revoked with it
 
 
@@ -81,7 +82,7 @@ def render_restore(namespace: str, w: Workload, restore: dict, ca: str) -> list[
                              autoescape=False, keep_trailing_newline=True)
     text = env.get_template("restore.yaml.j2").render(
         name=restore_names(w.name), namespace=namespace, workload=w.name, plural=_PLURAL[w.kind],
-        labels={**MANAGED_BY, "tpenv.io/replace-of": w.name}, restore=restore, ca=ca)
+        labels={**MANAGED_BY, REPLACE_OF: w.name}, restore=restore, ca=ca)
     return [d for d in YAML(typ="safe", pure=True).load_all(text) if d]
 
 
@@ -128,14 +129,38 @@ class Replacement:
 
 async def remove_restore_right(kube: Kube, w: Workload) -> None:
     name, ns = restore_names(w.name), w.namespace
-    for fn, plural in ((kube.core.delete_namespaced_secret, "secrets"),
-                       (kube.rbac.delete_namespaced_role_binding, "rolebindings"),
-                       (kube.rbac.delete_namespaced_role, "roles"),
-                       (kube.core.delete_namespaced_service_account, "serviceaccounts")):
+    for group, snake, plural in RESTORE_KINDS:
         try:
-            await kube.call(fn, name, ns, what=What("delete", plural, ns, name))
+            await kube.call(getattr(getattr(kube, group), f"delete_namespaced_{snake}"), name, ns,
+                            what=What("delete", plural, ns, name))
         except NotFound:
             pass
+
+
+async def undo_replace(kube: Kube, w: Workload) -> Workload:
+    """``uninstall``: a workload still replaced (its client gone, its agent not restored yet, e.g.
+    its pods never became ready) is restored from its Secret's patch first; returned as it now is."""
+    if ANN_REPLACE not in (w.obj["metadata"].get("annotations") or {}):
+        return w
+    name = restore_names(w.name)
+    try:
+        secret = await kube.call(kube.core.read_namespaced_secret, name, w.namespace,
+                                 what=What("get", "secrets", w.namespace, name))
+        spec = json.loads(base64.b64decode(secret["data"]["restore.json"]))
+    except (NotFound, KeyError, ValueError) as e:
+        raise PermanentError(f"{w.ref} is replaced but its restore Secret {name} is gone or unreadable",
+                             hint=f"restore its pod template by hand (kubectl rollout undo {w.ref} -n {w.namespace})"
+                             ) from e
+    try:
+        await kube.call(kube._patcher(w.kind), w.name, w.namespace, spec["patch"],
+                        what=What("patch", _PLURAL[w.kind], w.namespace, w.name))
+    except (UpdateConflict, UsageError):
+        pass  # restored meanwhile (its `test` failed)
+    return await kube.reload(w)
+
+
+RESTORE_KINDS = (("core", "secret", "secrets"), ("rbac", "role_binding", "rolebindings"),
+                 ("rbac", "role", "roles"), ("core", "service_account", "serviceaccounts"))
 
 
 async def _create_or_replace(kube: Kube, doc: dict) -> dict:
@@ -229,4 +254,4 @@ async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settin
 
 
 __all__ = ["ReplacePlan", "Replacement", "plan_replace", "render_restore", "start_replace", "refuse_if_shared",
-           "remove_restore_right"]
+           "remove_restore_right", "undo_replace"]

@@ -14,6 +14,7 @@ import sys
 
 from tpenv.engine.agent_removal import (injected_workloads, prune_agent_history, remove_agent, revisions_in_use,
                                         wait_agent_gone)
+from tpenv.engine.replace import remove_restore_right, undo_replace
 from tpenv.engine.strayports import find_stray_services, repair_stray
 from tpenv.errors import NotFound
 from tpenv.kits.kube import Kube, What
@@ -48,6 +49,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
         restored = []
         for w in workloads:
             try:
+                w = await undo_replace(kube, w)  # a replaced app first comes back from its restore patch
+                await remove_restore_right(kube, w)
                 if await remove_agent(kube, w, progress=say):
                     done["workloads"].append(f"{w.namespace}/{w.ref}")
                 restored.append(w)

@@ -143,8 +143,8 @@ def test_replace_stops_the_app_and_it_comes_back_on_leave_and_after_kill_9(names
         assert kubectl("get", "secret", "tpenv-restore-worker", ns=ns, check=False).returncode != 0
         # What the agent may not delete (its ServiceAccount, Role, RoleBinding) stays, inert (no token
         # exists); `tpenv uninstall --agent` takes it away.
-        kinds = "serviceaccount/tpenv-restore-worker,role/tpenv-restore-worker,rolebinding/tpenv-restore-worker"
-        assert kubectl("get", kinds, ns=ns, check=False).returncode == 0
+        kinds = [f"{kind}/tpenv-restore-worker" for kind in ("serviceaccount", "role", "rolebinding")]
+        assert kubectl("get", *kinds, ns=ns, check=False).returncode == 0
         tpenv(tmp_path, "uninstall", "--agent", "worker", "-n", ns)
         assert "tpenv-restore-worker" not in kubectl("get", "serviceaccounts,roles,rolebindings", "-o", "name",
                                                      ns=ns).stdout

@@ -16,7 +16,7 @@ from tpenv.engine.agent_removal import (injected_workloads, prune_agent_history,
                                         wait_agent_gone)
 from tpenv.engine.replace import remove_restore_right, undo_replace
 from tpenv.engine.strayports import find_stray_services, repair_stray
-from tpenv.errors import NotFound
+from tpenv.errors import Forbidden, NotFound
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, restore
 
@@ -50,7 +50,10 @@ async def run(args: argparse.Namespace, ctx) -> int:
         for w in workloads:
             try:
                 w = await undo_replace(kube, w)  # a replaced app first comes back from its restore patch
-                await remove_restore_right(kube, w)
+                try:
+                    await remove_restore_right(kube, w)
+                except Forbidden:
+                    pass  # who may not delete ServiceAccounts/Roles could not have made a replace's either
                 if await remove_agent(kube, w, progress=say):
                     done["workloads"].append(f"{w.namespace}/{w.ref}")
                 restored.append(w)

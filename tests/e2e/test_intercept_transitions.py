@@ -132,7 +132,9 @@ class Load:
 
 def check_load(records: list[dict], windows: list[tuple[float, float, str]], what: str) -> list[float]:
     """Every request answered 200; in each window (ready, left, value) the first request sent with
-    ``value`` after ready reached the laptop. Returns how long after ready those were sent."""
+    ``value`` after ready reached the laptop, and every request sent in the window went where the
+    rule in force sends it (``value``: the laptop; another value or none: the app). Returns how
+    long after ready those first requests were sent."""
     failed = [r for r in records if r.get("s") != 200]
     span = windows[-1][1] - windows[0][0]
     assert len(records) > 40 * span, f"too few requests: {len(records)} in {span:.0f}s"
@@ -148,6 +150,10 @@ def check_load(records: list[dict], windows: list[tuple[float, float, str]], wha
         delays.append(first["t"] - ready)
         if first["who"] != "laptop":
             missed.append((ready, first))
+    # The whole window, not only its first request: the rule in force, and only it, decides.
+    misrouted = [(ready, r) for ready, left, value in windows for r in records
+                 if ready < r["t"] < left - MARGIN and r["who"] != ("laptop" if r["h"] == value else "app")]
+    assert not misrouted, f"{len(misrouted)} requests sent while a rule held went elsewhere: {misrouted[:5]}"
     assert checked >= 0.9 * len(windows), f"only {checked} of {len(windows)} {what}s saw a matched request: " \
                                           f"the load is too thin"
     assert not missed, f"{len(missed)} of {checked} {what}s: the first request after ready went to the app: " \

@@ -93,6 +93,11 @@ def test_wordpress_and_mariadb_on_provisioned_volumes(app_images_imported, names
     page = _curl(ns, "--fail", "http://wordpress/")
     assert re.search(r"<title>[^<]*" + re.escape(title), page), page[:2000]
 
+    # The volume holds the theme's files, not a link into the image (a laptop mounting it needs them).
+    pod = kubectl_json("get", "pods", "-l", "app=wordpress", ns=ns)["items"][0]["metadata"]["name"]
+    kubectl("exec", pod, "--", "test", "-f", "/var/lib/wordpress/wp-content/themes/twentytwentythree/style.css",
+            "-a", "!", "-L", "/var/lib/wordpress/wp-content/themes/twentytwentythree", ns=ns)
+
     # Stage 4: a file uploaded into wp-content (the claim) is served by Apache.
     pod = kubectl_json("get", "pods", "-l", "app=wordpress", ns=ns)["items"][0]["metadata"]["name"]
     kubectl("exec", pod, "--", "sh", "-c", "mkdir -p /var/lib/wordpress/wp-content/uploads/2026 && "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import images
 import oci
-from images import PATH_ENV, _cached_image, _cached_layer, _hash, _locked, _tool_hash, _tree_hash
+from images import PATH_ENV, _cached_image, _cached_layer, _hash, _locked, _tool_hash
 
 HERE = Path(__file__).resolve().parent
 SOURCES = HERE / "appimages"
@@ -51,10 +51,13 @@ def _finish_wordpress(root: Path) -> None:
 
 # The app layer: files of appimages/<name>/ -> their place in the image. Small and cheap to
 # rebuild: editing an entrypoint does not debootstrap again.
+# WordPress's configuration is the example's wp-config-env.php: one file, read by the pod and by
+# the laptop's WordPress (examples/wordpress/run-local.sh) alike.
+REPO = HERE.parent.parent
 APP_FILES = {
-    "mariadb": {"entrypoint.sh": ("usr/local/bin/tpenv-mariadb", 0o755)},
-    "wordpress": {"entrypoint.sh": ("usr/local/bin/tpenv-wordpress", 0o755),
-                  "config-default.php": ("etc/wordpress/config-default.php", 0o644)},
+    "mariadb": {SOURCES / "mariadb/entrypoint.sh": ("usr/local/bin/tpenv-mariadb", 0o755)},
+    "wordpress": {SOURCES / "wordpress/entrypoint.sh": ("usr/local/bin/tpenv-wordpress", 0o755),
+                  REPO / "examples/wordpress/wp-config-env.php": ("etc/wordpress/config-default.php", 0o644)},
 }
 
 
@@ -70,10 +73,11 @@ def _build(ref: str, packages: list[str], finish, cmd: list[str], port: str, log
 
     def fill(lw) -> None:
         for src, (dest, mode) in sorted(files.items()):
-            lw.add_file(dest, (SOURCES / name / src).read_bytes(), mode)
+            lw.add_file(dest, src.read_bytes(), mode)
 
-    app = _cached_layer(f"layer-{name}-app", _hash(f"{name}-app-v1", *_tree_hash(SOURCES / name), repr(files),
-                                                   _tool_hash()), fill, log)
+    key = [f"{name}-app-v2", *(part for src, (dest, mode) in sorted(files.items())
+                                for part in (dest, str(mode), src.read_bytes())), _tool_hash()]
+    app = _cached_layer(f"layer-{name}-app", _hash(*key), fill, log)
     cfg = oci.image_config([system, app], cmd=cmd, env=[PATH_ENV, "LANG=C.UTF-8"], user=APP_USER,
                            exposed_ports=[port])
     return _cached_image([ref], [system, app], cfg, log, t0)

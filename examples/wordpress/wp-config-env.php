@@ -1,8 +1,8 @@
 <?php
-/* WordPress configured from its environment, as the charts and the official image do: the pod
- * gets these from its Deployment (WORDPRESS_DB_PASSWORD from a Secret); a laptop running this
- * WordPress with the pod's env file gets the same settings, unchanged.
- * Debian's /usr/share/wordpress/wp-config.php loads this file (no per-host config exists). */
+/* WordPress configured from its environment, as the charts and the official image do. One file
+ * for both sides: the pod's image installs it as /etc/wordpress/config-default.php (Debian's
+ * wp-config.php loads it), run-local.sh as the laptop's wp-config; the pod gets the variables from
+ * its Deployment (WORDPRESS_DB_PASSWORD from a Secret), the laptop the same ones from tpenv. */
 function tpenv_env($name, $default = null) {
     $v = getenv($name);
     return ($v === false || $v === '') ? $default : $v;

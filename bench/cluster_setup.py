@@ -15,6 +15,31 @@ from tests.kit.kubectl import kubectl_binary
 
 SERVER = (BENCH / "server.py").read_text()
 
+# The ports of the app pod. APP_PORT is the one bench-app targets, the one tpenv intercepts: the
+# in-pod redirect (tpenv-init's PREROUTING rule) sends everything arriving there to the agent, even
+# through another Service. So the baseline (a) dials DIRECT_PORT, the same server on a second
+# port nothing redirects, and the compiled-proxy peer (e) dials HAPROXY_PORT: HAProxy in a sidecar
+# of the same pod, a plain TCP proxy to 127.0.0.1:APP_PORT, exactly the agent's hop.
+APP_PORT, DIRECT_PORT, HAPROXY_PORT = 8080, 8081, 8082
+
+# One thread, like the agent's one event loop: the pair compares two single-threaded userspace
+# proxies on this hardware, whatever the core count. TCP mode: bytes relayed, no parsing. maxconn
+# within the container's file limit (two descriptors a connection; it cannot raise it unprivileged).
+HAPROXY_CFG = f"""global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend bench
+    bind :{HAPROXY_PORT}
+    default_backend app
+backend app
+    server app 127.0.0.1:{APP_PORT}
+"""
+
 
 def kubectl(*args: str, ns: str | None = None, input: str | None = None, timeout: float = 120,
             check: bool = True) -> subprocess.CompletedProcess:
@@ -33,24 +58,33 @@ def manifests(ns: str) -> list[dict]:
     labels = {"app": "bench-app"}
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bench-server"},
-         "data": {"server.py": SERVER}},
+         "data": {"server.py": SERVER, "haproxy.cfg": HAPROXY_CFG}},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bench-app", "labels": labels},
          "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
              "metadata": {"labels": labels},
              "spec": {"terminationGracePeriodSeconds": 2, "containers": [{
                  "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
                  "command": ["python3", "/bench/server.py"],
-                 "env": [{"name": "PORT", "value": "8080"}, {"name": "BENCH_SIDE", "value": "cluster"}],
-                 "ports": [{"containerPort": 8080}],
-                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                 "env": [{"name": "PORT", "value": f"{APP_PORT},{DIRECT_PORT}"},
+                         {"name": "BENCH_SIDE", "value": "cluster"}],
+                 # Only the intercepted port is declared: the other two are the bench's own paths.
+                 "ports": [{"containerPort": APP_PORT}],
+                 "readinessProbe": {"tcpSocket": {"port": APP_PORT}, "periodSeconds": 1},
                  "volumeMounts": [{"name": "server", "mountPath": "/bench", "readOnly": True},
-                                  {"name": "data", "mountPath": "/data"}]}],
+                                  {"name": "data", "mountPath": "/data"}]}, {
+                 "name": "haproxy", "image": "tpenv/haproxy:dev", "imagePullPolicy": "Never",
+                 "args": ["-f", "/bench/haproxy.cfg"],
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                     "allowPrivilegeEscalation": False},
+                 "volumeMounts": [{"name": "server", "mountPath": "/bench", "readOnly": True}]}],
                  "volumes": [{"name": "server", "configMap": {"name": "bench-server"}},
                              {"name": "data", "emptyDir": {}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-app"},
-         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": APP_PORT}]}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-direct"},
-         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": DIRECT_PORT}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-haproxy"},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": HAPROXY_PORT}]}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bench-client"},
          "spec": {"terminationGracePeriodSeconds": 0, "activeDeadlineSeconds": 3600, "containers": [{
              "name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",

@@ -60,6 +60,7 @@ class Conn:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.sides: dict[str, int] = {}  # X-Bench-Side of the answers: "cluster" (the app) or "laptop"
+        self.hops: dict[str, int] = {}  # X-Bench-Hop: "direct" (from the caller) or "proxy" (from loopback)
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
@@ -94,6 +95,9 @@ class Conn:
             elif low == b"x-bench-side: c" or low == b"x-bench-side: l" or low == b"x-bench-side: h":
                 side = line[13:].strip().decode()
                 self.sides[side] = self.sides.get(side, 0) + 1
+            elif low[:13] == b"x-bench-hop: ":
+                hop = line[13:].strip().decode()
+                self.hops[hop] = self.hops.get(hop, 0) + 1
         if length is None:
             raise ConnectionError(f"answer without Content-Length (status {status})")
         got = 0
@@ -153,7 +157,7 @@ async def t_latency(t: dict) -> dict:
         except Exception as e:  # noqa: BLE001
             out["idle_ms"] = None
             out["idle_error"] = str(e)
-    out["answered_by"] = conn.sides
+    out["answered_by"], out["hops"] = conn.sides, conn.hops
     conn.close()
     return out
 
@@ -180,11 +184,14 @@ async def t_conc(t: dict) -> dict:
                            for i, c in enumerate(conns)))
     took = time.perf_counter() - t0
     sides: dict[str, int] = {}
+    hops: dict[str, int] = {}
     for c in conns:
         c.close()
         for k, v in c.sides.items():
             sides[k] = sides.get(k, 0) + v
-    return {"answered_by": sides, "conns": len(conns), "seconds": t["seconds"], "rate_target": t["rate"], "requests": len(lat),
+        for k, v in c.hops.items():
+            hops[k] = hops.get(k, 0) + v
+    return {"answered_by": sides, "hops": hops, "conns": len(conns), "seconds": t["seconds"], "rate_target": t["rate"], "requests": len(lat),
             "errors": len(errs) + len(connect_errs), "connect_errors": len(connect_errs),
             "error_samples": (connect_errs + errs)[:5], "rps": len(lat) / took, **summary(lat)}
 
@@ -270,7 +277,7 @@ async def t_bulk(t: dict) -> dict:
             await c.request("POST", "/", body=t["bytes"])
     took = time.perf_counter() - s
     c.close()
-    return {"answered_by": c.sides, "bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
+    return {"answered_by": c.sides, "hops": c.hops, "bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
 
 
 async def t_hol(t: dict) -> dict:

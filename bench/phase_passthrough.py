@@ -1,14 +1,19 @@
 """Issue 4's passthrough cost: the same in-cluster requests to the app directly ((a), Service
-bench-direct) and through the agent in passthrough ((d), Service bench-app), interleaved in rounds so
-both sides share the machine's mood; latency, closed-loop throughput (wrk, then the Python client) with
-the CPU per request, bulk, the agent's CPU per GB, concurrency and gRPC."""
+bench-direct, a port nothing redirects), through the agent in passthrough ((d), Service bench-app)
+and through HAProxy in the agent's place ((e), Service bench-haproxy: a plain TCP proxy in a sidecar
+of the same pod, the compiled-proxy peer of issue 13), interleaved in rounds so every side shares the
+machine's mood; latency, closed-loop throughput (wrk, then the Python client) with the CPU per
+request, bulk, the agent's CPU per GB, concurrency and gRPC. Every answer says how it reached the app
+(X-Bench-Hop): a direct row that crossed a proxy, or a proxied one that did not, is not counted.
+Then the agent again with ``--http1-passthrough raw`` (its default, route, parses HTTP/1 per request)
+next to HAProxy, wrk only."""
 from __future__ import annotations
 
 import json
 import statistics
 import time
 
-from bench.cluster_setup import kubectl
+from bench.cluster_setup import kjson, kubectl
 from bench.common import KiB, PathLost, Unavailable
 from bench.meters import ContainerCpu, MachineCpu, Procs, container_pids
 from bench.session import Bench
@@ -18,8 +23,10 @@ def phase_passthrough(bench: Bench) -> None:
     """Issue 4: the same requests to the app directly and through the agent, interleaved in rounds."""
     keys = [("latency", "direct"), ("latency", "passthrough"), ("throughput", "direct_wrk"),
             ("throughput", "passthrough_wrk"), ("throughput", "direct"), ("throughput", "passthrough"),
-            ("bulk", "direct"), ("bulk", "passthrough")]
-    targets = {"direct": bench.direct_ip, "passthrough": bench.app_ip}
+            ("bulk", "direct"), ("bulk", "passthrough"), ("latency", "haproxy"), ("throughput", "haproxy_wrk"),
+            ("throughput", "haproxy"), ("bulk", "haproxy")]
+    targets = {"direct": bench.direct_ip, "passthrough": bench.app_ip, "haproxy": bench.haproxy_ip}
+    hops = {"direct": "direct", "passthrough": "proxy", "haproxy": "proxy"}
     why = bench.agent_missing()
     if why and isinstance(bench.rows.get(("setup", "first_intercept_s")), dict):
         bench.notes.append(f"the agent was gone before the passthrough phase ({why}: another session's "
@@ -54,7 +61,8 @@ def phase_passthrough(bench: Bench) -> None:
     def cpu_meters() -> dict[str, ContainerCpu]:
         """CPU of the app's and the agent's containers (the load generator reports its own)."""
         pod = bench.app_pod()
-        return {"app": ContainerCpu(bench.ns, pod, "app"), "agent": ContainerCpu(bench.ns, pod, "tpenv-agent")}
+        return {"app": ContainerCpu(bench.ns, pod, "app"), "agent": ContainerCpu(bench.ns, pod, "tpenv-agent"),
+                "haproxy": ContainerCpu(bench.ns, pod, "haproxy")}
 
     machine = MachineCpu()
 
@@ -63,7 +71,7 @@ def phase_passthrough(bench: Bench) -> None:
         (and the whole machine's: other sessions' work and the kernel's softirq are in it)."""
         c0 = {k: m.sample() for k, m in (meters or {}).items()}
         m0, t0 = machine.sample(), time.monotonic()
-        r = bench.checked(bench.cluster([task])[0])
+        r = bench.checked(bench.cluster([task])[0])  # (wrk reports no headers; the rounds' tasks check the hop)
         m1, t1 = machine.sample(), time.monotonic()
         cpu = {k: m.sample() - c0[k] for k, m in (meters or {}).items()}
         # The load generator's own CPU comes from the task (the wrk child, or the Python loop),
@@ -134,7 +142,7 @@ def phase_passthrough(bench: Bench) -> None:
                 results = bench.cluster(tasks)
             for r in results:
                 kind, k = r["label"].split(":")
-                bench.checked(r, None if kind == "rps" else "cluster")
+                bench.checked(r, None if kind == "rps" else "cluster", hops[k])
                 {"lat": lat, "rps": rps}.get(kind, bulks)[k].append(r)
         for k in targets:
             samples = [x for r in lat[k] for x in r.pop("samples_ms")]
@@ -160,7 +168,49 @@ def phase_passthrough(bench: Bench) -> None:
                                   "bytes": bench.m["pt_bulk"]})
         same_agent()
 
-    bench.step("(a)/(d) direct vs agent passthrough, interleaved", keys, run, again)
+    bench.step("(a)/(d)/(e) direct vs agent passthrough vs HAProxy, interleaved", keys, run, again)
+
+    def raw() -> None:
+        """The agent restarted with --http1-passthrough raw (splice, no per-request parsing), then
+        the same wrk rounds through it and through HAProxy; the option is taken back afterwards."""
+        nonlocal pod0
+        if why:
+            raise Unavailable(why)
+        dep = kjson("get", "deployment", "bench-app", ns=bench.ns)
+        names = [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]]
+        i = names.index("tpenv-agent")
+        args = dep["spec"]["template"]["spec"]["containers"][i].get("args") or []
+        path = f"/spec/template/spec/containers/{i}/args"
+
+        def patch(ops: list[dict]) -> None:
+            nonlocal pod0
+            kubectl("patch", "deployment", "bench-app", "--type=json", "-p", json.dumps(ops), ns=bench.ns)
+            kubectl("rollout", "status", "deployment/bench-app", "--timeout=180s", ns=bench.ns, timeout=200)
+            pod0 = bench.app_pod()
+
+        patch([{"op": "add", "path": path, "value": [*args, "--http1-passthrough", "raw"]}])
+        try:
+            meters = cpu_meters()
+            runs: dict[str, list[dict]] = {"passthrough_raw": [], "haproxy_raw": []}
+            sides = [("passthrough_raw", bench.app_ip), ("haproxy_raw", bench.haproxy_ip)]
+            for n in range(bench.m["pt_wrk_rounds"]):
+                for k, ip in (sides if n % 2 == 0 else sides[::-1]):
+                    runs[k].append(closed_loop({"kind": "wrk", "label": f"wrk:{k}", "host": ip, "port": 80,
+                                                "conns": bench.m["pt_conns"], "threads": bench.m["pt_wrk_threads"],
+                                                "seconds": bench.m["pt_wrk_s"], "size": KiB}, meters))
+            # The hop of each side, once, now that the agent is the raw one.
+            for k, ip in sides:
+                [r] = bench.cluster([bench.lat(f"hop:{k}", ip, 80, n=20, idle=False)])
+                bench.checked(r, "cluster", "proxy")
+            same_agent()
+            for k in runs:
+                bench.put("throughput", f"{k}_wrk", {**throughput_row(runs[k]), "client": "wrk",
+                                                     "threads": bench.m["pt_wrk_threads"]})
+        finally:
+            patch([{"op": "replace", "path": path, "value": args}] if args else [{"op": "remove", "path": path}])
+
+    bench.step("agent --http1-passthrough raw vs HAProxy, wrk", [("throughput", "passthrough_raw_wrk"),
+                                                                 ("throughput", "haproxy_raw_wrk")], raw)
 
     def cpu() -> None:
         apids = container_pids(bench.ns, bench.app_pod(), "tpenv-agent")

@@ -146,7 +146,7 @@ def chart(res: dict, path: Path) -> str | None:
         return "no chart: matplotlib is not installed (pip install matplotlib)"
     rows = {(r["group"], r["key"]): r["value"] for r in res["rows"]}
     names = {"loopback": "(c) loopback", "port_forward": "(b) port-fwd", "direct": "(a) in-cluster",
-             "passthrough": "(d) passthrough", "intercept": "intercept", "header_matched": "hdr matched",
+             "passthrough": "(d) passthrough", "haproxy": "(e) HAProxy", "intercept": "intercept", "header_matched": "hdr matched",
              "header_unmatched": "hdr unmatched", "mirror_baseline": "mirror base", "mirror_handler_up": "mirror up",
              "mirror_handler_stopped": "mirror stopped"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -159,9 +159,10 @@ def chart(res: dict, path: Path) -> str | None:
     conc = paths["concurrency"]
     ax = axes[2]
     xs = range(len(conc))
-    ax.bar(list(xs), [v["p99_ms"] for _, v in conc], 0.6)
+    # A step where every request failed has no p99: a zero bar, its errors written above it.
+    ax.bar(list(xs), [v.get("p99_ms") or 0 for _, v in conc], 0.6)
     for x, (_, v) in zip(xs, conc):
-        ax.text(x, v["p99_ms"], f"{v['rps']:.0f}/s\nerr {v['errors']}", ha="center", va="bottom", fontsize=7)
+        ax.text(x, v.get("p99_ms") or 0, f"{v['rps']:.0f}/s\nerr {v['errors']}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), [n for n, _ in conc], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("p99 ms")
     p = res["params"]

@@ -30,6 +30,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency", "port_forward", "(b) kubectl port-forward host -> app pod"),
     ("latency", "direct", "(a) in-cluster -> app"),
     ("latency", "passthrough", "(d) in-cluster -> agent passthrough -> app"),
+    ("latency", "haproxy", "(e) in-cluster -> HAProxy (TCP, 1 thread) in the agent's place -> app"),
     ("latency", "intercept", "global intercept: in-cluster -> agent -> tunnel -> laptop"),
     ("latency", "header_matched", "header intercept HTTP/1.1, matched -> laptop"),
     ("latency", "header_unmatched", "header intercept HTTP/1.1, unmatched -> app"),
@@ -44,11 +45,16 @@ ROWS: list[tuple[str, str, str]] = [
     ("bulk", "port_forward", "(b) kubectl port-forward"),
     ("bulk", "direct", "(a) in-cluster -> app"),
     ("bulk", "passthrough", "(d) agent passthrough"),
+    ("bulk", "haproxy", "(e) HAProxy in the agent's place"),
     ("bulk", "intercept", "global intercept"),
     ("throughput", "direct_wrk", "(a) in-cluster -> app, closed loop, wrk"),
     ("throughput", "passthrough_wrk", "(d) agent passthrough, closed loop, wrk"),
+    ("throughput", "haproxy_wrk", "(e) HAProxy in the agent's place, closed loop, wrk"),
+    ("throughput", "passthrough_raw_wrk", "(d) agent --http1-passthrough raw, closed loop, wrk"),
+    ("throughput", "haproxy_raw_wrk", "(e) HAProxy, same rounds as the raw agent, closed loop, wrk"),
     ("throughput", "direct", "(a) in-cluster -> app, closed loop, Python client"),
     ("throughput", "passthrough", "(d) agent passthrough, closed loop, Python client"),
+    ("throughput", "haproxy", "(e) HAProxy in the agent's place, closed loop, Python client"),
     ("concurrency", "loopback", "(c) loopback TCP on the host"),
     ("concurrency", "port_forward", "(b) kubectl port-forward"),
     ("concurrency", "direct", "(a) in-cluster -> app"),
@@ -138,10 +144,25 @@ def targets(rows: dict) -> list[dict]:
         check("passthrough throughput / direct (req/s, wrk)", round(r, 3), ">= 0.85", r >= 0.85, **per_round(tp, td))
     else:
         check("passthrough throughput / direct (wrk)", None, ">= 0.85", None, "a row is unavailable")
+    for agent, proxy, what in (("passthrough_wrk", "haproxy_wrk", "route, the default"),
+                               ("passthrough_raw_wrk", "haproxy_raw_wrk", "--http1-passthrough raw")):
+        ta, th = v("throughput", agent), v("throughput", proxy)
+        name = f"passthrough req/s / HAProxy req/s (wrk, agent {what})"
+        if ta and th:  # the compiled-proxy peer (issue 13): the same hop, same pod, same rounds
+            r = ta["rps"] / th["rps"]
+            check(name, round(r, 3), ">= 0.95", r >= 0.95, **per_round(ta, th))
+        else:
+            check(name, None, ">= 0.95", None, "a row is unavailable")
     td, tp = v("throughput", "direct"), v("throughput", "passthrough")
     if td and tp:  # the Python client takes most of a core itself: shown, not the target's figure
         check("passthrough throughput / direct (Python client, no target)", round(tp["rps"] / td["rps"], 3), "-",
               None, **per_round(tp, td))
+    mb, ms = v("latency", "mirror_baseline"), v("latency", "mirror_handler_stopped")
+    if mb and ms:  # issue 11: a stopped laptop handler must not move the app's p99 (1.5: this machine's noise)
+        r = ms["p99_ms"] / mb["p99_ms"]
+        check("mirror, laptop handler stopped: app p99 / no-mirror p99", round(r, 2), "<= 1.5", r <= 1.5)
+    else:
+        check("mirror, laptop handler stopped: app p99 / no-mirror p99", None, "<= 1.5", None, "a row is unavailable")
     bd, bpt = v("bulk", "direct"), v("bulk", "passthrough")
     if bd and bpt:
         r = min(bpt["down_MBps"] / bd["down_MBps"], bpt["up_MBps"] / bd["up_MBps"])

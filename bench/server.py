@@ -8,9 +8,15 @@ in the tpenv/testapp image, or on the host from tests/cluster/apps with ``h2`` i
     POST /          reads the body (Content-Length or chunked), answers {"received": n}
     h2c / gRPC      tpenv-echo's answer (a small JSON; gRPC status 0)
 
-HTTP/1.1 keep-alive; no logging per request. Port: $PORT or --port (0: any; the chosen port is
-printed on stdout as the first line). Same code on both ends so a figure through tpenv and its
-baseline differ only by the path, not by the server.
+HTTP/1.1 keep-alive; no logging per request. Ports: $PORT or --port, comma-separated (0: any; the
+first port is printed on stdout as the first line). Same code on both ends so a figure through
+tpenv and its baseline differ only by the path, not by the server.
+
+Every HTTP/1 answer says who answered (``X-Bench-Side``) and how the connection arrived
+(``X-Bench-Hop``): ``proxy`` from loopback (the agent, or a proxy in the pod, dials the app on
+127.0.0.1), ``direct`` from anywhere else (a caller's pod IP through a Service). The in-cluster
+"direct" baseline is only direct when no proxy sits in front of the port it dials: the bench
+checks this header rather than assuming it.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ for _p in ("/opt/tpenv-apps", os.path.join(os.path.dirname(os.path.abspath(__fil
 H2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 BLOCK = os.urandom(1 << 20)
-SIDE = os.environ.get("BENCH_SIDE", "host").encode()  # who answered: the cluster's app or the laptop  # repeated for big bodies: no compressor in the path can shrink it
+SIDE = os.environ.get("BENCH_SIDE", "host").encode()  # who answered: the cluster's app or the laptop
+LOOPBACK = ("127.", "::1", "::ffff:127.")
 MAX_HEAD = 64 * 1024
 
 
@@ -68,6 +75,9 @@ async def send_body(writer: asyncio.StreamWriter, size: int) -> None:
 
 
 async def serve_http1(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    hop = b"proxy" if peer and str(peer[0]).startswith(LOOPBACK) else b"direct"
+    side = SIDE + b"\r\nX-Bench-Hop: " + hop  # both headers on every answer
     while head:
         lines = head.split(b"\r\n")
         parts = lines[0].split()
@@ -89,7 +99,7 @@ async def serve_http1(head: bytes, reader: asyncio.StreamReader, writer: asyncio
         if method == b"POST" or method == b"PUT":
             body = b'{"received": %d}\n' % received
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Bench-Side: %s\r\nContent-Length: %d\r\n%s\r\n%s"
-                         % (SIDE, len(body), tail, body))
+                         % (side, len(body), tail, body))
         else:
             q = parse_qs(urlsplit(target).query)
             try:
@@ -97,7 +107,7 @@ async def serve_http1(head: bytes, reader: asyncio.StreamReader, writer: asyncio
             except ValueError:
                 size = 1024
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Bench-Side: %s\r\nContent-Length: %d\r\n%s\r\n"
-                         % (SIDE, size, tail))
+                         % (side, size, tail))
             if method != b"HEAD":
                 if size <= len(BLOCK):
                     writer.write(BLOCK[:size])
@@ -130,23 +140,25 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def amain(host: str, port: int) -> None:
-    server = await asyncio.start_server(handle, host, port, reuse_address=True, limit=MAX_HEAD, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
+async def amain(host: str, ports: list[int]) -> None:
+    servers = [await asyncio.start_server(handle, host, port, reuse_address=True, limit=MAX_HEAD, backlog=1024)
+               for port in ports]
+    print(servers[0].sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    for server in servers:
+        server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    p.add_argument("--port", default=os.environ.get("PORT", "8080"), help="port(s), comma-separated")
     p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     args = p.parse_args(argv)
-    asyncio.run(amain(args.host, args.port))
+    asyncio.run(amain(args.host, [int(x) for x in str(args.port).split(",")]))
     return 0
 
 

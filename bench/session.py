@@ -39,7 +39,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="tpenv-bench-"))
         self.server: LocalServer | None = None
         self.ic: Intercept | None = None
-        self.app_ip = self.direct_ip = ""
+        self.app_ip = self.direct_ip = self.haproxy_ip = ""
         self.agent_procs: Procs | None = None
         self.agent_loop: str | None = None
         self.started = time.monotonic()
@@ -108,8 +108,10 @@ class Bench:
             self.profiles[f"{name}/{who}"] = summary
 
     @staticmethod
-    def checked(r: dict, by: str | None = None) -> dict:
-        """The task's result; Unavailable when it failed or (``by``) when not every answer came from there."""
+    def checked(r: dict, by: str | None = None, hop: str | None = None) -> dict:
+        """The task's result; Unavailable when it failed or (``by``) when not every answer came from there;
+        (``hop``) when not every answer arrived at the app that way: "direct" from the caller, "proxy"
+        through the agent or HAProxy (bench/server.py's X-Bench-Hop)."""
         if "failed" in r:
             raise Unavailable(r["failed"])
         if r.get("kind") in ("latency", "grpc", "hol") and r.get("errors", 0) > 0.05 * max(r.get("n", 0), 1):
@@ -120,6 +122,10 @@ class Bench:
             if set(sides) != {by}:
                 raise PathLost(f"answers should all come from the {by}, came from {sides}: the path changed "
                                   "during the step (intercept lost?)")
+        if hop is not None and "hops" in r and set(r["hops"]) != {hop}:
+            # A baseline that crossed a proxy (or a proxied row that did not) measures the wrong path.
+            raise Unavailable(f"answers should all have arrived at the app {hop}, arrived {r['hops']}: "
+                              "the path is not the one this row names")
         return r
 
     def cluster(self, tasks: list[dict]) -> list[dict]:
@@ -142,6 +148,7 @@ class Bench:
         kubectl("wait", "--for=condition=Ready", "pod/bench-client", "--timeout=120s", ns=self.ns, timeout=150)
         self.app_ip = kjson("get", "service", "bench-app", ns=self.ns)["spec"]["clusterIP"]
         self.direct_ip = kjson("get", "service", "bench-direct", ns=self.ns)["spec"]["clusterIP"]
+        self.haproxy_ip = kjson("get", "service", "bench-haproxy", ns=self.ns)["spec"]["clusterIP"]
 
     def app_pod(self) -> str:
         pods = kjson("get", "pods", "-l", "app=bench-app", ns=self.ns)["items"]

@@ -10,6 +10,7 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
     tpenv/testapp:dev            base + h2, grpcio + wrk (Debian) + tests/cluster/apps (tpenv-echo, tpenv-get)
     tpenv/local-path-provisioner:v0.0.30
                                  base + rancher's local-path-provisioner (build.py); also its helper pods' image
+    tpenv/haproxy:dev            base + haproxy (Debian): the bench's compiled-proxy peer of the agent
     tpenv/agent:<version>        base + asyncssh, cryptography, h2, uvloop + iptables (Debian) + agent/tpenv_agent
       (also :dev and :0.1.0)     version = <project version>-<hash of the agent sources>
 
@@ -491,6 +492,17 @@ def debs(packages: list[str], log=print) -> Path:
     return _downloaded_once("debs", key, packages, "apt-get download", fetch, log)
 
 
+def _merge_usr(stage: Path) -> None:
+    """Move /bin, /sbin, /lib* of unpacked packages under /usr, as merged-/usr does on install: in a
+    layer, a real ``lib/`` directory would hide the base's /lib -> usr/lib symlink (and with it the
+    dynamic loader /lib64 points to), so every binary of the image would fail to start."""
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        src = stage / top
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, stage / "usr" / top, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(src)
+
+
 @_locked
 def debs_layer(name: str, packages: list[str], log=print) -> oci.Layer:
     """``packages`` unpacked (``dpkg-deb -x``) into a layer: their files, not an installation
@@ -505,6 +517,7 @@ def debs_layer(name: str, packages: list[str], log=print) -> oci.Layer:
             stage = Path(tmp)
             for f in files:
                 _run(["dpkg-deb", "-x", str(f), str(stage)])
+            _merge_usr(stage)
             for p in (stage / "usr/share/doc").rglob("*"):  # as in the base: licences only
                 if p.is_file() and p.name != "copyright":
                     p.unlink()
@@ -575,6 +588,26 @@ def build_local_path(log=print) -> Path:
     layer = _cached_layer("layer-local-path", key, fill, log)
     cfg = oci.image_config([base, layer], entrypoint=["local-path-provisioner"], env=[PATH_ENV], user="65532:65532")
     return _cached_image([local_path_ref()], [base, layer], cfg, log, t0)
+
+
+# --- tpenv/haproxy -------------------------------------------------------------------------
+
+HAPROXY_REF = "tpenv/haproxy:dev"
+# HAProxy, the compiled proxy the bench puts in the agent's place (same pod, same app: issue 13's
+# peer row, passthrough req/s through the agent / through HAProxy), with the libraries the base
+# lacks (libpcre2, libsystemd0, libcrypt1, libssl3 and libstdc++6 come with it). An image of its
+# own rather than in tpenv/testapp: every checkout imports testapp under the same tag.
+HAPROXY_DEBS = ["haproxy", "liblua5.3-0", "libopentracing-c-wrapper0", "libopentracing1"]
+
+
+@_locked
+def build_haproxy(log=print) -> Path:
+    t0 = time.monotonic()
+    base = base_layer(log)
+    tools = debs_layer("haproxy", HAPROXY_DEBS, log)
+    # -db: foreground, no daemon; the configuration comes from the pod (a ConfigMap).
+    cfg = oci.image_config([base, tools], entrypoint=["/usr/sbin/haproxy", "-db"], env=BASE_ENV, user="65532:65532")
+    return _cached_image([HAPROXY_REF], [base, tools], cfg, log, t0)
 
 
 # --- tpenv/agent --------------------------------------------------------------------------
@@ -662,7 +695,7 @@ def _ensure_tools() -> None:
 def build_all(log=print) -> list[Path]:
     """Build (or reuse from the cache) every image; return the OCI tarballs, pause first."""
     _ensure_tools()
-    return [build_pause(log), build_testapp(log), build_agent(log), build_local_path(log)]
+    return [build_pause(log), build_testapp(log), build_haproxy(log), build_agent(log), build_local_path(log)]
 
 
 def image_names(path: Path) -> dict[str, str]:

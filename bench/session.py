@@ -151,12 +151,16 @@ class Bench:
         self.haproxy_ip = kjson("get", "service", "bench-haproxy", ns=self.ns)["spec"]["clusterIP"]
 
     def app_pod(self) -> str:
+        """The ready bench-app pod; one with the agent when there is one. Right after an injecting
+        intercept is ready, the rollout's old pod (no agent) can still be Ready and not yet deleting:
+        files put there (the mount rows) would never show through the intercept's mount."""
         pods = kjson("get", "pods", "-l", "app=bench-app", ns=self.ns)["items"]
-        ready = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")
+        ready = [p for p in pods if not p["metadata"].get("deletionTimestamp")
                  and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
         if not ready:
             raise Unavailable("no ready bench-app pod")
-        return ready[0]
+        ready.sort(key=lambda p: not any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"]))
+        return ready[0]["metadata"]["name"]
 
     def agent_missing(self) -> str | None:
         """Why bench-app's traffic does not go through an agent, or None when it does."""

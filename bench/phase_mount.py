@@ -3,12 +3,13 @@ write of a large file, and a stat of every file of a directory, against files pu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.cluster_setup import kubectl
-from bench.common import Unavailable
+from bench.cluster_setup import kjson, kubectl
+from bench.common import PathLost, Unavailable
 from bench.processes import Intercept
 from bench.session import Bench
 
@@ -62,14 +63,30 @@ def mount(bench: Bench, ic: Intercept, pod: str) -> None:
     point = ic.info.get("mount_point")  # type: ignore[attr-defined]
     if not point:
         raise Unavailable(f"the intercept reported no mount point ({ic.stderr_tail()[-200:]})")
+    # The intercept's tunnel can restart under the steps before (an agent session lost mid-bulk):
+    # its mount is then away until the intercept serves again. PathLost has the step re-establish
+    # the intercept and run once more, as for any path lost; a bare FileNotFoundError said nothing.
+    if not os.path.ismount(point):
+        raise PathLost(f"the intercept's mount {point} is not mounted (its tunnel restarting?)")
     size, files = bench.m["mount_bytes"], bench.m["mount_files"]
     kubectl("exec", "-i", pod, "-c", "app", "--", "python3", "-", str(size), str(files), ns=bench.ns,
             input=PREP_SCRIPT, timeout=120 + size / 20e6)
     root = Path(point) / "data"
     cp = subprocess.run([sys.executable, "-c", MOUNT_SCRIPT, str(root), str(size), str(files)],
                         capture_output=True, text=True, timeout=120 + 2 * size / 1e6)
+    if cp.returncode != 0 and not os.path.ismount(point):
+        raise PathLost(f"the intercept's mount {point} went away during the step: {cp.stderr.strip()[-200:]}")
     if cp.returncode != 0:
-        raise Unavailable(f"mount I/O failed: {cp.stderr.strip()[-300:]}")
+        # What the mount shows and which pods exist: the files were put in ``pod``.
+        try:
+            seen = sorted(os.listdir(root))[:5]
+        except OSError as e:
+            seen = [f"({type(e).__name__})"]
+        pods = [(x["metadata"]["name"], [c["name"] for c in x["spec"]["containers"]],
+                 bool(x["metadata"].get("deletionTimestamp")))
+                for x in kjson("get", "pods", "-l", "app=bench-app", ns=bench.ns)["items"]]
+        raise Unavailable(f"mount I/O failed: {cp.stderr.strip()[-200:]}; files put in pod {pod}; the mount's "
+                          f"data/ shows {seen}; pods (name, containers, deleting): {pods}")
     r = json.loads(cp.stdout)
     bench.put("mount", "read", {"MBps": r["read"]["bytes"] / r["read"]["seconds"] / 1e6, **r["read"]})
     bench.put("mount", "write", {"MBps": r["write"]["bytes"] / r["write"]["seconds"] / 1e6, **r["write"]})

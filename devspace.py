@@ -87,7 +87,9 @@ def _cluster_env() -> dict[str, str]:
 # iptables and iproute2 for the in-pod redirect test (netns) (the cluster's own packages are
 # tests/cluster/packages.py).
 TEST_PACKAGES = ["sshfs", "fuse3", "openssh-sftp-server", "nftables", "bash", "zsh", "fish", "podman",
-                 "busybox-static", "iptables", "iproute2"]
+                 "busybox-static", "iptables", "iproute2",
+                 # examples/wordpress/run-local.sh serves the laptop's WordPress with Debian's PHP
+                 "php-cli", "php-mysql"]
 
 
 def _ensure_packages(packages: list[str]) -> None:

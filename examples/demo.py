@@ -35,8 +35,9 @@ def say(msg: str) -> None:
 
 
 def kubectl_cmd() -> list[str]:
-    sys.path.insert(0, str(HERE.parent / "tests" / "cluster"))
-    from pytest_plugin import kubectl_binary  # noqa: PLC0415 - the cluster kit picks the right kubectl
+    # tests/kit is a plain module (no pytest): imported as `tests.kit`, so the repo root goes on the path.
+    sys.path.insert(0, str(HERE.parent))
+    from tests.kit.kubectl import kubectl_binary  # noqa: PLC0415 - the cluster kit picks the right kubectl
 
     return [kubectl_binary()]
 

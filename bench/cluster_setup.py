@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.common import BENCH, REPO, log
 from tests.kit.kubectl import kubectl_binary
+from tests.kit.apps import testapp_image
 
 SERVER = (BENCH / "server.py").read_text()
 
@@ -63,7 +64,7 @@ def manifests(ns: str) -> list[dict]:
          "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
              "metadata": {"labels": labels},
              "spec": {"terminationGracePeriodSeconds": 2, "containers": [{
-                 "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                 "name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                  "command": ["python3", "/bench/server.py"],
                  "env": [{"name": "PORT", "value": f"{APP_PORT},{DIRECT_PORT}"},
                          {"name": "BENCH_SIDE", "value": "cluster"}],
@@ -87,7 +88,7 @@ def manifests(ns: str) -> list[dict]:
          "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": HAPROXY_PORT}]}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bench-client"},
          "spec": {"terminationGracePeriodSeconds": 0, "activeDeadlineSeconds": 3600, "containers": [{
-             "name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+             "name": "c", "image": testapp_image(), "imagePullPolicy": "Never",
              "command": ["sleep", "3600"]}]}},
     ]
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.cluster.images import agent_image_ref  # noqa: E402
 from tests.kit.kubectl import TEST_LABEL, apply, kubectl, kubectl_binary  # noqa: E402
-from tests.kit.apps import echo_app, set_version, write_handler  # noqa: E402
+from tests.kit.apps import echo_app, set_version, testapp_image, write_handler  # noqa: E402
 
 TPENV = str(Path(sys.executable).parent / "tpenv")
 TARGETS = {"up_to_first_answer_installed": 1.5, "up_to_first_answer_injecting": 1.5,
@@ -220,7 +220,7 @@ def main() -> int:
             time.sleep(0.5)
         apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
                "spec": {"terminationGracePeriodSeconds": 0, "containers": [
-                   {"name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                   {"name": "c", "image": testapp_image(), "imagePullPolicy": "Never",
                     "command": ["sleep", "36000"]}]}}, ns=ns)
         deploy("warm", ns)
         kubectl("wait", "--for=condition=Ready", "pod/client", "--timeout=120s", ns=ns, timeout=150)

@@ -89,7 +89,10 @@ def deploy() -> None:
     say(f"deploying examples/hello into namespace {NS}")
     kubectl("create", "namespace", NS, check=False)
     kubectl("-n", NS, "apply", "-f", str(HELLO / "k8s.yaml"))
-    kubectl("-n", NS, "run", "demo-client", "--image=tpenv/testapp:dev", "--image-pull-policy=Never",
+    from tests.kit.apps import testapp_image  # noqa: PLC0415 - after kubectl_cmd put the repo on the path
+
+    # The client pod gets this checkout's test app tag; k8s.yaml keeps the documented :dev alias.
+    kubectl("-n", NS, "run", "demo-client", f"--image={testapp_image()}", "--image-pull-policy=Never",
             "--restart=Never", "--command", "--", "sleep", "infinity", check=False)
     kubectl("-n", NS, "rollout", "status", "deployment/hello", "--timeout=180s", timeout=200)
     kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/demo-client", "--timeout=120s", timeout=150)

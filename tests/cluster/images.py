@@ -7,7 +7,8 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
 
     registry.k8s.io/pause:3.10   pause.c, gcc -static
     (shared base layer)          Debian bookworm minbase + python3, curl, ca-certificates (debootstrap)
-    tpenv/testapp:dev            base + h2, grpcio + wrk (Debian) + tests/cluster/apps (tpenv-echo, tpenv-get)
+    tpenv/testapp:<hash>         base + h2, grpcio + wrk (Debian) + tests/cluster/apps (tpenv-echo, tpenv-get)
+      (also :dev)                hash = of those inputs (testapp_version()); tests use testapp_image_ref()
     tpenv/local-path-provisioner:v0.0.30
                                  base + rancher's local-path-provisioner (build.py); also its helper pods' image
     tpenv/haproxy:dev            base + haproxy (Debian): the bench's compiled-proxy peer of the agent
@@ -19,6 +20,8 @@ keyed by a hash of its inputs, and imported with `ctr -n k8s.io images import`.
                                               build, then import into containerd (default: $CONTAINERD_ADDRESS,
                                               else the local cluster's socket if it runs, else /run/containerd)
     python3 tests/cluster/images.py ref       print the agent image reference
+    python3 tests/cluster/images.py testapp-ref
+                                              print the test app image reference
 """
 from __future__ import annotations
 
@@ -529,6 +532,9 @@ def debs_layer(name: str, packages: list[str], log=print) -> oci.Layer:
 
 # --- tpenv/testapp ----------------------------------------------------------------------
 
+# The fixed alias, for what is run by hand (examples/hello/k8s.yaml) and for branches that still
+# name it: every checkout's `cluster up` re-points it, so tests and the bench use the content tag
+# (testapp_image_ref(), through tests/kit/apps.py), which no other worktree's import can change.
 TESTAPP_REF = "tpenv/testapp:dev"
 APPS = HERE / "apps"
 # Commands in the image: name -> module in tests/cluster/apps.
@@ -537,6 +543,20 @@ APP_COMMANDS = {"tpenv-echo": "echo", "tpenv-get": "get"}
 # figure measures the path rather than a Python client competing for the same cores. With the
 # libraries it needs that the base lacks (its libssl3 and libgcc-s1 are there).
 TESTAPP_DEBS = ["wrk", "libluajit-5.1-2", "libluajit-5.1-common"]
+
+
+def testapp_version() -> str:
+    """12 hex of sha256 over what the image holds: tests/cluster/apps (every file), its commands,
+    its pip and Debian packages, its env, the base recipe and the image writer (oci.py)."""
+    parts = _tree_hash(APPS) + [b"commands", json.dumps(APP_COMMANDS, sort_keys=True).encode()]
+    parts += [b"packages", " ".join(TESTAPP_PACKAGES).encode(), b"debs", " ".join(TESTAPP_DEBS).encode()]
+    parts += [b"env", " ".join(BASE_ENV).encode(), b"base", f"{SUITE} {BASE_RECIPE} {' '.join(BASE_PACKAGES)}".encode()]
+    parts += [b"tool", _tool_hash().encode()]
+    return _hash(*parts)[:12]
+
+
+def testapp_image_ref() -> str:
+    return f"tpenv/testapp:{testapp_version()}"
 
 
 @_locked
@@ -559,7 +579,7 @@ def build_testapp(log=print) -> Path:
 
     apps = _stage_layer("layer-testapp", [*_tree_hash(APPS), *APP_COMMANDS], stage, log)
     cfg = oci.image_config([base, site, tools, apps], cmd=["tpenv-echo"], env=BASE_ENV, exposed_ports=["8080/tcp"])
-    return _cached_image([TESTAPP_REF], [base, site, tools, apps], cfg, log, t0)
+    return _cached_image([testapp_image_ref(), TESTAPP_REF], [base, site, tools, apps], cfg, log, t0)
 
 
 # --- tpenv/local-path-provisioner ---------------------------------------------------------
@@ -772,6 +792,9 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "ref":
         print(agent_image_ref())
+        return 0
+    if cmd == "testapp-ref":
+        print(testapp_image_ref())
         return 0
     print(__doc__.strip())
     return 2

@@ -19,6 +19,7 @@ from test_manager_relay import manager_logs  # noqa: F401  (re-exported for the 
 from test_up_kit import echo_app
 from test_webhook_injection import tpenv
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.kit.apps import testapp_image
 
 
 def install_manager(cli_env: dict) -> None:
@@ -41,7 +42,7 @@ def headless_web() -> list[dict]:
          "spec": {"serviceName": "web", "replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels}, "spec": {
                       "terminationGracePeriodSeconds": 1,
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                      "containers": [{"name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                                       "env": [{"name": "ECHO_QUIET", "value": "1"}],
                                       "ports": [{"name": "http", "containerPort": 8080}],
                                       "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},

@@ -19,6 +19,7 @@ from tpenv.kits.portforward import PodTunnel
 
 TCP_ECHO = """
 import socket, threading
+from tests.kit.apps import testapp_image
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 9000)); s.listen(64)
 def serve(c):
@@ -36,9 +37,9 @@ while True:
 def echo_pod(namespace):
     apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo", "labels": {"app": "echo"}},
            "spec": {"containers": [
-               {"name": "http", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
+               {"name": "http", "image": testapp_image(), "imagePullPolicy": "Never", "command": ["tpenv-echo"],
                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}},
-               {"name": "tcp", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+               {"name": "tcp", "image": testapp_image(), "imagePullPolicy": "Never",
                 "command": ["python3", "-c", TCP_ECHO],
                 "readinessProbe": {"tcpSocket": {"port": 9000}, "periodSeconds": 1}}]}}, ns=namespace)
     kubectl("wait", "--for=condition=Ready", "pod/echo", "--timeout=120s", ns=namespace, timeout=150)

@@ -1,7 +1,7 @@
 """The local cluster does what tpenv relies on (issue 2, "Done when" 1-5).
 
 Runs against any cluster given by KUBECONFIG too. One namespace for the module holds
-the echo Deployment (2 replicas of tpenv/testapp:dev), its ClusterIP Service `echo`
+the echo Deployment (2 replicas of the test app, tests.kit.apps.testapp_image()), its ClusterIP Service `echo`
 and a client pod (also testapp: python3 + curl); tests run in file order and the
 pod-deletion test comes after the ones that only read.
 """
@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_binary, kubectl_json, wait_until
+from tests.kit.apps import testapp_image
 
 pytestmark = pytest.mark.e2e
 
-TESTAPP = "tpenv/testapp:dev"
+TESTAPP = testapp_image()
 
 
 def _pod(name: str, command: list[str], labels: dict | None = None, **spec) -> dict:

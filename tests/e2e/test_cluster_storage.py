@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.kit.apps import testapp_image
 
 pytestmark = pytest.mark.e2e
 
-TESTAPP = "tpenv/testapp:dev"
+TESTAPP = testapp_image()
 NON_ROOT = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001}
 
 

@@ -33,6 +33,7 @@ from test_up_kit import echo_app, extra_namespace
 from test_webhook_injection import agent_image, cli_env, tpenv  # noqa: F401  (module fixtures, reused)
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
 from tests.integration.capture_kit import as_user, static_client
+from tests.kit.apps import testapp_image
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
@@ -50,7 +51,7 @@ def headless_app(name: str) -> list[dict]:
          "spec": {"serviceName": name, "replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels}, "spec": {
                       "terminationGracePeriodSeconds": 2,
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                      "containers": [{"name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                                       "env": [{"name": "ECHO_QUIET", "value": "1"}],
                                       "ports": [{"name": "http", "containerPort": 8080}],
                                       "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},

@@ -2,7 +2,7 @@
 
 Stages: (1) a tiny image written by oci.py is imported by images.import_all,
 runs with `ctr run`, and a second import is skipped; (2) the images of
-build_all run their commands under ctr; (3) tpenv/testapp:dev runs as a pod
+build_all run their commands under ctr; (3) the test app (tpenv/testapp:<content hash>) runs as a pod
 (imagePullPolicy Never) and answers HTTP/1.1, h2c and gRPC on one port.
 
 ctr needs the local containerd socket: against a cluster given by KUBECONFIG
@@ -97,13 +97,16 @@ def test_build_all_images_are_in_containerd(built, containerd):
     for alias in ["tpenv/agent:dev", f"tpenv/agent:{images.project_version()}", "docker.io/tpenv/agent:dev"]:
         assert have.get(alias) == agent, alias
     assert images.PAUSE_REF in have
+    # The test app under its content tag (what tests use) and the :dev alias (what examples and
+    # unrebased branches name; another checkout's import may have re-pointed it, so no digest check).
+    assert images.testapp_image_ref() in have and images.TESTAPP_REF in have
 
 
 def test_testapp_commands_run(built, containerd):
-    r = ctr_run(containerd, images.TESTAPP_REF, "tpenv-echo", "--help")
+    r = ctr_run(containerd, images.testapp_image_ref(), "tpenv-echo", "--help")
     assert r.returncode == 0, r.stderr
     assert "usage: tpenv-echo" in r.stdout
-    r = ctr_run(containerd, images.TESTAPP_REF, "tpenv-get", "--help")
+    r = ctr_run(containerd, images.testapp_image_ref(), "tpenv-get", "--help")
     assert r.returncode == 0 and "--grpc" in r.stdout, r.stderr
 
 
@@ -133,7 +136,7 @@ def test_testapp_pod_answers_http1_h2c_and_grpc(built, namespace):
                 "containers": [
                     {
                         "name": "echo",
-                        "image": images.TESTAPP_REF,
+                        "image": images.testapp_image_ref(),
                         "imagePullPolicy": "Never",
                         "ports": [{"containerPort": 8080, "name": "http"}],
                         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1},

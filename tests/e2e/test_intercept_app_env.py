@@ -14,6 +14,7 @@ import pytest
 
 from test_intercept_kit import Intercepting, tpenv
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -26,7 +27,7 @@ def imaged_app(ns: str) -> str:
          "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "imaged"}},
                   "template": {"metadata": {"labels": {"app": "imaged"}}, "spec": {
                       "containers": [{
-                          "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                          "name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                           "command": ["tpenv-echo"], "ports": [{"containerPort": 8080, "name": "http"}],
                           "env": [{"name": "GREETING", "value": "hello"}, {"name": "LANG", "value": "C"}],
                           "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},

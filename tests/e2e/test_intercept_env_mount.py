@@ -18,6 +18,7 @@ import pytest
 from test_intercept_kit import Intercepting, client_pod, curl, tpenv, wait_for
 from tests.e2e.helpers_up import free_port
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -45,7 +46,7 @@ def store_app(ns: str) -> None:
          "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "store"}},
                   "template": {"metadata": {"labels": {"app": "store"}}, "spec": {
                       "containers": [{
-                          "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                          "name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                           "command": ["sh", "-c", "echo written in the cluster > /data/cluster.txt; exec tpenv-echo"],
                           "ports": [{"containerPort": 8080, "name": "http"}],
                           "env": [{"name": "GREETING", "value": "hello"},

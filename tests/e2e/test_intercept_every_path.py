@@ -99,6 +99,7 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
 
 GRPC_CLIENT = """
 import grpc, json, sys, time
+from tests.kit.apps import testapp_image
 # Client-side balancing: the channel resolves every pod IP of the headless Service and dials
 # each one itself (round_robin); kube-proxy never sees these connections.
 ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.lb_policy_name", "round_robin")])
@@ -150,9 +151,9 @@ def test_grpc_client_side_balancing_over_headless_service(namespace, tmp_path):
 def two_containers(ns: str) -> None:
     """web: a metrics sidecar first (port 9090), the app second (port 8080 named web); the Service's
     targetPort, the readiness and the liveness probe all name the second container's port."""
-    metrics = {"name": "metrics", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+    metrics = {"name": "metrics", "image": testapp_image(), "imagePullPolicy": "Never",
                "command": ["tpenv-echo", "--port", "9090"], "ports": [{"name": "metrics", "containerPort": 9090}]}
-    app = {"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
+    app = {"name": "app", "image": testapp_image(), "imagePullPolicy": "Never", "command": ["tpenv-echo"],
            "ports": [{"name": "web", "containerPort": 8080}],
            "readinessProbe": {"httpGet": {"path": "/ready", "port": "web"}, "periodSeconds": 2},
            "livenessProbe": {"httpGet": {"path": "/live", "port": "web"}, "periodSeconds": 2, "failureThreshold": 2}}

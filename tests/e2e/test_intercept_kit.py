@@ -22,6 +22,7 @@ import pytest
 
 from tests.cluster.images import agent_image_ref
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello" / "k8s.yaml"
@@ -141,19 +142,22 @@ def echo_container(port_name: str | None) -> dict:
     port = {"containerPort": 8080}
     if port_name:
         port["name"] = port_name
-    return {"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never", "command": ["tpenv-echo"],
+    return {"name": "app", "image": testapp_image(), "imagePullPolicy": "Never", "command": ["tpenv-echo"],
             "ports": [port], "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
 
 
 def deploy_hello(ns: str) -> None:
-    kubectl("apply", "-f", str(HELLO), ns=ns)
+    # The example names the shared :dev alias (it is run by hand); the test runs this checkout's tag.
+    manifest = HELLO.read_text().replace("image: tpenv/testapp:dev", f"image: {testapp_image()}")
+    assert testapp_image() in manifest, f"{HELLO} no longer names tpenv/testapp:dev: update deploy_hello"
+    kubectl("apply", "-f", "-", ns=ns, input=manifest)
     kubectl("rollout", "status", "deployment/hello", "--timeout=120s", ns=ns, timeout=150)
 
 
 def client_pod(ns: str, name: str = "client") -> str:
     apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
            "spec": {"terminationGracePeriodSeconds": 0, "containers": [
-               {"name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+               {"name": "c", "image": testapp_image(), "imagePullPolicy": "Never",
                 "command": ["sleep", "3600"]}]}}, ns=ns)
     kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s", ns=ns, timeout=150)
     return name

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 HEADER = "x-telepresence-intercept-id"
 FRONTEND = """
 import http.server, urllib.request
+from tests.kit.apps import testapp_image
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         req = urllib.request.Request("http://backend" + self.path)
@@ -64,7 +65,7 @@ def deploy(ns: str) -> None:
         return [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
                  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
                           "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
-                              {"name": name, "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                              {"name": name, "image": testapp_image(), "imagePullPolicy": "Never",
                                "command": command, "ports": [{"containerPort": 8080, "name": "http"}],
                                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},
                 {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},

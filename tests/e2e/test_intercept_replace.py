@@ -19,6 +19,7 @@ import pytest
 
 from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, deploy_hello, tpenv, wait_for
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -38,7 +39,7 @@ def deploy_worker(ns: str) -> None:
                      "template": {"metadata": {"labels": {"app": "worker"}}, "spec": {
                          "terminationGracePeriodSeconds": 2,
                          "containers": [{
-                             "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                             "name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                              "command": ["sh", "-c", f"tpenv-echo --port {SECOND_PORT} & exec tpenv-echo --port 8080"],
                              "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": SECOND_PORT}],
                              "readinessProbe": {"httpGet": {"port": "http", "path": "/"}, "periodSeconds": 2}}]}}}},

@@ -28,6 +28,7 @@ import pytest
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 from tests.e2e.test_intercept_kit import LocalServer, agent_image, echo_container
 from tests.e2e.test_up_kit import UpSession
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -114,7 +115,7 @@ class Load:
         ip = kubectl_json("get", "service", "busy", ns=ns)["spec"]["clusterIP"]
         apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "load"},
                "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0, "containers": [
-                   {"name": "load", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                   {"name": "load", "image": testapp_image(), "imagePullPolicy": "Never",
                     "command": ["python3", "-c", LOAD, ip, str(workers), str(rate), ",".join(values)]}]}}, ns=ns)
         kubectl("wait", "--for=condition=Ready", "pod/load", "--timeout=120s", ns=ns, timeout=150)
         time.sleep(2)  # the generator's first requests are on their way before the first transition

@@ -9,6 +9,7 @@ import pytest
 
 from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, echo_container, spec_of, tpenv, wait_for
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -23,7 +24,7 @@ def test_intercept_uses_the_webhook_injected_agent(namespace, tmp_path):
         kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
         probe = {"apiVersion": "v1", "kind": "Pod",
                  "metadata": {"name": "probe", "labels": {"tpenv.io/inject-agent": "enabled"}},
-                 "spec": {"containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                 "spec": {"containers": [{"name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                                           "ports": [{"name": "http", "containerPort": 8080}]}]}}
 
         def webhook_injects() -> bool:

@@ -15,6 +15,7 @@ import pytest
 
 from test_intercept_kit import Intercepting, LocalServer, wait_for
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -39,7 +40,7 @@ def restricted_app(ns: str) -> None:
                       "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000,
                                           "seccompProfile": {"type": "RuntimeDefault"}},
                       "containers": [{
-                          "name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                          "name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                           "command": ["sh", "-c", "umask 027; echo app data > /data/app.txt; exec tpenv-echo"],
                           "ports": [{"containerPort": 8080, "name": "http"}],
                           "securityContext": RESTRICTED_SC,
@@ -56,7 +57,7 @@ def test_intercept_in_a_restricted_namespace(namespace, tmp_path):
     ns = namespace
     # Stage 1: the namespace really enforces `restricted`: a root pod is refused at creation.
     restricted_app(ns)
-    root_pod = kubectl("run", "root-pod", "--image=tpenv/testapp:dev", "--image-pull-policy=Never",
+    root_pod = kubectl("run", "root-pod", f"--image={testapp_image()}", "--image-pull-policy=Never",
                        "--restart=Never", "--command", "--", "sleep", "60", ns=ns, check=False)
     assert root_pod.returncode != 0 and "violates PodSecurity" in root_pod.stderr, root_pod.stderr
 

@@ -14,6 +14,7 @@ import pytest
 
 from test_intercept_kit import tpenv
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -30,7 +31,7 @@ def statefulset(ns: str) -> None:
                   "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
                   "template": {"metadata": {"labels": {"app": "db"}}, "spec": {
                       "terminationGracePeriodSeconds": 1,
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                      "containers": [{"name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                                       "command": ["tpenv-echo"], "ports": [{"containerPort": 8080, "name": "http"}],
                                       "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"},

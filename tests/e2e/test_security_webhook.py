@@ -24,6 +24,7 @@ from test_doctor import check, doctor
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures)
 from test_webhook_injection import tpenv as tpenv_cli
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -36,7 +37,7 @@ def app() -> list[dict]:
              "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                       "template": {"metadata": {"labels": {**labels, "tpenv.io/inject-agent": "enabled"}},
                                    "spec": {"terminationGracePeriodSeconds": 1, "containers": [
-                                       {"name": "shop", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                                       {"name": "shop", "image": testapp_image(), "imagePullPolicy": "Never",
                                         "command": ["tpenv-echo"],
                                         "ports": [{"name": "http", "containerPort": 8080}],
                                         "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},

@@ -26,6 +26,7 @@ from tests.e2e.helpers_up import free_port
 from tests.e2e.test_intercept_kit import tpenv
 from tests.e2e.test_up_kit import HANDLER, UpSession, answered_by_laptop, client, pid_alive, set_version, wait_client
 from tpenv.settings import Settings
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -42,7 +43,7 @@ def cart(ns: str) -> None:
                   "template": {"metadata": {"labels": labels}, "spec": {
                       "terminationGracePeriodSeconds": 2,
                       "volumes": [{"name": "data", "emptyDir": {}}],
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                      "containers": [{"name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                                       "env": [{"name": "ECHO_QUIET", "value": "1"}],
                                       "ports": [{"name": "http", "containerPort": 8080}],
                                       "volumeMounts": [{"name": "data", "mountPath": "/data"}],

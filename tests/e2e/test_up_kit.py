@@ -5,7 +5,7 @@
   plus `tpenv status -o json` / `tpenv down` from "another shell";
 - ``write_handler``: a small local HTTP server (like examples/hello/server.py) run by ``run:``,
   answering JSON with ``source: laptop``, its name, a version string and its pid;
-- ``echo_app`` / ``deploy``: a `tpenv/testapp:dev` echo Deployment + Service; ``extra_namespace``;
+- ``echo_app`` / ``deploy``: a test app (``testapp_image()``) echo Deployment + Service; ``extra_namespace``;
 - ``ask``: one request from the in-cluster client pod (``kubectl exec client -- curl``);
 - ``ApiProxy``: a TCP proxy on 127.0.0.1 in front of the API server, and a kubeconfig using it,
   so a test can cut every connection tpenv has to the cluster, or take the API server away.
@@ -30,7 +30,7 @@ from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_json
 from tests.e2e.helpers_up import TPENV, TpenvProcess, free_port
 from tests.e2e.test_intercept_kit import tpenv_env
 # The echo app and the handler, shared with bench/: tests/kit/apps.py.
-from tests.kit.apps import HANDLER, echo_app, set_version, write_handler  # noqa: F401
+from tests.kit.apps import HANDLER, echo_app, set_version, testapp_image, write_handler  # noqa: F401
 
 def intercept_yaml(name: str, namespace: str, port: int, *, cwd: str, match: str | None = None,
                    ignore: tuple[str, ...] = ()) -> str:
@@ -58,7 +58,7 @@ def client(ns: str, name: str = "client") -> str:
     """A client pod to send requests from inside the cluster (not waited for: see wait_client)."""
     apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
            "spec": {"terminationGracePeriodSeconds": 0, "containers": [
-               {"name": "c", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+               {"name": "c", "image": testapp_image(), "imagePullPolicy": "Never",
                 "command": ["sleep", "3600"]}]}}, ns=ns)
     return name
 

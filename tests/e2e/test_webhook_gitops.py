@@ -22,6 +22,7 @@ from test_intercept_personal import LocalEcho
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures)
 from test_webhook_injection import tpenv as tpenv_cli
 from tests.cluster.pytest_plugin import kubectl, kubectl_json, wait_until
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -46,7 +47,7 @@ def write_manifests(d: Path, ns: str, name: str, *, label: bool, annotation: boo
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
                   "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
                            "template": {"metadata": tpl_meta, "spec": {"terminationGracePeriodSeconds": 1,
-                                        "containers": [{"name": "echo", "image": "tpenv/testapp:dev",
+                                        "containers": [{"name": "echo", "image": testapp_image(),
                                                         "imagePullPolicy": "Never", "command": ["tpenv-echo"],
                                                         "ports": ports}]}}}}
     (d / "deployment.json").write_text(json.dumps(deployment, indent=1))

@@ -29,10 +29,11 @@ from tpenv.kits.agent_client import make_auth_material
 
 import components  # noqa: E402  tests/cluster, on sys.path through the plugin
 import images  # noqa: E402
+from tests.kit.apps import testapp_image
 
 pytestmark = pytest.mark.e2e
 
-APP_IMAGE = "tpenv/testapp:dev"
+APP_IMAGE = testapp_image()
 INSTALLED = [  # (kubectl resource, namespace or None) of every object the install makes
     ("namespace/tpenv", None), ("clusterrole/tpenv-manager", None), ("clusterrolebinding/tpenv-manager", None),
     ("mutatingwebhookconfiguration/tpenv-agent-injector", None),

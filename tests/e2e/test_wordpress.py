@@ -22,6 +22,7 @@ from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
 import app_images  # noqa: E402  tests/cluster, on sys.path through the plugin
 import components  # noqa: E402
 import images  # noqa: E402
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -45,7 +46,7 @@ def _deploy(ns: str) -> None:
     kubectl("apply", "-f", str(EXAMPLE / "k8s.yaml"), ns=ns)
     apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
            "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
-               "name": "main", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+               "name": "main", "image": testapp_image(), "imagePullPolicy": "Never",
                "command": ["sleep", "infinity"]}]}}, ns=ns)
     kubectl("rollout", "status", "statefulset/mariadb", "--timeout=300s", ns=ns, timeout=320)
     kubectl("rollout", "status", "deployment/wordpress", "--timeout=300s", ns=ns, timeout=320)

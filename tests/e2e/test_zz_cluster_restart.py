@@ -13,10 +13,11 @@ import pytest
 
 from tests.cluster.pytest_plugin import (TEST_LABEL, _cluster_cli, apply, cluster_command, kubectl, kubectl_json,
                                          wait_until)
+from tests.kit.apps import testapp_image
 
 pytestmark = pytest.mark.e2e
 
-TESTAPP = "tpenv/testapp:dev"
+TESTAPP = testapp_image()
 
 
 def _local(kubeconfig: Path) -> bool:

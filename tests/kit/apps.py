@@ -1,6 +1,9 @@
 """The apps of the intercept scenarios, for the e2e tests and the benchmarks (no pytest here).
 
-- ``echo_app(name, replicas)``: a `tpenv/testapp:dev` echo Deployment (port ``http`` 8080) and
+- ``testapp_image()``: the test app image of this checkout, ``tpenv/testapp:<content hash>``
+  (tests/cluster/images.py, imported by `cluster up`); never the shared ``:dev`` alias, which
+  another worktree's `cluster up` may re-point while a test runs;
+- ``echo_app(name, replicas)``: a test app echo Deployment (port ``http`` 8080) and
   its Service (port ``web`` 80), as dicts for ``kubectl.apply``;
 - ``write_handler(dir, version)``: a small local HTTP server (like examples/hello/server.py) for
   ``run:``, answering JSON with ``source: laptop``, its name, a version string and its pid;
@@ -8,8 +11,11 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
+
+from tests.cluster.images import testapp_image_ref
 
 HANDLER = '''"""A test handler: answers every GET with JSON saying who answered."""
 import json, os
@@ -43,6 +49,12 @@ except KeyboardInterrupt:
 '''
 
 
+@functools.lru_cache(maxsize=1)
+def testapp_image() -> str:
+    # Once per process: the image `cluster up` imported, even if tests/cluster/apps is edited meanwhile.
+    return testapp_image_ref()
+
+
 def write_handler(directory: Path, version: str = "v1") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "server.py"
@@ -62,7 +74,7 @@ def echo_app(name: str, replicas: int = 1) -> list[dict]:
          "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels}, "spec": {
                       "terminationGracePeriodSeconds": 2,
-                      "containers": [{"name": "app", "image": "tpenv/testapp:dev", "imagePullPolicy": "Never",
+                      "containers": [{"name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                                       "env": [{"name": "ECHO_QUIET", "value": "1"}],
                                       "ports": [{"name": "http", "containerPort": 8080}],
                                       "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},

@@ -150,6 +150,10 @@ class MountSettings(_Section):
         "Most bytes sync mode copies at the start; above it the mount is refused (use sshfs, or a smaller volume)."))
 
 
+# Never selectable for webhook injection (agent/tpenv_agent/webhook.py refuses them too).
+RESERVED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "tpenv"})
+
+
 class ManagerSettings(_Section):
     """The optional in-cluster manager (`tpenv manager install|upgrade`): its outbound relay."""
 
@@ -164,7 +168,13 @@ class ManagerSettings(_Section):
         "Lifetime of the webhook's serving certificate an install makes; the manager renews it itself two "
         "thirds into it, keeping this lifetime (short values are for watching a rotation)."))
 
-    @field_validator("relay_cidrs", mode="before")
+    webhook_namespaces: list[str] = Field(default_factory=list, description=(
+        "Namespaces whose new pods the webhook may inject (`--webhook-namespace`, repeatable; comma-separated "
+        "here). Only these are sent to the webhook, and only in these may the manager create the tpenv-auth "
+        "Secret (a Role per namespace). Empty: the webhook injects nowhere. Never kube-system, kube-public, "
+        "kube-node-lease or the manager's own namespace tpenv. `upgrade` keeps the installed list unless given."))
+
+    @field_validator("relay_cidrs", "webhook_namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
@@ -179,6 +189,19 @@ class ManagerSettings(_Section):
             except ValueError as e:
                 raise ValueError(f"{cidr!r} is not an address range like 10.96.0.0/12 ({e})") from e
         return out
+
+    @field_validator("webhook_namespaces")
+    @classmethod
+    def _selectable(cls, value: list[str]) -> list[str]:
+        from tpenv.config.models import is_dns_label
+
+        for ns in value:
+            if not is_dns_label(ns):
+                raise ValueError(f"{ns!r} is not a namespace name (lowercase letters, digits and '-', at most 63)")
+            if ns in RESERVED_NAMESPACES:
+                raise ValueError(f"{ns!r} is never injected: the control plane's namespaces and the manager's own "
+                                 f"({', '.join(sorted(RESERVED_NAMESPACES))}) are always left out")
+        return sorted(set(value))
 
 
 class Settings(BaseModel):

@@ -27,7 +27,7 @@ def test_doctor_names_a_manager_scaled_to_zero(namespace, tmp_path):
     # Stage 1: a fresh manager, ready.
     tpenv(tmp_path, "manager", "uninstall", check=False)
     wait_for("no namespace tpenv", lambda: kubectl("get", "namespace", "tpenv", check=False).returncode != 0, 120)
-    tpenv(tmp_path, "manager", "install", timeout=300)
+    tpenv(tmp_path, "manager", "install", "--webhook-namespace", ns, timeout=300)
     try:
         kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
 

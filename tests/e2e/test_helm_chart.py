@@ -33,9 +33,9 @@ def helm() -> str:
     return str(build.build_helm(log=print))  # cached in ~/.cache/tpenv/bin after the first build
 
 
-def values_flags() -> list[str]:
+def values_flags(ns: str = "default") -> list[str]:
     return ["--set", f"agent.image={agent_image()}", "--set", "agent.pullPolicy=Never",
-            "--set", "manager.pullPolicy=Never"]
+            "--set", "manager.pullPolicy=Never", "--set", f"webhook.namespaces={{{ns}}}"]
 
 
 def normalized(docs: list[dict]) -> list[dict]:
@@ -74,7 +74,7 @@ def test_chart_renders_what_manager_install_applies(helm, tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     from_helm = [d for d in YAML(typ="safe").load_all(rendered.stdout) if d]
-    dry = tpenv(tmp_path, "manager", "install", "--dry-run", "--with-private-keys",  # the whole Secret, as helm's
+    dry = tpenv(tmp_path, "manager", "install", "--dry-run", "--with-private-keys", "--webhook-namespace", "default",
                 env={"TPENV_AGENT_IMAGE": agent_image(), "TPENV_AGENT_IMAGE_PULL_POLICY": "Never"})
     from_tpenv = [d for d in YAML(typ="safe").load_all(dry.stdout) if d]
     # Stage 3: the same objects (helm sorts them by kind for its install order); each TLS chain valid.
@@ -102,7 +102,7 @@ def test_helm_install_then_an_intercept_through_its_webhook(helm, namespace, tmp
     tpenv(tmp_path, "manager", "uninstall", check=False)
     wait_for("no namespace tpenv", lambda: kubectl("get", "namespace", "tpenv", check=False).returncode != 0, 120)
     installed = subprocess.run([helm, "install", "tpenv-manager", str(tmp_path / "chart"), "-n", "default",
-                                *values_flags()], capture_output=True, text=True, timeout=300, env=env)
+                                *values_flags(ns)], capture_output=True, text=True, timeout=300, env=env)
     assert installed.returncode == 0, installed.stderr
     try:
         kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)

@@ -19,7 +19,7 @@ def test_intercept_uses_the_webhook_injected_agent(namespace, tmp_path):
     # Stage 1: the manager, and its webhook answering (a labelled dry-run pod gets the agent).
     tpenv(tmp_path, "manager", "uninstall", check=False)
     wait_for("no namespace tpenv", lambda: kubectl("get", "namespace", "tpenv", check=False).returncode != 0, 120)
-    tpenv(tmp_path, "manager", "install", timeout=300)
+    tpenv(tmp_path, "manager", "install", "--webhook-namespace", ns, timeout=300)
     try:
         kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
         probe = {"apiVersion": "v1", "kind": "Pod",

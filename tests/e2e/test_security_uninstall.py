@@ -6,13 +6,18 @@ Before install, an admin already has namespace `tpenv` with their own RoleBindin
 StatefulSet with a `partition` runs pods on the agent's revision (patch mode) and keeps them
 there. After `tpenv uninstall --everything`: the namespace and the RoleBinding are still there
 (the install only adopted the namespace: the uninstall gives it back), the objects the install
-created are gone, and the ControllerRevision the StatefulSet's pods still run is kept.
+created are gone, and the ControllerRevision the StatefulSet's pods still run is kept. A replace
+whose client and agent both died leaves its restore right (ServiceAccount, Role, RoleBinding,
+Secret tpenv-restore-<workload>, exactly as templates/replace/restore.yaml.j2 makes them): the
+sweep removes them, and a same-named ServiceAccount without tpenv's labels stays.
 """
 from __future__ import annotations
 
 import pytest
 
 from test_intercept_kit import tpenv
+from tpenv.engine.replace import render_restore
+from tpenv.kits.kube import Workload
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
 from tests.kit.apps import testapp_image
 
@@ -65,8 +70,15 @@ def test_uninstall_everything_keeps_what_was_there_before(namespace, tmp_path):
         kubectl("patch", "statefulset", "db", "--type=merge",
                 "-p", '{"spec":{"updateStrategy":{"rollingUpdate":{"partition":2}}}}', ns=ns)
 
+        # Stage 2b: a dead replace's restore right (rendered by tpenv's own code), and a decoy of
+        # the same name pattern that is not tpenv's.
+        left = render_restore(ns, Workload("Deployment", "gone-app", ns, {}), {"patch": []}, "-")
+        apply(left, ns=ns)
+        assert sorted(d["kind"] for d in left) == ["Role", "RoleBinding", "Secret", "ServiceAccount"]
+        apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tpenv-restore-not-ours"}}, ns=ns)
+
         # Stage 3: install the manager over the existing namespace, then uninstall everything.
-        tpenv(tmp_path, "manager", "install", timeout=300)
+        tpenv(tmp_path, "manager", "install", "--webhook-namespace", ns, timeout=300)
         annotations = kubectl_json("get", "namespace", "tpenv")["metadata"].get("annotations") or {}
         assert annotations.get("tpenv.io/ownership") == "adopted", annotations
         assert kubectl_json("get", "deployment", "tpenv-manager", ns="tpenv")["metadata"]["annotations"][
@@ -84,6 +96,12 @@ def test_uninstall_everything_keeps_what_was_there_before(namespace, tmp_path):
             kind, name, where = gone
             wait_until(f"{kind}/{name} deleted",
                        lambda: kubectl("get", kind, name, ns=where, check=False).returncode != 0, 120)
+
+        # Stage 4b: the restore right is gone, the decoy stays.
+        for d in left:
+            assert kubectl("get", d["kind"].lower(), d["metadata"]["name"], ns=ns, check=False).returncode != 0, d
+        assert f"deleted restore right {ns}/serviceaccount/tpenv-restore-gone-app" in cp.stdout, cp.stdout
+        assert kubectl("get", "serviceaccount", "tpenv-restore-not-ours", ns=ns, check=False).returncode == 0
 
         # Stage 5: the partitioned StatefulSet's pods still run the agent's revision, and it is kept.
         assert pod_revisions(ns) == {agent_rev}, cp.stdout

@@ -11,12 +11,16 @@ with the workload's pods running (injected or not) and `tpenv doctor` saying wha
 4. the manager down (scaled to 0): a new pod starts without the agent (failurePolicy Ignore,
    never pending); doctor fails cluster/manager and lists the pod as started without the agent.
 
+In each of stages 1, 2 and 4 `tpenv status -o json` (no session running) carries the same
+warning in its `warnings` list, so a developer sees it where they look.
+
 Cluster-wide (installs the manager): run under the lock,
 flock /tmp/tpenv-clusterwide.lock .venv/bin/python -m pytest tests/e2e/test_security_webhook.py
 """
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -70,13 +74,19 @@ def ca_bundle() -> bytes:
     return base64.b64decode(hooks[0]["clientConfig"]["caBundle"])
 
 
+def status_warnings(ns: str, env: dict) -> dict[str, dict]:
+    """`tpenv status -o json -n NS`'s warnings by check name (no session runs here: exit 1)."""
+    cp = tpenv_cli("-o", "json", "status", "-n", ns, env=env)
+    return {w["name"]: w for w in json.loads(cp.stdout)["warnings"]}
+
+
 def test_webhook_fails_safe_and_loud(cli_env, namespace, tmp_path):  # noqa: F811
     ns = namespace
     env = {**cli_env, "TPENV_MANAGER_CERT_LIFETIME_SECONDS": str(LIFETIME)}
     tpenv_cli("manager", "uninstall", env=env)
     wait_until("namespace tpenv gone before install",
                lambda: kubectl("get", "namespace", "tpenv", check=False).returncode != 0, 180)
-    cp = tpenv_cli("manager", "install", env=env)
+    cp = tpenv_cli("manager", "install", "--webhook-namespace", ns, env=env)
     assert cp.returncode == 0, cp.stderr
     try:
         kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
@@ -92,12 +102,16 @@ def test_webhook_fails_safe_and_loud(cli_env, namespace, tmp_path):  # noqa: F81
         code, report = doctor(tmp_path, ns, env={"KUBECONFIG": env["KUBECONFIG"]})
         hook = check(report, "cluster/webhook")
         assert hook["status"] == "warn" and "certificate expires" in hook["detail"], hook
+        shown = status_warnings(ns, env)
+        assert "certificate expires" in shown["cluster/webhook"]["detail"], shown
 
         # Stage 2: Secret tpenv-auth deleted: doctor names it; the next pod is injected and runs.
         kubectl("delete", "secret", "tpenv-auth", ns=ns)
         code, report = doctor(tmp_path, ns, env={"KUBECONFIG": env["KUBECONFIG"]})
         hook = check(report, "cluster/webhook")
         assert "Secret tpenv-auth is missing in " + ns in hook["detail"], hook
+        shown = status_warnings(ns, env)
+        assert "Secret tpenv-auth is missing in " + ns in shown["cluster/webhook"]["detail"], shown
         pod = roll(ns)
         assert has_agent(pod) and pod["status"]["phase"] == "Running", pod["status"]
         assert kubectl("get", "secret", "tpenv-auth", ns=ns, check=False).returncode == 0
@@ -125,5 +139,8 @@ def test_webhook_fails_safe_and_loud(cli_env, namespace, tmp_path):  # noqa: F81
         assert code == 1 and check(report, "cluster/manager")["status"] == "fail"
         hook = check(report, "cluster/webhook")
         assert f"{ns}/{pod['metadata']['name']}" in hook["detail"] and "without the agent" in hook["detail"], hook
+        shown = status_warnings(ns, env)
+        assert shown["cluster/manager"]["status"] == "fail" and "scaled to 0" in shown["cluster/manager"]["detail"]
+        assert f"{ns}/{pod['metadata']['name']}" in shown["cluster/webhook"]["detail"], shown
     finally:
         tpenv_cli("manager", "uninstall", env=env)

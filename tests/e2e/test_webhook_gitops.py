@@ -30,12 +30,20 @@ TP_ANNOTATION = "telepresence.getambassador.io/inject-traffic-agent"
 
 
 @pytest.fixture(scope="module")
-def manager(cli_env):  # noqa: F811
+def installed(cli_env):  # noqa: F811
     cp = tpenv_cli("manager", "install", env=cli_env)
     assert cp.returncode == 0, cp.stderr
-    assert "the webhook answers" in cp.stdout, cp.stdout
     yield cp
     tpenv_cli("manager", "uninstall", env=cli_env)
+
+
+@pytest.fixture
+def manager(installed, namespace, cli_env):  # noqa: F811
+    """The module's install, with this test's namespace selected for injection (upgrade)."""
+    cp = tpenv_cli("manager", "upgrade", "--webhook-namespace", namespace, env=cli_env)
+    assert cp.returncode == 0, cp.stderr
+    assert "the webhook answers" in cp.stdout, cp.stdout
+    return cp
 
 
 def write_manifests(d: Path, ns: str, name: str, *, label: bool, annotation: bool, ports: list[dict]) -> Path:
@@ -146,7 +154,7 @@ def test_apply_right_after_install_gets_the_agent(cli_env, namespace, tmp_path):
     tpenv_cli("manager", "uninstall", env=cli_env)
     wait_until("namespace tpenv gone", lambda: kubectl("get", "namespace", "tpenv", check=False).returncode != 0, 180)
     try:
-        cp = tpenv_cli("manager", "install", env=cli_env)
+        cp = tpenv_cli("manager", "install", "--webhook-namespace", ns, env=cli_env)
         assert cp.returncode == 0, cp.stderr
         assert "the webhook answers" in cp.stdout, cp.stdout
         # Stage 2: at once, kubectl apply of an opted-in Deployment: its first pod carries the agent.

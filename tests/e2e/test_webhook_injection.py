@@ -167,10 +167,17 @@ def manager(cli_env: dict):
     tpenv("manager", "uninstall", env=cli_env)
 
 
+def select_namespace(ns: str, cli_env: dict) -> None:
+    """Opt the test's namespace in: the webhook injects only in namespaces listed at install/upgrade."""
+    cp = tpenv("manager", "upgrade", "--webhook-namespace", ns, env=cli_env)
+    assert cp.returncode == 0 and ns in cp.stdout, cp.stderr
+
+
 # --- stage 1: install, and the webhook answers ----------------------------------------------------
 
 def test_install_brings_the_webhook_up(manager, namespace, cli_env):
-    assert "team mode off" in manager.stdout
+    assert "team mode off" in manager.stdout and "injects in no namespace" in manager.stdout
+    select_namespace(namespace, cli_env)
     kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
     # Ready pod is not enough: the API server must reach it through the Service with our caBundle.
     wait_until("the webhook to inject a dry-run pod", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
@@ -178,12 +185,16 @@ def test_install_brings_the_webhook_up(manager, namespace, cli_env):
     assert cm["data"]["team_mode"] == "false"
 
 
-def test_manager_rights_are_least_privilege(manager, namespace):
-    def can(*what: str, as_: str = "system:serviceaccount:tpenv:tpenv-manager") -> bool:
-        cp = kubectl("auth", "can-i", *what, f"--as={as_}", ns=namespace, check=False)
+def test_manager_rights_are_least_privilege(manager, namespace, cli_env):
+    select_namespace(namespace, cli_env)
+
+    def can(*what: str, as_: str = "system:serviceaccount:tpenv:tpenv-manager", ns: str = namespace) -> bool:
+        cp = kubectl("auth", "can-i", *what, f"--as={as_}", ns=ns, check=False)
         return cp.stdout.strip() == "yes"
 
-    assert can("create", "secrets")
+    # Secrets may be created in the selected namespace (and its own), nowhere else.
+    assert can("create", "secrets") and can("create", "secrets", ns="tpenv")
+    assert not can("create", "secrets", ns="default") and not can("create", "secrets", ns="kube-system")
     assert not can("get", "secrets") and not can("list", "secrets") and not can("delete", "secrets")
     assert not can("get", "pods") and not can("patch", "deployments")
     # Every user may read the client defaults, and nothing else in tpenv through that Role.
@@ -199,6 +210,7 @@ def test_manager_rights_are_least_privilege(manager, namespace):
 # --- stage 2: a labelled Deployment's pods get the agent -------------------------------------------
 
 def test_labelled_deployment_pod_gets_the_agent(manager, namespace, cli_env, agent_image):
+    select_namespace(namespace, cli_env)
     wait_until("the webhook", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
     template = pod("web", labelled=True)
     apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
@@ -234,7 +246,8 @@ def test_labelled_deployment_pod_gets_the_agent(manager, namespace, cli_env, age
 
 # --- stage 3: everything else is left alone ----------------------------------------------------------
 
-def test_unlabelled_pods_are_not_injected(manager, namespace):
+def test_unlabelled_pods_are_not_injected(manager, namespace, cli_env):
+    select_namespace(namespace, cli_env)
     wait_until("the webhook", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
     assert dry_run_containers(namespace, labelled=False) == ["echo"]
 
@@ -242,13 +255,14 @@ def test_unlabelled_pods_are_not_injected(manager, namespace):
 # --- stage 4: upgrade keeps the certificate and takes a new team mode --------------------------------
 
 def test_upgrade_keeps_tls_and_switches_team_mode(manager, namespace, cli_env):
+    select_namespace(namespace, cli_env)
     before = kubectl_json("get", "secret", "tpenv-manager-tls", ns="tpenv")["data"]
     cp = tpenv("manager", "upgrade", "--team-mode", env=cli_env)
     assert cp.returncode == 0, cp.stderr
     assert kubectl_json("get", "configmap", "tpenv-manager", ns="tpenv")["data"]["team_mode"] == "true"
     assert kubectl_json("get", "secret", "tpenv-manager-tls", ns="tpenv")["data"] == before
-    cp = tpenv("manager", "upgrade", env=cli_env)  # no flag: team mode stays as installed
-    assert cp.returncode == 0 and "team mode on" in cp.stdout, cp.stderr
+    cp = tpenv("manager", "upgrade", env=cli_env)  # no flag: team mode and the namespaces stay as installed
+    assert cp.returncode == 0 and "team mode on" in cp.stdout and namespace in cp.stdout, cp.stderr
     wait_until("the webhook after upgrade", lambda: "tpenv-agent" in dry_run_containers(namespace), 90)
 
 

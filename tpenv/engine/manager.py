@@ -42,7 +42,7 @@ from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
 from tpenv.errors import NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import DEFAULT_RESOURCES, HEALTH_PORT, SSH_PORT
-from tpenv.settings import Settings
+from tpenv.settings import ManagerSettings, Settings
 
 TLS_SECRET = "tpenv-manager-tls"
 WEBHOOK = "tpenv-agent-injector"
@@ -52,6 +52,9 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "manager"
 RELAY_PORT = 8022  # the relay's SSH port on the manager pod's loopback (docs/protocol.md §7)
 RELAY_CLIENT_ROLE = "tpenv-relay-client"
+# The per-namespace Role/RoleBinding that lets the manager create tpenv-auth (25-webhook-rbac).
+AUTH_COMPONENT = {"app.kubernetes.io/component": "webhook-auth"}
+AUTH_ROLE = "tpenv-manager-auth"
 
 
 class TemplateError(TpenvError):
@@ -91,6 +94,8 @@ def manager_values(settings: Settings | dict) -> dict[str, Any]:
         resources = settings.get("resources") or DEFAULT_RESOURCES
         ssh_port, health_port = settings.get("ssh_port") or SSH_PORT, settings.get("health_port") or HEALTH_PORT
         cert_lifetime = int(settings.get("cert_lifetime_seconds") or CERT_LIFETIME.total_seconds())
+        webhook_namespaces = ManagerSettings(webhook_namespaces=settings.get("webhook_namespaces") or []
+                                             ).webhook_namespaces
     else:  # tpenv.settings.Settings
         agent_image, pull = settings.agent.image, settings.agent.image_pull_policy
         lease, image = settings.agent.lease_seconds, settings.agent.image
@@ -98,7 +103,8 @@ def manager_values(settings: Settings | dict) -> dict[str, Any]:
         resources = settings.agent.resources()
         ssh_port, health_port = settings.agent.ssh_port, settings.agent.health_port
         cert_lifetime = settings.manager.cert_lifetime_seconds
-    return {"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image, "agent_resources": resources,
+        webhook_namespaces = list(settings.manager.webhook_namespaces)
+    return {"webhook_namespaces": webhook_namespaces,"agent_image": agent_image, "agent_image_pull_policy": pull, "image": image, "agent_resources": resources,
             "image_pull_policy": pull, "lease": max(1, round(float(lease))),
             "relay_port": relay_port, "relay_cidrs": relay_cidrs,
             "agent_ssh_port": ssh_port, "agent_health_port": health_port, "cert_lifetime": cert_lifetime}
@@ -142,6 +148,7 @@ def manager_context(settings: Settings | dict, *, team_mode: bool, tls: dict[str
         "version": _version(),
         "selector": selector,
         "labels": {**selector, "app.kubernetes.io/part-of": "tpenv", **MANAGED_BY},
+        "auth_labels": {**selector, "app.kubernetes.io/part-of": "tpenv", **MANAGED_BY, **AUTH_COMPONENT},
         "tls": {k: base64.b64encode(v).decode() for k, v in tls.items()},
         "tls_checksum": hashlib.sha256(tls["tls.crt"] + tls["ca.crt"]).hexdigest()[:16],
     }
@@ -230,12 +237,85 @@ async def _apply(kube: Kube, doc: dict) -> None:
                     what=What("apply", kind.lower() + "s", namespace, name))
 
 
-async def _current(kube: Kube, namespace: str) -> tuple[dict[str, bytes] | None, bool | None]:
-    """(reusable TLS material, installed team mode) of an existing install, each None if absent."""
+async def _current(kube: Kube, namespace: str) -> tuple[dict[str, bytes] | None, bool | None, list[str]]:
+    """(reusable TLS material, installed team mode, selected webhook namespaces) of an existing
+    install; TLS and team mode None if absent."""
     secret = await _read(kube, "Secret", TLS_SECRET, namespace)
     cm = await _read(kube, "ConfigMap", CONFIGMAP, namespace)
-    team = None if cm is None else ((cm.get("data") or {}).get("team_mode") == "true")
-    return reusable_tls(secret, namespace), team
+    data = {} if cm is None else (cm.get("data") or {})
+    team = None if cm is None else (data.get("team_mode") == "true")
+    selected = [n for n in (data.get("webhook_namespaces") or "").split(",") if n]
+    return reusable_tls(secret, namespace), team, selected
+
+
+def _with_namespaces(settings: Settings | dict, selected: list[str]) -> Settings | dict:
+    if isinstance(settings, dict):
+        return {**settings, "webhook_namespaces": selected}
+    copy = settings.model_copy(deep=True)
+    copy.manager.webhook_namespaces = selected
+    return copy
+
+
+async def _check_namespaces(kube: Kube, docs: list[dict]) -> None:
+    """Refuse, before anything is applied, a selected namespace that does not exist."""
+    for doc in docs:
+        if doc["kind"] == "Role" and doc["metadata"]["name"] == AUTH_ROLE:
+            ns = doc["metadata"]["namespace"]
+            if await _read(kube, "Namespace", ns, None) is None:
+                raise NotFound(f"--webhook-namespace {ns}: namespace {ns!r} does not exist; nothing was changed",
+                               hint=f"create it first (kubectl create namespace {ns}) or leave it out")
+
+
+async def _auth_objects(kube: Kube) -> list[dict]:
+    """The per-namespace Roles/RoleBindings of 25-webhook-rbac found in the cluster (any namespace)."""
+    selector = ",".join(f"{k}={v}" for k, v in {**MANAGED_BY, **AUTH_COMPONENT}.items())
+    found = []
+    for kind, lister in (("Role", kube.rbac.list_role_for_all_namespaces),
+                         ("RoleBinding", kube.rbac.list_role_binding_for_all_namespaces)):
+        items = (await kube.call(lister, label_selector=selector, what=What("list", kind.lower() + "s")))["items"]
+        found += [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
+                   "metadata": {"name": i["metadata"]["name"], "namespace": i["metadata"]["namespace"]}}
+                  for i in items if i["metadata"]["name"] == AUTH_ROLE]
+    return found
+
+
+async def _delete(kube: Kube, doc: dict) -> str | None:
+    """Delete what an install created, release what it adopted; ``kind/name`` when deleted."""
+    kind, name, ns = _ref(doc)
+    _, delete, _, namespaced = _kinds(kube)[kind]
+    args = (name, ns) if namespaced else (name,)
+    existing = await _read(kube, kind, name, ns)
+    if existing is None:
+        return None
+    meta = existing.get("metadata") or {}
+    ownership = (meta.get("annotations") or {}).get(ANN_OWNERSHIP)
+    if ownership == "adopted":
+        await _release(kube, doc)
+        return None
+    if ownership != "created" and (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") != "tpenv":
+        return None  # not made by any tpenv install: not ours to delete
+    try:
+        await kube.call(delete, *args, propagation_policy="Foreground" if kind == "Namespace" else "Background",
+                        what=What("delete", kind.lower() + "s", ns, name))
+    except NotFound:
+        return None
+    return f"{kind}/{name}" + (f" -n {ns}" if kind in ("Role", "RoleBinding") and ns != NAMESPACE else "")
+
+
+async def _prune_auth(kube: Kube, docs: list[dict]) -> None:
+    """Remove the Secret-creating Role of namespaces no longer selected (an upgrade that drops one)."""
+    wanted = {_ref(d) for d in docs}
+    for doc in await _auth_objects(kube):
+        if _ref(doc) not in wanted:
+            await _delete(kube, doc)
+
+
+async def _apply_all(kube: Kube, docs: list[dict]) -> None:
+    await _check_namespaces(kube, docs)
+    await _mark_ownership(kube, docs)
+    for doc in docs:
+        await _apply(kube, doc)
+    await _prune_auth(kube, docs)
 
 
 ANN_INSTALL_ID = "tpenv.io/install-id"
@@ -263,60 +343,46 @@ async def _mark_ownership(kube: Kube, docs: list[dict]) -> None:
 
 async def install(kube: Kube, settings: Settings | dict, *, team_mode: bool, namespace: str = NAMESPACE) -> list[dict]:
     """Create or replace every object of the manager; returns the manifests applied."""
-    tls, _ = await _current(kube, namespace)
+    tls, _, _ = await _current(kube, namespace)
     docs = render_manager(settings, team_mode=team_mode, tls=tls, namespace=namespace)
-    await _mark_ownership(kube, docs)
-    for doc in docs:
-        await _apply(kube, doc)
+    await _apply_all(kube, docs)
     return docs
 
 
 async def upgrade(kube: Kube, settings: Settings | dict, *, team_mode: bool | None = None,
-                  namespace: str = NAMESPACE) -> list[dict]:
-    """Re-apply the manager with these settings; team mode stays as installed unless given."""
-    tls, installed_team = await _current(kube, namespace)
+                  keep_webhook_namespaces: bool = False, namespace: str = NAMESPACE) -> list[dict]:
+    """Re-apply the manager with these settings; team mode stays as installed unless given, and
+    the selected webhook namespaces too with ``keep_webhook_namespaces``."""
+    tls, installed_team, selected = await _current(kube, namespace)
+    if keep_webhook_namespaces:  # those deleted since are left out (their Role went with them)
+        settings = _with_namespaces(settings, [n for n in selected if await _read(kube, "Namespace", n, None)])
     if installed_team is None:
         raise NotFound(f"the tpenv manager is not installed (no ConfigMap {CONFIGMAP} in namespace {namespace})",
                        hint="install it with: tpenv manager install")
     team = installed_team if team_mode is None else team_mode
     docs = render_manager(settings, team_mode=team, tls=tls, namespace=namespace)
-    await _mark_ownership(kube, docs)
-    for doc in docs:
-        await _apply(kube, doc)
+    await _apply_all(kube, docs)
     return docs
 
 
 async def uninstall(kube: Kube, namespace: str = NAMESPACE) -> list[str]:
     """Delete every object the install makes (absent ones are skipped); returns ``kind/name`` deleted.
 
-    The webhook goes first, so no pod creation is sent to a manager being removed; the
-    namespace goes last and takes what is left in it. The tpenv-auth Secrets the manager
+    The webhook goes first, so no pod creation is sent to a manager being removed, then the
+    Roles that let the manager create Secrets in the selected namespaces; the namespace goes
+    last and takes what is left in it. The tpenv-auth Secrets the manager
     created in workload namespaces stay: agents still running mount them (``tpenv uninstall
     --everything`` removes them).
     """
     docs = render_manager({}, team_mode=False, tls=_PLACEHOLDER_TLS, namespace=namespace)
-    kinds = _kinds(kube)
+    # The per-namespace Roles live outside the manager's namespace: found by label, removed
+    # right after the webhook (whose deletion stops new injections) and before the rest.
+    docs[-1:-1] = await _auth_objects(kube)
     deleted = []
     for doc in reversed(docs):
-        kind, name, ns = _ref(doc)
-        _, delete, _, namespaced = kinds[kind]
-        args = (name, ns) if namespaced else (name,)
-        existing = await _read(kube, kind, name, ns)
-        if existing is None:
-            continue
-        meta = existing.get("metadata") or {}
-        ownership = (meta.get("annotations") or {}).get(ANN_OWNERSHIP)
-        if ownership == "adopted":
-            await _release(kube, doc)
-            continue
-        if ownership != "created" and (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") != "tpenv":
-            continue  # not made by any tpenv install: not ours to delete
-        try:
-            await kube.call(delete, *args, propagation_policy="Foreground" if kind == "Namespace" else "Background",
-                            what=What("delete", kind.lower() + "s", ns, name))
-        except NotFound:
-            continue
-        deleted.append(f"{kind}/{name}")
+        name = await _delete(kube, doc)
+        if name:
+            deleted.append(name)
     return deleted
 
 

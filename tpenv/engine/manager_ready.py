@@ -54,10 +54,13 @@ async def _answers(kube: Kube, namespace: str) -> bool:
     return any(c.get("name") == AGENT_CONTAINER for c in (pod.get("spec") or {}).get("containers") or [])
 
 
-async def wait_webhook(kube: Kube, probe_namespace: str, *, timeout: float = 180.0) -> str:
+async def wait_webhook(kube: Kube, probe_namespace: str | None, *, timeout: float = 180.0) -> str:
+    """None: no namespace is selected for injection, only the rollout is waited for."""
     try:
         async with asyncio.timeout(timeout):
             await _rollout(kube)
+            if probe_namespace is None:
+                return "the manager is ready"
             backoff = Backoff(0.2, 3.0)
             while True:
                 try:

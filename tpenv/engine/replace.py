@@ -137,6 +137,30 @@ async def remove_restore_right(kube: Kube, w: Workload) -> None:
             pass
 
 
+async def sweep_restore_rights(kube: Kube) -> list[str]:
+    """``uninstall --everything``: every restore right left in the cluster (a replace whose client
+    and agent both died before leave), in any namespace. Only objects carrying tpenv's labels
+    (managed-by tpenv and the replace-of label) and the tpenv-restore- name: a same-named object
+    someone else made stays. Returns ``ns/kind/name`` deleted."""
+    selector = ",".join([*(f"{k}={v}" for k, v in MANAGED_BY.items()), REPLACE_OF])
+    out = []
+    for group, snake, plural in RESTORE_KINDS:
+        api = getattr(kube, group)
+        found = await kube.call(getattr(api, f"list_{snake}_for_all_namespaces"), label_selector=selector,
+                                what=What("list", plural))
+        for item in found.get("items", []):
+            name, ns = item["metadata"]["name"], item["metadata"]["namespace"]
+            if not name.startswith("tpenv-restore-") or item["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                await kube.call(getattr(api, f"delete_namespaced_{snake}"), name, ns,
+                                what=What("delete", plural, ns, name))
+            except NotFound:
+                continue
+            out.append(f"{ns}/{plural[:-1]}/{name}")
+    return out
+
+
 async def undo_replace(kube: Kube, w: Workload) -> Workload:
     """``uninstall``: a workload still replaced (its client gone, its agent not restored yet, e.g.
     its pods never became ready) is restored from its Secret's patch first; returned as it now is."""

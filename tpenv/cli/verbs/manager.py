@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--team-mode", action=argparse.BooleanOptionalAction, default=None,
                         help="make personal header intercepts the default for every client of this cluster "
                              "(stored in ConfigMap tpenv/tpenv-manager; install default: off, upgrade: unchanged)")
+    parser.add_argument("--webhook-namespace", action="append", metavar="NS",
+                        help="a namespace whose new pods the webhook may inject (repeatable; only these, and "
+                             "never kube-system, kube-public, kube-node-lease or tpenv; install default: none, "
+                             "upgrade: unchanged; setting manager.webhook_namespaces)")
     parser.add_argument("--relay-cidr", action="append", metavar="CIDR",
                         help="an address range the outbound relay may connect to (repeatable; default: the "
                              "cluster's pod and service ranges, read by the relay; setting manager.relay_cidrs)")
@@ -62,6 +66,13 @@ async def run(args: argparse.Namespace, ctx) -> int:
         except ValidationError as e:
             raise UsageError(f"--relay-cidr: {e.errors()[0]['msg']}",
                              hint="give a range like 10.96.0.0/12 (repeat the flag for several)") from e
+    if args.webhook_namespace:
+        try:
+            ctx.settings.manager.webhook_namespaces = args.webhook_namespace
+        except ValidationError as e:
+            raise UsageError(f"--webhook-namespace: {e.errors()[0]['msg'].removeprefix('Value error, ')}; "
+                             "nothing was changed",
+                             hint="give the namespaces of your workloads, e.g. --webhook-namespace shop") from e
     if args.action == "chart":
         from tpenv.engine.chart import write_chart
 
@@ -92,17 +103,23 @@ async def run(args: argparse.Namespace, ctx) -> int:
             if args.action == "install":
                 docs = await engine.install(kube, ctx.settings, team_mode=bool(args.team_mode))
             else:
-                docs = await engine.upgrade(kube, ctx.settings, team_mode=args.team_mode)
+                docs = await engine.upgrade(kube, ctx.settings, team_mode=args.team_mode,
+                                            keep_webhook_namespaces=not args.webhook_namespace)
             # Return when a pod created now gets the agent, not when the manifests are stored.
-            checked = await wait_webhook(kube, ctx.namespace or "default")
+            selected = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["webhook_namespaces"].split(",")
+            selected = [n for n in selected if n]
+            checked = await wait_webhook(kube, selected[0] if selected else None)
         else:
             deleted = await engine.uninstall(kube)
             text = ("deleted:\n" + "\n".join(f"  {n}" for n in deleted)) if deleted else "the manager was not installed"
             ctx.emit(text, {"deleted": deleted})
             return 0
     team = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["team_mode"] == "true"
+    where = (f"pods created from now on in namespace(s) {', '.join(selected)} with the pod label "
+             f"tpenv.io/inject-agent: enabled (or Telepresence's annotation "
+             f"telepresence.getambassador.io/inject-traffic-agent: enabled) get the agent" if selected else
+             "the webhook injects in no namespace (select some with --webhook-namespace NS)")
     ctx.emit(f"manager {args.action}ed in namespace {engine.NAMESPACE} (team mode {'on' if team else 'off'}); "
-             f"{checked}: pods created from now on with the pod label tpenv.io/inject-agent: enabled (or "
-             f"Telepresence's annotation telepresence.getambassador.io/inject-traffic-agent: enabled) get the agent",
-             {"applied": _names(docs), "team_mode": team, "webhook": checked})
+             f"{checked}: {where}",
+             {"applied": _names(docs), "team_mode": team, "webhook": checked, "webhook_namespaces": selected})
     return 0

@@ -14,7 +14,7 @@ import sys
 
 from tpenv.engine.agent_removal import (injected_workloads, prune_agent_history, remove_agent, revisions_in_use,
                                         wait_agent_gone)
-from tpenv.engine.replace import remove_restore_right, undo_replace
+from tpenv.engine.replace import remove_restore_right, sweep_restore_rights, undo_replace
 from tpenv.engine.strayports import find_stray_services, repair_stray
 from tpenv.errors import Forbidden, NotFound
 from tpenv.kits.kube import Kube, What
@@ -65,6 +65,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
         if args.everything:
             done["services"] = await _restore_stray_services(kube)
             done["secrets"] = await _delete_secrets(kube)
+            # Restore rights (templates/replace/restore.yaml.j2) a dead replace left behind.
+            done["restore_rights"] = await sweep_restore_rights(kube)
             from tpenv.engine import manager
 
             done["manager"] = await manager.uninstall(kube)
@@ -89,6 +91,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
         lines = [f"restored {x}" for x in done["workloads"] + done["services"]]
         lines += [f"deleted old revision {x}" for x in done["replicasets"]]
         lines += [f"deleted Secret {x}" for x in done["secrets"]] + [f"deleted {x}" for x in done["manager"]]
+        lines += [f"deleted restore right {x}" for x in done.get("restore_rights", [])]
         ctx.emit("\n".join(lines) or "nothing of tpenv's was found", done)
     return 0
 

@@ -306,6 +306,13 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
         if namespace in (MANAGER_NS, "kube-system"):
             return Outcome(SKIP, f"namespace {namespace!r} is never injected; certificate valid until "
                                  f"{expiry:%Y-%m-%d}")
+        selected = _selected(config)
+        if namespace not in selected:
+            return Outcome(WARN, f"namespace {namespace!r} is not selected for injection (selected: "
+                                 f"{', '.join(selected) or 'none'}): its pods never get the agent from the webhook"
+                                 + ("; " + "; ".join(notes) if notes else ""),
+                           fix=f"tpenv manager upgrade --webhook-namespace {namespace}"
+                               + "".join(f" --webhook-namespace {n}" for n in selected))
         try:
             injected, warning = await _webhook_round_trip(kube, namespace, settings.agent.image)
         except Forbidden:
@@ -332,6 +339,24 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
                   f"certificate valid until {expiry:%Y-%m-%d}")
         return Outcome(WARN if notes else OK, detail + ("; " + "; ".join(notes) if notes else ""), fix=fix)
     return check
+
+
+def _selected(config: dict[str, Any]) -> list[str]:
+    """The namespaces the webhook configuration sends to the manager (namespaceSelector ``In``)."""
+    for hook in config.get("webhooks") or []:
+        for expr in (hook.get("namespaceSelector") or {}).get("matchExpressions") or []:
+            if expr.get("key") == "kubernetes.io/metadata.name" and expr.get("operator") == "In":
+                return list(expr.get("values") or [])
+    return []
+
+
+async def manager_warnings(kube: Kube, namespace: str, settings: Settings) -> list[Any]:
+    """What `tpenv status` shows about the manager and its webhook: the doctor's two checks,
+    only when they warn or fail (a cluster without the manager shows nothing)."""
+    from tpenv.engine.doctor import run_checks
+
+    found = await run_checks([("cluster/manager", manager(kube)), ("cluster/webhook", webhook(kube, namespace, settings))])
+    return [f for f in found if f.status in (WARN, FAIL)]
 
 
 def _missed(pod: dict[str, Any]) -> str:

@@ -65,3 +65,17 @@ def test_dry_run_leaves_private_keys_out_unless_asked(capsys):
     assert main(["manager", "install", "--dry-run", "--with-private-keys", "-o", "json"]) == 0
     tls = next(d for d in json.loads(capsys.readouterr().out) if d["kind"] == "Secret")
     assert "tls.key" in tls["data"]
+
+
+def test_webhook_namespaces_from_the_flag_and_reserved_ones_refused(capsys):
+    # Stage 1: repeatable; both entries select exactly these namespaces.
+    assert main(["manager", "install", "--dry-run", "-o", "json", "--webhook-namespace", "shop",
+                 "--webhook-namespace", "web"]) == 0
+    docs = json.loads(capsys.readouterr().out)
+    hooks = next(d for d in docs if d["kind"] == "MutatingWebhookConfiguration")["webhooks"]
+    assert [h["namespaceSelector"]["matchExpressions"][0]["values"] for h in hooks] == [["shop", "web"]] * 2
+    # Stage 2: the control plane's and tpenv's own namespaces: a usage error naming the flag.
+    for ns in ("kube-system", "tpenv"):
+        assert main(["manager", "install", "--dry-run", "--webhook-namespace", ns]) == 2
+        err = capsys.readouterr().err
+        assert "--webhook-namespace" in err and ns in err and "never injected" in err

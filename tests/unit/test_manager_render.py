@@ -15,6 +15,7 @@ from tpenv.engine import manager as m
 from tpenv.settings import Settings
 
 SETTINGS = {"agent_image": "tpenv/agent:t1", "image_pull_policy": "Never", "lease": 5}
+SELECTED = {**SETTINGS, "webhook_namespaces": ["web", "shop"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_team_mode_is_stored_for_clients(tls):
 # --- stage 2: the webhook configuration ---------------------------------------------------------
 
 def test_webhook_never_blocks_pods_and_opts_in_by_pod_label(tls):
-    (cfg,) = by_kind(m.render_manager(SETTINGS, team_mode=False, tls=tls), "MutatingWebhookConfiguration")
+    (cfg,) = by_kind(m.render_manager(SELECTED, team_mode=False, tls=tls), "MutatingWebhookConfiguration")
     hook, by_annotation = cfg["webhooks"]
     assert hook["failurePolicy"] == "Ignore"
     assert hook["sideEffects"] == "NoneOnDryRun"
@@ -71,8 +72,9 @@ def test_webhook_never_blocks_pods_and_opts_in_by_pod_label(tls):
                                                                      "operator": "DoesNotExist"}]}
     assert {k: v for k, v in by_annotation.items() if k not in ("name", "objectSelector")} == \
         {k: v for k, v in hook.items() if k not in ("name", "objectSelector")}
-    (expr,) = hook["namespaceSelector"]["matchExpressions"]
-    assert expr["operator"] == "NotIn" and "tpenv" in expr["values"]
+    # Only the selected namespaces, by the name the API server sets (sorted, once each).
+    assert hook["namespaceSelector"] == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop", "web"]}]}
     assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                               "resources": ["pods"], "scope": "Namespaced"}]
     assert hook["clientConfig"]["service"] == {"name": "tpenv-manager", "namespace": "tpenv", "path": "/mutate",
@@ -80,11 +82,41 @@ def test_webhook_never_blocks_pods_and_opts_in_by_pod_label(tls):
     assert base64.b64decode(hook["clientConfig"]["caBundle"]) == tls["ca.crt"]
 
 
+def test_no_namespace_selected_means_no_webhook_entry_and_no_secret_right(tls):
+    docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
+    (cfg,) = by_kind(docs, "MutatingWebhookConfiguration")
+    assert cfg["webhooks"] == []
+    assert not [d for d in docs if d["metadata"]["name"] == "tpenv-manager-auth"]
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["data"]["webhook_namespaces"] == ""
+
+
+@pytest.mark.parametrize("ns", ["kube-system", "kube-public", "kube-node-lease", "tpenv", "Not_A_Name"])
+def test_reserved_or_invalid_namespaces_are_never_rendered(ns, tls):
+    with pytest.raises(ValueError, match=ns):
+        m.render_manager({**SETTINGS, "webhook_namespaces": ["shop", ns]}, team_mode=False, tls=tls)
+
+
+def test_secret_creation_is_granted_per_selected_namespace_only(tls):
+    docs = m.render_manager(SELECTED, team_mode=False, tls=tls)
+    auth = [d for d in docs if d["metadata"]["name"] == "tpenv-manager-auth"]
+    assert [(d["kind"], d["metadata"]["namespace"]) for d in auth] == [
+        ("Role", "shop"), ("RoleBinding", "shop"), ("Role", "web"), ("RoleBinding", "web")]
+    for d in auth:
+        assert d["metadata"]["labels"]["app.kubernetes.io/component"] == "webhook-auth"
+        if d["kind"] == "Role":
+            assert d["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
+        else:
+            assert d["roleRef"]["name"] == "tpenv-manager-auth" and d["subjects"] == [
+                {"kind": "ServiceAccount", "name": "tpenv-manager", "namespace": "tpenv"}]
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["data"]["webhook_namespaces"] == "shop,web"  # what an upgrade without the flag keeps
+
+
 def test_rbac_grants_only_what_the_webhook_and_relay_use(tls):
     docs = m.render_manager(SETTINGS, team_mode=False, tls=tls)
     (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert cluster_role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    assert cluster_role["rules"] == [  # no Secret verb at all: creation is per selected namespace
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},  # the relay's pod ranges
         {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},  # Pod Security: redirect or not
@@ -99,7 +131,8 @@ def test_rbac_grants_only_what_the_webhook_and_relay_use(tls):
     assert roles["tpenv-manager"]["rules"] == [  # the relay's own keys, by name; the rotated certificate
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-auth"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tpenv-manager-tls"],
-         "verbs": ["get", "update"]}]
+         "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]  # its own tpenv-auth, here only
     assert roles["tpenv-client-config"]["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpenv-manager"], "verbs": ["get"]}]
     bindings = {d["metadata"]["name"]: d for d in by_kind(docs, "RoleBinding")}

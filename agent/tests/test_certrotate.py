@@ -84,3 +84,19 @@ def test_rotation_trusts_both_then_serves_the_new_then_stores_it(tmp_path):
                            "PUT tpenv-manager-tls"]
         assert oct((tmp_path / "run" / "tls.key").stat().st_mode & 0o777) == "0o600"
     asyncio.run(main())
+
+
+def test_rotation_without_a_selected_namespace_still_renews_the_certificate(tmp_path):
+    # No namespace selected: the configuration has no entries (webhooks: []) and nothing to trust;
+    # the serving certificate and its Secret are still renewed.
+    async def main():
+        old = generate(NS, dt.timedelta(minutes=3))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        api = Api(old)
+        api.objects["/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/tpenv-agent-injector"] = {}
+        rotator = Rotator(ctx, dict(old), NS, api, tmp_path / "run", "tpenv-agent-injector", "tpenv-manager-tls")
+        await rotator.rotate()
+        stored = api.objects[f"/api/v1/namespaces/{NS}/secrets/tpenv-manager-tls"]["data"]
+        assert base64.b64decode(stored["tls.crt"]) == rotator.material["tls.crt"] != old["tls.crt"]
+        assert "PUT tpenv-agent-injector" not in api.log
+    asyncio.run(main())

@@ -88,6 +88,8 @@ class Rotator:
         config = self.api("GET", path)
         mine = [w for w in config.get("webhooks") or []
                 if ((w.get("clientConfig") or {}).get("service") or {}).get("namespace") == self.namespace]
+        if not config.get("webhooks"):
+            return  # no namespace selected for injection: no entry whose caBundle could trust us
         if not mine:
             raise ValueError(f"MutatingWebhookConfiguration {self.webhook} has no webhook served from {self.namespace}")
         for w in mine:

@@ -365,7 +365,8 @@ async def _webhook_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: d
             raise PermanentError(f"{w.ref} opted in, not injected: {sorted(refusals)[0]}",
                                  hint="fix the pod template as the reason says; the manager injects new pods")
         raise RolloutStalled(f"no ready pod of {w.ref} runs the webhook-injected agent for port {port_name!r}",
-                             hint=f"is the manager installed (tpenv manager install)? pods created before it need "
+                             hint=f"is the manager installed, with namespace {w.namespace} selected (tpenv manager "
+                                  f"upgrade --webhook-namespace {w.namespace})? pods created before that need "
                                   f"a restart: kubectl rollout restart {w.ref} -n {w.namespace}")
     port_name = next(n for p, n in named if n)
     say(f"Using the agent the webhook injected into {w.ref}")

@@ -350,12 +350,16 @@ def _selected(config: dict[str, Any]) -> list[str]:
     return []
 
 
+STATUS_TIMEOUT = 10.0  # `tpenv status` must stay quick when the cluster is slow or unreachable
+
+
 async def manager_warnings(kube: Kube, namespace: str, settings: Settings) -> list[Any]:
     """What `tpenv status` shows about the manager and its webhook: the doctor's two checks,
     only when they warn or fail (a cluster without the manager shows nothing)."""
     from tpenv.engine.doctor import run_checks
 
-    found = await run_checks([("cluster/manager", manager(kube)), ("cluster/webhook", webhook(kube, namespace, settings))])
+    found = await run_checks([("cluster/manager", manager(kube)), ("cluster/webhook", webhook(kube, namespace, settings))],
+                             timeout=STATUS_TIMEOUT)
     return [f for f in found if f.status in (WARN, FAIL)]
 
 

@@ -39,7 +39,7 @@ from ruamel.yaml.error import YAMLError
 
 from tpenv.engine.manager_tls import CERT_LIFETIME, NAME, RENEW_BEFORE, generate_tls, reusable_tls  # noqa: F401
 from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
-from tpenv.errors import NotFound, TpenvError
+from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import DEFAULT_RESOURCES, HEALTH_PORT, SSH_PORT
 from tpenv.settings import ManagerSettings, Settings
@@ -266,17 +266,21 @@ async def _check_namespaces(kube: Kube, docs: list[dict]) -> None:
                                hint=f"create it first (kubectl create namespace {ns}) or leave it out")
 
 
-async def _auth_objects(kube: Kube) -> list[dict]:
-    """The per-namespace Roles/RoleBindings of 25-webhook-rbac found in the cluster (any namespace)."""
+async def _auth_objects(kube: Kube, namespace: str = NAMESPACE) -> list[dict]:
+    """The per-namespace Roles/RoleBindings of 25-webhook-rbac found in the cluster (any namespace;
+    without the right to list them everywhere: those of the namespaces the ConfigMap records)."""
     selector = ",".join(f"{k}={v}" for k, v in {**MANAGED_BY, **AUTH_COMPONENT}.items())
-    found = []
-    for kind, lister in (("Role", kube.rbac.list_role_for_all_namespaces),
-                         ("RoleBinding", kube.rbac.list_role_binding_for_all_namespaces)):
-        items = (await kube.call(lister, label_selector=selector, what=What("list", kind.lower() + "s")))["items"]
-        found += [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
-                   "metadata": {"name": i["metadata"]["name"], "namespace": i["metadata"]["namespace"]}}
-                  for i in items if i["metadata"]["name"] == AUTH_ROLE]
-    return found
+    refs: list[tuple[str, str]] = []
+    try:
+        for kind, lister in (("Role", kube.rbac.list_role_for_all_namespaces),
+                             ("RoleBinding", kube.rbac.list_role_binding_for_all_namespaces)):
+            items = (await kube.call(lister, label_selector=selector, what=What("list", kind.lower() + "s")))["items"]
+            refs += [(kind, i["metadata"]["namespace"]) for i in items if i["metadata"]["name"] == AUTH_ROLE]
+    except Forbidden:
+        _, _, selected = await _current(kube, namespace)
+        refs = [(kind, ns) for ns in selected for kind in ("Role", "RoleBinding")]
+    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
+             "metadata": {"name": AUTH_ROLE, "namespace": ns}} for kind, ns in refs]
 
 
 async def _delete(kube: Kube, doc: dict) -> str | None:
@@ -302,20 +306,20 @@ async def _delete(kube: Kube, doc: dict) -> str | None:
     return f"{kind}/{name}" + (f" -n {ns}" if kind in ("Role", "RoleBinding") and ns != NAMESPACE else "")
 
 
-async def _prune_auth(kube: Kube, docs: list[dict]) -> None:
+async def _prune_auth(kube: Kube, docs: list[dict], namespace: str) -> None:
     """Remove the Secret-creating Role of namespaces no longer selected (an upgrade that drops one)."""
     wanted = {_ref(d) for d in docs}
-    for doc in await _auth_objects(kube):
+    for doc in await _auth_objects(kube, namespace):
         if _ref(doc) not in wanted:
             await _delete(kube, doc)
 
 
-async def _apply_all(kube: Kube, docs: list[dict]) -> None:
+async def _apply_all(kube: Kube, docs: list[dict], namespace: str) -> None:
     await _check_namespaces(kube, docs)
     await _mark_ownership(kube, docs)
     for doc in docs:
         await _apply(kube, doc)
-    await _prune_auth(kube, docs)
+    await _prune_auth(kube, docs, namespace)
 
 
 ANN_INSTALL_ID = "tpenv.io/install-id"
@@ -345,7 +349,7 @@ async def install(kube: Kube, settings: Settings | dict, *, team_mode: bool, nam
     """Create or replace every object of the manager; returns the manifests applied."""
     tls, _, _ = await _current(kube, namespace)
     docs = render_manager(settings, team_mode=team_mode, tls=tls, namespace=namespace)
-    await _apply_all(kube, docs)
+    await _apply_all(kube, docs, namespace)
     return docs
 
 
@@ -361,7 +365,7 @@ async def upgrade(kube: Kube, settings: Settings | dict, *, team_mode: bool | No
                        hint="install it with: tpenv manager install")
     team = installed_team if team_mode is None else team_mode
     docs = render_manager(settings, team_mode=team, tls=tls, namespace=namespace)
-    await _apply_all(kube, docs)
+    await _apply_all(kube, docs, namespace)
     return docs
 
 
@@ -377,7 +381,7 @@ async def uninstall(kube: Kube, namespace: str = NAMESPACE) -> list[str]:
     docs = render_manager({}, team_mode=False, tls=_PLACEHOLDER_TLS, namespace=namespace)
     # The per-namespace Roles live outside the manager's namespace: found by label, removed
     # right after the webhook (whose deletion stops new injections) and before the rest.
-    docs[-1:-1] = await _auth_objects(kube)
+    docs[-1:-1] = await _auth_objects(kube, namespace)
     deleted = []
     for doc in reversed(docs):
         name = await _delete(kube, doc)

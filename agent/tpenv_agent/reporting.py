@@ -9,7 +9,7 @@
   Warning Event ``AgentNotInjected`` on each such pod and on its workload (the Deployment
   behind a ReplicaSet): where ``kubectl describe`` shows it. Never only in the manager's log.
 
-Both use the in-cluster service account through ``manager.api_call`` (blocking, run in a thread).
+Both use the in-cluster service account through ``incluster.api_call`` (blocking, run in a thread).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class Refusals:
             log.warning("[webhook/events] watching pods of %s failed: %s", namespace, e)
 
     def _stream(self, path: str, namespace: str) -> None:
-        from .manager import api_stream
+        from .incluster import api_stream
 
         for line in api_stream(path, timeout=WATCH_SECONDS + 10):
             event = json.loads(line)

@@ -6,7 +6,7 @@ import asyncssh
 
 from tpenv.engine.injection import auth_secret_manifest
 from tpenv.kits.agent_client import issue_session_key, make_auth_material
-from tpenv_agent.manager import auth_material
+from tpenv_agent.incluster import auth_material
 
 
 def test_manager_material_signs_session_certificates_the_host_accepts():

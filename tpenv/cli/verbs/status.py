@@ -40,7 +40,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
 
 async def _cluster_warnings(ctx) -> list:
     from tpenv.cli.verbs.doctor import _namespace
-    from tpenv.engine.doctor.cluster import manager_warnings
+    from tpenv.engine.doctor.webhook import manager_warnings
     from tpenv.errors import TpenvError
     from tpenv.kits.kube import Kube
 

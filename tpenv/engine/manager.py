@@ -189,29 +189,33 @@ def to_yaml_stream(docs: list[dict]) -> str:
 # applying (Kubernetes API, through tpenv.kits.kube)
 
 
+# kind -> (the kube kit's API group, the snake_case name in its methods, namespaced)
+_KINDS = {
+    "Namespace": ("core", "namespace", False),
+    "ServiceAccount": ("core", "service_account", True),
+    "ClusterRole": ("rbac", "cluster_role", False),
+    "ClusterRoleBinding": ("rbac", "cluster_role_binding", False),
+    "Role": ("rbac", "role", True),
+    "RoleBinding": ("rbac", "role_binding", True),
+    "ConfigMap": ("core", "config_map", True),
+    "Secret": ("core", "secret", True),
+    "Deployment": ("apps", "deployment", True),
+    "Service": ("core", "service", True),
+    "MutatingWebhookConfiguration": ("admission", "mutating_webhook_configuration", False),
+}
+
+
 def _kinds(kube: Kube) -> dict[str, tuple[Any, Any, Any, bool]]:
-    """kind -> (patch, delete, read, namespaced) of the kube kit's API groups."""
-    core, apps, rbac, adm = kube.core, kube.apps, kube.rbac, kube.admission
-    return {
-        "Namespace": (core.patch_namespace, core.delete_namespace, core.read_namespace, False),
-        "ServiceAccount": (core.patch_namespaced_service_account, core.delete_namespaced_service_account,
-                           core.read_namespaced_service_account, True),
-        "ClusterRole": (rbac.patch_cluster_role, rbac.delete_cluster_role, rbac.read_cluster_role, False),
-        "ClusterRoleBinding": (rbac.patch_cluster_role_binding, rbac.delete_cluster_role_binding,
-                               rbac.read_cluster_role_binding, False),
-        "Role": (rbac.patch_namespaced_role, rbac.delete_namespaced_role, rbac.read_namespaced_role, True),
-        "RoleBinding": (rbac.patch_namespaced_role_binding, rbac.delete_namespaced_role_binding,
-                        rbac.read_namespaced_role_binding, True),
-        "ConfigMap": (core.patch_namespaced_config_map, core.delete_namespaced_config_map,
-                      core.read_namespaced_config_map, True),
-        "Secret": (core.patch_namespaced_secret, core.delete_namespaced_secret, core.read_namespaced_secret, True),
-        "Deployment": (apps.patch_namespaced_deployment, apps.delete_namespaced_deployment,
-                       apps.read_namespaced_deployment, True),
-        "Service": (core.patch_namespaced_service, core.delete_namespaced_service, core.read_namespaced_service, True),
-        "MutatingWebhookConfiguration": (adm.patch_mutating_webhook_configuration,
-                                         adm.delete_mutating_webhook_configuration,
-                                         adm.read_mutating_webhook_configuration, False),
-    }
+    """kind -> (patch, delete, read, namespaced) of the kube kit's API groups.
+
+    The kubernetes client names them ``{verb}_namespaced_{name}`` or ``{verb}_{name}``: the
+    table says the group and name once, not three method names a kind."""
+    out = {}
+    for kind, (group, name, namespaced) in _KINDS.items():
+        api, stem = getattr(kube, group), f"namespaced_{name}" if namespaced else name
+        out[kind] = (getattr(api, f"patch_{stem}"), getattr(api, f"delete_{stem}"), getattr(api, f"read_{stem}"),
+                     namespaced)
+    return out
 
 
 def _ref(doc: dict) -> tuple[str, str, str | None]:

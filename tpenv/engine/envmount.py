@@ -33,8 +33,7 @@ def intercept_key(namespace: str, workload: str, port: Any, context: str | None 
 class EnvMountSpec:
     """Desired: the env (and mount) of one intercept, read from ``pod``'s agent."""
 
-    registry: TunnelRegistry = field(compare=False, repr=False)
-    intercept: Intercept = field(compare=False, repr=False)
+    # What it asks for (compared: a change restarts the unit)...
     namespace: str
     workload: str
     pod: str
@@ -42,6 +41,9 @@ class EnvMountSpec:
     container: str
     base_dir: Path = Path(".")
     env_json: str | None = None  # an extra JSON env file (--env-json)
+    # ...and what it works with (not compared; the intercept counts through spec_hash).
+    registry: TunnelRegistry = field(compare=False, repr=False, kw_only=True)
+    intercept: Intercept = field(compare=False, repr=False, kw_only=True)
     settings: Settings = field(default_factory=Settings, compare=False, repr=False)
     kube: Any = field(default=None, compare=False, repr=False)  # to read the app process's env (appenv.py)
     # What was already said about an unreadable app env: once per intercept, not per pod.

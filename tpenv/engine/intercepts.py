@@ -150,9 +150,10 @@ class InterceptRun:
             specs[spec.key] = spec
         pods = self.ready_pods()
         if pods:
-            em = EnvMountSpec(self.registry, self.intercept, self.namespace, self.intercept.workload_name,
-                              pods[0]["metadata"]["name"], self.intercept_id, self.resolved.agent.container,
-                              self.base_dir, self.env_json, self.settings, self.kube, self._said)
+            em = EnvMountSpec(self.namespace, self.intercept.workload_name, pods[0]["metadata"]["name"],
+                              self.intercept_id, self.resolved.agent.container, self.base_dir, self.env_json,
+                              registry=self.registry, intercept=self.intercept, settings=self.settings,
+                              kube=self.kube, said=self._said)
             specs[em.key] = em
         return specs
 

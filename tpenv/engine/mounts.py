@@ -111,8 +111,9 @@ def rewrite_env(env: dict[str, str], names: list[str], mount_root: str) -> dict[
     return out
 
 
-async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
-    """Until ``path`` is a mount point (mountinfo change events), sshfs exits, or the timeout."""
+async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: float) -> int | None:
+    """Until ``path`` is a mount point (mountinfo change events: None), sshfs exits (its exit
+    code), or the timeout (TimeoutError)."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     fd = os.open("/proc/self/mountinfo", os.O_RDONLY)
@@ -127,12 +128,12 @@ async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: fl
                     pass
                 changed.clear()
                 if is_mounted(path):
-                    return
+                    return None
                 waiter = asyncio.ensure_future(changed.wait())
                 done, _ = await asyncio.wait({waiter, exited}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if exited in done:
-                    raise _SshfsExited(proc.returncode)
+                    return proc.returncode
     finally:
         loop.remove_reader(fd)
         os.close(fd)
@@ -149,11 +150,6 @@ def _parent_is_tpenv(pid: int) -> bool:
             return b"tpenv" in f.read()
     except (OSError, ValueError, IndexError):
         return False
-
-
-class _SshfsExited(Exception):
-    def __init__(self, code: int | None) -> None:
-        self.code = code
 
 
 class SshfsMount:
@@ -223,12 +219,7 @@ class SshfsMount:
             self._pumps = [asyncio.ensure_future(self._pump(reader, self._proc.stdin, close=True)),
                            asyncio.ensure_future(self._pump(self._proc.stdout, writer, close=False)),
                            asyncio.ensure_future(self._collect_stderr())]
-            await _wait_mounted(str(self.path), self._proc, MOUNT_TIMEOUT)
-        except _SshfsExited as e:
-            await self._cleanup()
-            text = self._stderr.decode(errors="replace").strip()
-            raise TransientError(f"[mount/{self.name}] sshfs exited ({e.code}) before mounting: {text or 'no output'}") \
-                from None
+            exit_code = await _wait_mounted(str(self.path), self._proc, MOUNT_TIMEOUT)
         except TimeoutError as e:
             await self._cleanup()
             raise TransientError(f"[mount/{self.name}] sshfs did not mount {self.path} within {MOUNT_TIMEOUT:.0f}s") \
@@ -236,6 +227,11 @@ class SshfsMount:
         except BaseException:
             await self._cleanup()
             raise
+        if exit_code is not None:
+            await self._cleanup()
+            text = self._stderr.decode(errors="replace").strip()
+            raise TransientError(f"[mount/{self.name}] sshfs exited ({exit_code}) before mounting: "
+                                 f"{text or 'no output'}")
         log.info("[mount/%s] volumes mounted at %s", self.name, self.path)
         self._state.set(State.READY, detail=str(self.path))
         self._probe = asyncio.ensure_future(self._probe_loop())

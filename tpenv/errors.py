@@ -8,12 +8,20 @@
     │   ├── NotFound                workload / service / namespace / port missing
     │   ├── Forbidden               RBAC refuses the action
     │   ├── Conflict                another session holds the intercept
-    │   └── MissingTool             a local program or kernel feature is absent (sshfs, FUSE)
+    │   ├── MissingTool             a local program or kernel feature is absent (sshfs, FUSE)
+    │   ├── ExecFailed              a command run in a pod failed (kits/podexec.py)
+    │   ├── DependencyCycle         units depend on each other in a circle (engine/plan.py)
+    │   └── TemplateError           a manager template renders to no valid manifest (engine/manager.py)
     └── TransientError              worth retrying after ``retry_after`` seconds (exit 1)
         ├── ClusterUnreachable      API server down or network cut
         ├── TunnelDropped           port-forward or SSH connection lost
+        │   ├── WebSocketRefused    the API server refused the WebSocket upgrade (kits/pf_common.py)
+        │   └── SpdyProtocolError   the peer broke SPDY/3 (kits/spdy_frames.py)
         ├── RolloutStalled          pods did not become ready in time
         └── UpdateConflict          an update from a stale copy (409): read the object again, redo
+
+The classes named with a module live next to the code that raises them; tests/unit/test_errors_tree.py
+fails when a class raised in tpenv/ is outside this tree or missing from this drawing.
 
 Errors from kubernetes, asyncssh, websockets and the OS are wrapped at the edges with
 ``raise ... from e``; only the CLI maps these to messages and exit codes.

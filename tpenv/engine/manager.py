@@ -39,7 +39,7 @@ from ruamel.yaml.error import YAMLError
 
 from tpenv.engine.manager_tls import CERT_LIFETIME, NAME, RENEW_BEFORE, generate_tls, reusable_tls  # noqa: F401
 from tpenv.engine.teammode import CONFIGMAP, NAMESPACE
-from tpenv.errors import Forbidden, NotFound, TpenvError
+from tpenv.errors import Forbidden, NotFound, PermanentError, TpenvError
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import DEFAULT_RESOURCES, HEALTH_PORT, SSH_PORT
 from tpenv.settings import ManagerSettings, Settings
@@ -57,7 +57,7 @@ AUTH_COMPONENT = {"app.kubernetes.io/component": "webhook-auth"}
 AUTH_ROLE = "tpenv-manager-auth"
 
 
-class TemplateError(TpenvError):
+class TemplateError(PermanentError):
     """A manager template renders to something that is not a valid manifest: a bug in templates/."""
 
 

@@ -14,6 +14,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from tpenv.errors import TunnelDropped
+
 VERSION = 3
 
 # Frame types (SPDY/3 section 2.6); DATA is not a control type, 0 stands for it here.
@@ -52,8 +54,8 @@ def _dictionary() -> bytes:
 DICTIONARY = _dictionary()
 
 
-class SpdyProtocolError(Exception):
-    """The peer sent bytes that are not SPDY/3 (or a frame we cannot accept)."""
+class SpdyProtocolError(TunnelDropped):
+    """The peer sent bytes that are not SPDY/3 (or a frame we cannot accept): the session ends."""
 
 
 @dataclass

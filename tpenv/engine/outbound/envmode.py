@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from tpenv.engine.outbound.core import OutboundCore
+from tpenv.engine.outbound.proxied import ProxiedCapture
 from tpenv.errors import TpenvError
 from tpenv.kits.kube import What
-from tpenv.kits.proxy_server import ProxyServer
 from tpenv.kits.splice import CHUNK, splice
 
 LOOPBACK_BASE = int(ipaddress.IPv4Address("127.77.0.1"))
@@ -139,29 +139,22 @@ class PortMaps:
         await asyncio.gather(*self._conns, return_exceptions=True)
 
 
-class EnvCapture:
+class EnvCapture(ProxiedCapture):
     """The proxy and the port maps of one core; ``env_for(env, namespace)`` gives a process's env."""
 
     def __init__(self, core: OutboundCore) -> None:
-        self.core = core
-        self.proxy = ProxyServer(core.dial)
+        super().__init__(core)
         self.maps = PortMaps(core)
 
-    async def __aenter__(self) -> "EnvCapture":
-        await self.proxy.start()
-        self.core.log.info("env mode: proxy on 127.0.0.1:%s (SOCKS5 and HTTP)", self.proxy.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-        await self.wait_closed()
+    def started(self) -> str:
+        return f"env mode: proxy on 127.0.0.1:{self.proxy.port} (SOCKS5 and HTTP)"
 
     def close(self) -> None:
-        self.proxy.close()
+        super().close()
         self.maps.close()
 
     async def wait_closed(self) -> None:
-        await self.proxy.wait_closed()
+        await super().wait_closed()
         await self.maps.wait_closed()
 
     async def env_for(self, env: Mapping[str, str], namespace: str) -> dict[str, str]:

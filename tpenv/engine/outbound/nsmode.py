@@ -12,31 +12,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-from tpenv.engine.outbound.core import OutboundCore
-from tpenv.kits.proxy_server import ProxyServer
+from tpenv.engine.outbound.proxied import ProxiedCapture
 
 
-class NsHandlers:
+class NsHandlers(ProxiedCapture):
     """``async with``: the proxy the handlers' wrappers dial through; ``wrap(argv)`` their argv."""
 
-    def __init__(self, core: OutboundCore) -> None:
-        self.core = core
-        self.proxy = ProxyServer(core.dial)
-
-    async def __aenter__(self) -> "NsHandlers":
-        await self.proxy.start()
-        self.core.log.info("ns mode: handlers run in their own namespaces, through 127.0.0.1:%s", self.proxy.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-        await self.wait_closed()
-
-    def close(self) -> None:
-        self.proxy.close()
-
-    async def wait_closed(self) -> None:
-        await self.proxy.wait_closed()
+    def started(self) -> str:
+        return f"ns mode: handlers run in their own namespaces, through 127.0.0.1:{self.proxy.port}"
 
     def wrap(self, argv: list[str], inbound: Iterable[int] = ()) -> list[str]:
         host, port = self.core.resolver_address

@@ -80,3 +80,86 @@ async def test_bad_mode_is_refused(tmp_path):
             answer = await s.intercept("x", "http", None, dev.port, mode="wiretap")
             assert not answer["ok"] and answer["error"]["code"] == "bad-request"
             assert "mode" in answer["error"]["message"]
+
+
+class Toggle:
+    """The laptop's handler as a switch: refusing (accepts, closes without an answer, as a
+    stopped handler behind a live tunnel does) or answering 200. Counts the copies that reach it."""
+
+    def __init__(self) -> None:
+        self.answering = False
+        self.connections = 0
+        self.paths: list[bytes] = []
+
+    async def __aenter__(self) -> "Toggle":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            if self.answering:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+                self.paths.append(head.split(b" ")[1])
+        finally:
+            writer.close()
+
+
+async def test_a_refusing_handler_trips_the_breaker_and_a_probe_reopens_it(tmp_path):
+    from tpenv_agent.mirror import COOLDOWN, TRIP_AFTER, WORKERS
+
+    m = auth_material()
+    async with App("app") as app, Toggle() as laptop, run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+        async with RawSession(agent, m, "s1") as s:
+            assert (await asyncio.wait_for(s.intercept("cut", "http", None, laptop.port, mode="mirror"), 20))["ok"]
+
+            # Stage 1: 100 requests while the handler refuses; the app answers all of them.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with Http1(agent.port("http")) as c:
+                for i in range(100):
+                    status, _, body = await asyncio.wait_for(c.request(f"/c{i}"), 10)
+                    assert status == 200 and b'"who": "app"' in body
+            for _ in range(200):
+                cut = (await mirror_stats(s, "s1:cut"))["mirror"]
+                if cut["dropped"] == 100:
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = loop.time() - started
+            assert cut == {"sent": 0, "dropped": 100}
+
+            # Stage 2: the breaker tripped after TRIP_AFTER refusals: only those, the copies already
+            # in flight then, and one probe per cooldown reached the handler (without it: 100).
+            probes = int(elapsed / COOLDOWN) + 1
+            assert laptop.connections <= TRIP_AFTER + WORKERS + probes, (laptop.connections, elapsed)
+            tripped = [line for line in agent.stderr if b"copies in a row" in line]
+            assert len(tripped) == 1, tripped  # one log line, not one per copy
+
+            # Stage 3: the handler answers again; within a cooldown a probe finds it and copying resumes.
+            laptop.answering = True
+            async with Http1(agent.port("http")) as c:
+                for i in range(int(60 / 0.2)):
+                    status, _, _ = await asyncio.wait_for(c.request(f"/back{i}"), 10)
+                    assert status == 200
+                    if (await mirror_stats(s, "s1:cut"))["mirror"]["sent"] >= 1:
+                        break
+                    await asyncio.sleep(0.2)
+                assert (await mirror_stats(s, "s1:cut"))["mirror"]["sent"] >= 1, "no probe reached the handler in 60 s"
+                # Closed again: every copy from now on reaches the handler.
+                for i in range(10):
+                    assert (await asyncio.wait_for(c.request(f"/again{i}"), 10))[0] == 200
+            again = [f"/again{i}".encode() for i in range(10)]
+            for _ in range(200):
+                if all(p in laptop.paths for p in again):
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(p for p in laptop.paths if p.startswith(b"/again")) == again  # 4 workers: any order
+            assert (await mirror_stats(s, "s1:cut"))["mirror"]["sent"] == len(laptop.paths)
+            await asyncio.wait_for(agent.log_seen("answers again", past=True), 20)

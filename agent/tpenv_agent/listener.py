@@ -240,7 +240,8 @@ class PortListener:
             sink = self._sinks.get(icpt)
             if sink is None and not icpt.ended:
                 sink = self._sinks[icpt] = MirrorSink(icpt, self.log)
-            if sink is not None:
+            # A sink whose handler refuses drops the copy here, counted: no Tee, no queue, no channel.
+            if sink is not None and not sink.refusing():
                 out.append(sink)
         return out
 

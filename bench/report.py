@@ -148,7 +148,7 @@ def chart(res: dict, path: Path) -> str | None:
     names = {"loopback": "(c) loopback", "port_forward": "(b) port-fwd", "direct": "(a) in-cluster",
              "passthrough": "(d) passthrough", "haproxy": "(e) HAProxy", "intercept": "intercept", "header_matched": "hdr matched",
              "header_unmatched": "hdr unmatched", "mirror_baseline": "mirror base", "mirror_handler_up": "mirror up",
-             "mirror_handler_stopped": "mirror stopped"}
+             "mirror_handler_stopped": "mirror stopped", "mirror_stopped_unmatched": "mirror unmatched"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     paths = {g: [(names[k], v) for (gg, k), v in rows.items() if gg == g and isinstance(v, dict)]
              for g in ("latency", "bulk", "concurrency")}

@@ -11,14 +11,14 @@ from bench.common import MiB
 MODES: dict[str, dict[str, Any]] = {
     "full": dict(lat_n=2000, lat_rate=200, idle=2.0, bulk=256 * MiB, conc_conns=200, conc_rate=1000, conc_s=30,
                  hol_n=1000, hol_rate=100, hol_bytes=64 * MiB, pt_rounds=4, pt_n=4000, pt_rate=400,
-                 pt_conns=16, pt_s=12.0, pt_wrk_rounds=10, pt_wrk_s=2, pt_wrk_threads=1, pt_bulk=256 * MiB, grpc_n=1000, grpc_rate=200, mount_bytes=256 * MiB,
+                 pt_conns=16, pt_s=12.0, pt_wrk_rounds=10, pt_wrk_s=2, pt_wrk_threads=1, pt_bulk=256 * MiB, grpc_n=1000, grpc_rate=200, mount_bytes=256 * MiB, mirror_rounds=4,
                  mount_files=10_000),
     "quick": dict(lat_n=500, lat_rate=250, idle=2.0, bulk=32 * MiB, conc_conns=50, conc_rate=500, conc_s=5,
                   hol_n=300, hol_rate=100, hol_bytes=16 * MiB, pt_rounds=2, pt_n=1000, pt_rate=400, pt_conns=16,
-                  pt_s=4.0, pt_wrk_rounds=4, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=32 * MiB, grpc_n=300, grpc_rate=200, mount_bytes=32 * MiB, mount_files=1000),
+                  pt_s=4.0, pt_wrk_rounds=4, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=32 * MiB, grpc_n=300, grpc_rate=200, mount_bytes=32 * MiB, mount_files=1000, mirror_rounds=4),
     "smoke": dict(lat_n=60, lat_rate=200, idle=0.5, bulk=2 * MiB, conc_conns=8, conc_rate=100, conc_s=1,
                   hol_n=40, hol_rate=100, hol_bytes=2 * MiB, pt_rounds=1, pt_n=60, pt_rate=200, pt_conns=4,
-                  pt_s=0.5, pt_wrk_rounds=1, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=2 * MiB, grpc_n=20, grpc_rate=100, mount_bytes=2 * MiB, mount_files=50),
+                  pt_s=0.5, pt_wrk_rounds=1, pt_wrk_s=1, pt_wrk_threads=1, pt_bulk=2 * MiB, grpc_n=20, grpc_rate=100, mount_bytes=2 * MiB, mount_files=50, mirror_rounds=1),
 }
 
 # Every row of the report, in order: (group, key, label). The smoke test checks they are all there.
@@ -37,6 +37,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency", "mirror_baseline", "mirror phase baseline: in-cluster -> agent -> app, no mirror"),
     ("latency", "mirror_handler_up", "mirror intercept, laptop handler up: app answers, copy to laptop"),
     ("latency", "mirror_handler_stopped", "mirror intercept, laptop handler stopped: app answers, copies dropped"),
+    ("latency", "mirror_stopped_unmatched", "same mirror, handler stopped, requests its rule does not match (no copy)"),
     ("grpc", "direct", "(a) gRPC in-cluster -> app"),
     ("grpc", "passthrough", "(d) gRPC via agent passthrough (per-stream h2 path)"),
     ("grpc", "header_matched", "gRPC header intercept, matched stream -> laptop"),
@@ -159,10 +160,15 @@ def targets(rows: dict) -> list[dict]:
               None, **per_round(tp, td))
     mb, ms = v("latency", "mirror_baseline"), v("latency", "mirror_handler_stopped")
     if mb and ms:  # issue 11: a stopped laptop handler must not move the app's p99 (1.5: this machine's noise)
-        r = ms["p99_ms"] / mb["p99_ms"]
-        check("mirror, laptop handler stopped: app p99 / no-mirror p99", round(r, 2), "<= 1.5", r <= 1.5)
+        r = ms["p99_ms"] / mb["p99_ms"]  # pooled over the alternating rounds; each round's pair beside it
+        check("mirror, laptop handler stopped: app p99 / no-mirror p99 (pooled rounds)", round(r, 2), "<= 1.5",
+              r <= 1.5, **({"rounds": ms["rounds_p99_ratio"],
+                            "median_round": statistics.median(ms["rounds_p99_ratio"])} if ms.get("rounds_p99_ratio") else {}))
+        if ms.get("agent_cpu_ratio_to_baseline") is not None:  # the steadier figure under load: shown, no target
+            check("mirror, laptop handler stopped: agent CPU per request / no mirror (no target)",
+                  round(ms["agent_cpu_ratio_to_baseline"], 2), "-", None)
     else:
-        check("mirror, laptop handler stopped: app p99 / no-mirror p99", None, "<= 1.5", None, "a row is unavailable")
+        check("mirror, laptop handler stopped: app p99 / no-mirror p99 (pooled rounds)", None, "<= 1.5", None, "a row is unavailable")
     bd, bpt = v("bulk", "direct"), v("bulk", "passthrough")
     if bd and bpt:
         r = min(bpt["down_MBps"] / bd["down_MBps"], bpt["up_MBps"] / bd["up_MBps"])

@@ -55,6 +55,12 @@ def _pooled(rounds: list[dict]) -> dict:
     return out
 
 
+def _ratio(a: float | None, b: float | None, digits: int | None = None) -> float | None:
+    if not a or not b:
+        return None
+    return a / b if digits is None else round(a / b, digits)
+
+
 def _stopped_round(bench: Bench, i: int) -> tuple[dict, dict]:
     """One round with a mirror whose handler is gone (nothing listens on its laptop port): requests
     its rule matches (a copy each, refused) and, as the control, requests it does not match (same
@@ -104,11 +110,11 @@ def phase_mirror(bench: Bench) -> None:
         bench.put(*KEYS[0], b)
         for key, rounds in ((KEYS[2], stopped), (KEYS[3], unmatched)):
             s = _pooled(rounds)
-            s["p99_ratio_to_baseline"] = s["p99_ms"] / b["p99_ms"]
-            s["p50_ratio_to_baseline"] = s["p50_ms"] / b["p50_ms"]
-            if "agent_cpu_us_per_req" in s and "agent_cpu_us_per_req" in b:
-                s["agent_cpu_ratio_to_baseline"] = s["agent_cpu_us_per_req"] / b["agent_cpu_us_per_req"]
-            s["rounds_p99_ratio"] = [round(y / x, 2) for x, y in zip(b["rounds_p99_ms"], s["rounds_p99_ms"])]
+            s["p99_ratio_to_baseline"] = _ratio(s["p99_ms"], b["p99_ms"])
+            s["p50_ratio_to_baseline"] = _ratio(s["p50_ms"], b["p50_ms"])
+            # (--smoke's 60 requests can take less than one CPU tick: no ratio then, not a crash)
+            s["agent_cpu_ratio_to_baseline"] = _ratio(s.get("agent_cpu_us_per_req"), b.get("agent_cpu_us_per_req"))
+            s["rounds_p99_ratio"] = [_ratio(y, x, 2) for x, y in zip(b["rounds_p99_ms"], s["rounds_p99_ms"])]
             bench.put(*key, s)
 
     bench.step("mirror: laptop handler up", KEYS[1:2], handler_up)
@@ -116,4 +122,4 @@ def phase_mirror(bench: Bench) -> None:
                [KEYS[0], KEYS[2], KEYS[3]], alternating)
     up, b = bench.rows.get(KEYS[1]), bench.rows.get(KEYS[0])
     if isinstance(up, dict) and isinstance(b, dict):
-        up["p99_ratio_to_baseline"] = up["p99_ms"] / b["p99_ms"]
+        up["p99_ratio_to_baseline"] = _ratio(up["p99_ms"], b["p99_ms"])

@@ -159,11 +159,12 @@ def targets(rows: dict) -> list[dict]:
         check("passthrough throughput / direct (Python client, no target)", round(tp["rps"] / td["rps"], 3), "-",
               None, **per_round(tp, td))
     mb, ms = v("latency", "mirror_baseline"), v("latency", "mirror_handler_stopped")
-    if mb and ms:  # issue 11: a stopped laptop handler must not move the app's p99 (1.5: this machine's noise)
+    if mb and ms and mb["p99_ms"]:  # issue 11: a stopped laptop handler must not move the app's p99 (1.5: this machine's noise)
         r = ms["p99_ms"] / mb["p99_ms"]  # pooled over the alternating rounds; each round's pair beside it
         check("mirror, laptop handler stopped: app p99 / no-mirror p99 (pooled rounds)", round(r, 2), "<= 1.5",
               r <= 1.5, **({"rounds": ms["rounds_p99_ratio"],
-                            "median_round": statistics.median(ms["rounds_p99_ratio"])} if ms.get("rounds_p99_ratio") else {}))
+                            "median_round": statistics.median(ms["rounds_p99_ratio"])}
+                           if ms.get("rounds_p99_ratio") and None not in ms["rounds_p99_ratio"] else {}))
         if ms.get("agent_cpu_ratio_to_baseline") is not None:  # the steadier figure under load: shown, no target
             check("mirror, laptop handler stopped: agent CPU per request / no mirror (no target)",
                   round(ms["agent_cpu_ratio_to_baseline"], 2), "-", None)

@@ -180,7 +180,8 @@ EnvValue = Annotated[str, BeforeValidator(_env_value)]
 
 
 class EnvSpec(BaseModel):
-    """The handler's environment: the app container's, then `set`, then `rewrite`; written to `file`."""
+    """The handler's environment: the app container's, then `set`, then `rewrite`; written to `file`.
+    The handler keeps this machine's PATH, HOME, USER, TMPDIR... unless `set`/`rewrite` names them."""
 
     model_config = ConfigDict(extra="forbid")
 

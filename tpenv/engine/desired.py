@@ -28,6 +28,7 @@ from tpenv.config.models import Config, Intercept
 from tpenv.engine.contexts import Clusters, Targets, resolve_targets
 from tpenv.engine.forwards import forward_specs
 from tpenv.engine.intercepts import InterceptRun, intercept_key
+from tpenv.engine.localenv import command_env
 from tpenv.engine.outbound.unit import ConnectSpec
 from tpenv.engine.units import Key, Notify, State, TaskUnit, UnitEvent, UnitSpec, hash_spec
 from tpenv.engine.up import UpContext, handler_specs
@@ -307,11 +308,14 @@ class UpFactory:
               or kube.namespace)
         return kube, ns, target.name if config.contexts else None
 
-    def _env_for(self, key: Key, namespace: str | None = None) -> Callable[[], Any]:
+    def _env_for(self, key: Key, namespace: str | None = None, explicit: frozenset[str] = frozenset()
+                 ) -> Callable[[], Any]:
         async def env() -> dict[str, str]:
             run = self.runs.get(key)
             unit = run.env_unit() if run else None
-            values = dict(unit.env) if unit else {}
+            # The pod's env, but this machine's PATH, HOME... (tpenv/engine/localenv.py): the
+            # handler runs here. ``explicit``: names the config's env.set/rewrite gives.
+            values = command_env(unit.env, explicit) if unit else {}
             # Under connect (env mode) the pod's own names (DB_HOST=db) are made to reach the
             # cluster from here: port maps and proxy variables, resolved as the pod would.
             if self.connection is not None and namespace is not None:
@@ -371,7 +375,9 @@ class UpFactory:
             connect = await self._connect_spec(config, uctx, [key[1] for key in keys.values()])
             specs[connect.key] = connect
         after = frozenset({connect.key}) if connect is not None else frozenset()
-        handlers = handler_specs(config, uctx, env_for=lambda ic: self._env_for(keys[ic.name], keys[ic.name][1]),
+        def env_for(ic: Intercept) -> Callable[[], Any]:
+            return self._env_for(keys[ic.name], keys[ic.name][1], frozenset(ic.env.set) | frozenset(ic.env.rewrite))
+        handlers = handler_specs(config, uctx, env_for=env_for,
                                  depends_on=lambda ic: frozenset({keys[ic.name]}) | after,
                                  wrap_for=lambda ic: self._wrap_for(ic) if connect is not None else None)
         specs.update({k: h for k, h in handlers.items() if h.name not in waiting})

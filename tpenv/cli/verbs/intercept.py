@@ -28,15 +28,13 @@ from pydantic import ValidationError
 from tpenv.config.env import write_env_file
 from tpenv.config.models import Intercept
 from tpenv.engine.intercepts import InterceptRun
+from tpenv.engine.localenv import command_env
 from tpenv.engine.session import publish_session
 from tpenv.errors import ConfigError, MissingTool, UsageError
 from tpenv.kits.kube import Kube
 
 HELP = "Send a workload port's traffic (all of it, or matching HTTP requests) to a local port."
 
-# Variables of this machine a local command needs to run at all; the pod's values would break it.
-KEEP_LOCAL = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TMPDIR", "LANG", "DISPLAY",
-              "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "VIRTUAL_ENV", "PYTHONPATH")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,16 +174,6 @@ def intercepting_text(match: dict | None) -> str:
     for kind, value in (match.get("path") or {}).items():
         parts.append(f"path {kind} {value!r}")
     return "HTTP requests that match all of: " + ", ".join(parts)
-
-
-def command_env(app_env: dict[str, str]) -> dict[str, str]:
-    env = dict(app_env)
-    for name in KEEP_LOCAL:
-        if name in os.environ:
-            env[name] = os.environ[name]
-        else:
-            env.pop(name, None)
-    return env
 
 
 def container_engine(environ: dict[str, str] | None = None) -> str:

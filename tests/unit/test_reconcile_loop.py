@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -258,6 +259,19 @@ async def test_a_failed_unit_keeps_its_error_whole(world, desired):
     async with rec:
         assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
         assert type(rec.errors[H]) is NotFound and str(rec.errors[H]) == state_of(rec, H)["last_error"]
+
+
+async def test_the_failure_log_line_says_what_to_do(world, desired, caplog):
+    """`tpenv up` shows a unit's failure as this log line only: the error's hint goes with it."""
+    world.fail_starts[H] = 1
+    world.fail_with = lambda msg: NotFound(msg, hint="install it with `tpenv manager install`")
+    rec = Reconciler(desired, debounce=0.02, restart_initial=30.0, restart_max=30.0)
+    with caplog.at_level("WARNING"):
+        async with rec:
+            assert await rec.wait_until(lambda r: (s := state_of(r, H)) and s["state"] == "failed", WAIT)
+    line = next(r.getMessage() for r in caplog.records if " failed: " in r.getMessage())
+    assert re.search(r"failed: cannot start web; install it with `tpenv manager install` \(retry in [\d.]+s\)$", line), line
+    assert "tpenv manager install" not in state_of(rec, H)["last_error"]  # the status: the error's own text
 
 
 async def test_a_transient_error_waits_its_retry_after_even_past_the_backoff_cap(world, desired):

@@ -262,7 +262,12 @@ class Reconciler:
         (self._permanent.add if permanent else self._permanent.discard)(key)
         st = self._status.setdefault(key, UnitState())
         st.set(State.FAILED, error=error, detail=f"retry in {delay:.1f}s" + (" or on the next change" if permanent else ""))
-        self.log.warning("%s failed: %s (retry in %.1fs)", key_text(key), error, delay)
+        # The log line is all `tpenv up` shows of a unit's failure: what to do goes with it (e.g.
+        # connect without a manager: "install it with `tpenv manager install`"). The status keeps
+        # the error's own text (verbs add the hint of rec.errors themselves).
+        hint = getattr(exc, "hint", None)
+        self.log.warning("%s failed: %s%s (retry in %.1fs)", key_text(key), error,
+                         f"; {hint}" if hint and hint not in error else "", delay)
 
     async def _start_unit(self, key: Key, now: float) -> None:
         spec = self.specs[key]

@@ -12,6 +12,7 @@ from cryptography import x509
 from ruamel.yaml import YAML
 
 from tpenv.engine import manager as m
+from tpenv.engine import manager_render
 from tpenv.settings import Settings
 
 SETTINGS = {"agent_image": "tpenv/agent:t1", "image_pull_policy": "Never", "lease": 5}
@@ -216,7 +217,7 @@ def test_agent_ports_flow_from_settings_through_the_manager_to_the_webhooks_inje
 
 def test_a_broken_template_is_reported_not_applied(tmp_path, monkeypatch, tls):
     (tmp_path / "00-bad.yaml.j2").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n")
-    monkeypatch.setattr(m, "TEMPLATES", tmp_path)
+    monkeypatch.setattr(manager_render, "TEMPLATES", tmp_path)  # where rendering reads them
     with pytest.raises(m.TemplateError, match="no metadata.name"):
         m.render_manager(SETTINGS, team_mode=False, tls=tls)
 

@@ -22,7 +22,9 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from tpenv.engine.manager import NAME, NAMESPACE, TemplateError, _version, manager_context, render_context
+from tpenv.engine.manager_render import TemplateError, _version, manager_context, render_context
+from tpenv.engine.manager_tls import NAME
+from tpenv.engine.teammode import NAMESPACE
 from tpenv.settings import RESERVED_NAMESPACES, Settings
 
 _DEFAULTS = Settings()  # the chart's defaults are `tpenv manager install`'s

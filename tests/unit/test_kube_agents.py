@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
-from tpenv.cli.verbs.intercept import add_arguments, build_intercept, command_env, docker_argv, intercepting_text
+from tpenv.cli.verbs.intercept import add_arguments, command_env, docker_argv, intercepting_text
+from tpenv.config.flags import intercept_from_flags
 from tpenv.engine.agents import _readiness_cause, _stall_cause, agent_port_name, pod_serves, service_port
 from tpenv.errors import NotFound, UsageError
 
@@ -77,25 +79,26 @@ def flags(*argv: str) -> argparse.Namespace:
 
 
 def test_flags_build_the_intercept():
-    ic = build_intercept(flags("deployment/web", "--port", "8080:http", "--http-header", "x-dev=alice",
-                               "--http-path-prefix", "/api", "--env-file", "w.env", "--env-syntax", "sh",
-                               "--mount", "./vol", "--rewrite-env", "TOKEN_FILE"))
+    ic = intercept_from_flags(flags("deployment/web", "--port", "8080:http", "--http-header", "x-dev=alice",
+                                    "--http-path-prefix", "/api", "--env-file", "w.env", "--env-syntax", "sh",
+                                    "--mount", "./vol", "--rewrite-env", "TOKEN_FILE"))
     assert (ic.name, ic.workload, str(ic.port)) == ("web", "deployment/web", "8080:http")
     assert ic.match.wire("s:web") == {"headers": {"x-dev": "alice"}, "path": {"prefix": "/api"}}
-    assert (ic.env.file, ic.env.format) == ("w.env", "sh")
-    assert (ic.mount.path, ic.mount.rewrite_env) == ("./vol", ["TOKEN_FILE"])
-    auto = build_intercept(flags("web", "--http-header", "auto", "--mount", "false"))
+    # Paths in flags are where the user stands.
+    assert (ic.env.file, ic.env.format) == (os.path.abspath("w.env"), "sh")
+    assert (ic.mount.path, ic.mount.rewrite_env) == (os.path.abspath("vol"), ["TOKEN_FILE"])
+    auto = intercept_from_flags(flags("web", "--http-header", "auto", "--mount", "false"))
     assert auto.match.wire("abc:web")["headers"] == {"x-telepresence-intercept-id": "abc:web"}
     assert auto.mount.path is False and auto.port.local == 8080
 
 
 def test_bad_flags_are_usage_errors():
-    with pytest.raises(UsageError, match="expected K=V"):
-        build_intercept(flags("web", "--http-header", "novalue"))
+    with pytest.raises(UsageError, match="expected NAME=REGEX"):
+        intercept_from_flags(flags("web", "--http-header", "novalue"))
     with pytest.raises(UsageError, match="port"):
-        build_intercept(flags("web", "--port", "http:8080"))
+        intercept_from_flags(flags("web", "--port", "http:8080"))
     with pytest.raises(UsageError, match="needs a mount"):
-        build_intercept(flags("web", "--mount", "false", "--rewrite-env", "X"))
+        intercept_from_flags(flags("web", "--mount", "false", "--rewrite-env", "X"))
 
 
 def test_intercepting_text_like_telepresence():

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 
 from tpenv.cli.main import parse
-from tpenv.cli.verbs.intercept import build_intercept, describe_text
+from tpenv.cli.verbs.intercept import describe_text
+from tpenv.config.flags import intercept_from_flags
 from tpenv.config import load_config
 from tpenv.errors import ConfigError, UsageError
 
 
 def build(*argv: str):
-    return build_intercept(parse(["intercept", *argv]))
+    return intercept_from_flags(parse(["intercept", *argv]))
 
 
 # --- stage 1: flags ---------------------------------------------------------------------------------

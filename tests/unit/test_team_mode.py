@@ -1,15 +1,15 @@
 """Team mode in the client (issue 4) and the flags and keys that come with it and with sync mode.
 
 Stages: the defaulting (match × team mode → the rule registered); the ConfigMap's value; `match:
-all` / `--http-header all` and `mount.mode` / `--mount-mode` from the file and from both flag
-parsers; the text the intercept prints.
+all` / `--http-header all` and `mount.mode` / `--mount-mode` from the file and from the flags;
+the text the intercept prints.
 """
 from __future__ import annotations
 
 import pytest
 
 from tpenv.cli.main import parse
-from tpenv.cli.verbs.intercept import build_intercept, describe_text
+from tpenv.cli.verbs.intercept import describe_text
 from tpenv.config.flags import intercept_from_flags
 from tpenv.config.models import PERSONAL_HEADER, Intercept, Match
 from tpenv.engine.teammode import defaulted, effective_match, parse_team_mode
@@ -70,29 +70,23 @@ def test_bad_match_and_mode_are_refused_with_the_choices(tmp_path):
 
 # --- stage 3: the flags ---------------------------------------------------------------------------------------------
 
-def verb(*argv: str) -> Intercept:
-    return build_intercept(parse(["intercept", *argv]))
+def build(*argv: str) -> Intercept:
+    return intercept_from_flags(parse(["intercept", *argv]))  # the one builder the verb uses
 
 
-def flags(*argv: str) -> Intercept:
-    return intercept_from_flags(parse(["intercept", *argv]))
-
-
-@pytest.mark.parametrize("build", [verb, flags])
-def test_http_header_all_and_mount_mode_flags(build):
+def test_http_header_all_and_mount_mode_flags():
     ic = build("web", "--http-header", "all", "--mount", "/tmp/v", "--mount-mode", "sync")
     assert ic.match == "all" and ic.mount.mode == "sync" and ic.mount.path == "/tmp/v"
     plain = build("web")
     assert plain.match is None and plain.mount.mode == "auto" and plain.mount.path is True
 
 
-@pytest.mark.parametrize("build", [verb, flags])
 @pytest.mark.parametrize("argv, message", [
     (["--http-header", "all", "--http-header", "x=y"], "--http-header"),
     (["--http-header", "all", "--http-path-prefix", "/api"], "cannot be combined with --http-path"),
     (["--mount", "false", "--mount-mode", "sync"], "--mount-mode needs a mount"),
 ])
-def test_contradicting_flags_are_usage_errors(build, argv, message):
+def test_contradicting_flags_are_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
         build("web", *argv)
 

@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from tpenv.config.env import write_env_file
+from tpenv.config.flags import DEFAULT_PORT, intercept_from_flags
 from tpenv.config.models import Intercept
 from tpenv.engine.intercepts import InterceptRun
 from tpenv.engine.localenv import command_env
@@ -40,8 +39,8 @@ HELP = "Send a workload port's traffic (all of it, or matching HTTP requests) to
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", metavar="WORKLOAD",
                         help="NAME, deployment/NAME, statefulset/NAME or replicaset/NAME")
-    parser.add_argument("--port", metavar="L[:R]", default="8080",
-                        help="local port, and the service port (name or number) taken over (default: 8080)")
+    parser.add_argument("--port", metavar="L[:R]", default=DEFAULT_PORT,
+                        help=f"local port, and the service port (name or number) taken over (default: {DEFAULT_PORT})")
     parser.add_argument("--name", metavar="NAME", help="name of the intercept (default: the workload's name)")
     parser.add_argument("--service", metavar="NAME", help="the service, when several select the workload")
     parser.add_argument("--container", metavar="NAME", help="the app container, when the port leaves a doubt")
@@ -87,71 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the tunnels once the agent runs (default: 60)")
     parser.add_argument("command", nargs="*", metavar="-- CMD ARGS",
                         help="run CMD with the intercept's env; the intercept ends when it exits")
-
-
-def build_intercept(args: argparse.Namespace) -> Intercept:
-    """The config model of this intercept, from the flags; UsageError naming the bad flag."""
-    replacing = getattr(args, "replace", False)
-    if replacing and getattr(args, "mirror", False):
-        raise UsageError("--mirror and --replace cannot be combined: --mirror keeps the app answering every "
-                         "request and sends this machine copies, --replace stops the app and sends this machine "
-                         "everything", hint="choose one of them")
-    if replacing and ([h for h in args.http_header if h != "all"] or args.http_path_prefix or args.http_path_equal
-                      or args.http_path_regex):
-        raise UsageError("--replace cannot be combined with --http-header/--http-path-*: the app stops, so "
-                         "requests a rule leaves out would have no one to answer them",
-                         hint="drop the rule, or intercept without --replace")
-    headers: dict[str, str] | str | None = None
-    if "all" in args.http_header and len(args.http_header) > 1:
-        raise UsageError("--http-header all takes every connection: it cannot be combined with other headers")
-    for h in args.http_header:
-        if h in ("auto", "all"):
-            headers = h
-            continue
-        key, sep, value = h.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--http-header {h!r}: expected K=V (V a regex) or 'auto'")
-        if headers == "auto":
-            raise UsageError("--http-header auto cannot be combined with other headers")
-        headers = {**(headers or {}), key: value}
-    path = {k: v for k, v in (("path_prefix", args.http_path_prefix), ("path_equal", args.http_path_equal),
-                              ("path_regex", args.http_path_regex)) if v is not None}
-    match: dict | str | None = None
-    if headers == "all":  # every connection, also in team mode (where no rule means the personal header)
-        if path:
-            raise UsageError("--http-header all takes every connection: it cannot be combined with --http-path-*")
-        match = "all"
-    elif headers is not None or path:
-        match = {"headers": headers, **path}
-    # No --mount: the model's default, unset, so a machine without sshfs skips the mount (said once).
-    explicit = args.mount is not None
-    mount: bool | str | dict = {"true": True, "false": False}.get(str(args.mount).lower(), args.mount) \
-        if explicit else True
-    mount_mode = getattr(args, "mount_mode", None)
-    if mount is False and (args.rewrite_env or mount_mode):
-        flag = "--rewrite-env" if args.rewrite_env else "--mount-mode"
-        raise UsageError(f"{flag} needs a mount (--mount false turns it off)")
-    if args.rewrite_env or mount_mode:
-        mount = {"path": mount, "rewrite_env": list(args.rewrite_env), "mode": mount_mode or "auto"}
-    data = {"workload": args.workload, "port": args.port, "match": match,
-            "env": {"file": args.env_file, "format": args.env_syntax}}
-    if explicit or args.rewrite_env or mount_mode:
-        data["mount"] = mount
-    if getattr(args, "mirror", False):
-        data["mode"] = "mirror"
-    if getattr(args, "force", False):
-        data["force"] = True
-    if replacing:
-        data["mode"] = "replace"
-    if args.name:
-        data["name"] = args.name
-    if args.service:
-        data["service"] = args.service
-    try:
-        return Intercept.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'intercept'}: {err['msg']}" for err in e.errors())
-        raise UsageError(f"bad intercept flags: {problems}") from None
 
 
 def describe_text(d: dict) -> str:
@@ -230,7 +164,7 @@ def connect_section(args: argparse.Namespace, ctx) -> Any:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    intercept = build_intercept(args)
+    intercept = intercept_from_flags(args)
     if args.docker_run and not args.command:
         raise UsageError("--docker-run needs `-- IMAGE [ARGS]`")
     connect = connect_section(args, ctx)

@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "agent" / "tests"))
 from agent_testkit import H2Caller, Http1, auth_material, run_agent  # noqa: E402
+from agent_local import keepalive_latencies, pct  # noqa: E402
 
 APP = r"""
 import asyncio, sys
@@ -52,22 +53,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(samples: list[float], p: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
-async def keepalive_latencies(port: int, n: int) -> list[float]:
-    out = []
-    async with Http1(port) as c:
-        for _ in range(n):
-            t = time.perf_counter()
-            status, _, _ = await c.request("/bench")
-            out.append(time.perf_counter() - t)
-            assert status == 200
-    return out
 
 
 async def fresh_latencies(port: int, n: int) -> list[float]:

@@ -23,30 +23,14 @@ import asyncio
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "agent" / "tests"))
 from agent_testkit import App, Http1, RawSession, auth_material, run_agent  # noqa: E402
+from agent_local import keepalive_latencies, pct  # noqa: E402
 
 PATTERN = "(a+)+$"
-
-
-def pct(samples: list[float], p: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
-async def latencies(port: int, n: int) -> list[float]:
-    out = []
-    async with Http1(port) as c:
-        for _ in range(n):
-            t = time.perf_counter()
-            status, _, _ = await c.request("/")
-            out.append(time.perf_counter() - t)
-            assert status == 200
-    return out
 
 
 async def attacker(port: int, name: str, header: str, stop: asyncio.Event) -> int:
@@ -71,13 +55,13 @@ async def main(args: argparse.Namespace) -> dict:
                 header = "a" * args.header_len + "!"
                 got: dict[str, list[float]] = {"base": [], "control": [], "attack": []}
                 sent = {"control": 0, "attack": 0}
-                await latencies(port, 50)  # warm-up: pools, caches
+                await keepalive_latencies(port, 50, "/")  # warm-up: pools, caches
                 for _ in range(args.rounds):  # interleaved, so background load hits all alike
-                    got["base"] += await latencies(port, args.requests)
+                    got["base"] += await keepalive_latencies(port, args.requests, "/")
                     for phase, name in (("control", "x-pad"), ("attack", "x-dev")):
                         stop = asyncio.Event()
                         other = asyncio.ensure_future(attacker(port, name, header, stop))
-                        got[phase] += await latencies(port, args.requests)
+                        got[phase] += await keepalive_latencies(port, args.requests, "/")
                         stop.set()
                         sent[phase] += await other
     row: dict = {"pattern": PATTERN, "header_len": args.header_len, "attack_requests": sent["attack"],

@@ -150,7 +150,7 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
             return Outcome(SKIP, f"namespace {namespace!r} is never injected; certificate valid until "
                                  f"{expiry:%Y-%m-%d}")
         selected = _selected(config)
-        if namespace not in selected:
+        if selected is not None and namespace not in selected:
             return Outcome(WARN, f"namespace {namespace!r} is not selected for injection (selected: "
                                  f"{', '.join(selected) or 'none'}): its pods never get the agent from the webhook"
                                  + ("; " + "; ".join(notes) if notes else ""),
@@ -184,13 +184,16 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
     return check
 
 
-def _selected(config: dict[str, Any]) -> list[str]:
-    """The namespaces the webhook configuration sends to the manager (namespaceSelector ``In``)."""
-    for hook in config.get("webhooks") or []:
+def _selected(config: dict[str, Any]) -> list[str] | None:
+    """The namespaces the webhook configuration sends to the manager (namespaceSelector ``In``);
+    [] with no entry; None for an install from before explicit selection (every namespace but an
+    exclusion list), which `tpenv manager upgrade` turns into a selection."""
+    hooks = config.get("webhooks") or []
+    for hook in hooks:
         for expr in (hook.get("namespaceSelector") or {}).get("matchExpressions") or []:
             if expr.get("key") == "kubernetes.io/metadata.name" and expr.get("operator") == "In":
                 return list(expr.get("values") or [])
-    return []
+    return None if hooks else []
 
 
 STATUS_TIMEOUT = 10.0  # `tpenv status` must stay quick when the cluster is slow or unreachable

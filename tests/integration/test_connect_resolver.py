@@ -72,7 +72,8 @@ async def world():
         rules = NameRules(["shop", "default"], namespaces={"shop", "default"})
         resolver = Resolver(rules, cluster=stream.query,
                             upstream=Upstream([upstream_srv.address[0]], port=upstream_srv.address[1]).query)
-        async with DnsServer(resolver.answer) as local:
+        async with DnsServer(resolver.answer, fast=resolver.answer_now) as local:
+            local.resolver = resolver
             yield local, cluster, upstream
         stream.close()
         await stream.wait_closed()
@@ -115,6 +116,26 @@ async def test_answers_are_cached_for_their_ttl(world):
     again = await ask(local, "hello.shop.")
     assert cluster.asked.count("hello.shop.svc.cluster.local.") == 1
     assert again.answer[0][0].address == "10.96.0.20" and again.answer[0].ttl <= first.answer[0].ttl <= 30
+
+
+async def test_a_cached_udp_answer_is_sent_from_the_datagram_callback(world):
+    local, cluster, _ = world
+    # Stage 1: the first question goes to the cluster (a task per datagram).
+    await ask(local, "hello.shop.")
+    spawned, spawn = [], local._spawn
+    local._spawn = lambda coro: (spawned.append(coro), spawn(coro))  # counts the server's tasks
+    cached_before = local.resolver.stats["cached"]
+    # Stage 2: the same question again, over a real UDP socket: answered from the wire cache
+    # without a task (none was spawned for it), with the asker's id.
+    q = dns.message.make_query("hello.shop.", "A")
+    r = await ask_wire(local, q)
+    assert r.id == q.id and r.answer[0][0].address == "10.96.0.20"
+    assert local.resolver.stats["cached"] == cached_before + 1 and spawned == []
+    assert cluster.asked.count("hello.shop.svc.cluster.local.") == 1
+
+
+async def ask_wire(server: DnsServer, q: dns.message.Message) -> dns.message.Message:
+    return await dns.asyncquery.udp(q, server.address[0], port=server.address[1], timeout=5)
 
 
 # --- stage 3: what is not the cluster's -----------------------------------------------------------

@@ -70,11 +70,18 @@ class Resolver:
         self._wire.clear()
 
     # --- entry point ---------------------------------------------------------------------------
-    async def answer(self, wire: bytes) -> bytes | None:
+    def answer_now(self, wire: bytes) -> bytes | None:
+        """The reply to a repeated question from the wire cache, synchronously (the server sends it
+        from its datagram callback: no task, no parsing); None when it is not there."""
         hit = self._wire.get(wire[2:]) if len(wire) > 12 else None
         if hit is not None and hit[0] > time.monotonic():
             self.stats["cached"] += 1
             return wire[:2] + hit[1]
+        return None
+
+    async def answer(self, wire: bytes) -> bytes | None:
+        if (hit := self.answer_now(wire)) is not None:
+            return hit
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:

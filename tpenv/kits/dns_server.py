@@ -2,7 +2,7 @@
 to an ``answer(wire) -> wire | None`` coroutine. Transport only: what to answer is the caller's
 (``tpenv.kits.dns_resolver.Resolver``).
 
-    async with DnsServer(resolver.answer) as server:
+    async with DnsServer(resolver.answer, fast=resolver.answer_now) as server:
         host, port = server.address
 
 UDP answers larger than 512 bytes (or the client's EDNS size) are truncated with TC set so the
@@ -30,6 +30,8 @@ log = logging.getLogger("tpenv.dns")
 def truncate_for_udp(query: bytes, answer: bytes) -> bytes:
     """``answer`` as it may go over UDP: within the client's payload size, else an empty answer
     with TC set (the client asks again over TCP)."""
+    if len(answer) <= 512:  # within any client's limit: no need to parse the query
+        return answer
     try:
         q = dns.message.from_wire(query)
         limit = max(512, q.payload) if q.edns >= 0 else 512
@@ -55,6 +57,13 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        # A cached answer goes out from here: a dict lookup and one sendto, no task (what a
+        # cached lookup costs is what the loop does per datagram: docs/performance.md "connect").
+        fast = self.server.fast(data) if self.server.fast is not None else None
+        if fast is not None and len(fast) <= 512 and self.transport is not None:
+            self.server.queries += 1
+            self.transport.sendto(fast, addr)
+            return
         self.server._spawn(self._reply(data, addr))
 
     async def _reply(self, data: bytes, addr: tuple) -> None:
@@ -66,8 +75,10 @@ class _Udp(asyncio.DatagramProtocol):
 class DnsServer:
     """``async with``; ``close()`` safe twice, then ``wait_closed()``. ``address``: (host, port)."""
 
-    def __init__(self, answer: Answer, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._answer_fn, self.host, self._port = answer, host, port
+    def __init__(self, answer: Answer, host: str = "127.0.0.1", port: int = 0, *,
+                 fast: Callable[[bytes], bytes | None] | None = None) -> None:
+        """``fast(wire)``: an answer known without waiting (a cache hit), or None."""
+        self._answer_fn, self.host, self._port, self.fast = answer, host, port, fast
         self.address: tuple[str, int] | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None

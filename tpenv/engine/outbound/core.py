@@ -115,7 +115,7 @@ class OutboundCore:
             await self._learn()
             self.resolver = Resolver(self.rules, cluster=self._cluster_dns, upstream=self.upstream.query,
                                      refresh_namespaces=self._refresh_namespaces)
-            self.server = await DnsServer(self.resolver.answer).start()
+            self.server = await DnsServer(self.resolver.answer, fast=self.resolver.answer_now).start()
             self._keeper = asyncio.ensure_future(self._keep())
         except BaseException:
             self.close()

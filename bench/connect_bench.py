@@ -8,12 +8,15 @@ then run it under flock /tmp/tpenv-clusterwide.lock).
 Rows, each measured in this run:
 
 - outbound request latency (HTTP/1.1 keep-alive, 1 KiB answers, paced) and bulk download from
-  the host to the Service ``bench-app``: through connect (the outbound core's port map: a local
-  listener, one relay ``direct-tcpip`` channel per connection, to the ClusterIP: the same path as
-  the captures' ``on_connection``) against ``kubectl port-forward`` to a pod of the same Service;
+  the host to the Service ``bench-app``: through connect (the outbound core's ``dial`` behind a
+  local listener, the same path as the captures' ``on_connection``: a port-forward stream of its
+  own to a ready endpoint pod, tpenv/engine/outbound/direct.py), through connect with the relay
+  only (``direct=False``: one relay ``direct-tcpip`` channel per connection, to the ClusterIP),
+  against ``kubectl port-forward`` to a pod of the same Service;
 - DNS lookups of the Service's name: through tpenv's resolver, first (cache emptied before each
-  sample: the relay to kube-dns and back) and cached, against the cluster DNS queried directly
-  from a pod (the in-cluster floor).
+  sample: the relay to kube-dns and back) and cached (timed by the same raw-socket client as the
+  pod's row, in its own process; the in-process dnspython figure beside it), against the cluster
+  DNS queried directly from a pod (the in-cluster floor).
 
 Targets: throughput >= 80 % of port-forward, p50 added <= 1 ms, lookup p50 <= 5 ms first and
 <= 0.2 ms cached. Output: a table, bench/results/connect-<time>.json and connect-latest.json.
@@ -28,6 +31,7 @@ import os
 import random
 import statistics
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -42,11 +46,12 @@ from bench.processes import PortForward, on_host  # noqa: E402
 IN_POD_DNS = r"""
 import json, os, socket, struct, sys, time
 server, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+port = int(sys.argv[4]) if len(sys.argv) > 4 else 53
 def query(qid):
     q = struct.pack("!HHHHHH", qid, 0x100, 1, 0, 0, 0) + b"".join(
         bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
-    t = time.perf_counter(); s.sendto(q, (server, 53)); s.recv(512); d = time.perf_counter() - t
+    t = time.perf_counter(); s.sendto(q, (server, port)); s.recv(512); d = time.perf_counter() - t
     s.close(); return d
 samples = [query(i) for i in range(n)]
 print(json.dumps({"samples_ms": [x * 1e3 for x in samples]}))
@@ -66,8 +71,8 @@ def summary(xs: list[float]) -> dict:
 class CoreThread:
     """The outbound core on its own event loop (a thread), with a port map to ``host:port``."""
 
-    def __init__(self, namespace: str, host: str, port: int) -> None:
-        self.namespace, self.host, self.dport = namespace, host, port
+    def __init__(self, namespace: str, host: str, port: int, *, direct: bool = True) -> None:
+        self.namespace, self.host, self.dport, self.direct = namespace, host, port, direct
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -89,7 +94,8 @@ class CoreThread:
         self.stop = asyncio.Event()
         try:
             kube = await Kube.load()
-            self.core = await OutboundCore(kube, ConnectOptions(namespace=self.namespace)).start()
+            self.core = await OutboundCore(kube, ConnectOptions(namespace=self.namespace,
+                                                                        direct=self.direct)).start()
 
             async def serve(r, w):
                 up_r, up_w = await self.core.dial(self.host, self.dport)
@@ -138,8 +144,6 @@ def manager_present() -> bool:
 
 
 def tpenv(*args: str) -> None:
-    import subprocess
-
     cp = subprocess.run([sys.executable, "-m", "tpenv.cli.main", *args], capture_output=True, text=True, timeout=300)
     if cp.returncode != 0:
         raise RuntimeError(f"tpenv {' '.join(args)}: {cp.stderr.strip()[-400:]}")
@@ -173,8 +177,9 @@ def main() -> int:
         # -- the two paths, set up side by side ----------------------------------------------------
         pf = PortForward(ns, pod, 8080)
         core = CoreThread(ns, f"bench-app.{ns}", 80)
+        relay_core = CoreThread(ns, f"bench-app.{ns}", 80, direct=False)
         try:
-            paths = {"port-forward": pf.port, "connect": core.port}
+            paths = {"port-forward": pf.port, "connect": core.port, "connect (relay only)": relay_core.port}
             for label, port in paths.items():
                 log(f"latency and bulk through {label}")
                 lat, bulk = on_host([{"kind": "latency", "host": "127.0.0.1", "port": port, "n": args.n,
@@ -186,13 +191,23 @@ def main() -> int:
             log("DNS lookups through tpenv's resolver and from a pod")
             name = f"bench-app.{ns}."
             rows["lookup first (tpenv)"] = summary(core.call(lookups(core.core, name, args.lookups, True)))
-            rows["lookup cached (tpenv)"] = summary(core.call(lookups(core.core, name, args.lookups, False)))
+            # Cached: the same client as the pod's row (a raw UDP socket, a separate process), so
+            # both rows time the same thing; the in-process dnspython figure (the client sharing
+            # the core's event loop and parsing the reply) is kept beside it.
+            rows["lookup cached (tpenv, in-process dnspython)"] = summary(
+                core.call(lookups(core.core, name, args.lookups, False)))
+            host, port = core.core.resolver_address
+            cp = subprocess.run([sys.executable, "-c", IN_POD_DNS, host, name.rstrip("."), str(args.lookups), str(port)],
+                                capture_output=True, text=True, timeout=300, check=True)
+            rows["lookup cached (tpenv)"] = summary(json.loads(cp.stdout)["samples_ms"])
             dns_ip = kjson("get", "service", "kube-dns", ns="kube-system")["spec"]["clusterIP"]
             cp = kubectl("exec", "-i", "bench-client", "--", "python3", "-", dns_ip,
                          f"bench-app.{ns}.svc.cluster.local", str(args.lookups), ns=ns, input=IN_POD_DNS, timeout=300)
             rows["lookup from a pod (kube-dns)"] = summary(json.loads(cp.stdout)["samples_ms"])
+            rows["connect paths taken"] = dict(core.core.direct.stats) if core.core.direct else {}
         finally:
             core.close()
+            relay_core.close()
             pf.stop()
     finally:
         if not args.keep:

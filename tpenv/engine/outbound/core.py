@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpenv.engine.outbound.direct import DirectPaths
 from tpenv.engine.outbound.policy import Network, Ranges, check_conflicts, local_routes, parse_cidr
 from tpenv.errors import Forbidden, NotFound, TpenvError, TransientError, TunnelDropped, UsageError
 from tpenv.kits.aio import Backoff, unit_logger
@@ -47,6 +48,7 @@ class ConnectOptions:
     excluded_suffixes: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_SUFFIXES))
     check_routes: bool = False  # host mode: routes would really collide
     mark: int | None = None  # SO_MARK of directly dialled sockets (a capture's rules skip it)
+    direct: bool = True  # Service/pod connections on their own port-forward streams where allowed (direct.py)
 
     @property
     def search(self) -> list[str]:
@@ -71,6 +73,7 @@ class OutboundCore:
         self.server: DnsServer | None = None
         self.resolver: Resolver | None = None
         self._stream_dns: StreamDns | None = None
+        self.direct: DirectPaths | None = None
         self._keeper: asyncio.Task | None = None
         self._conns: set[asyncio.Task] = set()
         self.warnings: list[str] = []
@@ -116,6 +119,8 @@ class OutboundCore:
             self.resolver = Resolver(self.rules, cluster=self._cluster_dns, upstream=self.upstream.query,
                                      refresh_namespaces=self._refresh_namespaces)
             self.server = await DnsServer(self.resolver.answer, fast=self.resolver.answer_now).start()
+            if self.options.direct:
+                self.direct = await DirectPaths(self.kube, self.options.search, self._portforward_allowed, self.log).start()
             self._keeper = asyncio.ensure_future(self._keep())
         except BaseException:
             self.close()
@@ -137,13 +142,13 @@ class OutboundCore:
         for thing in (self._keeper, *self._conns):
             if thing is not None:
                 thing.cancel()
-        for thing in (self.server, self._stream_dns, self.relay):
+        for thing in (self.server, self._stream_dns, self.direct, self.relay):
             if thing is not None:
                 thing.close()
 
     async def wait_closed(self) -> None:
         await asyncio.gather(*(t for t in (self._keeper, *self._conns) if t is not None), return_exceptions=True)
-        for thing in (self.server, self._stream_dns, self.relay):
+        for thing in (self.server, self._stream_dns, self.direct, self.relay):
             if thing is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(thing.wait_closed(), 5)
@@ -321,8 +326,15 @@ class OutboundCore:
                 return await self._dial_direct(host, port)
             ip = ipaddress.ip_address(address)
         if self.ranges.contains(ip):
+            if self.direct is not None and (stream := await self.direct.dial(ip, port)) is not None:
+                return stream
             return await self._open_through_relay(str(ip), port)
         return await self._dial_direct(str(ip), port)
+
+    def _portforward_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """What a direct port-forward may reach: what the relay itself would dial (its ranges,
+        not also_proxy) and the user still proxies (not never_proxy)."""
+        return self.ranges.contains(ip) and any(ip.version == n.version and ip in n for n in self.ranges.discovered)
 
     async def _dial_direct(self, host: str, port: int) -> tuple[Any, Any]:
         loop = asyncio.get_running_loop()

@@ -33,6 +33,7 @@ from typing import Any
 from tpenv.errors import Forbidden, TpenvError
 from tpenv.kits.kube import Kube, What
 from tpenv.kits.portforward import PodTunnel
+from tpenv.kits.splice import CHUNK
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 SPARE_SECONDS = 5.0
@@ -179,7 +180,7 @@ class DirectPaths:
             stream = self._take_spare(key)
             if stream is None:
                 try:
-                    stream = await self._tunnel(ns, pod).open_stream(pod_port)
+                    stream = await self._tunnel(ns, pod).open_stream(pod_port, limit=CHUNK)
                 except TpenvError as e:  # a pod going away can still be listed a moment
                     self.log.info("port-forward to %s/%s:%s refused (%s); trying another", ns, pod, pod_port, e)
                     continue
@@ -214,7 +215,7 @@ class DirectPaths:
 
         async def fill() -> None:
             try:
-                reader, writer = await self._tunnel(key[0], key[1]).open_stream(key[2])
+                reader, writer = await self._tunnel(key[0], key[1]).open_stream(key[2], limit=CHUNK)
             except TpenvError:
                 return  # the next connection opens its own
             finally:

@@ -6,7 +6,8 @@ with a pre-opened spare for the next one; without the right to port-forward in t
 
 Stages: (1) the core sees the namespace's Services and slices; (2) connections to the ClusterIP
 reach both replicas, every one direct; (3) the next connection takes a pre-opened spare; (4) a
-pod address goes direct; a port the Service lacks goes to the relay; (5) one replica gone: the
+pod address goes direct; a port the Service lacks goes to the relay; the client's EOF
+closes the stream after a linger; (5) one replica gone: the
 watch moves new connections to the other; (6) a user with the relay right only: the relay.
 
 Cluster-wide (manager install): run under flock /tmp/tpenv-clusterwide.lock.
@@ -24,6 +25,7 @@ from connect_kit import deploy_apps, manager  # noqa: F401  (module fixture)
 from test_connect_names import Upstream
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures, reused)
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tpenv.engine.outbound import direct as direct_module
 from tpenv.engine.outbound.core import ConnectOptions, OutboundCore
 from tpenv.errors import TpenvError
 from tpenv.kits.kube import Kube
@@ -59,7 +61,7 @@ async def kube(kubeconfig):
         await k.close()
 
 
-async def test_services_go_direct_balanced_and_follow_their_endpoints(manager, kube, namespace):
+async def test_services_go_direct_balanced_and_follow_their_endpoints(manager, kube, namespace, monkeypatch):
     ns = namespace
     apps = deploy_apps(ns)
     kubectl("scale", "deployment/hello", "--replicas=2", ns=ns)
@@ -93,6 +95,17 @@ async def test_services_go_direct_balanced_and_follow_their_endpoints(manager, k
         with contextlib.suppress(TpenvError, OSError, asyncio.IncompleteReadError, AssertionError):
             await get(core, apps["cluster_ip"], 81, "/nothing")  # the relay's answer (refused): not ours
         assert direct.stats["relay"] == before["relay"] + 1 and direct.stats["direct"] == before["direct"] + 1
+
+        # -- stage 4b: the client's EOF (no half-close in a WebSocket port-forward): the answer
+        # still arrives, then the stream closes after the linger, although the app keeps the
+        # keep-alive connection open (it would otherwise stay open until the app's idle timeout)
+        monkeypatch.setattr(direct_module, "LINGER_AFTER_EOF", 2.0)
+        reader, writer = await core.dial(apps["cluster_ip"], 80)
+        writer.write(b"GET /half-closed HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        raw = await asyncio.wait_for(reader.read(), 60)  # EOF: the stream was closed by the linger
+        assert raw.startswith(b"HTTP/1.1 200") and b"/half-closed" in raw, raw[:200]
+        writer.close()
 
         # -- stage 5: one replica gone: the watch takes it out, new connections reach the other ---
         kubectl("scale", "deployment/hello", "--replicas=1", ns=ns)

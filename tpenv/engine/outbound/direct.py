@@ -39,6 +39,39 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 SPARE_SECONDS = 5.0
 ATTEMPTS = 3  # endpoints tried for one connection before handing it to the relay
 SERVICE_LABEL = "kubernetes.io/service-name"
+LINGER_AFTER_EOF = 30.0  # seconds the pod's answer has after the client's EOF (no half-close)
+
+
+class _EofClosingWriter(asyncio.StreamWriter):
+    """A WebSocket port-forward (v4) cannot pass a half-close on: after the client's EOF, the
+    stream would stay open until the app's idle timeout (a keep-alive HTTP server: forever), one
+    stream through the API server per finished connection. So the client's EOF gives the pod's
+    answer ``LINGER_AFTER_EOF`` seconds, then the stream closes. SPDY (the fallback) half-closes."""
+
+    _linger: asyncio.TimerHandle | None = None
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self.transport.can_write_eof():
+            super().write_eof()
+        elif self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(LINGER_AFTER_EOF, self.close)
+
+    def close(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        super().close()
+
+
+async def open_stream(tunnel: PodTunnel, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``tunnel.open_stream`` with the EOF handling above and splice's read size as buffer."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await tunnel.create_connection(lambda: protocol, tunnel.pod, port)
+    return reader, _EofClosingWriter(transport, protocol, reader, loop)
 
 
 @dataclass
@@ -180,7 +213,7 @@ class DirectPaths:
             stream = self._take_spare(key)
             if stream is None:
                 try:
-                    stream = await self._tunnel(ns, pod).open_stream(pod_port, limit=CHUNK)
+                    stream = await open_stream(self._tunnel(ns, pod), pod_port)
                 except TpenvError as e:  # a pod going away can still be listed a moment
                     self.log.info("port-forward to %s/%s:%s refused (%s); trying another", ns, pod, pod_port, e)
                     continue
@@ -215,7 +248,7 @@ class DirectPaths:
 
         async def fill() -> None:
             try:
-                reader, writer = await self._tunnel(key[0], key[1]).open_stream(key[2], limit=CHUNK)
+                reader, writer = await open_stream(self._tunnel(key[0], key[1]), key[2])
             except TpenvError:
                 return  # the next connection opens its own
             finally:

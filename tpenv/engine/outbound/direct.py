@@ -32,6 +32,7 @@ from typing import Any
 
 from tpenv.errors import Forbidden, TpenvError
 from tpenv.kits.kube import Kube, What
+from tpenv.kits.kuberest import ApiGroup
 from tpenv.kits.portforward import PodTunnel
 from tpenv.kits.splice import CHUNK
 
@@ -172,12 +173,18 @@ class DirectPaths:
         return self
 
     async def _may_port_forward(self, ns: str) -> bool:
-        from tpenv.engine.doctor.cluster import can_i
-
+        # Asked here, not through the doctor's can_i: that module needs the agent package, which
+        # a plain install of the client does not have.
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": {"namespace": ns, "verb": "create", "resource": "pods",
+                                                  "subresource": "portforward"}}}
         try:
-            return await can_i(self.kube, ns, "create", "", "pods", "portforward")
+            answer = await self.kube.call(ApiGroup(self.kube.api, "/apis/authorization.k8s.io/v1")
+                                          .create_self_subject_access_review, review,
+                                          what=What("create", "selfsubjectaccessreviews"))
         except Forbidden:  # may not even ask: treat as no
             return False
+        return bool((answer.get("status") or {}).get("allowed"))
 
     async def _follow(self, view: NamespaceView, lister: Any, what: str, rv: str | None) -> None:
         """Keep ``view`` current; a watch that ends for good leaves this namespace to the relay."""

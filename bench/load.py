@@ -18,6 +18,10 @@ Task kinds (every task has "kind", "label", "host", "port"):
     bulk     one transfer of "bytes": "dir" down (GET, the server sends) or up (POST, we send)
     hol      "latency" on one connection while another keeps downloading "bytes" per request
     grpc     one gRPC channel, "n" unary calls at "rate", optional "headers" (metadata)
+    routed   until one GET on a fresh connection is answered (200) with X-Bench-Hop "hop" (and,
+             given, X-Bench-Side "side"), for at most "seconds": after a rollout, the Service can
+             refuse or reach the old pod for a while (kube-proxy programs the node after the
+             EndpointSlice update); "failed" with the last answer when the bound passes
 
 "rps" and "wrk" report "cpu_s": the CPU the load generator spent (this process for rps, the wrk
 child for wrk), so the bench can say how much of the machine the client itself took.
@@ -350,8 +354,33 @@ async def t_grpc(t: dict) -> dict:
             **summary(lat)}
 
 
+async def t_routed(t: dict) -> dict:
+    # Retried on a short fixed pause: from a client there is no event for "kube-proxy now routes
+    # here", only answers; bounded by "seconds", and each attempt's outcome is kept for the reason.
+    t0 = time.perf_counter()
+    attempts, last = 0, "no attempt"
+    while True:
+        attempts += 1
+        conn = Conn(t["host"], t["port"])
+        try:
+            async with asyncio.timeout(5):
+                await conn.request("GET", "/?size=1")
+            hop, side = next(iter(conn.hops), None), next(iter(conn.sides), None)
+            if hop == t["hop"] and (t.get("side") is None or side == t["side"]):
+                return {"attempts": attempts, "seconds": time.perf_counter() - t0}
+            last = f"answered via hop {hop!r} by {side!r}"
+        except Exception as e:  # noqa: BLE001 - refused, reset, timed out: the Service is not routed yet
+            last = f"{type(e).__name__}: {e}"[:200]
+        finally:
+            conn.close()
+        if time.perf_counter() - t0 > t["seconds"]:
+            return {"failed": f"{t['host']}:{t['port']} not answered via hop {t['hop']!r} within "
+                              f"{t['seconds']:.0f}s ({attempts} attempts; last: {last})"}
+        await asyncio.sleep(0.2)
+
+
 KINDS = {"latency": t_latency, "conc": t_conc, "rps": t_rps, "wrk": t_wrk, "bulk": t_bulk, "hol": t_hol,
-         "grpc": t_grpc}
+         "grpc": t_grpc, "routed": t_routed}
 
 
 async def amain(tasks: list[dict]) -> None:

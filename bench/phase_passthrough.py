@@ -187,6 +187,8 @@ def phase_passthrough(bench: Bench) -> None:
             kubectl("patch", "deployment", "bench-app", "--type=json", "-p", json.dumps(ops), ns=bench.ns)
             kubectl("rollout", "status", "deployment/bench-app", "--timeout=180s", ns=bench.ns, timeout=200)
             pod0 = bench.app_pod()
+            # Ready is not routed: until the Service answers through the new pod's agent.
+            bench.routed(bench.app_ip, "proxy", "the agent's restart")
 
         patch([{"op": "add", "path": path, "value": [*args, "--http1-passthrough", "raw"]}])
         try:

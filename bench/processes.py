@@ -44,7 +44,7 @@ def budget_of(tasks: list[dict]) -> float:
     for t in tasks:
         if t["kind"] in ("latency", "hol", "grpc"):
             b += t["n"] / t["rate"] + t.get("idle", 0) + 10
-        elif t["kind"] in ("conc", "rps", "wrk"):
+        elif t["kind"] in ("conc", "rps", "wrk", "routed"):
             b += t["seconds"] + 30
         else:
             b += t.get("bytes", 0) / 2e6 + 10  # even at 2 MB/s

@@ -114,6 +114,11 @@ class Bench:
         through the agent or HAProxy (bench/server.py's X-Bench-Hop)."""
         if "failed" in r:
             raise Unavailable(r["failed"])
+        refused = [e for e in r.get("error_samples") or [] if "ConnectionRefused" in e or "Connect call failed" in e]
+        if refused:
+            # A refusal is no slow answer: the path was not there (a rollout not yet routed), so the
+            # figure measures something else; never averaged away under the 5 % below.
+            raise Unavailable(f"{r.get('errors')} of {r.get('n')} requests failed, connections refused: {refused[0]}")
         if r.get("kind") in ("latency", "grpc", "hol") and r.get("errors", 0) > 0.05 * max(r.get("n", 0), 1):
             raise Unavailable(f"{r['errors']} of {r['n']} requests failed (the path broke during the step): "
                               f"{'; '.join(r.get('error_samples', [])[:2])}")
@@ -127,6 +132,15 @@ class Bench:
             raise Unavailable(f"answers should all have arrived at the app {hop}, arrived {r['hops']}: "
                               "the path is not the one this row names")
         return r
+
+    def routed(self, host: str, hop: str, what: str, seconds: float = 90) -> None:
+        """After a rollout the bench made (``what``): until a request from the client pod to ``host``
+        (a ClusterIP) is answered via ``hop``; Unavailable with the reason past the bound."""
+        [r] = self.cluster([{"kind": "routed", "label": f"routed:{what}", "host": host, "port": 80, "hop": hop,
+                             "seconds": seconds}])
+        if "failed" in r:
+            raise Unavailable(f"after {what}: {r['failed']}")
+        log(f"  {what}: routed via {hop} after {r['seconds']:.1f}s ({r['attempts']} attempts)")
 
     def cluster(self, tasks: list[dict]) -> list[dict]:
         return in_cluster(self.ns, tasks, budget_of(tasks))
@@ -149,6 +163,9 @@ class Bench:
         self.app_ip = kjson("get", "service", "bench-app", ns=self.ns)["spec"]["clusterIP"]
         self.direct_ip = kjson("get", "service", "bench-direct", ns=self.ns)["spec"]["clusterIP"]
         self.haproxy_ip = kjson("get", "service", "bench-haproxy", ns=self.ns)["spec"]["clusterIP"]
+        # Pods Ready is not Services routed: every measurement starts once each answers on its path.
+        self.routed(self.direct_ip, "direct", "the app's rollout")
+        self.routed(self.haproxy_ip, "proxy", "HAProxy's rollout")
 
     def app_pod(self) -> str:
         """The ready bench-app pod; one with the agent when there is one. Right after an injecting
@@ -193,6 +210,8 @@ class Bench:
         try:
             ic = self.start_intercept(key, "--mount", "false")
             ic.stop()
+            # The injection rolled the pod: measure only once the Service reaches the agent's pod.
+            self.routed(self.app_ip, "proxy", "the agent's injection")
             pod = self.app_pod()
             apids = container_pids(self.ns, pod, "tpenv-agent")
             self.agent_procs = Procs(apids) if apids else None

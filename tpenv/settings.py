@@ -110,6 +110,11 @@ class KubeSettings(_Section):
     """Calls to the Kubernetes API server."""
 
     rollout_timeout: float = Field(120.0, gt=0, description="Seconds to wait for a patched workload's pods to be ready.")
+    endpoints_timeout: float = Field(
+        30.0, gt=0,
+        description="Seconds to wait, after an injecting rollout, until the EndpointSlices of every Service on the "
+                    "intercepted port list only the agent's pods as ready (the intercept says ready after that); "
+                    "past it, tpenv says so and goes on.")
 
 
 class SessionSettings(_Section):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpenv.engine.agent_removal import UPDATE_ATTEMPTS, remove_agent
+from tpenv.engine.endpoints import wait_endpoints  # noqa: F401 - replace.py and callers import it from here
 from tpenv.engine.injection import InjectionPlan, plan_injection
 from tpenv.engine.redirect import redirect_choice
 from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflict, UsageError
@@ -193,7 +194,9 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     entry = next(e for e in plan.record["ports"] if e["name"] == port_name)
     # With the redirect the endpoints keep the app's port (the pod sends it to the agent).
     endpoint_port = entry["app_port"] if plan.record.get("mode") == MODE_REDIRECT else entry["agent_port"]
-    await wait_endpoints(kube, w, service, sp, endpoint_port, port_name, progress=say)
+    # "Ready" only once every Service on this port routes to the agents' pods (endpoints.py).
+    await wait_endpoints(kube, w, service, sp, endpoint_port, port_name, progress=say,
+                         timeout=settings.kube.endpoints_timeout, app_port=int(entry["app_port"]))
     return AgentReady(w, service, plan.record, port_name, plan.record["container"], rolled_out)
 
 
@@ -291,46 +294,6 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
         raise RolloutStalled(f"the rollout of {w.ref} did not finish within {timeout:.0f}s: "
                              f"{_readiness_cause(serving)}") from e
     raise RolloutStalled(f"the pod watch of {w.ref} ended before the rollout finished")
-
-
-async def wait_endpoints(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], agent_port: int,
-                         port_name: str, *, timeout: float = 30.0, progress: Progress | None = None) -> bool:
-    """Until the Service's EndpointSlices send this port only to agents (port ``agent_port`` on pods
-    whose agent serves ``port_name``): the rollout being done is not enough, the EndpointSlice
-    controller lags behind it (and behind a targetPort rewrite). False on timeout (not an error:
-    traffic still flows, through the app directly, until the slices catch up)."""
-    svc = service["metadata"]["name"]
-    slice_port = sp.get("name") or ""
-    slices: dict[str, dict[str, Any]] = {}
-    pods = {p["metadata"]["name"] for p in await kube.pods_of(w) if pod_serves(p, port_name)}
-
-    def settled() -> bool:
-        ready_refs, ports_ok = [], True
-        for s in slices.values():
-            nums = [p.get("port") for p in s.get("ports") or [] if (p.get("name") or "") == slice_port]
-            eps = [e for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")]
-            if eps and nums and any(n != agent_port for n in nums):
-                ports_ok = False
-            ready_refs += [((e.get("targetRef") or {}).get("name")) for e in eps]
-        return ports_ok and bool(ready_refs) and all(r in pods for r in ready_refs)
-
-    try:
-        async with asyncio.timeout(timeout):
-            async with kube.watch(kube.discovery.list_namespaced_endpoint_slice, w.namespace,
-                                  label_selector=f"kubernetes.io/service-name={svc}",
-                                  what=What("watch", "endpointslices.discovery.k8s.io", w.namespace)) as events:
-                async for kind, s in events:
-                    if kind == "DELETED":
-                        slices.pop(s["metadata"]["name"], None)
-                    else:
-                        slices[s["metadata"]["name"]] = s
-                    if settled():
-                        return True
-    except TimeoutError:
-        if progress:
-            progress(f"Service {svc}: its endpoints did not switch to the agents within {timeout:.0f}s")
-        return False
-    return False
 
 
 def webhook_mode(w: Workload) -> bool:

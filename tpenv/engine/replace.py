@@ -270,7 +270,8 @@ async def start_replace(kube: Kube, w: Workload, service: dict, sp: dict, settin
                                what="with the app replaced")
         rep.workload = w
         entry = next(e for e in plan.ports if e["name"] == agent_port_name(sp))
-        await wait_endpoints(kube, w, service, sp, entry["app_port"], entry["name"], progress=progress)
+        await wait_endpoints(kube, w, service, sp, entry["app_port"], entry["name"], progress=progress,
+                             timeout=settings.kube.endpoints_timeout, app_port=int(entry["app_port"]))
     except BaseException:
         await rep.end(progress)
         raise

@@ -14,12 +14,12 @@ import os
 import pytest
 
 from tests.cluster.pytest_plugin import apply, kubectl
+from tests.kit.apps import testapp_image
 from tpenv.kits.kube import Kube
 from tpenv.kits.portforward import PodTunnel
 
 TCP_ECHO = """
 import socket, threading
-from tests.kit.apps import testapp_image
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 9000)); s.listen(64)
 def serve(c):

@@ -16,6 +16,7 @@ import pytest
 from test_intercept_kit import Intercepting, agent_in_pods, client_pod, curl, echo_container, spec_of, tpenv, wait_for
 from test_intercept_personal import LocalEcho
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -99,7 +100,6 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
 
 GRPC_CLIENT = """
 import grpc, json, sys, time
-from tests.kit.apps import testapp_image
 # Client-side balancing: the channel resolves every pod IP of the headless Service and dials
 # each one itself (round_robin); kube-proxy never sees these connections.
 ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.lb_policy_name", "round_robin")])

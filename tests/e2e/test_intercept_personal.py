@@ -20,13 +20,13 @@ import pytest
 
 from test_intercept_kit import REPO, Intercepting, client_pod, curl, wait_for
 from tests.cluster.pytest_plugin import _kubeconfig_env, apply, kubectl, kubectl_binary
+from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 HEADER = "x-telepresence-intercept-id"
 FRONTEND = """
 import http.server, urllib.request
-from tests.kit.apps import testapp_image
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         req = urllib.request.Request("http://backend" + self.path)

@@ -34,6 +34,15 @@ def test_yaml_syntax_error(tmp_path):
         "F:3:1: invalid YAML: while parsing a flow sequence expected ',' or ']', but got '<stream end>'"]
 
 
+@pytest.mark.parametrize("value", ["+_", "-_", "0x_"])
+def test_scalar_ruamel_cannot_construct(tmp_path, value):
+    # ruamel.yaml's int pattern matches these, then its int constructor raises IndexError:
+    # found by the property test; the user gets the scalar's position and what to do.
+    [message] = problems(tmp_path, f"namespace: a\nintercepts:\n  - workload: {value}\n")
+    assert message.startswith(f"F:3:15: invalid YAML: {value!r} cannot be read as a value")
+    assert message.endswith("quote it")
+
+
 def test_duplicate_yaml_key(tmp_path):
     [message] = problems(tmp_path, "namespace: a\nnamespace: b\n")
     assert message.startswith('F:2:1: invalid YAML: while constructing a mapping found duplicate key "namespace"')

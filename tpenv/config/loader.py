@@ -297,9 +297,38 @@ def _parse(text: str, file: str) -> Any:
         before = text[:e.position]
         line, col = before.count("\n") + 1, e.position - (before.rfind("\n") + 1) + 1
         raise ConfigError([Problem(file, line, col, f"invalid YAML: {e.reason} (character {e.character!r})")]) from e
-    except (YAMLError, RecursionError, ValueError, TypeError, AttributeError) as e:
-        # ruamel.yaml raises plain exceptions on some malformed input; it is the edge, so wrap them.
-        raise ConfigError([Problem(file, 1, 1, f"invalid YAML: {e}")]) from e
+    except (YAMLError, RecursionError, ValueError, TypeError, AttributeError, IndexError) as e:
+        # ruamel.yaml raises plain exceptions on some malformed input (e.g. `+_`, which its int
+        # pattern matches and its int constructor then fails on); it is the edge, so wrap them,
+        # at the scalar that fails when one can be found.
+        line, col, value = _failing_scalar(text) or (1, 1, None)
+        what = f"invalid YAML: {value!r} cannot be read as a value ({type(e).__name__}: {e}); quote it" \
+            if value is not None else f"invalid YAML: {e}"
+        raise ConfigError([Problem(file, line, col, what)]) from e
+
+
+def _failing_scalar(text: str) -> tuple[int, int, str] | None:
+    """(line, column, text) of the first plain scalar ruamel.yaml cannot construct, if any."""
+    try:
+        yaml = YAML(typ="rt")
+        root = yaml.compose(text)
+    except Exception:  # noqa: BLE001 - composing failed too: no position to give
+        return None
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.value, list):
+            for item in reversed(node.value):
+                stack.extend(reversed(item) if isinstance(item, tuple) else [item])
+            continue
+        try:
+            yaml.constructor.construct_object(node, deep=True)
+        except Exception:  # noqa: BLE001 - the one we are looking for
+            return node.start_mark.line + 1, node.start_mark.column + 1, node.value
+    return None
 
 
 def _document(path: Path, environ: Mapping[str, str]) -> tuple[dict[str, Any], Locator, list[Problem], list[Problem], set]:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,21 @@ def test_kill_9_in_host_mode_leaves_the_laptop_as_it_was(cluster_apps, laptop):
 
 # --- 3. ns mode, as a user without root ---------------------------------------------------------------------
 
+def _release(fifo):
+    """Let the command end: the write waits for its reader in a thread, so a command that died
+    before reading the FIFO cannot hang the test (it did once); `_unblock` ends that wait."""
+    writer = threading.Thread(target=fifo.write_text, args=("go\n",), name="release-fifo", daemon=True)
+    writer.start()
+    return writer
+
+
+def _unblock(fifo, writer) -> None:
+    if writer.is_alive():  # nobody read it: open a reader ourselves so the writer's open returns
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(10)
+        os.close(fd)
+
+
 @pytest.mark.parametrize("names", [False, True], ids=["by-address", "by-name"])
 def test_ns_mode_as_nobody_reaches_the_cluster_and_changes_nothing(cluster_apps, laptop, names):
     apps, lap = cluster_apps, laptop
@@ -252,8 +268,9 @@ def test_ns_mode_as_nobody_reaches_the_cluster_and_changes_nothing(cluster_apps,
                    300)
         # Stage 2: while it runs, the laptop's network state is exactly what it was.
         assert lap.snapshot() == before
-        (out / "release").write_text("go\n")
+        writer = _release(out / "release")
         _, err = run.communicate(timeout=60)
+        _unblock(out / "release", writer)
     finally:
         if run.poll() is None:
             run.kill()

@@ -7,6 +7,7 @@ if ($content && strpos($path, '/wp-content/') === 0 && strpos($path, '..') === f
     $file = $content . substr($path, strlen('/wp-content'));
     if (is_file($file) && substr($file, -4) !== '.php') {
         header('Content-Type: ' . (mime_content_type($file) ?: 'application/octet-stream'));
+        header('X-Served-By: laptop');  // as the mu-plugin marks the pages: who answered is visible
         readfile($file);
         return true;
     }

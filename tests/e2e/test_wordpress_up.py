@@ -197,6 +197,8 @@ def test_wordpress_intercepted_to_the_laptop(app_images_imported, manager_as_fou
             # Stage 5 (Done-when 4): Ctrl-C.
             up.signal(signal.SIGINT)
             assert up.wait(180) == 0, up.output
+        print("tpenv up's output:\n" + "\n".join(line for line in up.lines if "Accepted" not in line
+                                                    and "Closing" not in line))
     except BaseException:
         print("tpenv up's output:\n" + up.output)
         raise

@@ -73,7 +73,7 @@ class _Out:
     """The translated document and the positions of its values, copied from the manifest's."""
 
     def __init__(self, loc: Any) -> None:
-        from tpenv.config.loader import Locator
+        from tpenv.config.located import Locator
 
         self.src = loc
         self.loc = Locator(loc.file)

@@ -229,9 +229,8 @@ def test_wordpress_intercepted_to_the_laptop(app_images_imported, manager_as_fou
     assert cp.returncode == 0, cp.stdout + cp.stderr
     wait_until("the pods without the agent", lambda: _containers(ns, "wordpress") == [["wordpress"]], 300)
     assert kubectl_json("get", "deployment", "wordpress", ns=ns)["spec"]["template"] == template_before
-    # The namespace's Secret tpenv-auth (the agents' SSH CA) stays: --all-agents leaves it for the
-    # next session; only `uninstall --everything` (every namespace, the manager too) deletes it,
-    # which a shared cluster's test must not run.
-    assert [o for o in _tpenv_objects(ns) if not o.startswith("Secret/tpenv-auth:")] == []
+    # The namespace's Secret tpenv-auth (the agents' SSH CA) went with the last pod mounting it.
+    assert f"deleted Secret {ns}/tpenv-auth" in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+    assert _tpenv_objects(ns) == []
     wait_until("the cluster's WordPress answering after uninstall", _by_cluster(ns, post_page, must=(title, post)),
                300, interval=2)

@@ -2,6 +2,7 @@
 
 ``--agent W`` and ``--all-agents`` restore workloads (and the Services whose targetPort tpenv
 rewrote) from the ``tpenv.io/restore*`` annotations and wait until no pod runs the agent.
+``--all-agents`` then deletes the namespace's ``tpenv-auth`` Secret once no pod there mounts it.
 ``--everything`` does that in every namespace, then deletes the ``tpenv-auth`` Secrets and the
 manager, so the cluster is as it was before tpenv touched it. Both sweep for Services whose
 targetPort still names a ``tpenv-<n>`` port no pod has (a GitOps revert of the workload leaves
@@ -16,6 +17,7 @@ from tpenv.engine.agent_removal import (injected_workloads, prune_agent_history,
                                         wait_agent_gone)
 from tpenv.engine.replace import remove_restore_right, sweep_restore_rights, undo_replace
 from tpenv.engine.strayports import find_stray_services, repair_stray
+from tpenv.engine.teammode import NAMESPACE as MANAGER_NS
 from tpenv.errors import Forbidden, NotFound
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import ANN_RESTORE_SERVICE, AUTH_SECRET, LABEL_AGENT, restore
@@ -26,7 +28,7 @@ HELP = "Remove agents from workloads, restoring them exactly as they were."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--agent", metavar="WORKLOAD", help="remove the agent from this workload")
-    which.add_argument("--all-agents", action="store_true", help="remove every agent in the namespace")
+    which.add_argument("--all-agents", action="store_true", help="remove every agent in the namespace, then its tpenv-auth Secret once no pod mounts it")
     which.add_argument("--everything", action="store_true",
                        help="remove every trace of tpenv: agents, secrets, the manager")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for the pods to drop the agent")
@@ -80,6 +82,8 @@ async def run(args: argparse.Namespace, ctx) -> int:
                     continue
         if args.everything:
             done["replicasets"] = await _delete_agent_history(kube)
+        if args.all_agents and not args.no_wait:
+            done["secrets"] = await _delete_unused_secret(kube, ns)
         if args.all_agents or args.everything:
             # The sweep (after the waits, so the pods are the ones that stay): a Service still
             # naming a tpenv-<n> port no pod has, e.g. after a GitOps revert of its Deployment.
@@ -125,6 +129,34 @@ async def _delete_secrets(kube: Kube) -> list[str]:
             continue
         out.append(f"{ns}/{name}")
     return out
+
+
+async def _delete_unused_secret(kube: Kube, ns: str) -> list[str]:
+    """The namespace's tpenv-auth (the agents' SSH CA), once no pod there mounts it: what tpenv made
+    for its agents goes with the last of them. Never the manager's own (the relay's keys); a pod
+    the webhook injects later gets it back (the webhook creates it at admission when missing)."""
+    if ns == MANAGER_NS:
+        return []
+    pods = await kube.call(kube.core.list_namespaced_pod, ns, what=What("list", "pods", ns))
+    for pod in pods.get("items", []):
+        if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            continue  # ending: its volumes are mounted already, and it starts no container again
+        for vol in pod["spec"].get("volumes") or []:
+            if (vol.get("secret") or {}).get("secretName") == AUTH_SECRET:
+                return []  # still in use (an agent the webhook injected, or a pod still ending)
+    try:
+        secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, ns,
+                                 what=What("get", "secrets", ns, AUTH_SECRET))
+    except NotFound:
+        return []
+    if (secret["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") != "tpenv":
+        return []  # not made by tpenv: not ours to delete
+    try:
+        await kube.call(kube.core.delete_namespaced_secret, AUTH_SECRET, ns,
+                        what=What("delete", "secrets", ns, AUTH_SECRET))
+    except NotFound:
+        return []
+    return [f"{ns}/{AUTH_SECRET}"]
 
 
 async def _delete_agent_history(kube: Kube) -> list[str]:

@@ -139,7 +139,10 @@ def test_replace_stops_the_app_and_it_comes_back_on_leave_and_after_kill_9(names
         # Lease (5 s) + the agent's grace (20 s) + the rollout back: nobody types anything.
         wait_for("the workload restored by its agent after kill -9", lambda: all_back(ns, before), timeout=180)
         print(f"app back {time.monotonic() - killed:.1f}s after kill -9")
-        assert curl(ns, f"http://worker.{ns}/").startswith("{")  # the app's own JSON answer
+        # The app's own JSON answer through its Service, once kube-proxy routes to the restored pod
+        # (up to its 1 s sync period after the endpoints change; the suite's run once asked sooner).
+        wait_for("the Service answered by the restored app", lambda: curl(ns, f"http://worker.{ns}/").startswith("{"),
+                 timeout=60)
         # The agent deleted the Secret holding its token (which revokes the token).
         assert kubectl("get", "secret", "tpenv-restore-worker", ns=ns, check=False).returncode != 0
         # What the agent may not delete (its ServiceAccount, Role, RoleBinding) stays, inert (no token

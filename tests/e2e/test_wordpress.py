@@ -51,6 +51,10 @@ def _deploy(ns: str) -> None:
     kubectl("rollout", "status", "statefulset/mariadb", "--timeout=300s", ns=ns, timeout=320)
     kubectl("rollout", "status", "deployment/wordpress", "--timeout=300s", ns=ns, timeout=320)
     kubectl("wait", "--for=condition=Ready", "pod/client", "--timeout=120s", ns=ns, timeout=150)
+    # Ready pods are not yet a routed Service: kube-proxy programs the new ClusterIP up to a sync
+    # period later (the suite's run once posted the installer's form before, and was refused).
+    wait_until("the wordpress Service answering", lambda: _curl(
+        ns, "-o", "/dev/null", "-w", "%{http_code}", "http://wordpress/wp-admin/install.php", timeout=90) == "200", 180)
 
 
 def _install_site(ns: str, title: str) -> None:

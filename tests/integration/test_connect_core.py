@@ -38,7 +38,7 @@ class Table:
 
 
 class ApiStandIn:
-    """The three reads the core makes, answered like a cluster whose user may not read kube-system."""
+    """The reads the core makes, answered like a cluster whose user may not read kube-system nor port-forward."""
 
     def __init__(self) -> None:
         self.core = self
@@ -52,7 +52,11 @@ class ApiStandIn:
     def read_namespaced_service(self, *a, **kw):
         raise Forbidden("services \"kube-dns\" is forbidden")
 
+    api = None  # only handed to an ApiGroup for the access review, which `call` answers itself
+
     async def call(self, fn, *args, what=None, **kw):
+        if what is not None and what.resource == "selfsubjectaccessreviews":
+            return {"status": {"allowed": False}}  # no pods/portforward: the relay carries everything
         return fn(*args, **kw)
 
     async def require_namespace(self, ns: str) -> None:

@@ -129,6 +129,11 @@ class Laptop:
     @classmethod
     @contextlib.contextmanager
     def create(cls, kubeconfig: str | Path, workdir: Path):
+        if os.geteuid() != 0:
+            import pytest  # the kit is also imported outside pytest; only this check needs it
+
+            pytest.fail("the laptop network namespace (ip netns, veth, nftables) needs root: run the tests "
+                        "as root, as the README's `python3 devspace.py test` does", pytrace=False)
         stale = sweep_stale()
         if stale:
             print(f"laptop kit: removed stale laptops of an earlier run: {', '.join(stale)}")

@@ -37,8 +37,7 @@ from tests.integration.capture_kit import as_user, static_client
 from tests.kit.apps import testapp_image
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
-              pytest.mark.skipif(os.geteuid() != 0, reason="the laptop namespace needs root")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 # --- the cluster side: a Service, a headless StatefulSet, a second (mapped) namespace --------------------

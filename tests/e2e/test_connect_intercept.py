@@ -28,8 +28,7 @@ from test_up_kit import UpSession, ask, client, deploy, echo_app, wait_client
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures, reused)
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900),
-              pytest.mark.skipif(os.geteuid() != 0, reason="the laptop namespace needs root")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 PORT = 18080
 

@@ -20,7 +20,6 @@ was there.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -40,8 +39,7 @@ from test_webhook_injection import agent_image, cli_env, tpenv  # noqa: F401  (m
 from test_wordpress import EXAMPLE, _curl, _deploy, _install_site, _sql, app_images_imported  # noqa: F401
 from tests.cluster.pytest_plugin import kubectl, kubectl_json, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800),
-              pytest.mark.skipif(os.geteuid() != 0, reason="the laptop namespace needs root")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 HEADER = "x-telepresence-intercept-id"
 HELLO = "hello from the laptop"

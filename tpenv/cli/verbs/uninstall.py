@@ -122,12 +122,9 @@ async def _delete_secrets(kube: Kube) -> list[str]:
                            field_selector=f"metadata.name={AUTH_SECRET}", what=What("list", "secrets"))
     out = []
     for s in data.get("items", []):
-        name, ns = s["metadata"]["name"], s["metadata"]["namespace"]
-        try:
-            await kube.call(kube.core.delete_namespaced_secret, name, ns, what=What("delete", "secrets", ns, name))
-        except NotFound:
-            continue
-        out.append(f"{ns}/{name}")
+        ns = s["metadata"]["namespace"]  # the field selector: its name is AUTH_SECRET
+        if await _delete_auth_secret(kube, ns):
+            out.append(f"{ns}/{AUTH_SECRET}")
     return out
 
 
@@ -151,12 +148,17 @@ async def _delete_unused_secret(kube: Kube, ns: str) -> list[str]:
         return []
     if (secret["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") != "tpenv":
         return []  # not made by tpenv: not ours to delete
+    return [f"{ns}/{AUTH_SECRET}"] if await _delete_auth_secret(kube, ns) else []
+
+
+async def _delete_auth_secret(kube: Kube, ns: str) -> bool:
+    """False when it was gone already."""
     try:
         await kube.call(kube.core.delete_namespaced_secret, AUTH_SECRET, ns,
                         what=What("delete", "secrets", ns, AUTH_SECRET))
     except NotFound:
-        return []
-    return [f"{ns}/{AUTH_SECRET}"]
+        return False
+    return True
 
 
 async def _delete_agent_history(kube: Kube) -> list[str]:

@@ -27,6 +27,7 @@ def tpenv(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.C
 def test_validate_passes_on_every_example():
     examples = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("examples/*/telepresence.yaml"))
     assert examples
+    examples.append("examples/hello/workstation-state.yaml")  # Telepresence's apply -f format, read as it is
     result = tpenv("validate", *examples)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

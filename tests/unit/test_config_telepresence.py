@@ -84,6 +84,10 @@ def test_the_documented_example_is_the_hello_intercept():
     ("    mount: {readOnly: true}\n", 8, 13, "mount.readOnly is not supported"),
     ("    env: {syntax: csh}\n", 8, 11, "env.syntax 'csh'"),
     ("    speed: fast\n", 8, 5, "unknown key 'speed'"),
+    ("    env: {file: a.env, expand: true}\n", 8, 24, "unknown key 'expand' in env"),
+    ("    env: a.env\n", 8, 5, "env: expected a mapping"),
+    ("    mount: {path: ./v, remote: /data}\n", 8, 24, "unknown key 'remote' in mount"),
+    ("    mount: false\n", 8, 5, "mount: expected a mapping"),
 ])
 def test_unsupported_fields_are_errors_at_their_line(tmp_path, extra, line, col, needle):
     base = ("apiVersion: telepresence.io/v1alpha1\nkind: WorkstationState\nconnection:\n  namespace: team\n"
@@ -133,11 +137,25 @@ def test_init_from_telepresence_writes_the_equivalent_file(tmp_path):
     cp = subprocess.run([str(TPENV), "-f", "telepresence.yaml", "init", "--from-telepresence", "dev.yaml"],
                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
+    # The fields it ignores are said on stderr at their line, never dropped silently.
+    assert "dev.yaml:4:3: WorkstationState: connection.name is ignored" in cp.stderr, cp.stderr
     written = load_config(tmp_path / "telepresence.yaml")
     assert written.model_dump() == load_config(tmp_path / "dev.yaml").model_dump()
     again = subprocess.run([str(TPENV), "init", "--from-telepresence", "dev.yaml"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "never overwrites" in again.stderr
+
+
+def test_init_from_telepresence_says_every_ignored_field_at_its_line(tmp_path):
+    (tmp_path / "dev.yaml").write_text(FULL.replace("    mechanism: http\n", "    plaintext: true\n")
+                                       .replace("  name: dev\n", "  name: dev\n  managerNamespace: ambassador\n"))
+    cp = subprocess.run([str(TPENV), "init", "--from-telepresence", "dev.yaml"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    said = [line.split("WARNING ", 1)[1] for line in cp.stderr.splitlines() if "WARNING " in line]
+    assert [s.split(": WorkstationState: ")[0] for s in said] == ["dev.yaml:4:3", "dev.yaml:5:3", "dev.yaml:21:5"]
+    assert ["is ignored" in s for s in said] == [True, True, True]
+    assert "managerNamespace" in said[1] and "plaintext" in said[2]
 
 
 def test_init_from_a_file_that_is_not_a_manifest_says_so(tmp_path):

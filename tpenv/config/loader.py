@@ -225,17 +225,19 @@ def _is_workstation_state_file(path: Path, environ: Mapping[str, str]) -> bool:
     return isinstance(tree, CommentedMap) and is_workstation_state({"kind": tree.get("kind")})
 
 
-def translated_workstation_state(path: str | Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A WorkstationState manifest as telepresence.yaml data (`tpenv init --from-telepresence`)."""
+def translated_workstation_state(path: str | Path, environ: Mapping[str, str] | None = None
+                                 ) -> tuple[dict[str, Any], list[Problem]]:
+    """A WorkstationState manifest as telepresence.yaml data (`tpenv init --from-telepresence`),
+    with the notes on the fields it ignores (located; the caller shows them: never dropped silently)."""
     path = Path(path)
     environ = os.environ if environ is None else environ
     if not _is_workstation_state_file(path, environ):
         raise ConfigError([Problem(str(path), 1, 1, "not a Telepresence manifest: expected kind: WorkstationState "
                                                     f"(apiVersion: {WS_API_VERSION})")])
-    data, _, problems, _, _ = _document(path, environ)
+    data, _, problems, notes, _ = _document(path, environ)
     if problems:
         raise ConfigError(sorted(set(problems), key=lambda p: (p.line, p.column, p.message)))
-    return data
+    return data, notes
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -47,12 +47,15 @@ MAPPING: list[tuple[str, str | None, str]] = [
     ("attachments[].mount.enabled: false", "intercepts[].mount: false", ""),
     ("attachments[].mount.path", "intercepts[].mount.path", ""),
     ("attachments[].mount.readOnly, localMountPort", None, "refused"),
+    ("attachments[].env, mount: not a mapping, or another key", None, "refused (Telepresence's schema rejects it too)"),
     ("attachments[].command", "intercepts[].run.command", "tpenv supervises it (restarts, file watch)"),
-    ("attachments[].mechanism: tcp|http, address: 127.0.0.1, nodeAgent: false", None, "accepted (tpenv's behaviour)"),
+    ("attachments[].mechanism: tcp\\|http, address: 127.0.0.1, nodeAgent: false", None, "accepted (tpenv's behaviour)"),
     ("attachments[].plaintext", None, "ignored (warning)"),
     ("attachments[].container, metadata, toPod, nodeAgent: true, other address/mechanism", None, "refused"),
 ]
 
+_ENV_KEYS = ("file", "syntax", "json")
+_MOUNT_KEYS = ("enabled", "path", "readOnly", "localMountPort")
 _ENV_SYNTAX = {"docker": "docker", "compose": "compose", "sh": "sh", "json": "json"}
 _PATHS = {"httpPathEqualities": "path_equal", "httpPathPrefixes": "path_prefix", "httpPathRegexps": "path_regex"}
 _REFUSED_CONNECTION = {
@@ -153,6 +156,14 @@ def _intercept(out: _Out, att: dict[str, Any], j: int, i: int) -> dict[str, Any]
         ic["match"] = match
         out.place((*dest, "match"), src)
     env = att.get("env") or {}
+    if not isinstance(env, dict):
+        out.refuse((*src, "env"), f"attachments[{j}].env: expected a mapping (file, syntax, json)",
+                   "e.g. env: {file: app.env, syntax: docker}")
+        env = {}
+    for key in env:
+        if key not in _ENV_KEYS:
+            out.refuse((*src, "env", key), f"unknown key {key!r} in env (Telepresence's env has "
+                                           f"{', '.join(_ENV_KEYS)})")
     if env:
         spec: dict[str, Any] = {}
         if "file" in env:
@@ -175,7 +186,14 @@ def _intercept(out: _Out, att: dict[str, Any], j: int, i: int) -> dict[str, Any]
                 out.place((*dest, "env", "file"), (*src, "env", "json"))
         ic["env"] = spec
     mount = att.get("mount")
-    if isinstance(mount, dict):
+    if mount is not None and not isinstance(mount, dict):
+        out.refuse((*src, "mount"), f"attachments[{j}].mount: expected a mapping (enabled, path, readOnly, "
+                                    "localMountPort)", "mount: {enabled: false}, or mount: {path: ./app.vol}")
+    elif isinstance(mount, dict):
+        for key in mount:
+            if key not in _MOUNT_KEYS:
+                out.refuse((*src, "mount", key), f"unknown key {key!r} in mount (Telepresence's mount has "
+                                                 f"{', '.join(_MOUNT_KEYS)})")
         if mount.get("enabled") is False:
             put("mount", False, "mount")
         elif "path" in mount:

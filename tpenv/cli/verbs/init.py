@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def _write(path: Path, header: str, doc: dict) -> None:
 
 
 def _from_telepresence(source: Path, path: Path, ctx) -> int:
-    doc = translated_workstation_state(source)
+    doc, notes = translated_workstation_state(source)
+    for note in notes:  # ignored fields: on stderr at their line, as `validate` and `up` say them
+        logging.getLogger("tpenv.config").warning("%s", note)
     header = (f"# Written by `tpenv init --from-telepresence {source}`: the same connection and intercepts.\n"
               f"# `tpenv up` runs it (the commands as handlers, supervised).\n")
     _write(path, header, doc)

@@ -1,6 +1,7 @@
 """Doctor's checks of the manager and its webhook: the Deployment's pods, the webhook's configuration
-and certificates, the namespaces it selects, opted-in pods that came up without the agent or without
-Secret tpenv-auth; and the same two checks, quick, for `tpenv status` (manager_warnings).
+and certificates, the namespaces it selects, opted-in pods (by tpenv's label or Telepresence's
+annotation) that came up without the agent, with the webhook's reason, or without Secret
+tpenv-auth; and the same two checks, quick, for `tpenv status` (manager_warnings).
 
 The webhook is exercised with a server-side dry-run of a pod that opts in: the API server calls
 the webhook, which patches the pod, and nothing is stored.
@@ -18,6 +19,8 @@ from tpenv.engine.teammode import NAMESPACE as MANAGER_NS
 from tpenv.errors import Forbidden, NotFound
 from tpenv.kits.kube import Kube, What, wrap_api_error
 from tpenv_agent.inject import AGENT_CONTAINER, LABEL_INJECT
+from tpenv_agent.inpod import opted_in
+from tpenv_agent.webhook import ANN_NOT_INJECTED
 from tpenv.settings import Settings
 
 MANAGER = "tpenv-manager"
@@ -135,21 +138,17 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
             notes.append(f"certificate expires {expiry:%Y-%m-%d %H:%M:%S} UTC (the manager renews it itself two "
                          "thirds into its lifetime; if it does not, see its log)")
             fix = f"kubectl -n {MANAGER_NS} logs deployment/{MANAGER} | grep tls/rotate; or tpenv manager upgrade"
-        # Pods that opted in but came up without the agent: the webhook was not reached when they were made.
-        try:
-            optins = (await kube.call(kube.core.list_pod_for_all_namespaces, label_selector=f"{LABEL_INJECT}=enabled",
-                                      what=What("list", "pods")))["items"]
-        except Forbidden:
-            optins = (await kube.call(kube.core.list_namespaced_pod, namespace,
-                                      label_selector=f"{LABEL_INJECT}=enabled",
-                                      what=What("list", "pods", namespace)))["items"]
-        missed = [_missed(p) for p in optins if not p["metadata"].get("deletionTimestamp")
-                  and not any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
+        # Pods that opted in (either way) but came up without the agent: refused, or the webhook
+        # was not reached when they were made.
+        selected = _selected(config)
+        optins = await _opted_in_pods(kube, namespace, selected)
+        without = [p for p in optins if not p["metadata"].get("deletionTimestamp")
+                   and not any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
+        missed = [_missed(p) for p in without]
         gone = await _auth_missing(kube, optins)
         if namespace in (MANAGER_NS, "kube-system"):
             return Outcome(SKIP, f"namespace {namespace!r} is never injected; certificate valid until "
                                  f"{expiry:%Y-%m-%d}")
-        selected = _selected(config)
         if selected is not None and namespace not in selected:
             return Outcome(WARN, f"namespace {namespace!r} is not selected for injection (selected: "
                                  f"{', '.join(selected) or 'none'}): its pods never get the agent from the webhook"
@@ -171,13 +170,15 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
                                f"deployment/{MANAGER}")
         if missed:
             notes.append(f"{len(missed)} opted-in pod(s) started without the agent: " + ", ".join(missed[:5]))
-            names = [m.split(" ", 1)[0] for m in missed[:5]]
-            fix = fix or "kubectl delete pod " + " ".join(names) + " (their workload recreates them, injected)"
+            # A refused pod would be refused again: its reason says what to change. One the webhook
+            # never saw gets the agent when its workload makes it again.
+            unreached = [p for p in without if not (p["metadata"].get("annotations") or {}).get(ANN_NOT_INJECTED)]
+            fix = fix or (_delete_fix(unreached[:5]) if unreached else
+                          "change what the reason names in the pod template, or drop its opt-in to the webhook")
         if gone:
             notes.append(f"Secret tpenv-auth is missing in {', '.join(gone)}, where pods run the agent: new SSH "
                          "sessions to them fail (the manager makes it again at the next injection)")
-            fix = fix or " && ".join(f"kubectl -n {ns} rollout restart deployment -l {LABEL_INJECT}=enabled"
-                                     for ns in gone)
+            fix = fix or _restart_fix(optins, gone)
         detail = (f"{'dry-run injection works' if injected else 'reachability not tried (no right to create pods)'}; "
                   f"certificate valid until {expiry:%Y-%m-%d}")
         return Outcome(WARN if notes else OK, detail + ("; " + "; ".join(notes) if notes else ""), fix=fix)
@@ -209,11 +210,73 @@ async def manager_warnings(kube: Kube, namespace: str, settings: Settings) -> li
     return [f for f in found if f.status in (WARN, FAIL)]
 
 
+async def _opted_in_pods(kube: Kube, namespace: str, selected: list[str] | None) -> list[dict[str, Any]]:
+    """Pods that opted in to the webhook, by tpenv's label or by Telepresence's annotation, in the
+    namespaces the webhook serves and the current one.
+
+    The API selects on labels only, so the annotation is found by listing those namespaces' pods
+    and asking ``opted_in``, the webhook's own test. Not by having the webhook label the pods it
+    refuses: a pod it never saw (manager down, ``failurePolicy: Ignore``) would carry no such
+    label, and that pod is what this check is for. The selection is a short explicit list, so the
+    listing stays bounded; an install from before explicit selection (None: nearly every
+    namespace) is searched cluster-wide by the label, plus the current namespace in full.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    if selected is None:
+        try:
+            labelled = await kube.call(kube.core.list_pod_for_all_namespaces, label_selector=f"{LABEL_INJECT}=enabled",
+                                       what=What("list", "pods"))
+            found.update((p["metadata"]["uid"], p) for p in labelled["items"])
+        except Forbidden:
+            pass
+    for ns in sorted({*(selected or []), namespace}):
+        try:
+            pods = (await kube.call(kube.core.list_namespaced_pod, ns, what=What("list", "pods", ns)))["items"]
+        except (Forbidden, NotFound):
+            continue  # not ours to read, or deleted since it was selected: nothing to say there
+        found.update((p["metadata"]["uid"], p) for p in pods if opted_in(p))
+    return list(found.values())
+
+
 def _missed(pod: dict[str, Any]) -> str:
     """``ns/name``, with the webhook's reason when it gave one (the pod annotation)."""
-    why = (pod["metadata"].get("annotations") or {}).get("tpenv.io/not-injected")
+    why = (pod["metadata"].get("annotations") or {}).get(ANN_NOT_INJECTED)
     where = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
     return f"{where} ({why})" if why else f"{where} (the webhook was not reached)"
+
+
+def _delete_fix(pods: list[dict[str, Any]]) -> str:
+    """Delete the pods, per namespace: their workloads make them again, through the webhook."""
+    by_ns: dict[str, list[str]] = {}
+    for p in pods:
+        by_ns.setdefault(p["metadata"]["namespace"], []).append(p["metadata"]["name"])
+    return " && ".join(f"kubectl -n {ns} delete pod {' '.join(names)}" for ns, names in sorted(by_ns.items())) \
+        + " (their workloads recreate them, injected)"
+
+
+def _workload(pod: dict[str, Any]) -> str | None:
+    """``deployment/NAME`` or ``statefulset/NAME`` that runs the pod (a ReplicaSet's name is its
+    Deployment's plus the pod-template-hash), or None for a bare pod."""
+    ctrl = next((o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None)
+    if ctrl is None:
+        return None
+    hash_ = (pod["metadata"].get("labels") or {}).get("pod-template-hash")
+    if ctrl["kind"] == "ReplicaSet" and hash_ and ctrl["name"].endswith(f"-{hash_}"):
+        return f"deployment/{ctrl['name'][: -len(hash_) - 1]}"
+    return f"{ctrl['kind'].lower()}/{ctrl['name']}"
+
+
+def _restart_fix(pods: list[dict[str, Any]], namespaces: list[str]) -> str:
+    """Restart the workloads of the injected pods in ``namespaces``: the next injection makes the
+    Secret again (by name, since pods opted in by annotation carry no label to select on)."""
+    out = []
+    for ns in namespaces:
+        names = sorted({w for p in pods if p["metadata"]["namespace"] == ns
+                        and any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])
+                        and (w := _workload(p))})
+        if names:
+            out.append(f"kubectl -n {ns} rollout restart {' '.join(names)}")
+    return " && ".join(out) or "delete the pods that run the agent; their workloads recreate them"
 
 
 async def _auth_missing(kube: Kube, pods: list[dict[str, Any]]) -> list[str]:

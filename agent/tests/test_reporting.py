@@ -1,10 +1,12 @@
 """The manager's reports, with a recording stand-in for the API (no cluster): Pod Security read
-once per namespace and cached, and a refused pod's Events on the pod and on the Deployment
-behind its ReplicaSet (real Event objects are the e2e test's job)."""
+once per namespace and cached, a refused pod's Events on the pod and on the Deployment behind
+its ReplicaSet, and the watch window each refusal extends (real Event objects are the e2e
+test's job)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 from tpenv_agent.reporting import Policies, Refusals, event
 
@@ -48,3 +50,59 @@ def test_refused_pod_gets_events_on_itself_and_its_deployment():
 def test_event_message_is_bounded():
     e = event("ns", {"kind": "Pod", "apiVersion": "v1", "name": "p", "uid": "u"}, "x" * 5000)
     assert len(e["message"]) == 1024
+
+
+def watched():
+    """Refusals with a 60 s window on a clock the test moves (each test replaces the watch
+    stream); returns (refusals, the clock, the watch paths the stand-in stream records)."""
+    now = [0.0]
+    return Refusals(Api({}), window=60.0, clock=lambda: now[0]), now, []
+
+
+def test_a_refusal_during_a_watch_extends_the_window():
+    # A pod refused 50 s into a 60 s watch may be created after that watch ends (its name comes
+    # after admission): the window restarts at each refusal, so a second watch covers it.
+    refusals, now, paths = watched()
+    gate = threading.Event()
+
+    def stream(path, namespace, timeout):
+        paths.append(path)
+        if len(paths) == 1:
+            assert gate.wait(10), "the test never let the first watch end"
+            now[0] = 60.0  # the first watch's server-side timeout: the first refusal's window is over
+        else:
+            now[0] = 200.0  # the second watch runs to the end of the extended window
+
+    refusals._stream = stream
+
+    async def scenario():
+        refusals.refused("shop")  # t=0: a watch until t=60
+        now[0] = 50.0
+        refusals.refused("shop")  # t=50, while that watch runs: the end moves to t=110
+        gate.set()
+        await refusals.watching["shop"]
+
+    asyncio.run(scenario())
+    # Stage 1: watched again after the first watch, for what is left of the moved window (50 s).
+    assert len(paths) == 2, paths
+    assert paths[0].endswith("timeoutSeconds=60") and paths[1].endswith("timeoutSeconds=50"), paths
+
+
+def test_one_refusal_one_watch_and_a_later_refusal_starts_another():
+    refusals, now, paths = watched()
+
+    def stream(path, namespace, timeout):
+        paths.append(path)
+        now[0] += 60.0  # each watch runs to its server-side timeout
+
+    refusals._stream = stream
+
+    async def scenario():
+        refusals.refused("shop")
+        await refusals.watching["shop"]
+        assert len(paths) == 1  # the window was not moved: no second watch
+        refusals.refused("shop")  # after the watch ended: a new one
+        await refusals.watching["shop"]
+
+    asyncio.run(scenario())
+    assert len(paths) == 2 and all(p.endswith("timeoutSeconds=60") for p in paths), paths

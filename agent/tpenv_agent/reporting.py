@@ -5,9 +5,10 @@
   redirect's init container would be admitted (else it hands named ports over instead).
 - ``Refusals``: a pod that opted in but got no agent carries ``tpenv.io/not-injected: <reason>``
   (webhook.py). Its name does not exist yet when the webhook answers (generateName is resolved
-  after admission), so the manager watches that namespace's pods for a short while and puts a
-  Warning Event ``AgentNotInjected`` on each such pod and on its workload (the Deployment
-  behind a ReplicaSet): where ``kubectl describe`` shows it. Never only in the manager's log.
+  after admission), so the manager watches that namespace's pods until a minute after the last
+  refusal there and puts a Warning Event ``AgentNotInjected`` on each such pod and on its
+  workload (the Deployment behind a ReplicaSet): where ``kubectl describe`` shows it. Never
+  only in the manager's log.
 
 Both use the in-cluster service account through ``incluster.api_call`` (blocking, run in a thread).
 """
@@ -17,6 +18,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import math
 import time
 import urllib.error
 from typing import Any, Callable
@@ -61,32 +63,44 @@ class Policies:
 class Refusals:
     """Events for pods the webhook could not inject, once each."""
 
-    def __init__(self, api: Callable[..., dict] | None) -> None:
-        self.api = api
+    def __init__(self, api: Callable[..., dict] | None, window: float = WATCH_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.api, self.window, self.clock = api, window, clock
         self.reported: set[str] = set()  # pod uids
         self.watching: dict[str, asyncio.Task] = {}
+        self.until: dict[str, float] = {}  # namespace -> when its watch may end (clock)
 
     def refused(self, namespace: str) -> None:
-        """A pod of ``namespace`` was just refused: watch the namespace (again) for a while."""
+        """A pod of ``namespace`` was just refused: watch the namespace until ``window`` after now.
+
+        Each refusal moves the end, also while a watch runs: a pod refused near the end of the
+        window is created (named) after admission, possibly after a watch started by an earlier
+        refusal has ended, and must still get its Event."""
         if self.api is None:
             return
+        self.until[namespace] = self.clock() + self.window
         task = self.watching.get(namespace)
         if task is not None and not task.done():
-            return
+            return  # its loop reads the new end when the current watch returns
         self.watching[namespace] = asyncio.get_running_loop().create_task(self._watch(namespace))
 
     async def _watch(self, namespace: str) -> None:
         # A watch with a server-side timeout, read in a thread: the events arrive as they happen.
-        path = f"/api/v1/namespaces/{namespace}/pods?watch=1&timeoutSeconds={WATCH_SECONDS}"
-        try:
-            await asyncio.to_thread(self._stream, path, namespace)
-        except (OSError, urllib.error.URLError, ValueError) as e:
-            log.warning("[webhook/events] watching pods of %s failed: %s", namespace, e)
+        # Watched again while the end has moved: a new watch (no resourceVersion) starts with an
+        # ADDED event for every pod there, so one created between two watches is not missed.
+        while (left := self.until[namespace] - self.clock()) > 0:
+            seconds = max(1, math.ceil(left))
+            path = f"/api/v1/namespaces/{namespace}/pods?watch=1&timeoutSeconds={seconds}"
+            try:
+                await asyncio.to_thread(self._stream, path, namespace, seconds + 10)
+            except (OSError, urllib.error.URLError, ValueError) as e:
+                log.warning("[webhook/events] watching pods of %s failed: %s", namespace, e)
+                return  # the next refusal starts again; no retry loop against a failing API
 
-    def _stream(self, path: str, namespace: str) -> None:
+    def _stream(self, path: str, namespace: str, timeout: float) -> None:
         from .incluster import api_stream
 
-        for line in api_stream(path, timeout=WATCH_SECONDS + 10):
+        for line in api_stream(path, timeout=timeout):
             event = json.loads(line)
             pod = event.get("object") or {}
             meta = pod.get("metadata") or {}

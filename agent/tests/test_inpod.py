@@ -57,6 +57,20 @@ def test_port_annotations_tpenv_first_then_telepresence_with_protocol_suffix():
     assert inpod.parse_ports("k", "http, 9000/TCP,") == ["http", 9000]
     with pytest.raises(ValueError, match="UDP"):
         inpod.parse_ports("k", "53/UDP")
+    # Telepresence's "all" is every port: what the agent takes without an annotation; and it
+    # still outranks a later annotation (tpenv's first).
+    assert inpod.port_annotation(pod(annotations={"telepresence.io/inject-container-ports": "all"})) is None
+    assert inpod.port_annotation(pod(annotations={"tpenv.io/inject-ports": "All",
+                                                  "telepresence.io/inject-container-ports": "9000"})) is None
+
+
+def test_telepresence_service_selection_is_known_and_not_a_port_choice():
+    # The singular Telepresence documents and the plural its code reads first, both domains:
+    # named here (so docs and code agree), and never taken as container ports.
+    for key in ("telepresence.getambassador.io/inject-service-port", "telepresence.io/inject-service-ports",
+                "telepresence.getambassador.io/inject-service-name"):
+        assert key in inpod.TP_SERVICE_SELECTION
+        assert inpod.port_annotation(pod(annotations={key: "https"})) is None
 
 
 def test_pod_security_baseline_and_restricted_forbid_the_redirect():

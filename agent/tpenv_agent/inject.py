@@ -314,8 +314,10 @@ def inject_pod(pod: dict, settings: dict | None = None) -> dict:
     """The webhook's injection: the pod as it should be created (a new dict; unchanged if already injected).
 
     App container: annotation ``tpenv.io/inject-container``, else ``kubectl.kubernetes.io/default-container``,
-    else the first container. Ports: annotation ``tpenv.io/inject-ports`` (comma-separated container
-    port names or numbers), else every named TCP port of the app container.
+    else the first container. Ports: annotation ``tpenv.io/inject-ports``, else Telepresence's
+    ``inject-container-ports`` (comma-separated container port names or numbers; ``all`` = none
+    given), else every TCP port of the app container with the in-pod redirect, or every named TCP
+    port where the namespace forbids the redirect (the hand-over).
     """
     settings = _settings(settings)
     p = copy.deepcopy(pod)

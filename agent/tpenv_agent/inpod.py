@@ -25,9 +25,17 @@ PSA_FORBIDS_REDIRECT = ("baseline", "restricted")
 # Opt-in to the webhook: tpenv's pod label, or Telepresence's pod annotation (both domains it used).
 LABEL_INJECT = "tpenv.io/inject-agent"
 TP_INJECT = ("telepresence.getambassador.io/inject-traffic-agent", "telepresence.io/inject-traffic-agent")
-# Which container ports the agent takes: tpenv's annotation, else Telepresence's.
+# Which container ports the agent takes: tpenv's annotation, else Telepresence's (names or numbers,
+# an optional /TCP or /UDP suffix, or "all").
 ANN_INJECT_PORTS = "tpenv.io/inject-ports"
 TP_PORTS = ("telepresence.getambassador.io/inject-container-ports", "telepresence.io/inject-container-ports")
+# Telepresence's Service-side selection, read on purpose by no one: it picks Service ports (by
+# port name, or targetPort number) and a Service, which the webhook never sees; with the redirect
+# the agent takes every TCP port of the app, so whichever port they pick reaches it anyway.
+# Telepresence's docs show the singular; its code reads the plural first, the singular deprecated.
+TP_SERVICE_SELECTION = tuple(f"{domain}/{name}" for domain in ("telepresence.getambassador.io", "telepresence.io")
+                             for name in ("inject-service-ports", "inject-service-port", "inject-service-name"))
+ALL_PORTS = "all"  # Telepresence's value for every container port: tpenv's default choice
 
 PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
 HOOKS = ("postStart", "preStop")
@@ -131,11 +139,12 @@ def opted_in(pod: dict) -> str | None:
 
 
 def port_annotation(pod: dict) -> tuple[str, str] | None:
-    """(annotation name, value) of the ports the pod asks the agent to take, tpenv's first."""
+    """(annotation name, value) of the ports the pod asks the agent to take, tpenv's first; None
+    for none, or for ``all`` (every TCP port of the app: the choice without an annotation)."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     for key in (ANN_INJECT_PORTS, *TP_PORTS):
         if annotations.get(key):
-            return key, annotations[key]
+            return None if annotations[key].strip().lower() == ALL_PORTS else (key, annotations[key])
     return None
 
 

@@ -180,15 +180,17 @@ _CLUSTER_IFACES = ("cni", "flannel", "veth", "cali", "cilium", "tunl", "vxlan", 
 _RTF_REJECT = 0x0200
 
 
-def local_routes() -> list[tuple[ipaddress.IPv4Network, str]]:
-    """(network, interface) of this machine's IPv4 routes, minus the default route, reject
-    (unreachable) routes and routes over a cluster node's own pod interfaces."""
-    out = []
-    try:
-        lines = open("/proc/net/route").read().splitlines()[1:]
-    except OSError:
-        return out
-    for line in lines:
+def local_routes(text: str | None = None) -> list[tuple[ipaddress.IPv4Network, str]]:
+    """(network, interface) of this machine's IPv4 routes (``text``: /proc/net/route's, read when
+    not given), minus the default route, reject (unreachable) routes and routes over a cluster
+    node's own pod interfaces."""
+    out: list[tuple[ipaddress.IPv4Network, str]] = []
+    if text is None:
+        try:
+            text = open("/proc/net/route").read()
+        except OSError:
+            return out
+    for line in text.splitlines()[1:]:
         f = line.split()
         if len(f) < 8:
             continue

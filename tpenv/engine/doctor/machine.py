@@ -4,7 +4,8 @@ behind (session files of dead processes, sshfs mounts whose process is gone, con
 
 Each check is cheap (a file read, a PATH lookup, one short subprocess) so the whole group runs in
 well under a second; the repairs touch only what is provably stale (a dead pid's files, a mount
-that answers ENOTCONN, a table whose owner is gone).
+that answers ENOTCONN, connect's nftables table or iptables chain while no session runs: the
+same sweep `tpenv quit` does).
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ from tpenv.errors import MissingTool
 from tpenv.settings import Settings
 
 MIN_PYTHON = (3, 11)
+USERNS = "/proc/self/ns/user"  # absent: the kernel has no user namespaces
+TUN_DEVICE = "/dev/net/tun"
 # The libraries whose versions matter to a bug report; minimums come from tpenv's own metadata.
 LIBRARIES = ("pydantic", "ruamel.yaml", "kubernetes", "asyncssh", "watchfiles", "jinja2", "websockets", "h2")
-# The nftables tables `tpenv connect` (host capture) creates start with this; doctor lists the
-# ones whose owner process is gone. Extend leftover_connect_tables() when connect names more.
-CONNECT_TABLE_PREFIX = "tpenv"
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -110,7 +110,7 @@ async def user_namespaces() -> Outcome:
                         "(kernel.apparmor_restrict_unprivileged_userns = 1)")
         fixes.append("sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile allowing "
                      "userns for python3)")
-    if not Path("/proc/self/ns/user").exists():
+    if not Path(USERNS).exists():
         return Outcome(WARN, "this kernel has no user namespaces: `tpenv connect` ns mode is unavailable",
                        fix="use connect's host mode (root) or env mode")
     if problems:
@@ -120,9 +120,9 @@ async def user_namespaces() -> Outcome:
 
 
 async def tun_device() -> Outcome:
-    if Path("/dev/net/tun").exists():
-        return Outcome(OK, "/dev/net/tun")
-    return Outcome(WARN, "/dev/net/tun is missing (VPN-style capture unavailable)",
+    if Path(TUN_DEVICE).exists():
+        return Outcome(OK, TUN_DEVICE)
+    return Outcome(WARN, f"{TUN_DEVICE} is missing (VPN-style capture unavailable)",
                    fix="modprobe tun; in a container: --device /dev/net/tun")
 
 
@@ -208,41 +208,70 @@ async def stale_mounts() -> Outcome:
                    fix=" && ".join(f"fusermount3 -uz {m}" for m in dead), repair=unmount)
 
 
-async def _nft(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec("nft", *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    out, _ = await proc.communicate()
-    return out.decode(errors="replace")
+def _nft_tables() -> list[dict] | None:
+    """This network namespace's nftables tables (family, name, flags) through libnftables, as
+    connect itself reads them; None where libnftables is absent (no `nft` binary is needed)."""
+    from tpenv.kits import nft as nftkit
+
+    if not nftkit.available():
+        return None
+    with nftkit.Nft() as nft:
+        return nft.tables()
 
 
-async def leftover_connect_tables() -> list[str]:
-    """nftables tables named by tpenv connect and not owned by a live process. An owned table
-    (``flags owner``) vanishes with the process that made it, so it is never a leftover; an
-    unowned one outlives a kill -9 and keeps redirecting traffic to a proxy that is gone."""
-    if not shutil.which("nft"):
-        return []
-    tables = []
-    for line in (await _nft("list", "tables")).splitlines():
-        parts = line.split()  # "table inet tpenv-connect-1234"
-        if len(parts) == 3 and parts[0] == "table" and parts[2].startswith(CONNECT_TABLE_PREFIX):
-            if "flags owner" not in await _nft("list", "table", parts[1], parts[2]):
-                tables.append(f"{parts[1]} {parts[2]}")
-    return tables
+def _iptables_chain() -> bool | None:
+    """Whether the iptables fallback's chain exists (nat table); None without iptables."""
+    from tpenv.kits import capture_iptables
+
+    if not shutil.which("iptables"):
+        return None
+    return capture_iptables._ipt("-S", capture_iptables.CHAIN, check=False).returncode == 0
+
+
+def connect_leftovers() -> tuple[list[str], list[str], bool]:
+    """(what a host-mode connect left, the fix commands, whether any backend was readable).
+
+    The nftables table ``ip tpenv`` is created owned (``flags owner``): the kernel deletes it with
+    its process, so an owned one is a live connect's and only an unowned one is left over. The
+    iptables fallback's chain TPENV-CONNECT has no owner: its guard process removes it, and when
+    the guard was killed too, it stays and keeps redirecting cluster ranges to a proxy that is gone.
+    """
+    from tpenv.kits import capture_host, capture_iptables
+
+    found, fixes = [], []
+    tables, chain = _nft_tables(), _iptables_chain()
+    for t in tables or []:
+        if (t["family"], t["name"]) == (capture_host.FAMILY, capture_host.TABLE) and "owner" not in t["flags"]:
+            found.append(f"nftables table {t['family']} {t['name']} (no owner)")
+            fixes.append(f"nft delete table {t['family']} {t['name']}")
+    if chain:
+        c = capture_iptables.CHAIN
+        found.append(f"iptables chain {c} (nat)")
+        fixes.append(f"iptables -t nat -D OUTPUT -j {c}; iptables -t nat -F {c}; iptables -t nat -X {c}")
+    return found, fixes, tables is not None or chain is not None
 
 
 def connect_rules(running_sessions: int) -> Check:
     async def check() -> Outcome:
-        if not shutil.which("nft"):
-            return Outcome(SKIP, "nft not installed: no connect rules to look at")
         if os.geteuid() != 0:
-            return Outcome(SKIP, "reading nftables needs root")
-        tables = await leftover_connect_tables()
-        if not tables:
-            return Outcome(OK, "no tpenv nftables table outlived its process")
+            return Outcome(SKIP, "reading nftables and iptables needs root (so does connect's host mode, which "
+                                 "makes them)")
+        found, fixes, readable = await asyncio.to_thread(connect_leftovers)
+        if not readable:
+            return Outcome(SKIP, "neither libnftables nor iptables is installed: no connect rules can exist")
+        if not found:
+            return Outcome(OK, "no nftables table or iptables chain of a tpenv connect outlived its process")
         if running_sessions:
-            return Outcome(OK, f"{', '.join(tables)} (a tpenv session is running)")
-        return Outcome(FAIL, f"nftables tables of a tpenv connect that is gone: {', '.join(tables)}",
-                       fix=" && ".join(f"nft delete table {t}" for t in tables))
+            # The iptables chain of a running connect (its guard is alive) looks the same: never swept here.
+            return Outcome(OK, f"{', '.join(found)}: a tpenv session is running (`tpenv quit` ends it)")
+
+        async def remove() -> list[str]:
+            from tpenv.kits.capture_host import sweep
+
+            return [f"removed {what}" for what in await asyncio.to_thread(sweep)]
+        return Outcome(FAIL, f"rules of a tpenv connect that is gone (they redirect the cluster's ranges to a "
+                             f"proxy that no longer runs): {', '.join(found)}",
+                       fix=" && ".join(fixes) + "   (or: tpenv quit)", repair=remove)
     return check
 
 

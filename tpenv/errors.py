@@ -18,6 +18,7 @@
         │   ├── WebSocketRefused    the API server refused the WebSocket upgrade (kits/pf_common.py)
         │   └── SpdyProtocolError   the peer broke SPDY/3 (kits/spdy_frames.py)
         ├── RolloutStalled          pods did not become ready in time
+        ├── ContextDown             a kube context's client cannot be opened (engine/contexts.py)
         └── UpdateConflict          an update from a stale copy (409): read the object again, redo
 
 The classes named with a module live next to the code that raises them; tests/unit/test_errors_tree.py

@@ -72,7 +72,7 @@ def test_misspelt_keys_get_a_suggestion(tmp_path):
 
 def test_unknown_key_without_close_match_lists_the_allowed_ones(tmp_path):
     assert problems(tmp_path, "connect: {zzz: 1}\n") == [
-        "F:1:11: unknown key 'zzz' in connect (allowed: mode, mapped_namespaces, namespaces, also_proxy, never_proxy, allow_conflicting_subnets, excluded_suffixes)"]
+        "F:1:11: unknown key 'zzz' in connect (allowed: mode, context, mapped_namespaces, namespaces, also_proxy, never_proxy, allow_conflicting_subnets, excluded_suffixes)"]
 
 
 def test_misspelt_enum_values_get_a_suggestion(tmp_path):

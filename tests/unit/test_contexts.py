@@ -100,7 +100,8 @@ def test_an_entry_matching_nothing_or_two_is_located_with_the_contexts_there_are
     problems = {p.line: p for p in e.value.problems}
     assert set(problems) == {3, 5}, e.value.message
     assert problems[3].column == 3 and "2 contexts of your kubeconfig match" in problems[3].message
-    assert "laptop-admin" in problems[3].message and "laptop-sa" in problems[3].message
+    assert "match (server https://127.0.0.1:6443/): laptop-admin, laptop-sa; your kubeconfig has: " \
+        "laptop-admin (cluster local, server https://127.0.0.1:6443)" in problems[3].message
     assert "no context of your kubeconfig matches (contexts [ci-bot])" in problems[5].message
     assert "your kubeconfig has: laptop-admin (cluster local" in problems[5].message
     assert str(problems[5]).startswith(f"{tmp_path / 'telepresence.yaml'}:5:3: contexts.limited")
@@ -163,8 +164,17 @@ def test_one_cluster_verbs_find_the_files_entries_in_the_kubeconfig(tmp_path, mo
     config(tmp_path, TWO)
     ctx = CliContext(settings=load_settings({}), config_file=tmp_path / "telepresence.yaml")
     assert ctx.cluster_context() == "laptop-admin"  # the file's default entry
+    assert ctx.cluster_target() == ("laptop-admin", None)  # no namespace in it nor in the file: the kube context's
     ctx.kube_context = "limited"
     assert ctx.cluster_context() == "laptop-sa"
+    # `tpenv list` lists the namespace a unit naming none would use: the entry's, else the file's
+    assert ctx.cluster_target() == ("laptop-sa", "team")
+    config(tmp_path, "namespace: file-ns\n" + TWO)
+    assert ctx.cluster_target() == ("laptop-sa", "team")
+    ctx.kube_context = None
+    assert ctx.cluster_target() == ("laptop-admin", "file-ns")
+    config(tmp_path, TWO)
+    ctx.kube_context = "limited"
     ctx.kube_context = "laptop-admin"  # a kubeconfig context is taken as it is
     assert ctx.cluster_context() == "laptop-admin"
     assert CliContext(settings=load_settings({}), config_file=tmp_path / "none.yaml",

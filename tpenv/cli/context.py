@@ -110,16 +110,23 @@ class CliContext:
         manager): --context / TPENV_CONTEXT, where a name of the file's ``contexts:`` is found in
         the kubeconfig, and without either the file's default entry. Without a file, or one without
         ``contexts:``, the flag as given (None: the current context)."""
+        return self.cluster_target()[0]
+
+    def cluster_target(self) -> tuple[str | None, str | None]:
+        """:meth:`cluster_context`, and the namespace a unit naming none would get there in a file
+        with ``contexts:`` (the entry's, else the file's; None: the kube context's). ``-n`` is
+        the verb's to put first."""
         if not self.config_file.is_file():
-            return self.kube_context
+            return self.kube_context, None
         try:
             config = load_config(self.config_file)
         except ConfigError:
-            return self.kube_context  # the file's problems are `tpenv validate`'s to report
+            return self.kube_context, None  # the file's problems are `tpenv validate`'s to report
         if not config.contexts:
-            return self.kube_context
+            return self.kube_context, None
         from tpenv.engine.contexts import default_target  # the kube kit: only for verbs that need it
-        return default_target(config, selected=self.kube_context, selected_by=self.context_by).kube_context
+        target = default_target(config, selected=self.kube_context, selected_by=self.context_by)
+        return target.kube_context, target.namespace or config.namespace
 
     def load_config(self) -> Config:
         """The config file with the -n / --context flags applied; ConfigError when it is wrong."""

@@ -78,23 +78,27 @@ def _duplicate_ports(intercepts: list[tuple[int, dict]], forwards: list[tuple[in
 
 def _undeclared_contexts(data: dict[str, Any], intercepts: list[tuple[int, dict]],
                          forwards: list[tuple[int, dict]], loc: Any) -> list[Problem]:
-    """A unit's ``context:`` must name an entry of ``contexts:`` (a kubeconfig context name would
-    tie the shared file to one reader's kubeconfig)."""
+    """A unit's (an intercept's, a forward's, the connection's) ``context:`` must name an entry of
+    ``contexts:`` (a kubeconfig context name would tie the shared file to one reader's kubeconfig)."""
     declared = [k for k in data.get("contexts") or {} if isinstance(k, str)] \
         if isinstance(data.get("contexts"), dict) else []
+    connect = data.get("connect")
+    units = [((what, i), item) for what, items in (("intercepts", intercepts), ("forwards", forwards))
+             for i, item in items]
+    units += [(("connect",), connect)] if isinstance(connect, dict) else []
     out = []
-    for what, items in (("intercepts", intercepts), ("forwards", forwards)):
-        for i, item in items:
-            name = item.get("context")
-            if not isinstance(name, str) or name in declared:
-                continue
-            if declared:
-                msg = f"{what}[{i}].context: no context {name!r} in contexts: (declared: {', '.join(declared)})"
-                hint = did_you_mean(name, declared) or "name one of the declared contexts"
-            else:
-                msg = f"{what}[{i}].context: {name!r} names no entry: the file declares no contexts:"
-                hint = "declare it under contexts: (with server, cluster or contexts to find it in a kubeconfig)"
-            out.append(loc.problem((what, i, "context"), msg, hint))
+    for path, item in units:
+        name = item.get("context")
+        if not isinstance(name, str) or name in declared:
+            continue
+        where = path[0] + "".join(f"[{i}]" for i in path[1:])
+        if declared:
+            msg = f"{where}.context: no context {name!r} in contexts: (declared: {', '.join(declared)})"
+            hint = did_you_mean(name, declared) or "name one of the declared contexts"
+        else:
+            msg = f"{where}.context: {name!r} names no entry: the file declares no contexts:"
+            hint = "declare it under contexts: (with server, cluster or contexts to find it in a kubeconfig)"
+        out.append(loc.problem((*path, "context"), msg, hint))
     return out
 
 

@@ -108,6 +108,13 @@ class Config(BaseModel):
         return self
 
     @property
+    def connection(self) -> Connect | None:
+        """The ``connect:`` section when the file asks for a connection (given, and not ``off``)."""
+        if "connect" not in self.model_fields_set or self.connect.capture == "off":
+            return None
+        return self.connect
+
+    @property
     def default_context(self) -> str | None:
         """The entry units use when they name none: the one with ``default: true``, else the first."""
         for name, entry in self.contexts.items():

@@ -82,6 +82,9 @@ class Connect(BaseModel):
         "env: a local SOCKS5/HTTP proxy and port maps given to the command in its env, no namespaces; "
         "auto: host with root, else ns where user namespaces are allowed, else env; off: no outbound access. "
         "The older values root (= host) and rootless (= ns, falling back to env) still work."))
+    context: ContextName | None = Field(None, description=(
+        "Name of the `contexts:` entry whose cluster this machine reaches (its relay, its Services by name), "
+        "with that entry's credentials; default: the default context."))
     mapped_namespaces: list[Namespace] | None = Field(None, description=(
         "Namespaces whose short service names (`svc`) resolve here, after the intercepted workloads' and the "
         "file's namespace; default: the file's namespace only (Telepresence's --mapped-namespaces)."))

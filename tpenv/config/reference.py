@@ -102,6 +102,9 @@ forwards:
   - service: postgres            # in staging, namespace shop
     context: staging
     port: 5432
+connect:                         # this machine reaches staging's Services by name
+  mode: env
+  context: staging
 ```
 
 Each key given narrows the reader's kubeconfig contexts, in this order: `server` (the
@@ -110,12 +113,17 @@ kubeconfig's cluster name), then the first name of `contexts` that is left. Exac
 must remain: none, or several (two users of one server), is an error at the entry's line that
 lists the contexts your kubeconfig has. Only the entries your units use need to be found.
 
-Units that name no `context:` use the default: `--context NAME` (an entry, or any context of
+An intercept, a forward and the connection (`connect.context`, also for `tpenv connect`) may
+name their context; a name no entry declares is an error at its line listing the declared ones.
+Units that name none use the default: `--context NAME` (an entry, or any context of
 your kubeconfig), else `TPENV_CONTEXT`, else the entry with `default: true`, else the first
-entry. A unit's namespace is its own `namespace`, else its context's, else the file's, else
-the kube context's. `tpenv up` keeps one Kubernetes client per context: an outage or revoked
-credentials in one cluster fail that cluster's units alone, and they come back by themselves.
-`tpenv status` and the live table show each unit's context.
+entry. A unit's namespace is `-n`, else its own `namespace`, else its context's, else the file's,
+else the kube context's. `tpenv up` keeps one Kubernetes client per context: an outage, revoked
+credentials or a failing exec plugin in one cluster fail that cluster's units alone (with the
+reason in `tpenv status`), and they come back by themselves. `tpenv status` and the live table
+show each unit's context (the connection's too); `tpenv list` works in the default context (its
+namespace: `-n`, else the entry's, else the file's) and shows the context of this machine's
+intercepts.
 
 ## The handler's environment
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from tpenv.errors import ConfigError, UsageError
+from tpenv.engine.units import Notify, State, UnitState, hash_spec
+from tpenv.errors import ConfigError, TpenvError, TransientError, UsageError
 from tpenv.kits.kube import Kube
 from tpenv.kits.kubeconfig import Kubeconfig
 
@@ -40,14 +41,14 @@ class Targets:
     named: dict[str, Target]
 
     def of(self, unit: Any) -> Target:
-        """The target of an intercept or forward (its ``context:``, else the default)."""
+        """The target of an intercept, a forward or the connection (its ``context:``, else the default)."""
         name = getattr(unit, "context", None)
         return self.named[name] if name else self.default
 
 
 def resolve_targets(config: Any, *, selected: str | None = None, selected_by: str = "--context",
                     units: Iterable[Any] | None = None, kubeconfig: Kubeconfig | None = None) -> Targets:
-    """Resolve the contexts ``units`` (default: every intercept and forward) use.
+    """Resolve the contexts ``units`` (default: :func:`cluster_units`) use.
 
     ``selected`` is ``--context`` or ``TPENV_CONTEXT`` (``selected_by`` says which, for messages):
     an entry of the file, or a context of the reader's kubeconfig. ConfigError (exit 2) lists,
@@ -57,7 +58,7 @@ def resolve_targets(config: Any, *, selected: str | None = None, selected_by: st
     if not config.contexts:
         return Targets(Target(None, selected or config.context), {})
     kc = kubeconfig or Kubeconfig.read()
-    units = list(config.intercepts) + list(config.forwards) if units is None else list(units)
+    units = cluster_units(config) if units is None else list(units)
     if selected and selected not in config.contexts:
         if kc.get(selected) is None:
             raise UsageError(
@@ -86,6 +87,12 @@ def resolve_targets(config: Any, *, selected: str | None = None, selected_by: st
     return Targets(default or Target(default_name, None), named)
 
 
+def cluster_units(config: Any) -> list[Any]:
+    """The file's items that talk to a cluster: every intercept and forward, and the connection
+    when the file asks for one."""
+    return [*config.intercepts, *config.forwards, *([config.connection] if config.connection else [])]
+
+
 def default_target(config: Any, *, selected: str | None = None, selected_by: str = "--context",
                    kubeconfig: Kubeconfig | None = None) -> Target:
     """The context of a unit naming none (what one-cluster verbs like `tpenv list` use)."""
@@ -111,7 +118,7 @@ def _match(config: Any, name: str, kc: Kubeconfig) -> tuple[Target, Any]:
     if len(found) > 1:
         return Target(name, None), config.problem(
             path, f"contexts.{name}: {len(found)} contexts of your kubeconfig match ({how}): "
-                  f"{'; '.join(c.describe() for c in found)}",
+                  f"{', '.join(c.name for c in found)}; {kc.summary()}",
             "narrow it with cluster: or a contexts: list naming the one to use")
     return Target(name, found[0].name, entry.namespace), None
 
@@ -131,20 +138,93 @@ def entry_for(kube: Kube, kubeconfig: Kubeconfig) -> tuple[str, dict[str, Any]]:
 
 
 class Clusters:
-    """One :class:`Kube` per kubeconfig context, opened on first use, closed with the session."""
+    """One :class:`Kube` per kubeconfig context, opened on first use, closed with the session.
+
+    A context whose client cannot be opened (its exec plugin fails, a certificate file is gone)
+    raises :class:`ContextDown` and is tried again on a later pass; within one pass (``new_pass``)
+    the failure is remembered, so its units do not each run the plugin again."""
 
     def __init__(self, resources: contextlib.AsyncExitStack, kubeconfig: str | None = None) -> None:
         self.resources = resources
         self.kubeconfig = kubeconfig
         self.kubes: dict[str | None, Kube] = {}
+        self.down: dict[str | None, TpenvError] = {}
+
+    def new_pass(self) -> None:
+        self.down.clear()
 
     async def kube(self, target: Target) -> Kube:
         kube = self.kubes.get(target.kube_context)
         if kube is None:
-            kube = await Kube.load(self.kubeconfig, target.kube_context)
+            error = self.down.get(target.kube_context)
+            if error is None:
+                try:
+                    kube = await Kube.load(self.kubeconfig, target.kube_context)
+                except TpenvError as e:
+                    error = self.down[target.kube_context] = e
+            if error is not None:
+                raise ContextDown(target, error)
             await self.resources.enter_async_context(kube)
             self.kubes[target.kube_context] = kube
         return kube
 
+    def namespace_of(self, target: Target) -> str:
+        """The namespace of ``target``'s kubeconfig context, read without opening it."""
+        kc = Kubeconfig.read(self.kubeconfig)
+        found = kc.get(target.kube_context or kc.current or "")
+        return (found.namespace if found else None) or "default"
 
-__all__ = ["Target", "Targets", "Clusters", "resolve_targets", "default_target", "entry_for"]
+
+class ContextDown(TransientError):
+    """A context's client could not be opened: its units fail with the reason, and are retried."""
+
+    def __init__(self, target: Target, error: TpenvError) -> None:
+        name = target.name or target.kube_context or "(current)"
+        problems = getattr(error, "problems", None)  # a ConfigError made of a plain text: that text
+        text = "; ".join(p.message for p in problems) if problems and problems[0].file == "<config>" else error.message
+        super().__init__(f"context {name}: {text}", hint=error.hint, retry_after=2.0)
+        self.target = target
+        self.placed: tuple[str, str | None] = ("default", target.name)  # the unit's (namespace, context): place()
+
+
+@dataclass(frozen=True)
+class DownSpec:
+    """Stands for a unit (same key) whose context is down: it fails at once with the reason, so
+    status shows it, the reconciler retries it with backoff, and the units of other contexts
+    start and run as usual. Once the context opens, the real spec (another hash) replaces it."""
+
+    key: Any
+    context: str | None
+    error: ContextDown = field(compare=False)
+    depends_on: frozenset = frozenset()
+
+    @property
+    def spec_hash(self) -> str:
+        return hash_spec("down", list(self.key), self.error.message)
+
+    def create(self, notify: Notify) -> "_DownUnit":
+        return _DownUnit(self, notify)
+
+
+class _DownUnit:
+    """Fails its start with the context's error (the reconciler logs it once per attempt)."""
+
+    def __init__(self, spec: DownSpec, notify: Notify) -> None:
+        self.key, self.spec_hash, self.depends_on = spec.key, spec.spec_hash, spec.depends_on
+        self.error = spec.error
+        self.state = UnitState()
+
+    async def start(self) -> None:
+        raise TransientError(self.error.message, hint=self.error.hint, retry_after=self.error.retry_after)
+
+    async def stop(self) -> None:
+        self.state.set(State.STOPPED)
+
+    def health(self) -> UnitState:
+        return self.state
+
+    def abort(self) -> None:
+        pass
+
+
+__all__ = ["Target", "Targets", "Clusters", "ContextDown", "DownSpec", "resolve_targets", "cluster_units", "default_target", "entry_for"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tpenv.config.models import Config, Intercept
-from tpenv.engine.contexts import Clusters, Targets, resolve_targets
+from tpenv.engine.contexts import Clusters, ContextDown, DownSpec, Targets, resolve_targets
 from tpenv.engine.forwards import forward_specs
 from tpenv.engine.intercepts import InterceptRun, intercept_key
 from tpenv.engine.localenv import command_env
@@ -282,6 +282,7 @@ class UpFactory:
         at start; a running session keeps its state on a bad edit). Use as run_up's ``load``."""
         units = [u for u in (*config.intercepts, *config.forwards)
                  if not self.only or getattr(u, "name", None) in self.only or getattr(u, "service", None) in self.only]
+        units += [config.connection] if config.connection else []  # --only never leaves the connection out
         targets = resolve_targets(config, selected=self.kube_context, selected_by=self.context_by, units=units,
                                   kubeconfig=Kubeconfig.read(self.kubeconfig) if config.contexts else None)
         self._resolved = (config, targets)
@@ -297,16 +298,27 @@ class UpFactory:
         """A unit's Kube, namespace and context name (None in a file without ``contexts:``).
 
         The hook for every kind of unit that talks to a cluster: ``unit`` is the config item (an
-        intercept, a forward; the connection too, once ``connect:`` gains a ``context:``), read
-        for its ``context`` and ``namespace``; end the unit's key with the returned context name
-        and give its spec a ``context`` attribute (status shows it)."""
+        intercept, a forward, the ``connect:`` section), read for its ``context`` and ``namespace``;
+        end the unit's key with the returned context name and give its spec a ``context``
+        attribute (status shows it). The namespace: ``-n``, else the unit's own, else its
+        ``contexts:`` entry's, else the file's, else its kubeconfig context's."""
         if self.clusters is None:
             self.clusters = Clusters(uctx.resources, self.kubeconfig)
         target = self._targets(config).of(unit)
-        kube = await self.clusters.kube(target)
-        ns = (self.namespace_override or getattr(unit, "namespace", None) or target.namespace or config.namespace
-              or kube.namespace)
-        return kube, ns, target.name if config.contexts else None
+        ns = self.namespace_override or getattr(unit, "namespace", None) or target.namespace or config.namespace
+        try:
+            kube = await self.clusters.kube(target)
+        except ContextDown as down:  # its units stand in as DownSpecs, keyed as they will be
+            down.placed = (ns or self.clusters.namespace_of(target), target.name if config.contexts else None)
+            raise
+        return kube, ns or kube.namespace, target.name if config.contexts else None
+
+    async def _place_or_down(self, config: Config, uctx: UpContext, unit: Any) -> tuple[Any, str, str | None]:
+        """:meth:`place`, or for a unit whose context cannot be opened: (its ContextDown, namespace, context)."""
+        try:
+            return await self.place(config, uctx, unit)
+        except ContextDown as down:
+            return (down, *down.placed)
 
     def _env_for(self, key: Key, namespace: str | None = None, explicit: frozenset[str] = frozenset()
                  ) -> Callable[[], Any]:
@@ -332,16 +344,18 @@ class UpFactory:
 
     async def _connect_spec(self, config: Config, uctx: UpContext, namespaces: list[str]) -> UnitSpec | None:
         """The connect unit, when the file has a ``connect:`` section not set to off."""
-        if "connect" not in config.model_fields_set or config.connect.capture == "off":
+        if config.connection is None:
             return None
-        kube, ns, context = await self.place(config, uctx, config.connect)
-        return ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context,
-                           on_ready=self._connected)
+        kube, ns, context = await self._place_or_down(config, uctx, config.connection)
+        spec = ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context, on_ready=self._connected)
+        return DownSpec(spec.key, context, kube) if isinstance(kube, ContextDown) else spec
 
     def _connected(self, unit: Any) -> None:
         self.connection = unit
 
     async def __call__(self, config: Config, uctx: UpContext) -> dict[Key, UnitSpec]:
+        if self.clusters is not None:
+            self.clusters.new_pass()  # a context that could not be opened is tried again
         specs: dict[Key, UnitSpec] = {}
         wanted = [ic for ic in config.intercepts if uctx.wanted(ic.name)]
         fwd_wanted = [fw for fw in config.forwards if uctx.wanted(fw.service)]
@@ -355,9 +369,11 @@ class UpFactory:
         waiting: set[str] = set()
         contexts: dict[Key, str | None] = {}
         for ic in wanted:
-            kube, ns, context = await self.place(config, uctx, ic)
+            kube, ns, context = await self._place_or_down(config, uctx, ic)
             spec = InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir, self.runs,
                                  self.ready_hashes, context=context)
+            if isinstance(kube, ContextDown):
+                spec = DownSpec(spec.key, context, kube)
             specs[spec.key] = spec
             keys[ic.name] = spec.key
             contexts[spec.key] = context
@@ -365,9 +381,10 @@ class UpFactory:
             # serves. Until then it is left out; the intercept's "ready" event brings it in.
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
-        placed = {id(fw): await self.place(config, uctx, fw) for fw in fwd_wanted}
-        forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
-                                 connect_timeout=self.settings.tunnels.connect_timeout)
+        placed = {id(fw): await self._place_or_down(config, uctx, fw) for fw in fwd_wanted}
+        forwards = {k: DownSpec(k, f.context, f.kube) if isinstance(f.kube, ContextDown) else f
+                    for k, f in forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
+                                              connect_timeout=self.settings.tunnels.connect_timeout).items()}
         specs.update(forwards)
         contexts.update({k: f.context for k, f in forwards.items()})
         self.contexts = contexts

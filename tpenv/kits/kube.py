@@ -31,6 +31,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from tpenv import logs
 from tpenv.kits.kuberest import ApiGroup
+from tpenv.kits.kubeconfig import load_errors
 from tpenv.kits.kubewatch import Watch, tracked  # noqa: F401 - tracked: the kit's API, used with watch()
 from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UpdateConflict, UsageError
 
@@ -195,8 +196,13 @@ class Kube:
         cfg = k8s.Configuration()
         try:
             # Runs exec plugins and writes inline CA/cert data to temp files; hence the thread.
-            k8s_config.load_kube_config(config_file=config_file, context=context, client_configuration=cfg)
+            with load_errors() as failed:  # a failing exec plugin is only logged by the package
+                k8s_config.load_kube_config(config_file=config_file, context=context, client_configuration=cfg)
             contexts, active = k8s_config.list_kube_config_contexts(config_file=config_file)
+            if failed:
+                raise ConfigError(f"kubeconfig context {context or active['name']}: no credentials: "
+                                  f"{'; '.join(failed)}", hint="its users[].user.exec plugin failed: "
+                                  "`kubectl --context NAME get namespaces` runs it too")
         except ConfigException as e:
             raise ConfigError(f"kubeconfig: {e}",
                               hint="set KUBECONFIG or pass --context; `kubectl config get-contexts` lists them") from e

@@ -10,8 +10,11 @@ Files are merged as kubectl merges ``KUBECONFIG=a:b``: the first file that defin
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,29 @@ class Kubeconfig:
         return "your kubeconfig has: " + "; ".join(c.describe() for c in self.contexts)
 
 
+@contextlib.contextmanager
+def load_errors() -> Iterator[list[str]]:
+    """The errors the ``kubernetes`` package only logs (on the root logger) while this thread loads
+    a kubeconfig. A failing exec plugin is one: the client is left with no credentials, and every
+    request after would be refused as anonymous without the reason. Taken out of the log here, so
+    the caller can raise them instead."""
+    caught: list[str] = []
+    thread = threading.get_ident()
+
+    def catch(record: logging.LogRecord) -> bool:
+        if record.thread != thread or record.levelno < logging.ERROR:
+            return True
+        caught.append(record.getMessage())
+        return False
+
+    root = logging.getLogger()
+    root.addFilter(catch)
+    try:
+        yield caught
+    finally:
+        root.removeFilter(catch)
+
+
 def same_server(a: str, b: str) -> bool:
     """Two API server URLs name the same server: scheme and host case-insensitive, default port
     implied, a trailing slash ignored."""
@@ -148,4 +174,4 @@ def _load(path: str, *, must_exist: bool) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-__all__ = ["Kubeconfig", "KubeconfigContext", "same_server"]
+__all__ = ["Kubeconfig", "KubeconfigContext", "load_errors", "same_server"]

@@ -91,16 +91,32 @@ def _config(ctx):
     return config
 
 
+def _kube_context(ctx, config) -> str | None:
+    """The kubeconfig context to connect with. In a file with ``contexts:``, the connection's
+    entry (``connect.context``, else --context / TPENV_CONTEXT, else the file's default), found in
+    the reader's kubeconfig, as `tpenv up` finds it; its namespace comes after -n, before the file's."""
+    if not config.contexts:
+        return ctx.kube_context
+    from tpenv.engine.contexts import resolve_targets
+
+    target = resolve_targets(config, selected=ctx.kube_context, selected_by=ctx.context_by,
+                             units=[config.connect]).of(config.connect)
+    if not ctx.namespace and target.namespace:
+        config.namespace = target.namespace
+    return target.kube_context
+
+
 async def run(args: argparse.Namespace, ctx) -> int:
     from tpenv.engine.outbound import session
     from tpenv.kits.kube import Kube
 
     flags = flags_of(args)
     config = _config(ctx)
+    kube_context = _kube_context(ctx, config)
     if args.foreground and args.ready_fd is not None:  # the background session itself
-        return await session.run_foreground(config, ctx.config_file.resolve(), ctx.settings, ctx.kube_context,
+        return await session.run_foreground(config, ctx.config_file.resolve(), ctx.settings, kube_context,
                                             flags, args.ready_fd)
-    async with await Kube.load(context=ctx.kube_context) as kube:
+    async with await Kube.load(context=kube_context) as kube:
         if config.namespace:
             await kube.require_namespace(config.namespace)
         await session.check_namespaces(kube, config, flags)
@@ -108,7 +124,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
             return await session.run_command(config, kube, flags, args.command,
                                              lambda text: print(text, file=sys.stderr, flush=True))
     if args.foreground:
-        return await session.run_foreground(config, ctx.config_file.resolve(), ctx.settings, ctx.kube_context,
+        return await session.run_foreground(config, ctx.config_file.resolve(), ctx.settings, kube_context,
                                             flags, None)
     answer = await session.start_background(_argv(args, ctx), ctx.settings.session.state_dir)
     if not answer.get("ok"):

@@ -42,8 +42,9 @@ async def _webhook_state(kube: Kube, w: Workload) -> tuple[bool, str | None]:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
-    async with await Kube.load(context=ctx.cluster_context()) as kube:
-        ns = ctx.namespace or kube.namespace
+    kube_context, namespace = ctx.cluster_target()
+    async with await Kube.load(context=kube_context) as kube:
+        ns = ctx.namespace or namespace or kube.namespace
         await kube.require_namespace(ns)
         workloads = sorted(await kube.list_workloads(ns), key=lambda w: (w.name, w.kind))
         services = (await kube.call(kube.core.list_namespaced_service, ns, what=What("list", "services", ns)))["items"]

@@ -1,5 +1,6 @@
 """The ``connect`` unit of ``tpenv up`` (and of ``tpenv connect``): the outbound core with its
-capture in front, key ``("connect", namespace)``.
+capture in front, key ``("connect", namespace)`` (``("connect", namespace, context)`` in a file
+with ``contexts:``).
 
 It heals by itself: the core reconnects its relay session with backoff (a cut port-forward, a
 deleted manager pod, an API server outage) while the resolver, the proxy and the port maps keep
@@ -92,7 +93,8 @@ class ConnectSpec:
 
     @property
     def key(self) -> Key:
-        return ("connect", self.namespace)
+        # In a file with contexts:, the key ends with the context's name, like every unit's there.
+        return ("connect", self.namespace, *((self.context,) if self.context else ()))
 
     @property
     def spec_hash(self) -> str:

@@ -180,6 +180,16 @@ class InterceptUnit(TaskUnit):
                            name=ic.workload_name, changed=True) for k in kinds]
         return f"waiting: {error}", _first_done(waits)
 
+    def abort(self) -> None:
+        """Second Ctrl-C: the run's own units first (sshfs killed, the mount detached lazily,
+        tunnels dropped), synchronously; cancelling the task alone would leave them to stops
+        that the forced exit never runs (docs/reconciler.md, "Stopping")."""
+        try:
+            if self.irun is not None:
+                self.irun.abort()
+        finally:
+            super().abort()
+
     def health(self):
         # Show the inner loop's truth: a replica being replaced makes the intercept "starting".
         st = super().health()

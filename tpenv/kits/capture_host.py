@@ -109,6 +109,17 @@ def sweep(nft: nftkit.Nft | None = None) -> list[str]:
             nft.close()
 
 
+async def _off_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a thread. A cancel waits for it to end (each iptables command is bounded):
+    rules still being added when the guard is told to remove them would outlive it."""
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait({call})
+        raise
+
+
 class HostCapture:
     """``async with``; ``close()`` safe twice, then ``wait_closed()``."""
 
@@ -156,16 +167,17 @@ class HostCapture:
             dns_port = self.dns[1] if self.dns else None
             if self.backend == "nft":
                 self.nft = nftkit.Nft()
-                for what in sweep(self.nft):
+                # In a thread: sweep runs iptables too (a leftover chain), a subprocess the loop must not wait on.
+                for what in await _off_loop(sweep, self.nft):
                     self.log.warning("removed %s, left by an earlier tpenv connect", what)
                 self.nft.create_owned_table(FAMILY, TABLE)
                 self.nft.apply(rules(self.proxied, self.port, dns_port=dns_port, nameservers=self.nameservers,
                                      exclude=self.exclude, mark=self.mark))
             else:
                 self.guard = capture_iptables.start_guard()  # first: no rule may exist without it
-                capture_iptables.install(capture_iptables.rules(self.proxied, self.port, dns_port=dns_port,
-                                                                nameservers=self.nameservers, exclude=self.exclude,
-                                                                mark=self.mark))
+                await _off_loop(capture_iptables.install, capture_iptables.rules(
+                    self.proxied, self.port, dns_port=dns_port, nameservers=self.nameservers, exclude=self.exclude,
+                    mark=self.mark))
         except BaseException:
             sock.close()
             self.close()

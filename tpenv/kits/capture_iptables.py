@@ -7,6 +7,10 @@ pipe whose only writer is the tpenv process. When tpenv ends in any way, kill -9
 kernel closes that pipe; the guard reads EOF, deletes the chain and exits. Should the guard itself
 be killed, :func:`sweep` (``tpenv quit``, the next connect) removes what it left.
 
+Every iptables command is bounded (``-w`` waits at most ``LOCK_WAIT`` for the xtables lock, the
+process at most ``IPTABLES_TIMEOUT``): a program holding the lock makes a clear error, never a
+hang. The functions block; callers on an event loop run them in a thread (capture_host.py).
+
     python -m tpenv.kits.capture_iptables guard   # stdin: the pipe; argv: nothing else
 """
 from __future__ import annotations
@@ -19,13 +23,20 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from tpenv.errors import MissingTool, PermanentError
+from tpenv.errors import MissingTool, PermanentError, TransientError
 
 CHAIN = "TPENV-CONNECT"
+LOCK_WAIT = 5  # seconds iptables waits for the xtables lock another program holds
+IPTABLES_TIMEOUT = 10.0  # seconds one iptables command may take in all
 
 
 def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["iptables", "-w", "-t", "nat", *args], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["iptables", "-w", str(LOCK_WAIT), "-t", "nat", *args], capture_output=True, text=True,
+                           timeout=IPTABLES_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise TransientError(f"iptables {' '.join(args)} did not finish within {IPTABLES_TIMEOUT:.0f}s",
+                             hint="another program may hold the xtables lock; try again") from e
     if check and r.returncode != 0:
         raise PermanentError(f"iptables {' '.join(args)} failed: {r.stderr.strip()}")
     return r

@@ -2,7 +2,8 @@
 
 A tmpfs mounted under the tree, tpenv's own outputs (mount dir, env file) and symlinked
 directories are not entered; a stuck sshfs mount (sshfs SIGSTOPped) under the tree neither
-delays the watcher's start nor stops it from reporting saves elsewhere.
+delays the watcher's start nor stops it from reporting saves elsewhere; a stuck one a watch glob
+names is walked in a thread, given up after MOUNT_CALL_TIMEOUT, never holding the event loop.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 
 import pytest
 
 from local_sshfs import LocalSshfs
-from tpenv.engine.watcher import FileWatcher, literal_dir
+from tpenv.engine.watcher import MOUNT_CALL_TIMEOUT, FileWatcher, literal_dir
 
 WAIT = 20.0  # generous: a loaded 2-core machine
 pytestmark = pytest.mark.timeout(120)
@@ -113,5 +115,49 @@ async def test_a_stuck_sshfs_mount_in_the_tree_does_not_hold_the_watcher(tmp_pat
                 await watcher.stop()
         assert any(s.startswith(str(tmp_path / "cart.vol")) for s in watcher.skipped)
     finally:
+        os.kill(fs.sshfs.pid, signal.SIGCONT)
+        fs.close()
+
+
+async def test_a_stuck_mount_named_by_a_watch_glob_does_not_hold_the_loop(tmp_path):
+    # Stage 1: a real sshfs mount under the tree, named by a watch glob, then made unresponsive.
+    remote = tmp_path.parent / (tmp_path.name + "-remote")
+    (remote / "deep").mkdir(parents=True)
+    (tmp_path / "src").mkdir()
+    fs = await LocalSshfs(remote, tmp_path / "cart.vol").start()
+    os.kill(fs.sshfs.pid, signal.SIGSTOP)
+    # A walk on the loop would block it in the kernel, where no asyncio timeout can end it: this
+    # timer thread then resumes sshfs, so such a walk ends and fails the test instead of hanging it.
+    rescued = threading.Event()
+    timer = threading.Timer(MOUNT_CALL_TIMEOUT + WAIT, lambda: (rescued.set(), os.kill(fs.sshfs.pid, signal.SIGCONT)))
+    timer.start()
+    try:
+        # Stage 2: the watcher starts while the loop keeps running (a ticker counts its turns).
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.1)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        changes = Changes()
+        watcher = FileWatcher(tmp_path, ["cart.vol/**/*.py", "src/*.py"], on_change=changes, debounce=0.05)
+        await watcher.start()
+        ticking.cancel()
+        assert not rescued.is_set(), "the walk of the stuck mount held the event loop"
+        assert ticks > 0, "the loop did not run while the stuck mount was walked"
+        # Stage 3: the mount is left unwatched, and said why; saves elsewhere are still reported.
+        assert any(s.startswith(f"{tmp_path / 'cart.vol'}: in a mount that did not answer") for s in watcher.skipped), \
+            watcher.skipped
+        try:
+            (tmp_path / "src" / "server.py").write_text("v2")
+            await changes.wait_for("src/server.py")
+        finally:
+            async with asyncio.timeout(WAIT):
+                await watcher.stop()
+    finally:
+        timer.cancel()
         os.kill(fs.sshfs.pid, signal.SIGCONT)
         fs.close()

@@ -13,8 +13,12 @@ What is never walked into (issue #19: a walk into our own sshfs mount deadlocked
   in sync mode is a plain copy the pod writes to, and its env file);
 - directories an ``ignore`` glob covers (``vendor/``, ``build/**``), and symlinked directories.
 
-The walk is cooperative (it yields to the event loop every few directories) and uses no
-thread, so nothing can hold up the loop or a shutdown. Directories created later are walked
+The walk is cooperative (it yields to the event loop every few directories). Outside mounts it
+runs on the loop; inside a mount a ``watch`` glob names (which may be a FUSE mount that stops
+answering), each directory is watched and listed in a daemon thread, at most
+``MOUNT_CALL_TIMEOUT`` seconds: past it the mount is left unwatched (logged, and listed in
+``skipped``) and the thread, stuck in the kernel, is abandoned (nothing joins it), so nothing can
+hold up the loop or a shutdown. Directories created later are walked
 with the same rules when their creation is seen. A burst of changes is coalesced: ``on_change``
 runs once ``STEP`` seconds pass without a new change, at most ``debounce`` after the first.
 """
@@ -27,7 +31,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tpenv.kits.aio import unit_logger
+from tpenv.kits.aio import DaemonExecutor, unit_logger
 from tpenv.kits.inotify import IN_CREATE, IN_IGNORED, IN_MOVED_TO, IN_Q_OVERFLOW, Event, Inotify
 from tpenv.kits.mounttable import mount_points
 
@@ -35,6 +39,8 @@ STEP = 0.05  # quiet time that ends a burst
 YIELD_EVERY = 64  # directories walked between two yields to the loop
 IGNORED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".tox", ".venv", ".idea", "node_modules",
                           ".mypy_cache", ".pytest_cache", ".hypothesis"})
+MOUNT_CALL_TIMEOUT = 5.0  # seconds a directory inside a named mount may take to watch and list
+_THREADS = DaemonExecutor()  # daemon threads: one stuck in a FUSE call never holds the exit
 IGNORED_FILES = re.compile(r"\.py[cod]$|\.___jb_...___$|\.sw.$|~$|^\.#|^\.DS_Store$|^flycheck_")
 
 
@@ -180,32 +186,62 @@ class FileWatcher:
             return "ignored"
         return None
 
+    def _mount_of(self, path: str, mounts: set[str]) -> str | None:
+        """The mount point strictly under the root that holds ``path`` (the innermost), if any."""
+        inside = [m for m in mounts if m.startswith(str(self.root) + "/") and (path == m or path.startswith(m + "/"))]
+        return max(inside, key=len) if inside else None
+
     async def _walk(self, top: str) -> None:
         """Watch ``top`` and (when recursive) every directory below it that may be walked."""
         mounts = mount_points()
+        stuck: set[str] = set()  # named mounts that did not answer: not walked further
         stack, walked = [top], 0
         while stack and not self._closed:
             path = stack.pop()
             why = self._why_not(path, mounts)
+            mount = self._mount_of(path, mounts) if why is None else None
+            if mount in stuck:
+                why = "in a mount that did not answer"
             if why is not None:
                 self.skipped.append(f"{path}: {why}")
                 self.log.debug("not watching %s: %s", path, why)
                 continue
-            if not self._add(path) or not self.recursive:
-                continue
-            try:
-                # scandir's d_type answers is_dir() without a stat; a symlink is not followed.
-                with os.scandir(path) as it:
-                    stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
-            except OSError as e:
-                self.log.debug("cannot list %s: %s", path, e)
+            if mount is None:
+                wd, children = self._visit(path)
+            else:
+                try:
+                    wd, children = await asyncio.wait_for(
+                        asyncio.get_running_loop().run_in_executor(_THREADS, self._visit, path), MOUNT_CALL_TIMEOUT)
+                except TimeoutError:
+                    stuck.add(mount)
+                    self.skipped.append(f"{path}: in a mount that did not answer within {MOUNT_CALL_TIMEOUT:.0f}s")
+                    self.log.warning("not watching %s: the mount %s did not answer within %.0fs", path, mount,
+                                     MOUNT_CALL_TIMEOUT)
+                    continue
+            if wd is not None:
+                self._dirs[wd] = path
+            stack.extend(children)
             walked += 1
             if walked % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
 
-    def _add(self, path: str) -> bool:
+    def _visit(self, path: str) -> tuple[int | None, list[str]]:
+        """Watch ``path`` and list its subdirectories (none when not recursive, or not watched).
+        Blocking, and safe in a thread: it changes nothing of the watcher's but the inotify fd."""
+        wd = self._add(path)
+        if wd is None or not self.recursive:
+            return wd, []
         try:
-            wd = self._ino.add_watch(path)
+            # scandir's d_type answers is_dir() without a stat; a symlink is not followed.
+            with os.scandir(path) as it:
+                return wd, [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError as e:
+            self.log.debug("cannot list %s: %s", path, e)
+            return wd, []
+
+    def _add(self, path: str) -> int | None:
+        try:
+            return self._ino.add_watch(path)
         except OSError as e:
             if e.errno == errno.ENOSPC and not self._full_warned:
                 self._full_warned = True
@@ -213,9 +249,7 @@ class FileWatcher:
                                  "or narrow the tree with ignore globs", path)
             else:
                 self.log.debug("cannot watch %s: %s", path, e)
-            return False
-        self._dirs[wd] = path
-        return True
+            return None
 
     # -- events -------------------------------------------------------------------------------
 

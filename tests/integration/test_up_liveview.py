@@ -1,6 +1,7 @@
 """`tpenv up` in a terminal shows the live table of units; through a pipe, plain lines.
 
-A local-only session (one handler, no cluster) run on a real pseudo-terminal.
+Local-only sessions (no cluster) run on a real pseudo-terminal: an empty one, and one whose
+handler fails and then recovers, where the row must follow (issue #19: never a stale note).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -74,3 +76,53 @@ def test_pipe_gets_plain_lines(tmp_path):
     rest = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0
     assert "session" in line and not HEADER.search(line + rest)
+
+
+# run_up with the live view and handlers only (the CLI's `up` asks the cluster for intercepts).
+DRIVER = """
+    import asyncio, sys
+    from tpenv.engine.liveview import LiveView
+    from tpenv.engine.up import run_up
+    from tpenv.logs import setup_logging
+    from tpenv.settings import load_settings
+    setup_logging(debug=False, json=False)
+    sys.exit(asyncio.run(run_up(sys.argv[1], load_settings(), view=LiveView)))
+"""
+BROKEN = "import sys\nsys.exit(3)\n"
+FIXED = "import time\nwhile True:\n    time.sleep(1)\n"
+
+
+def test_a_row_follows_its_unit_from_failed_to_ready(tmp_path):
+    # -- stage 1: a handler that exits at once (restart: never, so it stays failed until a save) --
+    (tmp_path / "driver.py").write_text(textwrap.dedent(DRIVER))
+    (tmp_path / "app.py").write_text(BROKEN)
+    cfg = tmp_path / "telepresence.yaml"
+    cfg.write_text("apiVersion: tpenv/v1\nnamespace: default\nintercepts:\n"
+                   "  - {name: app, workload: app, port: '18090:80',\n"
+                   f"     run: {{command: [{sys.executable}, app.py], watch: ['*.py'], restart: never}}}}\n")
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "TPENV_SESSION_STATE_DIR": str(tmp_path / "sessions"),
+           "TPENV_HANDLERS_DEBOUNCE": "0.05"}
+    proc = subprocess.Popen([sys.executable, "driver.py", str(cfg)], stdin=slave, stdout=slave, stderr=slave,
+                            cwd=tmp_path, start_new_session=True, env=env)
+    os.close(slave)
+    try:
+        # -- stage 2: the row says failed, with the reason as its note ------------------------------
+        failed = r"handler/app\s+failed\s+\d+[smh]\s+exited with code 3"
+        screen = read_until(master, failed, 30)
+        assert re.search(failed, screen), screen
+        # -- stage 3: a save fixes it: the same row turns ready, the reason replaced by the pid ------
+        (tmp_path / "app.py").write_text(FIXED)
+        ready = r"handler/app\s+ready\s+\d+[smh]\s+1\s+pid \d+"
+        screen = read_until(master, ready, 30)
+        assert re.search(ready, screen), screen
+        rows = [line for line in screen.splitlines() if "handler/app" in line]
+        assert "exited with code" not in rows[-1], rows
+        # -- stage 4: Ctrl-C stops it cleanly ---------------------------------------------------------
+        proc.send_signal(signal.SIGINT)
+        read_until(master, r"stopped", 30)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)

@@ -209,6 +209,14 @@ class ManagerSettings(_Section):
         return sorted(set(value))
 
 
+class DoctorSettings(_Section):
+    """`tpenv doctor`: how long each check may take."""
+
+    check_timeout: float = Field(30.0, gt=0, description=(
+        "Seconds each check of `tpenv doctor` may take (the checks of a group run side by side); one that takes "
+        "longer fails with \"no answer within N s\", so a slow API server is reported instead of waited for."))
+
+
 class Settings(BaseModel):
     """Every tunable of tpenv; defaults suit a laptop against a nearby cluster."""
 
@@ -223,6 +231,7 @@ class Settings(BaseModel):
     session: SessionSettings = Field(default_factory=SessionSettings, description=SessionSettings.__doc__)
     mounts: MountSettings = Field(default_factory=MountSettings, description=MountSettings.__doc__)
     manager: ManagerSettings = Field(default_factory=ManagerSettings, description=ManagerSettings.__doc__)
+    doctor: DoctorSettings = Field(default_factory=DoctorSettings, description=DoctorSettings.__doc__)
 
 
 def env_text(value: object) -> str:

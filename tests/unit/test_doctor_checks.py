@@ -135,3 +135,39 @@ def test_cli_without_a_cluster_lists_and_times_every_check(tmp_path):
     assert names[-1] == "cluster/api" and report["checks"][-1]["status"] == FAIL
     assert all(isinstance(c["seconds"], float) for c in report["checks"])
     assert cp.returncode == 1 and report["ok"] is False
+
+
+def test_a_check_slower_than_the_check_timeout_setting_fails_naming_it(tmp_path):
+    # An API server that takes 3s to answer /version; doctor's checks may take 0.5s each.
+    import http.server
+    import threading
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            threading.Event().wait(3)
+            body = b'{"gitVersion": "v1.34.4"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "kubeconfig").write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "slow",
+            "clusters": [{"name": "slow", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "slow", "context": {"cluster": "slow", "user": "u", "namespace": "default"}}]}))
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "kubeconfig"),
+               "TPENV_SESSION_STATE_DIR": str(tmp_path / "sessions"), "TPENV_DOCTOR_CHECK_TIMEOUT": "0.5"}
+        cp = subprocess.run([str(TPENV), "-o", "json", "doctor"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    finally:
+        server.shutdown()
+    api = next(c for c in json.loads(cp.stdout)["checks"] if c["name"] == "cluster/api")
+    assert (api["status"], api["detail"]) == (FAIL, "no answer within 0.5s"), api

@@ -48,12 +48,14 @@ async def _cluster(ctx, fix: bool) -> list[Finding]:
     except TpenvError as e:
         return [Finding("cluster/api", FAIL, e.message, 0.0, fix=e.hint)]
     async with kube:
-        found = [await run_check("cluster/api", lambda: api_server(kube))]
+        timeout = ctx.settings.doctor.check_timeout
+        found = [await run_check("cluster/api", lambda: api_server(kube), timeout)]
         if found[0].status == FAIL:
             return found
         ns = _namespace(ctx) or kube.namespace
-        found += await run_checks(cluster_checks(kube, ns, ctx.settings) + leftover_checks(kube, ns, ctx.settings))
-        found += await run_checks(probe_checks(kube, ns, ctx.settings))
+        found += await run_checks(cluster_checks(kube, ns, ctx.settings) + leftover_checks(kube, ns, ctx.settings),
+                                  timeout)
+        found += await run_checks(probe_checks(kube, ns, ctx.settings), timeout)
         if fix:
             await repair(found)
         return found
@@ -78,7 +80,7 @@ def _text(findings: list[Finding], seconds: float, fixing: bool) -> str:
 async def run(args: argparse.Namespace, ctx) -> int:
     start = time.monotonic()
     ctx.apply_project_agent(lambda text: print(f"tpenv: {text}", file=sys.stderr))
-    findings = await run_checks(machine_checks(ctx.settings))
+    findings = await run_checks(machine_checks(ctx.settings), ctx.settings.doctor.check_timeout)
     if args.fix:
         await repair(findings)
     findings += await _cluster(ctx, args.fix)

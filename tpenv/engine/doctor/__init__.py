@@ -20,7 +20,7 @@ from typing import Any
 from tpenv.errors import TpenvError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-CHECK_TIMEOUT = 30.0  # generous: a slow API server is reported, not mistaken for a broken one
+CHECK_TIMEOUT = 30.0  # the default of settings.doctor.check_timeout, which the CLI passes
 
 
 @dataclass

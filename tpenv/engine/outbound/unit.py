@@ -98,8 +98,9 @@ class ConnectSpec:
 
     @property
     def spec_hash(self) -> str:
+        # An entry of contexts: that now finds another kube context restarts the connection.
         return hash_spec(self.connect.model_dump(mode="json"), self.namespace, list(self.search_first),
-                         [list(f) for f in self.flags])
+                         [list(f) for f in self.flags], self.kube.context if self.context else None)
 
     @property
     def depends_on(self) -> frozenset[Key]:

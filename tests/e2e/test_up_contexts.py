@@ -64,12 +64,13 @@ def reader_kubeconfig(admin: Path, out: Path, proxy: ApiProxy, *, ns_admin: str,
     return out, server
 
 
-def file_with(tmp_path: Path, server: str, units: str, *, extra_entries: str = "") -> Path:
+def file_with(tmp_path: Path, server: str, units: str, *, extra_entries: str = "", cluster_ns: str | None = None
+              ) -> Path:
     path = tmp_path / "telepresence.yaml"
     path.write_text(
         "apiVersion: tpenv/v1\n"
         "contexts:\n"
-        f"  cluster:\n    server: {server}\n"
+        f"  cluster:\n    server: {server}\n" + (f"    namespace: {cluster_ns}\n" if cluster_ns else "") +
         "  team:\n    contexts: [ci-runner, my-sa]\n" + extra_entries + units)
     return path
 
@@ -103,17 +104,20 @@ def test_units_in_two_contexts_with_their_own_credentials_and_outages(namespace,
     # -- stage 1: web (to intercept) and a client in A; B holds db and the ServiceAccount ----------
     deploy("web", ns, wait=False)
     client(ns)
-    with two_contexts(tmp_path, kubeconfig, ns) as c:
+    # The admin's kube context says namespace default: A reaches the cluster entry's units only
+    # through the entry's own `namespace:` (else web would be looked for in default).
+    with two_contexts(tmp_path, kubeconfig, "default") as c:
         ns_sa = c["ns_sa"]
         port, local_db, local_denied = free_port(), free_port(), free_port()
         write_handler(tmp_path / "web")
-        # web in the default context (`cluster`, the first entry: the admin, namespace A);
+        # web in the default context (`cluster`, the first entry: the admin, its entry's namespace A);
         # db in `team` (the ServiceAccount, its context's namespace B); and db of A in `team`,
         # which the ServiceAccount may not read: proof that `team` units use the token.
         file_with(tmp_path, c["server"], web_intercept(port) + (
             "forwards:\n"
             f"  - service: db\n    context: team\n    port: 80\n    local: {local_db}\n"
-            f"  - service: web\n    context: team\n    namespace: {ns}\n    port: 80\n    local: {local_denied}\n"))
+            f"  - service: web\n    context: team\n    namespace: {ns}\n    port: 80\n    local: {local_denied}\n"),
+            cluster_ns=ns)
         kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
         kubectl("rollout", "status", "deployment/db", "--timeout=120s", ns=ns_sa, timeout=150)
         wait_client(ns)
@@ -135,9 +139,11 @@ def test_units_in_two_contexts_with_their_own_credentials_and_outages(namespace,
             assert f"system:serviceaccount:{ns_sa}:{SA}" in denied["last_error"], denied
             status = up.tpenv("status")
             assert status.returncode == 0 and "context team" in status.stdout and "context cluster" in status.stdout
-            # `tpenv list` (no --context: the file's default entry, found in the kubeconfig) names it too.
+            # `tpenv list` (no --context: the file's default entry, found in the kubeconfig, in the
+            # entry's namespace A, not the kube context's default) names it too.
             listed = up.tpenv("list", timeout=120)
             assert listed.returncode == 0 and "Context       : cluster" in listed.stdout, listed.stdout + listed.stderr
+            assert "web: intercepted" in listed.stdout, listed.stdout
 
             # -- stage 4: the team context's API access goes away: only its units degrade ---------
             handler_pid = up.handler_pid("web")
@@ -198,11 +204,27 @@ def test_context_flag_and_tpenv_context_choose_the_default(namespace, kubeconfig
 
 
 def run_up_once(tmp_path: Path, kc: Path) -> subprocess.CompletedProcess:
-    """`tpenv up` that is expected to exit by itself (bad input), with the reader's kubeconfig."""
+    """`tpenv up` that is expected to exit by itself (bad input), with the reader's kubeconfig.
+    One that keeps running instead is ended after a minute (returncode None, its output kept),
+    so the caller can still look at what it started."""
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    return subprocess.run([TPENV, "up", "--plain"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**tpenv_env(state), "KUBECONFIG": str(kc)})
+    argv = [TPENV, "up", "--plain"]
+    try:
+        return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              env={**tpenv_env(state), "KUBECONFIG": str(kc)})
+    except subprocess.TimeoutExpired as e:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        return subprocess.CompletedProcess(argv, None, text(e.stdout), text(e.stderr))
+
+
+def where_in(path: Path, line_text: str) -> tuple[int, int]:
+    """Line and column (1-based) of the value after ``line_text``'s key, on the line that is
+    exactly ``line_text`` (for a key alone, ``  name:``, the key's own column)."""
+    lines = path.read_text().splitlines()
+    n = lines.index(line_text)
+    key, _, value = line_text.partition(": ")
+    return n + 1, (len(key) + 3 if value else len(line_text) - len(line_text.lstrip()) + 1)
 
 
 def test_bad_contexts_exit_2_located_and_start_nothing(namespace, kubeconfig, tmp_path):
@@ -216,28 +238,38 @@ def test_bad_contexts_exit_2_located_and_start_nothing(namespace, kubeconfig, tm
                                        ns_sa=ns_sa, token=token, sa_via_proxy=False)
         kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
         write_handler(tmp_path / "web")
-        port = free_port()
+        port, local = free_port(), free_port()
+        # In every case the web intercept is healthy (entry `admin`, found by its candidate name
+        # my-admin): only the forward's context is bad. So "nothing started" below proves that
+        # the whole file is refused before any unit starts, not just the broken one.
+        healthy = "  admin:\n    contexts: [my-admin]\n"
         cases = [
             # -- an entry matching nothing: at its line, with the contexts the kubeconfig has -----
-            ("nothing", "gone", "  gone:\n    server: https://127.0.0.1:1\n", (7, 3),
+            ("nothing", "gone", "  gone:\n    server: https://127.0.0.1:1\n", "  gone:",
              ["contexts.gone: no context of your kubeconfig matches (server https://127.0.0.1:1)",
               "your kubeconfig has: my-admin (cluster laptop", "my-sa (cluster laptop-via-proxy"]),
-            # -- an entry matching two (both contexts on one server) ------------------------------
-            ("two", "cluster", "", (3, 3), ["contexts.cluster: 2 contexts of your kubeconfig match",
-                                            "my-admin", "my-sa"]),
+            # -- an entry matching two (both contexts on one server): them, and all there are -----
+            ("two", "cluster", "", "  cluster:",
+             ["contexts.cluster: 2 contexts of your kubeconfig match", ": my-admin, my-sa; your kubeconfig has: "
+              "my-admin (cluster laptop", "my-sa (cluster laptop-via-proxy"]),
             # -- a unit naming a context the file does not declare -------------------------------
-            ("undeclared", "staging", "", (10, 14),
-             ["intercepts[0].context: no context 'staging' in contexts: (declared: cluster, team)"]),
+            ("undeclared", "staging", "", "    context: staging",
+             ["forwards[0].context: no context 'staging' in contexts: (declared: cluster, team, admin)"]),
         ]
-        for case, context, entries, (line, col), expected in cases:
-            path = file_with(tmp_path, server, web_intercept(port, context=context), extra_entries=entries)
+        for case, context, entries, at, expected in cases:
+            path = file_with(tmp_path, server, web_intercept(port, context="admin") + (
+                f"forwards:\n  - service: web\n    context: {context}\n    port: 80\n    local: {local}\n"),
+                extra_entries=healthy + entries)
+            line, col = where_in(path, at)
             cp = run_up_once(tmp_path, kc)
+            # -- nothing started: no session left, web untouched (no agent), no handler ------------
+            containers = [ct["name"] for ct in spec_of("deployment", "web", ns)["template"]["spec"]["containers"]]
+            assert containers == ["app"], f"{case}: {containers}\n{cp.stdout}{cp.stderr}"
+            assert not list((tmp_path / "state").glob("*.json")), f"{case}: a session ran\n{cp.stdout}{cp.stderr}"
+            assert "[handler/" not in cp.stdout + cp.stderr, f"{case}:\n{cp.stdout}{cp.stderr}"
+            # -- exit 2, located, naming what there is --------------------------------------------
             assert cp.returncode == 2, f"{case}: exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
             where = f"{path.name}:{line}:{col}: "  # as given: `tpenv up` reads ./telepresence.yaml
             assert any(ln.startswith(where) for ln in cp.stderr.splitlines()), f"{case}: no line at {where}\n{cp.stderr}"
             for text in expected:
                 assert text in cp.stderr, f"{case}: {text!r} not in\n{cp.stderr}"
-            # -- nothing started: no session left, web untouched ------------------------------------
-            assert not list((tmp_path / "state").glob("*.json")), case
-            containers = [ct["name"] for ct in spec_of("deployment", "web", ns)["template"]["spec"]["containers"]]
-            assert containers == ["app"], f"{case}: {containers}"

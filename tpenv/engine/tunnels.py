@@ -27,6 +27,11 @@ from tpenv.kits.portforward import PodTunnel
 from tpenv.settings import AgentSettings, TunnelSettings
 from tpenv_agent.inject import AUTH_SECRET
 
+# A tunnel's stop, each step bounded (engine/up.py's shutdown_grace adds them up): the agent's
+# answer to a leave beyond its drain, then the session's close.
+LEAVE_ANSWER = 3.0
+CLOSE_WAIT = 5.0
+
 
 async def ensure_auth_material(kube: Kube, namespace: str) -> dict[str, bytes]:
     """The four keys of Secret tpenv-auth in ``namespace``; the Secret is created when missing."""
@@ -181,11 +186,11 @@ class TunnelUnit:
             # Leave everywhere first, then drain: each leave stops new work at once; what was
             # already sent to us finishes before the session (and its channels) closes.
             drain = self.spec.leave_drain
-            await asyncio.gather(*(asyncio.wait_for(self.session.leave(r.name, drain=drain), drain + 3)
+            await asyncio.gather(*(asyncio.wait_for(self.session.leave(r.name, drain=drain), drain + LEAVE_ANSWER)
                                    for r in self.spec.registrations), return_exceptions=True)
             self.session.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.session.wait_closed(), 5)
+                await asyncio.wait_for(self.session.wait_closed(), CLOSE_WAIT)
         if self._watch is not None:
             self._watch.cancel()
         self.tunnel.close()

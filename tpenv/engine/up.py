@@ -42,6 +42,16 @@ EXIT_FORCED = 130
 FORCE_EXIT_AFTER = 2.0  # seconds between a second Ctrl-C and the exit, whatever still runs
 
 
+def shutdown_grace(settings: Settings) -> float:
+    """The bound of one Ctrl-C with no request in flight (docs/reconciler.md, "Stopping"): the
+    handler's staged stop, a mount's two unmount steps, a tunnel's leave and close. A request
+    being answered at that moment is given up to ``tunnels.leave_drain`` more to finish."""
+    from tpenv.engine.tunnels import CLOSE_WAIT, LEAVE_ANSWER  # here: the kube kit is heavy to import
+
+    h, m = settings.handlers, settings.mounts
+    return h.stop_grace + h.term_grace + 2 * m.unmount_timeout + LEAVE_ANSWER + CLOSE_WAIT
+
+
 def _hard_exit() -> None:
     with contextlib.suppress(Exception):
         sys.stderr.write("\x1b[?25h" if sys.stderr.isatty() else "")  # the live table hid the cursor

@@ -34,6 +34,12 @@ from tpenv.kits.kubeconfig import Kubeconfig
 
 HELP = "Write a starter telepresence.yaml for a workload in the cluster (never overwrites)."
 
+# The comments on the written file's env and mount lines: why they may sit inside the watched
+# directory (run.watch leaves tpenv's own outputs out: up.tpenv_outputs), and what they hold.
+ENV_COMMENT = "the pod's env, secrets included: keep it out of git; run.watch skips it (tpenv's own output)"
+MOUNT_COMMENT = ("the pod's volumes (sshfs, or a copy with mount.mode: sync); "
+                 "run.watch never enters it (tpenv's own output)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", metavar="WORKLOAD", nargs="?",
@@ -118,10 +124,10 @@ async def run(args: argparse.Namespace, ctx) -> int:
         intercept["service"] = services[0]
     env_file, mount_dir = f"{w.name}.env", f"{w.name}.vol"
     intercept["env"] = {"file": env_file, "format": "docker"}
-    intercept.yaml_add_eol_comment("the pod's env, secrets included: keep it out of git", "env")
+    intercept.yaml_add_eol_comment(ENV_COMMENT, "env")
     if app.get("volumeMounts"):
         intercept["mount"] = f"./{mount_dir}"
-        intercept.yaml_add_eol_comment("the pod's volumes (sshfs); run.watch never enters a mount", "mount")
+        intercept.yaml_add_eol_comment(MOUNT_COMMENT, "mount")
     else:
         intercept["mount"] = False
     command = list(app.get("command") or []) + list(app.get("args") or [])

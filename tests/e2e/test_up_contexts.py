@@ -10,6 +10,7 @@ the API server through an ApiProxy the test can take away). The file calls them 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,3 +274,54 @@ def test_bad_contexts_exit_2_located_and_start_nothing(namespace, kubeconfig, tm
             assert any(ln.startswith(where) for ln in cp.stderr.splitlines()), f"{case}: no line at {where}\n{cp.stderr}"
             for text in expected:
                 assert text in cp.stderr, f"{case}: {text!r} not in\n{cp.stderr}"
+
+
+def sso_plugin(path: Path, token: str | None) -> None:
+    """An exec credential plugin (as `aws eks get-token` or an SSO helper is): it hands out
+    ``token``, or, with None, fails as an expired login does."""
+    if token is None:
+        path.write_text("#!/bin/sh\necho 'sso: session expired, run sso login' >&2\nexit 1\n")
+    else:
+        answer = {"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+                  "status": {"token": token}}
+        path.write_text(f"#!/bin/sh\ncat <<'JSON'\n{json.dumps(answer)}\nJSON\n")
+    path.chmod(0o755)
+
+
+def test_a_context_whose_exec_plugin_fails_degrades_alone_and_heals(namespace, kubeconfig, tmp_path):
+    ns = namespace
+    # -- stage 1: web in A (the admin's `cluster`); db in B, reached by `team`, whose kubeconfig
+    # user is an exec plugin handing out the ServiceAccount's token; the plugin fails for now ---
+    deploy("web", ns, wait=False)
+    with two_contexts(tmp_path, kubeconfig, ns) as c:
+        ns_sa = c["ns_sa"]
+        plugin = tmp_path / "sso-plugin"
+        sso_plugin(plugin, None)
+        kc = yaml.safe_load(c["kubeconfig"].read_text())
+        (sa,) = [u for u in kc["users"] if u["name"] == "sa"]
+        sa["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": str(plugin),
+                               "interactiveMode": "Never"}}
+        c["kubeconfig"].write_text(yaml.safe_dump(kc))
+        local_web, local_db = free_port(), free_port()
+        file_with(tmp_path, c["server"], "forwards:\n"
+                  f"  - service: web\n    port: 80\n    local: {local_web}\n"
+                  f"  - service: db\n    context: team\n    port: 80\n    local: {local_db}\n")
+        kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=ns, timeout=150)
+        kubectl("rollout", "status", "deployment/db", "--timeout=120s", ns=ns_sa, timeout=150)
+
+        with UpSession(tmp_path, env={"KUBECONFIG": str(c["kubeconfig"])}) as up:
+            # -- stage 2: the admin's forward serves; team's fails with the plugin's reason, under
+            # the key it will have (its kube context's namespace B) ------------------------------
+            up.wait_ready(f"forward/{ns}/web/80/cluster")
+            assert http_json(f"http://127.0.0.1:{local_web}/")["pod"] in ready_pods(ns, "web")
+            failed = up.until("team's forward failed with the reason", lambda: (lambda u: u if u and "sso: session "
+                              "expired" in (u.get("last_error") or "") else None)(up.unit(f"forward/{ns_sa}/db/80/team")),
+                              60)
+            assert failed["state"] == "failed" and "context team" in failed["last_error"], failed
+            assert up.unit(f"forward/{ns}/web/80/cluster")["state"] == "ready"
+            # -- stage 3: the login is renewed: the next retry opens team, and db serves -----------
+            sso_plugin(plugin, c["token"])
+            up.wait_ready(f"forward/{ns_sa}/db/80/team", timeout=120)
+            assert http_json(f"http://127.0.0.1:{local_db}/")["pod"] in ready_pods(ns_sa, "db")
+            assert up.unit(f"forward/{ns}/web/80/cluster")["restarts"] == 0
+            assert up.stop() == 0, up.output

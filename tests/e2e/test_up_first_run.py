@@ -240,7 +240,8 @@ def test_a_second_ctrl_c_exits_at_once_even_with_a_stuck_mount(namespace, tmp_pa
             assert up.wait(FORCE_EXIT_AFTER + EXIT_SLACK) == 130, up.output
             print(f"second Ctrl-C -> tpenv up exited: {time.monotonic() - t0:.1f}s (bound {FORCE_EXIT_AFTER:.0f}s)")
             # Right after the forced exit, nothing left: the mount detached (lazily), sshfs and the
-            # handler group killed by the abort, not by time.
+            # handler group killed by the abort (which says so), not by time.
+            assert up.lines_matching(r"\[mount/cart\] forced: sshfs killed, .*cart\.vol detached"), up.output
             assert not in_proc_mounts(vol), up.output
             assert not pid_alive(sshfs) and not pid_alive(handler), up.output
         finally:

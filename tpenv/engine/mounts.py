@@ -380,11 +380,15 @@ class SshfsMount:
         """Second Ctrl-C: kill sshfs (a dead FUSE server fails every waiting request) and detach
         the mount now. Synchronous; the lazy unmount never waits on the file system."""
         self._stopped = True
+        running = self._proc is not None and self._proc.returncode is None
         self._kill_sshfs()
-        if self.path is not None and is_mounted(self.path):
+        mounted = self.path is not None and is_mounted(self.path)
+        if mounted:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(["fusermount3", "-uz", str(self.path)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, timeout=self.unmount_timeout)
+        if running or mounted:  # said: the forced exit leaves no other trace of what it did
+            log.warning("[mount/%s] forced: sshfs killed, %s detached (lazy unmount)", self.name, self.path)
 
     async def __aenter__(self) -> "SshfsMount":
         await self.start()

@@ -64,6 +64,15 @@ def deploy_apps(ns: str) -> dict:
     wait_until("kube-proxy to route the hello Service",
                lambda: kubectl("exec", "web-0", "--", "python3", "-c", probe, ns=ns, check=False).returncode == 0,
                timeout=60)
+    # CoreDNS learns web-0's headless record from the EndpointSlice by its own watch, which lags
+    # a Ready pod by a moment on a busy machine (the cold fresh-clone run once asked too early and
+    # got no address): wait until a pod's own lookup of it answers, asked through the cluster DNS
+    # (from hello, not web-0, whose /etc/hosts holds its own name).
+    lookup = f"import socket; socket.getaddrinfo('web-0.web.{ns}.svc.cluster.local', 80)"
+    wait_until("the cluster DNS to answer for web-0.web",
+               lambda: kubectl("exec", "deploy/hello", "--", "python3", "-c", lookup, ns=ns,
+                               check=False).returncode == 0,
+               timeout=60)
     return {"cluster_ip": cluster_ip,
             "pod_ip": pods[0]["status"]["podIP"],
             "web_ip": kubectl_json("get", "pod", "web-0", ns=ns)["status"]["podIP"]}

@@ -5,7 +5,8 @@ Stages (one namespace, one hello Deployment):
 2. sshfs absent (a PATH without it: other tests need the real sshfs): named, with its fix;
 3. the agent image missing (an image no node has, pull policy Never): named;
 4. a Role without pods/portforward (a ServiceAccount's token as the kubeconfig): named, with the
-   kubectl lines that grant it to that ServiceAccount;
+   kubectl lines that grant it to that ServiceAccount; its missing pods/exec is a warning naming
+   the feature it takes away (the app's own env);
 5. an agent kept after a clean leave: reported, exit 0 (by design); an agent abandoned by a
    kill -9 of `tpenv intercept`: named; `--fix` removes it; doctor exits 0;
 6. a Service left on `tpenv-8080` (what a GitOps revert of the workload leaves): named; `--fix`
@@ -109,11 +110,13 @@ def test_doctor_healthy_then_broken_one_way_at_a_time(namespace, tmp_path):
     image = check(report, "cluster/agent-image")
     assert "tpenv/agent:doctor-nowhere" in image["detail"] and "--agent-image" in image["fix"]
 
-    # Stage 4: a ServiceAccount whose Role has everything but pods/portforward.
+    # Stage 4: a ServiceAccount whose Role has every right intercept needs but pods/portforward,
+    # and no pods/exec either (a feature's right: a warning inside the failure, naming the feature).
     kubectl("create", "serviceaccount", "dev", ns=ns)
     apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "dev"}, "rules": [
         {"apiGroups": [""], "resources": ["pods", "services", "secrets"],
          "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "replicasets"],
          "verbs": ["get", "list", "watch", "update", "patch"]}]}, ns=ns)
     kubectl("create", "rolebinding", "dev", "--role=dev", f"--serviceaccount={ns}:dev", ns=ns)
@@ -121,8 +124,13 @@ def test_doctor_healthy_then_broken_one_way_at_a_time(namespace, tmp_path):
     code, report = doctor(state, ns, env={"KUBECONFIG": str(kubeconfig)})
     assert code == 1 and "cluster/rights" in failures(report)
     rights = check(report, "cluster/rights")
-    assert "create pods/portforward" in rights["detail"] and f"system:serviceaccount:{ns}:dev" in rights["detail"]
-    assert "--resource=pods/portforward" in rights["fix"] and f"--serviceaccount={ns}:dev" in rights["fix"]
+    needed = rights["detail"].partition("; warning: ")[0]
+    # The only needed right missing is pods/portforward: exactly one "(why)" in the needed part.
+    assert needed == (f"system:serviceaccount:{ns}:dev may not, in namespace {ns!r}: create pods/portforward "
+                      "(reach the agent (its SSH listens on the pod's loopback))"), rights["detail"]
+    assert "without create pods/exec, the app's own environment is unavailable: variables the app's image" \
+        in rights["detail"]
+    assert "--resource=pods/portforward,pods/exec" in rights["fix"] and f"--serviceaccount={ns}:dev" in rights["fix"]
     assert "get pods" not in rights["detail"]  # only what is missing
 
     # Stage 5a: an intercept left cleanly (Ctrl-C) keeps its agent in passthrough, by design:

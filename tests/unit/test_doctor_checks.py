@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tpenv.engine.doctor import FAIL, OK, WARN, Outcome, exit_code, repair, run_check, run_checks
-from tpenv.engine.doctor.cluster import _node_has, _subject_flag
+from tpenv.engine.doctor.cluster import _node_has
 from tpenv.engine.strayports import patch_command as _patch_command, repaired as _repaired, stray_in
 from tpenv.engine.doctor.machine import _stale_session_files, session_state
 from tpenv.errors import NotFound
@@ -100,11 +100,6 @@ def test_node_images_listed_by_any_of_their_names():
     assert _node_has([node], "tpenv/agent:abc")
     assert not _node_has([node], "tpenv/agent:other")
     assert not _node_has([{"status": {}}], "tpenv/agent:abc")
-
-
-def test_rolebinding_subject():
-    assert _subject_flag("system:serviceaccount:team:dev") == "--serviceaccount=team:dev"
-    assert _subject_flag("alice") == "--user=alice"
 
 
 # --- stage 3: machine checks on real files -------------------------------------------------------------------------

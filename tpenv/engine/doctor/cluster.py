@@ -1,46 +1,26 @@
 """Doctor's checks of the cluster: the API server, the current user's rights, the agent image,
 and (webhook.py) the manager with its webhook.
 
-Rights are asked with SelfSubjectAccessReview, one per (verb, resource) tpenv uses, so the
-answer is the API server's own RBAC decision for exactly this user (impersonation and
-ServiceAccount tokens included). The agent image is looked up in the nodes' image lists first;
-when it is not listed (the kubelet reports at most 50 images per node) a short-lived probe pod
-with that image says for real whether it can be pulled. The manager's checks live in webhook.py;
+The rights are asked in rights.py (one SelfSubjectAccessReview per right tpenv uses). The agent
+image is looked up in the nodes' image lists first; when it is not listed (the kubelet reports at
+most 50 images per node) a short-lived probe pod with that image says for real whether it can be
+pulled. The manager's checks live in webhook.py;
 the overlap of the cluster's ranges with this machine's routes is checked here too.
 """
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import secrets
 import socket
 from typing import Any
 
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
+from tpenv.engine.doctor.rights import rights
 from tpenv.engine.doctor.webhook import manager, webhook
 from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.kits.kube import Kube, What
 from tpenv.kits.kuberest import ApiGroup
 from tpenv.settings import Settings
-
-# (verb, group, resource, subresource, why): every right `tpenv intercept`/`up` uses in the
-# workload's namespace. tpenv never execs into pods, so pods/exec is not asked.
-RIGHTS = (
-    ("get", "", "pods", "", "see the workload's pods"),
-    ("watch", "", "pods", "", "follow pod restarts"),
-    ("create", "", "pods", "portforward", "reach the agent (its SSH listens on the pod's loopback)"),
-    ("list", "", "services", "", "find the Service of the workload"),
-    ("update", "", "services", "", "point a numeric targetPort at the agent"),
-    ("get", "", "secrets", "", "read the agent's auth Secret tpenv-auth"),
-    ("create", "", "secrets", "", "create tpenv-auth on first use"),
-    ("update", "apps", "deployments", "", "inject the agent (patch mode)"),
-    ("update", "apps", "statefulsets", "", "inject the agent into StatefulSets"),
-    ("list", "apps", "replicasets", "", "find a workload's pods and old revisions"),
-)
-
-
-def _authz(kube: Kube) -> ApiGroup:
-    return ApiGroup(kube.api, "/apis/authorization.k8s.io/v1")
 
 
 async def api_server(kube: Kube) -> Outcome:
@@ -60,53 +40,6 @@ def _version_call(kube: Kube):
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return response.response
     return call
-
-
-async def whoami(kube: Kube) -> str | None:
-    """The user name the API server sees (SelfSubjectReview), or None where it is not served."""
-    try:
-        review = await kube.call(ApiGroup(kube.api, "/apis/authentication.k8s.io/v1").create_self_subject_review,
-                                 {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
-                                 what=What("create", "selfsubjectreviews"))
-    except TpenvError:
-        return None
-    return ((review.get("status") or {}).get("userInfo") or {}).get("username")
-
-
-async def can_i(kube: Kube, namespace: str, verb: str, group: str, resource: str, sub: str = "") -> bool:
-    attrs = {"namespace": namespace, "verb": verb, "group": group, "resource": resource}
-    if sub:
-        attrs["subresource"] = sub
-    review = await kube.call(_authz(kube).create_self_subject_access_review,
-                             {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-                              "spec": {"resourceAttributes": attrs}},
-                             what=What("create", "selfsubjectaccessreviews"))
-    return bool((review.get("status") or {}).get("allowed"))
-
-
-def _subject_flag(user: str | None) -> str:
-    if user and user.startswith("system:serviceaccount:"):
-        _, _, ns, name = user.split(":", 3)
-        return f"--serviceaccount={ns}:{name}"
-    return f"--user={user or 'YOUR-USER'}"
-
-
-def rights(kube: Kube, namespace: str) -> Check:
-    async def check() -> Outcome:
-        answers = await asyncio.gather(*(can_i(kube, namespace, v, g, r, s) for v, g, r, s, _ in RIGHTS))
-        missing = [(v, g, r, s, why) for (v, g, r, s, why), ok in zip(RIGHTS, answers) if not ok]
-        if not missing:
-            return Outcome(OK, f"{len(RIGHTS)} rights in namespace {namespace!r}: "
-                               + ", ".join(f"{v} {r}{'/' + s if s else ''}" for v, _, r, s, _ in RIGHTS))
-        user = await whoami(kube)
-        lines = [f"{v} {r}{'/' + s if s else ''} ({why})" for v, _, r, s, why in missing]
-        verbs = sorted({v for v, *_ in missing})
-        resources = sorted({(f"{r}.{g}" if g else r) + (f"/{s}" if s else "") for _, g, r, s, _ in missing})
-        fix = (f"kubectl create role tpenv-user -n {namespace} --verb={','.join(verbs)} "
-               f"--resource={','.join(resources)} && kubectl create rolebinding tpenv-user -n {namespace} "
-               f"--role=tpenv-user {_subject_flag(user)}   (run by a cluster admin)")
-        return Outcome(FAIL, f"{user or 'you'} may not, in namespace {namespace!r}: " + "; ".join(lines), fix=fix)
-    return check
 
 
 def _node_has(nodes: list[dict[str, Any]], image: str) -> bool:
@@ -172,7 +105,6 @@ def agent_image(kube: Kube, namespace: str, settings: Settings) -> Check:
             return Outcome(OK, f"{image} (imagePullPolicy {pull}): {how}")
         return Outcome(FAIL, f"{image} (imagePullPolicy {pull}) cannot be had: {how}", fix=fix)
     return check
-
 
 
 # Interfaces a cluster node itself routes its pods through: their routes are the cluster's, not a conflict.

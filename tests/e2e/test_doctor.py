@@ -92,7 +92,10 @@ def test_doctor_healthy_then_broken_one_way_at_a_time(namespace, tmp_path):
     assert [c["name"] for c in report["checks"]] == EVERY_CHECK
     assert code == 0, failures(report)
     assert all(c["seconds"] >= 0 for c in report["checks"]) and report["seconds"] > 0
-    assert check(report, "e2e/tunnel")["status"] == "ok", check(report, "e2e/tunnel")
+    # No agent yet: the round trip goes through a port-forward to hello's port (bytes back, timed).
+    tunnel = check(report, "e2e/tunnel")
+    assert tunnel["status"] == "ok" and "round trip through a port-forward to pod hello-" in tunnel["detail"], tunnel
+    assert "port 8080 (HEAD / sent, first byte back): " in tunnel["detail"]
     text = tpenv(state, "doctor", "-n", ns).stdout
     assert all(name in text for name in EVERY_CHECK) and " checks in " in text
     print(text)
@@ -147,6 +150,10 @@ def test_doctor_healthy_then_broken_one_way_at_a_time(namespace, tmp_path):
     idle = check(report, "cluster/idle-agents")
     assert idle["status"] == "ok" and "kept in passthrough after a leave" in idle["detail"], idle
     assert "deployment/hello" in idle["detail"]
+    # With an agent there, the tunnel probe is what an intercept does first: SSH to it, one request.
+    tunnel = check(report, "e2e/tunnel")
+    assert tunnel["status"] == "ok", tunnel
+    assert tunnel["detail"].startswith("SSH round trip to the agent of deployment/hello (pod hello-"), tunnel
 
     # Stage 5b: kill -9 of `tpenv intercept` leaves an agent no session uses.
     local = LocalServer("from the laptop")

@@ -166,3 +166,48 @@ def test_a_check_slower_than_the_check_timeout_setting_fails_naming_it(tmp_path)
         server.shutdown()
     api = next(c for c in json.loads(cp.stdout)["checks"] if c["name"] == "cluster/api")
     assert (api["status"], api["detail"]) == (FAIL, "no answer within 0.5s"), api
+
+
+# --- stage 4: the tunnel probe wants a byte back, not only a stream opened -----------------------------------------
+
+class LocalTunnel:
+    """Stands for the port-forward: streams to 127.0.0.1:port (a real socket, a real server)."""
+
+    async def open_stream(self, port):
+        return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def serve(handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_round_trip_is_timed_only_when_a_byte_comes_back(monkeypatch):
+    from tpenv.engine.doctor import probes
+
+    monkeypatch.setattr(probes, "ANSWER_TIMEOUT", 0.3)
+    seen = []
+
+    async def http(reader, writer):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def silent(reader, writer):
+        await reader.read()  # waits for the client, says nothing
+
+    async def hangs_up(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")  # read all (unread bytes would make the close a reset)
+        writer.close()
+
+    answers = {}
+    for name, handler in (("http", http), ("silent", silent), ("hangs_up", hangs_up)):
+        server, port = await serve(handler)
+        async with server:
+            answers[name] = await probes.pod_round_trip(LocalTunnel(), port)
+    assert seen == [probes.PROBE]
+    answered, opened, why = answers["http"]
+    assert answered is not None and answered >= opened and why == ""
+    assert answers["silent"][0] is None and answers["silent"][2] == "no byte within 0.3s"
+    assert answers["hangs_up"][0] is None and answers["hangs_up"][2] == "it closed without a byte"

@@ -14,7 +14,8 @@ import time
 
 from tpenv.engine.doctor import FAIL, Finding, exit_code, repair, run_check, run_checks
 from tpenv.engine.doctor.cluster import api_server, cluster_checks
-from tpenv.engine.doctor.leftovers import leftover_checks, probe_checks
+from tpenv.engine.doctor.leftovers import leftover_checks
+from tpenv.engine.doctor.probes import probe_checks
 from tpenv.engine.doctor.machine import machine_checks
 from tpenv.errors import ConfigError, TpenvError
 from tpenv.kits.kube import Kube

@@ -1,4 +1,4 @@
-"""Doctor's checks of what a crash or a GitOps revert leaves in the namespace, and the probes.
+"""Doctor's checks of what a crash or a GitOps revert leaves in the namespace.
 
 - **idle agents**: a workload tpenv patched (patch mode) whose agent holds no intercept of any
   session. After a ``leave`` that is by design (DESIGN: the agent stays in passthrough so the next
@@ -10,22 +10,19 @@
   handed to the agent) is a port none of its pods has any more: every request to it fails.
   ``--fix`` puts the Service back from tpenv's restore record, else from the number in
   ``tpenv-<n>`` (tpenv.engine.strayports, shared with ``uninstall``'s sweep).
-- **probes**: a round trip through a tunnel (SSH to an agent over the port-forward, else a bare
-  port-forward stream to a ready pod) and a DNS lookup through the manager's relay, timed.
+
+The probes (a round trip through a tunnel, a DNS lookup) live in probes.py.
 """
 from __future__ import annotations
 
-import time
-
-from tpenv.engine.agentquery import agent_inventory, agent_round_trip, auth_material
+from tpenv.engine.agentquery import agent_inventory, auth_material
 from tpenv.engine.agent_removal import (has_agent, injected_workloads, prune_agent_history, remove_agent,
                                         wait_agent_gone)
 from tpenv.engine.agents import webhook_mode
-from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
-from tpenv.errors import Forbidden, NotFound, TpenvError
+from tpenv.engine.doctor import FAIL, OK, WARN, Check, Outcome
 from tpenv.engine.strayports import find_stray_services, patch_command, repair_stray
-from tpenv.kits.kube import Kube, What, pod_is_ready
-from tpenv.kits.portforward import PodTunnel
+from tpenv.errors import NotFound
+from tpenv.kits.kube import Kube
 from tpenv.settings import Settings
 
 
@@ -97,63 +94,7 @@ def broken_services(kube: Kube, namespace: str) -> Check:
     return check
 
 
-def tunnel_probe(kube: Kube, namespace: str, settings: Settings) -> Check:
-    async def check() -> Outcome:
-        agents = [w for w in await injected_workloads(kube, namespace) if has_agent(w.obj)]
-        material = await auth_material(kube, namespace) if agents else None
-        for w in agents:
-            if material is None:
-                break
-            try:
-                pod, seconds = await agent_round_trip(kube, w, material, settings.agent.ssh_port)
-            except TpenvError:
-                continue
-            return Outcome(OK, f"SSH to the agent of {w.ref} (pod {pod}) over port-forward: {seconds * 1000:.0f} ms")
-        pods = [p for p in (await kube.call(kube.core.list_namespaced_pod, namespace,
-                                            what=What("list", "pods", namespace)))["items"] if pod_is_ready(p)]
-        ported = [(p["metadata"]["name"], port["containerPort"]) for p in pods
-                  for c in p["spec"]["containers"] for port in c.get("ports") or []
-                  if port.get("protocol", "TCP") == "TCP"]
-        if not ported:
-            return Outcome(SKIP, f"no ready pod with a TCP port in {namespace!r} to open a tunnel to")
-        pod, port = ported[0]
-        tunnel = PodTunnel(kube, namespace, pod)
-        start = time.monotonic()
-        try:
-            _, writer = await tunnel.open_stream(port)
-            writer.close()
-            seconds = time.monotonic() - start
-        finally:
-            tunnel.close()
-            await tunnel.wait_closed()
-        return Outcome(OK, f"port-forward stream to {pod}:{port} opened in {seconds * 1000:.0f} ms")
-    return check
-
-
-def dns_probe(kube: Kube) -> Check:
-    async def check() -> Outcome:
-        from tpenv.kits.relay_client import RelaySession, find_manager_pod
-
-        try:
-            await find_manager_pod(kube)
-        except Forbidden:
-            return Outcome(SKIP, "you may not list the manager's pods (namespace tpenv): no relay to ask")
-        except NotFound:
-            return Outcome(SKIP, "no ready manager: cluster names are looked up through its relay "
-                                 "(`tpenv manager install`)")
-        start = time.monotonic()
-        async with RelaySession(kube) as relay:
-            answer = await relay.resolve("kubernetes.default.svc")
-        seconds = time.monotonic() - start
-        return Outcome(OK, f"kubernetes.default.svc -> {', '.join(answer.get('addresses') or [])} through the "
-                           f"relay in {seconds * 1000:.0f} ms")
-    return check
-
-
 def leftover_checks(kube: Kube, namespace: str, settings: Settings) -> list[tuple[str, Check]]:
     return [("cluster/idle-agents", idle_agents(kube, namespace, settings)),
             ("cluster/service-ports", broken_services(kube, namespace))]
 
-
-def probe_checks(kube: Kube, namespace: str, settings: Settings) -> list[tuple[str, Check]]:
-    return [("e2e/tunnel", tunnel_probe(kube, namespace, settings)), ("e2e/dns", dns_probe(kube))]

@@ -89,7 +89,9 @@ def _cluster_env() -> dict[str, str]:
 TEST_PACKAGES = ["sshfs", "fuse3", "openssh-sftp-server", "nftables", "bash", "zsh", "fish", "podman",
                  "busybox-static", "iptables", "iproute2",
                  # examples/wordpress/run-local.sh serves the laptop's WordPress with Debian's PHP
-                 "php-cli", "php-mysql"]
+                 "php-cli", "php-mysql",
+                 # tests/e2e/test_webhook_gitops.py keeps the team's manifests in a git repo and asks `git diff`
+                 "git"]
 
 
 def _ensure_packages(packages: list[str]) -> None:

@@ -5,21 +5,28 @@ The manifests live in files the test keeps (as in Git) and reach the cluster onl
 ``kubectl apply``, as a GitOps controller would; tpenv never edits them: the most common shape
 there is (a Deployment whose container port has no name, a Service made by ``kubectl expose``
 with a numeric targetPort), opted in by Telepresence's annotation, tpenv's label, or both.
-(1)/(2) the pods carry the agent, a global and a header intercept work, and ``kubectl diff`` of
-the files is empty afterwards; (3) a pod that cannot be injected (UDP only) runs, and the reason
-is in an Event on the pod and on the Deployment and in ``tpenv list``; (4) ``manager install``
-then at once ``kubectl apply``: the first pod is injected.
+(1)/(2) the pods carry the agent, a global and a header intercept work, and afterwards nothing
+moved: ``git diff`` of the repo (the files, and a snapshot of the live Deployment and Service
+taken right after the rollout: spec, labels, annotations, generation) and ``kubectl diff`` of the
+files are both empty; (3) a pod that cannot be injected (UDP only) runs, and the reason is in an
+Event on the pod and on the Deployment, in ``tpenv list``, in doctor's cluster/webhook check and
+in ``tpenv status``'s warnings; (4) ``manager install`` then at once ``kubectl apply``: the first
+pod is injected.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from test_doctor import check, doctor
 from test_intercept_kit import Intercepting, client_pod, curl, tpenv, wait_for
 from test_intercept_personal import LocalEcho
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures)
+from test_security_webhook import status_warnings
 from test_webhook_injection import tpenv as tpenv_cli
 from tests.cluster.pytest_plugin import kubectl, kubectl_json, wait_until
 from tests.kit.apps import testapp_image
@@ -66,10 +73,44 @@ def write_manifests(d: Path, ns: str, name: str, *, label: bool, annotation: boo
     return d
 
 
-def no_diff(d: Path, ns: str) -> None:
-    """`kubectl diff` of the kept files against the cluster: exit 0 means Git and cluster agree."""
-    cp = kubectl("diff", "-f", str(d), ns=ns, check=False)
-    assert cp.returncode == 0, f"the applied objects differ from the files:\n{cp.stdout}{cp.stderr}"
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("git")
+    assert exe, "git is missing: `python3 devspace.py test` installs it (devspace.py TEST_PACKAGES)"
+    return subprocess.run([exe, "-C", str(repo), "-c", "user.name=gitops", "-c", "user.email=gitops@localhost",
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+def snapshot(repo: Path, ns: str, name: str) -> None:
+    """The live Deployment and Service as far as a GitOps controller or a reviewer would see a
+    change (spec, labels, annotations, generation), one file each under live/ in the repo. A
+    3-way `kubectl diff` ignores fields neither in the file nor in last-applied: an added
+    container, a tpenv.io annotation or label, a renamed Service port would pass it, not this."""
+    live = repo / "live"
+    live.mkdir(exist_ok=True)
+    for kind in ("deployment", "service"):
+        obj = kubectl_json("get", kind, name, ns=ns)
+        meta = obj["metadata"]
+        kept = {"labels": meta.get("labels") or {}, "annotations": meta.get("annotations") or {},
+                "generation": meta.get("generation"), "spec": obj["spec"]}
+        (live / f"{kind}.json").write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+
+
+def commit_repo(repo: Path, ns: str, name: str) -> None:
+    """The team's repo as the cluster has it right after the rollout: the manifests and the snapshot."""
+    snapshot(repo, ns, name)
+    for args in (("init", "-q"), ("add", "-A"), ("commit", "-q", "-m", "as applied")):
+        cp = git(repo, *args)
+        assert cp.returncode == 0, f"git {' '.join(args)}: {cp.stdout}{cp.stderr}"
+
+
+def no_diff(repo: Path, ns: str, name: str) -> None:
+    """Nothing moved since commit_repo: the live objects snapshotted again, `git diff --exit-code`
+    of the whole repo (the manifests and live/), and `kubectl diff` of the manifests."""
+    snapshot(repo, ns, name)
+    cp = git(repo, "diff", "--exit-code")
+    assert cp.returncode == 0, f"the repo or the live objects changed (git diff):\n{cp.stdout}{cp.stderr}"
+    cp = kubectl("diff", "-f", str(repo / "deployment.json"), "-f", str(repo / "service.json"), ns=ns, check=False)
+    assert cp.returncode == 0, f"the applied objects differ from the files (kubectl diff):\n{cp.stdout}{cp.stderr}"
 
 
 def injected_pods(ns: str, app: str) -> list[dict]:
@@ -93,6 +134,7 @@ def test_unnamed_port_and_exposed_service_intercepted_without_changing_git(manag
     spec = pods[0]["spec"]
     assert [c["name"] for c in spec["initContainers"]] == ["tpenv-init"]
     assert spec["containers"][0]["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    commit_repo(files, ns, "hello")  # the repo, and what the cluster holds, before any intercept
     client_pod(ns)
     laptop = LocalEcho("laptop")
     state = tmp_path / "state"
@@ -113,11 +155,11 @@ def test_unnamed_port_and_exposed_service_intercepted_without_changing_git(manag
         assert run.stop() == 0, "".join(run.stderr)
     finally:
         laptop.close()
-    # Stage 3: the cluster still equals the files in Git.
-    no_diff(files, ns)
+    # Stage 3: the cluster still equals the files in Git, and the live objects did not move.
+    no_diff(files, ns, "hello")
 
 
-def test_pod_that_cannot_be_injected_says_why_where_the_user_looks(manager, namespace, tmp_path):
+def test_pod_that_cannot_be_injected_says_why_where_the_user_looks(manager, namespace, tmp_path, cli_env):  # noqa: F811
     ns = namespace
     files = write_manifests(tmp_path / "git", ns, "dns", label=False, annotation=True,
                             ports=[{"containerPort": 5353, "protocol": "UDP"}])
@@ -146,6 +188,17 @@ def test_pod_that_cannot_be_injected_says_why_where_the_user_looks(manager, name
     state.mkdir()
     out = tpenv(state, "list", "-n", ns).stdout
     assert "dns: opted in, not injected:" in out and "no TCP port" in out, out
+    # Stage 4: doctor's webhook check names the pod (opted in by the annotation) and the reason,
+    # with no delete as its fix (the pod would be refused again); `tpenv status` warns the same.
+    _, report = doctor(state, ns, env={"KUBECONFIG": cli_env["KUBECONFIG"]})
+    hook = check(report, "cluster/webhook")
+    where = f"{ns}/{pod['metadata']['name']} ("
+    assert hook["status"] == "warn" and where in hook["detail"], hook
+    said = hook["detail"].split(where, 1)[1]
+    assert "no TCP port" in said and "5353/UDP" in said, hook
+    assert "delete" not in (hook["fix"] or ""), hook
+    shown = status_warnings(ns, cli_env)
+    assert where in shown["cluster/webhook"]["detail"] and "5353/UDP" in shown["cluster/webhook"]["detail"], shown
 
 
 def test_apply_right_after_install_gets_the_agent(cli_env, namespace, tmp_path):  # noqa: F811

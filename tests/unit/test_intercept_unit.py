@@ -1,4 +1,4 @@
-"""`tpenv up`'s intercept unit (engine/desired.py) around a fake InterceptRun (pure logic, real asyncio):
+"""`tpenv up`'s intercept unit (engine/intercept_unit.py) around a fake InterceptRun (pure logic, real asyncio):
 
 - its note is its current state: the rollout's last "Waiting for ..." line is replaced once the
   rollout is over, and cleared once the intercept serves (issue #19: no stale note);
@@ -12,8 +12,8 @@ import asyncio
 import pytest
 
 from tpenv.config.models import Intercept
-from tpenv.engine import desired as desired_mod
-from tpenv.engine.desired import InterceptSpec, InterceptUnit
+from tpenv.engine import intercept_unit as intercept_unit_mod
+from tpenv.engine.intercept_unit import InterceptSpec, InterceptUnit
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.units import State
 from tpenv.settings import Settings
@@ -59,7 +59,7 @@ class FakeRun:
 @pytest.fixture
 def fake_run(monkeypatch):
     FakeRun.made = []
-    monkeypatch.setattr(desired_mod, "InterceptRun", FakeRun)
+    monkeypatch.setattr(intercept_unit_mod, "InterceptRun", FakeRun)
 
     async def never_deleted(self) -> None:  # the workload watch needs a cluster; it stays
         await asyncio.Event().wait()

@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import urllib3
@@ -32,6 +32,7 @@ from kubernetes.config.config_exception import ConfigException
 from tpenv import logs
 from tpenv.kits.kuberest import ApiGroup
 from tpenv.kits.kubeconfig import load_errors
+from tpenv.kits.kubeobjects import Workload, pod_is_ready, selector_string, service_selects  # noqa: F401 - the kit's API
 from tpenv.kits.kubewatch import Watch, tracked  # noqa: F401 - tracked: the kit's API, used with watch()
 from tpenv.errors import ClusterUnreachable, ConfigError, Forbidden, NotFound, TransientError, UpdateConflict, UsageError
 
@@ -102,68 +103,6 @@ def wrap_api_error(e: Exception, what: What) -> Exception:
         return ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})",
                                   hint="is the cluster up and your kubeconfig's server address right?")
     return e
-
-
-@dataclass
-class Workload:
-    """A Deployment, StatefulSet or ReplicaSet, as the API server returned it (JSON dict)."""
-
-    kind: str
-    name: str
-    namespace: str
-    obj: dict[str, Any] = field(repr=False)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.kind.lower()}/{self.name}"
-
-    @property
-    def template(self) -> dict[str, Any]:
-        return self.obj["spec"]["template"]
-
-    @property
-    def template_labels(self) -> dict[str, str]:
-        return self.template.get("metadata", {}).get("labels") or {}
-
-    @property
-    def selector(self) -> str:
-        """The workload's pod selector as a label-selector string."""
-        return selector_string(self.obj["spec"].get("selector") or {})
-
-    @property
-    def containers(self) -> list[dict[str, Any]]:
-        return self.template["spec"]["containers"]
-
-
-def selector_string(sel: dict[str, Any]) -> str:
-    """A LabelSelector (matchLabels + matchExpressions) as the string the list calls accept."""
-    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
-    for expr in sel.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        if op == "In":
-            parts.append(f"{key} in ({','.join(values)})")
-        elif op == "NotIn":
-            parts.append(f"{key} notin ({','.join(values)})")
-        elif op == "Exists":
-            parts.append(key)
-        elif op == "DoesNotExist":
-            parts.append(f"!{key}")
-    return ",".join(parts)
-
-
-def service_selects(service: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Whether a Service's selector picks pods with ``labels`` (an empty selector picks none)."""
-    sel = (service.get("spec") or {}).get("selector") or {}
-    return bool(sel) and all(labels.get(k) == v for k, v in sel.items())
-
-
-def pod_is_ready(pod: dict[str, Any]) -> bool:
-    if pod.get("metadata", {}).get("deletionTimestamp"):
-        return False
-    status = pod.get("status") or {}
-    if status.get("phase") != "Running":
-        return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 class Kube:

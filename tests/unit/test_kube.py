@@ -85,6 +85,24 @@ def test_403_is_forbidden_naming_verb_resource_and_can_i():
     assert err.hint == "check your rights with: kubectl auth can-i patch deployments -n team"
 
 
+async def test_found_is_false_only_for_a_404(tmp_path):
+    k = await Kube.load(kubeconfig(tmp_path, {"token": "x"}))
+
+    def answers(status: int | None):
+        def fn(*_args, **_kw):
+            if status is not None:
+                raise api_error(status, "nope")
+            return type("Resp", (), {"data": b"{}"})()
+        return fn
+
+    what = What("delete", "secrets", "team", "tpenv-auth")
+    assert await k.found(answers(None), what=what) is True
+    assert await k.found(answers(404), what=what) is False
+    with pytest.raises(Forbidden):  # anything but "not there" is still an error
+        await k.found(answers(403), what=what)
+    await k.close()
+
+
 async def test_unreachable_api_server_is_cluster_unreachable(tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -206,12 +206,8 @@ async def _read_service(kube: Kube, namespace: str, name: str) -> dict[str, Any]
 
 
 async def _secret_exists(kube: Kube, namespace: str) -> bool:
-    try:
-        await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace,
-                        what=What("get", "secrets", namespace, AUTH_SECRET))
-    except NotFound:
-        return False
-    return True
+    return await kube.found(kube.core.read_namespaced_secret, AUTH_SECRET, namespace,
+                            what=What("get", "secrets", namespace, AUTH_SECRET))
 
 
 def _stall_cause(pod: dict[str, Any], now: float, since: float) -> str | None:

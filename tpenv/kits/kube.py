@@ -206,6 +206,15 @@ class Kube:
         """Run one sync API call in a thread; JSON dict result; errors wrapped."""
         return await asyncio.to_thread(self._call_sync, fn, args, kw, what)
 
+    async def found(self, fn: Callable[..., Any], *args: Any, what: What, **kw: Any) -> bool:
+        """:meth:`call` for its effect: False when the object is not there (404), True otherwise.
+        For a read, whether it exists; for a delete, whether there was anything to delete."""
+        try:
+            await self.call(fn, *args, what=what, **kw)
+        except NotFound:
+            return False
+        return True
+
     @staticmethod
     def _call_sync(fn: Callable[..., Any], args: tuple, kw: dict, what: What) -> Any:
         try:

@@ -153,12 +153,8 @@ async def _delete_unused_secret(kube: Kube, ns: str) -> list[str]:
 
 async def _delete_auth_secret(kube: Kube, ns: str) -> bool:
     """False when it was gone already."""
-    try:
-        await kube.call(kube.core.delete_namespaced_secret, AUTH_SECRET, ns,
-                        what=What("delete", "secrets", ns, AUTH_SECRET))
-    except NotFound:
-        return False
-    return True
+    return await kube.found(kube.core.delete_namespaced_secret, AUTH_SECRET, ns,
+                            what=What("delete", "secrets", ns, AUTH_SECRET))
 
 
 async def _delete_agent_history(kube: Kube) -> list[str]:

@@ -40,55 +40,64 @@ class Right:
         return (f"{self.resource}.{self.group}" if self.group else self.resource) + (f"/{self.sub}" if self.sub else "")
 
 
-_APP_ENV = "the app's own environment"
-_APP_ENV_THEN = ("variables the app's image sets (ENV in its Dockerfile, e.g. LANG, PATH) are missing from the env "
-                 "tpenv gives the handler")
-_REPLACE = "`tpenv intercept --replace`"
-_REPLACE_THEN = "replace mode is refused or cannot put the app back (patch mode, the default, still works)"
-_UNINSTALL = "`tpenv uninstall`'s cleanup"
-_UNINSTALL_THEN = ("uninstall restores the workload, then stops with an error before deleting what tpenv left "
-                   "(old ReplicaSets/ControllerRevisions carrying the agent, the tpenv-auth Secret)")
+def _right(verb: str, resource: str, why: str, feature: str | None = None, then: str = "") -> Right:
+    """A right from kubectl's way of naming it: ``resource[.group][/subresource]``."""
+    resource, _, sub = resource.partition("/")
+    resource, _, group = resource.partition(".")
+    return Right(verb, group, resource, sub, why, feature, then)
 
-RIGHTS = (
-    Right("get", "", "pods", "", "see the workload's pods"),
-    Right("list", "", "pods", "", "find the workload's pods"),
-    Right("watch", "", "pods", "", "follow pod restarts"),
-    Right("create", "", "pods", "portforward", "reach the agent (its SSH listens on the pod's loopback)"),
-    Right("get", "", "services", "", "read the intercepted Service"),
-    Right("list", "", "services", "", "find the Service of the workload"),
-    Right("update", "", "services", "", "point a numeric targetPort at the agent"),
-    Right("watch", "discovery.k8s.io", "endpointslices", "", "know when the Service routes to the agent"),
-    Right("get", "", "secrets", "", "read the agent's auth Secret tpenv-auth"),
-    Right("create", "", "secrets", "", "create tpenv-auth on first use"),
-    Right("get", "apps", "deployments", "", "read the workload"),
-    Right("update", "apps", "deployments", "", "inject the agent (patch mode)"),
-    Right("list", "apps", "replicasets", "", "find a workload's pods and old revisions"),
-    # Features: each missing one is a warning naming what stops working.
-    Right("create", "", "pods", "exec", "read the app's environment in its container", _APP_ENV, _APP_ENV_THEN),
-    Right("update", "apps", "statefulsets", "", "inject the agent into StatefulSets", "intercepting StatefulSets",
-          "their agent cannot be injected (Deployments are not affected)"),
-    Right("create", "", "pods", "", "dry-run the in-pod redirect's init container before injecting",
-          "the admission check of the in-pod redirect",
-          "tpenv assumes admission takes the redirect's init container; if it does not, the rollout stalls and "
-          "tpenv restores the workload instead of falling back up front"),
-    Right("patch", "apps", "deployments", "", "put the app back when a replace ends", _REPLACE, _REPLACE_THEN),
-    Right("patch", "apps", "statefulsets", "", "put a StatefulSet's app back when a replace ends", _REPLACE,
-          _REPLACE_THEN),
-    Right("create", "", "serviceaccounts", "", "the restore right's ServiceAccount", _REPLACE, _REPLACE_THEN),
-    Right("create", "", "serviceaccounts", "token", "the restore right's token", _REPLACE, _REPLACE_THEN),
-    Right("create", "rbac.authorization.k8s.io", "roles", "", "the restore right's Role", _REPLACE, _REPLACE_THEN),
-    Right("create", "rbac.authorization.k8s.io", "rolebindings", "", "the restore right's RoleBinding", _REPLACE,
-          _REPLACE_THEN),
-    Right("get", "", "configmaps", "", "the cluster CA (kube-root-ca.crt) the restore right uses", _REPLACE,
-          _REPLACE_THEN),
-    Right("patch", "", "secrets", "", "store the restore right's token", _REPLACE, _REPLACE_THEN),
-    Right("delete", "", "secrets", "", "delete tpenv-auth at uninstall and the restore Secret after a replace",
-          _UNINSTALL, _UNINSTALL_THEN),
-    Right("delete", "apps", "replicasets", "", "delete a Deployment's old revisions carrying the agent", _UNINSTALL,
-          _UNINSTALL_THEN),
-    Right("delete", "apps", "controllerrevisions", "", "delete a StatefulSet's old revisions carrying the agent",
-          _UNINSTALL, _UNINSTALL_THEN),
+
+# Needed by `tpenv intercept` / `up`: (verb, resource as kubectl names it, what tpenv does with it).
+_NEEDED = (
+    ("get", "pods", "see the workload's pods"),
+    ("list", "pods", "find the workload's pods"),
+    ("watch", "pods", "follow pod restarts"),
+    ("create", "pods/portforward", "reach the agent (its SSH listens on the pod's loopback)"),
+    ("get", "services", "read the intercepted Service"),
+    ("list", "services", "find the Service of the workload"),
+    ("update", "services", "point a numeric targetPort at the agent"),
+    ("watch", "endpointslices.discovery.k8s.io", "know when the Service routes to the agent"),
+    ("get", "secrets", "read the agent's auth Secret tpenv-auth"),
+    ("create", "secrets", "create tpenv-auth on first use"),
+    ("get", "deployments.apps", "read the workload"),
+    ("update", "deployments.apps", "inject the agent (patch mode)"),
+    ("list", "replicasets.apps", "find a workload's pods and old revisions"),
 )
+
+# Features: a missing right is a warning naming the feature and what is then missing.
+# feature -> (what stops working without it, its rights as in _NEEDED)
+_FEATURES = {
+    "the app's own environment": (
+        "variables the app's image sets (ENV in its Dockerfile, e.g. LANG, PATH) are missing from the env "
+        "tpenv gives the handler",
+        [("create", "pods/exec", "read the app's environment in its container")]),
+    "intercepting StatefulSets": (
+        "their agent cannot be injected (Deployments are not affected)",
+        [("update", "statefulsets.apps", "inject the agent into StatefulSets")]),
+    "the admission check of the in-pod redirect": (
+        "tpenv assumes admission takes the redirect's init container; if it does not, the rollout stalls and "
+        "tpenv restores the workload instead of falling back up front",
+        [("create", "pods", "dry-run the in-pod redirect's init container before injecting")]),
+    "`tpenv intercept --replace`": (
+        "replace mode is refused or cannot put the app back (patch mode, the default, still works)",
+        [("patch", "deployments.apps", "put the app back when a replace ends"),
+         ("patch", "statefulsets.apps", "put a StatefulSet's app back when a replace ends"),
+         ("create", "serviceaccounts", "the restore right's ServiceAccount"),
+         ("create", "serviceaccounts/token", "the restore right's token"),
+         ("create", "roles.rbac.authorization.k8s.io", "the restore right's Role"),
+         ("create", "rolebindings.rbac.authorization.k8s.io", "the restore right's RoleBinding"),
+         ("get", "configmaps", "the cluster CA (kube-root-ca.crt) the restore right uses"),
+         ("patch", "secrets", "store the restore right's token")]),
+    "`tpenv uninstall`'s cleanup": (
+        "uninstall restores the workload, then stops with an error before deleting what tpenv left "
+        "(old ReplicaSets/ControllerRevisions carrying the agent, the tpenv-auth Secret)",
+        [("delete", "secrets", "delete tpenv-auth at uninstall and the restore Secret after a replace"),
+         ("delete", "replicasets.apps", "delete a Deployment's old revisions carrying the agent"),
+         ("delete", "controllerrevisions.apps", "delete a StatefulSet's old revisions carrying the agent")]),
+}
+
+RIGHTS = (*(_right(*row) for row in _NEEDED),
+          *(_right(*row, feature, then) for feature, (then, rows) in _FEATURES.items() for row in rows))
 
 
 def _authz(kube: Kube) -> ApiGroup:

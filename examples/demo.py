@@ -107,7 +107,11 @@ class Up:
         self.ready = threading.Event()
         cmd = [TPENV, "up", "-f", str(HELLO / "telepresence.yaml"), "-n", NS]
         say("running: tpenv up -f examples/hello/telepresence.yaml -n " + NS)
-        self.proc = subprocess.Popen(cmd, cwd=HELLO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its own process group: a Ctrl-C in the terminal reaches only this script, which passes
+        # exactly one SIGINT on (stop()). Sharing the group, tpenv up would get the terminal's
+        # SIGINT and then ours, and take the second as "force": a hard exit instead of a clean stop.
+        self.proc = subprocess.Popen(cmd, cwd=HELLO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     process_group=0)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -119,9 +123,15 @@ class Up:
         self.ready.set()  # ended: stop waiting either way
 
     def stop(self) -> int:
+        """One SIGINT: tpenv up stops every unit. A second Ctrl-C meanwhile is passed on as its
+        second SIGINT (tpenv up's "again to force")."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(90)
+        try:
+            return self.proc.wait(90)
+        except KeyboardInterrupt:
+            self.proc.send_signal(signal.SIGINT)
+            return self.proc.wait(30)
 
 
 def main() -> int:

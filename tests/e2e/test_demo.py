@@ -1,15 +1,73 @@
-"""The README's main command: `python3 devspace.py demo --once` does the round trip on the
-cluster (a request from a pod answered by examples/hello/server.py here), cleans up, exits 0."""
+"""The README's main command: `python3 devspace.py demo` (interactive: Ctrl-C ends it cleanly)
+and `--once` do the round trip on the cluster (a request from a pod answered by
+examples/hello/server.py here), clean up, exit 0."""
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
-import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from tests.cluster.pytest_plugin import wait_until
+from tests.kit.kubectl import kubectl_binary
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
+
+
+def _cluster_answers(kubectl_bin: str) -> bool:
+    cp = subprocess.run([kubectl_bin, "-n", "tpenv-demo", "exec", "demo-client", "--", "curl", "-s", "-m", "5",
+                         "http://hello.tpenv-demo/"], capture_output=True, text=True, timeout=30)
+    try:
+        return "pod" in json.loads(cp.stdout)
+    except ValueError:
+        return False
+
+
+def test_demo_ctrl_c_in_a_terminal_stops_tpenv_up_cleanly(kubeconfig):
+    # A terminal's Ctrl-C sends SIGINT to its whole foreground process group: the demo script and
+    # everything it started in that group. tpenv up must get ONE SIGINT (a clean stop); a second
+    # one means "force" (hard exit), which the demo once caused by passing the terminal's on.
+    # -- stage 1: the demo as a user runs it, in its own session (a terminal's foreground group) ---
+    proc = subprocess.Popen(["python3", str(ROOT / "devspace.py"), "demo"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    running = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "tpenv up keeps running" in line:
+                running.set()
+        running.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert running.wait(300) and proc.poll() is None, "\n".join(lines)
+        assert any("this machine: 'hello from the laptop /from-the-cluster'" in line for line in lines), lines
+
+        # -- stage 2: Ctrl-C (SIGINT to the group): a clean stop, exit 0 ---------------------------
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "\n".join(lines)
+    assert rc == 0, out
+    assert any(line.endswith("[up/telepresence.yaml] stopped") for line in lines), out
+    assert "forced: killing handlers now" not in out, out
+
+    # -- stage 3: the cluster answers again, then the demo's namespace goes --------------------------
+    try:
+        wait_until("the cluster's hello to answer after Ctrl-C", lambda: _cluster_answers(kubectl_binary()),
+                   timeout=60)
+    finally:
+        subprocess.run([kubectl_binary(), "delete", "namespace", "tpenv-demo", "--wait=true", "--timeout=120s"],
+                       capture_output=True, timeout=150)
 
 
 def test_demo_once_is_answered_by_the_laptop_and_cleans_up(kubeconfig):

@@ -118,7 +118,14 @@ def test(argv: list[str]) -> int:
 def _venv_script(name: str, argv: list[str]) -> int:
     setup()
     env = _cluster_env()
-    return subprocess.run([str(VENV_PY), str(ROOT / name), *argv], cwd=ROOT, env=env).returncode
+    proc = subprocess.Popen([str(VENV_PY), str(ROOT / name), *argv], cwd=ROOT, env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # A terminal's Ctrl-C reaches the script too (same process group): it decides how to
+            # end (the demo stops tpenv up cleanly). subprocess.run would SIGKILL it here instead.
+            continue
 
 
 def demo(argv: list[str]) -> int:

@@ -198,6 +198,12 @@ class DownSpec:
     error: ContextDown = field(compare=False)
     depends_on: frozenset = frozenset()
 
+    @classmethod
+    def instead_of(cls, spec: Any) -> Any:
+        """``spec`` itself, or a DownSpec in its place when its ``kube`` is a :class:`ContextDown`
+        (what ``UpFactory.place`` gives a unit whose context could not be opened)."""
+        return cls(spec.key, spec.context, spec.kube) if isinstance(spec.kube, ContextDown) else spec
+
     @property
     def spec_hash(self) -> str:
         return hash_spec("down", list(self.key), self.error.message)

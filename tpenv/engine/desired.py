@@ -142,8 +142,8 @@ class UpFactory:
         if config.connection is None:
             return None
         kube, ns, context = await self._place_or_down(config, uctx, config.connection)
-        spec = ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context, on_ready=self._connected)
-        return DownSpec(spec.key, context, kube) if isinstance(kube, ContextDown) else spec
+        return DownSpec.instead_of(ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context,
+                                               on_ready=self._connected))
 
     def _connected(self, unit: Any) -> None:
         self.connection = unit
@@ -165,10 +165,8 @@ class UpFactory:
         contexts: dict[Key, str | None] = {}
         for ic in wanted:
             kube, ns, context = await self._place_or_down(config, uctx, ic)
-            spec = InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir, self.runs,
-                                 self.ready_hashes, context=context)
-            if isinstance(kube, ContextDown):
-                spec = DownSpec(spec.key, context, kube)
+            spec = DownSpec.instead_of(InterceptSpec(kube, ic, ns, uctx.session_id, self.settings, base_dir,
+                                                     self.runs, self.ready_hashes, context=context))
             specs[spec.key] = spec
             keys[ic.name] = spec.key
             contexts[spec.key] = context
@@ -177,9 +175,9 @@ class UpFactory:
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
         placed = {id(fw): await self._place_or_down(config, uctx, fw) for fw in fwd_wanted}
-        forwards = {k: DownSpec(k, f.context, f.kube) if isinstance(f.kube, ContextDown) else f
-                    for k, f in forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
-                                              connect_timeout=self.settings.tunnels.connect_timeout).items()}
+        forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
+                                 connect_timeout=self.settings.tunnels.connect_timeout)
+        forwards = {k: DownSpec.instead_of(f) for k, f in forwards.items()}
         specs.update(forwards)
         contexts.update({k: f.context for k, f in forwards.items()})
         self.contexts = contexts

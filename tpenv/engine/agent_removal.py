@@ -18,6 +18,7 @@ from typing import Any
 from tpenv.engine.injection import restore_plan
 from tpenv.errors import NotFound, RolloutStalled, UpdateConflict
 from tpenv.kits.kube import Kube, What, Workload, tracked
+from tpenv.engine.injection import runs_agent
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, ANN_RESTORE_SERVICE, LABEL_AGENT
 
 Progress = Callable[[str], None]
@@ -98,8 +99,7 @@ async def wait_agent_gone(kube: Kube, w: Workload, *, timeout: float, progress: 
     pods: dict[str, dict[str, Any]] = {}
 
     def with_agent() -> int:
-        return sum(1 for p in pods.values() if not p["metadata"].get("deletionTimestamp")
-                   and any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or []))
+        return sum(1 for p in pods.values() if not p["metadata"].get("deletionTimestamp") and runs_agent(p))
 
     pods = {p["metadata"]["uid"]: p for p in await kube.pods_of(w)}
     if with_agent() == 0:

@@ -16,7 +16,8 @@ from tpenv.errors import TpenvError
 from tpenv.kits.agent_client import AgentSession
 from tpenv.kits.kube import Kube, What, Workload
 from tpenv.kits.portforward import PodTunnel
-from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET
+from tpenv.engine.injection import runs_agent
+from tpenv_agent.inject import AUTH_SECRET
 
 
 async def auth_material(kube: Kube, namespace: str) -> dict[str, bytes] | None:
@@ -31,7 +32,7 @@ async def auth_material(kube: Kube, namespace: str) -> dict[str, bytes] | None:
 
 async def agent_pod(kube: Kube, w: Workload) -> str | None:
     pods = [p for p in await kube.ready_pods(w)
-            if any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
+            if runs_agent(p)]
     return pods[0]["metadata"]["name"] if pods else None
 
 

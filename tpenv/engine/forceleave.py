@@ -21,11 +21,8 @@ from tpenv.errors import NotFound, PermanentError, UsageError
 from tpenv.kits.agent_client import AgentSession
 from tpenv.kits.kube import Kube, Workload
 from tpenv.kits.portforward import PodTunnel
-from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET
-
-
-def _runs_agent(pod: dict[str, Any]) -> bool:
-    return any(c.get("name") == AGENT_CONTAINER for c in pod["spec"].get("containers") or [])
+from tpenv.engine.injection import runs_agent
+from tpenv_agent.inject import AUTH_SECRET
 
 
 def matching(held: list[dict[str, Any]], wanted: str) -> list[str]:
@@ -45,7 +42,7 @@ async def find_held(kube: Kube, namespace: str, wanted: str, ssh_port: int) -> t
                              hint="you need `get` on that Secret (the same right an intercept needs)")
     found: list[tuple[Workload, str, dict]] = []
     for w in await kube.list_workloads(namespace):
-        if not any(_runs_agent(p) for p in await kube.ready_pods(w)):
+        if not any(runs_agent(p) for p in await kube.ready_pods(w)):
             continue
         held = await agent_intercepts(kube, w, material, ssh_port)
         if isinstance(held, str):
@@ -66,7 +63,7 @@ async def force_leave(kube: Kube, namespace: str, wanted: str, ssh_port: int) ->
     w, iid, described = await find_held(kube, namespace, wanted, ssh_port)
     material = await auth_material(kube, namespace)
     assert material is not None  # find_held read it
-    pods = [p["metadata"]["name"] for p in await kube.ready_pods(w) if _runs_agent(p)]
+    pods = [p["metadata"]["name"] for p in await kube.ready_pods(w) if runs_agent(p)]
     ended = []
     for pod in pods:
         tunnel = PodTunnel(kube, namespace, pod)

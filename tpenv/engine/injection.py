@@ -16,7 +16,7 @@ import base64
 from dataclasses import dataclass
 
 from tpenv.errors import PermanentError
-from tpenv_agent.inject import AUTH_SECRET, InjectError, inject, restore
+from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET, InjectError, inject, restore
 from tpenv.settings import Settings
 
 AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
@@ -77,6 +77,11 @@ def restore_plan(workload: dict, service: dict | None) -> RestorePlan:
         name = (workload.get("metadata") or {}).get("name", "?")
         raise _wrapped(e, f"restore {workload.get('kind', 'workload')}/{name}") from e
     return RestorePlan(workload=new_wl, service=new_svc, workload_changed=new_wl != workload)
+
+
+def runs_agent(pod: dict) -> bool:
+    """Whether the pod (as the API returns it, a dry run's answer too) has tpenv's agent container."""
+    return any(c.get("name") == AGENT_CONTAINER for c in (pod.get("spec") or {}).get("containers") or [])
 
 
 def auth_secret_manifest(namespace: str, material: dict[str, bytes]) -> dict:

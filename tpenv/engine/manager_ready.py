@@ -18,7 +18,7 @@ from tpenv.engine.teammode import NAMESPACE
 from tpenv.errors import Forbidden, RolloutStalled
 from tpenv.kits.aio import Backoff
 from tpenv.kits.kube import Kube, What
-from tpenv_agent.inject import AGENT_CONTAINER
+from tpenv.engine.injection import runs_agent
 from tpenv_agent.inpod import LABEL_INJECT
 
 NAME = "tpenv-manager"
@@ -51,7 +51,7 @@ def probe_pod(namespace: str) -> dict[str, Any]:
 async def _answers(kube: Kube, namespace: str) -> bool:
     pod = await kube.call(kube.core.create_namespaced_pod, namespace, probe_pod(namespace), dry_run="All",
                           what=What("create", "pods", namespace))
-    return any(c.get("name") == AGENT_CONTAINER for c in (pod.get("spec") or {}).get("containers") or [])
+    return runs_agent(pod)
 
 
 async def wait_webhook(kube: Kube, probe_namespace: str | None, *, timeout: float = 180.0) -> str:

@@ -18,7 +18,8 @@ from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
 from tpenv.engine.teammode import NAMESPACE as MANAGER_NS
 from tpenv.errors import Forbidden, NotFound
 from tpenv.kits.kube import Kube, What, wrap_api_error
-from tpenv_agent.inject import AGENT_CONTAINER, LABEL_INJECT
+from tpenv.engine.injection import runs_agent
+from tpenv_agent.inject import LABEL_INJECT
 from tpenv_agent.inpod import opted_in
 from tpenv_agent.webhook import ANN_NOT_INJECTED
 from tpenv.settings import Settings
@@ -101,7 +102,7 @@ async def _webhook_round_trip(kube: Kube, namespace: str, image: str) -> tuple[b
             raise wrapped from e
         return json.loads(resp.data), resp.headers.get("Warning", "")
     pod, warning = await asyncio.to_thread(call)
-    injected = any(c.get("name") == AGENT_CONTAINER for c in pod["spec"].get("containers") or [])
+    injected = runs_agent(pod)
     return injected, warning
 
 
@@ -142,8 +143,7 @@ def webhook(kube: Kube, namespace: str, settings: Settings) -> Check:
         # was not reached when they were made.
         selected = _selected(config)
         optins = await _opted_in_pods(kube, namespace, selected)
-        without = [p for p in optins if not p["metadata"].get("deletionTimestamp")
-                   and not any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])]
+        without = [p for p in optins if not p["metadata"].get("deletionTimestamp") and not runs_agent(p)]
         missed = [_missed(p) for p in without]
         gone = await _auth_missing(kube, optins)
         if namespace in (MANAGER_NS, "kube-system"):
@@ -271,9 +271,7 @@ def _restart_fix(pods: list[dict[str, Any]], namespaces: list[str]) -> str:
     Secret again (by name, since pods opted in by annotation carry no label to select on)."""
     out = []
     for ns in namespaces:
-        names = sorted({w for p in pods if p["metadata"]["namespace"] == ns
-                        and any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])
-                        and (w := _workload(p))})
+        names = sorted({w for p in pods if p["metadata"]["namespace"] == ns and runs_agent(p) and (w := _workload(p))})
         if names:
             out.append(f"kubectl -n {ns} rollout restart {' '.join(names)}")
     return " && ".join(out) or "delete the pods that run the agent; their workloads recreate them"
@@ -283,7 +281,7 @@ async def _auth_missing(kube: Kube, pods: list[dict[str, Any]]) -> list[str]:
     """Namespaces where an opted-in pod runs the agent but Secret tpenv-auth is gone."""
     out = []
     for ns in sorted({p["metadata"]["namespace"] for p in pods
-                      if any(c.get("name") == AGENT_CONTAINER for c in p["spec"].get("containers") or [])}):
+                      if runs_agent(p)}):
         try:
             await kube.call(kube.core.read_namespaced_secret, "tpenv-auth", ns, what=What("get", "secrets", ns))
         except NotFound:

@@ -5,6 +5,7 @@ handler fails and then recovers, where the row must follow (issue #19: never a s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
@@ -46,25 +47,36 @@ def read_until(fd: int, pattern: str, timeout: float) -> str:
     return ANSI.sub("", out.decode(errors="replace"))
 
 
-def test_terminal_gets_the_table_and_ctrl_c_stops(tmp_path):
-    # -- stage 1: an empty session on a pty: the table's header is drawn ---------------------
-    cfg = write_config(tmp_path)
+@contextlib.contextmanager
+def on_a_pty(argv: list[str], cwd: Path, env: dict[str, str]):
+    """``argv`` with a pty for its terminal, in its own session: (the process, the pty's master).
+    Whatever the test does, the process is killed if it still runs, and the pty closed."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([TPENV, "up", "-f", str(cfg)], stdin=slave, stdout=slave, stderr=slave,
-                            cwd=tmp_path, start_new_session=True, env={**os.environ, "COLUMNS": "120"})
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, start_new_session=True, env=env)
     os.close(slave)
     try:
-        screen = read_until(master, HEADER.pattern, 30)
-        assert HEADER.search(screen), screen
-
-        # -- stage 2: Ctrl-C (SIGINT) stops the session cleanly ----------------------------
-        proc.send_signal(signal.SIGINT)
-        read_until(master, r"stopped", 30)
-        assert proc.wait(30) == 0
+        yield proc, master
     finally:
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def ctrl_c_stops_it(proc: subprocess.Popen, master: int) -> None:
+    proc.send_signal(signal.SIGINT)
+    read_until(master, r"stopped", 30)
+    assert proc.wait(30) == 0
+
+
+def test_terminal_gets_the_table_and_ctrl_c_stops(tmp_path):
+    # -- stage 1: an empty session on a pty: the table's header is drawn ---------------------
+    cfg = write_config(tmp_path)
+    with on_a_pty([TPENV, "up", "-f", str(cfg)], tmp_path, {**os.environ, "COLUMNS": "120"}) as (proc, master):
+        screen = read_until(master, HEADER.pattern, 30)
+        assert HEADER.search(screen), screen
+
+        # -- stage 2: Ctrl-C (SIGINT) stops the session cleanly ----------------------------
+        ctrl_c_stops_it(proc, master)
 
 
 def test_pipe_gets_plain_lines(tmp_path):
@@ -100,13 +112,9 @@ def test_a_row_follows_its_unit_from_failed_to_ready(tmp_path):
     cfg.write_text("apiVersion: tpenv/v1\nnamespace: default\nintercepts:\n"
                    "  - {name: app, workload: app, port: '18090:80',\n"
                    f"     run: {{command: [{sys.executable}, app.py], watch: ['*.py'], restart: never}}}}\n")
-    master, slave = pty.openpty()
     env = {**os.environ, "COLUMNS": "120", "TPENV_SESSION_STATE_DIR": str(tmp_path / "sessions"),
            "TPENV_HANDLERS_DEBOUNCE": "0.05"}
-    proc = subprocess.Popen([sys.executable, "driver.py", str(cfg)], stdin=slave, stdout=slave, stderr=slave,
-                            cwd=tmp_path, start_new_session=True, env=env)
-    os.close(slave)
-    try:
+    with on_a_pty([sys.executable, "driver.py", str(cfg)], tmp_path, env) as (proc, master):
         # -- stage 2: the row says failed, with the reason as its note ------------------------------
         failed = r"handler/app\s+failed\s+\d+[smh]\s+exited with code 3"
         screen = read_until(master, failed, 30)
@@ -119,10 +127,4 @@ def test_a_row_follows_its_unit_from_failed_to_ready(tmp_path):
         rows = [line for line in screen.splitlines() if "handler/app" in line]
         assert "exited with code" not in rows[-1], rows
         # -- stage 4: Ctrl-C stops it cleanly ---------------------------------------------------------
-        proc.send_signal(signal.SIGINT)
-        read_until(master, r"stopped", 30)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
+        ctrl_c_stops_it(proc, master)

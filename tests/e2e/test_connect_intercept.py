@@ -27,6 +27,7 @@ from test_manager_relay import relay_manager  # noqa: F401  (module fixture, reu
 from test_up_kit import UpSession, ask, client, deploy, echo_app, wait_client
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures, reused)
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.kit.procs import alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -70,6 +71,7 @@ for _ in range(60):
         time.sleep(1)
 else:
     answer = {"error": error, "db_host": os.environ.get("DB_HOST")}
+answer["pid"] = os.getpid()  # the test checks that the handler is gone once tpenv is
 open(sys.argv[2], "w").write(json.dumps(answer))
 server.serve_forever()
 '''
@@ -100,6 +102,13 @@ def db_unreachable(lap: Laptop) -> bool:
 
 def laptop_env(lap: Laptop, state: Path) -> dict[str, str]:
     return {**tpenv_env(state), "KUBECONFIG": str(lap.kubeconfig)}
+
+
+def handler_gone(work: Path) -> None:
+    """The handler process (its pid in its answer) no longer runs: tpenv stopped it, in every mode
+    (in ns mode it runs in namespaces of its own, behind the wrapper that serves them)."""
+    pid = json.loads((work / "answer.json").read_text())["pid"]
+    wait_until(f"the handler (pid {pid}) gone after tpenv stopped", lambda: not alive(pid), 10)
 
 
 def check_answers(work: Path, app: dict, mode: str) -> None:
@@ -145,6 +154,7 @@ def test_intercept_connect_handler_reaches_db_by_the_pods_short_name(wordpress, 
         code = run.stop()
     # Stage 4: ended by Ctrl-C as a user would; the laptop is back to reaching nothing.
     assert code in (0, 130), "".join(run.stderr)
+    handler_gone(work)
     assert db_unreachable(lap)
 
 
@@ -169,5 +179,6 @@ def test_up_connect_handler_reaches_db_by_the_pods_short_name(wordpress, laptop,
             print("tpenv up's output:\n" + up.output)
             raise
         assert up.status()["connection"]["mode"] == mode
-    # Stage 3: up ended: nothing of the cluster is reachable again.
+    # Stage 3: up ended: its handler is gone, and nothing of the cluster is reachable again.
+    handler_gone(tmp_path)
     assert db_unreachable(lap)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.pytest_plugin import wait_until
+from tests.kit.procs import alive
 from tests.integration.capture_kit import DOUBLE_ANSWER, ROOT, as_user, netns, sh, state, static_client
 
 pytestmark = [pytest.mark.timeout(300),
@@ -120,3 +122,31 @@ def test_disabled_user_namespaces_are_named_with_how_to_enable_them(machine):
     assert "user.max_user_namespaces = 0" in r.stderr
     assert "sudo sysctl -w user.max_user_namespaces=15000" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_kill_9_of_the_wrapper_takes_the_command_with_it(machine, shared_dir):
+    ns, _ = machine
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=shared_dir))
+    work.chmod(0o777)
+    # Stage 1: CMD (a shell that writes its pid, then sleeps) runs in its namespaces, served by the
+    # wrapper process (capture_kit's `ns`, as ns_handler and `tpenv connect` run NsCommand).
+    run = subprocess.Popen(["ip", "netns", "exec", ns, *as_user("nobody", "-m", "tests.integration.capture_kit", "ns",
+                                                                   "10.199.0.0/16", "--", "sh", "-c",
+                                                                   f"echo $$ > {work}/pid; exec sleep 600")],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until("CMD started", lambda: (work / "pid").exists() and (work / "pid").read_text().strip()
+                   or run.poll() is not None, 120)
+        assert run.poll() is None, run.communicate()
+        cmd = int((work / "pid").read_text())
+        # The exec chain keeps one pid from setpriv to sleep: its parent is the wrapper.
+        wrapper = int(Path(f"/proc/{cmd}/stat").read_text().rpartition(")")[2].split()[1])
+        assert "tests.integration.capture_kit" in Path(f"/proc/{wrapper}/cmdline").read_text()
+        assert alive(cmd)
+        # Stage 2: kill -9 of the wrapper: the kernel's parent-death signal takes CMD with it.
+        os.kill(wrapper, signal.SIGKILL)
+        wait_until("CMD gone after kill -9 of its wrapper", lambda: not alive(cmd), 10)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.wait()

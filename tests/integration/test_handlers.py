@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.procs import alive
 from tpenv.engine.handlers import HandlerSpec
 from tpenv.engine.units import State, UnitEvent
 from tpenv.engine.watcher import FileWatcher, glob_to_regex
@@ -21,15 +22,6 @@ PY = sys.executable
 WAIT = 20.0  # generous deadline for a loaded 2-core machine; never a fixed sleep
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie (PID 1 here may not reap orphans)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
 
 
 class Lines:

@@ -10,20 +10,13 @@ import signal
 import pytest
 
 from local_sshfs import SFTP_SERVER, mounted, need_sshfs
+from tests.kit.procs import alive
 from tpenv.engine.mounts import SshfsMount
 from tpenv.engine.units import State
 from tpenv.settings import Settings
 
 WAIT = 30.0  # generous: a loaded 2-core machine
 pytestmark = pytest.mark.timeout(180)
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = open(f"/proc/{pid}/stat", "rb").read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2:][:1] == b"Z"
 
 
 @pytest.fixture
@@ -70,7 +63,7 @@ async def test_a_stopped_sshfs_fails_the_unit_and_is_abandoned(tmp_path, sftp_se
         os.kill(pid, signal.SIGSTOP)
         await until(lambda: m.health().state is State.FAILED)
         assert f"sshfs (pid {pid}) is stopped" in m.health().last_error
-        await until(lambda: not mounted(tmp_path / "app.vol") and gone(pid))
+        await until(lambda: not mounted(tmp_path / "app.vol") and not alive(pid))
     finally:
         # Stage 3: stop is quick and safe after the abandonment.
         async with asyncio.timeout(WAIT):
@@ -94,7 +87,7 @@ async def test_stop_of_a_stuck_mount_with_a_reader_blocked_on_it(tmp_path, sftp_
         await m.stop()
         code = await reader.wait()
     assert code != 0
-    assert not mounted(tmp_path / "app.vol") and gone(pid)
+    assert not mounted(tmp_path / "app.vol") and not alive(pid)
 
 
 async def test_abort_leaves_nothing_mounted(tmp_path, sftp_servers):
@@ -106,7 +99,7 @@ async def test_abort_leaves_nothing_mounted(tmp_path, sftp_servers):
     os.kill(pid, signal.SIGSTOP)
     m.abort()  # synchronous: the second Ctrl-C
     assert not mounted(tmp_path / "app.vol")
-    await until(lambda: gone(pid))
+    await until(lambda: not alive(pid))
     await m.stop()
 
 
@@ -145,14 +138,14 @@ async def test_a_mount_left_by_a_killed_session_is_cleared_by_the_next(tmp_path,
     os.kill(pid, signal.SIGSTOP)
     proc.kill()
     await proc.wait()
-    assert mounted(tmp_path / "app.vol") and not gone(pid)
+    assert mounted(tmp_path / "app.vol") and alive(pid)
     # Stage 2: the next session's mount clears it (orphaned sshfs killed, lazy unmount), says so, mounts.
     m = SshfsMount(sftp_servers, tmp_path / "app.vol", name="app", settings=settings(3600), remote=str(remote))
     async with asyncio.timeout(WAIT):
         await m.start()
     try:
         assert any("left behind by an earlier session" in r.getMessage() for r in caplog.records)
-        await until(lambda: gone(pid))
+        await until(lambda: not alive(pid))
         assert m.pid != pid and mounted(tmp_path / "app.vol")
     finally:
         await m.stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.procs import alive
 from tpenv.engine.up import format_status, run_down, run_status
 from tpenv.settings import load_settings
 
@@ -52,14 +53,6 @@ def config(alpha="v1", beta="v1", extra=""):
       command: [{PY}, handler.py, {name}, {version}{extra}]
 """
     return "apiVersion: tpenv/v1\nnamespace: default\nintercepts:" + ic("alpha", alpha, 18081) + ic("beta", beta, 18082)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
 
 
 class Up:

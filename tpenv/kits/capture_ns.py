@@ -38,6 +38,7 @@ from typing import Any
 from tpenv.errors import MissingTool, PermanentError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.capture import CaptureListener, OnConnection, networks, router
+from tpenv.kits.procs import dies_with_us
 from tpenv.kits.splice import splice
 
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--propagation", "private"]
@@ -182,10 +183,17 @@ class NsCommand:
         try:
             Path(files, "resolv.conf").write_text(resolv_conf(search=self.search))
             Path(files, "nsswitch.conf").write_text(nsswitch_conf())
+            # CMD (the end of this exec chain) dies with us: a kill -9 of the caller (tpenv connect,
+            # or the ns handler wrapper that tpenv up stops with SIGKILL past its grace) would
+            # otherwise leave it running, orphaned in namespaces no one serves. The parent-death
+            # signal survives the execs and the user namespaces (same kernel uid, see
+            # docs/connect.md).
+            prefix, preexec = dies_with_us()
             self.proc = await asyncio.create_subprocess_exec(
-                *UNSHARE, "--", sys.executable, "-m", "tpenv.kits.capture_ns_inside", "--control",
+                *prefix, *UNSHARE, "--", sys.executable, "-m", "tpenv.kits.capture_ns_inside", "--control",
                 str(theirs.fileno()), "--files", files, "--uid", str(os.getuid()), "--gid", str(os.getgid()),
-                *(["--dialer"] if self.inbound else []), "--", *self.command, pass_fds=(theirs.fileno(),), env=self.env, cwd=self.cwd)
+                *(["--dialer"] if self.inbound else []), "--", *self.command, pass_fds=(theirs.fileno(),), env=self.env, cwd=self.cwd,
+                preexec_fn=preexec)
             theirs.close()  # the child's copy is its own: EOF here means it is gone
             header, fds = await self._receive(ours)
             capture = socket.socket(fileno=fds[0])

@@ -56,6 +56,13 @@ def _preexec_pdeathsig(parent: int) -> Callable[[], None]:
     return preexec
 
 
+def dies_with_us() -> tuple[tuple[str, ...], Callable[[], None] | None]:
+    """``(argv prefix, preexec_fn)`` for a child that the kernel kills when this process dies:
+    ``setpriv --pdeathsig KILL --`` where util-linux has it, else the ``prctl`` preexec."""
+    prefix = setpriv_prefix()
+    return prefix, (None if prefix else _preexec_pdeathsig(os.getpid()))
+
+
 def group_members(pgid: int) -> set[int]:
     """Live (non-zombie) pids in process group ``pgid``, from /proc."""
     pids = set()
@@ -155,7 +162,7 @@ class ProcessGroup:
                               hint="check run.command and run.cwd")
 
     async def start(self) -> None:
-        prefix = setpriv_prefix()
+        prefix, preexec = dies_with_us()
         self._check_program()
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -163,7 +170,7 @@ class ProcessGroup:
                 cwd=self.cwd, env=dict(self.env) if self.env is not None else None,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=None if prefix else _preexec_pdeathsig(os.getpid()),
+                preexec_fn=preexec,
             )
         except FileNotFoundError as e:
             raise MissingTool(f"cannot run {self.argv[0]!r}: {e.strerror} (cwd {self.cwd or os.getcwd()})",

@@ -134,20 +134,20 @@ def test_a_connection_naming_an_undeclared_context_is_located(tmp_path):
 
 def test_tpenv_connect_uses_the_connections_entry(tmp_path, monkeypatch):
     from tpenv.cli.context import CliContext
-    from tpenv.cli.verbs.connect import _kube_context
+    from tpenv.cli.verbs.connect import _kube_target
 
     kubeconfig(tmp_path / "kc", {"laptop-admin": ("local", SERVER, None), "laptop-sa": ("proxied", OTHER, None)})
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc"))
     config(tmp_path, CONNECTED)
     ctx = CliContext(settings=load_settings({}), config_file=tmp_path / "telepresence.yaml")
     cfg = ctx.load_config()
-    assert (_kube_context(ctx, cfg), cfg.namespace) == ("laptop-sa", "team-ns")
+    assert _kube_target(ctx, cfg) == ("laptop-sa", "team-ns")
     # -n comes first; a connection naming no context goes to --context's entry
     config(tmp_path, CONNECTED.replace("  context: team\n", ""))
     ctx = CliContext(settings=load_settings({}), config_file=tmp_path / "telepresence.yaml", namespace="mine",
                      kube_context="team")
     cfg = ctx.load_config()
-    assert (_kube_context(ctx, cfg), cfg.namespace) == ("laptop-sa", "mine")
+    assert _kube_target(ctx, cfg) == ("laptop-sa", "mine")
 
 
 # -- a context whose client cannot be opened ------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable
 import asyncssh
 
 from tpenv.engine.units import State, UnitState
-from tpenv.errors import TransientError, TunnelDropped, UsageError
+from tpenv.errors import TunnelDropped, UsageError
 from tpenv.kits import treesync as ts
 from tpenv.kits.treesync import DIR, FILE, LINK, Entry
 from tpenv.engine.syncscan import RemoteTree

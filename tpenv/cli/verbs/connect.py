@@ -91,19 +91,18 @@ def _config(ctx):
     return config
 
 
-def _kube_context(ctx, config) -> str | None:
-    """The kubeconfig context to connect with. In a file with ``contexts:``, the connection's
-    entry (``connect.context``, else --context / TPENV_CONTEXT, else the file's default), found in
-    the reader's kubeconfig, as `tpenv up` finds it; its namespace comes after -n, before the file's."""
+def _kube_target(ctx, config) -> tuple[str | None, str | None]:
+    """``(kubeconfig context, namespace)`` to connect with. In a file with ``contexts:``, the
+    connection's entry (``connect.context``, else --context / TPENV_CONTEXT, else the file's
+    default), found in the reader's kubeconfig, as `tpenv up` finds it; its namespace comes after
+    -n, before the file's. Pure: the caller sets the namespace."""
     if not config.contexts:
-        return ctx.kube_context
+        return ctx.kube_context, config.namespace
     from tpenv.engine.contexts import resolve_targets
 
     target = resolve_targets(config, selected=ctx.kube_context, selected_by=ctx.context_by,
                              units=[config.connect]).of(config.connect)
-    if not ctx.namespace and target.namespace:
-        config.namespace = target.namespace
-    return target.kube_context
+    return target.kube_context, (config.namespace if ctx.namespace else target.namespace or config.namespace)
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
@@ -112,7 +111,7 @@ async def run(args: argparse.Namespace, ctx) -> int:
 
     flags = flags_of(args)
     config = _config(ctx)
-    kube_context = _kube_context(ctx, config)
+    kube_context, config.namespace = _kube_target(ctx, config)
     if args.foreground and args.ready_fd is not None:  # the background session itself
         return await session.run_foreground(config, ctx.config_file.resolve(), ctx.settings, kube_context,
                                             flags, args.ready_fd)

@@ -8,7 +8,7 @@ import asyncio
 import json
 import threading
 
-from tpenv_agent.reporting import Policies, Refusals, event
+from tpenv_agent.reporting import REPORTED_KEPT, Policies, Refusals, event
 
 
 class Api:
@@ -45,6 +45,17 @@ def test_refused_pod_gets_events_on_itself_and_its_deployment():
         assert e["reason"] == "AgentNotInjected" and e["type"] == "Warning" and "no TCP port" in e["message"]
         assert e["involvedObject"]["namespace"] == "shop" and e["metadata"]["namespace"] == "shop"
     json.dumps(posted)  # plain JSON for the API server
+
+
+def test_each_pod_is_reported_once_and_the_record_stays_bounded():
+    refusals = Refusals(Api({}))
+    assert refusals.first_report("p-0") and not refusals.first_report("p-0")
+    assert not refusals.first_report(None)
+    for i in range(1, REPORTED_KEPT + 10):
+        assert refusals.first_report(f"p-{i}")
+    assert len(refusals.reported) == REPORTED_KEPT
+    # the oldest were forgotten, the newest are still known
+    assert "p-0" not in refusals.reported and not refusals.first_report(f"p-{REPORTED_KEPT + 9}")
 
 
 def test_event_message_is_bounded():

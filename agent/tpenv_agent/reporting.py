@@ -30,6 +30,7 @@ log = logging.getLogger("tpenv_agent.manager")
 
 POLICY_TTL = 30.0
 WATCH_SECONDS = 60  # how long a namespace's pods are watched after a refusal
+REPORTED_KEPT = 4096  # pod uids remembered as reported: the manager runs for months
 REASON = "AgentNotInjected"
 SOURCE = "tpenv-manager"
 
@@ -66,7 +67,7 @@ class Refusals:
     def __init__(self, api: Callable[..., dict] | None, window: float = WATCH_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.api, self.window, self.clock = api, window, clock
-        self.reported: set[str] = set()  # pod uids
+        self.reported: dict[str, None] = {}  # pod uids, oldest first (bounded: first_report)
         self.watching: dict[str, asyncio.Task] = {}
         self.until: dict[str, float] = {}  # namespace -> when its watch may end (clock)
 
@@ -105,9 +106,19 @@ class Refusals:
             pod = event.get("object") or {}
             meta = pod.get("metadata") or {}
             reason = (meta.get("annotations") or {}).get(ANN_NOT_INJECTED)
-            if event.get("type") in ("ADDED", "MODIFIED") and reason and meta.get("uid") not in self.reported:
-                self.reported.add(meta["uid"])
+            if event.get("type") in ("ADDED", "MODIFIED") and reason and self.first_report(meta.get("uid")):
                 self._report(namespace, pod, reason)
+
+    def first_report(self, uid: str | None) -> bool:
+        """True the first time ``uid`` is seen; remembers the last ``REPORTED_KEPT`` only. A pod
+        forgotten that way gets a second Event only if it is modified after that many newer
+        refusals: a duplicate Event, against a set that grew for as long as the manager ran."""
+        if not uid or uid in self.reported:
+            return False
+        self.reported[uid] = None
+        if len(self.reported) > REPORTED_KEPT:
+            del self.reported[next(iter(self.reported))]
+        return True
 
     def _report(self, namespace: str, pod: dict, reason: str) -> None:
         meta = pod["metadata"]

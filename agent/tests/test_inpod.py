@@ -55,8 +55,12 @@ def test_port_annotations_tpenv_first_then_telepresence_with_protocol_suffix():
     both = pod(annotations={"tpenv.io/inject-ports": "http", "telepresence.io/inject-container-ports": "9000"})
     assert inpod.port_annotation(both) == ("tpenv.io/inject-ports", "http")
     assert inpod.parse_ports("k", "http, 9000/TCP,") == ["http", 9000]
-    with pytest.raises(ValueError, match="UDP"):
+    # UDP items are left to the app; only a list with no TCP port is refused
+    assert inpod.parse_ports("k", "http,dns/UDP, 53/udp") == ["http"]
+    with pytest.raises(ValueError, match=r"names no TCP port \(53/UDP\)"):
         inpod.parse_ports("k", "53/UDP")
+    with pytest.raises(ValueError, match="names no TCP port"):
+        inpod.parse_ports("k", " , ")
     # Telepresence's "all" is every port: what the agent takes without an annotation; and it
     # still outranks a later annotation (tpenv's first).
     assert inpod.port_annotation(pod(annotations={"telepresence.io/inject-container-ports": "all"})) is None

@@ -149,16 +149,23 @@ def port_annotation(pod: dict) -> tuple[str, str] | None:
 
 
 def parse_ports(key: str, raw: str) -> list[int | str]:
-    """Comma-separated port names or numbers; Telepresence allows a ``/TCP`` or ``/UDP`` suffix
-    (UDP is refused: the agent carries TCP only)."""
+    """Comma-separated port names or numbers; Telepresence allows a ``/TCP`` or ``/UDP`` suffix.
+    The agent carries TCP only: ``/UDP`` items are left to the app (a chart written for
+    Telepresence that lists ``http,dns/UDP`` still gets its TCP port intercepted); a list with
+    no TCP item at all is refused, naming what it holds."""
     out: list[int | str] = []
+    other: list[str] = []
     for item in raw.split(","):
         item = item.strip()
         if not item:
             continue
         ident, _, proto = item.partition("/")
-        if proto and proto.upper() != "TCP":
-            raise ValueError(f"{key}: {item!r} is {proto.upper()}; the agent only carries TCP")
+        if proto and proto.strip().upper() != "TCP":
+            other.append(item)
+            continue
         ident = ident.strip()
         out.append(int(ident) if ident.isdigit() else ident)
+    if not out:
+        raise ValueError(f"{key}: {raw!r} names no TCP port ({', '.join(other) or 'nothing'}); the agent only "
+                         f"carries TCP: list a TCP port, or remove the annotation")
     return out

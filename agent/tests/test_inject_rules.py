@@ -68,6 +68,23 @@ def test_udp_is_refused():
         inject(wl, service({"name": "dns", "port": 53, "targetPort": "dns"}), "dns", settings=SETTINGS)
 
 
+@pytest.mark.parametrize("where,key", [
+    ("annotations", "telepresence.getambassador.io/inject-traffic-agent"),
+    ("annotations", "telepresence.io/inject-traffic-agent"),
+    ("labels", "tpenv.io/inject-agent"),
+])
+def test_a_workload_that_opts_out_is_not_patched(where, key):
+    wl = deployment(container("app", {"name": "http", "containerPort": 8080}))
+    wl["spec"]["template"]["metadata"].setdefault(where, {})[key] = "Disabled"
+    before = copy.deepcopy(wl)
+    with pytest.raises(InjectError, match=rf"opts out of the agent \(its pod template's \w+ {key}: disabled\)"):
+        inject(wl, service({"name": "web", "port": 80, "targetPort": "http"}), 80, settings=SETTINGS)
+    assert wl == before
+    # "enabled" (the webhook's opt-in) is no refusal
+    wl["spec"]["template"]["metadata"][where][key] = "enabled"
+    assert inject(wl, service({"name": "web", "port": 80, "targetPort": "http"}), 80, settings=SETTINGS)[2]["ports"]
+
+
 def test_one_agent_serves_one_container():
     wl = deployment(container("a", {"name": "http", "containerPort": 8080}),
                     container("b", {"name": "admin", "containerPort": 9000}))

@@ -154,6 +154,10 @@ def inject(workload: dict, service: dict, port: str | int, *, container: str | N
     tpl = (wl.get("spec") or {}).get("template")
     if not isinstance(tpl, dict) or not (tpl.get("spec") or {}).get("containers"):
         raise InjectError(f"{where} has no pod template with containers")
+    refusal = inpod.opted_out(tpl)
+    if refusal:  # the owner said no: patching it in anyway would override their choice
+        raise InjectError(f"{where} opts out of the agent (its pod template's {refusal}); remove that, or "
+                          f"set it to enabled, to intercept it")
     sp = _service_port(svc, port)
     target = _port_int(sp.get("targetPort", sp["port"]))
     record = _read(wl, ANN_RESTORE)

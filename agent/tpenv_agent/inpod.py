@@ -138,6 +138,19 @@ def opted_in(pod: dict) -> str | None:
     return None
 
 
+def opted_out(pod: dict) -> str | None:
+    """How the pod (or pod template) refuses the agent: tpenv's label or Telepresence's annotation
+    set to ``disabled``, as Telepresence's injector reads it; None when it does not."""
+    meta = pod.get("metadata") or {}
+    if str((meta.get("labels") or {}).get(LABEL_INJECT, "")).lower() == "disabled":
+        return f"label {LABEL_INJECT}: disabled"
+    annotations = meta.get("annotations") or {}
+    for key in TP_INJECT:
+        if str(annotations.get(key, "")).lower() == "disabled":
+            return f"annotation {key}: disabled"
+    return None
+
+
 def port_annotation(pod: dict) -> tuple[str, str] | None:
     """(annotation name, value) of the ports the pod asks the agent to take, tpenv's first; None
     for none, or for ``all`` (every TCP port of the app: the choice without an annotation)."""

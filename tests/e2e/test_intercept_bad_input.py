@@ -1,7 +1,8 @@
 """Scenario 6, bad input: one-line errors that say what to do, and the cluster left unchanged.
 
-Unknown workload, a port the Service does not expose, a missing namespace, and a user whose
-RBAC lets them read but not patch the Deployment (a real ServiceAccount token).
+Unknown workload, a port the Service does not expose, a missing namespace, a user whose
+RBAC lets them read but not patch the Deployment (a real ServiceAccount token), and a workload
+that opts out of the agent.
 """
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ def test_bad_input_fails_with_one_line_and_changes_nothing(namespace, tmp_path):
     # Stage 5: nothing changed in the cluster.
     assert spec_of("deployment", "hello", ns) == before["deployment"]
     assert spec_of("service", "hello", ns) == before["service"]
+    assert kubectl("get", "secret", "tpenv-auth", ns=ns, check=False).returncode != 0
+
+    # Stage 6: a workload whose owner opted it out (Telepresence's annotation on the pod template,
+    # as charts set it): refused, naming the annotation, and left as it is.
+    key = "telepresence.getambassador.io/inject-traffic-agent"
+    kubectl("patch", "deployment", "hello", "--type", "merge", "-p",
+            json.dumps({"spec": {"template": {"metadata": {"annotations": {key: "disabled"}}}}}), ns=ns)
+    opted_out = spec_of("deployment", "hello", ns)
+    cp = tpenv(tmp_path, "intercept", "hello", "--port", "8080", "--mount", "false", "-n", ns, check=False)
+    assert cp.returncode == 1, cp.stderr
+    line = error_lines(cp)[0]
+    assert line.startswith("tpenv: error: cannot inject the agent into Deployment/hello: "), line
+    assert line.endswith(f"opts out of the agent (its pod template's annotation {key}: disabled); remove that, "
+                         f"or set it to enabled, to intercept it"), line
+    assert spec_of("deployment", "hello", ns) == opted_out
     assert kubectl("get", "secret", "tpenv-auth", ns=ns, check=False).returncode != 0
 
 

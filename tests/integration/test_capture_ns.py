@@ -134,6 +134,7 @@ def test_kill_9_of_the_wrapper_takes_the_command_with_it(machine, shared_dir):
                                                                    "10.199.0.0/16", "--", "sh", "-c",
                                                                    f"echo $$ > {work}/pid; exec sleep 600")],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = None
     try:
         wait_until("CMD started", lambda: (work / "pid").exists() and (work / "pid").read_text().strip()
                    or run.poll() is not None, 120)
@@ -150,3 +151,5 @@ def test_kill_9_of_the_wrapper_takes_the_command_with_it(machine, shared_dir):
         if run.poll() is None:
             run.kill()
         run.wait()
+        if cmd is not None and alive(cmd):  # the failure this test is for: do not leave it running
+            os.kill(cmd, signal.SIGKILL)

@@ -16,6 +16,7 @@ from . import __version__
 from . import log as logs
 from .identity import IdentityError
 from .registry import ControlError, Intercept, Match
+from .routeprobe import dial
 
 if TYPE_CHECKING:
     from .sidecar import Sidecar
@@ -93,7 +94,7 @@ class ControlChannel:
                 raise ControlError("bad-request", "not a JSON object")
             rid = req.get("id")
             op = req.get("op")
-            handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+            handler = getattr(self, f"_op_{op.replace('-', '_')}", None) if isinstance(op, str) else None
             if handler is None:
                 raise ControlError("bad-request", f"unknown op {op!r}")
             self._pinged.set()  # any request proves the client alive
@@ -118,7 +119,7 @@ class ControlChannel:
             "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
             "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
             "lease": sc.lease,
-            "features": ["mirror"],
+            "features": ["mirror", "route-probe"],
         }
 
     async def _identify(self, token: Any) -> None:
@@ -200,6 +201,25 @@ class ControlChannel:
     def _op_list(self, req: dict) -> dict:
         return {"intercepts": [i.describe() for i in self.sidecar.registry.all()],
                 "abandoned": list(self.sidecar.abandoned)}
+
+    # --- route probes (routeprobe.py, protocol §3.1) --------------------------------------
+    def _op_probe_watch(self, req: dict) -> dict:
+        seconds = req.get("seconds")
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
+            raise ControlError("bad-request", "seconds must be a number >= 0")
+        self.sidecar.probes.watch(seconds)
+        return {}
+
+    async def _op_probe_dial(self, req: dict) -> dict:
+        host, port, count, timeout = req.get("host"), req.get("port"), req.get("count", 8), req.get("timeout", 1.0)
+        if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
+            raise ControlError("bad-request", "host (an address) and port are needed")
+        if not isinstance(count, int) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 10:
+            raise ControlError("bad-request", "count must be an integer, timeout a number of seconds in (0, 10]")
+        return {"probes": await dial(host, port, count, float(timeout))}
+
+    def _op_probe_seen(self, req: dict) -> dict:
+        return {"seen": [list(p) for p in self.sidecar.probes.take()]}
 
     def _op_env(self, req: dict) -> dict:
         return {"env": self.sidecar.app_env()}

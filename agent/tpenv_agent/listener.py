@@ -47,6 +47,12 @@ class _Entry(Half):
 
     def connection_made(self, transport: Any) -> None:
         lst = self.listener
+        probes = lst.sidecar.probes
+        if probes.until and probes.catch(transport):
+            # A route probe (routeprobe.py): arriving was its whole message; the app and the
+            # clients never see it.
+            transport.abort()
+            return
         header, holder = lst.sidecar.registry.on_port(lst.spec)
         if header:
             lst.sniff(transport)

@@ -24,6 +24,7 @@ from .identity import ApiServer
 from .listener import PortListener
 from .registry import PortSpec, Registry
 from .restorer import Restorer
+from .routeprobe import ProbeRecord
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -85,6 +86,7 @@ class Sidecar:
         self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()
         self.registry = Registry(list(args.listen))
+        self.probes = ProbeRecord()  # route probes seen by the listeners (routeprobe.py)
         # Intercepts ended because their client vanished, until the next intercept (control.py).
         self.abandoned: list[dict[str, Any]] = []
         self.api = ApiServer(args.api_server, args.api_ca)

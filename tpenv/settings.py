@@ -113,8 +113,9 @@ class KubeSettings(_Section):
     endpoints_timeout: float = Field(
         30.0, gt=0,
         description="Seconds to wait, after an injecting rollout, until the EndpointSlices of every Service on the "
-                    "intercepted port list only the agent's pods as ready (the intercept says ready after that); "
-                    "past it, tpenv says so and goes on.")
+                    "intercepted port list only the agent's pods as ready, and again until probes from the agents "
+                    "prove that new connections to the Service's ClusterIP reach the agents (the intercept says "
+                    "ready after that); past either, tpenv says so and goes on.")
 
 
 class SessionSettings(_Section):

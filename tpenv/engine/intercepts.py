@@ -24,6 +24,7 @@ from tpenv.engine.agents import AgentReady, agent_port_name, ensure_agent, pick_
 from tpenv.engine.envmount import EnvMountSpec, EnvMountUnit, intercept_key
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
+from tpenv.engine.routeready import wait_routed
 from tpenv.engine.replace import Replacement, start_replace
 from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
 from tpenv.engine.units import Key, State, UnitEvent
@@ -72,6 +73,7 @@ class InterceptRun:
         self._pods: dict[str, dict[str, Any]] = {}
         self._watch_task: asyncio.Task | None = None
         self._said: set[str] = set()  # warnings already given (EnvMountSpec.said)
+        self._routed_checked = False  # the route probe after our rollout ran (wait_ready)
         self.log = unit_logger("intercept", intercept.name or intercept.workload)
 
     # -- resolving ------------------------------------------------------------------------
@@ -261,12 +263,22 @@ class InterceptRun:
         ok = await self.rec.wait_until(
             lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout)
         if self.is_ready():
+            await self._routed()
             return
         err = self.first_error()
         if err is not None:
             raise _as_error(err)
         if not ok:
             raise TransientError(f"the intercept {self.intercept.name} was not ready within {timeout:.0f}s")
+
+    async def _routed(self) -> None:
+        """After a rollout of ours, once: until new connections to the Service reach the agents
+        (routeready.py; its own bound, kube.endpoints_timeout, and it says when that passed)."""
+        assert self.resolved is not None
+        if self._routed_checked or not self.resolved.agent.rolled_out:
+            return
+        await wait_routed(self, self.progress)
+        self._routed_checked = True
 
     def snapshot(self) -> dict[str, Any]:
         out = self.rec.snapshot() if self.rec is not None else {"units": []}

@@ -93,6 +93,11 @@ class Intercepting:
                         f"{''.join(self.stderr)}", pytrace=False)
         return result
 
+    def drained_stderr(self, timeout: float = 10) -> list[str]:
+        """Its stderr lines, read to the end once the process exited (after stop or kill)."""
+        self._err.join(timeout)
+        return self.stderr
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)

@@ -34,7 +34,7 @@ def test_a_failed_probe_fails_the_round_whatever_was_seen():
 
 
 def test_probe_count_and_one_prober_per_node():
-    assert probe_count(1) == 16 and probe_count(3) == 24 and probe_count(100) == 64
+    assert probe_count(1) == 16 and probe_count(3) == 32 and probe_count(7) == probe_count(100) == 64
     pods = {"b": {"spec": {"nodeName": "n1"}}, "a": {"spec": {"nodeName": "n1"}},
             "c": {"spec": {"nodeName": "n2"}}, "d": {}}
     assert probers_by_node(pods) == ["a", "c", "d"]  # a pod of unknown node probes for itself

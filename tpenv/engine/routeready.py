@@ -19,14 +19,15 @@ from tpenv.kits.routeprobe import FEATURE, prove_routed
 if TYPE_CHECKING:
     from tpenv.engine.intercepts import InterceptRun
 
-PROBES_MIN, PROBES_PER_AGENT, PROBES_MAX = 16, 8, 64
+PROBES_PER_AGENT, PROBES_MAX = 8, 64
 
 
 def probe_count(agents: int) -> int:
     """Probes per dial. kube-proxy picks an endpoint at random per connection, so while one old
-    pod is still among ``agents`` new ones each probe misses it with (n/(n+1)): 8 per agent
-    keeps the chance that all miss it below about 1 in 2000 (16 at least: 1 in 65536 for one)."""
-    return max(PROBES_MIN, min(PROBES_MAX, PROBES_PER_AGENT * agents))
+    pod is still in a node's rules with ``agents`` new ones, every probe misses it with
+    n/(n+1): 8 per agent pod and 8 more make all of them miss it less than 1 in 5000 up to 7
+    agent pods (1 in 65536 for one); the count stops at 64 (1 in 1900 at 8 pods, more beyond)."""
+    return min(PROBES_MAX, PROBES_PER_AGENT * (agents + 1))
 
 
 def probers_by_node(pods: dict[str, dict[str, Any]]) -> list[str]:

@@ -54,6 +54,16 @@ def session_cert(ca_key: bytes, principal: str) -> tuple[Any, Any]:
                                              valid_after=now - 60, valid_before=now + 3600)
 
 
+class Clock:
+    """A fake monotonic clock for the pure parts' tests: advance ``now`` by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 # --- the app -----------------------------------------------------------------------------
 
 class App:

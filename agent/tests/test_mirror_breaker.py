@@ -2,15 +2,8 @@
 clock: when it stops copying, when it probes, and what one probe's answer does."""
 from __future__ import annotations
 
+from agent_testkit import Clock
 from tpenv_agent.mirror import Breaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_trips_after_k_failures_in_a_row_only():

@@ -6,18 +6,10 @@ import socket
 
 import pytest
 
-from agent_testkit import App, RawSession, auth_material, get_once, run_agent
+from agent_testkit import App, Clock, RawSession, auth_material, get_once, run_agent
 from tpenv_agent.routeprobe import MARK_MSS, SEEN_MAX, ProbeRecord, plain_ip
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_record_keeps_marked_peers_only_while_watching_bounded_and_forgets_on_take():

@@ -29,6 +29,9 @@ def test_record_keeps_marked_peers_only_while_watching_bounded_and_forgets_on_ta
     rec.is_probe(MARK_MSS, ("10.0.0.9", 1))
     clock.now += 2
     assert not rec.watching() and rec.take() == [] and not rec.is_probe(MARK_MSS, ("10.0.0.9", 2))
+    rec.watch(1)
+    clock.now += 1
+    assert rec.until and not rec.catch(None) and not rec.until  # expired: nothing read, the test is off
     rec.watch(1000)
     assert rec.until == clock.now + 300  # a client that vanished cannot leave one open for long
     rec.watch(0)

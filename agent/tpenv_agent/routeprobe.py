@@ -63,6 +63,8 @@ class ProbeRecord:
 
     def catch(self, transport: Any) -> bool:
         """Whether the connection just accepted on ``transport`` is a probe (recorded if so)."""
+        if not self.watching():  # an expired watch stops the getsockopt at the next connection
+            return False
         sock = transport.get_extra_info("socket")
         if sock is None:
             return False

@@ -9,9 +9,9 @@ agent (:func:`settled`, pure): the old pods' addresses gone, or kept as terminat
 send the port to ``endpoint_port`` (the agent's, after a targetPort rewrite; the app's with the
 in-pod redirect).
 
-What tpenv cannot see is each node's kube-proxy applying the slices (its iptables
-``minSyncPeriod``, 1 s by default, batches updates): docs/reconciler.md says what "ready"
-guarantees and what was measured.
+What the slices cannot show is each node's kube-proxy applying them (its iptables
+``minSyncPeriod``, 1 s by default, batches updates): routeready.py then proves that from the
+agents; docs/design.md "What ready means" says what was measured.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ is the same and lives here once: the Transport methods that only hold state
 (:class:`PortForwardTransportBase`), the write-buffer marks that pause and resume the
 protocol, the ``message`` of a Kubernetes Status body, and what a 404 / 401 / 403 answer to
 the upgrade means (:func:`api_refusal`), and which answers refuse the WebSocket upgrade itself
-(:func:`upgrade_refused`, :class:`WebSocketRefused`: SPDY may still work). This module imports neither transport, so both (and
+(:func:`upgrade_refused`, :class:`WebSocketRefused`: SPDY may still work), and the incremental
+reader of the HTTP answer to either upgrade (:class:`UpgradeAnswer`). This module imports neither transport, so both (and
 :mod:`tpenv.kits.spdy_upgrade`) can import it without a cycle.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from tpenv.errors import Forbidden, NotFound, TunnelDropped
 
+_MAX_HEAD = 64 * 1024  # an answer's head longer than this is not an API server's
 HIGH_WATER = 1024 * 1024  # per stream transport: pause the protocol's writing above this many buffered bytes
 LOW_WATER = 256 * 1024  # ... and resume it at or below this many
 
@@ -129,7 +131,57 @@ class PortForwardTransportBase(asyncio.Transport):
             self._protocol.resume_writing()
 
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "PortForwardTransportBase", "api_refusal", "status_message", "tls_kwargs"]
+class UpgradeAnswer:
+    """The HTTP answer to the upgrade, fed as it arrives until its head (and a refusal's body) is whole."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self._buf = bytearray()  # the head so far; once it is parsed, a refusal's body
+        self._body_len: int | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """Take bytes of the answer; return those after a 101's head (the first frames).
+
+        Raises ConnectionResetError when the bytes are not an HTTP answer.
+        """
+        self._buf += data
+        if self.status is not None:
+            return b""
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > _MAX_HEAD:
+                raise ConnectionResetError("the HTTP answer's head is too long")
+            return b""
+        lines = self._buf[:end].decode("latin-1").split("\r\n")
+        rest = bytes(self._buf[end + 4:])
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError) as e:
+            raise ConnectionResetError(f"not an HTTP answer: {lines[0][:80]!r}") from e
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+        self.status = status
+        self._buf = bytearray(rest)
+        if status == 101:
+            return rest
+        if self.headers.get("content-length", "").isdigit():
+            self._body_len = int(self.headers["content-length"])
+        return b""
+
+    def refused(self, *, at_close: bool = False) -> tuple[int, dict[str, str], bytes] | None:
+        """(status, headers, body) of a refusal once its body is whole (or, ``at_close``, ran to the close)."""
+        if self.status is None or self.status == 101:
+            return None
+        if at_close:
+            return self.status, self.headers, bytes(self._buf)
+        if self._body_len is not None and len(self._buf) >= self._body_len:
+            return self.status, self.headers, bytes(self._buf[:self._body_len])
+        return None
+
+
+__all__ = ["HIGH_WATER", "UpgradeAnswer", "LOW_WATER", "PortForwardTransportBase", "api_refusal", "status_message", "tls_kwargs"]
 
 
 def tls_kwargs(kube: Any) -> dict[str, Any]:

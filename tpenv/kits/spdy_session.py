@@ -36,7 +36,8 @@ from tpenv.kits.spdy_frames import (DEFAULT_WINDOW, GOAWAY, PING, PROTOCOL_ERROR
 from tpenv.kits.spdy_dispatch import FrameDispatch
 from tpenv.kits.spdy_keepalive import Keepalive
 from tpenv.kits.spdy_stream import SpdyStream, StreamOwner, quiet_future
-from tpenv.kits.spdy_upgrade import UpgradeAnswer, refusal, upgrade_request
+from tpenv.kits.pf_common import UpgradeAnswer
+from tpenv.kits.spdy_upgrade import refusal, upgrade_request
 
 if TYPE_CHECKING:
     from tpenv.kits.portforward import KubeAccess

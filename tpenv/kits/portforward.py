@@ -9,8 +9,11 @@ client writes ``0x00 + bytes`` to send. When the pod side fails (nothing listens
 kubelet writes the reason on the error channel and closes the WebSocket; v4 has no half-close.
 
 One WebSocket carries one TCP stream, so there is no multiplexing to get wrong and no thread:
-each stream is an asyncio Transport (:class:`PortForwardTransport`) driven by two tasks (read,
-write). It fits both ``asyncio.StreamReader``/``StreamWriter`` (:meth:`PodTunnel.open_stream`)
+each stream is an asyncio Transport (:class:`PortForwardTransport`) over tpenv's own RFC 6455
+client (:mod:`tpenv.kits.ws_client`: TLS decrypts into the frame parser's buffer, the data
+reaches the protocol in one copy per read, writes of a loop pass share a frame; no task or
+future per message. The ``websockets`` library's client, used before, cost 2-3x the CPU per
+byte: bench/ws_loopback.py). It fits both ``asyncio.StreamReader``/``StreamWriter`` (:meth:`PodTunnel.open_stream`)
 and asyncssh (``asyncssh.connect(..., tunnel=PodTunnel(kube, ns, pod))``).
 
 A dropped stream surfaces at once as :class:`~tpenv.errors.TunnelDropped` carrying the
@@ -33,17 +36,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import struct
 from typing import Any, Callable, Protocol
 from urllib.parse import quote
-
-import websockets
-from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
 from tpenv.errors import ClusterUnreachable, TunnelDropped
 from tpenv.kits import spdy
 from tpenv.kits.pf_common import (PortForwardTransportBase, WebSocketRefused, api_refusal, status_message, tls_kwargs,
                                   upgrade_refused)
+from tpenv.kits.ws_client import UpgradeRefused, WsConnection
+from tpenv.kits.ws_frames import WebSocketProtocolError
 
 log = logging.getLogger("tpenv.portforward")
 
@@ -73,159 +74,144 @@ def portforward_url(host: str, namespace: str, pod: str, port: int) -> str:
 
 
 async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
-                         *, open_timeout: float = 15.0) -> ClientConnection:
+                         *, open_timeout: float = 15.0) -> WsConnection:
     """Upgrade to the port-forward WebSocket; HTTP refusals become NotFound/Forbidden/TunnelDropped."""
     url = portforward_url(kube.host, namespace, pod, port)
     what = f"port-forward to pod {pod!r} port {port} in namespace {namespace!r}"
-    kw = tls_kwargs(kube)
     try:
-        return await ws_connect(
-            url, subprotocols=[SUBPROTOCOL], additional_headers=kube.auth_headers(),
-            compression=None,  # the kubelet does not speak permessage-deflate
+        return await WsConnection.open(
+            url, subprotocol=SUBPROTOCOL, headers=kube.auth_headers(),
             # The kubeconfig's proxy-url, not the environment, says how to reach the API server.
-            proxy=getattr(kube, "proxy", None),
-            open_timeout=open_timeout, max_size=None, max_queue=64,
-            ping_interval=15, ping_timeout=15, **kw)
-    except websockets.InvalidStatus as e:
-        status = e.response.status_code
-        body = (e.response.body or b"").decode("utf-8", "replace").strip()
-        text = status_message(body) or f"HTTP {status}"
-        if upgrade_refused(status, body):
-            raise WebSocketRefused(status, f"{what}: the API server refused the WebSocket upgrade "
-                                           f"(HTTP {status}: {text})") from e
-        raise (api_refusal(what, namespace, status, text) or TunnelDropped(f"{what}: refused ({text})")) from e
-    except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as e:
+            proxy=getattr(kube, "proxy", None), open_timeout=open_timeout,
+            name=f"{namespace}/{pod}:{port}", prefix=bytes([DATA]), max_frame=_MAX_FRAME, **tls_kwargs(kube))
+    except UpgradeRefused as e:
+        body = e.body.decode("utf-8", "replace").strip()
+        text = status_message(body) or f"HTTP {e.status}"
+        if upgrade_refused(e.status, body):
+            raise WebSocketRefused(e.status, f"{what}: the API server refused the WebSocket upgrade "
+                                             f"(HTTP {e.status}: {text})") from e
+        raise (api_refusal(what, namespace, e.status, text) or TunnelDropped(f"{what}: refused ({text})")) from e
+    except (OSError, TimeoutError, WebSocketProtocolError) as e:
         raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
 
 
 class PortForwardTransport(PortForwardTransportBase):
-    """One port-forwarded TCP stream as an asyncio Transport over one WebSocket."""
+    """One port-forwarded TCP stream as an asyncio Transport over one WebSocket (:class:`WsConnection`).
 
-    def __init__(self, ws: ClientConnection, protocol: asyncio.BaseProtocol, *,
+    The WebSocket hands over each read's message bytes as pieces (``ws_piece``); here the
+    channel byte that starts each message picks data or error, the port that starts each
+    channel's first message is dropped, and after the read (``ws_batch_end``) the data pieces
+    reach the protocol in one ``data_received``.
+    """
+
+    def __init__(self, ws: WsConnection, protocol: asyncio.BaseProtocol, *,
                  name: str, peer: tuple[str, int],
                  on_lost: Callable[["PortForwardTransport"], None] | None = None) -> None:
         super().__init__(protocol, name=name, peer=peer, sockname="portforward", on_lost=on_lost)
         self._ws = ws
-        self._outbuf = bytearray()
-        self._out_wake = asyncio.Event()
-        self._reading = asyncio.Event()
-        self._reading.set()
-        self._seen_port = {DATA: False, ERROR: False}
-        self._reader = asyncio.ensure_future(self._read_loop())
-        self._writer = asyncio.ensure_future(self._write_loop())
+        self._reading = True
+        self._channel = -1  # of the message whose bytes come now
+        self._strip = 0  # bytes of the port still to drop from the front of a channel's first message
+        self._seen: set[int] = set()  # channels whose first message (the port) began
+        self._pieces: list[memoryview] = []  # data of this read, valid until the next one
+        self._error_bytes = bytearray()
+
+    def start(self) -> None:
+        """Begin delivering (after the protocol's connection_made, like asyncio's own transports)."""
+        self._ws.start(self)
 
     # -- asyncio.Transport (the state-only methods: PortForwardTransportBase) ------------------
 
     def is_reading(self) -> bool:
-        return self._reading.is_set()
+        return self._reading
 
     def pause_reading(self) -> None:
-        # The read loop stops taking messages; websockets then stops reading the socket: TCP backpressure.
-        self._reading.clear()
+        # The WebSocket stops reading the socket: TCP backpressure up to the kubelet.
+        self._reading = False
+        self._ws.pause_reading()
 
     def resume_reading(self) -> None:
-        self._reading.set()
+        self._reading = True
+        self._ws.resume_reading()
 
     def can_write_eof(self) -> bool:
         return False  # v4.channel.k8s.io has no half-close
 
     def get_write_buffer_size(self) -> int:
-        return len(self._outbuf)
+        return self._ws.get_write_buffer_size()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._lost or not data:
             return
-        self._outbuf += data
-        self._out_wake.set()
-        self._pause_writing_above(len(self._outbuf))
+        self._ws.write(data)
 
     def close(self) -> None:
         """Send what is buffered, then close the WebSocket (safe to call twice)."""
         if self._closing or self._lost:
             return
         self._closing = True
-        self._out_wake.set()
+        self._ws.close()
 
     def abort(self) -> None:
         if self._lost:
             return
         self._closing = True
-        self._outbuf.clear()
-        self._writer.cancel()
-        asyncio.ensure_future(self._ws.close())
+        self._ws.abort()
 
-    # -- the two loops -----------------------------------------------------------------------
+    # -- the WebSocket's handler (tpenv.kits.ws_client.WsHandler) -------------------------------
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                await self._out_wake.wait()
-                self._out_wake.clear()
-                while self._outbuf:
-                    chunk = bytes(self._outbuf[:_MAX_FRAME])
-                    del self._outbuf[:_MAX_FRAME]
-                    await self._ws.send(b"\x00" + chunk)
-                    self._resume_writing_below(len(self._outbuf))
-                if self._closing:
-                    await self._ws.close()
-                    return
-        except asyncio.CancelledError:
-            raise
-        except websockets.ConnectionClosed:
-            pass  # the read loop reports why
-        except Exception as e:  # noqa: BLE001 - reported through connection_lost by the read loop
-            log.debug("[portforward/%s] write failed: %r", self._name, e)
-            await self._ws.close()
+    def ws_piece(self, first: bool, piece: memoryview) -> None:
+        if first:
+            self._channel, piece = piece[0], piece[1:]
+            self._strip = 0
+            if self._channel not in self._seen and self._channel in (DATA, ERROR):
+                self._seen.add(self._channel)
+                self._strip = 2  # the kubelet's first message on each channel is the port, little-endian
+                if len(piece) >= 2:
+                    log.debug("[portforward/%s] channel %d open for port %d", self._name, self._channel,
+                              int.from_bytes(piece[:2], "little"))
+        if self._strip:
+            cut = min(self._strip, len(piece))
+            self._strip -= cut
+            piece = piece[cut:]
+        if not piece:
+            return
+        if self._channel == DATA:
+            if not self._closing:  # like a socket transport: no data_received after close()
+                self._pieces.append(piece)
+        elif self._channel == ERROR:
+            self._error_bytes += piece
 
-    async def _read_loop(self) -> None:
-        exc: BaseException | None = None
-        clean = False
-        try:
-            while True:
-                await self._reading.wait()
-                try:
-                    msg = await self._ws.recv()
-                except websockets.ConnectionClosedOK:
-                    clean = True
-                    break
-                if isinstance(msg, str) or not msg:
-                    continue  # v4 binary only; text frames would be the base64 variant we did not ask for
-                channel, payload = msg[0], msg[1:]
-                if channel in self._seen_port and not self._seen_port[channel]:
-                    # The kubelet's first message on each channel is the port, little-endian.
-                    self._seen_port[channel] = True
-                    if len(payload) >= 2:
-                        port = struct.unpack("<H", payload[:2])[0]
-                        log.debug("[portforward/%s] channel %d open for port %d", self._name, channel, port)
-                    payload = payload[2:]
-                if not payload:
-                    continue
-                if channel == DATA:
-                    if self._closing:
-                        continue  # like a socket transport: no data_received after close()
-                    self._protocol.data_received(payload)  # type: ignore[attr-defined]
-                elif channel == ERROR:
-                    self._error_text += payload.decode("utf-8", "replace")
-        except asyncio.CancelledError:
-            raise
-        except websockets.ConnectionClosedError as e:
-            exc = TunnelDropped(f"port-forward {self._name}: connection lost ({e})")
-        except Exception as e:  # noqa: BLE001 - anything here ends the stream, reported below
-            exc = TunnelDropped(f"port-forward {self._name}: {e.__class__.__name__}: {e}")
-            exc.__cause__ = e
-        if self._error_text:
-            exc = TunnelDropped(f"port-forward {self._name}: {self._error_text.strip()}")
-        elif exc is None and not clean and not self._closing:
-            exc = TunnelDropped(f"port-forward {self._name}: closed by the API server")
-        self._finish(exc)
+    def ws_batch_end(self) -> None:
+        if self._pieces:
+            pieces, self._pieces = self._pieces, []
+            self._protocol.data_received(bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces))  # type: ignore[attr-defined]
 
-    def _finish(self, exc: BaseException | None) -> None:
+    def ws_pause_writing(self) -> None:
+        if not self._writing_paused:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def ws_resume_writing(self) -> None:
+        if self._writing_paused:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+
+    def ws_closed(self, exc: BaseException | None) -> None:
         if self._lost:
             return
         self._lost = True
-        self._writer.cancel()
-        if exc is not None:
-            log.debug("[portforward/%s] dropped: %s", self._name, exc)
+        self._pieces = []
+        if self._error_bytes:
+            self._error_text = self._error_bytes.decode("utf-8", "replace")
+            err: BaseException | None = TunnelDropped(f"port-forward {self._name}: {self._error_text.strip()}")
+        elif exc is not None:
+            err = TunnelDropped(f"port-forward {self._name}: {exc}")
+            err.__cause__ = exc
+        else:
+            err = None
+        if err is not None:
+            log.debug("[portforward/%s] dropped: %s", self._name, err)
         elif not self._closing:
             # The pod side ended the stream cleanly: tell the protocol like a TCP FIN.
             try:
@@ -234,10 +220,9 @@ class PortForwardTransport(PortForwardTransportBase):
                 log.exception("[portforward/%s] eof_received failed", self._name)
         if self._on_lost is not None:
             self._on_lost(self)
-        self._protocol.connection_lost(exc)
+        self._protocol.connection_lost(err)
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
         await self._ws.wait_closed()
 
 
@@ -315,6 +300,7 @@ class PodTunnel:
                                                  on_lost=self._transports.discard)
                 self._transports.add(transport)
                 protocol.connection_made(transport)
+                transport.start()
                 return transport, protocol
         session = await self._spdy_session()
         transport, protocol = await spdy.open_portforward(

@@ -338,3 +338,21 @@ async def test_port_prefix_split_across_fragments_and_the_error_channel():
         with pytest.raises(TunnelDropped, match="error forwarding port 8080: connection refused"):
             await reader.read()
         writer.close()
+
+
+async def test_a_connection_that_ended_before_start_still_delivers_then_reports_the_end():
+    frames = server_frame(wf.BINARY, b"\x01error text") + server_frame(wf.CLOSE, struct.pack("!H", 1000))
+
+    async def script(key, reader, writer):
+        writer.write(switching(accept_of(key)) + frames)  # one write: the frames come with the 101
+        await reader.read()
+
+    server = await raw_server(script)
+    async with server:
+        conn = await WsConnection.open(f"ws://127.0.0.1:{port_of(server)}/", subprotocol=SUB, headers={})
+        conn.abort()  # the end comes before any handler (over TLS a server's close can, too)
+        await conn.wait_closed()
+        h = Handler()
+        conn.start(h)
+        assert [bytes(m) for m in h.messages] == [b"\x01error text"]
+        assert h.closed.done() and isinstance(h.closed.result(), TunnelDropped)

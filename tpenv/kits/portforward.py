@@ -117,8 +117,9 @@ class PortForwardTransport(PortForwardTransportBase):
         self._error_bytes = bytearray()
 
     def start(self) -> None:
-        """Begin delivering (after the protocol's connection_made, like asyncio's own transports)."""
-        self._ws.start(self)
+        """Begin delivering on the next loop pass, after the protocol's connection_made and after
+        create_connection has returned, as asyncio's own transports do."""
+        self._ws.loop.call_soon(self._ws.start, self)
 
     # -- asyncio.Transport (the state-only methods: PortForwardTransportBase) ------------------
 

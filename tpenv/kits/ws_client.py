@@ -85,6 +85,7 @@ class WsConnection(asyncio.BufferedProtocol):
         self._close_rcvd: tuple[int, str] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
+        self._outcome: BaseException | None = None  # what ws_closed says (kept for a late start())
         self._done = False
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.keepalive = Keepalive(self.loop, self._send_ping, self._quiet, interval=ping_interval,
@@ -122,19 +123,21 @@ class WsConnection(asyncio.BufferedProtocol):
         return conn
 
     def start(self, handler: WsHandler) -> None:
-        """Hand the messages (from the first frame on, some may have come with the 101) to ``handler``."""
+        """Hand the messages (from the first frame on, some may have come with the 101) to ``handler``;
+        if the connection already ended, the frames read before the end, then ``ws_closed``."""
         self._handler = handler
         self._parser.on_piece = handler.ws_piece
+        try:
+            self._parser.parse()
+        except wf.WebSocketProtocolError as e:
+            self._fail(e)
+        handler.ws_batch_end()
+        if self._done:
+            handler.ws_closed(self._outcome)
+            return
         self.keepalive.start()
-        if self.transport is not None and not self._done:
-            try:
-                self._parser.parse()
-            except wf.WebSocketProtocolError as e:
-                self._fail(e)
-                return
-            handler.ws_batch_end()
-            if not self._paused:
-                self.transport.resume_reading()
+        if not self._paused and self.transport is not None:
+            self.transport.resume_reading()
 
     def _early_piece(self, first: bool, piece: memoryview) -> None:
         raise AssertionError("frames are parsed only once a handler is started")
@@ -330,6 +333,7 @@ class WsConnection(asyncio.BufferedProtocol):
             why = None  # we asked to close; the server need not answer before the TCP close
         else:
             why = TunnelDropped("connection lost" + (f" ({exc})" if exc else ""))
+        self._outcome = why
         if not self.closed.done():
             self.closed.set_result(None)
         if self._handler is not None:

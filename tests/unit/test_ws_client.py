@@ -21,6 +21,7 @@ from tpenv.kits import ws_frames as wf
 from tpenv.kits.portforward import PodTunnel
 from tpenv.kits.ws_client import UpgradeRefused, WsConnection
 
+from tests.unit.test_podexec_cut import LocalApi
 from tests.unit.test_ws_frames import server_frame
 
 SUB = "v4.channel.k8s.io"
@@ -305,22 +306,6 @@ async def test_http_connect_proxy_carries_the_websocket():
     assert seen == [f"CONNECT 127.0.0.1:{target} HTTP/1.1"]
 
 
-class Api:
-    """What PodTunnel needs of a Kube, pointed at a plain ws:// server on loopback."""
-
-    tls_server_name = None
-    proxy = None
-
-    def __init__(self, port: int) -> None:
-        self.host = f"http://127.0.0.1:{port}"
-
-    def auth_headers(self) -> dict[str, str]:
-        return {}
-
-    def ssl_context(self):
-        return None
-
-
 async def test_port_prefix_split_across_fragments_and_the_error_channel():
     port = struct.pack("<H", 8080)
 
@@ -333,7 +318,7 @@ async def test_port_prefix_split_across_fragments_and_the_error_channel():
         await ws.close()
 
     async with ws_server(kubelet) as server:
-        reader, writer = await PodTunnel(Api(port_of(server)), "team", "pod", protocol="websocket").open_stream(8080)
+        reader, writer = await PodTunnel(LocalApi(port_of(server)), "team", "pod", protocol="websocket").open_stream(8080)
         assert await reader.readexactly(11) == b"hello world"
         with pytest.raises(TunnelDropped, match="error forwarding port 8080: connection refused"):
             await reader.read()

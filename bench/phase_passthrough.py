@@ -173,7 +173,6 @@ def phase_passthrough(bench: Bench) -> None:
     def raw() -> None:
         """The agent restarted with --http1-passthrough raw (splice, no per-request parsing), then
         the same wrk rounds through it and through HAProxy; the option is taken back afterwards."""
-        nonlocal pod0
         if why:
             raise Unavailable(why)
         dep = kjson("get", "deployment", "bench-app", ns=bench.ns)

@@ -31,7 +31,7 @@ Errors from kubernetes, asyncssh, websockets and the OS are wrapped at the edges
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class TpenvError(Exception):

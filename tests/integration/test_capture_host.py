@@ -86,6 +86,13 @@ def test_the_iptables_fallback_is_removed_by_its_guard_after_kill_9(machine):
     # the promise is "within a second".
     wait_until("the guard removing the rules", lambda: "TPENV-CONNECT" not in state(machine)["iptables"], 1.0,
                interval=0.05)
+    # Every rule and chain it added is gone, not only the jump; what stays is the empty built-in nat
+    # table iptables creates on first use (policy ACCEPT, no rule), which iptables cannot remove.
+    after = state(machine)
+    assert {k: v for k, v in after.items() if k not in ("iptables", "nft")} == \
+        {k: v for k, v in before.items() if k not in ("iptables", "nft")}
+    assert not [line for line in after["iptables"].splitlines() if line.startswith(("-A", ":TPENV"))], after
+    assert "tpenv" not in after["nft"].lower() and "jump" not in after["nft"] and "redirect" not in after["nft"]
     assert curl(machine, "http://10.199.3.4:8080/").returncode != 0
 
 

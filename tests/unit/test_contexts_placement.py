@@ -7,7 +7,6 @@ does). Exec plugins are real scripts run by the kubernetes package."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import stat
 from pathlib import Path

@@ -18,7 +18,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "cluster"))
 import images  # noqa: E402

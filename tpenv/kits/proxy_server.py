@@ -11,7 +11,6 @@ a port-forward). UDP ASSOCIATE and BIND are refused with the codes RFC 1928 give
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import struct

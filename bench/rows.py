@@ -84,7 +84,7 @@ PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header", "mir
 
 
 def targets(rows: dict) -> list[dict]:
-    """The done-when ratios of issues 4 and 7, from this run's rows."""
+    """The done-when figures of issues 4, 7, 11 and 13, from this run's rows."""
     def v(g: str, k: str) -> dict | None:
         x = rows.get((g, k))
         return x if isinstance(x, dict) else None
@@ -105,10 +105,10 @@ def targets(rows: dict) -> list[dict]:
     ic, pf = v("latency", "intercept"), v("latency", "port_forward")
     if ic and pf:
         d50, d99 = ic["p50_ms"] - pf["p50_ms"], ic["p99_ms"] - pf["p99_ms"]
-        check("intercept p50 - port-forward p50 (ms)", round(d50, 3), "<= 1", d50 <= 1)
+        check("intercept p50 - port-forward p50 (ms)", round(d50, 3), "<= 0.5", d50 <= 0.5)  # issue 13 (7: <= 1)
         check("intercept p99 - port-forward p99 (ms)", round(d99, 3), "<= 5", d99 <= 5)
     else:
-        check("intercept p50/p99 vs port-forward", None, "<= +1 / +5 ms", None, "a row is unavailable")
+        check("intercept p50/p99 vs port-forward", None, "<= +0.5 / +5 ms", None, "a row is unavailable")
     bi, bp = v("bulk", "intercept"), v("bulk", "port_forward")
     if bi and bp:
         for d in ("down", "up"):
@@ -119,6 +119,13 @@ def targets(rows: dict) -> list[dict]:
     c = v("concurrency", "intercept")
     check("errors at concurrency through the intercept", c["errors"] if c else None, "0",
           (c["errors"] == 0) if c else None, "" if c else "row unavailable")
+    check("p99 at concurrency through the intercept (ms)", round(c["p99_ms"], 2) if c else None, "<= 20",  # issue 13
+          (c["p99_ms"] <= 20) if c else None, "" if c else "row unavailable")
+    for who, most in (("client", 2.0), ("agent", 1.5)):  # issue 13: CPU per GB moved by the bulk step
+        r = v("resources", f"{who}_cpu_per_gb")
+        cpu = r["cpu_s_per_GB"] if r else None
+        check(f"{who} CPU s per GB through the intercept", round(cpu, 2) if r else None, f"<= {most}",
+              (cpu <= most) if r else None, "" if r else "row unavailable")
     h = v("hol", "intercept")
     if h and ic:
         r = h["p99_ms"] / ic["p99_ms"]

@@ -38,6 +38,7 @@ from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FA
 from . import log as logs
 from .relay_resolve import LookupFailed, LookupNotFound, Resolver, ResolveSession, SystemResolver
 from .sshd import SERVER_OPTIONS, CertOnlyServer
+from .sshtuning import CHANNEL_OPTIONS
 
 DEFAULT_LISTEN = "127.0.0.1:8022"
 MAX_CHANNELS = 64  # per SSH connection: direct-tcpip and resolve channels together
@@ -169,7 +170,7 @@ class RelayConn(CertOnlyServer):
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         self._take_channel()
-        chan = self.conn.create_tcp_channel()
+        chan = self.conn.create_tcp_channel(**CHANNEL_OPTIONS)
         self._release_when_closed(chan)
         return chan, self._open(dest_host, dest_port)
 

@@ -17,6 +17,7 @@ from . import log as logs
 from .control import ControlChannel
 from .sftp import ConfinedSFTPServer
 from .splice import Buffered
+from .sshtuning import CHANNEL_OPTIONS, CIPHERS
 
 if TYPE_CHECKING:
     from .sidecar import Sidecar
@@ -94,11 +95,12 @@ class ConnState(CertOnlyServer):
         conn = self.conn
 
         async def open_streams(orig: tuple[str, int] = ("", 0)) -> tuple[Buffered, Any]:
-            r, w = await conn.open_connection(forward[0], forward[1], orig[0], orig[1])
+            r, w = await conn.open_connection(forward[0], forward[1], orig[0], orig[1], **CHANNEL_OPTIONS)
             return Buffered(r), w
 
         async def open_session(factory: Callable[[], Any], orig: tuple[str, int] = ("", 0)) -> Any:
-            _, session = await conn.create_connection(factory, forward[0], forward[1], orig[0], orig[1])
+            _, session = await conn.create_connection(factory, forward[0], forward[1], orig[0], orig[1],
+                                                      **CHANNEL_OPTIONS)
             return session
 
         open_streams.session = open_session  # type: ignore[attr-defined]
@@ -123,12 +125,14 @@ def read_auth(auth_dir: str) -> tuple[Any, Any]:
 
 
 # Connection options every tpenv SSH server uses: no agent or X11 forwarding, keepalives that
-# drop a dead client (port-forward cut, laptop asleep) within ~15 s.
+# drop a dead client (port-forward cut, laptop asleep) within ~15 s, the data path's tuning.
 SERVER_OPTIONS: dict[str, Any] = {
     "agent_forwarding": False,
     "x11_forwarding": False,
     "keepalive_interval": 5,
     "keepalive_count_max": 3,
+    "encryption_algs": list(CIPHERS),
+    **CHANNEL_OPTIONS,
 }
 
 

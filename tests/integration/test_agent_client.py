@@ -185,3 +185,42 @@ async def test_leave_with_drain_lets_requests_already_sent_finish_before_the_ses
         await asyncio.wait_for(leaving, 20)
         s.close()
         await s.wait_closed()
+
+
+async def test_the_data_path_negotiates_aes_gcm_and_moves_megabytes_intact_both_ways(tmp_path):
+    """Issue 13: the tunnel's cipher is AES-GCM, channels use 128 KiB packets and a bounded
+    window (tpenv_agent.sshtuning), and bulk in both directions arrives byte for byte."""
+    import hashlib
+    import os
+
+    from tpenv_agent.sshtuning import CIPHERS
+
+    # Stage 1: a handler that hashes what it is sent and answers with its own bulk.
+    answer = os.urandom(6 * 1024 * 1024 + 17)
+
+    async def handler(reader, writer):
+        h = hashlib.sha256()
+        while chunk := await reader.read(1 << 16):
+            h.update(chunk)
+        writer.write(h.digest() + answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    dev_port = server.sockets[0].getsockname()[1]
+    m = make_auth_material()
+    async with server, App("app") as app, run_agent(tmp_path, m, [f"0:{app.port}:tcp"]) as agent:
+        async with session(m, agent) as s:
+            # Stage 2: the negotiated cipher is the first of ours (the agent runs our server).
+            assert s.cipher == CIPHERS[0] == "aes128-gcm@openssh.com"
+            await s.intercept("bulk", "tcp", None, dev_port)
+            # Stage 3: 9 MiB up through an all-TCP intercept, 6 MiB down; both hashed.
+            sent = os.urandom(9 * 1024 * 1024 + 5)
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.port("tcp"))
+            writer.write(sent)
+            await writer.drain()
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert got[:32] == hashlib.sha256(sent).digest()
+            assert len(got) - 32 == len(answer) and got[32:] == answer

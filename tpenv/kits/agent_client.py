@@ -41,6 +41,7 @@ from tpenv.kits.sshjson import JsonChannelSession
 from tpenv.logs import unit_logger
 from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
 from tpenv.settings import AgentSettings, TunnelSettings
+from tpenv_agent.sshtuning import CHANNEL_OPTIONS, CIPHERS
 
 # The documented defaults (TPENV_AGENT_SSH_PORT, TPENV_TUNNELS_CONNECT_TIMEOUT): callers with
 # settings pass theirs; one without gets these, never a private number that disagrees.
@@ -96,6 +97,7 @@ async def open_ssh(session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey,
             known_hosts=([trusted], [], []),
             preferred_auth="publickey", agent_path=None, config=[],
             keepalive_interval=5, keepalive_count_max=3,
+            encryption_algs=list(CIPHERS), **CHANNEL_OPTIONS,
         ), timeout)
     except asyncssh.HostKeyNotVerifiable as e:
         raise PermanentError(f"{peer}'s host key is not the one in Secret tpenv-auth",
@@ -175,6 +177,11 @@ class AgentSession(JsonChannelSession):
         # Mirror counters of this session's intercepts, by intercept id, from the last ping answer.
         self.mirror_stats: dict[str, dict[str, int]] = {}
 
+    @property
+    def cipher(self) -> str | None:
+        """The SSH cipher this session's connection negotiated (sent, received: the same here)."""
+        return self._conn.get_extra_info("send_cipher") if self._conn is not None else None
+
     # --- lifecycle (the rest: JsonChannelSession) --------------------------------------
     async def connect(self) -> dict[str, Any]:
         """Dial, authenticate, open the control channel, say hello, start pinging."""
@@ -195,7 +202,7 @@ class AgentSession(JsonChannelSession):
             raise
         lease = float(self.info.get("lease") or 5)
         self._tasks.append(asyncio.ensure_future(self._ping_loop(lease / 5, lease)))
-        self.log.info("connected to pod %s", self.info.get("pod"))
+        self.log.info("connected to pod %s (%s)", self.info.get("pod"), self.cipher)
         return self.info
 
     # --- control channel ---------------------------------------------------------------
@@ -260,7 +267,7 @@ class AgentSession(JsonChannelSession):
             return _TrackedForwarder(peer, inflight)
 
         try:
-            listener = await self._conn.create_server(forward, FORWARD_HOST, listen_port)
+            listener = await self._conn.create_server(forward, FORWARD_HOST, listen_port, **CHANNEL_OPTIONS)
         except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as e:
             raise TunnelDropped(f"the agent refused the forward: {e}") from e
         try:

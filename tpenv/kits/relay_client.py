@@ -34,6 +34,7 @@ from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, pod_is_ready
 from tpenv.kits.portforward import PodTunnel
 from tpenv.kits.sshjson import JsonChannelSession
+from tpenv_agent.sshtuning import CHANNEL_OPTIONS
 
 NAMESPACE = "tpenv"
 RELAY_PORT = 8022
@@ -136,7 +137,7 @@ class RelaySession(JsonChannelSession):
         if self._conn is None or self.closed.is_set():
             raise TunnelDropped("the relay session is closed")
         try:
-            return await self._conn.open_connection(host, port)
+            return await self._conn.open_connection(host, port, **CHANNEL_OPTIONS)
         except asyncssh.ChannelOpenError as e:
             reason = e.reason or "no reason given"
             if e.code == OPEN_ADMINISTRATIVELY_PROHIBITED:

@@ -1,7 +1,9 @@
 """One agent port: accepts callers and sends each connection, request or stream where the
 registry says, at the moment it arrives.
 
-- No intercept on the port: raw splice to the app (``splice.Half``), the hot path.
+- No intercept on the port: raw splice to the app (``splice.Half``), the hot path. With
+  ``--http1-passthrough switch`` (default) an HTTP/1 splice is armed when an intercept starts
+  on the port and moves to per-request routing at its next request (``_Entry.arm``).
 - Only an all-TCP intercept: raw splice to a channel to its client (app if that fails).
 - Header intercepts: sniff the first bytes: HTTP/1.x -> per request, h2c preface -> per
   stream, anything else (or nothing within ``sniff_timeout``: a server-speaks-first
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import log as logs
@@ -25,6 +28,11 @@ if TYPE_CHECKING:
     from .sidecar import Sidecar
 
 _METHOD_SO_FAR = re.compile(rb"[A-Z][A-Z0-9_-]*")
+_REQUEST_LINE = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} [^ \r\n]+ HTTP/1\.[01]\r\n")
+_LINE_LIMIT = 8192
+# An interim (1xx) status line: the request it answers is not over (100 Continue: its body
+# follows) -- or, for 101, the connection is no longer HTTP.
+_INTERIM = re.compile(rb"HTTP/1\.[01] 1(\d\d) ")
 
 
 class _Entry(Half):
@@ -44,6 +52,13 @@ class _Entry(Half):
         self.listener = listener
         self._sniff: bytearray | None = None
         self.handed_off = False
+        # --http1-passthrough switch: ``armed`` while the port has an intercept (both halves
+        # then run in Python); ``answered``: the app spoke last (not a 1xx), so the caller's
+        # next bytes may start a new request; ``awaiting``: the app's next bytes start its
+        # answer (the caller spoke last, or the connection was just armed).
+        self.armed = False
+        self.answered = True
+        self.awaiting = True
 
     def connection_made(self, transport: Any) -> None:
         lst = self.listener
@@ -58,33 +73,71 @@ class _Entry(Half):
             lst.sniff(transport)
             return
         super().connection_made(transport)  # paused until the other half is up
-        if holder is None and (lst.sidecar.h2_always or lst.sidecar.h1_always):
+        sc = lst.sidecar
+        if holder is None and (sc.h2_always or sc.h1_always or sc.h1_switch):
             self._sniff = bytearray()
         lst.spawn(lst.splice_to(self, holder))
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._sniff is None:
+        if self._sniff is None and not self.armed:
             super().buffer_updated(nbytes)
         else:
             self.data_received(bytes(self._view[:nbytes]))
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         if self._sniff is None:
-            super().data_received(data)
-            return
+            if not (self.armed and self.answered):
+                self.answered, self.awaiting = False, True  # the request (or its body) goes on
+                super().data_received(data)
+                return
+            self._sniff = bytearray()  # the app answered: is this a new request?
         self._sniff += data
+        if self.armed:
+            self._turn()
+            return
         sc = self.listener.sidecar
+        h1_wanted = sc.h1_always or sc.h1_switch
         if len(self._sniff) < len(PREFACE) and PREFACE.startswith(self._sniff):
             return  # could still be the preface
-        if sc.h1_always and len(self._sniff) < METHOD_SNIFF and _METHOD_SO_FAR.fullmatch(self._sniff):
+        if h1_wanted and len(self._sniff) < METHOD_SNIFF and _METHOD_SO_FAR.fullmatch(self._sniff):
             return  # could still be a request line
         first, self._sniff = bytes(self._sniff), None
-        routed = (sc.h2_always and first.startswith(PREFACE)) or (sc.h1_always and looks_like_http1(first))
+        h1 = looks_like_http1(first)
+        routed = (sc.h2_always and first.startswith(PREFACE)) or (h1 and sc.h1_always)
+        if h1 and sc.h1_switch and not routed:
+            header, holder = sc.registry.on_port(self.listener.spec)
+            if header or holder is not None:
+                routed = True  # an intercept started while the app connection was being made
+            else:
+                self.listener.raw_h1.add(self)  # armed when an intercept starts (arm())
         if not routed:
+            self.answered = False
             Half.data_received(self, first)
             self.shortcut()  # raw from here on (when already joined; else join() does it)
             return
-        # HTTP: drop the raw app connection (nothing was sent on it) and route per request.
+        self._hand_off(first)
+
+    def _turn(self) -> None:
+        """Armed, and the caller speaks after the app: a whole request line is a new request,
+        which goes to the router; anything else is more of the current exchange. A whole line
+        is awaited (bounded), not just a method: a connection upgraded before it was armed
+        (101 unseen) carries arbitrary bytes, and a chunk of them may start like "GET "."""
+        held = self._sniff
+        assert held is not None
+        if (len(held) < METHOD_SNIFF and _METHOD_SO_FAR.fullmatch(held)) or (looks_like_http1(held) and b"\r\n" not in held
+                                              and len(held) < _LINE_LIMIT):
+            return  # could still be a request line
+        first, self._sniff = bytes(held), None
+        if _REQUEST_LINE.match(first):
+            self.listener.raw_h1.discard(self)
+            self._hand_off(first)
+            return
+        self.answered, self.awaiting = False, True
+        Half.data_received(self, first)
+
+    def _hand_off(self, first: bytes) -> None:
+        # HTTP: drop the raw app connection (nothing was sent on it yet, or, at a turn, it is
+        # between requests) and route per request.
         self.handed_off = True  # splice_to must not join a half that is still connecting
         other, self.peer = self.peer, None
         if other is not None:
@@ -93,7 +146,58 @@ class _Entry(Half):
         self.listener.sniff(self.transport, first)
 
     def can_shortcut(self) -> bool:
-        return self._sniff is None and not self.handed_off
+        return self._sniff is None and not self.handed_off and not self.armed
+
+    # --- --http1-passthrough switch ------------------------------------------------------
+    def arm(self) -> None:
+        """An intercept started on the port: leave the C shortcut on both halves, so the
+        caller's next request can be seen (``data_received``) and handed to the router."""
+        if self.armed or self.handed_off:
+            return
+        # A kept-alive connection is most often idle between requests; if an answer (or a 1xx)
+        # is still to come, app_bytes sees it first.
+        self.armed, self.answered, self.awaiting = True, True, True
+        for half in (self, self.peer):
+            if half is not None and "data_received" in half.__dict__:
+                del half.data_received  # back to the class's method
+                half.transport.set_protocol(half)  # uvloop re-reads the bound method
+
+    def disarm(self) -> None:
+        """No intercept left on the port (or the connection was upgraded): raw again."""
+        self.armed = False
+        if self._sniff is not None and self.peer is not None and self.peer.transport is not None:
+            first, self._sniff = bytes(self._sniff), None  # a held request-line start
+            Half.data_received(self, first)
+        self.shortcut()
+        if self.peer is not None:
+            self.peer.shortcut()
+
+    def app_bytes(self, data: bytes) -> None:
+        """The app sent ``data`` while armed. Its first bytes after the caller's say whether
+        the request is answered: an interim 1xx is not an answer (100 Continue: the body comes
+        next); after 101 the connection is no longer HTTP and is never switched."""
+        if not self.awaiting or not data:
+            return  # more of an answer already seen
+        self.awaiting = False
+        while True:
+            m = _INTERIM.match(data)
+            if m is None:
+                self.answered = True
+                return
+            self.answered, self.awaiting = False, True  # the final answer is still to come
+            if m.group(1) == b"01":
+                self.listener.raw_h1.discard(self)
+                self.disarm()
+                return
+            end = data.find(b"\r\n\r\n")
+            if end < 0 or end + 4 == len(data):
+                return
+            data = data[end + 4:]
+            self.awaiting = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.listener.raw_h1.discard(self)
+        super().connection_lost(exc)
 
     def eof_received(self) -> bool:
         if self._sniff is not None and self._sniff:
@@ -101,6 +205,29 @@ class _Entry(Half):
             Half.data_received(self, first)
         self._sniff = None
         return super().eof_received()
+
+
+class _AppHalf(Half):
+    """The app's side of a raw splice: tells its caller's ``_Entry`` what the app sent while
+    the entry is armed (``--http1-passthrough switch``)."""
+
+    def __init__(self, entry: _Entry) -> None:
+        super().__init__()
+        self.entry = entry
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.entry.armed:
+            self.data_received(bytes(self._view[:nbytes]))
+        else:
+            super().buffer_updated(nbytes)
+
+    def data_received(self, data: Any, datatype: Any = None) -> None:
+        if self.entry.armed and self.peer is not None:
+            self.entry.app_bytes(data)
+        super().data_received(data)
+
+    def can_shortcut(self) -> bool:
+        return not self.entry.armed
 
 
 class PortListener:
@@ -112,7 +239,10 @@ class PortListener:
         self.app_pool = Pool(self.open_app)
         self._icpt_pools: dict[Intercept, Pool] = {}
         self._sinks: dict[Intercept, MirrorSink] = {}
+        # Raw-spliced HTTP/1 connections (--http1-passthrough switch), armed by an intercept.
+        self.raw_h1: "weakref.WeakSet[_Entry]" = weakref.WeakSet()
         sidecar.registry.on_end.append(self._intercept_ended)
+        sidecar.registry.on_add.append(self._intercept_added)
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -150,7 +280,15 @@ class PortListener:
             pool = self._icpt_pools[icpt] = Pool(icpt.opener)  # type: ignore[arg-type]
         return pool
 
+    def _intercept_added(self, icpt: Intercept) -> None:
+        if icpt.port is self.spec:
+            for entry in list(self.raw_h1):
+                entry.arm()
+
     def _intercept_ended(self, icpt: Intercept) -> None:
+        if icpt.port is self.spec and self.sidecar.registry.on_port(self.spec) == ([], None):
+            for entry in list(self.raw_h1):
+                entry.disarm()
         pool = self._icpt_pools.pop(icpt, None)
         if pool is not None:
             pool.close()  # idle channels only; requests in flight finish on theirs
@@ -170,7 +308,8 @@ class PortListener:
                               type(e).__name__)
         if other is None:
             try:
-                _, other = await loop.create_connection(Half, self.sidecar.app_host, self.spec.app_port)
+                _, other = await loop.create_connection(lambda: _AppHalf(entry), self.sidecar.app_host,
+                                                        self.spec.app_port)
             except OSError as e:
                 self.log.warning("app port %s unreachable: %s", self.spec.app_port, type(e).__name__)
                 entry.abort()

@@ -160,6 +160,8 @@ class Registry:
         self.ports = ports
         self._by_id: dict[str, Intercept] = {}
         self.on_end: list[Callable[[Intercept], None]] = []
+        # Called once an intercept is registered (the listeners arm their raw HTTP/1 splices).
+        self.on_add: list[Callable[[Intercept], None]] = []
 
     def find_port(self, port: Any) -> PortSpec:
         """``port`` as the client gives it: the --listen name, or the app port number."""
@@ -209,6 +211,8 @@ class Registry:
             del self._by_id[other.intercept_id]
             self._end(other)
         self._by_id[icpt.intercept_id] = icpt
+        for cb in self.on_add:
+            cb(icpt)
         return icpt
 
     def takes_from_others(self, icpt: Intercept) -> bool:

@@ -55,12 +55,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--h2-passthrough", choices=("route", "raw"), default="route",
                    help="route: h2c connections always go through the per-stream router, so intercepts "
                         "started later see streams of long-lived (gRPC) connections; raw: splice them")
-    # route by default (issue #11): a keep-alive connection opened before an intercept must still
-    # have its next matching request intercepted; raw trades that for less CPU per request.
-    p.add_argument("--http1-passthrough", choices=("route", "raw"), default="route",
-                   help="route (default): HTTP/1.x connections are parsed per request even while the port has "
-                        "no header intercept, so an intercept started later sees the next requests of kept-alive "
-                        "connections; raw: splice them (cheaper; keep-alive ones stay with the app)")
+    # switch by default (issue #13): raw splices cost the agent least, and a keep-alive connection
+    # opened before an intercept still has its next request intercepted (issue #11).
+    p.add_argument("--http1-passthrough", choices=("switch", "route", "raw"), default="switch",
+                   help="switch (default): HTTP/1.x connections are spliced raw while the port has no "
+                        "intercept; when one starts, each such connection moves to per-request routing at "
+                        "its next request (caller bytes after the app's answer; never after a 101 upgrade; "
+                        "a client that pipelines a request before the previous answer ends is not supported "
+                        "then); route: parse every request always; raw: splice them for good (keep-alive "
+                        "ones stay with the app)")
     p.add_argument("--api-server", default=None,
                    help="the API server's URL, to verify sessions' users (default: the in-cluster one)")
     p.add_argument("--api-ca", default=None, help="its CA file (default: the pod's service-account ca.crt)")
@@ -82,6 +85,7 @@ class Sidecar:
         self.sniff_timeout = args.sniff_timeout
         self.h2_always = args.h2_passthrough == "route"
         self.h1_always = args.http1_passthrough == "route"
+        self.h1_switch = args.http1_passthrough == "switch"
         self.mounts_root = os.path.abspath(args.mounts)
         self.pod = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()

@@ -5,8 +5,8 @@ of the same pod, the compiled-proxy peer of issue 13), interleaved in rounds so 
 machine's mood; latency, closed-loop throughput (wrk, then the Python client) with the CPU per
 request, bulk, the agent's CPU per GB, concurrency and gRPC. Every answer says how it reached the app
 (X-Bench-Hop): a direct row that crossed a proxy, or a proxied one that did not, is not counted.
-Then the agent again with ``--http1-passthrough raw`` (its default, route, parses HTTP/1 per request)
-next to HAProxy, wrk only."""
+Then the agent again with ``--http1-passthrough raw`` (its default, switch, splices raw too while no
+intercept holds the port, but watches for one; route parses HTTP/1 per request) next to HAProxy, wrk only."""
 from __future__ import annotations
 
 import json

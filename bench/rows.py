@@ -152,7 +152,7 @@ def targets(rows: dict) -> list[dict]:
         check("passthrough throughput / direct (req/s, wrk)", round(r, 3), ">= 0.85", r >= 0.85, **per_round(tp, td))
     else:
         check("passthrough throughput / direct (wrk)", None, ">= 0.85", None, "a row is unavailable")
-    for agent, proxy, what in (("passthrough_wrk", "haproxy_wrk", "route, the default"),
+    for agent, proxy, what in (("passthrough_wrk", "haproxy_wrk", "switch, the default"),
                                ("passthrough_raw_wrk", "haproxy_raw_wrk", "--http1-passthrough raw")):
         ta, th = v("throughput", agent), v("throughput", proxy)
         name = f"passthrough req/s / HAProxy req/s (wrk, agent {what})"

@@ -23,8 +23,9 @@ async def test_global_intercept_sends_new_connections_to_the_client_and_leave_re
         port = agent.port("http")
         async with RawSession(agent, m, "s1") as s:
             assert (await s.call("hello", session="s1", client="test"))["ports"][0]["name"] == "http"
-            # Stage: a keep-alive connection opened before the intercept is parsed per request
-            # (--http1-passthrough route, the default): its next request goes to the client too.
+            # Stage: a keep-alive connection opened before the intercept (spliced raw, then
+            # switched at its next request: --http1-passthrough switch, the default) has its
+            # next request go to the client too.
             async with Http1(port) as before:
                 await before.request("/")
                 answer = await s.intercept("all", "http", None, dev.port)

@@ -27,7 +27,7 @@ async def http_get(port: int, path: str) -> int:
 
 
 async def test_passthrough_http1_keepalive_and_bodies_reach_the_app(tmp_path):
-    # The raw splice path (--http1-passthrough raw; the default, route, parses and pools instead).
+    # The raw splice path (--http1-passthrough raw; the default, switch, is the same until an intercept starts).
     async with App("app") as app, run_agent(tmp_path, auth_material(), [f"0:{app.port}:http"],
                                             extra=["--http1-passthrough", "raw"]) as agent:
         async with Http1(agent.port("http")) as c:

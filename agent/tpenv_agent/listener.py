@@ -43,7 +43,8 @@ class _Entry(Half):
     connection, which is handed to the per-stream router even with no intercept yet, so an
     intercept started later still sees its streams (``--h2-passthrough route``, default).
     ``--http1-passthrough route`` does the same for HTTP/1.x (off by default: it costs the
-    request parsing on every passthrough request). Server-speaks-first protocols are not
+    request parsing on every passthrough request); ``switch`` (default) keeps HTTP/1.x raw
+    and arms it when an intercept starts (``arm``). Server-speaks-first protocols are not
     delayed: the app is connected before any caller byte is awaited.
     """
 

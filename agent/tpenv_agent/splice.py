@@ -12,7 +12,11 @@ asyncio's selector loop sees a BufferedProtocol and reads into the half's own bu
 (``recv_into``, nothing allocated per read); uvloop treats any ``asyncio.Protocol`` as a
 plain one and hands ``data_received`` a bytes object it made in C. On uvloop, once joined,
 ``data_received`` is the peer transport's ``write`` itself (``_shortcut``): a chunk crosses
-the agent without one Python frame.
+the agent without one Python frame. (uvloop takes the buffered path only for a protocol that is
+not an ``asyncio.Protocol``; it would not save the copy: its ``write`` keeps the object it is
+given until the loop iteration ends, so a reused buffer would need copying anyway.) The bytes
+object per read is a fresh 256000-byte allocation: ``main.keep_heap`` keeps glibc from
+faulting in new pages for each one.
 """
 from __future__ import annotations
 

@@ -183,11 +183,16 @@ def phase_passthrough(bench: Bench) -> None:
 
         def patch(ops: list[dict]) -> None:
             nonlocal pod0
+            old = bench.app_pod()
             kubectl("patch", "deployment", "bench-app", "--type=json", "-p", json.dumps(ops), ns=bench.ns)
             kubectl("rollout", "status", "deployment/bench-app", "--timeout=180s", ns=bench.ns, timeout=200)
+            # While the old pod terminates it may still answer the check below, and then refuse wrk's
+            # connections (both Services: HAProxy is in the same pod): wait until it is gone.
+            kubectl("wait", "--for=delete", f"pod/{old}", "--timeout=120s", ns=bench.ns, timeout=150, check=False)
             pod0 = bench.app_pod()
-            # Ready is not routed: until the Service answers through the new pod's agent.
+            # Ready is not routed: until each Service answers through the new pod.
             bench.routed(bench.app_ip, "proxy", "the agent's restart")
+            bench.routed(bench.haproxy_ip, "proxy", "HAProxy after the agent's restart")
 
         patch([{"op": "add", "path": path, "value": [*args, "--http1-passthrough", "raw"]}])
         try:

@@ -75,11 +75,13 @@ ROWS: list[tuple[str, str, str]] = [
     ("resources", "agent_cpu_per_gb_passthrough", "agent CPU s per GB in passthrough"),
     ("resources", "infra_cpu_per_gb", "API server + kubelet + containerd CPU s per GB through the intercept"),
     ("resources", "infra_cpu_per_gb_port_forward", "API server + kubelet + containerd CPU s per GB, kubectl port-forward"),
+    ("up", "injecting", "`tpenv up` -> first answer from the laptop, injecting the agent (s)"),
+    ("up", "rollout_floor", "plain rollout -> first answer from a new pod, the floor of the above (s)"),
 ]
 
 
 # The phases of a run, in the order they run; `--only` picks among them.
-PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header", "mirror")
+PHASES = ("loopback", "intercept", "passthrough", "port-forward", "header", "mirror", "up")
 
 
 
@@ -181,5 +183,11 @@ def targets(rows: dict) -> list[dict]:
     if bd and bpt:
         r = min(bpt["down_MBps"] / bd["down_MBps"], bpt["up_MBps"] / bd["up_MBps"])
         check("passthrough bulk / direct (worse direction)", round(r, 3), ">= 0.85", r >= 0.85)
+    ui, uf = v("up", "injecting"), v("up", "rollout_floor")
+    if ui and uf:  # issue 13: what tpenv adds to the rollout it causes (medians of the same runs)
+        d = ui["seconds"] - uf["seconds"]
+        check("up injecting - plain rollout floor (s)", round(d, 3), "<= 0.5", d <= 0.5)
+    else:
+        check("up injecting - plain rollout floor (s)", None, "<= 0.5", None, "a row is unavailable")
     return out
 

@@ -43,6 +43,7 @@ from bench.phase_baselines import phase_loopback, phase_port_forward  # noqa: E4
 from bench.phase_intercept import phase_header, phase_intercept  # noqa: E402
 from bench.phase_mirror import phase_mirror  # noqa: E402
 from bench.phase_passthrough import phase_passthrough  # noqa: E402
+from bench.phase_up import phase_up  # noqa: E402
 from bench.report import chart, markdown, result, table  # noqa: E402
 from bench.rows import PHASES, ROWS  # noqa: E402
 from bench.session import Bench  # noqa: E402
@@ -68,6 +69,8 @@ def run(bench: Bench) -> dict:
             phase_header(bench)
         if "mirror" in bench.only:
             phase_mirror(bench)
+        if "up" in bench.only:
+            phase_up(bench)
     except Exception as e:  # noqa: BLE001 - setup broke: every row not measured says so
         log(f"run stopped: {type(e).__name__}: {e}")
         bench.notes.append(f"run stopped: {type(e).__name__}: {e}")

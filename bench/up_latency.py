@@ -25,27 +25,22 @@ import datetime as dt
 import json
 import os
 import random
-import re
 import shutil
-import signal
-import statistics
 import string
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.cluster.images import agent_image_ref  # noqa: E402
+from bench.up_kit import (Stream, Up, answers, cluster, deploy, injecting_run, laptop, median,  # noqa: E402
+                          phases_median, pod_names)
 from tests.kit.kubectl import TEST_LABEL, apply, kubectl, kubectl_binary  # noqa: E402
-from tests.kit.apps import echo_app, set_version, testapp_image, write_handler  # noqa: E402
+from tests.kit.apps import set_version, testapp_image, write_handler  # noqa: E402
 
-TPENV = str(Path(sys.executable).parent / "tpenv")
 # The bound of every single wait (--timeout): past it, a run counts as failed, not as a figure.
 # tests/e2e/test_up_first_run.py holds a first `tpenv up` to it.
 WAIT = 90.0
@@ -55,136 +50,6 @@ TARGETS = {"up_to_first_answer_installed": 1.5, "up_to_first_answer_injecting": 
 
 def say(msg: str) -> None:
     print(f"[up-latency] {msg}", flush=True)
-
-
-class Stream:
-    """A line-producing subprocess; every line stamped with time.monotonic() as it arrives."""
-
-    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     cwd=cwd, start_new_session=True)
-        self.lines: list[tuple[float, str]] = []
-        self._cv = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._cv:
-                self.lines.append((time.monotonic(), line.rstrip("\n")))
-                self._cv.notify_all()
-
-    def first(self, pred: Callable[[str], bool], after: float, timeout: float) -> float | None:
-        """The stamp of the first line after ``after`` matching ``pred``; None on timeout."""
-        end = time.monotonic() + timeout
-        i = 0
-        with self._cv:
-            while True:
-                while i < len(self.lines):
-                    t, line = self.lines[i]
-                    i += 1
-                    if t >= after and pred(line):
-                        return t
-                left = end - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None and i >= len(self.lines):
-                    return None
-                self._cv.wait(min(left, 0.5))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(10)
-
-
-def answers(ns: str, url: str) -> Stream:
-    """The in-cluster client: curl in a loop, one JSON answer (or an empty line) per request."""
-    loop = f"while :; do curl -s -m 1 {url}; echo; sleep 0.02; done"
-    return Stream([kubectl_binary(), "-n", ns, "exec", "-i", "client", "--", "sh", "-c", loop])
-
-
-def laptop(version: str | None = None) -> Callable[[str], bool]:
-    def pred(line: str) -> bool:
-        try:
-            a = json.loads(line)
-        except ValueError:
-            return False
-        return a.get("source") == "laptop" and (version is None or a.get("version") == version)
-    return pred
-
-
-def cluster(line: str) -> bool:
-    try:
-        return json.loads(line).get("source") == "cluster"
-    except ValueError:
-        return False
-
-
-def pod_names(ns: str, app: str) -> set[str]:
-    return set(kubectl("get", "pods", "-l", f"app={app}", "-o", "jsonpath={.items[*].metadata.name}",
-                       ns=ns).stdout.split())
-
-
-def from_new_pod(old: set[str]) -> Callable[[str], bool]:
-    """An answer from the cluster's app in a pod not in ``old``."""
-    def pred(line: str) -> bool:
-        try:
-            a = json.loads(line)
-        except ValueError:
-            return False
-        return a.get("source") == "cluster" and a.get("pod") not in old
-    return pred
-
-
-def deploy(name: str, ns: str) -> None:
-    apply(echo_app(name), ns=ns)
-    kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
-
-
-class Up:
-    """`tpenv up` on a one-intercept telepresence.yaml in ``work``."""
-
-    def __init__(self, work: Path, ns: str, name: str, port: int) -> None:
-        self.work, self.ns, self.name, self.port = work, ns, name, port
-        (work / "telepresence.yaml").write_text(
-            f"apiVersion: tpenv/v1\nnamespace: {ns}\nintercepts:\n"
-            f"  - name: {name}\n    workload: deployment/{name}\n    port: {port}:web\n"
-            f"    env: {{set: {{PORT: \"{port}\", NAME: {name}}}}}\n    mount: false\n"
-            f"    run: {{command: [{sys.executable}, server.py], cwd: h, watch: [\"*.py\"]}}\n")
-        self.env = dict(os.environ, TPENV_AGENT_IMAGE=agent_image_ref(), TPENV_AGENT_IMAGE_PULL_POLICY="Never",
-                        TPENV_SESSION_STATE_DIR=str(work / "state"))
-        self.stream: Stream | None = None
-        self.started = 0.0
-
-    def start(self) -> float:
-        self.started = time.monotonic()
-        self.stream = Stream([TPENV, "up"], env=self.env, cwd=self.work)
-        return self.started
-
-    def stop(self) -> None:
-        assert self.stream is not None
-        rc = self.stream.stop(signal.SIGTERM)
-        if rc != 0:
-            raise RuntimeError(f"tpenv up exited {rc}:\n" + "\n".join(x for _, x in self.stream.lines[-40:]))
-
-    def marks(self) -> dict[str, float]:
-        """Where the time went: seconds from start to the first line of each phase."""
-        assert self.stream is not None
-        out: dict[str, float] = {}
-        phases = {"session": r"\] session ", "resolved": r"Using |Injecting|Waiting for deployment",
-                  "tunnel": r"intercept \S+ registered", "intercepting": r"\] intercepting ",
-                  "handler_spawned": r"\[handler/\S+\] running", "handler_listening": r"^\[handler/\S+\] serving"}
-        for key, rx in phases.items():
-            t = next((t for t, line in self.stream.lines if re.search(rx, line)), None)
-            if t is not None:
-                out[key] = round(t - self.started, 3)
-        return out
-
-
-def median(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 3) if xs else None
 
 
 def main() -> int:
@@ -290,35 +155,16 @@ def main() -> int:
             if warm.stream is not None and warm.stream.proc.poll() is None:
                 warm.stream.stop()
 
-        # -- 1b: up -> first answer, with injection (a fresh Deployment each run) --------------------
+        # -- 1b: up -> first answer, with injection (a fresh Deployment each run), after its floor --
         for i in range(runs):
-            name = f"fresh{i}"
-            deploy(name, ns)
-            up = Up(work, ns, name, port)
-            s = answers(ns, f"http://{name}.{ns}/")
-            try:
-                if s.first(cluster, time.monotonic(), to) is None:
-                    raise RuntimeError(f"{name} does not answer")
-                # The floor of (1b), without tpenv: a plain rollout of the same Deployment (a
-                # template annotation changed) -> the first answer from a new pod. Injection is
-                # such a rollout plus tpenv's own work; the difference is what tpenv adds.
-                old = pod_names(ns, name)
-                t_roll = time.monotonic()
-                kubectl("patch", "deployment", name, "-p", json.dumps(
-                    {"spec": {"template": {"metadata": {"annotations": {"bench.tpenv.io/roll": str(i)}}}}}), ns=ns)
-                t = s.first(from_new_pod(old), t_roll, to)
-                (extra["plain_rollout_to_new_pod_answer"].append(round(t - t_roll, 3)) if t else
-                 say(f"1b run {i}: the plain rollout's new pod did not answer within {to}s"))
-                kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
-                if s.first(cluster, time.monotonic(), to) is None:
-                    raise RuntimeError(f"{name} does not answer after its plain rollout")
-                first_answer(up, s, "injecting", "1b", i)
-                up.stop()
-            finally:
-                s.stop()
-                if up.stream is not None and up.stream.proc.poll() is None:
-                    up.stream.stop()
-            kubectl("delete", "deployment,service", name, "--wait=false", ns=ns, check=False)
+            r = injecting_run(ns, work, f"fresh{i}", port, to)
+            if r["floor_s"] is not None:
+                extra["plain_rollout_to_new_pod_answer"].append(r["floor_s"])
+            key = "up_to_first_answer_injecting"
+            (results[key].append(r["up_s"]) if r["up_s"] is not None else
+             failures[key].extend(f"run {i}: {f}" for f in r["failures"]))
+            marks["injecting"].append(r["marks"])
+            say(f"1b run {i}: floor {r['floor_s']}, up {r['up_s']}")
     finally:
         if not args.keep:
             kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
@@ -332,9 +178,7 @@ def main() -> int:
                      "met": m is not None and m <= target, "failures": failures[key]})
     report = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs": runs,
               "host": {"cpus": os.cpu_count(), "load": os.getloadavg()}, "figures": rows,
-              "phases_of_up": {k: {p: median([m[p] for m in v if p in m]) for p in
-                                   sorted({p for m in v for p in m}, key=lambda p: median([m[p] for m in v if p in m]))}
-                               for k, v in marks.items()},
+              "phases_of_up": {k: phases_median(v) for k, v in marks.items()},
               "pod_delete_to_ready_s": extra["pod_delete_to_ready"],
               "plain_rollout_to_new_pod_answer_s": extra["plain_rollout_to_new_pod_answer"],
               "injecting_minus_plain_rollout_s": (

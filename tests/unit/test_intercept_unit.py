@@ -2,6 +2,9 @@
 
 - its note is its current state: the rollout's last "Waiting for ..." line is replaced once the
   rollout is over, and cleared once the intercept serves (issue #19: no stale note);
+- the handler may start once the tunnels and the env are there, while the route probe still runs:
+  the unit says "serving" (runs and ready_hashes filled, a kube event) and is READY only once
+  routed (issue 13: the handler's start overlaps kube-proxy's sync);
 - the second Ctrl-C (Reconciler.abort) reaches the run's own abort, which kills sshfs and
   detaches the mount: cancelling the unit's task alone never ran it (issue #19).
 """
@@ -23,13 +26,16 @@ ROLLOUT_LINE = "Waiting for deployment/cart: 1/2 pods ready"
 
 
 class FakeRun:
-    """An InterceptRun that says one rollout line, then serves when the test says so."""
+    """An InterceptRun that says one rollout line, then serves when the test says so; routed at once
+    unless the test holds ``routed`` (cleared)."""
 
     made: list["FakeRun"] = []
 
     def __init__(self, kube, intercept, namespace, session_id, settings, *, progress=None, base_dir=None):
         self.progress = progress
         self.serving = asyncio.Event()
+        self.routed = asyncio.Event()
+        self.routed.set()
         self.started = asyncio.Event()
         self.aborted = 0
         self.stopped = 0
@@ -40,8 +46,11 @@ class FakeRun:
         self.progress(ROLLOUT_LINE)
         self.started.set()
 
-    async def wait_ready(self, timeout: float) -> None:
+    async def wait_ready(self, timeout: float, serving=None) -> None:
         await self.serving.wait()
+        if serving is not None:
+            serving()
+        await self.routed.wait()
 
     def is_ready(self) -> bool:
         return self.serving.is_set()
@@ -110,3 +119,28 @@ async def test_the_second_ctrl_c_reaches_the_runs_abort(fake_run):
         # -- stage 2: the second Ctrl-C: the run's abort (sshfs killed, lazy unmount) is called --
         rec.abort()
         assert fake_run.made[0].aborted == 1
+
+
+async def test_the_handler_may_start_before_the_route_probe_ends(fake_run):
+    events: list[tuple[str, str | None, str]] = []
+    sp = spec()
+    unit = sp.create(lambda ev: events.append((ev.kind, ev.detail, unit.health().state.value)))
+    await unit.start()
+    await until(lambda: fake_run.made and fake_run.made[0].started.is_set(), "the run started")
+    run = fake_run.made[0]
+    run.routed.clear()
+    assert sp.key not in sp.runs
+    run.serving.set()
+    # Tunnels and env ready: the handler's gate opens (desired.py reads ready_hashes on the kube event)...
+    await until(lambda: ("kube", "intercept serving", "pending") in events, "the serving event")
+    assert sp.runs[sp.key] is run and sp.ready_hashes[sp.key] == sp.spec_hash
+    # ...the state change first, so the reconciler runs its pass at once (a lone kube event is debounced)
+    i = events.index(("kube", "intercept serving", "pending"))
+    assert events[i - 1][0] == "unit_changed", events
+    # ...but the intercept itself is not ready until the node routes to the agents.
+    assert unit.health().state is State.PENDING
+    run.routed.set()
+    await until(lambda: unit.health().state is State.READY, "ready once routed")
+    assert [e for e in events if e[0] == "kube"] == [("kube", "intercept serving", "pending")]
+    await unit.stop()
+    assert sp.key not in sp.runs

@@ -171,7 +171,8 @@ class UpFactory:
             keys[ic.name] = spec.key
             contexts[spec.key] = context
             # A handler runs with its intercept's env: only once that intercept (as now specified)
-            # serves. Until then it is left out; the intercept's "ready" event brings it in.
+            # serves (tunnels and env ready; the route probe may still run). Until then it is left
+            # out; the intercept's "serving" event brings it in.
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
         placed = {id(fw): await self._place_or_down(config, uctx, fw) for fw in fwd_wanted}

@@ -97,14 +97,12 @@ class InterceptUnit(TaskUnit):
             timeout = s.settings.kube.rollout_timeout
             # The last progress line ("Waiting for ... pods ready") is over: say what is pending now.
             self.set_state(State.PENDING, detail="connecting to the agents, reading the env and mounting the volumes")
-            await self.irun.wait_ready(timeout)
-            s.runs[self.key] = self.irun
-            s.ready_hashes[self.key] = s.spec_hash
+            await self.irun.wait_ready(timeout, serving=self._serving)
+            self._serving()
             d = self.irun.describe()
             self.log.info("intercepting %s -> %s (%s)", d["service"], d["destination"],
                           "HTTP " + str(d["match"]) if d["match"] else "all TCP")
             self.set_state(State.READY)
-            self.notify(UnitEvent("kube", self.key, detail="intercept ready"))  # its handler may start
             if await _first_of(self._until_deleted(), stopping.wait()):
                 # Deleted (e.g. a redeploy: delete, then apply): start over, which waits for it
                 # to exist again and injects the agent into the new one.
@@ -115,6 +113,20 @@ class InterceptUnit(TaskUnit):
                 s.ready_hashes.pop(self.key, None)
             if self.irun is not None:
                 await self.irun.stop()
+
+    def _serving(self) -> None:
+        """Tunnels and env ready: the handler may start (its env is there), once. The unit itself
+        is READY only once the node routes to the agents (the route probe after our rollout):
+        starting the handler meanwhile overlaps its start with kube-proxy's sync."""
+        s = self.spec
+        if s.runs.get(self.key) is self.irun:
+            return
+        s.runs[self.key] = self.irun
+        s.ready_hashes[self.key] = s.spec_hash
+        # The state change first: the loop runs a pass at once for it and takes the kube event
+        # (its handler may start) along; a kube event alone waits out the debounce of a burst.
+        self.set_state(State.PENDING, detail="serving; checking that the node routes to the agents")
+        self.notify(UnitEvent("kube", self.key, detail="intercept serving"))
 
     async def _until_deleted(self) -> None:
         """Return when the intercepted workload is deleted. Outlives API server outages: a failed

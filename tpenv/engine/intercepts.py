@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,14 +256,19 @@ class InterceptRun:
         return bool(tunnels) and all(k in self.rec.running and self.rec.running[k].health().state is State.READY
                                      for k in tunnels)
 
-    async def wait_ready(self, timeout: float) -> None:
-        """Until every tunnel and the env are ready; the first unit error ends the wait."""
+    async def wait_ready(self, timeout: float, serving: Callable[[], None] | None = None) -> None:
+        """Until every tunnel and the env are ready and, after our rollout, the node routes to the
+        agents; the first unit error ends the wait. ``serving`` is called between the two: the
+        tunnels and the env are there, so what needs only them (``up`` starts the handler) starts
+        while kube-proxy catches up, as it would for a plain rollout (issue 13)."""
         assert self.rec is not None
         from tpenv.errors import TransientError
 
         ok = await self.rec.wait_until(
             lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout)
         if self.is_ready():
+            if serving is not None:
+                serving()
             await self._routed()
             return
         err = self.first_error()

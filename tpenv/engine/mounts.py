@@ -141,6 +141,23 @@ async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: fl
             exited.cancel()
 
 
+def sshfs_cache_options(seconds: int, read_size: int) -> list[str]:
+    """sshfs options for a mount whose files may be up to ``2 * seconds`` stale (docs/design.md).
+
+    sshfs's directory cache keeps the attributes a listing returned, so the stat of each listed
+    file is answered locally instead of by one SFTP round trip through the tunnel (that round
+    trip was the whole cost of a stat); the kernel's entry and attribute timeouts get the same
+    bound, and the two layers can only add up. The cache is sized past any directory we serve:
+    sshfs's default (10000 entries) evicts in the middle of a large listing.
+    ``read_size``: bytes per SFTP read/write request; sshfs's 32 KiB default costs a request's
+    fixed work in the agent and the pumps for every 32 KiB."""
+    sizes = [f"max_read={read_size}", f"max_write={read_size}"]
+    kernel = [f"entry_timeout={seconds}", f"attr_timeout={seconds}"]
+    if seconds < 1:
+        return ["dir_cache=no", *kernel, *sizes]
+    return ["dir_cache=yes", f"dcache_timeout={seconds}", "dcache_max_size=1000000", *kernel, *sizes]
+
+
 def _parent_is_tpenv(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -174,7 +191,8 @@ class SshfsMount:
         self._created_dir = False
         # follow_symlinks: ConfigMap, Secret and projected volumes are "..data" symlink farms; the
         # server resolves them, so the handler sees plain files (and needs no readlink support).
-        self._options = ["passive", "follow_symlinks", "dir_cache=no", *(extra_options or [])]
+        self._options = ["passive", "follow_symlinks", *sshfs_cache_options(m.cache_seconds, m.read_size),
+                         *(extra_options or [])]
         self._proc: asyncio.subprocess.Process | None = None
         self._channel: tuple[Any, Any] | None = None
         self._pumps: list[asyncio.Task] = []
@@ -303,7 +321,7 @@ class SshfsMount:
     async def _pump(self, src: Any, dst: Any, *, close: bool) -> None:
         try:
             while True:
-                data = await src.read(65536)
+                data = await src.read(262144)  # an sshfs reply of read_size bytes in one step
                 if not data:
                     break
                 dst.write(data)

@@ -189,5 +189,11 @@ def targets(rows: dict) -> list[dict]:
         check("up injecting - plain rollout floor (s)", round(d, 3), "<= 0.5", d <= 0.5)
     else:
         check("up injecting - plain rollout floor (s)", None, "<= 0.5", None, "a row is unavailable")
+    st = v("mount", "stat")  # issue 13: list a directory, then stat each file (an editor's or a build's walk)
+    if st:
+        ms = st["us_per_file"] / 1000
+        check("mount stat per file after a listing (ms)", round(ms, 3), "<= 0.2", ms <= 0.2)
+    else:
+        check("mount stat per file after a listing (ms)", None, "<= 0.2", None, "a row is unavailable")
     return out
 

@@ -148,8 +148,8 @@ class MountSettings(_Section):
         "Whole seconds an sshfs mount caches what the pod said: the names and attributes a directory listing "
         "brought (sshfs's directory cache, so a stat of every listed file costs no round trip to the pod), then "
         "the kernel's attribute and name caches (1 s is the kernel's own default for FUSE). A file created, "
-        "changed or removed in the pod shows up locally within twice this (both layers back to back): 2 s at "
-        "the default. 0: no cache, every stat and lookup asks the pod."))
+        "changed or removed in the pod shows up locally within twice this plus 1 s (both layers back to back, "
+        "sshfs counting whole seconds): 3 s at the default. 0: no cache, every stat and lookup asks the pod."))
     read_size: int = Field(128 * 1024, ge=4096, le=1024 * 1024, description=(
         "Bytes sshfs asks the pod for in one SFTP read or write request (sshfs's default is 32 KiB). Larger requests "
         "mean fewer round trips through the tunnel and less per-request work in the agent for sequential I/O."))

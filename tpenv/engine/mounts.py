@@ -142,7 +142,8 @@ async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: fl
 
 
 def sshfs_cache_options(seconds: int, read_size: int) -> list[str]:
-    """sshfs options for a mount whose files may be up to ``2 * seconds`` stale (docs/design.md).
+    """sshfs options for a mount whose files may be up to ``2 * seconds + 1`` s stale (docs/design.md;
+    sshfs keeps its cache times in whole seconds, hence the 1).
 
     sshfs's directory cache keeps the attributes a listing returned, so the stat of each listed
     file is answered locally instead of by one SFTP round trip through the tunnel (that round

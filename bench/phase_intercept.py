@@ -97,7 +97,13 @@ def phase_intercept(bench: Bench) -> None:
         bench.step("intercept: head-of-line", [("hol", "intercept")],
                    lambda: bench.put("hol", "intercept",
                                      bench.checked(bench.cluster([bench.hol("hol", ip, port)])[0], "laptop")), again)
-        bench.step("intercept: mount", mkeys, lambda: mount(bench, st["ic"], st["pod"]), again)
+        def mount_step() -> None:
+            # --profile: the client's pumps and the agent's SFTP server over the whole step
+            # (the pod-side file preparation included, which the agent does not take part in).
+            with bench.profile("intercept-mount", st["who"]):
+                mount(bench, st["ic"], st["pod"])
+
+        bench.step("intercept: mount", mkeys, mount_step, again)
     finally:
         if bench.ic is not None:
             bench.ic.stop()

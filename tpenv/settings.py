@@ -150,9 +150,10 @@ class MountSettings(_Section):
         "the kernel's attribute and name caches (1 s is the kernel's own default for FUSE). A file created, "
         "changed or removed in the pod shows up locally within twice this plus 1 s (both layers back to back, "
         "sshfs counting whole seconds): 3 s at the default. 0: no cache, every stat and lookup asks the pod."))
-    read_size: int = Field(128 * 1024, ge=4096, le=1024 * 1024, description=(
-        "Bytes sshfs asks the pod for in one SFTP read or write request (sshfs's default is 32 KiB). Larger requests "
-        "mean fewer round trips through the tunnel and less per-request work in the agent for sequential I/O."))
+    read_size: int = Field(64 * 1024, ge=4096, le=64 * 1024, description=(
+        "Bytes sshfs asks the pod for in one SFTP read or write request (sshfs's default is 32 KiB, its most "
+        "64 KiB). Larger requests mean fewer round trips through the tunnel and less per-request work in the "
+        "agent and the pumps for sequential I/O."))
 
     sync_interval: float = Field(2.0, gt=0, description=(
         "Seconds between two polls of the pod's volumes in sync mode (changes made in the pod show up locally "

@@ -33,7 +33,8 @@ from typing import Any, Awaitable, Callable
 
 from tpenv.config.models import MOUNT_MODES
 from tpenv.engine.units import State, UnitState
-from tpenv.kits.mounttable import bounded_run, is_mounted, mount_entry, sshfs_serving
+from tpenv.kits.mounttable import bounded_run, is_mounted, mount_entry, parent_is_tpenv, sshfs_serving
+from tpenv.kits.sshfs import sshfs_cache_options, widen_pipes
 from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
 from tpenv.settings import Settings
 
@@ -141,41 +142,11 @@ async def _wait_mounted(path: str, proc: asyncio.subprocess.Process, timeout: fl
             exited.cancel()
 
 
-def sshfs_cache_options(seconds: int, read_size: int) -> list[str]:
-    """sshfs options for a mount whose files may be up to ``2 * seconds + 1`` s stale (docs/design.md;
-    sshfs keeps its cache times in whole seconds, hence the 1).
-
-    sshfs's directory cache keeps the attributes a listing returned, so the stat of each listed
-    file is answered locally instead of by one SFTP round trip through the tunnel (that round
-    trip was the whole cost of a stat); the kernel's entry and attribute timeouts get the same
-    bound, and the two layers can only add up. The cache is sized past any directory we serve:
-    sshfs's default (10000 entries) evicts in the middle of a large listing.
-    ``read_size``: bytes per SFTP read/write request; sshfs's 32 KiB default costs a request's
-    fixed work in the agent and the pumps for every 32 KiB (sshfs 3.7 takes at most 64 KiB)."""
-    sizes = [f"max_read={read_size}", f"max_write={read_size}"]
-    kernel = [f"entry_timeout={seconds}", f"attr_timeout={seconds}"]
-    if seconds < 1:
-        return ["dir_cache=no", *kernel, *sizes]
-    return ["dir_cache=yes", f"dcache_timeout={seconds}", "dcache_max_size=1000000", *kernel, *sizes]
-
-
-def _parent_is_tpenv(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
-        with open(f"/proc/{ppid}/cmdline", "rb") as f:
-            return b"tpenv" in f.read()
-    except (OSError, ValueError, IndexError):
-        return False
-
-
 class SshfsMount:
     """One sshfs mount of the agent's volumes; a unit with start/stop/health.
 
-    ``path``: the local directory (created if missing; must be empty). None: a fresh temp dir,
-    like Telepresence's ``telfs-*``.
-    """
+    ``path``: the local directory (created if missing; must be empty). None: a fresh temp dir, like
+    Telepresence's ``telfs-*``."""
 
     def __init__(self, open_sftp: OpenSftp, path: str | Path | None, *, name: str,
                  key: tuple = (), extra_options: list[str] | None = None, settings: Settings | None = None,
@@ -193,7 +164,7 @@ class SshfsMount:
         # follow_symlinks: ConfigMap, Secret and projected volumes are "..data" symlink farms; the
         # server resolves them, so the handler sees plain files (and needs no readlink support).
         self._options = ["passive", "follow_symlinks", *sshfs_cache_options(m.cache_seconds, m.read_size),
-                         *(extra_options or [])]
+                         *(extra_options or [])]  # cache_seconds: the staleness bound (docs/design.md)
         self._proc: asyncio.subprocess.Process | None = None
         self._channel: tuple[Any, Any] | None = None
         self._pumps: list[asyncio.Task] = []
@@ -235,6 +206,7 @@ class SshfsMount:
                 sshfs, "-f", "-o", ",".join(self._options), f"tpenv-agent:{self.remote}", str(self.path),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)  # a Ctrl-C to our group must not kill sshfs before we unmount
+            widen_pipes(self._proc)
             self._pumps = [asyncio.ensure_future(self._pump(reader, self._proc.stdin, close=True)),
                            asyncio.ensure_future(self._pump(self._proc.stdout, writer, close=False)),
                            asyncio.ensure_future(self._collect_stderr())]
@@ -303,7 +275,7 @@ class SshfsMount:
         assert self.path is not None
         entry = mount_entry(self.path)
         users = sshfs_serving(self.path)
-        orphans = [pid for pid in users if not _parent_is_tpenv(pid)]  # its tpenv was killed
+        orphans = [pid for pid in users if not parent_is_tpenv(pid)]  # its tpenv was killed
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -84,3 +84,13 @@ async def bounded_run(argv: list[str], timeout: float) -> tuple[int | None, str]
     return p.returncode, err.decode(errors="replace").strip()
 
 
+def parent_is_tpenv(pid: int) -> bool:
+    """The parent of ``pid`` is a tpenv process (its sshfs is still served, not orphaned)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            return b"tpenv" in f.read()
+    except (OSError, ValueError, IndexError):
+        return False

@@ -1,0 +1,40 @@
+"""sshfs's options and pipes for a mount over a tunnel (issue 13): what it caches and how much
+it moves per request. The staleness bound these set is documented in docs/design.md, "Mounts"."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+
+
+def sshfs_cache_options(seconds: int, read_size: int) -> list[str]:
+    """sshfs options for a mount whose files may be up to ``2 * seconds + 1`` s stale (docs/design.md;
+    sshfs keeps its cache times in whole seconds, hence the 1).
+
+    sshfs's directory cache keeps the attributes a listing returned, so the stat of each listed
+    file is answered locally instead of by one SFTP round trip through the tunnel (that round
+    trip was the whole cost of a stat); the kernel's entry and attribute timeouts get the same
+    bound, and the two layers can only add up. The cache is sized past any directory we serve:
+    sshfs's default (10000 entries) evicts in the middle of a large listing.
+    ``read_size``: bytes per SFTP read/write request; sshfs's 32 KiB default costs a request's
+    fixed work in the agent and the pumps for every 32 KiB (sshfs 3.7 takes at most 64 KiB)."""
+    sizes = [f"max_read={read_size}", f"max_write={read_size}"]
+    kernel = [f"entry_timeout={seconds}", f"attr_timeout={seconds}"]
+    if seconds < 1:
+        return ["dir_cache=no", *kernel, *sizes]
+    return ["dir_cache=yes", f"dcache_timeout={seconds}", "dcache_max_size=1000000", *kernel, *sizes]
+
+
+PIPE_BYTES = 1 << 20  # Linux's pipe-max-size default: what an unprivileged process may ask for
+
+
+def widen_pipes(proc: asyncio.subprocess.Process) -> None:
+    """sshfs's stdin/stdout pipes to 1 MiB: a 64 KiB pipe (the default) holds less than one SFTP
+    read reply with its header, so each reply was two writes and a wake-up of both sides."""
+    transport = getattr(proc, "_transport", None)  # asyncio keeps the pipes' transports there only
+    for fd in (0, 1):
+        pipe_transport = transport.get_pipe_transport(fd) if transport is not None else None
+        pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
+        if pipe is not None:
+            with contextlib.suppress(OSError):  # above pipe-max-size or an old kernel: keep the default
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)

@@ -26,7 +26,7 @@ def test_a_change_in_the_pod_shows_up_within_the_cache_bound(namespace, tmp_path
     ns = namespace
     store_app(ns)
     vol = tmp_path / "store.vol"
-    run = Intercepting(tmp_path, "store", "--port", "18484:web", "-n", ns, "--mount", str(vol))
+    run = Intercepting(tmp_path, "store", "--port", "18485:web", "-n", ns, "--mount", str(vol))
     try:
         info = run.ready()
         pod = info["pods"][0]

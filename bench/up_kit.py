@@ -153,6 +153,9 @@ class Up:
     def marks(self) -> dict[str, float]:
         """Where the time went: seconds from start to the first line of each phase."""
         assert self.stream is not None
+        # The handler starts before the route is probed, so the first answer can come before `up`
+        # says "intercepting": wait for that line (bounded) so every phase is in every run.
+        self.stream.first(lambda line: re.search(PHASES["intercepting"], line) is not None, self.started, 15)
         out: dict[str, float] = {}
         for key, rx in PHASES.items():
             t = next((t for t, line in self.stream.lines if re.search(rx, line)), None)

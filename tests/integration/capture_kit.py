@@ -91,7 +91,9 @@ def as_user(user: str, *argv: str) -> list[str]:
     want = f"{sys.version_info.major}.{sys.version_info.minor}"
     got = sh(py, "-c", "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')", check=False)
     assert got.stdout.strip() == want, f"the tests need {py} {want} (the venv's version) for user {user}: apt-get install python3"
-    path = os.pathsep.join([str(ROOT), *site.getsitepackages()])
+    # The checkout's two packages (tpenv, and agent/tpenv_agent which the client imports too): the
+    # venv finds them through its editable-install .pth hooks, which PYTHONPATH entries never run.
+    path = os.pathsep.join([str(ROOT), str(ROOT / "agent"), *site.getsitepackages()])
     return ["runuser", "-u", user, "--", "env", f"PYTHONPATH={path}", py, *argv]
 
 

@@ -82,6 +82,10 @@ class TunnelSettings(_Section):
     leave_drain: float = Field(15.0, ge=0, description=(
         "On leave, seconds to let connections and requests already sent to this machine finish before the "
         "tunnel closes (new ones go to the app at once)."))
+    streams: int = Field(4, ge=0, le=32, description=(
+        "Port-forward streams parked at each intercepted pod's agent: an intercepted connection takes one and its "
+        "bytes cross without SSH or other connections in the way; a taken one is replaced at once. While none is "
+        "parked, connections ride the tunnel's SSH connection. 0 turns them off."))
 
 
 class PortForwardSettings(_Section):

@@ -119,8 +119,18 @@ class ControlChannel:
             "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
             "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
             "lease": sc.lease,
-            "features": ["mirror", "route-probe"],
+            "features": ["mirror", "route-probe", *(["streams"] if self._streams() else [])],
+            **self._streams(),
         }
+
+    def _streams(self) -> dict[str, Any]:
+        """Where and how this session parks port-forward streams (streams.py), if it can."""
+        port = self.sidecar.stream_port
+        if port is None or port.port is None:
+            return {}
+        if self.state.stream_token is None:
+            self.state.stream_token = port.register(self.state)
+        return {"streams": {"port": port.port, "token": self.state.stream_token}}
 
     async def _identify(self, token: Any) -> None:
         """The session's user, from the cluster (identity.py). A token the cluster rejects is

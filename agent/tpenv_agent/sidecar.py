@@ -25,6 +25,7 @@ from .listener import PortListener
 from .registry import PortSpec, Registry
 from .restorer import Restorer
 from .routeprobe import ProbeRecord
+from .streams import StreamPort
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -41,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    metavar="AGENT_PORT:APP_PORT[:NAME]", help="one per intercepted port")
     p.add_argument("--ssh", type=_hostport, default=(SSH_HOST, SSH_PORT), metavar="HOST:PORT")
     p.add_argument("--health", type=_hostport, default=None, metavar="HOST:PORT")
+    p.add_argument("--streams", type=_hostport, default=(SSH_HOST, 0), metavar="HOST:PORT",
+                   help="loopback port where clients park port-forward streams for intercepted connections "
+                        "(port 0: any, told to each session in its hello answer); 'off:0' turns it off")
     p.add_argument("--auth-dir", default="/tpenv/auth")
     p.add_argument("--mounts", default="/tpenv/mounts")
     p.add_argument("--lease", type=float, default=5.0, help="seconds without a ping before intercepts end")
@@ -100,6 +104,7 @@ class Sidecar:
         self._image_env = envreport.load_image_env(args.image_env)
         self._listeners: list[PortListener] = []
         self._ssh: Any = None
+        self.stream_port: StreamPort | None = None
         self._health: HealthServer | None = None
         self._closed = asyncio.Event()
         self.restorer: Restorer | None = None
@@ -134,11 +139,20 @@ class Sidecar:
         self.registry.ports[:] = specs
         self._ssh = await sshd.start(self, *self.args.ssh, self.args.auth_dir)
         ssh_port = self._ssh.sockets[0].getsockname()[1]
+        if self.args.streams[0] != "off":
+            port = StreamPort()
+            try:
+                await port.start(*self.args.streams)
+                self.stream_port = port
+            except OSError as e:  # a fast path only: SSH channels carry everything without it
+                self.log.warning("stream port %s:%d not bound (%s): intercepted connections go over SSH only",
+                                 *self.args.streams, e)
         if self.restorer is not None:
             self.restorer.start()
         self.ready.set()
         self.log.info("ready: %d listener(s), ssh and health up", len(bound))
-        return {"ready": True, "ssh": ssh_port, "health": health_port, "listeners": bound}
+        return {"ready": True, "ssh": ssh_port, "health": health_port, "listeners": bound,
+                "streams": self.stream_port.port if self.stream_port is not None else None}
 
     def app_env(self) -> dict[str, str]:
         return envreport.app_env(self._image_env)
@@ -168,6 +182,8 @@ class Sidecar:
             lst.close()
         if self._ssh is not None:
             self._ssh.close()
+        if self.stream_port is not None:
+            self.stream_port.close()
         if self._health is not None:
             self._health.close()
 
@@ -179,6 +195,8 @@ class Sidecar:
             await lst.wait_closed()
         if self._ssh is not None:
             await self._ssh.wait_closed()
+        if self.stream_port is not None:
+            await self.stream_port.wait_closed()
         if self._health is not None:
             await self._health.wait_closed()
 

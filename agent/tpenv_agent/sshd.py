@@ -8,7 +8,9 @@ opening a socket (``server_requested`` returns a socketless listener): the agent
 """
 from __future__ import annotations
 
+import asyncio
 import os
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import asyncssh
@@ -17,6 +19,7 @@ from . import log as logs
 from .control import ControlChannel
 from .sftp import ConfinedSFTPServer
 from .splice import Buffered
+from . import streams as parked
 from .sshtuning import CHANNEL_OPTIONS, CIPHERS
 
 if TYPE_CHECKING:
@@ -68,6 +71,12 @@ class ConnState(CertOnlyServer):
         self.username = ""
         self.forwards: set[tuple[str, int]] = set()
         self.controls: list[ControlChannel] = []
+        # Port-forward streams this session parked, and those carrying connections (streams.py).
+        self.streams: deque = deque()
+        self.live_streams: dict[int, Any] = {}
+        self.events: Any = None  # its tpenv-streams channel, once open
+        self.stream_token: str | None = None
+        self.next_stream = 0
         self._next_dynamic = 40000
         self.log = logs.unit("ssh", "server")
 
@@ -77,6 +86,11 @@ class ConnState(CertOnlyServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sidecar.ssh_conns.pop(self.conn, None)
+        if self.sidecar.stream_port is not None:
+            self.sidecar.stream_port.forget(self)
+        for s in [*self.streams, *self.live_streams.values()]:  # streams die with their session
+            s.abort()
+        self.streams.clear()
         for ctl in list(self.controls):
             ctl.end("SSH connection lost")
         if self.username:
@@ -95,10 +109,21 @@ class ConnState(CertOnlyServer):
         conn = self.conn
 
         async def open_streams(orig: tuple[str, int] = ("", 0)) -> tuple[Buffered, Any]:
+            if self.streams:  # a parked port-forward stream first: no SSH in the path (streams.py)
+                loop = asyncio.get_running_loop()
+                reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+                proto = asyncio.StreamReaderProtocol(reader, loop=loop)
+                transport = await parked.take(self, forward[1], orig, proto)
+                if transport is not None:
+                    return Buffered(reader), asyncio.StreamWriter(transport, proto, reader, loop)
             r, w = await conn.open_connection(forward[0], forward[1], orig[0], orig[1], **CHANNEL_OPTIONS)
             return Buffered(r), w
 
         async def open_session(factory: Callable[[], Any], orig: tuple[str, int] = ("", 0)) -> Any:
+            if self.streams:
+                session = factory()
+                if await parked.take(self, forward[1], orig, session) is not None:
+                    return session
             _, session = await conn.create_connection(factory, forward[0], forward[1], orig[0], orig[1],
                                                       **CHANNEL_OPTIONS)
             return session
@@ -141,8 +166,11 @@ async def start(sidecar: "Sidecar", host: str, port: int, auth_dir: str) -> Any:
 
     async def process(proc: Any) -> None:
         state = sidecar.ssh_conns.get(proc.get_extra_info("connection"))
+        if proc.subsystem == "tpenv-streams" and state is not None and sidecar.stream_port is not None:
+            await parked.Events(state, proc).run()
+            return
         if proc.subsystem != "tpenv-control" or state is None:
-            proc.stderr.write(b"only the tpenv-control and sftp subsystems are served\n")
+            proc.stderr.write(b"only the tpenv-control, tpenv-streams and sftp subsystems are served\n")
             proc.exit(1)
             return
         await ControlChannel(sidecar, state, proc).run()

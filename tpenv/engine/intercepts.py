@@ -149,7 +149,7 @@ class InterceptRun:
             spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
                               pod["metadata"]["uid"], self.session_id, self.material, self.registrations(),
                               ssh_port=s.agent.ssh_port, connect_timeout=s.tunnels.connect_timeout,
-                              leave_drain=s.tunnels.leave_drain)
+                              leave_drain=s.tunnels.leave_drain, streams=s.tunnels.streams)
             specs[spec.key] = spec
         pods = self.ready_pods()
         if pods:

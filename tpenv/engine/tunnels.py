@@ -101,6 +101,7 @@ class TunnelSpec:
     ssh_port: int = AgentSettings().ssh_port
     connect_timeout: float = TunnelSettings().connect_timeout
     leave_drain: float = TunnelSettings().leave_drain
+    streams: int = TunnelSettings().streams
 
     @property
     def key(self) -> Key:
@@ -143,7 +144,7 @@ class TunnelUnit:
         self._state.set(State.STARTING, detail=f"port-forward to {s.pod}:{s.ssh_port}")
         session = AgentSession(s.session_id, ca_key=s.material["ca_key"], host_key_pub=s.material["host_key.pub"],
                                host=s.pod, port=s.ssh_port, tunnel=self.tunnel, connect_timeout=s.connect_timeout,
-                               token=s.kube.bearer_token())
+                               token=s.kube.bearer_token(), streams=s.streams)
         try:
             await session.connect()
             for r in s.registrations:

@@ -37,6 +37,7 @@ from typing import Any
 import asyncssh
 from asyncssh.constants import OPEN_CONNECT_FAILED
 
+from tpenv.kits.agent_streams import StreamPool
 from tpenv.kits.sshjson import JsonChannelSession
 from tpenv.logs import unit_logger
 from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
@@ -157,7 +158,7 @@ class AgentSession(JsonChannelSession):
     def __init__(self, session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey, host_key_pub: bytes | str,
                  host: str = "127.0.0.1", port: int = SSH_PORT, tunnel: Any = None,
                  client_version: str = CLIENT_VERSION, connect_timeout: float = CONNECT_TIMEOUT,
-                 token: str | None = None) -> None:
+                 token: str | None = None, streams: int = 0) -> None:
         if ":" in session_id or not session_id:
             raise UsageError(f"bad session id {session_id!r}: it may not be empty or contain ':'")
         super().__init__(unit_logger("agent", session_id), what="agent session",
@@ -176,6 +177,12 @@ class AgentSession(JsonChannelSession):
         self._inflight: dict[str, _Inflight] = {}
         # Mirror counters of this session's intercepts, by intercept id, from the last ping answer.
         self.mirror_stats: dict[str, dict[str, int]] = {}
+        # Port-forward streams parked at the agent once this session intercepts (agent_streams.py):
+        # how many, the pool, and each forward port's (handler port, in-flight counter).
+        self._stream_count = streams
+        self.streams: StreamPool | None = None
+        self._routes: dict[int, tuple[int, _Inflight]] = {}
+        self._route_port: dict[str, int] = {}
 
     @property
     def cipher(self) -> str | None:
@@ -204,6 +211,34 @@ class AgentSession(JsonChannelSession):
         self._tasks.append(asyncio.ensure_future(self._ping_loop(lease / 5, lease)))
         self.log.info("connected to pod %s (%s)", self.info.get("pod"), self.cipher)
         return self.info
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams.close()
+        super().close()
+
+    async def _start_streams(self) -> None:
+        """Park streams at the agent, if it offers them and this session wants some. Only a fast
+        path: when the agent refuses the channel, intercepted connections use SSH channels."""
+        offer = self.info.get("streams")
+        if self.streams is not None or self._stream_count <= 0 or not isinstance(offer, dict) \
+                or "streams" not in (self.info.get("features") or []):
+            return
+        assert self._conn is not None
+        try:
+            stdin, stdout, _ = await self._conn.open_session(subsystem="tpenv-streams", encoding=None)
+        except (OSError, asyncssh.Error) as e:
+            self.log.info("the agent refused the streams channel (%s): SSH channels only", e)
+            self._stream_count = 0
+            return
+        if self._tunnel is not None:
+            connect = self._tunnel.create_connection
+        else:
+            connect = asyncio.get_running_loop().create_connection
+        self.streams = StreamPool(connect, self._host, int(offer["port"]), str(offer["token"]), self._routes.get,
+                                  size=self._stream_count, log=self.log, events_writer=stdin)
+        self._tasks.append(asyncio.ensure_future(self.streams.read_events(stdout)))
+        self.streams.start()
 
     # --- control channel ---------------------------------------------------------------
     async def _ping_loop(self, every: float, lease: float) -> None:
@@ -280,8 +315,14 @@ class AgentSession(JsonChannelSession):
             raise
         old = self._forwards.pop(name, None)
         self._forwards[name] = listener
+        self._routes[listen_port] = (local_port, inflight)
+        old_port = self._route_port.pop(name, None)
+        self._route_port[name] = listen_port
+        if old_port is not None:
+            self._routes.pop(old_port, None)
         if old is not None:
             old.close()
+        await self._start_streams()
         return answer["intercept"]
 
     async def leave(self, name: str, *, intercept_id: str | None = None, force: bool = False,
@@ -302,6 +343,9 @@ class AgentSession(JsonChannelSession):
         listener = self._forwards.pop(name, None)
         if listener is not None:
             listener.close()
+        port = self._route_port.pop(name, None)
+        if port is not None:  # a stream offered from now on is refused too
+            self._routes.pop(port, None)
         await self._drain(name, inflight, deadline)
 
     async def _drain(self, name: str, inflight: _Inflight | None, deadline: float) -> None:

@@ -401,7 +401,7 @@ async def run_agent(tmp: Path, material: dict[str, bytes], listens: list[str], *
     auth = write_auth_dir(tmp / "auth", material)
     mounts = tmp / "mounts"
     mounts.mkdir(exist_ok=True)
-    args = [PYTHON, "-m", "tpenv_agent", "sidecar", "--container", "app", "--ssh", "127.0.0.1:0",
+    args = [PYTHON, "-m", "tpenv_agent", "sidecar", "--container", "app", "--ssh", "127.0.0.1:0", "--streams", "127.0.0.1:0",
             "--health", "127.0.0.1:0", "--auth-dir", str(auth), "--mounts", str(mounts), "--lease", str(lease),
             "--bind-host", "127.0.0.1", "--image-env", str(tmp / "image-env.json"), "--sniff-timeout", "0.5"]
     for spec in listens:

@@ -25,6 +25,9 @@ MOUNTS_ROOT = "/tpenv/mounts"
 # which the client dials and the kubelet probes, so they travel with the injection, never apart.
 SSH_HOST = "127.0.0.1"  # loopback only (protocol §1): reached through pods/portforward
 SSH_PORT = 7922
+# Where clients park port-forward streams (streams.py), on the loopback too. A fixed port, not
+# port 0: an ephemeral one could be the very port the app binds after the agent started.
+STREAMS_PORT = 7923
 HEALTH_PORT = 7921
 
 # The agent's user when the app gives none to borrow (the image's USER, "nonroot" by convention).

@@ -10,7 +10,7 @@ so each reads in one sitting; inject.py is the only user of these private helper
 from __future__ import annotations
 
 from . import inpod
-from .agentspec import AGENT_CONTAINER, AUTH_VOLUME, LABEL_AGENT, agent_container, auth_volume
+from .agentspec import AGENT_CONTAINER, AUTH_VOLUME, LABEL_AGENT, STREAMS_PORT, agent_container, auth_volume
 from .inpod import MODE_REDIRECT
 
 FIRST_AGENT_PORT = 7900
@@ -110,7 +110,7 @@ def _pick_container(spec: dict, target: int | str, explicit: str | None, where: 
 
 
 def _used_ports(spec: dict, settings: dict) -> set[int]:
-    used = {settings["ssh_port"], settings["health_port"]}
+    used = {settings["ssh_port"], settings["health_port"], STREAMS_PORT}
     for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
         used.update(p.get("containerPort") for p in c.get("ports") or [])
     return used

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from . import envreport
-from .agentspec import SSH_HOST, SSH_PORT
+from .agentspec import SSH_HOST, SSH_PORT, STREAMS_PORT
 from . import log as logs
 from . import sshd
 from .health import HealthServer
@@ -42,9 +42,9 @@ def parser() -> argparse.ArgumentParser:
                    metavar="AGENT_PORT:APP_PORT[:NAME]", help="one per intercepted port")
     p.add_argument("--ssh", type=_hostport, default=(SSH_HOST, SSH_PORT), metavar="HOST:PORT")
     p.add_argument("--health", type=_hostport, default=None, metavar="HOST:PORT")
-    p.add_argument("--streams", type=_hostport, default=(SSH_HOST, 0), metavar="HOST:PORT",
+    p.add_argument("--streams", type=_hostport, default=(SSH_HOST, STREAMS_PORT), metavar="HOST:PORT",
                    help="loopback port where clients park port-forward streams for intercepted connections "
-                        "(port 0: any, told to each session in its hello answer); 'off:0' turns it off")
+                        "(told to each session in its hello answer); 'off:0' turns it off")
     p.add_argument("--auth-dir", default="/tpenv/auth")
     p.add_argument("--mounts", default="/tpenv/mounts")
     p.add_argument("--lease", type=float, default=5.0, help="seconds without a ping before intercepts end")

@@ -211,6 +211,7 @@ class ClientStream(asyncio.Protocol):
             self.local.transport.abort()  # type: ignore[union-attr]
             return
         self.phase = "joined"
+        self.pool.log.debug("stream %d joined to 127.0.0.1:%d", self.sid, local_port)
         self.transport.write(b"+")
         self.local.transport.resume_reading()  # type: ignore[union-attr]
         self._maybe_eof()

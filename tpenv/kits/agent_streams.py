@@ -51,7 +51,9 @@ class StreamPool:
         self._failing = False
 
     def start(self) -> None:
-        for _ in range(self.size - self.parked):
+        # One at a time: the first fill happens while `up` waits for its route probe and first
+        # answer, on the same cores; each open stream then asks for the next (``_open``).
+        if self.parked < self.size:
             self._park()
 
     def _park(self, delay: float = 0.0) -> None:
@@ -72,6 +74,9 @@ class StreamPool:
         except Exception as e:  # the SSH path carries the connections meanwhile
             self.parked -= 1
             self._failed(f"{type(e).__name__}: {e}")
+            return
+        if self.parked < self.size:
+            self._park()
 
     def _failed(self, why: str) -> None:
         if not self._failing:

@@ -138,7 +138,53 @@ class Events:
                 pass
 
 
-class Stream(asyncio.Protocol):
+class EofLedger:
+    """The out-of-band EOF bookkeeping of one taken stream, the same at both ends (this agent's
+    :class:`Stream`, the client's ``tpenv.kits.agent_streams.ClientStream``). A subclass counts
+    ``received`` as it delivers bytes, calls :meth:`remote_eof` when the peer's EOF message
+    comes and :meth:`local_eof` when its own side ended, and says what passing an EOF on
+    (``_give_eof``), sending one (``_send_eof``) and ending the stream (``_done``) mean."""
+
+    phase = ""
+    received = 0  # bytes of the peer's direction delivered on this side
+    eof_at: int | None = None  # the peer's bytes in all, once it ended its direction
+    eof_given = False
+    eof_sent = False
+
+    def remote_eof(self, count: int) -> None:
+        if self.eof_at is None:
+            self.eof_at = count
+            self._maybe_eof()
+
+    def _maybe_eof(self) -> None:
+        # Not before joined: the message can overtake the stream's own bytes (another path).
+        if self.phase != "joined" or self.eof_at is None or self.eof_given or self.received < self.eof_at:
+            return
+        self.eof_given = True
+        self._give_eof()
+        self._maybe_done()
+
+    def local_eof(self) -> None:
+        if not self.eof_sent:
+            self.eof_sent = True
+            self._send_eof()
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.eof_sent and self.eof_given:
+            self._done()
+
+    def _give_eof(self) -> None:
+        raise NotImplementedError
+
+    def _send_eof(self) -> None:
+        raise NotImplementedError
+
+    def _done(self) -> None:
+        raise NotImplementedError
+
+
+class Stream(EofLedger, asyncio.Protocol):
     """One connection to the stream port, for its whole life: its hello, parked, taken (waiting
     for the client's ``+``), then joined to a protocol of ours through :class:`StreamTransport`."""
 
@@ -154,10 +200,6 @@ class Stream(asyncio.Protocol):
         self.sid = 0
         self.user: Any = None  # the protocol driving a taken stream
         self.facade: StreamTransport | None = None
-        self.received = 0  # bytes passed to ``user``
-        self.eof_at: int | None = None  # the client's bytes in all, once it ended its direction
-        self.eof_given = False
-        self.eof_sent = False
 
     # --- the raw connection ----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -260,34 +302,20 @@ class Stream(asyncio.Protocol):
         if self.phase == "joined":
             self.user.resume_writing()
 
-    # --- out-of-band EOFs ------------------------------------------------------------------
-    def remote_eof(self, count: int) -> None:
-        if self.eof_at is None:
-            self.eof_at = count
-            self._maybe_eof()
-
-    def _maybe_eof(self) -> None:
-        if self.eof_at is None or self.eof_given or self.received < self.eof_at:
-            return
-        self.eof_given = True
-        keep = self.user.eof_received()
-        if not keep:
+    # --- out-of-band EOFs (EofLedger) -------------------------------------------------------
+    def _give_eof(self) -> None:
+        if not self.user.eof_received():
             self.transport.close()
-        self._maybe_done()
 
-    def local_eof(self) -> None:
-        if self.eof_sent:
-            return
-        self.eof_sent = True
+    def _send_eof(self) -> None:
         events = self.state.events if self.state is not None else None
         if events is None:
             self.transport.close()
             return
         events.send_eof(self.sid, self.facade.sent if self.facade is not None else 0)
-        self._maybe_done()
 
-    def _maybe_done(self) -> None:
-        if self.eof_sent and self.eof_given and not self.transport.is_closing():
+    def _done(self) -> None:
+        if not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
@@ -368,6 +396,7 @@ async def take(state: "ConnState", forward_port: int, orig: tuple[str, int], pro
             continue
         state.next_stream += 1
         s.sid, s.phase = state.next_stream, "taken"
+        state.live_streams[s.sid] = s  # from now on: the client's EOF message may come early
         s.ack = asyncio.get_running_loop().create_future()
         s.transport.write(f"{s.sid} {forward_port} {orig[0] or '-'} {int(orig[1] or 0)}\n".encode("ascii"))
         try:
@@ -381,10 +410,10 @@ async def take(state: "ConnState", forward_port: int, orig: tuple[str, int], pro
             raise ConnectionResetError(f"stream {s.sid} closed before it was joined")
         s.user, s.phase = protocol, "joined"
         s.facade = StreamTransport(s)
-        state.live_streams[s.sid] = s
         protocol.connection_made(s.facade)
         if s.buf:
             early, s.buf = bytes(s.buf), bytearray()
             s.data_received(early)
+        s._maybe_eof()  # an EOF message that came before the join
         return s.facade
     return None

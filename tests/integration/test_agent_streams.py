@@ -159,3 +159,23 @@ async def test_the_stream_port_takes_nothing_without_the_sessions_token(tmp_path
         async with session(m, agent, "s2") as s2:
             assert s2.info["streams"]["token"] != token
             assert await attempt(b"TPENV-STREAM 1 " + token.encode() + b"\n") == b""
+
+
+async def test_a_handler_that_closes_at_once_ends_each_caller_promptly(tmp_path):
+    """The handler's EOF message (0 bytes) can reach the agent before the stream is joined there:
+    it must be kept for the join, not dropped (the caller would wait for an EOF forever)."""
+
+    async def closes(reader, writer):
+        writer.close()
+
+    server = await asyncio.start_server(closes, "127.0.0.1", 0)
+    m = make_auth_material()
+    async with server, App("app") as app, run_agent(tmp_path, m, [f"0:{app.port}:tcp"]) as agent:
+        async with session(m, agent, streams=2) as s:
+            await s.intercept("t", "tcp", None, server.sockets[0].getsockname()[1])
+            for _ in range(30):
+                await asyncio.wait_for(parked(s, 1), 10)
+                r, w = await asyncio.open_connection("127.0.0.1", agent.port("tcp"))
+                assert await asyncio.wait_for(r.read(), 10) == b""
+                w.close()
+            assert s.streams.taken >= 10

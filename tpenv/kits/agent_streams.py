@@ -21,6 +21,7 @@ import re
 from typing import Any, Callable
 
 from tpenv.kits.aio import Backoff
+from tpenv_agent.streams import EofLedger
 
 MAGIC = b"TPENV-STREAM 1 "
 MAX_HEADER = 300
@@ -141,7 +142,7 @@ class StreamPool:
             stream.abort()
 
 
-class ClientStream(asyncio.Protocol):
+class ClientStream(EofLedger, asyncio.Protocol):
     """One parked stream: hello, wait for the agent's line, then splice to the local handler."""
 
     def __init__(self, pool: StreamPool) -> None:
@@ -152,11 +153,7 @@ class ClientStream(asyncio.Protocol):
         self.sid = 0
         self.local: LocalHalf | None = None
         self.inflight: Any = None
-        self.received = 0  # bytes from the agent written to the handler
-        self.sent = 0  # bytes from the handler written to the agent
-        self.eof_at: int | None = None
-        self.eof_given = False
-        self.eof_sent = False
+        self.sent = 0  # bytes from the handler written to the agent (``received``: the other way)
 
     # --- the port-forward stream -----------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -248,32 +245,19 @@ class ClientStream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # --- out-of-band EOFs ------------------------------------------------------------------
-    def remote_eof(self, count: int) -> None:
-        if self.eof_at is None:
-            self.eof_at = count
-            self._maybe_eof()
-
-    def _maybe_eof(self) -> None:
-        if self.phase != "joined" or self.eof_at is None or self.eof_given or self.received < self.eof_at:
-            return
-        self.eof_given = True
+    # --- out-of-band EOFs (EofLedger) -------------------------------------------------------
+    def _give_eof(self) -> None:
         try:
             self.local.transport.write_eof()  # type: ignore[union-attr]
         except (OSError, RuntimeError):
             self.local.transport.close()  # type: ignore[union-attr]
-        self._maybe_done()
 
-    def local_eof(self) -> None:
-        if not self.eof_sent:
-            self.eof_sent = True
-            self.pool.send_eof(self.sid, self.sent)
-            self._maybe_done()
+    def _send_eof(self) -> None:
+        self.pool.send_eof(self.sid, self.sent)
 
-    def _maybe_done(self) -> None:
-        if self.eof_sent and self.eof_given:
-            self.transport.close()
-            self.local.transport.close()  # type: ignore[union-attr]
+    def _done(self) -> None:
+        self.transport.close()
+        self.local.transport.close()  # type: ignore[union-attr]
 
 
 class LocalHalf(asyncio.Protocol):

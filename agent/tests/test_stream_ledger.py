@@ -1,7 +1,7 @@
 """The out-of-band EOF bookkeeping both ends of a parked stream keep (streams.EofLedger): pure logic."""
 from __future__ import annotations
 
-from tpenv_agent.streams import EofLedger
+from tpenv_agent.streams import EofLedger, eof_line, parse_eof
 
 
 class Ledger(EofLedger):
@@ -47,3 +47,10 @@ def test_done_waits_for_both_directions():
     assert led.calls == ["send"]
     led.remote_eof(0)
     assert led.calls == ["send", "give", "done"]
+
+
+def test_eof_messages_round_trip_and_anything_else_is_ignored():
+    assert parse_eof(eof_line(7, 123)) == (7, 123)
+    for bad in (b"", b"not json\n", b"[1]\n", b'{"eof": "7", "bytes": 1}\n', b'{"eof": true, "bytes": 1}\n',
+                b'{"eof": 7}\n'):
+        assert parse_eof(bad) is None, bad

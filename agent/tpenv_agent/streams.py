@@ -96,6 +96,23 @@ class StreamPort:
             await self._server.wait_closed()
 
 
+def eof_line(sid: int, count: int) -> bytes:
+    """The ``tpenv-streams`` message: stream ``sid``'s sender ended after ``count`` bytes in all."""
+    return json.dumps({"eof": sid, "bytes": count}).encode() + b"\n"
+
+
+def parse_eof(line: bytes) -> tuple[int, int] | None:
+    """(sid, count) of a ``tpenv-streams`` line; None for anything else (ignored, as both ends do)."""
+    try:
+        msg = json.loads(line)
+        sid, count = msg["eof"], msg["bytes"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(sid, int) and isinstance(count, int) and not isinstance(sid, bool) and not isinstance(count, bool):
+        return sid, count
+    return None
+
+
 class Events:
     """One session's ``tpenv-streams`` channel: out-of-band EOFs, both ways, JSON lines."""
 
@@ -105,7 +122,7 @@ class Events:
 
     def send_eof(self, sid: int, count: int) -> None:
         try:
-            self.process.stdout.write(json.dumps({"eof": sid, "bytes": count}).encode() + b"\n")
+            self.process.stdout.write(eof_line(sid, count))
         except (OSError, RuntimeError, BrokenPipeError) as e:
             self.log.info("eof of stream %d not sent: %s", sid, type(e).__name__)
 
@@ -116,15 +133,10 @@ class Events:
                 line = await self.process.stdin.readline()
                 if not line:
                     break
-                try:
-                    msg = json.loads(line)
-                    sid, count = msg["eof"], msg["bytes"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if isinstance(sid, int) and isinstance(count, int):
-                    stream = self.state.live_streams.get(sid)
-                    if stream is not None:
-                        stream.remote_eof(count)
+                eof = parse_eof(line)
+                stream = self.state.live_streams.get(eof[0]) if eof is not None else None
+                if stream is not None:
+                    stream.remote_eof(eof[1])  # type: ignore[index]
         except (OSError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -16,12 +16,11 @@ meanwhile the agent uses SSH channels.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any, Callable
 
 from tpenv.kits.aio import Backoff
-from tpenv_agent.streams import EofLedger
+from tpenv_agent.streams import EofLedger, eof_line, parse_eof
 
 MAGIC = b"TPENV-STREAM 1 "
 MAX_HEADER = 300
@@ -106,7 +105,7 @@ class StreamPool:
 
     def send_eof(self, sid: int, count: int) -> None:
         try:
-            self._events.write(json.dumps({"eof": sid, "bytes": count}).encode() + b"\n")
+            self._events.write(eof_line(sid, count))
         except Exception as e:  # the channel is gone: the session is ending; close the stream
             self.log.debug("eof of stream %d not sent: %s", sid, e)
             stream = self.live.get(sid)
@@ -124,13 +123,9 @@ class StreamPool:
             line = await reader.readline()
             if not line:
                 return
-            try:
-                msg = json.loads(line)
-                sid, count = msg["eof"], msg["bytes"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            if isinstance(sid, int) and isinstance(count, int):
-                self.remote_eof(sid, count)
+            eof = parse_eof(line)
+            if eof is not None:
+                self.remote_eof(*eof)
 
     def close(self) -> None:
         if self._closed:

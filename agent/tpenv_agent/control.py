@@ -115,12 +115,13 @@ class ControlChannel:
         self.log.info("hello from client %s, user %s%s", str(req.get("client", "?"))[:40], self.user,
                       "" if self.verified else " (unverified)")
         sc = self.sidecar
+        streams = self._streams()
         return {"user": self.user, "verified": self.verified,
             "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
             "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
             "lease": sc.lease,
-            "features": ["mirror", "route-probe", *(["streams"] if self._streams() else [])],
-            **self._streams(),
+            "features": ["mirror", "route-probe", *(["streams"] if streams else [])],
+            **streams,
         }
 
     def _streams(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """``tpenv-agent sidecar``: listeners, SSH server and health server of one pod's agent.
 
 Prints one JSON line on stdout when ready, ``{"ready": true, "ssh": port, "health": port,
-"listeners": {name: agent_port}}``, so a parent that bound port 0 learns the real ports
-without polling. Logs are JSON lines on stderr.
+"listeners": {name: agent_port}, "streams": port or null}``, so a parent that bound port 0
+learns the real ports without polling. Logs are JSON lines on stderr.
 """
 from __future__ import annotations
 

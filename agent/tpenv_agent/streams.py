@@ -53,7 +53,6 @@ class StreamPort:
     def __init__(self) -> None:
         self.sessions: dict[bytes, "ConnState"] = {}
         self.pending = 0
-        self.refused = 0
         self.log = logs.unit("streams", "port")
         self._server: asyncio.AbstractServer | None = None
 
@@ -217,7 +216,6 @@ class Stream(EofLedger, asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if self.port.pending >= MAX_PENDING:
-            self.port.refused += 1
             transport.abort()
             return
         self.port.pending += 1
@@ -234,7 +232,6 @@ class Stream(EofLedger, asyncio.Protocol):
 
     def _refuse(self, why: str) -> None:
         self._settled()
-        self.port.refused += 1
         self.port.log.info("stream refused: %s", why)
         self.transport.abort()
 
@@ -273,7 +270,6 @@ class Stream(EofLedger, asyncio.Protocol):
             return
         self._settled()
         if len(state.streams) >= MAX_PARKED:
-            self.port.refused += 1
             self.transport.abort()
             return
         self.state, self.phase = state, "parked"
@@ -369,8 +365,6 @@ class StreamTransport(asyncio.Transport):
         return self._real.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "tpenv_stream":
-            return self._s.sid
         return self._real.get_extra_info(name, default)
 
     def pause_reading(self) -> None:

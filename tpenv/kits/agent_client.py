@@ -182,7 +182,6 @@ class AgentSession(JsonChannelSession):
         self._stream_count = streams
         self.streams: StreamPool | None = None
         self._routes: dict[int, tuple[int, _Inflight]] = {}
-        self._route_port: dict[str, int] = {}
 
     @property
     def cipher(self) -> str | None:
@@ -316,11 +315,8 @@ class AgentSession(JsonChannelSession):
         old = self._forwards.pop(name, None)
         self._forwards[name] = listener
         self._routes[listen_port] = (local_port, inflight)
-        old_port = self._route_port.pop(name, None)
-        self._route_port[name] = listen_port
-        if old_port is not None:
-            self._routes.pop(old_port, None)
         if old is not None:
+            self._routes.pop(old.get_port(), None)
             old.close()
         await self._start_streams()
         return answer["intercept"]
@@ -343,9 +339,7 @@ class AgentSession(JsonChannelSession):
         listener = self._forwards.pop(name, None)
         if listener is not None:
             listener.close()
-        port = self._route_port.pop(name, None)
-        if port is not None:  # a stream offered from now on is refused too
-            self._routes.pop(port, None)
+            self._routes.pop(listener.get_port(), None)  # a stream offered from now on is refused too
         await self._drain(name, inflight, deadline)
 
     async def _drain(self, name: str, inflight: _Inflight | None, deadline: float) -> None:

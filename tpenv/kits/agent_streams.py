@@ -20,9 +20,8 @@ import re
 from typing import Any, Callable
 
 from tpenv.kits.aio import Backoff
-from tpenv_agent.streams import EofLedger, eof_line, parse_eof
+from tpenv_agent.streams import MAGIC, EofLedger, eof_line, parse_eof
 
-MAGIC = b"TPENV-STREAM 1 "
 MAX_HEADER = 300
 HEADER = re.compile(rb"(\d{1,9}) (\d{1,5}) (\S{1,255}) (\d{1,5})")
 

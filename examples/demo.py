@@ -79,6 +79,19 @@ def ask_until(path: str, side: str, tries: int, delay: float) -> str:
     return answer
 
 
+def replace_stale_client(image: str) -> None:
+    """An earlier run's client pod is reused only while it runs this checkout's image. A bare pod
+    with restartPolicy Never does not come back from a node restart (it stays Unknown or Failed for
+    good), and `kubectl run` would only say AlreadyExists: the demo then waited on a dead pod."""
+    state = kubectl("-n", NS, "get", "pod", "demo-client", "--ignore-not-found",
+                    "-o", "jsonpath={.status.phase} {.spec.containers[0].image}", check=False).split()
+    if not state or state == ["Running", image]:
+        return
+    say(f"replacing the previous run's demo-client pod ({' '.join(state)})")
+    kubectl("-n", NS, "delete", "pod", "demo-client", "--ignore-not-found", "--grace-period=1",
+            "--wait=true", "--timeout=60s", timeout=90)
+
+
 def deploy() -> None:
     deadline = time.monotonic() + 180
     while kubectl("get", "namespace", NS, "-o", "jsonpath={.status.phase}", check=False) == "Terminating":
@@ -92,7 +105,9 @@ def deploy() -> None:
     from tests.kit.apps import testapp_image  # noqa: PLC0415 - after kubectl_cmd put the repo on the path
 
     # The client pod gets this checkout's test app tag; k8s.yaml keeps the documented :dev alias.
-    kubectl("-n", NS, "run", "demo-client", f"--image={testapp_image()}", "--image-pull-policy=Never",
+    image = testapp_image()
+    replace_stale_client(image)
+    kubectl("-n", NS, "run", "demo-client", f"--image={image}", "--image-pull-policy=Never",
             "--restart=Never", "--command", "--", "sleep", "infinity", check=False)
     kubectl("-n", NS, "rollout", "status", "deployment/hello", "--timeout=180s", timeout=200)
     kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/demo-client", "--timeout=120s", timeout=150)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.pytest_plugin import wait_until
+from tests.kit.apps import testapp_image
 from tests.kit.kubectl import kubectl_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +71,27 @@ def test_demo_ctrl_c_in_a_terminal_stops_tpenv_up_cleanly(kubeconfig):
                        capture_output=True, timeout=150)
 
 
+def _plant_dead_client(kubectl_bin: str) -> None:
+    """What a node restart leaves of an earlier demo: its namespace, and a client pod (a bare pod,
+    restartPolicy Never) that is never Ready again. Here it is one whose command failed."""
+    wait_until("an earlier demo namespace to be gone", lambda: subprocess.run(
+        [kubectl_bin, "get", "namespace", "tpenv-demo", "-o", "jsonpath={.status.phase}"],
+        capture_output=True, text=True, timeout=30).stdout != "Terminating", timeout=180)
+    subprocess.run([kubectl_bin, "create", "namespace", "tpenv-demo"], capture_output=True, timeout=30)
+    subprocess.run([kubectl_bin, "-n", "tpenv-demo", "delete", "pod", "demo-client", "--ignore-not-found",
+                    "--wait=true"], capture_output=True, check=True, timeout=90)
+    subprocess.run([kubectl_bin, "-n", "tpenv-demo", "run", "demo-client", f"--image={testapp_image()}",
+                    "--image-pull-policy=Never", "--restart=Never", "--command", "--", "false"],
+                   capture_output=True, check=True, timeout=30)
+    wait_until("the planted client pod to fail", lambda: subprocess.run(
+        [kubectl_bin, "-n", "tpenv-demo", "get", "pod", "demo-client", "-o", "jsonpath={.status.phase}"],
+        capture_output=True, text=True, timeout=30).stdout == "Failed", timeout=60)
+
+
 def test_demo_once_is_answered_by_the_laptop_and_cleans_up(kubeconfig):
+    # -- stage 0: an earlier run's dead client pod is in the way (CI once failed on exactly that) ---
+    _plant_dead_client(kubectl_binary())
+
     # -- stage 1: the command exactly as the README gives it (KUBECONFIG is set by the fixture) ---
     cp = subprocess.run(["python3", str(ROOT / "devspace.py"), "demo", "--once"], cwd=ROOT,
                         capture_output=True, text=True, timeout=380)
@@ -79,6 +100,7 @@ def test_demo_once_is_answered_by_the_laptop_and_cleans_up(kubeconfig):
 
     # -- stage 2: what it reports: the cluster before, this machine during, the cluster after ---
     lines = [line for line in out.splitlines() if line.startswith("demo: ")]
+    assert any("replacing the previous run's demo-client pod (Failed" in line for line in lines), lines
     assert any("before tpenv" in line and "the cluster (pod hello-" in line for line in lines), lines
     assert any("with tpenv up" in line and "this machine: 'hello from the laptop /from-the-cluster'" in line
                for line in lines), lines

@@ -287,15 +287,16 @@ async def get_once(port: int, path: str = "/", headers: dict[str, str] | None = 
 class H2Caller:
     """An h2c caller multiplexing streams on one connection (like a gRPC channel)."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.port, self.source = port, source
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self._streams: dict[int, dict] = {}
         self._task: asyncio.Task | None = None
         self._window = asyncio.Event()
 
     async def __aenter__(self) -> "H2Caller":
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(self.source, 0) if self.source else None)
         self.conn.initiate_connection()
         self.writer.write(self.conn.data_to_send())
         self._task = asyncio.ensure_future(self._read())

@@ -1,7 +1,8 @@
 """``/livez`` and ``/readyz`` on the health port, nothing else (contract §1).
 
 ``/livez`` answers while the event loop runs; ``/readyz`` once the sidecar says it is ready
-(listeners and SSH bound).
+(listeners and SSH bound). A request sent by the kubelet (``User-Agent: kube-probe/...``) tells
+where the kubelet's probes come from in this pod (kubelet.py).
 """
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import asyncio
 
 from . import log as logs
 from .bind import listen_socket
+from .kubelet import PROBE_AGENT, KubeletPeers
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, ready: asyncio.Event) -> None:
-        self.host, self.port, self.ready = host, port, ready
+    def __init__(self, host: str, port: int, ready: asyncio.Event, kubelet: KubeletPeers | None = None) -> None:
+        self.host, self.port, self.ready, self.kubelet = host, port, ready, kubelet
         self._server: asyncio.AbstractServer | None = None
         self.log = logs.unit("health", "http")
 
@@ -25,8 +27,12 @@ class HealthServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
+            probe = False
+            while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = header.partition(b":")
+                probe = probe or (name.strip().lower() == b"user-agent" and value.strip().startswith(PROBE_AGENT))
+            if probe and self.kubelet is not None:
+                self.kubelet.saw_probe(writer.get_extra_info("peername"))
             parts = line.split()
             path = parts[1].decode("latin-1") if len(parts) >= 2 else ""
             if path == "/livez":

@@ -4,7 +4,8 @@ registry says, at the moment it arrives.
 - No intercept on the port: raw splice to the app (``splice.Half``), the hot path. With
   ``--http1-passthrough switch`` (default) an HTTP/1 splice is armed when an intercept starts
   on the port and moves to per-request routing at its next request (``_Entry.arm``).
-- Only an all-TCP intercept: raw splice to a channel to its client (app if that fails).
+- Only an all-TCP intercept: raw splice to a channel to its client (app if that fails);
+  connections from where the kubelet probes are sniffed as below, so probes reach the app.
 - Header intercepts: sniff the first bytes: HTTP/1.x -> per request, h2c preface -> per
   stream, anything else (or nothing within ``sniff_timeout``: a server-speaks-first
   protocol) -> the all-TCP holder or the app.
@@ -70,7 +71,9 @@ class _Entry(Half):
             transport.abort()
             return
         header, holder = lst.sidecar.registry.on_port(lst.spec)
-        if header:
+        if header or (holder is not None and transport.get_extra_info("peername") in lst.sidecar.kubelet):
+            # Requests are looked at: header rules need it, and under an all-TCP intercept the
+            # kubelet's probes must reach the app, not the laptop (kubelet.py).
             lst.sniff(transport)
             return
         super().connection_made(transport)  # paused until the other half is up
@@ -339,6 +342,9 @@ class PortListener:
             first = b""
         except (OSError, ConnectionError):
             close_writer(writer)
+            return
+        if not first and reader.eof:
+            close_writer(writer)  # closed without a byte (a tcpSocket probe): nothing to deliver
             return
         if first.startswith(PREFACE):
             await H2Router(reader, writer, self._route_h2, self._open_h2_dest, self.log).run()

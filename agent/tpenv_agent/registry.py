@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .kubelet import is_probe
+
 try:
     import re2 as _re2
 except ImportError:  # pragma: no cover - the image and pyproject install it; fail loudly when used
@@ -269,7 +271,10 @@ class Registry:
     def route_request(self, port: PortSpec, headers: dict[bytes, list[bytes]], path: bytes) -> Intercept | None:
         """Header intercepts first, then the all-TCP holder; None means the app. A request
         carrying a personal header goes first to the intercept it names, whatever was registered
-        before it: a broader rule never takes another developer's personal traffic. Mirrors never route."""
+        before it: a broader rule never takes another developer's personal traffic. Mirrors never route.
+        The kubelet's probes always go to the app (kubelet.py)."""
+        if is_probe(headers):
+            return None
         header, holder = self.on_port(port)
         named = headers.get(PERSONAL_HEADER.encode())
         if named:
@@ -283,7 +288,10 @@ class Registry:
         return holder
 
     def mirrors(self, port: PortSpec, headers: dict[bytes, list[bytes]], path: bytes) -> list[Intercept]:
-        """The mirror intercepts that want a copy of this request (no rule: every request)."""
+        """The mirror intercepts that want a copy of this request (no rule: every request but the
+        kubelet's probes)."""
+        if is_probe(headers):
+            return []
         return [i for i in self._by_id.values() if i.port is port and i.mirror
                 and (i.match is None or i.match.matches(headers, path))]
 

@@ -20,6 +20,7 @@ from .agentspec import SSH_HOST, SSH_PORT, STREAMS_PORT
 from . import log as logs
 from . import sshd
 from .health import HealthServer
+from .kubelet import KubeletPeers
 from .identity import ApiServer
 from .listener import PortListener
 from .registry import PortSpec, Registry
@@ -95,6 +96,7 @@ class Sidecar:
         self.namespace = os.environ.get("POD_NAMESPACE") or _sa_namespace()
         self.registry = Registry(list(args.listen))
         self.probes = ProbeRecord()  # route probes seen by the listeners (routeprobe.py)
+        self.kubelet = KubeletPeers()  # where the kubelet's probes come from (kubelet.py)
         # Intercepts ended because their client vanished, until the next intercept (control.py).
         self.abandoned: list[dict[str, Any]] = []
         self.api = ApiServer(args.api_server, args.api_ca)
@@ -123,7 +125,7 @@ class Sidecar:
         # Health first, so /livez answers while the rest comes up.
         health_port = None
         if self.args.health is not None:
-            self._health = HealthServer(*self.args.health, self.ready)
+            self._health = HealthServer(*self.args.health, self.ready, self.kubelet)
             health_port = await self._health.start()
         bound = {}
         specs = []

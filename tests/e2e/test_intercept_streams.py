@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import socketserver
 import threading
@@ -116,3 +117,7 @@ def test_half_closed_bulk_rides_a_parked_stream_intact(namespace, tmp_path):
     err = "".join(run.drained_stderr())
     assert rc == 0, err[-3000:]
     assert "joined to 127.0.0.1:%d" % handler.port in err, err[-3000:]
+    # ... each on a SPDY session of its own, as the SSH connection (kits/portforward.py: isolated
+    # connections); a parked stream's session closes when its stream has ended.
+    if os.environ.get("TPENV_PORTFORWARD_PROTOCOL", "auto") != "websocket":
+        assert err.count(f"[spdy/{ns}/{pod}] session open") >= 2, err[-3000:]

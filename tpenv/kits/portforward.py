@@ -30,6 +30,16 @@ tunnel to it goes straight to SPDY) and logs it once at info level. A 404 (no su
 an RBAC 403 stay errors. ``websocket`` or ``spdy`` forces one protocol. The transport handed
 to asyncssh or a StreamReader behaves the same either way; with SPDY one session (one TLS
 connection, one upgrade) carries every stream the tunnel opens.
+
+Isolated connections (:meth:`PodTunnel.isolated`: an agent's SSH connection, a parked stream;
+the bulk of an intercept's bytes) are the other way round under ``auto``: SPDY first, on a
+session of their own, WebSocket when this API server refuses SPDY (remembered likewise; a
+kubeconfig ``proxy-url`` goes to WebSocket at once). The kubelet's WebSocket port-forward ends
+in ``golang.org/x/net/websocket``, which unmasks every byte a client sends in a loop of its
+own, one byte at a time: with WebSocket the container runtime's one goroutine per stream was
+what bounded an intercept's laptop-to-cluster bulk (docs/performance.md). SPDY frames need no
+unmasking; a session per connection keeps a bulk transfer from queueing another connection's
+small answers behind it (head-of-line), as one WebSocket per stream did.
 """
 from __future__ import annotations
 
@@ -231,6 +241,7 @@ PROTOCOLS = ("auto", "websocket", "spdy")
 _ENV = "TPENV_PORTFORWARD_PROTOCOL"
 # API servers that refused the WebSocket upgrade, by (host, proxy): their tunnels go straight to SPDY.
 _refused_websocket: dict[tuple[str, str | None], str] = {}
+_refused_spdy: dict[tuple[str, str | None], str] = {}  # API servers that refused SPDY (isolated connections)
 
 
 def configured_protocol(env: Any = None) -> str:
@@ -252,6 +263,31 @@ def remember_refusal(kube: KubeAccess, why: str) -> None:
         _refused_websocket[key] = why
         log.info("the API server at %s refused the WebSocket port-forward (%s); using SPDY/3.1 for its "
                  "port-forwards from now on", key[0], why)
+
+
+def remember_spdy_refusal(kube: KubeAccess, why: str) -> None:
+    """Note that this API server refuses SPDY port-forward (logged once per server)."""
+    key = _server_key(kube)
+    if key not in _refused_spdy:
+        _refused_spdy[key] = why
+        log.info("the API server at %s refused the SPDY port-forward (%s); isolated connections use "
+                 "WebSocket from now on", key[0], why)
+
+
+class IsolatedTunnel:
+    """A :class:`PodTunnel` for connections that must not share a pipe with others (see the module
+    docstring); an asyncssh ``tunnel`` like the tunnel itself, which owns what it opens."""
+
+    def __init__(self, tunnel: "PodTunnel") -> None:
+        self.tunnel = tunnel
+        self.logger = tunnel.logger
+
+    def __repr__(self) -> str:
+        return repr(self.tunnel)
+
+    async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
+                                host: str, port: int) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        return await self.tunnel.create_connection(protocol_factory, host, port, isolated=True)
 
 
 class PodTunnel:
@@ -285,28 +321,69 @@ class PodTunnel:
         """What the next stream will use: SPDY when forced or when this API server refused WebSocket."""
         return self.protocol == "spdy" or (self.protocol == "auto" and _server_key(self.kube) in _refused_websocket)
 
+    def isolated(self) -> IsolatedTunnel:
+        """This tunnel for connections that get a pipe of their own (module docstring)."""
+        return IsolatedTunnel(self)
+
+    def _isolated_spdy(self) -> bool:
+        if self.protocol != "auto":
+            return self.protocol == "spdy"
+        return _server_key(self.kube) not in _refused_spdy and not getattr(self.kube, "proxy", None)
+
     async def create_connection(self, protocol_factory: Callable[[], asyncio.BaseProtocol],
-                                host: str, port: int) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+                                host: str, port: int, *, isolated: bool = False,
+                                ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """A stream to ``port`` in the pod (``host`` is ignored). ``isolated``: SPDY first, on a
+        session of its own (see the module docstring)."""
         name, peer = f"{self.namespace}/{self.pod}:{port}", (f"{self.pod}.{self.namespace}", port)
+        if isolated:
+            if self._isolated_spdy():
+                try:
+                    return await self._own_session(protocol_factory, port, name, peer)
+                except spdy.SpdyRefused as e:
+                    if self.protocol != "auto":
+                        raise
+                    remember_spdy_refusal(self.kube, str(e))
+            return await self._websocket(protocol_factory, port, name, peer)
         if not self.uses_spdy:
             try:
-                ws = await open_websocket(self.kube, self.namespace, self.pod, port, open_timeout=self.open_timeout)
+                return await self._websocket(protocol_factory, port, name, peer)
             except WebSocketRefused as e:
                 if self.protocol != "auto":
                     raise
                 remember_refusal(self.kube, f"HTTP {e.status}")
-            else:
-                protocol = protocol_factory()
-                transport = PortForwardTransport(ws, protocol, name=name, peer=peer,
-                                                 on_lost=self._transports.discard)
-                self._transports.add(transport)
-                protocol.connection_made(transport)
-                transport.start()
-                return transport, protocol
         session = await self._spdy_session()
         transport, protocol = await spdy.open_portforward(
             session, protocol_factory, port, name=name, peer=peer, open_timeout=self.open_timeout,
             on_lost=self._transports.discard)
+        if not transport.is_closing():
+            self._transports.add(transport)
+        return transport, protocol
+
+    async def _websocket(self, protocol_factory: Callable[[], asyncio.BaseProtocol], port: int, name: str,
+                         peer: tuple[str, int]) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        ws = await open_websocket(self.kube, self.namespace, self.pod, port, open_timeout=self.open_timeout)
+        protocol = protocol_factory()
+        transport = PortForwardTransport(ws, protocol, name=name, peer=peer, on_lost=self._transports.discard)
+        self._transports.add(transport)
+        protocol.connection_made(transport)
+        transport.start()
+        return transport, protocol
+
+    async def _own_session(self, protocol_factory: Callable[[], asyncio.BaseProtocol], port: int, name: str,
+                           peer: tuple[str, int]) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """One stream on a SPDY session of its own, which closes once the stream has ended."""
+        session = await spdy.SpdySession.connect(self.kube, self.namespace, self.pod,
+                                                 open_timeout=self.open_timeout, idle_timeout=0.0)
+        self._sessions = {s for s in self._sessions if not s.closed.is_set()}
+        self._sessions.add(session)
+        try:
+            transport, protocol = await spdy.open_portforward(
+                session, protocol_factory, port, name=name, peer=peer, open_timeout=self.open_timeout,
+                on_lost=self._transports.discard)
+        except BaseException:
+            session.abort()
+            raise
         if not transport.is_closing():
             self._transports.add(transport)
         return transport, protocol

@@ -32,6 +32,7 @@ from tpenv.errors import TunnelDropped
 from tpenv.kits.pf_common import HIGH_WATER, LOW_WATER, PortForwardTransportBase
 from tpenv.kits.spdy_session import SpdySession
 from tpenv.kits.spdy_stream import SpdyStream
+from tpenv.kits.spdy_upgrade import SpdyRefused
 
 log = logging.getLogger("tpenv.spdy")
 
@@ -292,4 +293,4 @@ async def open_portforward(session: SpdySession, protocol_factory: Callable[[], 
     return transport, protocol
 
 
-__all__ = ["SpdySession", "SpdyPortForwardTransport", "open_portforward"]
+__all__ = ["SpdyRefused", "SpdySession", "SpdyPortForwardTransport", "open_portforward"]

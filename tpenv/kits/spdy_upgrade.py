@@ -44,13 +44,18 @@ def upgrade_request(kube: KubeAccess, namespace: str, pod: str,
     return url.hostname, port, ssl_kw, ("\r\n".join(head) + "\r\n\r\n").encode()
 
 
+class SpdyRefused(TunnelDropped):
+    """The API server (or a proxy before it) did not switch to SPDY/3.1 port-forward, and not for
+    a reason of the request (404, RBAC): WebSocket may still work."""
+
+
 def refusal(what: str, namespace: str, status: int, headers: dict[str, str], body: bytes) -> Exception | None:
     """The error for an answer that did not switch to SPDY/3.1 port-forward; None for a good 101."""
     if status != 101:
         text = status_message(body.decode("utf-8", "replace").strip()) or f"HTTP {status}"
-        return api_refusal(what, namespace, status, text) or TunnelDropped(f"{what}: refused (HTTP {status}: {text})")
+        return api_refusal(what, namespace, status, text) or SpdyRefused(f"{what}: refused (HTTP {status}: {text})")
     if headers.get("x-stream-protocol-version") != PORTFORWARD_PROTOCOL \
             or "spdy/3.1" not in headers.get("upgrade", "").lower():
-        return TunnelDropped(f"{what}: the server switched to {headers.get('upgrade')!r} / "
-                             f"{headers.get('x-stream-protocol-version')!r}, not SPDY/3.1 / {PORTFORWARD_PROTOCOL}")
+        return SpdyRefused(f"{what}: the server switched to {headers.get('upgrade')!r} / "
+                           f"{headers.get('x-stream-protocol-version')!r}, not SPDY/3.1 / {PORTFORWARD_PROTOCOL}")
     return None

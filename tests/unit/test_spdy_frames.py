@@ -118,6 +118,24 @@ def test_round_trip(frame):
     assert parser.feed(wire) == [frame, frame]
 
 
+@given(st.lists(st.tuples(st.integers(1, 99), st.binary(max_size=3000), st.booleans()), min_size=1, max_size=12),
+       st.lists(st.integers(1, 4000), min_size=1, max_size=40))
+def test_frames_come_out_whole_whatever_the_chunks(datas, cuts):
+    # The parser cuts frames that lie inside a chunk and joins only a frame split across chunks:
+    # any chunking of a stream of DATA and control frames gives the same frames as one feed.
+    comp = HeaderCompressor()
+    frames = [Frame(DATA, i, FLAG_FIN if fin else 0, data=d) for i, d, fin in datas]
+    frames.insert(len(frames) // 2, Frame(SYN_REPLY, 3, headers={"a": "b"}))
+    wire = b"".join(encode(f, comp) for f in frames)
+    parser, got, at = FrameParser(), [], 0
+    for n in cuts * (len(wire) // max(sum(cuts), 1) + 1):
+        got += parser.feed(wire[at:at + n])
+        at += n
+        if at >= len(wire):
+            break
+    assert got == frames
+
+
 # --- stage 3: what the parser refuses ----------------------------------------------------------------------------------
 
 def test_wrong_version_is_a_protocol_error():

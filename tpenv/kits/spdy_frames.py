@@ -138,10 +138,15 @@ def _control(kind: int, flags: int, payload: bytes) -> bytes:
     return struct.pack(">HHI", 0x8000 | VERSION, kind, (flags << 24) | len(payload)) + payload
 
 
+def data_head(stream_id: int, length: int, *, fin: bool = False) -> bytes:
+    """The 8 bytes before a DATA frame's ``length`` bytes of payload."""
+    if length > MAX_LENGTH:
+        raise ValueError(f"data frame of {length} bytes is too long")
+    return struct.pack(">II", stream_id & 0x7FFFFFFF, ((FLAG_FIN if fin else 0) << 24) | length)
+
+
 def encode_data(stream_id: int, data: bytes = b"", *, fin: bool = False) -> bytes:
-    if len(data) > MAX_LENGTH:
-        raise ValueError(f"data frame of {len(data)} bytes is too long")
-    return struct.pack(">II", stream_id & 0x7FFFFFFF, ((FLAG_FIN if fin else 0) << 24) | len(data)) + data
+    return data_head(stream_id, len(data), fin=fin) + data
 
 
 def encode(frame: Frame, compressor: HeaderCompressor | None = None) -> bytes:
@@ -206,33 +211,55 @@ def _decode_control(kind: int, flags: int, body: bytes, dec: HeaderDecompressor)
 
 
 class FrameParser:
-    """Incremental decoder: feed bytes as they come, take the complete frames out."""
+    """Incremental decoder: feed bytes as they come, take the complete frames out.
+
+    Frames whole inside a chunk are cut from it with one copy each (a DATA frame's payload is
+    most of an intercept's bytes); only a frame split across two chunks is put together here."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a frame the next chunk completes
         self._dec = HeaderDecompressor()
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
         frames: list[Frame] = []
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 8:
-            word, flen = struct.unpack_from(">II", buf, pos)
-            flags, length = flen >> 24, flen & 0xFFFFFF
-            if len(buf) - pos < 8 + length:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        if self._buf:
+            buf = self._buf
+            if len(buf) < 8:
+                pos = min(8 - len(buf), end)
+                buf += view[:pos]
+                if len(buf) < 8:
+                    return frames
+            need = 8 + (int.from_bytes(buf[5:8], "big")) - len(buf)
+            take = min(need, end - pos)
+            buf += view[pos:pos + take]
+            pos += take
+            if take < need:
+                return frames
+            self._buf = bytearray()
+            word, flen = struct.unpack_from(">II", buf, 0)
+            self._frame(word, flen, bytes(buf[8:]), frames)
+        while end - pos >= 8:
+            word, flen = struct.unpack_from(">II", view, pos)
+            length = flen & 0xFFFFFF
+            if end - pos < 8 + length:
                 break
-            body = bytes(buf[pos + 8:pos + 8 + length])
+            self._frame(word, flen, bytes(view[pos + 8:pos + 8 + length]), frames)
             pos += 8 + length
-            if word & 0x80000000:
-                version, kind = (word >> 16) & 0x7FFF, word & 0xFFFF
-                if version != VERSION:
-                    raise SpdyProtocolError(f"SPDY version {version} frame (expected {VERSION})")
-                frame = _decode_control(kind, flags, body, self._dec)
-                if frame is not None:
-                    frames.append(frame)
-            else:
-                frames.append(Frame(DATA, word & 0x7FFFFFFF, flags, data=body))
-        del buf[:pos]
+        if pos < end:
+            self._buf = bytearray(view[pos:])
         return frames
+
+    def _frame(self, word: int, flen: int, body: bytes, frames: list[Frame]) -> None:
+        flags = flen >> 24
+        if word & 0x80000000:
+            version, kind = (word >> 16) & 0x7FFF, word & 0xFFFF
+            if version != VERSION:
+                raise SpdyProtocolError(f"SPDY version {version} frame (expected {VERSION})")
+            frame = _decode_control(kind, flags, body, self._dec)
+            if frame is not None:
+                frames.append(frame)
+        else:
+            frames.append(Frame(DATA, word & 0x7FFFFFFF, flags, data=body))
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpenv.errors import ClusterUnreachable, TunnelDropped
 from tpenv.kits.spdy_frames import (DEFAULT_WINDOW, GOAWAY, PING, PROTOCOL_ERROR, RST_STREAM, SYN_STREAM, WINDOW_UPDATE,
-                                    Frame, FrameParser, HeaderCompressor, SpdyProtocolError, encode, encode_data)
+                                    Frame, FrameParser, HeaderCompressor, SpdyProtocolError, data_head, encode)
 from tpenv.kits.spdy_dispatch import FrameDispatch
 from tpenv.kits.spdy_keepalive import Keepalive
 from tpenv.kits.spdy_stream import SpdyStream, StreamOwner, quiet_future
@@ -223,10 +223,9 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
                 if n == 0 and s.outbuf:
                     self._window_blocked.add(s)  # a WINDOW_UPDATE or SETTINGS reschedules it
                     continue
-                chunk = bytes(s.outbuf[:n])
-                del s.outbuf[:n]
+                pieces = s.outbuf.take(n)
                 fin = s.fin_pending and not s.outbuf
-                self.transport.write(encode_data(s.id, chunk, fin=fin))
+                self.transport.writelines([data_head(s.id, n, fin=fin), *pieces])
                 s.send_window -= n
                 self.send_window -= n
                 if fin:

@@ -9,6 +9,7 @@ that the session's module holds the connection's logic and this one a stream's.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import TYPE_CHECKING, Protocol
 
 from tpenv.kits.spdy_frames import CANCEL, DEFAULT_WINDOW, WINDOW_UPDATE, Frame, encode
@@ -41,6 +42,52 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()  # a failure nobody awaits must not warn "never retrieved"
 
 
+class OutBuf:
+    """A stream's pending output, the writer's ``bytes`` queued as they are (no copy); a DATA
+    frame's worth is taken as pieces (whole objects, or memoryview slices of the first one),
+    which the TLS transport encrypts straight from: the one copy an outgoing byte gets here."""
+
+    __slots__ = ("_parts", "_len")
+
+    def __init__(self) -> None:
+        self._parts: collections.deque[bytes | memoryview] = collections.deque()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def append(self, data: bytes) -> None:
+        """``data`` must not change later: bytes, or a view of bytes."""
+        if data:
+            self._parts.append(data)
+            self._len += len(data)
+
+    def take(self, n: int) -> list[bytes | memoryview]:
+        """Up to ``n`` bytes from the front, in order."""
+        out: list[bytes | memoryview] = []
+        parts = self._parts
+        while n > 0 and parts:
+            head = parts[0]
+            if len(head) <= n:
+                out.append(parts.popleft())
+                n -= len(head)
+                self._len -= len(head)
+            else:
+                view = memoryview(head)
+                out.append(view[:n])
+                parts[0] = view[n:]
+                self._len -= n
+                n = 0
+        return out
+
+    def clear(self) -> None:
+        self._parts.clear()
+        self._len = 0
+
+
 class SpdyStream:
     """One SPDY stream's state: reply, windows, pending output, half-closes."""
 
@@ -52,7 +99,7 @@ class SpdyStream:
         self.replied: asyncio.Future[None] = quiet_future(session.loop)
         self.send_window = session.peer_initial_window
         self.recv_window = DEFAULT_WINDOW  # what the peer may still send (tracked; see spdy_session's doc)
-        self.outbuf = bytearray()
+        self.outbuf = OutBuf()
         self.fin_pending = False  # send a FIN once outbuf is out
         self.local_closed = False  # our FIN went out
         self.remote_closed = False  # the peer's FIN came
@@ -70,7 +117,7 @@ class SpdyStream:
     def write(self, data: bytes) -> None:
         if self.local_closed or self.fin_pending or self.reset:
             return
-        self.outbuf += data
+        self.outbuf.append(data)
         self.session._schedule(self)
 
     def close_write(self) -> None:

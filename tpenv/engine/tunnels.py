@@ -143,8 +143,7 @@ class TunnelUnit:
         s = self.spec
         self._state.set(State.STARTING, detail=f"port-forward to {s.pod}:{s.ssh_port}")
         session = AgentSession(s.session_id, ca_key=s.material["ca_key"], host_key_pub=s.material["host_key.pub"],
-                               host=s.pod, port=s.ssh_port, tunnel=self.tunnel.isolated(),
-                               connect_timeout=s.connect_timeout,
+                               host=s.pod, port=s.ssh_port, tunnel=self.tunnel, connect_timeout=s.connect_timeout,
                                token=s.kube.bearer_token(), streams=s.streams)
         try:
             await session.connect()

@@ -231,7 +231,9 @@ class AgentSession(JsonChannelSession):
             self._stream_count = 0
             return
         if self._tunnel is not None:
-            connect = self._tunnel.create_connection
+            # A pipe of its own per stream (kits/portforward.py, isolated connections: SPDY first).
+            isolated = getattr(self._tunnel, "isolated", None)
+            connect = (isolated() if isolated is not None else self._tunnel).create_connection
         else:
             connect = asyncio.get_running_loop().create_connection
         self.streams = StreamPool(connect, self._host, int(offer["port"]), str(offer["token"]), self._routes.get,

@@ -212,6 +212,8 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
         if self._pumping or self._lost or self.transport is None:
             return
         self._pumping = True
+        out: list[bytes | memoryview] = []  # this pass's frames: one write for all (one TLS flush, one send)
+        size = 0
         try:
             while self._ready and not self._socket_paused:
                 s = self._ready.popleft()
@@ -225,7 +227,12 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
                     continue
                 pieces = s.outbuf.take(n)
                 fin = s.fin_pending and not s.outbuf
-                self.transport.writelines([data_head(s.id, n, fin=fin), *pieces])
+                out.append(data_head(s.id, n, fin=fin))
+                out += pieces
+                size += n
+                if size >= _SOCKET_HIGH_WATER:  # out now, so the transport's marks can pause this loop
+                    self.transport.writelines(out)
+                    out, size = [], 0
                 s.send_window -= n
                 self.send_window -= n
                 if fin:
@@ -235,6 +242,8 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
                     self._ready.append(s)
                 s.owner._stream_sent(s)
         finally:
+            if out and not self._lost:
+                self.transport.writelines(out)
             self._pumping = False
 
     def _unblock(self) -> None:

@@ -94,7 +94,9 @@ class PortForwardSettings(_Section):
     protocol: Literal["auto", "websocket", "spdy"] = Field(
         "auto",
         description="Port-forward protocol: auto tries WebSocket and falls back to SPDY/3.1 when the API server "
-                    "refuses the WebSocket upgrade; websocket or spdy forces one.",
+                    "refuses the WebSocket upgrade, except for the parked streams that carry intercepted "
+                    "connections, which try SPDY first (a session each) and fall back to WebSocket; "
+                    "websocket or spdy forces one for all.",
     )
 
 

@@ -31,15 +31,17 @@ an RBAC 403 stay errors. ``websocket`` or ``spdy`` forces one protocol. The tran
 to asyncssh or a StreamReader behaves the same either way; with SPDY one session (one TLS
 connection, one upgrade) carries every stream the tunnel opens.
 
-Isolated connections (:meth:`PodTunnel.isolated`: an agent's SSH connection, a parked stream;
-the bulk of an intercept's bytes) are the other way round under ``auto``: SPDY first, on a
+Isolated connections (:meth:`PodTunnel.isolated`: the parked streams that carry intercepted
+connections, most of an intercept's bytes) are the other way round under ``auto``: SPDY first, on a
 session of their own, WebSocket when this API server refuses SPDY (remembered likewise; a
 kubeconfig ``proxy-url`` goes to WebSocket at once). The kubelet's WebSocket port-forward ends
 in ``golang.org/x/net/websocket``, which unmasks every byte a client sends in a loop of its
 own, one byte at a time: with WebSocket the container runtime's one goroutine per stream was
 what bounded an intercept's laptop-to-cluster bulk (docs/performance.md). SPDY frames need no
 unmasking; a session per connection keeps a bulk transfer from queueing another connection's
-small answers behind it (head-of-line), as one WebSocket per stream did.
+small answers behind it (head-of-line), as one WebSocket per stream did. (The agent's SSH
+connection stays on WebSocket: the many small packets of its channels fare better with the
+WebSocket client's coalesced writes; docs/design.md.)
 """
 from __future__ import annotations
 
@@ -276,7 +278,7 @@ def remember_spdy_refusal(kube: KubeAccess, why: str) -> None:
 
 class IsolatedTunnel:
     """A :class:`PodTunnel` for connections that must not share a pipe with others (see the module
-    docstring); an asyncssh ``tunnel`` like the tunnel itself, which owns what it opens."""
+    docstring), with the same ``create_connection``; the tunnel owns what it opens."""
 
     def __init__(self, tunnel: "PodTunnel") -> None:
         self.tunnel = tunnel

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from test_spdy_session import FakeApiServer
+from test_spdy_session import FakeApiServer, echo
 from tpenv.errors import Forbidden
 from tpenv.kits import portforward, spdy
 from tpenv.kits.pf_common import WebSocketRefused
@@ -24,26 +24,12 @@ def forget_choices():
     portforward._refused_spdy.clear()
 
 
-async def echo_isolated(tunnel: PodTunnel, payload: bytes) -> bytes:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, protocol = await tunnel.isolated().create_connection(lambda: asyncio.StreamReaderProtocol(reader),
-                                                                    "ignored", 9000)
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    writer.write(payload)
-    writer.write_eof()
-    got = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    return got
-
-
 async def test_each_isolated_connection_gets_a_session_that_ends_with_it():
     async with FakeApiServer() as fake:
         tunnel = PodTunnel(fake.kube, "ns", "pod", protocol="auto")
         # Stage 1: two isolated connections, two sessions; no WebSocket attempt under auto.
-        assert await echo_isolated(tunnel, b"one") == b"one"
-        assert await echo_isolated(tunnel, b"two") == b"two"
+        assert await echo(tunnel, b"one", isolated=True) == b"one"
+        assert await echo(tunnel, b"two", isolated=True) == b"two"
         assert fake.sessions == 2 and fake.ws_attempts == 0
         # Stage 2: each session closed once its stream ended (nothing idles for a later stream).
         await asyncio.wait_for(asyncio.gather(*(s.closed.wait() for s in tunnel._sessions)), 5)

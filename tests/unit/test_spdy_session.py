@@ -156,8 +156,8 @@ class FakeApiServer(TrackedServer):
             await writer.drain()
 
 
-async def echo(tunnel: PodTunnel, payload: bytes, port: int = 9000) -> bytes:
-    reader, writer = await tunnel.open_stream(port)
+async def echo(tunnel: PodTunnel, payload: bytes, port: int = 9000, *, isolated: bool = False) -> bytes:
+    reader, writer = await tunnel.open_stream(port, isolated=isolated)
     writer.write(payload)
     writer.write_eof()
     got = await reader.read()

@@ -258,22 +258,23 @@ def _server_key(kube: KubeAccess) -> tuple[str, str | None]:
     return kube.host.rstrip("/"), getattr(kube, "proxy", None)
 
 
+def _remember(table: dict[tuple[str, str | None], str], kube: KubeAccess, why: str, refused: str,
+              instead: str) -> None:
+    key = _server_key(kube)
+    if key not in table:
+        table[key] = why
+        log.info("the API server at %s refused the %s port-forward (%s); %s from now on", key[0], refused, why,
+                 instead)
+
+
 def remember_refusal(kube: KubeAccess, why: str) -> None:
     """Note that this API server refuses WebSocket port-forward (logged once per server)."""
-    key = _server_key(kube)
-    if key not in _refused_websocket:
-        _refused_websocket[key] = why
-        log.info("the API server at %s refused the WebSocket port-forward (%s); using SPDY/3.1 for its "
-                 "port-forwards from now on", key[0], why)
+    _remember(_refused_websocket, kube, why, "WebSocket", "using SPDY/3.1 for its port-forwards")
 
 
 def remember_spdy_refusal(kube: KubeAccess, why: str) -> None:
     """Note that this API server refuses SPDY port-forward (logged once per server)."""
-    key = _server_key(kube)
-    if key not in _refused_spdy:
-        _refused_spdy[key] = why
-        log.info("the API server at %s refused the SPDY port-forward (%s); isolated connections use "
-                 "WebSocket from now on", key[0], why)
+    _remember(_refused_spdy, kube, why, "SPDY", "isolated connections use WebSocket")
 
 
 class IsolatedTunnel:
@@ -402,12 +403,13 @@ class PodTunnel:
                 self._sessions.add(self._session)
             return self._session
 
-    async def open_stream(self, port: int, *, limit: int = 2 ** 16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A plain (reader, writer) pair to ``port`` in the pod."""
+    async def open_stream(self, port: int, *, limit: int = 2 ** 16,
+                          isolated: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain (reader, writer) pair to ``port`` in the pod (``isolated``: see create_connection)."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await self.create_connection(lambda: protocol, self.pod, port)
+        transport, _ = await self.create_connection(lambda: protocol, self.pod, port, isolated=isolated)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return reader, writer
 

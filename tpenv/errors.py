@@ -16,6 +16,7 @@
         ├── ClusterUnreachable      API server down or network cut
         ├── TunnelDropped           port-forward or SSH connection lost
         │   ├── WebSocketRefused    the API server refused the WebSocket upgrade (kits/pf_common.py)
+        │   ├── SpdyRefused         the API server refused the SPDY upgrade (kits/spdy_upgrade.py)
         │   ├── UpgradeRefused      a non-101 answer to a WebSocket upgrade, before it is mapped (kits/ws_client.py)
         │   ├── WebSocketProtocolError  the server broke RFC 6455 (kits/ws_frames.py)
         │   └── SpdyProtocolError   the peer broke SPDY/3 (kits/spdy_frames.py)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from .routeprobe import plain_ip
+
 PROBE_AGENT = b"kube-probe/"
 _KEPT = 4  # addresses remembered (dual-stack nodes, a node whose address changed)
 
@@ -34,8 +36,7 @@ def is_probe(headers: dict[bytes, list[bytes]]) -> bool:
 
 def _host(peer: Any) -> str | None:
     if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
-        host = peer[0]
-        return host[7:] if host.startswith("::ffff:") else host  # dual-stack sockets map IPv4
+        return plain_ip(peer[0])  # dual-stack sockets map IPv4
     return None
 
 

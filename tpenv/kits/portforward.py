@@ -376,10 +376,7 @@ class PodTunnel:
     async def _own_session(self, protocol_factory: Callable[[], asyncio.BaseProtocol], port: int, name: str,
                            peer: tuple[str, int]) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         """One stream on a SPDY session of its own, which closes once the stream has ended."""
-        session = await spdy.SpdySession.connect(self.kube, self.namespace, self.pod,
-                                                 open_timeout=self.open_timeout, idle_timeout=0.0)
-        self._sessions = {s for s in self._sessions if not s.closed.is_set()}
-        self._sessions.add(session)
+        session = await self._new_session(idle_timeout=0.0)
         try:
             transport, protocol = await spdy.open_portforward(
                 session, protocol_factory, port, name=name, peer=peer, open_timeout=self.open_timeout,
@@ -397,11 +394,16 @@ class PodTunnel:
             self._session_lock = asyncio.Lock()
         async with self._session_lock:
             if self._session is None or not self._session.usable:
-                self._sessions = {s for s in self._sessions if not s.closed.is_set()}
-                self._session = await spdy.SpdySession.connect(self.kube, self.namespace, self.pod,
-                                                               open_timeout=self.open_timeout)
-                self._sessions.add(self._session)
+                self._session = await self._new_session()
             return self._session
+
+    async def _new_session(self, **kw: Any) -> spdy.SpdySession:
+        """A SPDY session to the pod, kept in ``_sessions`` (closed ones dropped) for close()."""
+        self._sessions = {s for s in self._sessions if not s.closed.is_set()}
+        session = await spdy.SpdySession.connect(self.kube, self.namespace, self.pod,
+                                                 open_timeout=self.open_timeout, **kw)
+        self._sessions.add(session)
+        return session
 
     async def open_stream(self, port: int, *, limit: int = 2 ** 16,
                           isolated: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -58,6 +58,8 @@ class FakeApiServer(TrackedServer):
         self.max_in_flight = 0  # per stream, bytes the client sent beyond our last WINDOW_UPDATE
         self.max_session_in_flight = 0
         self.client_updates = 0  # bytes the client gave back with WINDOW_UPDATE (stream level)
+        self.client_update_frames = 0  # ... in how many frames
+        self.data_frames_sent = 0  # DATA frames with a payload the fake sent (its echo)
         self.pongs: list[int] = []
         self.resets: list[tuple[int, int]] = []
         self.goaways = 0
@@ -132,6 +134,7 @@ class FakeApiServer(TrackedServer):
                         self.max_session_in_flight = max(self.max_session_in_flight, session_in_flight)
                         if f.data:
                             writer.write(encode_data(f.stream_id, f.data))
+                            self.data_frames_sent += 1
                         if self.window is not None and in_flight[f.stream_id] >= self.window:
                             # Only a whole window at a time: the client must really wait for it.
                             writer.write(encode(Frame(WINDOW_UPDATE, f.stream_id, value=in_flight[f.stream_id])))
@@ -145,6 +148,7 @@ class FakeApiServer(TrackedServer):
                         writer.write(encode_data(pair["error"], fin=True) + encode_data(pair["data"], fin=True))
                 elif f.kind == WINDOW_UPDATE and f.stream_id:
                     self.client_updates += f.value
+                    self.client_update_frames += 1
                 elif f.kind == PING:
                     self.pongs.append(f.value)
                     if f.value % 2:
@@ -350,5 +354,41 @@ async def test_session_loss_drops_every_stream_at_once():
         for reader, _ in streams:
             with pytest.raises(TunnelDropped, match="connection to the API server"):
                 await asyncio.wait_for(reader.read(), 10)
+        tunnel.close()
+        await tunnel.wait_closed()
+
+
+async def test_a_reads_frames_reach_the_protocol_at_once_and_window_updates_are_batched():
+    # Per 32 KiB frame the client used to call data_received once and send two WINDOW_UPDATEs
+    # (each its own write); now a read's frames for a stream go up in one piece and the updates
+    # they earn in one write at the read's end.
+    async with FakeApiServer() as fake:
+        tunnel = PodTunnel(fake.kube, "ns", "pod", protocol="spdy")
+        calls: list[int] = []
+        got = bytearray()
+        done = asyncio.get_running_loop().create_future()
+
+        class Counting(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                calls.append(len(data))
+                got.extend(data)
+
+            def eof_received(self) -> bool:
+                return False
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                if not done.done():
+                    done.set_result(exc)
+
+        payload = os.urandom(4 * 1024 * 1024)
+        transport, _ = await tunnel.create_connection(Counting, "pod", 9000)
+        transport.write(payload)
+        transport.write_eof()
+        await asyncio.wait_for(done, 20)
+        assert bytes(got) == payload
+        # Stage: fewer deliveries than frames, fewer update frames than 32 KiB steps, nothing lost.
+        assert len(calls) <= 0.75 * fake.data_frames_sent, (len(calls), fake.data_frames_sent)
+        assert fake.client_update_frames <= 0.75 * len(payload) / (DEFAULT_WINDOW // 2), fake.client_update_frames
+        assert fake.client_updates >= len(payload) - 512 * 1024  # the end of the stream needs none
         tunnel.close()
         await tunnel.wait_closed()

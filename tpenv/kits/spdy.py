@@ -168,7 +168,7 @@ class SpdyPortForwardTransport(PortForwardTransportBase):
             stream.consumed(len(data))
         elif self._closing or self._lost:
             stream.consumed(len(data))  # like a socket transport: no data_received after close()
-        elif self._paused or self._inbuf or not self._made:
+        elif self._paused or self._inbuf or not self._made or self._session.hold(self):
             self._inbuf.append(data)
             self._inbuf_len += len(data)
             if self._inbuf_len > _STALL_LIMIT:
@@ -177,9 +177,18 @@ class SpdyPortForwardTransport(PortForwardTransportBase):
             self._protocol.data_received(data)  # type: ignore[attr-defined]
             stream.consumed(len(data))
 
+    def _pass_end(self) -> None:
+        """The session's read is over: what it held for us goes to the protocol, in one piece."""
+        if self._inbuf and not self._paused and self._made and not self._lost:
+            self._deliver()
+
     def _deliver(self) -> None:
         while self._inbuf and not self._paused and not self._closing and self._made:
-            data = self._inbuf.popleft()
+            if len(self._inbuf) > 1:  # a read's frames (or what waited for a paused reader) at once
+                data = b"".join(self._inbuf)
+                self._inbuf.clear()
+            else:
+                data = self._inbuf.popleft()
             self._inbuf_len -= len(data)
             self._protocol.data_received(data)  # type: ignore[attr-defined]
             self.data_stream.consumed(len(data))
@@ -217,6 +226,7 @@ class SpdyPortForwardTransport(PortForwardTransportBase):
             self._end(self._pod_error())
 
     def _stream_reset(self, stream: SpdyStream, why: str) -> None:
+        self._pass_end()  # what came before the reset in the same read, as it did frame by frame
         if self._data_fin_timer is not None:
             self._data_fin_timer.cancel()
             self._data_fin_timer = None

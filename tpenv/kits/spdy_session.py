@@ -84,6 +84,8 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
         self.keepalive = Keepalive(self.loop, self._send_ping, self._quiet, interval=ping_interval,
                                    timeout=ping_timeout)
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._pass: dict[Any, None] | None = None  # during a read: owners holding data until its end
+        self._ctl: list[bytes] | None = None  # during a read: window updates to write at its end
         # The upgrade phase: the HTTP answer is collected before frames start.
         self._answer = UpgradeAnswer()
         self._upgraded = False
@@ -129,6 +131,10 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
             data = self._upgrade_received(data)
             if not data:
                 return
+        # One read, one pass: each stream's data of the read reaches its protocol at once, and the
+        # window updates it earns go out in one write (per 32 KiB frame, they were a data_received,
+        # a send to the local socket and two TLS records with a send each).
+        self._pass, self._ctl = {}, []
         try:
             for frame in self._parser.feed(data):
                 self._dispatch(frame)
@@ -138,6 +144,27 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
             log.warning("[spdy/%s] protocol error from the server: %s", self.name, e)
             self._goaway(PROTOCOL_ERROR)
             self._fail(TunnelDropped(f"port-forward {self.name}: SPDY protocol error from the server ({e})"))
+        finally:
+            held, self._pass = self._pass, None
+            for owner in held:
+                owner._pass_end()
+            ctl, self._ctl = self._ctl, None
+            if ctl:
+                self._writelines(ctl)
+
+    def hold(self, owner: Any) -> bool:
+        """Inside a read: ``owner`` keeps its data until the read's end (``owner._pass_end()``)."""
+        if self._pass is None:
+            return False
+        self._pass[owner] = None
+        return True
+
+    def write_control(self, data: bytes) -> None:
+        """A control frame that may wait for the end of the current read (window updates)."""
+        if self._ctl is not None:
+            self._ctl.append(data)
+        else:
+            self._write(data)
 
     def eof_received(self) -> bool:
         return False  # the socket closes; connection_lost reports it
@@ -272,7 +299,7 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
     def _session_consumed(self, n: int) -> None:
         self._session_unacked += n
         if self._session_unacked >= DEFAULT_WINDOW // 2:
-            self._write(encode(Frame(WINDOW_UPDATE, 0, value=self._session_unacked)))
+            self.write_control(encode(Frame(WINDOW_UPDATE, 0, value=self._session_unacked)))
             self.recv_window += self._session_unacked
             self._session_unacked = 0
 
@@ -293,6 +320,10 @@ class SpdySession(FrameDispatch, asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self._lost and not self.transport.is_closing():
             self.transport.write(data)
+
+    def _writelines(self, data: list[bytes]) -> None:
+        if self.transport is not None and not self._lost and not self.transport.is_closing():
+            self.transport.writelines(data)
 
     # -- keepalive, idle -----------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class SpdyStream:
         self.session._session_consumed(n)
         self._unacked += n
         if self._unacked >= DEFAULT_WINDOW // 2 and not self.remote_closed and not self.reset:
-            self.session._write(encode(Frame(WINDOW_UPDATE, self.id, value=self._unacked)))
+            self.session.write_control(encode(Frame(WINDOW_UPDATE, self.id, value=self._unacked)))
             self.recv_window += self._unacked
             self._unacked = 0
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.common import MiB, PathLost, Unavailable, log
 from bench.meters import PeakRss, Procs, container_pids, infra_pids
-from bench.phase_mount import mount
+from bench.phase_mount import mount, mount_peer
 from bench.session import Bench, bulk_row
 
 
@@ -104,6 +104,8 @@ def phase_intercept(bench: Bench) -> None:
                 mount(bench, st["ic"], st["pod"])
 
         bench.step("intercept: mount", mkeys, mount_step, again)
+        # After the mount step, in the same pod, on the file it put there (the intercept stays).
+        bench.step("intercept: the mount's peer", [("mount", "read_peer")], lambda: mount_peer(bench, st["pod"]))
     finally:
         if bench.ic is not None:
             bench.ic.stop()

@@ -8,16 +8,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.cluster_setup import kjson, kubectl
+from bench.cluster_setup import kjson, kubectl, kubectl_binary
 from bench.common import PathLost, Unavailable
-from bench.processes import Intercept
+from bench.processes import Intercept, PortForward
 from bench.session import Bench
+from tpenv.kits.sshfs import sshfs_cache_options
+from tpenv.settings import MountSettings
 
 # Run on the laptop against the mount point: what an editor or a test run does with remote files.
 MOUNT_SCRIPT = r"""
 import json, os, sys, time
 root, size, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 out = {}
+def sync_read():
+    t = time.perf_counter(); n = 0
+    with open(os.path.join(root, "big"), "rb", buffering=0) as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b: break
+            n += len(b)
+    return {"bytes": n, "seconds": time.perf_counter() - t}
+if files < 0:  # the peer's mount: the read alone
+    print(json.dumps({"read": sync_read()})); sys.exit()
 t = time.perf_counter(); n = 0
 with open(os.path.join(root, "big"), "rb", buffering=0) as f:
     while True:
@@ -92,3 +104,68 @@ def mount(bench: Bench, ic: Intercept, pod: str) -> None:
     bench.put("mount", "write", {"MBps": r["write"]["bytes"] / r["write"]["seconds"] / 1e6, **r["write"]})
     bench.put("mount", "stat", {**r["stat"], "us_per_file": r["stat"]["seconds"] / max(r["stat"]["files"], 1) * 1e6})
 
+
+
+# Run in the app container for the peer: OpenSSH's sftp-server (a C program, copied from the
+# laptop) for each connection to 127.0.0.1, on a port read back from this script's first line.
+PEER_SERVER = r"""
+import os, socket, subprocess, sys, threading
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()  # ends with our kubectl
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    subprocess.Popen([sys.argv[1]], stdin=c.fileno(), stdout=c.fileno()); c.close()
+"""
+SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")  # Debian's openssh-sftp-server
+
+
+def mount_peer(bench: Bench, pod: str) -> None:
+    """The mount's peer in the same position: sshfs with tpenv's own options, straight to OpenSSH's
+    C sftp-server in the same app container over a plain `kubectl port-forward` (no SSH, no
+    agent, no tunnel of ours), reading the same file the tpenv mount read. Its ratio to the
+    port-forward's bulk says what sshfs and FUSE leave of a pipe; tpenv's mount / this row says
+    what tpenv costs on top (docs/performance.md, "the SFTP mount rows")."""
+    if not SFTP_SERVER.exists():
+        raise Unavailable(f"{SFTP_SERVER} is missing: install openssh-sftp-server (devspace.py setup does)")
+    remote = "/tmp/tpenv-bench-sftp-server"
+    subprocess.run([kubectl_binary(), "-n", bench.ns, "exec", "-i", pod, "-c", "app", "--", "sh", "-c",
+                    f"cat > {remote} && chmod 755 {remote}"], input=SFTP_SERVER.read_bytes(),
+                   capture_output=True, timeout=60, check=True)
+    server = subprocess.Popen([kubectl_binary(), "-n", bench.ns, "exec", "-i", pod, "-c", "app", "--", "python3", "-c",
+                               PEER_SERVER, remote], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    pf = point = None
+    try:
+        line = server.stdout.readline().strip()
+        if not line.isdigit():
+            raise Unavailable(f"the peer's sftp-server listener did not start in {pod} ({line!r})")
+        pf = PortForward(bench.ns, pod, int(line))
+        point = bench.tmp / "peer-mnt"
+        point.mkdir(exist_ok=True)
+        m = MountSettings()
+        opts = ["follow_symlinks", *sshfs_cache_options(m.cache_seconds, m.read_size), f"directport={pf.port}"]
+        cp = subprocess.run(["sshfs", "-o", ",".join(opts), "127.0.0.1:/data", str(point)],
+                            capture_output=True, text=True, timeout=30)
+        if cp.returncode != 0:
+            raise Unavailable(f"sshfs to the peer's sftp-server failed: {cp.stderr.strip()[-200:]}")
+        size = bench.m["mount_bytes"]
+        cp = subprocess.run([sys.executable, "-c", MOUNT_SCRIPT, str(point), str(size), "-1"],
+                            capture_output=True, text=True, timeout=120 + 2 * size / 1e6)
+        if cp.returncode != 0:
+            raise Unavailable(f"reading through the peer's mount failed: {cp.stderr.strip()[-200:]}")
+        r = json.loads(cp.stdout)["read"]
+        if r["bytes"] != size:
+            raise Unavailable(f"the peer's mount read {r['bytes']} bytes of {size}")
+        bench.put("mount", "read_peer", {"MBps": r["bytes"] / r["seconds"] / 1e6, **r})
+    finally:
+        if point is not None and os.path.ismount(point):
+            subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True, timeout=30)
+        if pf is not None:
+            pf.stop()
+        server.stdin.close()  # the listener in the pod ends with its stdin
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)

@@ -66,6 +66,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("mount", "read", "SFTP mount, sequential read"),
     ("mount", "write", "SFTP mount, sequential write"),
     ("mount", "stat", "SFTP mount, stat of every file in a directory"),
+    ("mount", "read_peer", "(b) sshfs over kubectl port-forward to OpenSSH's sftp-server, sequential read (the peer)"),
     ("resources", "client_rss_idle", "tpenv client RSS, intercept idle (MiB)"),
     ("resources", "client_rss_load", "tpenv client RSS, peak under load (MiB)"),
     ("resources", "agent_rss_idle", "agent RSS, idle (MiB)"),
@@ -141,6 +142,17 @@ def targets(rows: dict) -> list[dict]:
         check("mount sequential read / tunnel bulk (same direction)", round(r, 3), ">= 0.80", r >= 0.8)
     else:
         check("mount sequential read / tunnel bulk", None, ">= 0.80", None, "a row is unavailable")
+    mp = v("mount", "read_peer")
+    # The peer in the same position (sshfs and FUSE as ours, no SSH, no tunnel of ours): what
+    # sshfs leaves of a plain port-forward's bulk, and what tpenv's mount reads next to it.
+    if mp and bp:
+        check("peer mount read / port-forward bulk down (no target)", round(mp["MBps"] / bp["down_MBps"], 3), "-", None)
+    else:
+        check("peer mount read / port-forward bulk down (no target)", None, "-", None, "a row is unavailable")
+    if mr and mp:
+        check("mount sequential read / the peer's (no target)", round(mr["MBps"] / mp["MBps"], 3), "-", None)
+    else:
+        check("mount sequential read / the peer's (no target)", None, "-", None, "a row is unavailable")
     ld, lp = v("latency", "direct"), v("latency", "passthrough")
     if ld and lp:
         d = lp["p50_ms"] - ld["p50_ms"]

@@ -1,6 +1,7 @@
 """`tpenv up` injecting the agent -> the first in-cluster answer from the laptop's handler, next to
 its floor in the same run: a plain rollout of the same Deployment -> the first answer from a new pod
-(pod start and kube-proxy's sync are in both). One fresh Deployment per run; the code of a run is
+(pod start and kube-proxy's sync are in both), and a rollout adding a no-op init container, the floor
+of any in-pod redirect. One fresh Deployment per run; the code of a run is
 bench/up_kit.py's, shared with the standalone bench/up_latency.py."""
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ WAIT = 90.0
 
 
 def phase_up(bench: Bench) -> None:
-    keys = [("up", "injecting"), ("up", "rollout_floor")]
+    keys = [("up", "injecting"), ("up", "rollout_floor"), ("up", "init_floor")]
 
     def run() -> None:
         work = bench.tmp / "up"
@@ -27,11 +28,14 @@ def phase_up(bench: Bench) -> None:
         with socket.socket() as s:  # the handler's port: free now, the handler binds it
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ups, floors, marks, failures = [], [], [], []
+        ups, floors, inits, marks, failures = [], [], [], [], []
         for i in range(RUNS[bench.mode]):
             r = injecting_run(bench.ns, work, f"up{i}", port, WAIT, client="bench-client",
                               image=cluster_setup.AGENT_IMAGE)
-            log(f"  up run {i}: floor {r['floor_s']} s, up injecting {r['up_s']} s, phases {r['marks']}")
+            log(f"  up run {i}: floor {r['floor_s']} s, up injecting {r['up_s']} s, init-container floor "
+                f"{r['init_floor_s']} s, phases {r['marks']}")
+            if r["init_floor_s"] is not None:
+                inits.append(r["init_floor_s"])
             if r["floor_s"] is not None:
                 floors.append(r["floor_s"])
             if r["up_s"] is not None:
@@ -43,5 +47,7 @@ def phase_up(bench: Bench) -> None:
         bench.put("up", "injecting", {"seconds": median(ups), "runs": ups, "phases": phases_median(marks),
                                       **({"failures": failures} if failures else {})})
         bench.put("up", "rollout_floor", {"seconds": median(floors), "runs": floors})
+        if inits:
+            bench.put("up", "init_floor", {"seconds": median(inits), "runs": inits})
 
     bench.step("up: injecting `tpenv up` and its plain-rollout floor", keys, run)

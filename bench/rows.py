@@ -78,6 +78,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("resources", "infra_cpu_per_gb_port_forward", "API server + kubelet + containerd CPU s per GB, kubectl port-forward"),
     ("up", "injecting", "`tpenv up` -> first answer from the laptop, injecting the agent (s)"),
     ("up", "rollout_floor", "plain rollout -> first answer from a new pod, the floor of the above (s)"),
+    ("up", "init_floor", "rollout adding a no-op init container -> first answer, the floor of any in-pod redirect (s)"),
 ]
 
 
@@ -201,6 +202,12 @@ def targets(rows: dict) -> list[dict]:
         check("up injecting - plain rollout floor (s)", round(d, 3), "<= 0.5", d <= 0.5)
     else:
         check("up injecting - plain rollout floor (s)", None, "<= 0.5", None, "a row is unavailable")
+    un = v("up", "init_floor")
+    if ui and un:  # what tpenv adds beyond the init container every in-pod redirect needs
+        check("up injecting - init-container rollout floor (s, no target)", round(ui["seconds"] - un["seconds"], 3),
+              "-", None)
+    else:
+        check("up injecting - init-container rollout floor (s, no target)", None, "-", None, "a row is unavailable")
     st = v("mount", "stat")  # issue 13: list a directory, then stat each file (an editor's or a build's walk)
     if st:
         ms = st["us_per_file"] / 1000

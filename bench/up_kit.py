@@ -169,10 +169,11 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
     """One injecting run: a fresh Deployment ``name``; first its floor without tpenv, a plain rollout
     (a template annotation changed) -> the first answer from a new pod; then `tpenv up`, which injects
     the agent (another such rollout plus tpenv's own work) -> the first answer from the laptop. The
-    difference is what tpenv adds; both include pod start and kube-proxy's sync. Returns
-    {"floor_s", "up_s", "marks", "failures"}; a figure that timed out is None with its reason in
+    difference is what tpenv adds; both include pod start and kube-proxy's sync. Last, once `up`
+    restored it, a rollout adding a no-op init container: the floor of any in-pod redirect. Returns
+    {"floor_s", "up_s", "init_floor_s", "marks", "failures"}; a figure that timed out is None with its reason in
     "failures". The Deployment and its Service are deleted afterwards."""
-    out: dict = {"floor_s": None, "up_s": None, "marks": {}, "failures": []}
+    out: dict = {"floor_s": None, "up_s": None, "init_floor_s": None, "marks": {}, "failures": []}
     deploy(name, ns)
     up = Up(work, ns, name, port, image)
     s = answers(ns, f"http://{name}.{ns}/", client)
@@ -199,6 +200,24 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
             out["failures"].append(f"no laptop answer within {timeout}s of `tpenv up`; its output:\n{up.tail(15)}")
         out["marks"] = up.marks() | ({"first_answer": out["up_s"]} if t else {})
         up.stop()
+        # The floor of any in-pod redirect (tpenv's, Istio's, Linkerd's): a rollout that adds an
+        # init container doing nothing. Its container must end before the app's start, which the
+        # kubelet sees at a relist; the difference to the plain floor is that structural cost, and
+        # `up` minus this floor is what tpenv adds beyond it. After `up` restored the Deployment.
+        kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
+        if s.first(cluster, time.monotonic(), timeout) is None:
+            raise RuntimeError(f"{name} does not answer after `tpenv up` restored it")
+        old = pod_names(ns, name)
+        image = json.loads(kubectl("get", "deployment", name, "-o", "json", ns=ns).stdout)[
+            "spec"]["template"]["spec"]["containers"][0]["image"]
+        t_roll = time.monotonic()
+        kubectl("patch", "deployment", name, "-p", json.dumps({"spec": {"template": {"spec": {"initContainers": [
+            {"name": "noop", "image": image, "imagePullPolicy": "Never", "command": ["true"]}]}}}}), ns=ns)
+        t = s.first(from_new_pod(old), t_roll, timeout)
+        if t:
+            out["init_floor_s"] = round(t - t_roll, 3)
+        else:
+            out["failures"].append(f"the init-container rollout's new pod did not answer within {timeout}s")
     finally:
         s.stop()
         if up.stream is not None and up.stream.proc.poll() is None:

@@ -160,6 +160,20 @@ def main() -> int:
             return 1
     deploy()
     up = Up()
+    try:
+        return with_up(up, args.once)
+    except KeyboardInterrupt:
+        # Ctrl-C at any moment once tpenv up runs (while it starts, mid-message): one clean stop.
+        # Caught only around the final wait, a Ctrl-C a moment early ended this script with a
+        # traceback and left tpenv up running in its own process group, its handler on 8080.
+        return up.stop()
+    finally:
+        if up.proc.poll() is None:  # any other way out of here: tpenv up must not outlive us
+            up.stop()
+
+
+def with_up(up: Up, once: bool) -> int:
+    """The round trip with tpenv up running; with ``once``, stop it and check the cluster after."""
     if not up.ready.wait(240) or up.proc.poll() is not None:
         say("tpenv up did not come up; its output is above")
         up.stop()
@@ -169,7 +183,7 @@ def main() -> int:
     answer = ask_until("/from-the-cluster", "this machine", 20, 0.5)
     answered = answer.startswith(LAPTOP)
     say(f"with tpenv up: GET http://hello.{NS}/from-the-cluster is answered by {who(answer)}: {answer!r}")
-    if args.once:
+    if once:
         rc = up.stop()
         after = ask_until("/", "the cluster", 30, 1.0)
         say(f"after tpenv up stopped (exit {rc}): answered by {who(after)}")
@@ -185,10 +199,7 @@ def main() -> int:
       requests (x-telepresence-intercept-id) reach this machine, the rest stay in the cluster
     - .venv/bin/tpenv status     (every unit, from another shell)
     - Ctrl-C here, or .venv/bin/tpenv down: the cluster answers again""")
-    try:
-        return up.proc.wait()
-    except KeyboardInterrupt:
-        return up.stop()
+    return up.proc.wait()
 
 
 KUBECTL = kubectl_cmd()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,46 +31,93 @@ def _cluster_answers(kubectl_bin: str) -> bool:
         return False
 
 
-def test_demo_ctrl_c_in_a_terminal_stops_tpenv_up_cleanly(kubeconfig):
-    # A terminal's Ctrl-C sends SIGINT to its whole foreground process group: the demo script and
-    # everything it started in that group. tpenv up must get ONE SIGINT (a clean stop); a second
-    # one means "force" (hard exit), which the demo once caused by passing the terminal's on.
-    # -- stage 1: the demo as a user runs it, in its own session (a terminal's foreground group) ---
+def _demo_then_ctrl_c(marker: str) -> tuple[int, list[str]]:
+    """`devspace.py demo` as a user runs it, in its own session (a terminal's foreground group);
+    when a line holding ``marker`` comes out, Ctrl-C: SIGINT to the whole group, as a terminal
+    sends it to the demo script and everything it started in that group. Its exit code and lines."""
     proc = subprocess.Popen(["python3", str(ROOT / "devspace.py"), "demo"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
-    running = threading.Event()
+    seen = threading.Event()
 
     def pump() -> None:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            if "tpenv up keeps running" in line:
-                running.set()
-        running.set()
+            if marker in line:
+                seen.set()
+        seen.set()
 
     threading.Thread(target=pump, daemon=True).start()
     try:
-        assert running.wait(300) and proc.poll() is None, "\n".join(lines)
-        assert any("this machine: 'hello from the laptop /from-the-cluster'" in line for line in lines), lines
-
-        # -- stage 2: Ctrl-C (SIGINT to the group): a clean stop, exit 0 ---------------------------
+        assert seen.wait(300) and proc.poll() is None, "\n".join(lines)
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    out = "\n".join(lines)
-    assert rc == 0, out
-    assert any(line.endswith("[up/telepresence.yaml] stopped") for line in lines), out
-    assert "forced: killing handlers now" not in out, out
+    time.sleep(0.5)  # the pump's last lines
+    return rc, lines
 
-    # -- stage 3: the cluster answers again, then the demo's namespace goes --------------------------
+
+def _demo_up_processes() -> list[str]:
+    """`tpenv up` processes of the demo still running on this machine (the demo's own config)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"up" in argv and any(a.endswith(b"examples/hello/telepresence.yaml") for a in argv):
+            found.append(f"{pid}: {b' '.join(argv).decode(errors='replace')}")
+    return found
+
+
+def _cluster_answers_then_delete_namespace() -> None:
     try:
         wait_until("the cluster's hello to answer after Ctrl-C", lambda: _cluster_answers(kubectl_binary()),
                    timeout=60)
     finally:
         subprocess.run([kubectl_binary(), "delete", "namespace", "tpenv-demo", "--wait=true", "--timeout=120s"],
                        capture_output=True, timeout=150)
+
+
+def test_demo_ctrl_c_in_a_terminal_stops_tpenv_up_cleanly(kubeconfig):
+    # tpenv up must get ONE SIGINT (a clean stop); a second one means "force" (hard exit), which
+    # the demo once caused by passing the terminal's on.
+    # -- stage 1: the demo runs until it says tpenv up keeps running; then Ctrl-C --------------------
+    rc, lines = _demo_then_ctrl_c("tpenv up keeps running")
+    out = "\n".join(lines)
+    assert any("this machine: 'hello from the laptop /from-the-cluster'" in line for line in lines), out
+
+    # -- stage 2: a clean stop, exit 0, nothing left running ----------------------------------------
+    assert rc == 0, out
+    assert any(line.endswith("[up/telepresence.yaml] stopped") for line in lines), out
+    assert "forced: killing handlers now" not in out and "Traceback" not in out, out
+    assert not _demo_up_processes(), _demo_up_processes()
+
+    # -- stage 3: the cluster answers again, then the demo's namespace goes --------------------------
+    _cluster_answers_then_delete_namespace()
+
+
+def test_demo_ctrl_c_while_tpenv_up_starts_stops_it_too(kubeconfig):
+    # CI once saw a Ctrl-C land while the demo was still printing: a traceback, exit 254, and tpenv
+    # up (in its own process group, so the terminal's SIGINT never reached it) kept running with
+    # its handler on 127.0.0.1:8080, where every later demo then refused to start. Ctrl-C here
+    # comes while tpenv up is still starting: the demo is waiting for it to be ready.
+    # -- stage 1: Ctrl-C as soon as tpenv up has a session -------------------------------------------
+    rc, lines = _demo_then_ctrl_c("[up/telepresence.yaml] session ")
+    out = "\n".join(lines)
+
+    # -- stage 2: no traceback; tpenv up stopped by the demo, not left behind ------------------------
+    assert "Traceback" not in out, out
+    assert any(line.endswith("[up/telepresence.yaml] stopped") for line in lines), out
+    assert not _demo_up_processes(), f"tpenv up outlived the demo: {_demo_up_processes()}\n{out}"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", 8080)) != 0, "the demo's handler still listens on 8080\n" + out
+    assert rc == 0, out
+
+    # -- stage 3: the cluster answers as before, then the demo's namespace goes ----------------------
+    _cluster_answers_then_delete_namespace()
 
 
 def _plant_dead_client(kubectl_bin: str) -> None:

@@ -41,7 +41,11 @@ def test_forward_moves_to_another_pod_when_its_pod_is_deleted(namespace, tmp_pat
         # -- stage 4: `tpenv status` from another shell shows the forward ready ------------------
         status = subprocess.run([up.cmd[0], "status", "-o", "json"], capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stderr
-        units = json.loads(status.stdout)["sessions"][0]["units"]
+        # This test's session: another `tpenv up` on the machine (a developer's, a demo) is listed too.
+        ours = [x for x in json.loads(status.stdout)["sessions"]
+                if x["session"]["config"] == str((tmp_path / "telepresence.yaml").resolve())]
+        assert len(ours) == 1, status.stdout
+        units = ours[0]["units"]
         assert [(u["name"], u["state"]) for u in units if u["name"].startswith("forward")] == \
             [(f"forward/{namespace}/db/80", "ready")]
 

@@ -164,6 +164,27 @@ class Up:
         return out
 
 
+def _timed_rollout(s: Stream, ns: str, name: str, template: dict, what: str, timeout: float,
+                   failures: list[str]) -> float | None:
+    """Seconds from patching the Deployment's pod ``template`` to the first answer from a new pod;
+    None (and why, in ``failures``) when none answered within ``timeout``."""
+    old = pod_names(ns, name)
+    t_roll = time.monotonic()
+    kubectl("patch", "deployment", name, "-p", json.dumps({"spec": {"template": template}}), ns=ns)
+    t = s.first(from_new_pod(old), t_roll, timeout)
+    if t is None:
+        failures.append(f"{what}'s new pod did not answer within {timeout}s")
+        return None
+    return round(t - t_roll, 3)
+
+
+def _settled(s: Stream, ns: str, name: str, after: str, timeout: float) -> None:
+    """The Deployment rolled out and answering again (the next measurement starts from a steady state)."""
+    kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
+    if s.first(cluster, time.monotonic(), timeout) is None:
+        raise RuntimeError(f"{name} does not answer after {after}")
+
+
 def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, client: str = "client",
                   image: str | None = None) -> dict:
     """One injecting run: a fresh Deployment ``name``; first its floor without tpenv, a plain rollout
@@ -180,18 +201,9 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
     try:
         if s.first(cluster, time.monotonic(), timeout) is None:
             raise RuntimeError(f"{name} does not answer")
-        old = pod_names(ns, name)
-        t_roll = time.monotonic()
-        kubectl("patch", "deployment", name, "-p", json.dumps(
-            {"spec": {"template": {"metadata": {"annotations": {"bench.tpenv.io/roll": "1"}}}}}), ns=ns)
-        t = s.first(from_new_pod(old), t_roll, timeout)
-        if t:
-            out["floor_s"] = round(t - t_roll, 3)
-        else:
-            out["failures"].append(f"the plain rollout's new pod did not answer within {timeout}s")
-        kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
-        if s.first(cluster, time.monotonic(), timeout) is None:
-            raise RuntimeError(f"{name} does not answer after its plain rollout")
+        out["floor_s"] = _timed_rollout(s, ns, name, {"metadata": {"annotations": {"bench.tpenv.io/roll": "1"}}},
+                                        "the plain rollout", timeout, out["failures"])
+        _settled(s, ns, name, "its plain rollout", timeout)
         t0 = up.start()
         t = s.first(laptop(), t0, timeout)
         if t:
@@ -204,20 +216,12 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
         # init container doing nothing. Its container must end before the app's start, which the
         # kubelet sees at a relist; the difference to the plain floor is that structural cost, and
         # `up` minus this floor is what tpenv adds beyond it. After `up` restored the Deployment.
-        kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=ns, timeout=150)
-        if s.first(cluster, time.monotonic(), timeout) is None:
-            raise RuntimeError(f"{name} does not answer after `tpenv up` restored it")
-        old = pod_names(ns, name)
+        _settled(s, ns, name, "`tpenv up` restored it", timeout)
         image = json.loads(kubectl("get", "deployment", name, "-o", "json", ns=ns).stdout)[
             "spec"]["template"]["spec"]["containers"][0]["image"]
-        t_roll = time.monotonic()
-        kubectl("patch", "deployment", name, "-p", json.dumps({"spec": {"template": {"spec": {"initContainers": [
-            {"name": "noop", "image": image, "imagePullPolicy": "Never", "command": ["true"]}]}}}}), ns=ns)
-        t = s.first(from_new_pod(old), t_roll, timeout)
-        if t:
-            out["init_floor_s"] = round(t - t_roll, 3)
-        else:
-            out["failures"].append(f"the init-container rollout's new pod did not answer within {timeout}s")
+        noop = {"name": "noop", "image": image, "imagePullPolicy": "Never", "command": ["true"]}
+        out["init_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": [noop]}},
+                                             "the init-container rollout", timeout, out["failures"])
     finally:
         s.stop()
         if up.stream is not None and up.stream.proc.poll() is None:

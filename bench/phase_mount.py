@@ -12,7 +12,7 @@ from bench.cluster_setup import kjson, kubectl, kubectl_binary
 from bench.common import PathLost, Unavailable
 from bench.processes import Intercept, PortForward
 from bench.session import Bench
-from tpenv.kits.sshfs import sshfs_cache_options
+from tpenv.kits.sshfs import sshfs_mount_options
 from tpenv.settings import MountSettings
 
 # Run on the laptop against the mount point: what an editor or a test run does with remote files.
@@ -99,7 +99,6 @@ def mount(bench: Bench, ic: Intercept, pod: str) -> None:
     bench.put("mount", "stat", {**r["stat"], "us_per_file": r["stat"]["seconds"] / max(r["stat"]["files"], 1) * 1e6})
 
 
-
 # Run in the app container for the peer: OpenSSH's sftp-server (a C program, copied from the
 # laptop) for each connection to 127.0.0.1, on a port read back from this script's first line.
 PEER_SERVER = r"""
@@ -138,7 +137,7 @@ def mount_peer(bench: Bench, pod: str) -> None:
         point = bench.tmp / "peer-mnt"
         point.mkdir(exist_ok=True)
         m = MountSettings()
-        opts = ["follow_symlinks", *sshfs_cache_options(m.cache_seconds, m.read_size), f"directport={pf.port}"]
+        opts = [*sshfs_mount_options(m.cache_seconds, m.read_size), f"directport={pf.port}"]
         cp = subprocess.run(["sshfs", "-o", ",".join(opts), "127.0.0.1:/data", str(point)],
                             capture_output=True, text=True, timeout=30)
         if cp.returncode != 0:

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 from tpenv.config.models import MOUNT_MODES
 from tpenv.engine.units import State, UnitState
 from tpenv.kits.mounttable import bounded_run, is_mounted, mount_entry, parent_is_tpenv, sshfs_serving
-from tpenv.kits.sshfs import sshfs_cache_options, widen_pipes
+from tpenv.kits.sshfs import sshfs_mount_options, widen_pipes
 from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
 from tpenv.settings import Settings
 
@@ -161,9 +161,7 @@ class SshfsMount:
         self._given = Path(path) if path is not None else None
         self.path: Path | None = None
         self._created_dir = False
-        # follow_symlinks: ConfigMap, Secret and projected volumes are "..data" symlink farms; the
-        # server resolves them, so the handler sees plain files (and needs no readlink support).
-        self._options = ["passive", "follow_symlinks", *sshfs_cache_options(m.cache_seconds, m.read_size),
+        self._options = ["passive", *sshfs_mount_options(m.cache_seconds, m.read_size),
                          *(extra_options or [])]  # cache_seconds: the staleness bound (docs/design.md)
         self._proc: asyncio.subprocess.Process | None = None
         self._channel: tuple[Any, Any] | None = None

@@ -25,6 +25,14 @@ def sshfs_cache_options(seconds: int, read_size: int) -> list[str]:
     return ["dir_cache=yes", f"dcache_timeout={seconds}", "dcache_max_size=1000000", *kernel, *sizes]
 
 
+def sshfs_mount_options(seconds: int, read_size: int) -> list[str]:
+    """Every sshfs option a tpenv mount takes besides how it connects (``passive`` over our SSH
+    channel; the bench's peer connects with ``directport`` and must mount the same way).
+    follow_symlinks: ConfigMap, Secret and projected volumes are "..data" symlink farms; the server
+    resolves them, so the handler sees plain files (and needs no readlink support)."""
+    return ["follow_symlinks", *sshfs_cache_options(seconds, read_size)]
+
+
 PIPE_BYTES = 1 << 20  # Linux's pipe-max-size default: what an unprivileged process may ask for
 
 

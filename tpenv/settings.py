@@ -43,6 +43,12 @@ class AgentSettings(_Section):
     health_port: int = Field(7921, ge=1, le=65535, description=(
         "Agent health port (/readyz, /livez for the kubelet's probes); pick another when the app already "
         "uses it (the manager's webhook takes it from its own --agent-health-port)."))
+    redirect_via: Literal["ephemeral-container", "init-container"] = Field("ephemeral-container", description=(
+        "How a new patch-mode injection installs the in-pod redirect (NET_ADMIN, exits at once): "
+        "ephemeral-container: tpenv adds it to each running pod, so the pod starts as fast as without "
+        "tpenv (needs the right to patch pods/ephemeralcontainers; without it tpenv uses the init "
+        "container); init-container: an init container, which holds the app back one kubelet cycle "
+        "(about 1 s) but needs no one to add it to a restarted pod. An agent already injected keeps its way."))
     # No first listener port: the injector picks the agent's listener ports from 7900 up, skipping
     # every port the pod declares, so a setting would only move a search that never collides.
     lease_seconds: float = Field(

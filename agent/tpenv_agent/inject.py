@@ -16,11 +16,14 @@ only the manager's install manifests, which only the client renders.
 (default 7922, on the pod's loopback) and ``health_port`` (default 7921: /readyz, /livez),
 ``resources`` (the agent container's ``resources``, default :data:`DEFAULT_RESOURCES`), ``redirect``
 (default True: the in-pod redirect, inpod.py; False: the port hand-over, for namespaces whose
-Pod Security level forbids it; ``redirect_off`` then says why, and the record keeps it).
+Pod Security level forbids it; ``redirect_off`` then says why, and the record keeps it),
+``redirect_via`` (``init``, the default: init container ``tpenv-init``; ``ephemeral``: tpenv adds
+ephemeral container ``tpenv-redirect`` to each running pod, patch mode only, inpod.py).
 
 Restore records, kept as JSON annotations so ``restore`` needs nothing but the objects:
 
 - workload ``tpenv.io/restore``: ``{"v": 1, "container": <app container>, "mode"?: "redirect",
+  "via"?: "ephemeral",
   "why"?: <why not redirect>, "ports": [{"name", "agent_port", "app_port", "renamed"?, "probes"?}],
   "created": [<dotted paths of dicts/lists inject created, removed again when empty>]}``
 - Service ``tpenv.io/restore-service``: ``{"v": 1, "ports": [{"port", "protocol",
@@ -204,6 +207,8 @@ def _new_record(settings: dict) -> dict:
     record: dict = {"v": 1, "container": None, "ports": [], "created": []}
     if settings.get("redirect", True):
         record["mode"] = MODE_REDIRECT
+        if settings.get("redirect_via") == inpod.VIA_EPHEMERAL:
+            record["via"] = inpod.VIA_EPHEMERAL
     elif settings.get("redirect_off"):
         record["why"] = settings["redirect_off"]
     return record
@@ -249,7 +254,14 @@ def _refresh_agent(tpl: dict, record: dict, settings: dict) -> bool:
     redirect = record.get("mode") == MODE_REDIRECT
     fresh = agent_container(app, record["ports"], settings, tpl["spec"], redirect)
     init_ok = True
-    if redirect:
+    if redirect and record.get("via") == inpod.VIA_EPHEMERAL:
+        inits = tpl["spec"].get("initContainers") or []
+        marked = ((tpl.get("metadata") or {}).get("annotations") or {}).get(inpod.ANN_REDIRECT) == inpod.VIA_EPHEMERAL
+        init_ok = marked and not any(c.get("name") == INIT_CONTAINER for c in inits)
+        if not init_ok:  # someone edited the template: put the marker back, the init container out
+            inpod.uninstall_init(tpl["spec"])
+            tpl.setdefault("metadata", {}).setdefault("annotations", {})[inpod.ANN_REDIRECT] = inpod.VIA_EPHEMERAL
+    elif redirect:
         inits = tpl["spec"].get("initContainers") or []
         current = next((c for c in inits if c.get("name") == INIT_CONTAINER), None)
         init_ok = current is not None and _covers(current, inpod.init_container(record["ports"], settings))

@@ -1,9 +1,13 @@
 """What injection adds inside the pod besides the agent container (docs/protocol.md §1.2), pure:
 
-- the in-pod redirect: init container ``tpenv-init`` (the agent image, ``tpenv-agent init``) that
-  redirects inbound TCP to the app's port to the agent's, so every path into the pod (Service,
-  headless Service, pod DNS name, pod IP) meets the agent and the app keeps its port's name
-  and number (Services and probes stay as they are);
+- the in-pod redirect: ``tpenv-agent init`` (the agent image) redirects inbound TCP to the app's
+  port to the agent's, so every path into the pod (Service, headless Service, pod DNS name, pod
+  IP) meets the agent and the app keeps its port's name and number (Services and probes stay as
+  they are). It runs either as init container ``tpenv-init`` (the webhook, and where the user may
+  not add ephemeral containers) or, in patch mode, as ephemeral container ``tpenv-redirect``
+  that tpenv adds to each running pod whose template carries annotation ``tpenv.io/redirect:
+  ephemeral``: an init container holds the app back one kubelet cycle (about 1 s, issue 13);
+  an ephemeral container starts beside the app;
 - where the namespace's Pod Security level forbids that init container: the port hand-over
   (the app's port renamed) with the app's probes and lifecycle hooks that name the port
   rewritten to the new name, so the pod stays Ready;
@@ -16,6 +20,10 @@ from __future__ import annotations
 import copy
 
 INIT_CONTAINER = "tpenv-init"
+EPHEMERAL_CONTAINER = "tpenv-redirect"
+# On the pod template: tpenv adds the redirect to each pod as an ephemeral container (record["via"]).
+ANN_REDIRECT = "tpenv.io/redirect"
+VIA_EPHEMERAL = "ephemeral"
 MODE_REDIRECT = "redirect"  # record["mode"]; absent means the hand-over (records older than the redirect)
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 # Levels whose checks refuse a container adding NET_ADMIN (baseline allows only a fixed list of
@@ -69,13 +77,70 @@ def init_container(entries: list[dict], settings: dict) -> dict:
         "imagePullPolicy": settings["image_pull_policy"],
         "command": ["tpenv-agent"],
         "args": args,
-        "securityContext": {
-            "runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": redirect_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",  # the iptables error shows in `describe`
     } | ({"resources": copy.deepcopy(settings["resources"])} if settings.get("resources") else {})
+
+
+def redirect_security() -> dict:
+    """What the redirect step may do: NET_ADMIN only, as root (iptables needs it), nothing else."""
+    return {"runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def wants_ephemeral(pod: dict) -> bool:
+    """Whether tpenv installs this pod's redirect as an ephemeral container (its template said so)."""
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(ANN_REDIRECT) == VIA_EPHEMERAL
+
+
+def ephemeral_redirect(pod: dict, agent_name: str) -> dict | None:
+    """The ephemeral container that installs the redirect in this running pod, or None when the
+    pod wants none or has one already (ephemeral containers are never removed or restarted).
+
+    Built from the pod alone: the agent container ``agent_name`` gives the image and, in its
+    ``--listen AGENT_PORT:APP_PORT:NAME`` arguments, the redirects; so whoever adds it (any
+    user's tpenv, any version agreeing on the annotation) adds the same. No resources: the API
+    server refuses them on ephemeral containers."""
+    spec = pod.get("spec") or {}
+    if not wants_ephemeral(pod) or any(c.get("name") == EPHEMERAL_CONTAINER
+                                       for c in spec.get("ephemeralContainers") or []):
+        return None
+    agent = next((c for c in spec.get("containers") or [] if c.get("name") == agent_name), None)
+    if agent is None:
+        return None
+    args = [a for a in agent.get("args") or [] if isinstance(a, str)]
+    redirects = []
+    for value in (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen"):
+        agent_port, app_port = value.split(":")[:2]
+        redirects += ["--redirect", f"{app_port}:{agent_port}"]
+    if not redirects:
+        return None
+    return {"name": EPHEMERAL_CONTAINER, "image": agent["image"],
+            "imagePullPolicy": agent.get("imagePullPolicy", "IfNotPresent"),
+            "command": ["tpenv-agent"], "args": ["init", *redirects],
+            "securityContext": redirect_security(), "terminationMessagePolicy": "FallbackToLogsOnError"}
+
+
+def redirect_state(pod: dict) -> tuple[str, str]:
+    """(state, detail) of an ephemeral redirect: ``none`` (the pod installs none this way),
+    ``missing`` (not added yet), ``running`` (added, not ended), ``done`` or ``failed`` (with
+    the container's message)."""
+    if not wants_ephemeral(pod):
+        return "none", ""
+    if not any(c.get("name") == EPHEMERAL_CONTAINER for c in (pod.get("spec") or {}).get("ephemeralContainers") or []):
+        return "missing", ""
+    for cs in (pod.get("status") or {}).get("ephemeralContainerStatuses") or []:
+        if cs.get("name") != EPHEMERAL_CONTAINER:
+            continue
+        ended = (cs.get("state") or {}).get("terminated")
+        if ended is None:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            return "running", waiting.get("message") or waiting.get("reason") or ""
+        if ended.get("exitCode") == 0:
+            return "done", ""
+        return "failed", (f"exit {ended.get('exitCode')}: {(ended.get('message') or ended.get('reason') or '').strip()}")
+    return "running", ""
 
 
 def install_init(spec: dict, entries: list[dict], settings: dict) -> None:

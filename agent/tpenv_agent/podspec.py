@@ -176,7 +176,11 @@ def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) 
         containers.append(agent)
     else:
         containers[index] = agent
-    if redirect:
+    if redirect and record.get("via") == inpod.VIA_EPHEMERAL:
+        # tpenv adds the redirect to each running pod (inpod.ephemeral_redirect); the template says so.
+        inpod.uninstall_init(spec)
+        _ensure(tpl, "metadata.annotations", created, dict)[inpod.ANN_REDIRECT] = inpod.VIA_EPHEMERAL
+    elif redirect:
         _ensure(tpl, "spec.initContainers", created, list)
         inpod.install_init(spec, record["ports"], settings)
     volumes = _ensure(tpl, "spec.volumes", created, list)
@@ -189,6 +193,7 @@ def _uninstall_agent(tpl: dict, record: dict) -> None:
     spec = tpl.get("spec") or {}
     spec["containers"] = [c for c in spec.get("containers") or [] if c.get("name") != AGENT_CONTAINER]
     inpod.uninstall_init(spec)
+    ((tpl.get("metadata") or {}).get("annotations") or {}).pop(inpod.ANN_REDIRECT, None)
     for c in spec["containers"]:
         if c["name"] != record.get("container"):
             continue

@@ -1,6 +1,7 @@
 """Issue 11, every path in: traffic to the app's port on pod IPs meets the agent like Service traffic.
 
-The in-pod redirect (init container tpenv-init) sends inbound TCP to the app's port to the agent,
+The in-pod redirect (ephemeral container tpenv-redirect that tpenv adds to each pod, or init
+container tpenv-init for a user who may not add one) sends inbound TCP to the app's port to the agent,
 so a caller reaches the intercept through a ClusterIP Service, a headless Service's pod DNS
 names, a pod IP, or a gRPC client balancing over a headless Service by itself. Probes that name
 the app's port pass through the agent (the pod stays Ready). A headless Service on a port the
@@ -15,8 +16,10 @@ import pytest
 
 from test_intercept_kit import Intercepting, agent_in_pods, client_pod, curl, echo_container, spec_of, tpenv, wait_for
 from test_intercept_personal import LocalEcho
+from security_kit import user_kubeconfig
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 from tests.kit.apps import testapp_image
+from tpenv_agent.inpod import redirect_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -40,6 +43,11 @@ def statefulset(ns: str, replicas: int) -> None:
             "spec": {"selector": {"app": "db"}, "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}}],
           ns=ns)
     kubectl("rollout", "status", "statefulset/db", "--timeout=240s", ns=ns, timeout=260)
+
+
+def live_pods(ns: str, selector: str) -> list[dict]:
+    return [p for p in kubectl_json("get", "pods", "-l", selector, ns=ns)["items"]
+            if not p["metadata"].get("deletionTimestamp")]
 
 
 def paths(ns: str, replicas: int) -> dict[str, str]:
@@ -71,6 +79,22 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
         assert got == {way: "laptop" for way in ways}, got
         # Nothing of the user's objects moved: the app keeps its port name, Services are untouched.
         assert spec_of("service", "db", ns) == before[1] and spec_of("service", "db-headless", ns) == before[2]
+        # The redirect came as an ephemeral container that ran to exit 0 in every pod, with no init
+        # container holding the app back (issue 13).
+        pods = live_pods(ns, "app=db")
+        assert {p["metadata"]["name"]: redirect_state(p)[0] for p in pods} == {f"db-{i}": "done" for i in range(replicas)}
+        assert all(not p["spec"].get("initContainers") for p in pods), [p["spec"].get("initContainers") for p in pods]
+        # Stage 1b: a pod restarted during the intercept comes back without its redirect (its
+        # template has none); tpenv adds it, and that pod's IP reaches the laptop again.
+        old = next(p["metadata"]["uid"] for p in pods if p["metadata"]["name"] == "db-1")
+        kubectl("delete", "pod", "db-1", "--wait=true", ns=ns, timeout=120)
+
+        def back() -> bool:
+            new = [p for p in live_pods(ns, "app=db") if p["metadata"]["name"] == "db-1"]
+            return bool(new) and new[0]["metadata"]["uid"] != old and redirect_state(new[0])[0] == "done"
+
+        wait_for("db-1 back with its redirect, added by tpenv", back, 120)
+        wait_for("db-1's new IP to the laptop", lambda: who(curl(ns, paths(ns, replicas)["db-1 by IP"])) == "laptop", 90)
     finally:
         assert run.stop() == 0, "".join(run.stderr)
     header = Intercepting(tmp_path, "statefulset/db", "--service", "db", "--port", f"{laptop.port}:web",
@@ -248,3 +272,34 @@ def test_pod_security_baseline_falls_back_to_the_hand_over_and_says_so(namespace
     # Stage 3: uninstall restores the workload, probes included.
     tpenv(tmp_path, "uninstall", "--agent", "deployment/web", "-n", ns)
     assert (spec_of("deployment", "web", ns), spec_of("service", "web", ns)) == before
+
+
+def test_a_user_who_may_not_add_ephemeral_containers_gets_the_init_container(namespace, kubeconfig, tmp_path):
+    ns = namespace
+    # Stage 1: a developer whose Role has pods but not pods/ephemeralcontainers (security_kit).
+    config, _ = user_kubeconfig(ns, "carol", kubeconfig, tmp_path)
+    apply([{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "api"}},
+                     "template": {"metadata": {"labels": {"app": "api"}},
+                                  "spec": {"terminationGracePeriodSeconds": 1,
+                                           "containers": [echo_container("http")]}}}},
+           {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
+            "spec": {"selector": {"app": "api"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}],
+          ns=ns)
+    kubectl("rollout", "status", "deployment/api", "--timeout=180s", ns=ns, timeout=200)
+    client_pod(ns)
+    laptop = LocalEcho("laptop")
+    run = Intercepting(tmp_path, "deployment/api", "--port", f"{laptop.port}:http", "--mount", "false", "-n", ns,
+                       env={"KUBECONFIG": str(config)})
+    try:
+        # Stage 2: the intercept works, the redirect installed by the init container instead,
+        # and no ephemeral container was tried: the pod IP reaches the laptop.
+        info = run.ready()
+        pod = kubectl_json("get", "pod", info["pods"][0], ns=ns)
+        assert [c["name"] for c in pod["spec"].get("initContainers") or []] == ["tpenv-init"]
+        assert not pod["spec"].get("ephemeralContainers")
+        wait_for("the pod IP to the laptop",
+                 lambda: who(curl(ns, f"http://{pod['status']['podIP']}:8080/")) == "laptop", 60)
+    finally:
+        assert run.stop() == 0, "".join(run.stderr)
+        laptop.close()

@@ -80,12 +80,16 @@ def no_cluster_waits(monkeypatch):
     async def no_redirect(*a, **kw):
         return False, "the namespace forbids it (test)"
 
+    async def via(*a, **kw):
+        return "init"
+
     async def secret(*a, **kw):
         return True
 
     monkeypatch.setattr(agents, "wait_rollout", rollout)
     monkeypatch.setattr(agents, "wait_endpoints", endpoints)
     monkeypatch.setattr(agents, "redirect_choice", no_redirect)
+    monkeypatch.setattr(agents, "redirect_via", via)
     monkeypatch.setattr(agents, "_secret_exists", secret)
 
 

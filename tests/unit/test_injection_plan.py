@@ -9,6 +9,7 @@ import pytest
 from tpenv.engine.injection import auth_secret_manifest, inject_settings, plan_injection, restore_plan
 from tpenv.errors import PermanentError
 from tpenv.settings import Settings
+from tpenv_agent.inpod import ephemeral_redirect, redirect_state
 
 WORKLOAD = {
     "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "hello", "namespace": "dev"},
@@ -32,7 +33,8 @@ def test_settings_model_becomes_the_agent_image_and_lease():
                                            "memory_limit": "512Mi", "cpu_limit": "1"}})
     resources = {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}
     assert inject_settings(s) == {"agent_image": "me/agent:7", "image_pull_policy": "Never", "lease": 3,
-                                  "resources": resources, "ssh_port": 7922, "health_port": 7921}
+                                  "resources": resources, "ssh_port": 7922, "health_port": 7921,
+                                  "redirect_via": "ephemeral"}
     plan = plan_injection(WORKLOAD, SERVICE, "http", s)
     agent = agent_of(plan.workload)
     assert agent["image"] == "me/agent:7" and agent["imagePullPolicy"] == "Never"
@@ -71,13 +73,44 @@ def test_agent_resources_are_checked_quantities():
 
 def test_first_plan_redirects_in_the_pod_and_leaves_a_numeric_service_alone():
     before = copy.deepcopy((WORKLOAD, SERVICE))
-    plan = plan_injection(WORKLOAD, SERVICE, 80, Settings())
+    plan = plan_injection(WORKLOAD, SERVICE, 80, Settings(), via="init")
     assert plan.workload_changed and plan.needs_auth_secret and plan.service is None
-    assert plan.record["mode"] == "redirect"
+    assert plan.record["mode"] == "redirect" and "via" not in plan.record
     assert plan.record["ports"] == [{"name": "tpenv-8000", "agent_port": 7900, "app_port": 8000}]
     init = plan.workload["spec"]["template"]["spec"]["initContainers"]
     assert [c["name"] for c in init] == ["tpenv-init"] and init[0]["args"] == ["init", "--redirect", "8000:7900"]
     assert (WORKLOAD, SERVICE) == before
+
+
+def test_by_default_the_redirect_is_an_ephemeral_container_the_template_asks_for():
+    # Stage 1: the settings' default: no init container, the template marked instead.
+    plan = plan_injection(WORKLOAD, SERVICE, 80, Settings())
+    tpl = plan.workload["spec"]["template"]
+    assert plan.record["mode"] == "redirect" and plan.record["via"] == "ephemeral"
+    assert "initContainers" not in tpl["spec"]
+    assert tpl["metadata"]["annotations"]["tpenv.io/redirect"] == "ephemeral"
+    # Stage 2: a pod from it gets the same redirect the init container would install, from its agent.
+    pod = {"metadata": copy.deepcopy(tpl["metadata"]), "spec": copy.deepcopy(tpl["spec"])}
+    eph = ephemeral_redirect(pod, "tpenv-agent")
+    assert eph["name"] == "tpenv-redirect" and eph["args"] == ["init", "--redirect", "8000:7900"]
+    assert eph["image"] == agent_of(plan.workload)["image"] and "resources" not in eph
+    assert eph["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert redirect_state(pod) == ("missing", "")
+    # Stage 3: added, running, then ended: only exit 0 counts as done.
+    pod["spec"]["ephemeralContainers"] = [eph]
+    assert ephemeral_redirect(pod, "tpenv-agent") is None and redirect_state(pod)[0] == "running"
+    pod["status"] = {"ephemeralContainerStatuses": [{"name": "tpenv-redirect", "state": {"terminated": {
+        "exitCode": 1, "message": "iptables: no chain"}}}]}
+    assert redirect_state(pod) == ("failed", "exit 1: iptables: no chain")
+    pod["status"]["ephemeralContainerStatuses"][0]["state"]["terminated"] = {"exitCode": 0}
+    assert redirect_state(pod) == ("done", "")
+    # Stage 4: planned again, nothing changes; restored, the template is as it was.
+    again = plan_injection(plan.workload, SERVICE, 80, Settings(), auth_secret_exists=True)
+    assert not again.workload_changed
+    assert restore_plan(plan.workload, SERVICE).workload == WORKLOAD
+    # Stage 5: an agent injected with the init container keeps it whatever the settings now say.
+    old = plan_injection(WORKLOAD, SERVICE, 80, Settings(), via="init")
+    assert not plan_injection(old.workload, SERVICE, 80, Settings(), auth_secret_exists=True).workload_changed
 
 
 def test_where_the_redirect_is_forbidden_the_hand_over_rewrites_a_numeric_service():

@@ -4,8 +4,9 @@ Patch mode (docs/protocol.md §1): :func:`ensure_agent` plans the injection with
 ``tpenv.engine.injection`` (pure), creates Secret ``tpenv-auth`` when missing, replaces the
 workload (with its resourceVersion: a concurrent edit fails instead of being lost, and the
 refused write, a 409, reads the workload and Service again and redoes the plan), waits for
-the rollout while printing a progress line. With the in-pod redirect (the default) nothing else
-changes; where the namespace's Pod Security forbids it (``redirect.py`` of this package decides),
+the rollout while printing a progress line (adding each new pod's ephemeral redirect container
+as soon as the pod exists, ephemeral.py, where the redirect goes that way). With the in-pod
+redirect (the default) nothing else changes; where the namespace's Pod Security forbids it (``redirect.py`` of this package decides),
 the hand-over then rewrites the Service's numeric ``targetPort`` (only after the rollout, so no
 caller ever hits a pod that does not have the agent's named port yet), and says once which
 paths the intercept cannot take.
@@ -26,14 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpenv.engine.agent_removal import UPDATE_ATTEMPTS, remove_agent
+from tpenv.engine.ephemeral import add_redirect, redirect_failure
 from tpenv.engine.endpoints import wait_endpoints  # noqa: F401 - replace.py and callers import it from here
 from tpenv.engine.injection import InjectionPlan, plan_injection
-from tpenv.engine.redirect import redirect_choice
+from tpenv.engine.redirect import redirect_choice, redirect_via
 from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflict, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, AUTH_SECRET, MODE_REDIRECT
-from tpenv_agent.inpod import bypass_note, opted_in
+from tpenv_agent.inpod import bypass_note, opted_in, redirect_state
 from tpenv.settings import Settings
 
 Progress = Callable[[str], None]
@@ -129,14 +131,16 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     port_name = agent_port_name(sp)
     if webhook_mode(w):
         return await _webhook_agent(kube, w, service, sp, port_name, say)
-    secret_exists = await _secret_exists(kube, w.namespace)
     port_key = sp.get("name") or sp["port"]
-    redirect, why = await redirect_choice(kube, w, settings, container)
+    # Independent reads: at the same time (each is a round trip before the rollout can start).
+    secret_exists, (redirect, why), via = await asyncio.gather(
+        _secret_exists(kube, w.namespace), redirect_choice(kube, w, settings, container),
+        redirect_via(kube, w, settings))
     svc_name = service["metadata"]["name"]
 
     def planned(w: Workload, service: dict[str, Any]) -> InjectionPlan:
         return plan_injection(w.obj, service, port_key, settings, container=container,
-                              auth_secret_exists=secret_exists, redirect=(redirect, why))
+                              auth_secret_exists=secret_exists, redirect=(redirect, why), via=via)
 
     plan = planned(w, service)
     if plan.record.get("mode") != MODE_REDIRECT:
@@ -146,7 +150,9 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     for attempt in range(UPDATE_ATTEMPTS):
         try:
             # Dry runs first: a refusal (RBAC, admission, validation) must come before any change.
-            if plan.workload_changed:
+            # The workload's only when something else is written before it (the Secret, the
+            # Service): alone, its own write is all or nothing.
+            if plan.workload_changed and (plan.service is not None or not secret_exists):
                 await kube.replace_workload(w, plan.workload, dry_run=True)
             if plan.service is not None:
                 await kube.call(kube.core.replace_namespaced_service, svc_name, w.namespace, plan.service,
@@ -214,7 +220,8 @@ def _stall_cause(pod: dict[str, Any], now: float, since: float) -> str | None:
     """Why this pod will not become ready by itself, or None while it may still."""
     name = pod["metadata"]["name"]
     status = pod.get("status") or {}
-    for cs in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
+    for cs in [*(status.get("containerStatuses") or []), *(status.get("initContainerStatuses") or []),
+               *(status.get("ephemeralContainerStatuses") or [])]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason = waiting.get("reason")
         if reason in _PULL_FAILURES:
@@ -253,6 +260,7 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
     if serves is None:
         serves = lambda p: pod_serves(p, port_name)  # noqa: E731
     pods: dict[str, dict[str, Any]] = {}
+    added: set[str] = set()  # pods whose redirect container we added (a late event may not show it yet)
     last_line = ""
 
     def replicas() -> int:
@@ -261,7 +269,7 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
 
     def done() -> bool:
         live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
-        good = [p for p in live if serves(p) and pod_is_ready(p)]
+        good = [p for p in live if serves(p) and pod_is_ready(p) and redirect_state(p)[0] in ("none", "done")]
         stale = [p for p in live if not serves(p)]
         return len(good) >= replicas() and not stale
 
@@ -275,8 +283,13 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
             async with kube.watch(kube.core.list_namespaced_pod, w.namespace, label_selector=w.selector,
                                   what=What("watch", "pods", w.namespace)) as events:
                 async for kind, pod in tracked(events, pods):
-                    if kind != "DELETED" and serves(pod) and not pod_is_ready(pod):
-                        cause = _stall_cause(pod, time.monotonic(), started)
+                    if kind != "DELETED" and serves(pod):
+                        # The redirect as an ephemeral container goes in as soon as the pod
+                        # exists: the kubelet then starts it with the app (ephemeral.py).
+                        if pod["metadata"]["uid"] not in added and await add_redirect(kube, pod):
+                            added.add(pod["metadata"]["uid"])
+                        cause = (redirect_failure(pod) or (None if pod_is_ready(pod) else
+                                                           _stall_cause(pod, time.monotonic(), started)))
                         if cause:
                             raise RolloutStalled(f"the rollout of {w.ref} stalled: {cause}", retry_after=10)
                     if done():

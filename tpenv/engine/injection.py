@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tpenv.errors import PermanentError
 from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET, InjectError, inject, restore
+from tpenv_agent.inpod import VIA_EPHEMERAL
 from tpenv.settings import Settings
 
 AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
@@ -46,7 +47,8 @@ def inject_settings(settings: Settings | dict) -> dict:
     agent = settings.agent
     return {"agent_image": agent.image, "image_pull_policy": agent.image_pull_policy,
             "lease": max(1, round(float(agent.lease_seconds))), "resources": agent.resources(),
-            "ssh_port": agent.ssh_port, "health_port": agent.health_port}
+            "ssh_port": agent.ssh_port, "health_port": agent.health_port,
+            "redirect_via": VIA_EPHEMERAL if agent.redirect_via == "ephemeral-container" else "init"}
 
 
 def _wrapped(e: InjectError, what: str) -> PermanentError:
@@ -56,13 +58,15 @@ def _wrapped(e: InjectError, what: str) -> PermanentError:
 
 def plan_injection(workload: dict, service: dict, port: str | int, settings: Settings | dict, *,
                    container: str | None = None, auth_secret_exists: bool = False,
-                   redirect: tuple[bool, str] = (True, "")) -> InjectionPlan:
-    """``redirect``: (whether a new injection may use the in-pod redirect, why not); an agent
-    already injected keeps the mode its record names."""
+                   redirect: tuple[bool, str] = (True, ""), via: str | None = None) -> InjectionPlan:
+    """``redirect``: (whether a new injection may use the in-pod redirect, why not); ``via``: how
+    it is installed (``ephemeral`` or ``init``), when the caller checked more than the settings
+    say (redirect.redirect_via). An agent already injected keeps the mode and way its record names."""
+    wanted = {**inject_settings(settings), "redirect": redirect[0], "redirect_off": redirect[1]}
+    if via is not None:
+        wanted["redirect_via"] = via
     try:
-        new_wl, new_svc, record = inject(workload, service, port, container=container,
-                                         settings={**inject_settings(settings), "redirect": redirect[0],
-                                                   "redirect_off": redirect[1]})
+        new_wl, new_svc, record = inject(workload, service, port, container=container, settings=wanted)
     except InjectError as e:
         name = (workload.get("metadata") or {}).get("name", "?")
         raise _wrapped(e, f"inject the agent into {workload.get('kind', 'workload')}/{name}") from e

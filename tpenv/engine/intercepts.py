@@ -4,6 +4,8 @@ The pieces are reconciler units (``tpenv.engine.units``):
 
 - ``("tunnel", ns, pod)`` for every ready pod whose agent serves the port (tunnels.py), each
   registering this session's intercept on that replica: traffic to any replica reaches us;
+- ``("redirect", ns, pod)`` for a pod that (re)started without its ephemeral in-pod redirect
+  (ephemeral.py); the pod gets a tunnel once the redirect has run;
 - ``("intercept", ns, workload, port)``: the env and the mount, read through one replica's
   session (the first ready pod by name; it moves when that pod goes), depending on its tunnel (envmount.py).
 
@@ -23,6 +25,7 @@ from typing import Any
 from tpenv.config.models import Intercept
 from tpenv.engine.agents import AgentReady, agent_port_name, ensure_agent, pick_service, pod_serves, service_port
 from tpenv.engine.envmount import EnvMountSpec, EnvMountUnit, intercept_key
+from tpenv.engine.ephemeral import redirect_specs
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.routeready import wait_routed
@@ -33,6 +36,7 @@ from tpenv.errors import TpenvError, TransientError
 from tpenv.kits.aio import Backoff, unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv.settings import Settings
+from tpenv_agent.inpod import redirect_state
 
 __all__ = ["EnvMountSpec", "EnvMountUnit", "InterceptRun", "Resolved", "intercept_key"]
 
@@ -138,7 +142,9 @@ class InterceptRun:
     def ready_pods(self) -> list[dict[str, Any]]:
         assert self.resolved is not None
         name = self.resolved.agent.port_name
-        pods = [p for p in self._pods.values() if pod_is_ready(p) and pod_serves(p, name)]
+        # A pod whose redirect is still to come passes its traffic to the app: not ours yet.
+        pods = [p for p in self._pods.values() if pod_is_ready(p) and pod_serves(p, name)
+                and redirect_state(p)[0] in ("none", "done")]
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
     def desired(self) -> dict[Key, Any]:
@@ -151,6 +157,9 @@ class InterceptRun:
                               ssh_port=s.agent.ssh_port, connect_timeout=s.tunnels.connect_timeout,
                               leave_drain=s.tunnels.leave_drain, streams=s.tunnels.streams)
             specs[spec.key] = spec
+        # A pod that (re)started without its redirect gets it (ephemeral.py).
+        serving = [p for p in self._pods.values() if pod_serves(p, self.resolved.agent.port_name)]
+        specs.update(redirect_specs(self.kube, serving))
         pods = self.ready_pods()
         if pods:
             em = EnvMountSpec(self.namespace, self.intercept.workload_name, pods[0]["metadata"]["name"],

@@ -8,18 +8,24 @@ enforce`` baseline or restricted), and any other admission the cluster runs (a c
 Pod Security default, a policy engine), found by a server-side dry-run of a pod carrying the
 init container. Either way the injection falls back to the port hand-over and the caller says
 which paths that cannot take. A workload already injected keeps the mode its record names.
+
+    await redirect_via(kube, w, settings) -> "ephemeral" | "init"
+
+How the redirect is installed (setting ``agent.redirect_via``): as an ephemeral container tpenv
+adds to each running pod (ephemeral.py), when this user may patch ``pods/ephemeralcontainers``
+here (one SelfSubjectAccessReview), else as the init container.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from tpenv.errors import Forbidden, NotFound, UsageError
+from tpenv.errors import Forbidden, NotFound, TpenvError, UsageError
 from tpenv.engine.injection import inject_settings
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload
 from tpenv_agent.inject import ANN_RESTORE
-from tpenv_agent.inpod import init_container, redirect_allowed
+from tpenv_agent.inpod import VIA_EPHEMERAL, init_container, redirect_allowed
 from tpenv.settings import Settings
 
 
@@ -36,6 +42,22 @@ async def redirect_choice(kube: Kube, w: Workload, settings: Settings | dict,
     except (Forbidden, NotFound) as e:
         log.debug("cannot read namespace %s (%s); the dry run below decides", w.namespace, e)
     return await _admitted(kube, w, settings, log)
+
+
+async def redirect_via(kube: Kube, w: Workload, settings: Settings | dict) -> str:
+    if inject_settings(settings).get("redirect_via") != VIA_EPHEMERAL:
+        return "init"
+    from tpenv.engine.doctor.rights import can_i
+
+    log = unit_logger("agent", f"{w.namespace}/{w.name}")
+    try:
+        if await can_i(kube, w.namespace, "patch", "", "pods", "ephemeralcontainers"):
+            return VIA_EPHEMERAL
+        why = "no right to patch pods/ephemeralcontainers"
+    except TpenvError as e:
+        why = f"cannot ask the API server ({e})"
+    log.info("the in-pod redirect uses an init container (%s): pods start about a kubelet cycle later", why)
+    return "init"
 
 
 async def _admitted(kube: Kube, w: Workload, settings: Settings | dict, log: Any) -> tuple[bool, str]:

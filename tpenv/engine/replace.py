@@ -53,7 +53,8 @@ def plan_replace(workload: dict, service: dict, port: str | int, settings: Setti
                  container: str | None = None, redirect: tuple[bool, str] = (True, "")) -> ReplacePlan:
     """Pure: what to write to replace the app of ``workload`` (Service port ``port`` first)."""
     name = f"{workload.get('kind', 'workload')}/{(workload.get('metadata') or {}).get('name', '?')}"
-    opts = {**inject_settings(settings), "redirect": redirect[0], "redirect_off": redirect[1]}
+    # The init container: a replaced pod without its redirect would send callers to the placeholder.
+    opts = {**inject_settings(settings), "redirect": redirect[0], "redirect_off": redirect[1], "redirect_via": "init"}
     try:
         wl, _svc, record = inject(workload, service, port, container=container, settings=opts)
         if record.get("mode") != "redirect":

@@ -233,14 +233,24 @@ class Kube:
         """``name``, ``deployment/name``, ``statefulset/name`` or ``replicaset/name`` → Workload."""
         ns = namespace or self.namespace
         kind, name = parse_workload_ref(ref)
-        await self.require_namespace(ns)
-        kinds = [kind] if kind else list(_BARE_NAME_ORDER)
-        for k in kinds:
-            try:
-                obj = await self.call(self._getter(k), name, ns, what=What("get", _PLURAL[k], ns, name))
-            except NotFound:
-                continue
-            return Workload(k, name, ns, obj)
+        # The namespace check beside the first read, not before it (a round trip on `up`'s way to
+        # the rollout); a missing namespace is still the error said, whatever the read found.
+        ns_check = asyncio.ensure_future(self.require_namespace(ns))
+        try:
+            kinds = [kind] if kind else list(_BARE_NAME_ORDER)
+            for k in kinds:
+                try:
+                    obj = await self.call(self._getter(k), name, ns, what=What("get", _PLURAL[k], ns, name))
+                except NotFound:
+                    continue
+                await ns_check
+                return Workload(k, name, ns, obj)
+            await ns_check
+        finally:
+            if not ns_check.done():
+                ns_check.cancel()
+            elif not ns_check.cancelled():
+                ns_check.exception()  # read: a failed check under another error is not "never retrieved"
         tried = "/".join(_PLURAL[k] for k in kinds)
         raise NotFound(f"no workload {ref!r} in namespace {ns!r} (looked for {tried})",
                        hint=f"list them with: kubectl get {','.join(_PLURAL[k] for k in kinds)} -n {ns}")

@@ -17,6 +17,7 @@ client's, parsed by a small grammar, so call sites read the same as with the typ
                                         verb in list/create:                (namespace[, body])
     list_{kind}_for_all_namespaces      ()
     {verb}_{kind}                       cluster-scoped: (name[, body]) or ([body]) for list/create
+    {verb}_namespaced_pod_ephemeralcontainers   the subresource (_SUBRESOURCES), like the generated one
 
 Keyword arguments become query parameters (``label_selector`` → ``labelSelector``, booleans
 as ``true``/``false``); ``body=``, ``_request_timeout``, ``_content_type`` and
@@ -37,6 +38,8 @@ _IRREGULAR = {"endpoints": "endpoints", "ingress": "ingresses", "network_policy"
               "pod_security_policy": "podsecuritypolicies", "priority_class": "priorityclasses",
               "storage_class": "storageclasses", "ingress_class": "ingressclasses",
               "runtime_class": "runtimeclasses", "resource_slice": "resourceslices"}
+# Subresources reached by a method name, as the generated client names them: kind -> (resource, sub).
+_SUBRESOURCES = {"pod_ephemeralcontainers": ("pods", "ephemeralcontainers")}
 _NAME = re.compile(r"^(?P<verb>[a-z]+)_(?:(?P<ns>namespaced_)?(?P<kind>[a-z0-9_]+?)(?P<all>_for_all_namespaces)?)$")
 
 
@@ -77,7 +80,8 @@ class ApiGroup:
         m = _NAME.match(attr)
         if not m or m["verb"] not in VERBS or (m["all"] and (m["ns"] or m["verb"] != "list")):
             raise AttributeError(f"{self!r} has no method {attr!r} (expected e.g. read_namespaced_pod)")
-        verb, namespaced, resource = m["verb"], bool(m["ns"]), plural(m["kind"])
+        verb, namespaced = m["verb"], bool(m["ns"])
+        resource, sub = _SUBRESOURCES.get(m["kind"]) or (plural(m["kind"]), None)
         named = verb in ("read", "replace", "patch", "delete")
         body_arg = verb in ("create", "replace", "patch")  # the body is positional (delete's is optional)
 
@@ -95,6 +99,8 @@ class ApiGroup:
             path += f"/{resource}"
             if name is not None:
                 path += f"/{quote(name, safe='')}"
+            if sub is not None:
+                path += f"/{sub}"
             return self._serialize(_HTTP[verb], path, body, kw, patch=verb == "patch")
 
         def call(*args: Any, **kw: Any) -> Any:

@@ -78,6 +78,10 @@ _FEATURES = {
         "tpenv assumes admission takes the redirect's init container; if it does not, the rollout stalls and "
         "tpenv restores the workload instead of falling back up front",
         [("create", "pods", "dry-run the in-pod redirect's init container before injecting")]),
+    "the in-pod redirect without an init container": (
+        "tpenv installs the redirect with an init container instead, which holds each injected pod's app "
+        "back about one kubelet cycle (1 s)",
+        [("patch", "pods/ephemeralcontainers", "add the redirect to each running pod (setting agent.redirect_via)")]),
     "`tpenv intercept --replace`": (
         "replace mode is refused or cannot put the app back (patch mode, the default, still works)",
         [("patch", "deployments.apps", "put the app back when a replace ends"),

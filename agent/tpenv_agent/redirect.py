@@ -1,7 +1,8 @@
 """``tpenv-agent init --redirect APP_PORT:AGENT_PORT ...``: the in-pod redirect (docs/protocol.md §1.2).
 
-Runs as the pod's init container ``tpenv-init`` (root, NET_ADMIN only), in the pod's network
-namespace, before the app and the agent start; then exits. For each port, inbound TCP to the
+Runs as the pod's init container ``tpenv-init`` before the app and the agent start, or as the
+ephemeral container ``tpenv-redirect`` tpenv adds to the running pod (inpod.py): root,
+NET_ADMIN only, in the pod's network namespace; then exits. For each port, inbound TCP to the
 app's port is redirected to the agent's port, IPv4 and IPv6, in the ``nat`` table's PREROUTING
 chain. PREROUTING sees only packets arriving from outside the pod (Services, headless Services,
 pod IPs, the kubelet's probes), never the pod's own connections: the agent reaches the app on

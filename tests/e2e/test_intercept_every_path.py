@@ -81,8 +81,9 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
         assert spec_of("service", "db", ns) == before[1] and spec_of("service", "db-headless", ns) == before[2]
         # The redirect came as an ephemeral container that ran to exit 0 in every pod, with no init
         # container holding the app back (issue 13).
+        wait_for("every pod's redirect to report exit 0",
+                 lambda: [redirect_state(p)[0] for p in live_pods(ns, "app=db")] == ["done"] * replicas, 30)
         pods = live_pods(ns, "app=db")
-        assert {p["metadata"]["name"]: redirect_state(p)[0] for p in pods} == {f"db-{i}": "done" for i in range(replicas)}
         assert all(not p["spec"].get("initContainers") for p in pods), [p["spec"].get("initContainers") for p in pods]
         # Stage 1b: a pod restarted during the intercept comes back without its redirect (its
         # template has none); tpenv adds it, and that pod's IP reaches the laptop again.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tpenv.engine.ephemeral import STRATEGIC, RedirectSpec, add_redirect, redirect_specs
+from tpenv.engine.ephemeral import STRATEGIC, RedirectSpec, add_redirect, redirect_added, redirect_specs
 from tpenv.errors import Forbidden, NotFound, PermanentError
 
 AGENT = {"name": "tpenv-agent", "image": "tpenv/agent:9", "imagePullPolicy": "Never",
@@ -56,6 +56,9 @@ def test_only_live_pods_missing_or_failing_their_redirect_get_a_unit():
     assert specs[("redirect", "ns", "missing")].failure is None
     assert "exit 2: boom" in specs[("redirect", "ns", "failed")].failure
     assert "kubectl logs failed -c tpenv-redirect" in specs[("redirect", "ns", "failed")].failure
+    # A pod serves once its redirect is in (the kubelet reports its end a relist later) and not failed.
+    assert {p["metadata"]["name"]: redirect_added(p) for p in pods} == {
+        "missing": False, "running": True, "done": True, "failed": False, "going": False, "init-way": True}
 
 
 def test_the_patch_is_a_strategic_merge_of_the_redirect_built_from_the_agent():

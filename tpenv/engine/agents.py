@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpenv.engine.agent_removal import UPDATE_ATTEMPTS, remove_agent
-from tpenv.engine.ephemeral import add_redirect, redirect_failure
+from tpenv.engine.ephemeral import add_redirect, redirect_added, redirect_failure
 from tpenv.engine.endpoints import wait_endpoints  # noqa: F401 - replace.py and callers import it from here
 from tpenv.engine.injection import InjectionPlan, plan_injection
 from tpenv.engine.redirect import redirect_choice, redirect_via
@@ -35,7 +35,7 @@ from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflic
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, AUTH_SECRET, MODE_REDIRECT
-from tpenv_agent.inpod import bypass_note, opted_in, redirect_state
+from tpenv_agent.inpod import bypass_note, opted_in
 from tpenv.settings import Settings
 
 Progress = Callable[[str], None]
@@ -269,7 +269,7 @@ async def wait_rollout(kube: Kube, w: Workload, port_name: str, *, timeout: floa
 
     def done() -> bool:
         live = [p for p in pods.values() if not p["metadata"].get("deletionTimestamp")]
-        good = [p for p in live if serves(p) and pod_is_ready(p) and redirect_state(p)[0] in ("none", "done")]
+        good = [p for p in live if serves(p) and pod_is_ready(p) and redirect_added(p)]
         stale = [p for p in live if not serves(p)]
         return len(good) >= replicas() and not stale
 

@@ -10,7 +10,7 @@ injected pod starts about a second later than the same pod without tpenv. An eph
 container starts beside the app (the kubelet starts ephemeral containers first, initialization
 or not) and the pod becomes Ready as fast as a plain rollout. Until the rules exist, traffic
 reaches the app directly, as through an agent in passthrough; so tpenv counts a pod as serving
-an intercept only once its redirect container has ended with exit 0 (inpod.redirect_state).
+an intercept only once its redirect container is in, and not failed (:func:`redirect_added`).
 
 Which pods want it is on the pod itself (annotation ``tpenv.io/redirect: ephemeral``, from the
 template), and the container is built from the pod's own agent container, so any tpenv adding
@@ -52,6 +52,16 @@ async def add_redirect(kube: Kube, pod: dict[str, Any]) -> bool:
         raise PermanentError(f"cannot add the in-pod redirect ({EPHEMERAL_CONTAINER}) to pod {name}: {e.message}",
                              hint=_HINT) from e
     return True
+
+
+def redirect_added(pod: dict[str, Any]) -> bool:
+    """Whether the pod may serve an intercept as far as its redirect goes: it installs none this
+    way, or its container is in and has not failed. Not "has run": the kubelet reports the
+    container's end only at its next relist (1 s period), up to a second after the pod is Ready,
+    while the rules exist a few hundred milliseconds after it starts. What proves the redirect
+    is the route probe after a rollout (routeready.py: fresh connections to the Service reach
+    the agents); a headless Service has none, so there tpenv waits for "done" (intercepts.py)."""
+    return redirect_state(pod)[0] in ("none", "running", "done")
 
 
 def redirect_failure(pod: dict[str, Any]) -> str | None:
@@ -118,4 +128,4 @@ def redirect_specs(kube: Kube, pods: list[dict[str, Any]]) -> dict[Key, Redirect
     return out
 
 
-__all__ = ["add_redirect", "redirect_failure", "redirect_specs", "RedirectSpec", "RedirectUnit", "STRATEGIC"]
+__all__ = ["add_redirect", "redirect_added", "redirect_failure", "redirect_specs", "RedirectSpec", "RedirectUnit", "STRATEGIC"]

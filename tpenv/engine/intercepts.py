@@ -25,7 +25,7 @@ from typing import Any
 from tpenv.config.models import Intercept
 from tpenv.engine.agents import AgentReady, agent_port_name, ensure_agent, pick_service, pod_serves, service_port
 from tpenv.engine.envmount import EnvMountSpec, EnvMountUnit, intercept_key
-from tpenv.engine.ephemeral import redirect_specs
+from tpenv.engine.ephemeral import redirect_added, redirect_specs
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
 from tpenv.engine.routeready import wait_routed
@@ -142,9 +142,8 @@ class InterceptRun:
     def ready_pods(self) -> list[dict[str, Any]]:
         assert self.resolved is not None
         name = self.resolved.agent.port_name
-        # A pod whose redirect is still to come passes its traffic to the app: not ours yet.
-        pods = [p for p in self._pods.values() if pod_is_ready(p) and pod_serves(p, name)
-                and redirect_state(p)[0] in ("none", "done")]
+        # A pod whose redirect is not even added passes its traffic to the app: not ours yet.
+        pods = [p for p in self._pods.values() if pod_is_ready(p) and pod_serves(p, name) and redirect_added(p)]
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
     def desired(self) -> dict[Key, Any]:
@@ -292,8 +291,23 @@ class InterceptRun:
         assert self.resolved is not None
         if self._routed_checked or not self.resolved.agent.rolled_out:
             return
+        if (self.resolved.service.get("spec") or {}).get("clusterIP") == "None":
+            await self._redirects_ran()  # no ClusterIP to probe: the kubelet's word, then
         await wait_routed(self, self.progress)
         self._routed_checked = True
+
+    async def _redirects_ran(self) -> None:
+        """Until every ready pod's ephemeral redirect has ended with exit 0 (the pod watch wakes the
+        reconciler), bounded by kube.endpoints_timeout; past it, said, and tpenv goes on."""
+        assert self.rec is not None
+
+        def ran(_rec: Reconciler) -> bool:
+            return all(redirect_state(p)[0] in ("none", "done") for p in self.ready_pods())
+
+        timeout = self.settings.kube.endpoints_timeout
+        if not await self.rec.wait_until(ran, timeout) and self.progress is not None:
+            self.progress(f"the in-pod redirect has not reported its end within {timeout:.0f}s; callers of "
+                          f"the pods may reach the app until it does")
 
     def snapshot(self) -> dict[str, Any]:
         out = self.rec.snapshot() if self.rec is not None else {"units": []}

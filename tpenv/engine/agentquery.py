@@ -13,9 +13,7 @@ from typing import Any
 from tpenv.engine.injection import AUTH_KEYS
 from tpenv.engine.statusd import new_session_id
 from tpenv.errors import TpenvError
-from tpenv.kits.agent_client import AgentSession
 from tpenv.kits.kube import Kube, What, Workload
-from tpenv.kits.portforward import PodTunnel
 from tpenv.engine.injection import runs_agent
 from tpenv_agent.inject import AUTH_SECRET
 
@@ -53,6 +51,9 @@ async def agent_inventory(kube: Kube, w: Workload, material: dict[str, bytes] | 
     pod = await agent_pod(kube, w)
     if pod is None:
         return "no ready pod with the agent"
+    from tpenv.kits.agent_client import AgentSession  # asyncssh: only once an agent is asked
+    from tpenv.kits.portforward import PodTunnel
+
     tunnel = PodTunnel(kube, w.namespace, pod)
     try:
         async with AgentSession(f"list-{new_session_id()}", ca_key=material["ca_key"],
@@ -71,6 +72,9 @@ async def agent_round_trip(kube: Kube, w: Workload, material: dict[str, bytes], 
     pod = await agent_pod(kube, w)
     if pod is None:
         raise TpenvError(f"no ready pod of {w.ref} runs the agent")
+    from tpenv.kits.agent_client import AgentSession
+    from tpenv.kits.portforward import PodTunnel
+
     tunnel = PodTunnel(kube, w.namespace, pod)
     start = time.monotonic()
     try:

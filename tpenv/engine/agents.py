@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tpenv.engine import lateimports
 from tpenv.engine.agent_removal import UPDATE_ATTEMPTS, remove_agent
 from tpenv.engine.ephemeral import add_redirect, redirect_added, redirect_failure
 from tpenv.engine.endpoints import wait_endpoints  # noqa: F401 - replace.py and callers import it from here
@@ -166,6 +167,7 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
                     say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
                 w = await kube.replace_workload(w, plan.workload)
                 rolled_out = True
+                lateimports.begin()  # what the tunnels need loads while the pods start
             break
         except UpdateConflict:
             # Another writer (a controller's status, a rollout, a second intercept) changed the

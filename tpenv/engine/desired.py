@@ -24,11 +24,9 @@ from typing import Any
 
 from tpenv.config.models import Config, Intercept
 from tpenv.engine.contexts import Clusters, ContextDown, DownSpec, Targets, resolve_targets
-from tpenv.engine.forwards import forward_specs
 from tpenv.engine.intercept_unit import InterceptSpec
 from tpenv.engine.intercepts import InterceptRun
 from tpenv.engine.localenv import command_env
-from tpenv.engine.outbound.unit import ConnectSpec
 from tpenv.engine.units import Key, UnitSpec
 from tpenv.engine.up import UpContext, handler_specs
 from tpenv.kits.kube import Kube
@@ -141,6 +139,8 @@ class UpFactory:
         """The connect unit, when the file has a ``connect:`` section not set to off."""
         if config.connection is None:
             return None
+        from tpenv.engine.outbound.unit import ConnectSpec  # a file without connect: never loads it
+
         kube, ns, context = await self._place_or_down(config, uctx, config.connection)
         return DownSpec.instead_of(ConnectSpec(kube, config.connect, ns, tuple(namespaces), context=context,
                                                on_ready=self._connected))
@@ -176,6 +176,10 @@ class UpFactory:
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
         placed = {id(fw): await self._place_or_down(config, uctx, fw) for fw in fwd_wanted}
+        # Imported here: forwards pull in the port-forward transports, which `up` loads while its
+        # first rollout runs (lateimports.py), not before it starts.
+        from tpenv.engine.forwards import forward_specs
+
         forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
                                  connect_timeout=self.settings.tunnels.connect_timeout)
         forwards = {k: DownSpec.instead_of(f) for k, f in forwards.items()}

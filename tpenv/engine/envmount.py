@@ -14,8 +14,6 @@ from typing import Any
 from tpenv import logs
 from tpenv.config.env import render_env, write_env_file
 from tpenv.config.models import Intercept
-from tpenv.engine.appenv import merge_app_env, read_app_env
-from tpenv.engine.mounts import make_mount, skip_default_mount
 from tpenv.engine.tunnels import TunnelRegistry
 from tpenv.engine.units import Key, Notify, State, UnitState, hash_spec
 from tpenv.kits.aio import unit_logger
@@ -93,6 +91,11 @@ class EnvMountUnit:
         return self._state
 
     async def start(self) -> None:
+        # Here, not at the top: exec and sshfs pull in websockets and more, which load while the
+        # rollout runs (engine/lateimports.py) rather than before it starts.
+        from tpenv.engine.appenv import merge_app_env, read_app_env
+        from tpenv.engine.mounts import make_mount, skip_default_mount
+
         s = self.spec
         self._state.set(State.STARTING)
         session = s.registry.session(s.tunnel_key)

@@ -20,16 +20,15 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tpenv.config.models import Intercept
+from tpenv.engine import lateimports
 from tpenv.engine.agents import AgentReady, agent_port_name, ensure_agent, pick_service, pod_serves, service_port
 from tpenv.engine.envmount import EnvMountSpec, EnvMountUnit, intercept_key
 from tpenv.engine.ephemeral import redirect_added, redirect_specs
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
 from tpenv.engine.reconciler import Reconciler
-from tpenv.engine.routeready import wait_routed
-from tpenv.engine.replace import Replacement, start_replace
 from tpenv.engine.tunnels import Registration, TunnelRegistry, TunnelSpec, ensure_auth_material
 from tpenv.engine.units import Key, State, UnitEvent
 from tpenv.errors import TpenvError, TransientError
@@ -37,6 +36,9 @@ from tpenv.kits.aio import Backoff, unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv.settings import Settings
 from tpenv_agent.inpod import redirect_state
+
+if TYPE_CHECKING:
+    from tpenv.engine.replace import Replacement
 
 __all__ = ["EnvMountSpec", "EnvMountUnit", "InterceptRun", "Resolved", "intercept_key"]
 
@@ -98,6 +100,8 @@ class InterceptRun:
         sp = service_port(service, ic.port.remote)
         if ic.mode == "replace":
             # Not ensure_agent: every app port goes to the agent and the app stops (replace.py).
+            from tpenv.engine.replace import start_replace
+
             self.replacement = await start_replace(
                 self.kube, w, service, sp, self.settings, session=self.session_id, container=self.container,
                 progress=self.progress or (lambda text: self.log.info("%s", text)))
@@ -198,6 +202,7 @@ class InterceptRun:
         if self.resolved is None:
             await self.resolve()
         assert self.resolved is not None
+        await lateimports.ready()  # begun by the rollout; before the first tunnel imports them too
         pods = await self.kube.pods_of(self.resolved.workload)
         self._pods = {p["metadata"]["uid"]: p for p in pods}
         t = self.settings.tunnels
@@ -293,6 +298,8 @@ class InterceptRun:
             return
         if (self.resolved.service.get("spec") or {}).get("clusterIP") == "None":
             await self._redirects_ran()  # no ClusterIP to probe: the kubelet's word, then
+        from tpenv.engine.routeready import wait_routed
+
         await wait_routed(self, self.progress)
         self._routed_checked = True
 

@@ -15,17 +15,22 @@ import asyncio
 import base64
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tpenv.engine.injection import AUTH_KEYS, auth_secret_manifest
 from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_spec
 from tpenv.errors import NotFound, PermanentError, TransientError, TunnelDropped
-from tpenv.kits.agent_client import AgentSession, make_auth_material
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What
-from tpenv.kits.portforward import PodTunnel
 from tpenv.settings import AgentSettings, TunnelSettings
 from tpenv_agent.inject import AUTH_SECRET
+
+if TYPE_CHECKING:
+    from tpenv.kits.agent_client import AgentSession
+
+# asyncssh (with cryptography) and the port-forward transports are imported where a tunnel opens,
+# not with this module: `up` and `intercept` import it before the rollout starts, and these load
+# while the rollout runs instead (engine/lateimports.py).
 
 # A tunnel's stop, each step bounded (engine/up.py's shutdown_grace adds them up): the agent's
 # answer to a leave beyond its drain, then the session's close.
@@ -40,6 +45,8 @@ async def ensure_auth_material(kube: Kube, namespace: str) -> dict[str, bytes]:
         try:
             secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace, what=what)
         except NotFound:
+            from tpenv.kits.agent_client import make_auth_material
+
             manifest = auth_secret_manifest(namespace, make_auth_material())
             try:
                 secret = await kube.call(kube.core.create_namespaced_secret, namespace, manifest,
@@ -130,6 +137,8 @@ class TunnelUnit:
         self.depends_on = spec.depends_on
         self._notify = notify
         self.log = unit_logger("tunnel", f"{spec.namespace}/{spec.pod}")
+        from tpenv.kits.portforward import PodTunnel
+
         self.tunnel = PodTunnel(spec.kube, spec.namespace, spec.pod)
         self.session: AgentSession | None = None
         self._state = UnitState()
@@ -140,6 +149,8 @@ class TunnelUnit:
         return self._state
 
     async def start(self) -> None:
+        from tpenv.kits.agent_client import AgentSession
+
         s = self.spec
         self._state.set(State.STARTING, detail=f"port-forward to {s.pod}:{s.ssh_port}")
         session = AgentSession(s.session_id, ca_key=s.material["ca_key"], host_key_pub=s.material["host_key.pub"],

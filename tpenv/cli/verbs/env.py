@@ -17,15 +17,12 @@ from pathlib import Path
 
 from tpenv.config.env import format_env, render_env
 from tpenv.engine.agents import agent_port_name, pick_service, pod_serves, service_port
-from tpenv.engine.appenv import merge_app_env, read_app_env
 from tpenv.engine.contexts import resolve_targets
 from tpenv.engine.injection import AUTH_KEYS
 from tpenv.engine.session import intercept_env
 from tpenv.engine.statusd import new_session_id
 from tpenv.errors import NotFound
-from tpenv.kits.agent_client import AgentSession
 from tpenv.kits.kube import Kube, What
-from tpenv.kits.portforward import PodTunnel
 from tpenv_agent.inject import AUTH_SECRET
 
 HELP = "Print or write the environment of an intercept's app container."
@@ -38,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace, ctx) -> int:
+    # Here: every verb's module is imported to build the parser, `up` too, which must not pay
+    # for asyncssh and the port-forward transports before its rollout starts (lateimports.py).
+    from tpenv.engine.appenv import merge_app_env, read_app_env
+    from tpenv.kits.agent_client import AgentSession
+    from tpenv.kits.portforward import PodTunnel
+
     running = await intercept_env(ctx.settings, args.name)
     if running is not None:
         ctx.emit(format_env(running, args.format).rstrip("\n"), running)

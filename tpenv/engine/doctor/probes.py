@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from tpenv.engine.agent_removal import has_agent, injected_workloads
 from tpenv.engine.agentquery import agent_round_trip, auth_material
 from tpenv.engine.doctor import FAIL, OK, SKIP, Check, Outcome
 from tpenv.errors import Forbidden, NotFound, TpenvError
 from tpenv.kits.kube import Kube, What, pod_is_ready
-from tpenv.kits.portforward import PodTunnel
+
+if TYPE_CHECKING:
+    from tpenv.kits.portforward import PodTunnel
 from tpenv.settings import Settings
 
 PROBE = b"HEAD / HTTP/1.0\r\n\r\n"
@@ -91,6 +94,8 @@ def tunnel_probe(kube: Kube, namespace: str, settings: Settings) -> Check:
                   if port.get("protocol", "TCP") == "TCP"][:MAX_PORTS]
         silent: list[str] = []
         refused: TpenvError | OSError | None = None
+        from tpenv.kits.portforward import PodTunnel
+
         for pod, port in ported:
             tunnel = PodTunnel(kube, namespace, pod)
             try:

@@ -180,12 +180,12 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
     timeout = settings.kube.rollout_timeout
     try:
         w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
-    except RolloutStalled as e:
+    except (RolloutStalled, PermanentError) as e:  # permanent: the redirect refused (ephemeral.py)
         if not rolled_out:
             raise
         # We broke it: put the workload back as it was, so the app keeps serving as before.
         await remove_agent(kube, await kube.reload(w), progress=say)
-        raise RolloutStalled(f"{e.message}; {w.ref} was restored as it was", hint=e.hint) from e
+        raise type(e)(f"{e.message}; {w.ref} was restored as it was", hint=e.hint) from e
     for attempt in range(UPDATE_ATTEMPTS):
         if plan.service is None:
             break

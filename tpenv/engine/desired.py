@@ -176,13 +176,15 @@ class UpFactory:
             if self.ready_hashes.get(spec.key) != spec.spec_hash:
                 waiting.add(ic.name)
         placed = {id(fw): await self._place_or_down(config, uctx, fw) for fw in fwd_wanted}
-        # Imported here: forwards pull in the port-forward transports, which `up` loads while its
-        # first rollout runs (lateimports.py), not before it starts.
-        from tpenv.engine.forwards import forward_specs
+        forwards: dict[Key, Any] = {}
+        if fwd_wanted:
+            # Imported here: forwards pull in the port-forward transports, which a file of
+            # intercepts alone loads while its first rollout runs (lateimports.py), not before.
+            from tpenv.engine.forwards import forward_specs
 
-        forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
-                                 connect_timeout=self.settings.tunnels.connect_timeout)
-        forwards = {k: DownSpec.instead_of(f) for k, f in forwards.items()}
+            forwards = forward_specs(config, lambda fw: placed[id(fw)], uctx.wanted,
+                                     connect_timeout=self.settings.tunnels.connect_timeout)
+            forwards = {k: DownSpec.instead_of(f) for k, f in forwards.items()}
         specs.update(forwards)
         contexts.update({k: f.context for k, f in forwards.items()})
         self.contexts = contexts

@@ -129,6 +129,11 @@ def tpenv_env(state: Path) -> dict[str, str]:
     env.setdefault("TPENV_AGENT_IMAGE_PULL_POLICY", "Never")
     if AGENT_IMAGE:
         env["TPENV_AGENT_IMAGE"] = AGENT_IMAGE
-    env.update(TPENV_SESSION_STATE_DIR=str(state), TPENV_KUBE_ROLLOUT_TIMEOUT="120")
+    env.update(TPENV_SESSION_STATE_DIR=str(state), TPENV_KUBE_ROLLOUT_TIMEOUT="120",
+               # bench-app's agent serves the passthrough phases with no tpenv running, and the
+               # raw step restarts its pod: its redirect must come back with the pod, which only
+               # the init container's does (an ephemeral one is added by a running tpenv). The
+               # hop measured is the same rule either way; the `up` phase measures the default.
+               TPENV_AGENT_REDIRECT_VIA="init-container")
     return env
 

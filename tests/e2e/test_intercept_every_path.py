@@ -19,6 +19,7 @@ from test_intercept_personal import LocalEcho
 from security_kit import user_kubeconfig
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 from tests.kit.apps import testapp_image
+from tpenv.kits.kubeobjects import pod_is_ready
 from tpenv_agent.inpod import redirect_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -98,12 +99,24 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
         wait_for("db-1's new IP to the laptop", lambda: who(curl(ns, paths(ns, replicas)["db-1 by IP"])) == "laptop", 90)
     finally:
         assert run.stop() == 0, "".join(run.stderr)
+    # Stage 1c: a pod restarted while no tpenv runs comes back with the agent but without the
+    # redirect (nobody adds it): its callers reach the app, as through an agent in passthrough.
+    old = next(p["metadata"]["uid"] for p in live_pods(ns, "app=db") if p["metadata"]["name"] == "db-2")
+    kubectl("delete", "pod", "db-2", "--wait=true", ns=ns, timeout=120)
+    wait_for("db-2 back, Ready", lambda: any(
+        p["metadata"]["name"] == "db-2" and p["metadata"]["uid"] != old and pod_is_ready(p)
+        for p in live_pods(ns, "app=db")), 120)
+    db2 = next(p for p in live_pods(ns, "app=db") if p["metadata"]["name"] == "db-2")
+    assert redirect_state(db2) == ("missing", ""), db2["spec"].get("ephemeralContainers")
+    assert who(curl(ns, f"http://{db2['status']['podIP']}:8080/")) == "db-2"
     header = Intercepting(tmp_path, "statefulset/db", "--service", "db", "--port", f"{laptop.port}:web",
                           "--http-header", "x-dev=alice", "--mount", "false", "-n", ns)
     try:
         # Stage 2: a header intercept: matched requests reach the laptop on all three paths,
-        # unmatched ones the app in the pod they were sent to (the agent is already there).
+        # unmatched ones the app in the pod they were sent to (the agent is already there; the
+        # intercept gave db-2 its redirect, and was ready only once it had run).
         header.ready()
+        assert [redirect_state(p)[0] for p in live_pods(ns, "app=db")] == ["done"] * replicas
         ways = paths(ns, replicas)
         wait_for("the header intercept", lambda: who(curl(ns, ways["service"], "x-dev: alice")) == "laptop", 60)
         for way, url in ways.items():

@@ -294,7 +294,14 @@ class InterceptRun:
         """After a rollout of ours, once: until new connections to the Service reach the agents
         (routeready.py; its own bound, kube.endpoints_timeout, and it says when that passed)."""
         assert self.resolved is not None
-        if self._routed_checked or not self.resolved.agent.rolled_out:
+        if self._routed_checked:
+            return
+        if not self.resolved.agent.rolled_out:
+            # The agent was there; a pod restarted while no tpenv ran has just been given its
+            # redirect (ephemeral.py): until it ran, that pod's callers reach the app.
+            if not self._redirects_done():
+                await self._redirects_ran()
+            self._routed_checked = True
             return
         if (self.resolved.service.get("spec") or {}).get("clusterIP") == "None":
             await self._redirects_ran()  # no ClusterIP to probe: the kubelet's word, then
@@ -303,16 +310,20 @@ class InterceptRun:
         await wait_routed(self, self.progress)
         self._routed_checked = True
 
+    def _redirects_done(self) -> bool:
+        """Every Ready pod serving the port has run its redirect (or installs none this way)."""
+        assert self.resolved is not None
+        name = self.resolved.agent.port_name
+        return all(redirect_state(p)[0] in ("none", "done") for p in self._pods.values()
+                   if pod_is_ready(p) and pod_serves(p, name) and not p["metadata"].get("deletionTimestamp"))
+
     async def _redirects_ran(self) -> None:
         """Until every ready pod's ephemeral redirect has ended with exit 0 (the pod watch wakes the
         reconciler), bounded by kube.endpoints_timeout; past it, said, and tpenv goes on."""
         assert self.rec is not None
 
-        def ran(_rec: Reconciler) -> bool:
-            return all(redirect_state(p)[0] in ("none", "done") for p in self.ready_pods())
-
         timeout = self.settings.kube.endpoints_timeout
-        if not await self.rec.wait_until(ran, timeout) and self.progress is not None:
+        if not await self.rec.wait_until(lambda _rec: self._redirects_done(), timeout) and self.progress is not None:
             self.progress(f"the in-pod redirect has not reported its end within {timeout:.0f}s; callers of "
                           f"the pods may reach the app until it does")
 

@@ -114,6 +114,18 @@ def agent_container(app: dict, entries: list[dict], settings: dict, pod_spec: di
     return c
 
 
+def listens(agent: dict) -> list[tuple[str, str, str]]:
+    """(agent port, app port, name) of each ``--listen AGENT_PORT:APP_PORT:NAME`` of an agent
+    container as :func:`agent_container` writes them (read back from a pod, as strings)."""
+    args = [a for a in agent.get("args") or [] if isinstance(a, str)]
+    out = []
+    for value in (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen"):
+        agent_port, _, rest = value.partition(":")
+        app_port, _, name = rest.partition(":")
+        out.append((agent_port, app_port, name))
+    return out
+
+
 def auth_volume() -> dict:
     items = [{"key": "ca.pub", "path": "ca.pub"}, {"key": "host_key", "path": "host_key"}]
     return {"name": AUTH_VOLUME, "secret": {"secretName": AUTH_SECRET, "items": items}}

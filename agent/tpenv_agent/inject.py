@@ -39,7 +39,7 @@ from . import inpod
 from .agentspec import (AGENT_CONTAINER, AGENT_UID, AUTH_SECRET, DEFAULT_RESOURCES, HEALTH_PORT, LABEL_AGENT, SSH_PORT,
                         agent_container, agent_security, auth_volume)
 from .podspec import (InjectError, _agent_port_name, _app_containers, _drop_created, _ensure, _install_agent,
-                      _pick_container, _port_int, _take_port, _uninstall_agent)
+                      _mark_ephemeral, _pick_container, _port_int, _take_port, _uninstall_agent)
 from .inpod import ANN_INJECT_PORTS, INIT_CONTAINER, LABEL_INJECT, MODE_REDIRECT
 
 FIRST_AGENT_PORT = 7900
@@ -259,8 +259,7 @@ def _refresh_agent(tpl: dict, record: dict, settings: dict) -> bool:
         marked = ((tpl.get("metadata") or {}).get("annotations") or {}).get(inpod.ANN_REDIRECT) == inpod.VIA_EPHEMERAL
         init_ok = marked and not any(c.get("name") == INIT_CONTAINER for c in inits)
         if not init_ok:  # someone edited the template: put the marker back, the init container out
-            inpod.uninstall_init(tpl["spec"])
-            tpl.setdefault("metadata", {}).setdefault("annotations", {})[inpod.ANN_REDIRECT] = inpod.VIA_EPHEMERAL
+            _mark_ephemeral(tpl, [])  # as before: the refresh rewrites no record
     elif redirect:
         inits = tpl["spec"].get("initContainers") or []
         current = next((c for c in inits if c.get("name") == INIT_CONTAINER), None)

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import copy
 
+from .agentspec import listens
+
 INIT_CONTAINER = "tpenv-init"
 EPHEMERAL_CONTAINER = "tpenv-redirect"
 # On the pod template: tpenv adds the redirect to each pod as an ephemeral container (record["via"]).
 ANN_REDIRECT = "tpenv.io/redirect"
 VIA_EPHEMERAL = "ephemeral"
+VIA_INIT = "init"  # settings["redirect_via"] for the init container (the record then has no "via")
 MODE_REDIRECT = "redirect"  # record["mode"]; absent means the hand-over (records older than the redirect)
 PSA_ENFORCE = "pod-security.kubernetes.io/enforce"
 # Levels whose checks refuse a container adding NET_ADMIN (baseline allows only a fixed list of
@@ -102,18 +105,13 @@ def ephemeral_redirect(pod: dict, agent_name: str) -> dict | None:
     ``--listen AGENT_PORT:APP_PORT:NAME`` arguments, the redirects; so whoever adds it (any
     user's tpenv, any version agreeing on the annotation) adds the same. No resources: the API
     server refuses them on ephemeral containers."""
-    spec = pod.get("spec") or {}
-    if not wants_ephemeral(pod) or any(c.get("name") == EPHEMERAL_CONTAINER
-                                       for c in spec.get("ephemeralContainers") or []):
+    if redirect_state(pod)[0] != "missing":
         return None
-    agent = next((c for c in spec.get("containers") or [] if c.get("name") == agent_name), None)
+    agent = next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == agent_name), None)
     if agent is None:
         return None
-    args = [a for a in agent.get("args") or [] if isinstance(a, str)]
-    redirects = []
-    for value in (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen"):
-        agent_port, app_port = value.split(":")[:2]
-        redirects += ["--redirect", f"{app_port}:{agent_port}"]
+    redirects = [arg for agent_port, app_port, _name in listens(agent)
+                 for arg in ("--redirect", f"{app_port}:{agent_port}")]
     if not redirects:
         return None
     return {"name": EPHEMERAL_CONTAINER, "image": agent["image"],

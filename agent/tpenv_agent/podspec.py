@@ -177,9 +177,7 @@ def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) 
     else:
         containers[index] = agent
     if redirect and record.get("via") == inpod.VIA_EPHEMERAL:
-        # tpenv adds the redirect to each running pod (inpod.ephemeral_redirect); the template says so.
-        inpod.uninstall_init(spec)
-        _ensure(tpl, "metadata.annotations", created, dict)[inpod.ANN_REDIRECT] = inpod.VIA_EPHEMERAL
+        _mark_ephemeral(tpl, created)
     elif redirect:
         _ensure(tpl, "spec.initContainers", created, list)
         inpod.install_init(spec, record["ports"], settings)
@@ -187,6 +185,13 @@ def _install_agent(tpl: dict, record: dict, settings: dict, created: list[str]) 
     if not any(v.get("name") == AUTH_VOLUME for v in volumes):
         volumes.append(auth_volume())
     _ensure(tpl, "metadata.labels", created, dict)[LABEL_AGENT] = "injected"
+
+
+def _mark_ephemeral(tpl: dict, created: list[str]) -> None:
+    """tpenv adds the redirect to each running pod (inpod.ephemeral_redirect): no init container,
+    and the template says so."""
+    inpod.uninstall_init(tpl["spec"])
+    _ensure(tpl, "metadata.annotations", created, dict)[inpod.ANN_REDIRECT] = inpod.VIA_EPHEMERAL
 
 
 def _uninstall_agent(tpl: dict, record: dict) -> None:

@@ -36,6 +36,7 @@ from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflic
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, AUTH_SECRET, MODE_REDIRECT
+from tpenv_agent.agentspec import listens
 from tpenv_agent.inpod import bypass_note, opted_in
 from tpenv.settings import Settings
 
@@ -73,10 +74,7 @@ def pod_listen_name(pod: dict[str, Any], sp: dict[str, Any]) -> str | None:
     for c in (pod.get("spec") or {}).get("containers") or []:
         if c.get("name") != AGENT_CONTAINER:
             continue
-        args = [a for a in c.get("args") or [] if isinstance(a, str)]
-        for value in (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen"):
-            _agent, _, rest = value.partition(":")
-            app, _, name = rest.partition(":")
+        for _agent, app, name in listens(c):
             if (numeric and app == str(target)) or name == str(target):
                 return name
     return None

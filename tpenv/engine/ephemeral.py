@@ -100,8 +100,8 @@ class RedirectSpec:
 
 
 class RedirectUnit(TaskUnit):
-    """Adds the container, then idles until the pod's redirect has run (the key leaves the
-    desired set) or the pod goes; a failed redirect is a permanent failure naming its cause."""
+    """Adds the container, then idles until the pod shows it (the key leaves the desired set) or
+    the pod goes; a failed redirect is a permanent failure naming its cause."""
 
     def __init__(self, spec: RedirectSpec, notify: Notify) -> None:
         super().__init__(spec.key, spec.spec_hash, notify)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tpenv.errors import PermanentError
 from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET, InjectError, inject, restore
-from tpenv_agent.inpod import VIA_EPHEMERAL
+from tpenv_agent.inpod import VIA_EPHEMERAL, VIA_INIT
 from tpenv.settings import Settings
 
 AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
@@ -48,7 +48,7 @@ def inject_settings(settings: Settings | dict) -> dict:
     return {"agent_image": agent.image, "image_pull_policy": agent.image_pull_policy,
             "lease": max(1, round(float(agent.lease_seconds))), "resources": agent.resources(),
             "ssh_port": agent.ssh_port, "health_port": agent.health_port,
-            "redirect_via": VIA_EPHEMERAL if agent.redirect_via == "ephemeral-container" else "init"}
+            "redirect_via": VIA_EPHEMERAL if agent.redirect_via == "ephemeral-container" else VIA_INIT}
 
 
 def _wrapped(e: InjectError, what: str) -> PermanentError:

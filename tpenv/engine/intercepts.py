@@ -291,16 +291,16 @@ class InterceptRun:
             raise TransientError(f"the intercept {self.intercept.name} was not ready within {timeout:.0f}s")
 
     async def _routed(self) -> None:
-        """After a rollout of ours, once: until new connections to the Service reach the agents
-        (routeready.py; its own bound, kube.endpoints_timeout, and it says when that passed)."""
+        """Once: after a rollout of ours, until new connections to the Service reach the agents
+        (routeready.py; its own bound, kube.endpoints_timeout, and it says when that passed);
+        without one, until the ephemeral redirects of pods restarted meanwhile have run."""
         assert self.resolved is not None
         if self._routed_checked:
             return
         if not self.resolved.agent.rolled_out:
             # The agent was there; a pod restarted while no tpenv ran has just been given its
             # redirect (ephemeral.py): until it ran, that pod's callers reach the app.
-            if not self._redirects_done():
-                await self._redirects_ran()
+            await self._redirects_ran()
             self._routed_checked = True
             return
         if (self.resolved.service.get("spec") or {}).get("clusterIP") == "None":
@@ -321,7 +321,6 @@ class InterceptRun:
         """Until every ready pod's ephemeral redirect has ended with exit 0 (the pod watch wakes the
         reconciler), bounded by kube.endpoints_timeout; past it, said, and tpenv goes on."""
         assert self.rec is not None
-
         timeout = self.settings.kube.endpoints_timeout
         if not await self.rec.wait_until(lambda _rec: self._redirects_done(), timeout) and self.progress is not None:
             self.progress(f"the in-pod redirect has not reported its end within {timeout:.0f}s; callers of "

@@ -9,7 +9,7 @@ Pod Security default, a policy engine), found by a server-side dry-run of a pod 
 init container. Either way the injection falls back to the port hand-over and the caller says
 which paths that cannot take. A workload already injected keeps the mode its record names.
 
-    await redirect_via(kube, w, settings) -> "ephemeral" | "init"
+    await redirect_via(kube, w, settings) -> VIA_EPHEMERAL | VIA_INIT
 
 How the redirect is installed (setting ``agent.redirect_via``): as an ephemeral container tpenv
 adds to each running pod (ephemeral.py), when this user may patch ``pods/ephemeralcontainers``
@@ -25,7 +25,7 @@ from tpenv.engine.injection import inject_settings
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload
 from tpenv_agent.inject import ANN_RESTORE
-from tpenv_agent.inpod import VIA_EPHEMERAL, init_container, redirect_allowed
+from tpenv_agent.inpod import VIA_EPHEMERAL, VIA_INIT, init_container, redirect_allowed
 from tpenv.settings import Settings
 
 
@@ -46,7 +46,7 @@ async def redirect_choice(kube: Kube, w: Workload, settings: Settings | dict,
 
 async def redirect_via(kube: Kube, w: Workload, settings: Settings | dict) -> str:
     if inject_settings(settings).get("redirect_via") != VIA_EPHEMERAL:
-        return "init"
+        return VIA_INIT
     from tpenv.engine.doctor.rights import can_i
 
     log = unit_logger("agent", f"{w.namespace}/{w.name}")
@@ -57,7 +57,7 @@ async def redirect_via(kube: Kube, w: Workload, settings: Settings | dict) -> st
     except TpenvError as e:
         why = f"cannot ask the API server ({e})"
     log.info("the in-pod redirect uses an init container (%s): pods start about a kubelet cycle later", why)
-    return "init"
+    return VIA_INIT
 
 
 async def _admitted(kube: Kube, w: Workload, settings: Settings | dict, log: Any) -> tuple[bool, str]:

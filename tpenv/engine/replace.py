@@ -34,6 +34,7 @@ from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import _PLURAL, Kube, What, Workload
 from tpenv.settings import Settings
 from tpenv_agent.inject import InjectError, _settings, inject
+from tpenv_agent.inpod import VIA_INIT
 from tpenv_agent.replace import ANN_REPLACE, pod_replaced, replace, restore_names
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "replace"
@@ -54,7 +55,8 @@ def plan_replace(workload: dict, service: dict, port: str | int, settings: Setti
     """Pure: what to write to replace the app of ``workload`` (Service port ``port`` first)."""
     name = f"{workload.get('kind', 'workload')}/{(workload.get('metadata') or {}).get('name', '?')}"
     # The init container: a replaced pod without its redirect would send callers to the placeholder.
-    opts = {**inject_settings(settings), "redirect": redirect[0], "redirect_off": redirect[1], "redirect_via": "init"}
+    opts = {**inject_settings(settings), "redirect": redirect[0], "redirect_off": redirect[1],
+            "redirect_via": VIA_INIT}
     try:
         wl, _svc, record = inject(workload, service, port, container=container, settings=opts)
         if record.get("mode") != "redirect":

@@ -274,7 +274,10 @@ def _remove_containers() -> None:
     # Sandbox network namespaces that the CRI plugin created.
     for ns in Path("/var/run/netns").glob("cni-*") if Path("/var/run/netns").exists() else []:
         run(["umount", ns], check=False, quiet=True)
-        ns.unlink(missing_ok=True)
+        try:
+            ns.unlink(missing_ok=True)
+        except OSError as e:  # still a mount point somewhere: say so, the rest of `down` goes on
+            say(f"could not remove {ns}: {e}")
 
 
 # ---------------------------------------------------------------- status, env

@@ -13,6 +13,8 @@
 - Chain TPENV-FORWARD, first in FORWARD: pods may talk to each other and to the host,
   never be forwarded anywhere else (no masquerade either), so turning ip_forward on
   does not give pods a way off the machine.
+- /run/netns a shared mount point before containerd mounts any sandbox's network
+  namespace there (:func:`_netns_dir`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ POD_CIDR = "10.244.0.0/16"  # the cluster's pod range
 SERVICE_CIDR = "10.96.0.0/16"
 API_SERVICE_IP = "10.96.0.1"
 GUARD_CHAIN = "TPENV-FORWARD"
+NETNS_DIR = "/run/netns"  # containerd's /var/run/netns (/var/run is /run)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -60,6 +63,27 @@ def setup() -> None:
     _sysctl("net.bridge.bridge-nf-call-iptables", "1")
     _sysctl("net.ipv4.ip_forward", "1")
     _guard()
+    _netns_dir()
+
+
+def _is_mount_point(path: str) -> bool:
+    # Not os.path.ismount: a directory bound onto itself has the same device and inode.
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def _netns_dir() -> None:
+    """/run/netns as `ip netns add` leaves it: a mount point (the directory bound onto itself),
+    shared, so a namespace file unmounted in one mount namespace goes in all. Made before
+    containerd mounts a sandbox's namespace there, because `ip netns add` does it on its first
+    use when it is not: run while the cluster runs (the e2e tests' laptop namespace, on a new
+    machine), that bind hid every sandbox namespace mounted beneath it, containerd could
+    neither unmount nor remove them ("remove netns: ... device or resource busy"), and their
+    pods never finished terminating."""
+    Path(NETNS_DIR).mkdir(parents=True, exist_ok=True)
+    if not _is_mount_point(NETNS_DIR):
+        run(["mount", "--bind", NETNS_DIR, NETNS_DIR], quiet=True)
+    run(["mount", "--make-rshared", NETNS_DIR], quiet=True)
 
 
 def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,6 +116,8 @@ def check() -> list[str]:
         problems.append(f"bridge {BRIDGE} with {NODE_IP}/24 missing")
     if _ipt("-C", "FORWARD", "-j", GUARD_CHAIN, check=False).returncode != 0:
         problems.append(f"iptables FORWARD has no -j {GUARD_CHAIN}")
+    if not _is_mount_point(NETNS_DIR):
+        problems.append(f"{NETNS_DIR} is not a mount point (`cluster up` makes it one)")
     return problems
 
 

@@ -214,6 +214,38 @@ def test_deleted_pod_is_replaced_and_endpoints_follow(echo):
                lambda: {a["pod"] for a in _get_from_client(ns, f"http://echo.{ns}/", n=30)} == names, timeout=30)
 
 
+def test_a_pod_still_terminates_after_ip_netns_add_on_this_machine(echo):
+    """The e2e tests' laptop is a network namespace made with `ip netns add`, which turns
+    /run/netns into a mount point on its first use when it is not one. On a new machine that
+    once happened while pods ran: the new mount hid the sandbox namespaces containerd had
+    mounted there, and those pods never finished terminating (tests/cluster/network.py). This
+    module runs before any other `ip netns add` of the suite, so on such a machine it is that
+    first use."""
+    ns = echo
+    name = "t-netns-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+    # Stage 0: the local cluster's `up` made /run/netns a shared mount point before containerd
+    # started (another cluster's node is not this machine: nothing to look at here then).
+    from components import containerd_address  # tests/cluster/, on sys.path by its pytest plugin
+
+    if Path(containerd_address()).exists():
+        with open("/proc/self/mountinfo") as f:
+            netns = [line.split() for line in f if line.split()[4] == "/run/netns"]
+        assert netns and any(field.startswith("shared:") for field in netns[-1][6:]), \
+            "/run/netns is not a shared mount point: `devspace.py cluster up` makes it one (tests/cluster/network.py)"
+    # Stage 1: a pod runs (its sandbox namespace is mounted under /run/netns).
+    apply(_pod("victim", ["sleep", "infinity"]), ns=ns)
+    kubectl("wait", "--for=condition=Ready", "pod/victim", "--timeout=120s", ns=ns, timeout=150)
+    # Stage 2: a network namespace of our own, as tests/e2e/laptop_kit.py makes the laptop's.
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        # Stage 3: the pod goes away entirely: containerd could remove its namespace.
+        kubectl("delete", "pod", "victim", "--wait=false", ns=ns)
+        wait_until("pod victim gone", lambda: kubectl("get", "pod", "victim", ns=ns, check=False).returncode != 0,
+                   timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
 # ---------------------------------------------------------------- 5. a mutating webhook in the cluster
 
 WEBHOOK_SERVER = r'''

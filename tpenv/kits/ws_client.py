@@ -136,7 +136,9 @@ class WsConnection(asyncio.BufferedProtocol):
             handler.ws_closed(self._outcome)
             return
         self.keepalive.start()
-        if not self._paused and self.transport is not None:
+        # Closed by its user before the start came round (a port probed and let go at once):
+        # an SSL transport being closed has no reading to resume.
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _early_piece(self, first: bool, piece: memoryview) -> None:

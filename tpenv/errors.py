@@ -15,6 +15,7 @@
     └── TransientError              worth retrying after ``retry_after`` seconds (exit 1)
         ├── ClusterUnreachable      API server down or network cut
         ├── TunnelDropped           port-forward or SSH connection lost
+        │   ├── PortNotListening    nothing listens on the pod's port (yet) (kits/pf_common.py)
         │   ├── WebSocketRefused    the API server refused the WebSocket upgrade (kits/pf_common.py)
         │   ├── SpdyRefused         the API server refused the SPDY upgrade (kits/spdy_upgrade.py)
         │   ├── UpgradeRefused      a non-101 answer to a WebSocket upgrade, before it is mapped (kits/ws_client.py)

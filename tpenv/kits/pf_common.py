@@ -7,7 +7,8 @@ is the same and lives here once: the Transport methods that only hold state
 (:class:`PortForwardTransportBase`), the write-buffer marks that pause and resume the
 protocol, the ``message`` of a Kubernetes Status body, and what a 404 / 401 / 403 answer to
 the upgrade means (:func:`api_refusal`), and which answers refuse the WebSocket upgrade itself
-(:func:`upgrade_refused`, :class:`WebSocketRefused`: SPDY may still work), and the incremental
+(:func:`upgrade_refused`, :class:`WebSocketRefused`: SPDY may still work), what the pod side
+said on a stream's error channel (:func:`pod_side_error`, :class:`PortNotListening`), and the incremental
 reader of the HTTP answer to either upgrade (:class:`UpgradeAnswer`). This module imports neither transport, so both (and
 :mod:`tpenv.kits.spdy_upgrade`) can import it without a cycle.
 """
@@ -46,6 +47,25 @@ def api_refusal(what: str, namespace: str, status: int, text: str) -> Exception 
         return Forbidden(f"forbidden: cannot {what} ({text})",
                          hint=f"check with: kubectl auth can-i create pods/portforward -n {namespace}")
     return None
+
+
+class PortNotListening(TunnelDropped):
+    """Nothing listens on the pod's port yet: the kubelet refused the stream's connection, or
+    has no sandbox for the pod yet (it is still being created). A pod still starting says
+    this; :func:`tpenv.kits.portforward.wait_greeting` waits it out."""
+
+
+# The kubelet's (or the CRI's) words for "not yet": nothing listens on the port
+# (``... connect: connection refused``), no sandbox for the pod (``pod not found ("NAME_NS")``).
+_NOT_YET = ("connection refused", "pod not found")
+
+
+def pod_side_error(what: str, text: str) -> TunnelDropped:
+    """The error for the kubelet's refusal of a stream, written on its error channel or as the
+    upgrade's answer: :class:`PortNotListening` for "not yet", else why it failed (pod gone,
+    netns missing...)."""
+    cls = PortNotListening if any(s in text for s in _NOT_YET) else TunnelDropped
+    return cls(f"{what}: {text}")
 
 
 class WebSocketRefused(TunnelDropped):

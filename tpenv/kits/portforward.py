@@ -53,8 +53,8 @@ from urllib.parse import quote
 
 from tpenv.errors import ClusterUnreachable, TunnelDropped
 from tpenv.kits import spdy
-from tpenv.kits.pf_common import (PortForwardTransportBase, WebSocketRefused, api_refusal, status_message, tls_kwargs,
-                                  upgrade_refused)
+from tpenv.kits.pf_common import (PortForwardTransportBase, PortNotListening, WebSocketRefused, api_refusal,
+                                  pod_side_error, status_message, tls_kwargs, upgrade_refused)
 from tpenv.kits.ws_client import UpgradeRefused, WsConnection
 from tpenv.kits.ws_frames import WebSocketProtocolError
 
@@ -102,7 +102,7 @@ async def open_websocket(kube: KubeAccess, namespace: str, pod: str, port: int,
         if upgrade_refused(e.status, body):
             raise WebSocketRefused(e.status, f"{what}: the API server refused the WebSocket upgrade "
                                              f"(HTTP {e.status}: {text})") from e
-        raise (api_refusal(what, namespace, e.status, text) or TunnelDropped(f"{what}: refused ({text})")) from e
+        raise (api_refusal(what, namespace, e.status, text) or pod_side_error(what, f"refused ({text})")) from e
     except (OSError, TimeoutError, WebSocketProtocolError) as e:
         raise ClusterUnreachable(f"{what}: cannot reach the API server ({e.__class__.__name__}: {e})") from e
 
@@ -217,7 +217,7 @@ class PortForwardTransport(PortForwardTransportBase):
         self._pieces = []
         if self._error_bytes:
             self._error_text = self._error_bytes.decode("utf-8", "replace")
-            err: BaseException | None = TunnelDropped(f"port-forward {self._name}: {self._error_text.strip()}")
+            err: BaseException | None = pod_side_error(f"port-forward {self._name}", self._error_text.strip())
         elif exc is not None:
             err = TunnelDropped(f"port-forward {self._name}: {exc}")
             err.__cause__ = exc
@@ -429,3 +429,58 @@ class PodTunnel:
         for s in list(self._sessions):
             await s.wait_closed()
             self._sessions.discard(s)
+
+
+class _Greeting(asyncio.Protocol):
+    """The first bytes of a stream, or how it ended before any came."""
+
+    def __init__(self) -> None:
+        self.result: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.result.done():
+            self.result.set_result(None)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.result.done():
+            self.result.set_result(exc or TunnelDropped("the pod side closed the stream before any byte"))
+
+
+async def wait_greeting(tunnel: PodTunnel, port: int, *, timeout: float, every: float = 0.05,
+                        steady: float = 2.0, most: float = 1.0) -> None:
+    """Until ``port`` in the tunnel's pod accepts a stream and speaks first (an SSH server's
+    banner). A refusal (:class:`PortNotListening`: no sandbox yet, or nothing listens yet) is
+    tried again every ``every`` seconds for ``steady`` seconds, then after doubling delays up
+    to ``most``; any other failure is raised, and :class:`TunnelDropped` after ``timeout``.
+
+    Why a retry and not an event: a container's process listens up to a second before the
+    kubelet's next relist tells the API server it runs, and nothing else says so. A refused
+    stream costs one round trip to the kubelet (about 10 ms); the delays after ``steady``
+    bound what a pod that does not start (an image pull, a crash loop) costs it."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    deadline, delay = start + timeout, every
+    while True:
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
+                try:
+                    transport, greeting = await tunnel.create_connection(_Greeting, tunnel.pod, port)
+                except PortNotListening as e:  # the upgrade refused: no sandbox yet
+                    exc: BaseException | None = e
+                else:
+                    exc = await greeting.result
+        except TimeoutError as e:
+            raise TunnelDropped(f"nothing answered on port {port} of pod {tunnel.pod} within {timeout:.0f}s") from e
+        finally:
+            if transport is not None:
+                transport.close()
+        if exc is None:
+            return
+        if not isinstance(exc, PortNotListening):
+            raise exc
+        if loop.time() + delay >= deadline:
+            raise TunnelDropped(f"nothing listens on port {port} of pod {tunnel.pod} after {timeout:.0f}s") from exc
+        await asyncio.sleep(delay)
+        if loop.time() - start >= steady:
+            delay = min(delay * 2, most)

@@ -29,7 +29,7 @@ import logging
 from typing import Callable
 
 from tpenv.errors import TunnelDropped
-from tpenv.kits.pf_common import HIGH_WATER, LOW_WATER, PortForwardTransportBase
+from tpenv.kits.pf_common import HIGH_WATER, LOW_WATER, PortForwardTransportBase, pod_side_error
 from tpenv.kits.spdy_session import SpdySession
 from tpenv.kits.spdy_stream import SpdyStream
 from tpenv.kits.spdy_upgrade import SpdyRefused
@@ -201,7 +201,7 @@ class SpdyPortForwardTransport(PortForwardTransportBase):
     def _pod_error(self) -> TunnelDropped | None:
         """The pod side's failure (nothing listens, pod gone...) from the error stream's text, if any."""
         text = self._error_text.strip()
-        return TunnelDropped(f"port-forward {self._name}: {text}") if text else None
+        return pod_side_error(f"port-forward {self._name}", text) if text else None
 
     def _stream_fin(self, stream: SpdyStream) -> None:
         if stream is self.error_stream:

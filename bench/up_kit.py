@@ -138,7 +138,7 @@ class Up:
 
     def start(self) -> float:
         self.started = time.monotonic()
-        self.stream = Stream([TPENV, "up"], env=self.env, cwd=self.work)
+        self.stream = Stream([TPENV, "up"] + (["--debug"] if os.environ.get("UPDEBUG") else []), env=self.env, cwd=self.work)
         return self.started
 
     def stop(self) -> None:

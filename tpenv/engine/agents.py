@@ -44,6 +44,7 @@ Progress = Callable[[str], None]
 # Waiting reasons that never heal by themselves: fail at once, naming them.
 _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 _UNSCHEDULABLE_GRACE = 15.0  # the scheduler may still place it when another pod goes away
+_STARTING = {"ContainerCreating", "PodInitializing", None}  # a container's waiting reasons on its way up
 
 
 @dataclass
@@ -62,6 +63,23 @@ def pod_serves(pod: dict[str, Any], port_name: str) -> bool:
         if c.get("name") == AGENT_CONTAINER:
             return any(isinstance(a, str) and a.endswith(":" + port_name) for a in c.get("args") or [])
     return False
+
+
+def pod_started(pod: dict[str, Any]) -> bool:
+    """Whether the pod is on a node, neither ended nor being deleted, and its agent container is
+    not stuck (an image pull failing, a crash loop): Ready or not yet. Its containers start
+    there up to a second before the kubelet's next relist tells the API server (the pod's IP
+    and the container states come with it); a port-forward reaches the agent as soon as it
+    listens, which is what a starting tunnel waits for (tunnels.py)."""
+    status = pod.get("status") or {}
+    if (pod.get("metadata") or {}).get("deletionTimestamp") or not (pod.get("spec") or {}).get("nodeName") \
+            or status.get("phase") not in ("Pending", "Running"):
+        return False
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == AGENT_CONTAINER:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            return not waiting or waiting.get("reason") in _STARTING
+    return True
 
 
 def pod_listen_name(pod: dict[str, Any], sp: dict[str, Any]) -> str | None:
@@ -123,8 +141,13 @@ async def pick_service(kube: Kube, w: Workload, name: str | None) -> dict[str, A
 
 
 async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dict[str, Any], settings: Settings, *,
-                       progress: Progress | None = None, container: str | None = None) -> AgentReady:
-    """Inject the agent for Service port ``sp`` unless it is there; wait until the pods run it."""
+                       progress: Progress | None = None, container: str | None = None,
+                       written: Callable[[AgentReady], None] | None = None) -> AgentReady:
+    """Inject the agent for Service port ``sp`` unless it is there; wait until the pods run it.
+
+    ``written`` is called once the workload's write is accepted, before the rollout wait, with
+    what the tunnels already need (port name, container; ``rolled_out`` True): an intercept
+    connects to each new pod's agent while the rest of the rollout goes on (intercepts.py)."""
     log = unit_logger("agent", f"{w.namespace}/{w.name}")
     say = progress or (lambda text: log.info("%s", text))
     port_name = agent_port_name(sp)
@@ -166,6 +189,8 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
                 w = await kube.replace_workload(w, plan.workload)
                 rolled_out = True
                 lateimports.begin()  # what the tunnels need loads while the pods start
+                if written is not None:
+                    written(AgentReady(w, service, plan.record, port_name, plan.record["container"], True))
             break
         except UpdateConflict:
             # Another writer (a controller's status, a rollout, a second intercept) changed the

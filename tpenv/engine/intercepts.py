@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from tpenv.config.models import Intercept
 from tpenv.engine import lateimports
-from tpenv.engine.agents import AgentReady, agent_port_name, ensure_agent, pick_service, pod_serves, service_port
+from tpenv.engine.agents import (AgentReady, agent_port_name, ensure_agent, pick_service, pod_serves, pod_started,
+                                 service_port)
 from tpenv.engine.envmount import EnvMountSpec, EnvMountUnit, intercept_key
 from tpenv.engine.ephemeral import redirect_added, redirect_specs
 from tpenv.engine.teammode import NOTE as TEAM_MODE_NOTE, defaulted, effective_match, team_mode
@@ -81,6 +82,7 @@ class InterceptRun:
         self._watch_task: asyncio.Task | None = None
         self._said: set[str] = set()  # warnings already given (EnvMountSpec.said)
         self._routed_checked = False  # the route probe after our rollout ran (wait_ready)
+        self._settling: asyncio.Task[AgentReady] | None = None  # the rest of our rollout (_ensure_agent)
         self.log = unit_logger("intercept", intercept.name or intercept.workload)
 
     # -- resolving ------------------------------------------------------------------------
@@ -109,8 +111,7 @@ class InterceptRun:
             agent = AgentReady(self.replacement.workload, service, plan.record, agent_port_name(sp),
                                plan.record["container"], True)
         else:
-            agent = await ensure_agent(self.kube, w, service, sp, self.settings, progress=self.progress,
-                                       container=self.container)
+            agent = await self._ensure_agent(w, service, sp)
         self.material = await ensure_auth_material(self.kube, self.namespace)
         if team is not None:
             on = await team
@@ -119,6 +120,39 @@ class InterceptRun:
                 self.progress(TEAM_MODE_NOTE)
         self.resolved = Resolved(agent.workload, agent.service, sp, agent)
         return self.resolved
+
+    async def _ensure_agent(self, w: Workload, service: dict[str, Any], sp: dict[str, Any]) -> AgentReady:
+        """ensure_agent, returning as soon as the workload is written when it rolls out: the rest
+        of the rollout (the wait, the Service's hand-over, the endpoints) goes on in
+        ``_settling``, awaited by :meth:`wait_ready`, while the units connect to each new pod as
+        its agent starts, not after the last pod is Ready (issue 13, the `up` row)."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[AgentReady] = loop.create_future()
+        task = asyncio.ensure_future(ensure_agent(
+            self.kube, w, service, sp, self.settings, progress=self.progress, container=self.container,
+            written=lambda agent: written.done() or written.set_result(agent)))
+        try:
+            await asyncio.wait({task, written}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        self._settling = task
+        return written.result()
+
+    async def _settled(self) -> None:
+        """The rollout begun by resolve() has ended: the agent as ensure_agent returned it (its
+        error, the workload restored, raised here)."""
+        task = self._settling
+        if task is None:
+            return
+        agent = await task
+        self._settling = None
+        assert self.resolved is not None
+        self.resolved = Resolved(agent.workload, agent.service, self.resolved.service_port, agent)
+        if self.rec is not None:
+            self.rec.notify(UnitEvent("kube", detail=("rollout", "done")))
 
     # -- the units ----------------------------------------------------------------------------
 
@@ -143,27 +177,41 @@ class InterceptRun:
                       for e in self.replacement.plan.ports if e["name"] != main.port)
         return (main, *extra)
 
-    def ready_pods(self) -> list[dict[str, Any]]:
+    def tunnel_pods(self) -> list[dict[str, Any]]:
+        """The pods that get a tunnel, by name: every started pod whose agent serves the port, Ready
+        or not yet. A pod still starting gets its tunnel while it becomes Ready, so the intercept
+        is registered there before the endpoints send it anything (issue 13: a rollout's new pod,
+        a restarted one). A pod whose redirect is not even added passes its traffic to the app:
+        not ours yet."""
         assert self.resolved is not None
         name = self.resolved.agent.port_name
-        # A pod whose redirect is not even added passes its traffic to the app: not ours yet.
-        pods = [p for p in self._pods.values() if pod_is_ready(p) and pod_serves(p, name) and redirect_added(p)]
+        pods = [p for p in self._pods.values() if pod_serves(p, name) and redirect_added(p)
+                and (pod_is_ready(p) or pod_started(p))]
         return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+    def ready_pods(self) -> list[dict[str, Any]]:
+        """The tunnel pods that are Ready, by name."""
+        return [p for p in self.tunnel_pods() if pod_is_ready(p)]
 
     def desired(self) -> dict[Key, Any]:
         assert self.resolved is not None
         specs: dict[Key, Any] = {}
         s = self.settings
-        for pod in self.ready_pods():
+        tunnel_pods = self.tunnel_pods()
+        for pod in tunnel_pods:
             spec = TunnelSpec(self.kube, self.registry, self.namespace, pod["metadata"]["name"],
                               pod["metadata"]["uid"], self.session_id, self.material, self.registrations(),
                               ssh_port=s.agent.ssh_port, connect_timeout=s.tunnels.connect_timeout,
-                              leave_drain=s.tunnels.leave_drain, streams=s.tunnels.streams)
+                              leave_drain=s.tunnels.leave_drain, streams=s.tunnels.streams,
+                              starting=not pod_is_ready(pod))
             specs[spec.key] = spec
-        # A pod that (re)started without its redirect gets it (ephemeral.py).
-        serving = [p for p in self._pods.values() if pod_serves(p, self.resolved.agent.port_name)]
-        specs.update(redirect_specs(self.kube, serving))
-        pods = self.ready_pods()
+        # A pod that (re)started without its redirect gets it (ephemeral.py); during our rollout
+        # the rollout's wait adds it (agents.wait_rollout), as soon as the pod exists.
+        if self._settling is None:
+            serving = [p for p in self._pods.values() if pod_serves(p, self.resolved.agent.port_name)]
+            specs.update(redirect_specs(self.kube, serving))
+        # The env from the first Ready pod by name; while none is (our rollout), the first started.
+        pods = [p for p in tunnel_pods if pod_is_ready(p)] or tunnel_pods
         if pods:
             em = EnvMountSpec(self.namespace, self.intercept.workload_name, pods[0]["metadata"]["name"],
                               self.intercept_id, self.resolved.agent.container, self.base_dir, self.env_json,
@@ -265,9 +313,16 @@ class InterceptRun:
         unit = self.env_unit()
         if unit is None or unit.health().state is not State.READY:
             return False
-        tunnels = [k for k in self.rec.specs if k[0] == "tunnel"]
-        return bool(tunnels) and all(k in self.rec.running and self.rec.running[k].health().state is State.READY
-                                     for k in tunnels)
+        rec = self.rec
+
+        def up(k: Key) -> bool:
+            return k in rec.running and rec.running[k].health().state is State.READY
+
+        # Every Ready pod's tunnel, and at least one: a pod still starting (or one that never
+        # will, crash-looping) holds nothing up; its tunnel is there before it serves.
+        ready = {p["metadata"]["name"] for p in self.ready_pods()}
+        tunnels = [k for k in rec.specs if k[0] == "tunnel"]
+        return any(up(k) for k in tunnels) and all(up(k) for k in tunnels if k[2] in ready)
 
     async def wait_ready(self, timeout: float, serving: Callable[[], None] | None = None) -> None:
         """Until every tunnel and the env are ready and, after our rollout, the node routes to the
@@ -277,6 +332,10 @@ class InterceptRun:
         assert self.rec is not None
         from tpenv.errors import TransientError
 
+        if self._settling is not None:
+            await self._overlapped(timeout, serving)
+            if self._settling is not None:  # a unit failed for good before the rollout ended
+                raise _as_error(self.first_error(permanent_only=True))
         ok = await self.rec.wait_until(
             lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout)
         if self.is_ready():
@@ -289,6 +348,26 @@ class InterceptRun:
             raise _as_error(err)
         if not ok:
             raise TransientError(f"the intercept {self.intercept.name} was not ready within {timeout:.0f}s")
+
+    async def _overlapped(self, timeout: float, serving: Callable[[], None] | None) -> None:
+        """During our rollout: the first new pods' tunnels and the env may be ready before it
+        ends; then ``serving`` starts the handler while the rest rolls out. Returns when the
+        rollout has ended (its error raised), or on a unit's permanent error (wait_ready raises it)."""
+        assert self.rec is not None and self._settling is not None
+        settle = asyncio.ensure_future(self._settled())
+        units = asyncio.ensure_future(self.rec.wait_until(
+            lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout))
+        try:
+            await asyncio.wait({settle, units}, return_when=asyncio.FIRST_COMPLETED)
+            if not settle.done() and self.is_ready() and serving is not None:
+                serving()
+            if not settle.done() and self.first_error(permanent_only=True) is not None:
+                return
+            await settle
+        finally:
+            for t in (settle, units):
+                t.cancel()
+            await asyncio.gather(settle, units, return_exceptions=True)
 
     async def _routed(self) -> None:
         """Once: after a rollout of ours, until new connections to the Service reach the agents
@@ -359,7 +438,14 @@ class InterceptRun:
         }
 
     async def stop(self) -> None:
-        """Leave: stop the reconciler (each tunnel leaves and closes), end the watch. Safe twice."""
+        """Leave: stop the reconciler (each tunnel leaves and closes), end the watch. Safe twice.
+        A rollout still being waited for is left to finish by itself (the agent stays injected,
+        in passthrough, as after any intercept)."""
+        if self._settling is not None:
+            self._settling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._settling
+            self._settling = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(BaseException):

@@ -1,8 +1,11 @@
-"""Tunnels: one SSH session to the agent of each ready pod, over the API server's port-forward.
+"""Tunnels: one SSH session to the agent of each started pod, over the API server's port-forward.
 
 A :class:`TunnelUnit` (key ``("tunnel", namespace, pod)``) opens an :class:`AgentSession` over a
 :class:`PodTunnel` to the agent's loopback SSH port and registers this session's intercepts on
-that replica (each with a ``tcpip-forward`` to ``127.0.0.1:<local port>``). When the SSH session
+that replica (each with a ``tcpip-forward`` to ``127.0.0.1:<local port>``). A pod gets its
+tunnel once it is on a node, before it is Ready (intercepts.py): the unit then waits for the
+agent's SSH banner first (``starting``; kits/portforward.wait_greeting), so the intercept is
+registered there before the endpoints send the pod anything. When the SSH session
 ends (pod deleted, port-forward dropped, agent restarted) the unit reports ``unit_failed``; the
 reconciler reopens it with backoff, or forgets it when the pod is gone from the desired set.
 
@@ -109,6 +112,10 @@ class TunnelSpec:
     connect_timeout: float = TunnelSettings().connect_timeout
     leave_drain: float = TunnelSettings().leave_drain
     streams: int = TunnelSettings().streams
+    # The pod is not Ready yet: its agent may not listen yet either, so the unit waits for its
+    # SSH banner before connecting (kits/portforward.wait_greeting). Not part of the spec: the
+    # pod becoming Ready changes nothing in a session already open.
+    starting: bool = field(default=False, compare=False)
 
     @property
     def key(self) -> Key:
@@ -152,6 +159,15 @@ class TunnelUnit:
         from tpenv.kits.agent_client import AgentSession
 
         s = self.spec
+        if s.starting:
+            from tpenv.kits.portforward import wait_greeting
+
+            self._state.set(State.STARTING, detail=f"waiting for the agent in {s.pod} to listen")
+            try:
+                await wait_greeting(self.tunnel, s.ssh_port, timeout=s.connect_timeout)
+            except BaseException:
+                self.tunnel.close()
+                raise
         self._state.set(State.STARTING, detail=f"port-forward to {s.pod}:{s.ssh_port}")
         session = AgentSession(s.session_id, ca_key=s.material["ca_key"], host_key_pub=s.material["host_key.pub"],
                                host=s.pod, port=s.ssh_port, tunnel=self.tunnel, connect_timeout=s.connect_timeout,

@@ -395,10 +395,28 @@ class Agent:
         return fut
 
 
+KUBELET_SOURCE = "127.0.0.9"  # where run_agent's stand-in for the kubelet probes from; no test dials from it
+
+
+async def kubelet_probe(health_port: int, source: str = KUBELET_SOURCE) -> int:
+    """One readiness probe of the agent's health port as the kubelet sends it (its user agent,
+    from ``source``): the agent learns where the kubelet is, and its intercepts take traffic."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", health_port, local_addr=(source, 0))
+    try:
+        writer.write(b"GET /readyz HTTP/1.1\r\nhost: agent\r\nuser-agent: kube-probe/1.34\r\n\r\n")
+        status, _, _ = await read_response(reader)
+        return status
+    finally:
+        writer.close()
+
+
 @contextlib.asynccontextmanager
 async def run_agent(tmp: Path, material: dict[str, bytes], listens: list[str], *, lease: float = 5,
-                    extra: list[str] | None = None, env: dict[str, str] | None = None) -> AsyncIterator[Agent]:
-    """``python -m tpenv_agent sidecar`` on 127.0.0.1 port 0s; waits for its ready line."""
+                    extra: list[str] | None = None, env: dict[str, str] | None = None,
+                    probed: bool = True) -> AsyncIterator[Agent]:
+    """``python -m tpenv_agent sidecar`` on 127.0.0.1 port 0s; waits for its ready line. ``probed``:
+    then probe it once as the kubelet would (from KUBELET_SOURCE), as every injected agent is before
+    its pod is Ready: its intercepts take traffic only from that probe on (kubelet.py)."""
     auth = write_auth_dir(tmp / "auth", material)
     mounts = tmp / "mounts"
     mounts.mkdir(exist_ok=True)
@@ -430,6 +448,8 @@ async def run_agent(tmp: Path, material: dict[str, bytes], listens: list[str], *
     info = json.loads(line)
     agent = Agent(proc, info["ssh"], info["health"], info["listeners"], errors, watchers)
     try:
+        if probed:
+            assert await kubelet_probe(agent.health) == 200
         yield agent
     finally:
         if proc.returncode is None:

@@ -1,6 +1,7 @@
 """The kubelet's probes of an intercepted port reach the app, never the developer's handler
-(kubelet.py). A real sidecar process; the "kubelet" is a caller bound to 127.0.0.2 that has
-probed the agent's health port, another caller (127.0.0.3) is anyone else in the cluster."""
+(kubelet.py), also while the pod starts with an intercept already registered. A real sidecar
+process; the "kubelet" is a caller bound to 127.0.0.2 that has probed the agent's health port,
+another caller (127.0.0.3) is anyone else in the cluster."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from agent_testkit import App, H2Caller, RawSession, auth_material, read_response, run_agent
+from agent_testkit import App, H2Caller, RawSession, auth_material, kubelet_probe, read_response, run_agent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,17 +35,21 @@ async def health_probe(port: int, source: str, ua: str) -> int:
 
 async def test_all_tcp_intercept_leaves_the_kubelets_probes_to_the_app(tmp_path):
     m = auth_material()
-    async with App("app") as app, App("dev") as dev, run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+    async with App("app") as app, App("dev") as dev, \
+            run_agent(tmp_path, m, [f"0:{app.port}:http"], probed=False) as agent:
         port = agent.port("http")
         async with RawSession(agent, m, "s1") as s:
+            # Stage 1: an intercept registered before the kubelet has probed the agent (a client
+            # connecting while the pod starts): nothing tells the kubelet's address apart yet,
+            # so the app gets every connection, a probe or not, and every request on it.
             assert (await s.intercept("all", "http", None, dev.port))["ok"]
-            # Stage 1: before the kubelet has probed the agent, nothing tells its address apart:
-            # an all-TCP intercept takes the connection raw, probe header or not.
-            assert (await request(port, KUBELET, "/ready", PROBE_UA))[1]["who"] == "dev"
+            assert (await request(port, KUBELET, "/ready", PROBE_UA))[1]["who"] == "app"
+            assert (await request(port, OTHER, "/", "curl/8"))[1]["who"] == "app"
             # Stage 2: the kubelet probes the agent's health port (as it does every few seconds);
             # a caller that only claims the agent proves nothing about its address.
             assert await health_probe(agent.health, OTHER, "curl/8") == 200
-            assert await health_probe(agent.health, KUBELET, PROBE_UA) == 200
+            assert (await request(port, OTHER, "/", "curl/8"))[1]["who"] == "app"
+            assert await kubelet_probe(agent.health, KUBELET) == 200
             # Stage 3: from the kubelet's address, its probes go to the app; anything else it
             # sends still goes to the laptop (a hostNetwork caller on the node, say).
             for path in ("/ready", "/live", "/"):

@@ -14,6 +14,11 @@ reach the developer's handler, which knows nothing of ``/healthz``: a 404 makes 
   the pod's gateway; Calico: the node's address), whatever the CNI (``KubeletPeers``).
 - A connection from that address that closes without a byte (a ``tcpSocket`` probe) is closed
   here: neither the app nor the handler sees it.
+- Until the kubelet has probed the agent once, no address is known: intercepts then take
+  nothing, the app gets every connection and request (``Registry.taking``). The pod is not
+  Ready before that probe (it is the agent's readiness probe), so no Service sends it anything;
+  a client that registers its intercept while the pod starts (issue 13) would otherwise give
+  the laptop the app's first probes.
 
 Spoofing the header costs a caller nothing but its own request going to the app, as it would
 without tpenv; recording an address needs a TCP handshake from it.

@@ -162,6 +162,9 @@ class Registry:
         self.ports = ports
         self._by_id: dict[str, Intercept] = {}
         self.on_end: list[Callable[[Intercept], None]] = []
+        # Whether intercepts take traffic yet (the sidecar: once the kubelet has probed it,
+        # kubelet.py); until then on_port shows none, so every connection and request is the app's.
+        self.taking: Callable[[], bool] = lambda: True
         # Called once an intercept is registered (the listeners arm their raw HTTP/1 splices).
         self.on_add: list[Callable[[Intercept], None]] = []
 
@@ -260,6 +263,8 @@ class Registry:
         """(intercepts that need each request looked at: header and mirror ones, in registration
         order; the all-TCP holder or None). A mirror never holds: the app keeps the connection."""
         header, holder = [], None
+        if not self.taking():
+            return header, holder
         for i in self._by_id.values():
             if i.port is port:
                 if i.match is None and not i.mirror:

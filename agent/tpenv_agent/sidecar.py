@@ -97,6 +97,9 @@ class Sidecar:
         self.registry = Registry(list(args.listen))
         self.probes = ProbeRecord()  # route probes seen by the listeners (routeprobe.py)
         self.kubelet = KubeletPeers()  # where the kubelet's probes come from (kubelet.py)
+        # Intercepts take nothing before the kubelet's first probe: its probes of the app's
+        # ports could not be told apart yet (kubelet.py).
+        self.registry.taking = lambda: len(self.kubelet) > 0
         # Intercepts ended because their client vanished, until the next intercept (control.py).
         self.abandoned: list[dict[str, Any]] = []
         self.api = ApiServer(args.api_server, args.api_ca)

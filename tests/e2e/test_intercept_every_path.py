@@ -173,8 +173,14 @@ def test_grpc_client_side_balancing_over_headless_service(namespace, tmp_path):
         ways = paths(ns, replicas)
         wait_for("the header intercept", lambda: who(curl(ns, ways["db-0 by IP"], "x-dev: alice")) == "laptop", 60)
         # Stage 2: a gRPC client balancing by itself over the headless Service's pod IPs: its
-        # matched streams reach the laptop, the others the pods, spread over both.
-        target = f"dns:///db-headless.{ns}.svc.cluster.local:8080"
+        # matched streams reach the laptop, the others the pods, spread over both. The cluster
+        # DNS learns the rolled-out pods' addresses by its own watch, a moment after they are
+        # Ready (the intercept's "ready" does not wait for CoreDNS): until it lists them all.
+        name = f"db-headless.{ns}.svc.cluster.local"
+        lookup = "import socket, sys; print(len({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 8080)}))"
+        wait_for("the cluster DNS to list every pod of db-headless", lambda: kubectl(
+            "exec", "client", "--", "python3", "-c", lookup, name, ns=ns, check=False).stdout.strip() == str(replicas), 60)
+        target = f"dns:///{name}:8080"
         cp = kubectl("exec", "client", "--", "python3", "-c", GRPC_CLIENT, target, "30", str(replicas), ns=ns,
                      timeout=180)
         calls = json.loads(cp.stdout)

@@ -85,7 +85,7 @@ def test_half_closed_bulk_rides_a_parked_stream_intact(namespace, tmp_path):
     handler = HashHandler()
     run = Intercepting(tmp_path, "hello", "--port", str(handler.port), "--mount", "false", "-n", ns, "--debug")
     try:
-        run.ready()
+        pods = run.ready()["pods"]
         wait_for("the laptop's greeting", lambda: "hello" in kubectl(
             "exec", "client", "--", "python3", "-c",
             "import socket,sys; s=socket.create_connection((sys.argv[1],80),timeout=5); print(s.recv(6).decode())",
@@ -101,7 +101,7 @@ def test_half_closed_bulk_rides_a_parked_stream_intact(namespace, tmp_path):
         # Stage 4, an attack: the app's own container (same pod, same loopback) tries to park a
         # stream at the agent's stream port without the session's token, and with none at all:
         # both are closed with nothing sent, and callers still reach the laptop.
-        pod = kubectl("get", "pods", "-l", "app=hello", "-o", "jsonpath={.items[0].metadata.name}", ns=ns).stdout
+        pod = pods[0]  # the intercepted pod (not the one the injection replaced, maybe still listed)
         app = kubectl("get", "pod", pod, "-o", "jsonpath={.spec.containers[0].name}", ns=ns).stdout
         assert app != "tpenv-agent"
         out = kubectl("exec", pod, "-c", app, "--", "python3", "-c", ATTACK, ns=ns, timeout=60).stdout

@@ -20,7 +20,7 @@ WAIT = 90.0
 
 
 def phase_up(bench: Bench) -> None:
-    keys = [("up", "injecting"), ("up", "rollout_floor"), ("up", "init_floor")]
+    keys = [("up", "injecting"), ("up", "rollout_floor"), ("up", "init_floor"), ("up", "sidecar_floor")]
 
     def run() -> None:
         work = bench.tmp / "up"
@@ -28,14 +28,16 @@ def phase_up(bench: Bench) -> None:
         with socket.socket() as s:  # the handler's port: free now, the handler binds it
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        ups, floors, inits, marks, failures = [], [], [], [], []
+        ups, floors, inits, sidecars, marks, failures = [], [], [], [], [], []
         for i in range(RUNS[bench.mode]):
             r = injecting_run(bench.ns, work, f"up{i}", port, WAIT, client="bench-client",
                               image=cluster_setup.AGENT_IMAGE)
             log(f"  up run {i}: floor {r['floor_s']} s, up injecting {r['up_s']} s, init-container floor "
-                f"{r['init_floor_s']} s, phases {r['marks']}")
+                f"{r['init_floor_s']} s, sidecar floor {r['sidecar_floor_s']} s, phases {r['marks']}")
             if r["init_floor_s"] is not None:
                 inits.append(r["init_floor_s"])
+            if r["sidecar_floor_s"] is not None:
+                sidecars.append(r["sidecar_floor_s"])
             if r["floor_s"] is not None:
                 floors.append(r["floor_s"])
             if r["up_s"] is not None:
@@ -49,5 +51,7 @@ def phase_up(bench: Bench) -> None:
         bench.put("up", "rollout_floor", {"seconds": median(floors), "runs": floors})
         if inits:
             bench.put("up", "init_floor", {"seconds": median(inits), "runs": inits})
+        if sidecars:
+            bench.put("up", "sidecar_floor", {"seconds": median(sidecars), "runs": sidecars})
 
     bench.step("up: injecting `tpenv up` and its plain-rollout floor", keys, run)

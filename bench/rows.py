@@ -79,6 +79,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("up", "injecting", "`tpenv up` -> first answer from the laptop, injecting the agent (s)"),
     ("up", "rollout_floor", "plain rollout -> first answer from a new pod, the floor of the above (s)"),
     ("up", "init_floor", "rollout adding a no-op init container -> first answer, the floor of any in-pod redirect (s)"),
+    ("up", "sidecar_floor", "rollout adding a sidecar with a readiness probe -> first answer, the floor of any sidecar (s)"),
 ]
 
 
@@ -208,6 +209,11 @@ def targets(rows: dict) -> list[dict]:
               "-", None)
     else:
         check("up injecting - init-container rollout floor (s, no target)", None, "-", None, "a row is unavailable")
+    us = v("up", "sidecar_floor")
+    if ui and us:  # what tpenv adds beyond the second container any sidecar puts in the pod
+        check("up injecting - sidecar rollout floor (s, no target)", round(ui["seconds"] - us["seconds"], 3), "-", None)
+    else:
+        check("up injecting - sidecar rollout floor (s, no target)", None, "-", None, "a row is unavailable")
     st = v("mount", "stat")  # issue 13: list a directory, then stat each file (an editor's or a build's walk)
     if st:
         ms = st["us_per_file"] / 1000

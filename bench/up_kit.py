@@ -191,10 +191,13 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
     (a template annotation changed) -> the first answer from a new pod; then `tpenv up`, which injects
     the agent (another such rollout plus tpenv's own work) -> the first answer from the laptop. The
     difference is what tpenv adds; both include pod start and kube-proxy's sync. Last, once `up`
-    restored it, a rollout adding a no-op init container: the floor of any in-pod redirect. Returns
-    {"floor_s", "up_s", "init_floor_s", "marks", "failures"}; a figure that timed out is None with its reason in
-    "failures". The Deployment and its Service are deleted afterwards."""
-    out: dict = {"floor_s": None, "up_s": None, "init_floor_s": None, "marks": {}, "failures": []}
+    restored it, a rollout adding a no-op init container: the floor of any in-pod redirect; and
+    one adding a sidecar container that listens and has a readiness probe, as the agent does: the
+    floor of any sidecar (Telepresence's traffic-agent, a service mesh's proxy). Returns
+    {"floor_s", "up_s", "init_floor_s", "sidecar_floor_s", "marks", "failures"}; a figure that timed
+    out is None with its reason in "failures". The Deployment and its Service are deleted afterwards."""
+    out: dict = {"floor_s": None, "up_s": None, "init_floor_s": None, "sidecar_floor_s": None, "marks": {},
+                 "failures": []}
     deploy(name, ns)
     up = Up(work, ns, name, port, image)
     s = answers(ns, f"http://{name}.{ns}/", client)
@@ -222,6 +225,15 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
         noop = {"name": "noop", "image": image, "imagePullPolicy": "Never", "command": ["true"]}
         out["init_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": [noop]}},
                                              "the init-container rollout", timeout, out["failures"])
+        # The floor of any sidecar: the same image serving a port of its own, probed like the
+        # agent's /readyz (httpGet, period 5 s). The pod now has two containers to start, and is
+        # Ready once both are running and probed. Strategic merge adds it by name.
+        _settled(s, ns, name, "the init-container rollout", timeout)
+        sidecar = {"name": "sidecar", "image": image, "imagePullPolicy": "Never",
+                   "command": ["tpenv-echo", "--port", "9099"], "ports": [{"containerPort": 9099}],
+                   "readinessProbe": {"httpGet": {"path": "/", "port": 9099}, "periodSeconds": 5}}
+        out["sidecar_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": None, "containers": [sidecar]}},
+                                                "the sidecar rollout", timeout, out["failures"])
     finally:
         s.stop()
         if up.stream is not None and up.stream.proc.poll() is None:

@@ -32,7 +32,7 @@ import packages  # noqa: E402
 import storage  # noqa: E402
 from components import (COREDNS_RBAC, KUBE_DNS, NODE, Component, Layout, containerd_address,  # noqa: E402
                         kubeconfig_path, state_dir)
-from proc import Daemons, run, say, wait_for  # noqa: E402
+from proc import Daemons, mounts_under, run, say, wait_for  # noqa: E402
 
 __all__ = ["main", "kubeconfig_path"]
 
@@ -203,17 +203,8 @@ def up(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- down
 
-def _mounts_under(root: Path) -> list[str]:
-    """Mount points at or below ``root``, deepest first (nested mounts go before their parents).
-
-    ``root`` itself counts: the kubelet bind-mounts its root dir onto itself to make it shared.
-    """
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    return sorted((m for m in mounts if m == str(root) or m.startswith(str(root) + "/")), key=len, reverse=True)
-
-
 def _unmount_under(root: Path) -> None:
-    for m in _mounts_under(root):
+    for m in mounts_under(root):
         run(["umount", "-l", m], check=False, quiet=True)
 
 
@@ -242,8 +233,8 @@ def down(argv: list[str]) -> int:
     # Kubelet's pod state refers to sandboxes that no longer exist. Never rmtree through a mount
     # (a subPath bind of a hostPath would take host files with it).
     pods = state_dir() / "kubelet" / "pods"
-    if _mounts_under(pods):
-        say(f"left {pods} in place: still mounted there: {', '.join(_mounts_under(pods)[:3])}")
+    if mounts_under(pods):
+        say(f"left {pods} in place: still mounted there: {', '.join(mounts_under(pods)[:3])}")
     else:
         shutil.rmtree(pods, ignore_errors=True)
     say("cluster down (certs, etcd data and images kept for the next `up`)")

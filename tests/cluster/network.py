@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from proc import run
+from proc import mounts_under, run
 
 BRIDGE = "cni0"
 NODE_IP = "10.244.0.1"
@@ -66,12 +66,6 @@ def setup() -> None:
     _netns_dir()
 
 
-def _is_mount_point(path: str) -> bool:
-    # Not os.path.ismount: a directory bound onto itself has the same device and inode.
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
-
 def _netns_dir() -> None:
     """/run/netns as `ip netns add` leaves it: a mount point (the directory bound onto itself),
     shared, so a namespace file unmounted in one mount namespace goes in all. Made before
@@ -81,7 +75,7 @@ def _netns_dir() -> None:
     neither unmount nor remove them ("remove netns: ... device or resource busy"), and their
     pods never finished terminating."""
     Path(NETNS_DIR).mkdir(parents=True, exist_ok=True)
-    if not _is_mount_point(NETNS_DIR):
+    if NETNS_DIR not in mounts_under(NETNS_DIR):
         run(["mount", "--bind", NETNS_DIR, NETNS_DIR], quiet=True)
     run(["mount", "--make-rshared", NETNS_DIR], quiet=True)
 
@@ -116,7 +110,7 @@ def check() -> list[str]:
         problems.append(f"bridge {BRIDGE} with {NODE_IP}/24 missing")
     if _ipt("-C", "FORWARD", "-j", GUARD_CHAIN, check=False).returncode != 0:
         problems.append(f"iptables FORWARD has no -j {GUARD_CHAIN}")
-    if not _is_mount_point(NETNS_DIR):
+    if NETNS_DIR not in mounts_under(NETNS_DIR):
         problems.append(f"{NETNS_DIR} is not a mount point (`cluster up` makes it one)")
     return problems
 

@@ -20,6 +20,17 @@ def say(msg: str) -> None:
     print(f"cluster: {msg}", flush=True)
 
 
+def mounts_under(root: Path | str) -> list[str]:
+    """Mount points at or below ``root``, deepest first (nested mounts go before their parents).
+
+    ``root`` itself counts: the kubelet bind-mounts its root dir onto itself to make it shared,
+    and `cluster up` does the same with /run/netns (network.py). Not os.path.ismount: a
+    directory bound onto itself has the same device and inode.
+    """
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return sorted((m for m in mounts if m == str(root) or m.startswith(str(root) + "/")), key=len, reverse=True)
+
+
 def run(cmd: list[str], *, check: bool = True, quiet: bool = False, **kw) -> subprocess.CompletedProcess:
     """Run a command; on failure show its output so the reader knows what to fix."""
     kw.setdefault("text", True)

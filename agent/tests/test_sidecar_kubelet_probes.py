@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from agent_testkit import App, H2Caller, RawSession, auth_material, kubelet_probe, read_response, run_agent
+from agent_testkit import App, H2Caller, RawSession, auth_material, read_response, run_agent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,7 +49,7 @@ async def test_all_tcp_intercept_leaves_the_kubelets_probes_to_the_app(tmp_path)
             # a caller that only claims the agent proves nothing about its address.
             assert await health_probe(agent.health, OTHER, "curl/8") == 200
             assert (await request(port, OTHER, "/", "curl/8"))[1]["who"] == "app"
-            assert await kubelet_probe(agent.health, KUBELET) == 200
+            assert await health_probe(agent.health, KUBELET, PROBE_UA) == 200
             # Stage 3: from the kubelet's address, its probes go to the app; anything else it
             # sends still goes to the laptop (a hostNetwork caller on the node, say).
             for path in ("/ready", "/live", "/"):

@@ -336,8 +336,7 @@ class InterceptRun:
             await self._overlapped(timeout, serving)
             if self._settling is not None:  # a unit failed for good before the rollout ended
                 raise _as_error(self.first_error(permanent_only=True))
-        ok = await self.rec.wait_until(
-            lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout)
+        ok = await self.rec.wait_until(self._ready_or_failed, timeout)
         if self.is_ready():
             if serving is not None:
                 serving()
@@ -349,14 +348,17 @@ class InterceptRun:
         if not ok:
             raise TransientError(f"the intercept {self.intercept.name} was not ready within {timeout:.0f}s")
 
+    def _ready_or_failed(self, _rec: Reconciler) -> bool:
+        """What wait_ready waits for: the units ready, or one failed for good."""
+        return self.is_ready() or self.first_error(permanent_only=True) is not None
+
     async def _overlapped(self, timeout: float, serving: Callable[[], None] | None) -> None:
         """During our rollout: the first new pods' tunnels and the env may be ready before it
         ends; then ``serving`` starts the handler while the rest rolls out. Returns when the
         rollout has ended (its error raised), or on a unit's permanent error (wait_ready raises it)."""
         assert self.rec is not None and self._settling is not None
         settle = asyncio.ensure_future(self._settled())
-        units = asyncio.ensure_future(self.rec.wait_until(
-            lambda r: self.is_ready() or self.first_error(permanent_only=True) is not None, timeout))
+        units = asyncio.ensure_future(self.rec.wait_until(self._ready_or_failed, timeout))
         try:
             await asyncio.wait({settle, units}, return_when=asyncio.FIRST_COMPLETED)
             if not settle.done() and self.is_ready() and serving is not None:

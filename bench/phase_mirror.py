@@ -104,6 +104,7 @@ def phase_mirror(bench: Bench) -> None:
     def handler_up() -> None:
         bench.ic = bench.start_intercept("mirror_intercept_s", *ARGS)
         try:
+            bench.find_agent()  # the agent's pod the phases before left: its CPU per request
             r = _measure(bench, KEYS[1][1])
             r.pop("samples_ms")
             bench.put(*KEYS[1], r)

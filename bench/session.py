@@ -212,11 +212,16 @@ class Bench:
             ic.stop()
             # The injection rolled the pod: measure only once the Service reaches the agent's pod.
             self.routed(self.app_ip, "proxy", "the agent's injection")
-            pod = self.app_pod()
-            apids = container_pids(self.ns, pod, "tpenv-agent")
-            self.agent_procs = Procs(apids) if apids else None
+            self.find_agent()
         except Exception as e:  # noqa: BLE001 - phase_passthrough then says there is no agent
             self.unavailable([("setup", key)], f"tpenv intercept: {e}")
+
+    def find_agent(self) -> None:
+        """``agent_procs``: the agent's processes in the ready app pod now. A phase that samples
+        them looks them up itself: an earlier phase may have rolled the pod, and the pids it
+        left are gone (their CPU reads as 0)."""
+        apids = container_pids(self.ns, self.app_pod(), "tpenv-agent")
+        self.agent_procs = Procs(apids) if apids else None
 
     def cleanup(self) -> None:
         if self.ic is not None:

@@ -170,3 +170,36 @@ def test_patterns_are_linear_time_re2():
     with pytest.raises(ControlError) as e:
         Match({"headers": {"x-dev": "(a)\\1"}})  # a backreference: not RE2
     assert e.value.code == "bad-request" and "RE2" in e.value.message
+
+
+def test_a_rule_without_operators_is_matched_as_its_text_exactly_as_re2_would():
+    import re
+
+    import re2
+
+    from tpenv_agent.registry import Literal, compile_rule, literal_text
+
+    def re2_says(pattern: str, value: str) -> bool:
+        return re2.fullmatch(pattern, value) is not None
+
+    # Stage 1: what re.escape writes (the personal header's rule) and plain values are literals.
+    ids = ["laptop-3f2a:api", "a.b c#d&e~f", "x_y/z@1", "café", "s1:copy", "yes", ""]
+    patterns = [re.escape(i) for i in ids] + ["yes", "alice", "team-a"]
+    patterns += ["\\" + chr(i) for i in range(128) if not chr(i).isalnum()]
+    for pattern in patterns:
+        rule = compile_rule(pattern, "test")
+        assert isinstance(rule, Literal), pattern
+        text = rule.text
+        # Stage 2: on the literal itself, near misses and other values, equality and RE2 agree.
+        for value in {text, text + "x", text[:-1], text.upper(), "x" + text, "", "yes", "alice", "a\nb"}:
+            assert bool(rule.fullmatch(value)) == re2_says(pattern, value), (pattern, value)
+
+    # Stage 3: anything with an operator or a class stays a regex (and still matches as one).
+    for pattern in ["a.b", "a|b", "a+", "(?i)yes", "[ab]", "^a$", "\\d", "\\x41", "\\Qa.b\\E", "a{2}", "\\t"]:
+        assert literal_text(pattern) is None, pattern
+        assert not isinstance(compile_rule(pattern, "test"), Literal), pattern
+    assert Match({"headers": {"x-dev": "(?i)YES"}}).matches(H(x_dev="yes"), b"/")
+
+    # Stage 4: a bad escape is refused as before, not taken for a literal.
+    with pytest.raises(ControlError):
+        compile_rule("\\", "test")

@@ -2,7 +2,8 @@
 """Workspace task runner for tpenv. Standard library only: it runs before anything is installed.
 
     python3 devspace.py setup            create .venv/ and install tpenv with its test and bench extras
-    python3 devspace.py test [ARGS]      setup, bring the local cluster up (unless KUBECONFIG is set), run the suite
+    python3 devspace.py test [ARGS]      setup, bring the local cluster up (unless KUBECONFIG names another
+                                         cluster), run the suite
     python3 devspace.py demo [--once]    the main job on the local cluster (examples/hello)
     python3 devspace.py cluster up|down|env|status
     python3 devspace.py images           build and import the cluster's images
@@ -69,14 +70,23 @@ def images(argv: list[str]) -> int:
 
 
 def _cluster_env() -> dict[str, str]:
-    """The environment for tools that talk to the cluster: KUBECONFIG as given, else the local cluster."""
+    """The environment for tools that talk to the cluster: KUBECONFIG as given, else the local
+    cluster. A KUBECONFIG naming the local cluster's own file (what `cluster up` says to export)
+    is the local cluster too: it is brought up, as after a reboot or a `cluster down`."""
     env = dict(os.environ)
-    if not env.get("KUBECONFIG"):
-        mod = _cluster_module()
-        rc = mod.main(["up"])
-        if rc != 0:
-            raise SystemExit(f"devspace: the local cluster did not come up (exit {rc}); see the lines above")
-        env["KUBECONFIG"] = str(mod.kubeconfig_path())
+    mod = _cluster_module()
+    local = Path(mod.kubeconfig_path()).resolve()
+    given = [Path(p) for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if given and [p.resolve() for p in given] != [local]:
+        if not any(p.is_file() for p in given):
+            raise SystemExit(f"devspace: KUBECONFIG={env['KUBECONFIG']} names no file that exists. Unset it to "
+                             f"use the local cluster (built and started here), or point it at your cluster's "
+                             f"kubeconfig.")
+        return env
+    rc = mod.main(["up"])
+    if rc != 0:
+        raise SystemExit(f"devspace: the local cluster did not come up (exit {rc}); see the lines above")
+    env["KUBECONFIG"] = str(mod.kubeconfig_path())
     return env
 
 

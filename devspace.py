@@ -75,9 +75,9 @@ def _cluster_env() -> dict[str, str]:
     is the local cluster too: it is brought up, as after a reboot or a `cluster down`."""
     env = dict(os.environ)
     mod = _cluster_module()
-    local = Path(mod.kubeconfig_path()).resolve()
+    local = Path(mod.kubeconfig_path())
     given = [Path(p) for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
-    if given and [p.resolve() for p in given] != [local]:
+    if given and [p.resolve() for p in given] != [local.resolve()]:
         if not any(p.is_file() for p in given):
             raise SystemExit(f"devspace: KUBECONFIG={env['KUBECONFIG']} names no file that exists. Unset it to "
                              f"use the local cluster (built and started here), or point it at your cluster's "
@@ -86,7 +86,7 @@ def _cluster_env() -> dict[str, str]:
     rc = mod.main(["up"])
     if rc != 0:
         raise SystemExit(f"devspace: the local cluster did not come up (exit {rc}); see the lines above")
-    env["KUBECONFIG"] = str(mod.kubeconfig_path())
+    env["KUBECONFIG"] = str(local)
     return env
 
 

@@ -233,8 +233,9 @@ def down(argv: list[str]) -> int:
     # Kubelet's pod state refers to sandboxes that no longer exist. Never rmtree through a mount
     # (a subPath bind of a hostPath would take host files with it).
     pods = state_dir() / "kubelet" / "pods"
-    if mounts_under(pods):
-        say(f"left {pods} in place: still mounted there: {', '.join(mounts_under(pods)[:3])}")
+    held = mounts_under(pods)
+    if held:
+        say(f"left {pods} in place: still mounted there: {', '.join(held[:3])}")
     else:
         shutil.rmtree(pods, ignore_errors=True)
     say("cluster down (certs, etcd data and images kept for the next `up`)")

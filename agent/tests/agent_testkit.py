@@ -287,8 +287,9 @@ async def get_once(port: int, path: str = "/", headers: dict[str, str] | None = 
 class H2Caller:
     """An h2c caller multiplexing streams on one connection (like a gRPC channel)."""
 
-    def __init__(self, port: int, source: str | None = None) -> None:
-        self.port, self.source = port, source
+    def __init__(self, port: int, source: str | None = None, silence: float = 0) -> None:
+        # silence: seconds connected before the preface (a channel opened ahead of its calls)
+        self.port, self.source, self.silence = port, source, silence
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self._streams: dict[int, dict] = {}
         self._task: asyncio.Task | None = None
@@ -297,6 +298,7 @@ class H2Caller:
     async def __aenter__(self) -> "H2Caller":
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", self.port, local_addr=(self.source, 0) if self.source else None)
+        await asyncio.sleep(self.silence)
         self.conn.initiate_connection()
         self.writer.write(self.conn.data_to_send())
         self._task = asyncio.ensure_future(self._read())

@@ -7,8 +7,10 @@ registry says, at the moment it arrives.
 - Only an all-TCP intercept: raw splice to a channel to its client (app if that fails);
   connections from where the kubelet probes are sniffed as below, so probes reach the app.
 - Header intercepts: sniff the first bytes: HTTP/1.x -> per request, h2c preface -> per
-  stream, anything else (or nothing within ``sniff_timeout``: a server-speaks-first
-  protocol) -> the all-TCP holder or the app.
+  stream, anything else -> the all-TCP holder or the app. A caller silent for ``sniff_timeout``
+  gets that destination connected (a server-speaks-first protocol needs its greeting), and
+  whoever then speaks first decides: the destination -> raw; the caller, with HTTP -> routed
+  as above (``_silent_caller``).
 """
 from __future__ import annotations
 
@@ -339,7 +341,9 @@ class PortListener:
         try:
             first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
         except asyncio.TimeoutError:
-            first = b""
+            first = await self._silent_caller(reader, writer)
+            if first is None:
+                return
         except (OSError, ConnectionError):
             close_writer(writer)
             return
@@ -364,20 +368,58 @@ class PortListener:
             data = more
         return data
 
-    async def _stream_splice(self, reader: Buffered, writer: Any) -> None:
+    async def _silent_caller(self, reader: Buffered, writer: Any) -> bytes | None:
+        """The caller sent nothing within the sniff timeout: a server-speaks-first protocol, or
+        a client that opened its connection ahead of its first request (a pool's spare, a
+        browser's preconnect). Connect the raw destination, so the first kind gets its
+        greeting, and see who speaks first. The destination: raw from here on. The caller,
+        with an h2c preface or an HTTP/1 method: the destination connection, which saw no
+        byte, is closed and the caller's first bytes are returned to be routed, so header
+        rules see its requests. Anything else: raw. None once the connection is dealt with."""
+        up = await self._raw_destination(writer)
+        if up is None:
+            close_writer(writer)
+            return None
+        dest_peek = asyncio.ensure_future(up[0].peek(1))
+        caller_peek = asyncio.ensure_future(reader.peek(1))
+        try:
+            await asyncio.wait((dest_peek, caller_peek), return_when=asyncio.FIRST_COMPLETED)
+            first = b""
+            if not dest_peek.done() and not caller_peek.exception() and caller_peek.result():
+                # The caller spoke first: enough of it to tell HTTP (bounded like the sniff).
+                first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
+        except (asyncio.TimeoutError, OSError, ConnectionError):
+            first = b""
+        finally:
+            for t in (dest_peek, caller_peek):
+                t.cancel()
+            await asyncio.gather(dest_peek, caller_peek, return_exceptions=True)
+        routed = first.startswith(PREFACE) or looks_like_http1(first)
+        if routed and not up[0].buffered():
+            close_writer(up[1])
+            return first
+        await splice_streams(reader, writer, up[0], up[1])
+        return None
+
+    async def _raw_destination(self, writer: Any) -> tuple[Buffered, Any] | None:
+        """A connection to the all-TCP holder's client (the app if that fails), or to the app;
+        None when neither can be reached."""
         _, holder = self.sidecar.registry.on_port(self.spec)
-        up = None
         if holder is not None:
             try:
-                up = await holder.opener(writer.get_extra_info("peername") or ("", 0))  # type: ignore[misc]
+                return await holder.opener(writer.get_extra_info("peername") or ("", 0))  # type: ignore[misc]
             except Exception:
-                up = None
+                pass
+        try:
+            return await self.open_app()
+        except OSError:
+            return None
+
+    async def _stream_splice(self, reader: Buffered, writer: Any) -> None:
+        up = await self._raw_destination(writer)
         if up is None:
-            try:
-                up = await self.open_app()
-            except OSError:
-                close_writer(writer)
-                return
+            close_writer(writer)
+            return
         await splice_streams(reader, writer, up[0], up[1])
 
     def _route_h1(self, head: Any) -> tuple[Pool, Pool | None]:

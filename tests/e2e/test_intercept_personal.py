@@ -79,6 +79,25 @@ def who(body: str) -> str:
     return json.loads(body)["pod"]
 
 
+SILENT_CALLER = """
+import http.client, json, sys, time
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
+c.connect()
+time.sleep(3)
+for h in sys.argv[2:]:
+    name, _, value = h.partition(": ")
+    c.request("GET", "/", headers={name: value})
+    print(json.loads(c.getresponse().read())["pod"])
+"""
+
+
+def silent_then_get(ns: str, host: str, headers: list[str]) -> list[str]:
+    """In the client pod: connect, say nothing for 3 s, then one request per header on that
+    connection; who answered each (a cluster pod's name cut to its Deployment's, ``backend-``)."""
+    out = kubectl("exec", "client", "--", "python3", "-c", SILENT_CALLER, host, *headers, ns=ns, timeout=60).stdout
+    return [w if w.startswith("laptop-") else w.split("-")[0] + "-" for w in out.split()]
+
+
 def test_personal_intercepts_http1_grpc_two_sessions(namespace, tmp_path):
     ns = namespace
     deploy(ns)
@@ -118,6 +137,9 @@ def test_personal_intercepts_http1_grpc_two_sessions(namespace, tmp_path):
         assert who(curl(ns, f"http://backend.{ns}/", "x-dev: bob")) == "laptop-bob"
         assert who(curl(ns, f"http://frontend.{ns}/", f"{HEADER}: {info_a['id']}")) == "laptop-alice"
         assert who(curl(ns, f"http://backend.{ns}/", "x-dev: carol")).startswith("backend-")
+        # A connection opened ahead of its requests (a pool's spare) and silent past the agent's
+        # --sniff-timeout (2 s) still has each request routed by its header.
+        assert silent_then_get(ns, f"backend.{ns}", ["x-dev: bob", "x-dev: carol"]) == ["laptop-bob", "backend-"]
         rc = grpc.wait(60)
         served = lines[first_ok:]
         assert rc == 0 or first_ok > 0, served[-3:]  # tpenv-get exits 1 when any request failed

@@ -63,3 +63,21 @@ async def test_a_server_speaks_first_protocol_still_gets_its_greeting_and_a_raw_
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_with_an_all_tcp_holder_too_a_silent_http_caller_meets_the_header_rules(tmp_path):
+    # Stage 1: alice's header intercept and bob's all-TCP intercept on one port.
+    m = auth_material()
+    async with App("app") as app, App("alice-dev") as d1, App("bob-dev") as d2, \
+            run_agent(tmp_path, m, [f"0:{app.port}:http"]) as agent:
+        async with RawSession(agent, m, "alice") as a, RawSession(agent, m, "bob") as b:
+            assert (await a.intercept("web", "http", ALICE, d1.port))["ok"]
+            assert (await b.intercept("all", "http", None, d2.port))["ok"]
+            # Stage 2: a silent caller gets bob's handler connected (it might greet); it does not,
+            # and the caller's requests are then routed: alice's header to her, the rest to bob.
+            async with Http1(agent.port("http")) as c:
+                await asyncio.sleep(SILENCE)
+                for headers, who in (({"x-dev": "alice"}, "alice-dev"), ({}, "bob-dev")):
+                    status, _, body = await c.request("/", headers)
+                    assert status == 200 and f'"who": "{who}"'.encode() in body, (headers, body)
+            assert app.connections == 0

@@ -1,4 +1,4 @@
-"""Callers that say nothing at first, on a port with a header intercept (listener._silent_caller).
+"""Callers that say nothing at first, on a port with a header intercept (listener._route_streams, _caller_first).
 
 The agent waits ``--sniff-timeout`` (0.5 s in these tests) for a caller's first bytes to tell
 HTTP from anything else. A server-speaks-first protocol never sends first, so after the wait

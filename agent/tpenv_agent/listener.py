@@ -10,7 +10,7 @@ registry says, at the moment it arrives.
   stream, anything else -> the all-TCP holder or the app. A caller silent for ``sniff_timeout``
   gets that destination connected (a server-speaks-first protocol needs its greeting), and
   whoever then speaks first decides: the destination -> raw; the caller, with HTTP -> routed
-  as above (``_silent_caller``).
+  as above (``_caller_first``).
 """
 from __future__ import annotations
 
@@ -338,24 +338,34 @@ class PortListener:
         self.spawn(self._route_streams(Buffered(sr, initial), writer))
 
     async def _route_streams(self, reader: Buffered, writer: Any) -> None:
+        up = None  # the raw destination, connected early for a silent caller
         try:
             first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
         except asyncio.TimeoutError:
-            first = await self._silent_caller(reader, writer)
-            if first is None:
+            # Nothing within the sniff timeout: a server-speaks-first protocol, or a client that
+            # opened its connection ahead of its first request (a pool's spare, a browser's
+            # preconnect). Connect the raw destination, so the first kind gets its greeting, and
+            # route what the caller says if it speaks first.
+            up = await self._raw_destination(writer)
+            if up is None:
+                close_writer(writer)
                 return
+            first = await self._caller_first(reader, up)
         except (OSError, ConnectionError):
             close_writer(writer)
             return
-        if not first and reader.eof:
+        if up is None and not first and reader.eof:
             close_writer(writer)  # closed without a byte (a tcpSocket probe): nothing to deliver
             return
-        if first.startswith(PREFACE):
+        h2, h1 = first.startswith(PREFACE), looks_like_http1(first)
+        if up is not None and (h2 or h1):
+            close_writer(up[1])  # it has seen no byte: the caller's requests are routed instead
+        if h2:
             await H2Router(reader, writer, self._route_h2, self._open_h2_dest, self.log).run()
-        elif looks_like_http1(first):
+        elif h1:
             await Http1Relay(reader, writer, self._route_h1, self.log, self._mirror_h1).run()
         else:
-            await self._stream_splice(reader, writer)
+            await self._stream_splice(reader, writer, up)
 
     @staticmethod
     async def _first_bytes(reader: Buffered) -> bytes:
@@ -368,38 +378,25 @@ class PortListener:
             data = more
         return data
 
-    async def _silent_caller(self, reader: Buffered, writer: Any) -> bytes | None:
-        """The caller sent nothing within the sniff timeout: a server-speaks-first protocol, or
-        a client that opened its connection ahead of its first request (a pool's spare, a
-        browser's preconnect). Connect the raw destination, so the first kind gets its
-        greeting, and see who speaks first. The destination: raw from here on. The caller,
-        with an h2c preface or an HTTP/1 method: the destination connection, which saw no
-        byte, is closed and the caller's first bytes are returned to be routed, so header
-        rules see its requests. Anything else: raw. None once the connection is dealt with."""
-        up = await self._raw_destination(writer)
-        if up is None:
-            close_writer(writer)
-            return None
+    async def _caller_first(self, reader: Buffered, up: tuple[Buffered, Any]) -> bytes:
+        """After a silent start, who speaks first: the caller's first bytes if the caller does
+        and the destination has still said nothing; b"" if the destination does (raw from here
+        on), or the caller ends or errs first."""
         dest_peek = asyncio.ensure_future(up[0].peek(1))
         caller_peek = asyncio.ensure_future(reader.peek(1))
         try:
             await asyncio.wait((dest_peek, caller_peek), return_when=asyncio.FIRST_COMPLETED)
-            first = b""
-            if not dest_peek.done() and not caller_peek.exception() and caller_peek.result():
-                # The caller spoke first: enough of it to tell HTTP (bounded like the sniff).
-                first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
+            if dest_peek.done() or caller_peek.exception() or not caller_peek.result():
+                return b""
+            # The caller spoke first: enough of it to tell HTTP (bounded like the sniff).
+            first = await asyncio.wait_for(self._first_bytes(reader), self.sidecar.sniff_timeout)
         except (asyncio.TimeoutError, OSError, ConnectionError):
-            first = b""
+            return b""
         finally:
             for t in (dest_peek, caller_peek):
                 t.cancel()
             await asyncio.gather(dest_peek, caller_peek, return_exceptions=True)
-        routed = first.startswith(PREFACE) or looks_like_http1(first)
-        if routed and not up[0].buffered():
-            close_writer(up[1])
-            return first
-        await splice_streams(reader, writer, up[0], up[1])
-        return None
+        return b"" if up[0].buffered() else first
 
     async def _raw_destination(self, writer: Any) -> tuple[Buffered, Any] | None:
         """A connection to the all-TCP holder's client (the app if that fails), or to the app;
@@ -415,8 +412,8 @@ class PortListener:
         except OSError:
             return None
 
-    async def _stream_splice(self, reader: Buffered, writer: Any) -> None:
-        up = await self._raw_destination(writer)
+    async def _stream_splice(self, reader: Buffered, writer: Any, up: tuple[Buffered, Any] | None = None) -> None:
+        up = up or await self._raw_destination(writer)
         if up is None:
             close_writer(writer)
             return

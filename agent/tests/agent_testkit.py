@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 # image runs Debian bookworm's 3.11.2): TPENV_AGENT_PYTHON=/path/to/python3 pytest agent/tests
 PYTHON = os.environ.get("TPENV_AGENT_PYTHON") or sys.executable
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# The match of a header intercept the tests give alice (x-dev: alice, any path).
+ALICE = {"headers": {"x-dev": "alice"}, "path": None}
 
 
 # --- auth --------------------------------------------------------------------------------

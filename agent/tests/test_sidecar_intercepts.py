@@ -10,11 +10,9 @@ import asyncio
 
 import pytest
 
-from agent_testkit import App, H2Caller, Http1, RawSession, auth_material, get_once, run_agent
+from agent_testkit import ALICE, App, H2Caller, Http1, RawSession, auth_material, get_once, run_agent
 
 pytestmark = pytest.mark.timeout(60)
-
-ALICE = {"headers": {"x-dev": "alice"}, "path": None}
 
 
 async def test_global_intercept_sends_new_connections_to_the_client_and_leave_restores(tmp_path):

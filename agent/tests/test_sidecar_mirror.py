@@ -6,11 +6,9 @@ import asyncio
 
 import pytest
 
-from agent_testkit import App, Http1, RawSession, auth_material, run_agent
+from agent_testkit import ALICE, App, Http1, RawSession, auth_material, run_agent
 
 pytestmark = pytest.mark.timeout(90)
-
-ALICE = {"headers": {"x-dev": "alice"}, "path": None}
 
 
 async def mirror_stats(s: RawSession, iid: str) -> dict:

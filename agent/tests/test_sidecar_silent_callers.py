@@ -11,11 +11,10 @@ import asyncio
 
 import pytest
 
-from agent_testkit import App, H2Caller, Http1, RawSession, auth_material, run_agent
+from agent_testkit import ALICE, App, H2Caller, Http1, RawSession, auth_material, run_agent
 
 pytestmark = pytest.mark.timeout(60)
 
-ALICE = {"headers": {"x-dev": "alice"}, "path": None}
 SILENCE = 1.0  # past the tests' --sniff-timeout of 0.5 s
 
 

@@ -10,11 +10,15 @@ import socket
 from bench import cluster_setup
 from bench.common import Unavailable, log
 from bench.session import Bench
-from bench.up_kit import injecting_run, median, phases_median
+from bench.up_kit import injecting_run, median, phases_median, spread
 from tests.kit.apps import write_handler
 
-# Runs per mode: each takes two rollouts (~10 s with the Deployment's own start); the median of these.
-RUNS = {"full": 5, "quick": 2, "smoke": 1}
+# Runs per mode: each takes four rollouts and `up` (~13 s with the Deployment's own start and the
+# random waits that keep each step off the kubelet's relist phase, up_kit.dephase); the median of
+# these. Fifteen, not five: once dephased, each step is bimodal (the pod is Ready at the first
+# relist after its containers start, or one later, and kube-proxy adds its own 1 s grid), and
+# nine runs still left the difference of two steps' means +-0.3 s (docs/performance.md).
+RUNS = {"full": 15, "quick": 2, "smoke": 1}
 # The bound of each wait in a run (a rollout, an answer): past it the run fails, the row says why.
 WAIT = 90.0
 
@@ -46,12 +50,12 @@ def phase_up(bench: Bench) -> None:
             failures += [f"run {i}: {f}" for f in r["failures"]]
         if not ups or not floors:
             raise Unavailable("; ".join(failures)[:400] or "no run measured")
-        bench.put("up", "injecting", {"seconds": median(ups), "runs": ups, "phases": phases_median(marks),
-                                      **({"failures": failures} if failures else {})})
-        bench.put("up", "rollout_floor", {"seconds": median(floors), "runs": floors})
+        bench.put("up", "injecting", {"seconds": median(ups), **spread(ups), "runs": ups,
+                                      "phases": phases_median(marks), **({"failures": failures} if failures else {})})
+        bench.put("up", "rollout_floor", {"seconds": median(floors), **spread(floors), "runs": floors})
         if inits:
-            bench.put("up", "init_floor", {"seconds": median(inits), "runs": inits})
+            bench.put("up", "init_floor", {"seconds": median(inits), **spread(inits), "runs": inits})
         if sidecars:
-            bench.put("up", "sidecar_floor", {"seconds": median(sidecars), "runs": sidecars})
+            bench.put("up", "sidecar_floor", {"seconds": median(sidecars), **spread(sidecars), "runs": sidecars})
 
     bench.step("up: injecting `tpenv up` and its plain-rollout floor", keys, run)

@@ -82,8 +82,11 @@ def cell(group: str, v: Any) -> str:
         return f"{v['files']} files in {fmt(v['seconds'], 2)} s  ({fmt(v['us_per_file'], 0)} us/file)"
     if group == "setup":
         return f"{fmt(v['seconds'], 1)} s"
-    if group == "up":  # median, every run, and where the time of `up` went
-        s = f"{fmt(v['seconds'], 2)} s  (runs {', '.join(f'{x:.2f}' for x in v['runs'])})"
+    if group == "up":  # median, mean +- its standard error, every run, and where the time of `up` went
+        s = f"{fmt(v['seconds'], 2)} s"
+        if "sem" in v:
+            s += f", mean {fmt(v['mean'], 2)} +- {fmt(v['sem'], 2)}"
+        s += f"  (runs {', '.join(f'{x:.2f}' for x in v['runs'])})"
         if v.get("phases"):
             s += "  phases: " + ", ".join(f"{k} {fmt(x, 2)}" for k, x in v["phases"].items())
         return s

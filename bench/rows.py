@@ -203,6 +203,10 @@ def targets(rows: dict) -> list[dict]:
         check("up injecting - plain rollout floor (s)", round(d, 3), "<= 0.5", d <= 0.5)
     else:
         check("up injecting - plain rollout floor (s)", None, "<= 0.5", None, "a row is unavailable")
+    if ui and uf and "mean" in ui and "mean" in uf:  # the same, means of the runs (the medians' modes aside)
+        check("up injecting - plain rollout floor, means (s, no target)", round(ui["mean"] - uf["mean"], 3), "-", None)
+    else:
+        check("up injecting - plain rollout floor, means (s, no target)", None, "-", None, "a row is unavailable")
     un = v("up", "init_floor")
     if ui and un:  # what tpenv adds beyond the init container every in-pod redirect needs
         check("up injecting - init-container rollout floor (s, no target)", round(ui["seconds"] - un["seconds"], 3),

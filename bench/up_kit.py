@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import statistics
@@ -115,6 +116,15 @@ def median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
 
+def spread(xs: list[float]) -> dict[str, float]:
+    """The mean of the runs and its standard error: with the steps dephased, each figure is
+    bimodal (one kubelet relist more or less), and the mean says how far apart two steps are on
+    average where the median jumps between the modes."""
+    if len(xs) < 2:
+        return {"mean": round(xs[0], 3)} if xs else {}
+    return {"mean": round(statistics.fmean(xs), 3), "sem": round(statistics.stdev(xs) / len(xs) ** 0.5, 3)}
+
+
 # Where the time of `up` goes: the first line of each phase in its output.
 PHASES = {"session": r"\] session ", "resolved": r"Using |Injecting|Waiting for deployment",
           "tunnel": r"intercept \S+ registered", "intercepting": r"\] intercepting ",
@@ -164,11 +174,30 @@ class Up:
         return out
 
 
+# The kubelet relists its containers once a second (PLEG) and a pod moves on only at a relist:
+# its containers are seen running, probed and made Ready at the first relist after they start.
+# Each timed step below starts right after the previous one settled, and that settling is itself
+# seen at a relist, so without this every step would start at the same point of the kubelet's
+# second, run after run: its pod's containers would start at the same offset from the next
+# relist each time, and a step's median would say more about that offset than about the step
+# (traced with the kubelet at -v=4, docs/performance.md "phase-locked to the relist"). A user's
+# `tpenv up` or `kubectl rollout` comes at any point of that second: so does each step here.
+DEPHASE_S = 1.0
+
+
+def dephase(rng: random.Random) -> float:
+    """Sleep a uniformly random part of the kubelet's relist period before a timed step."""
+    wait = rng.uniform(0.0, DEPHASE_S)
+    time.sleep(wait)
+    return wait
+
+
 def _timed_rollout(s: Stream, ns: str, name: str, template: dict, what: str, timeout: float,
-                   failures: list[str]) -> float | None:
+                   failures: list[str], rng: random.Random) -> float | None:
     """Seconds from patching the Deployment's pod ``template`` to the first answer from a new pod;
     None (and why, in ``failures``) when none answered within ``timeout``."""
     old = pod_names(ns, name)
+    dephase(rng)
     t_roll = time.monotonic()
     kubectl("patch", "deployment", name, "-p", json.dumps({"spec": {"template": template}}), ns=ns)
     t = s.first(from_new_pod(old), t_roll, timeout)
@@ -186,7 +215,7 @@ def _settled(s: Stream, ns: str, name: str, after: str, timeout: float) -> None:
 
 
 def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, client: str = "client",
-                  image: str | None = None) -> dict:
+                  image: str | None = None, rng: random.Random | None = None) -> dict:
     """One injecting run: a fresh Deployment ``name``; first its floor without tpenv, a plain rollout
     (a template annotation changed) -> the first answer from a new pod; then `tpenv up`, which injects
     the agent (another such rollout plus tpenv's own work) -> the first answer from the laptop. The
@@ -198,6 +227,7 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
     out is None with its reason in "failures". The Deployment and its Service are deleted afterwards."""
     out: dict = {"floor_s": None, "up_s": None, "init_floor_s": None, "sidecar_floor_s": None, "marks": {},
                  "failures": []}
+    rng = rng or random.Random()
     deploy(name, ns)
     up = Up(work, ns, name, port, image)
     s = answers(ns, f"http://{name}.{ns}/", client)
@@ -205,8 +235,9 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
         if s.first(cluster, time.monotonic(), timeout) is None:
             raise RuntimeError(f"{name} does not answer")
         out["floor_s"] = _timed_rollout(s, ns, name, {"metadata": {"annotations": {"bench.tpenv.io/roll": "1"}}},
-                                        "the plain rollout", timeout, out["failures"])
+                                        "the plain rollout", timeout, out["failures"], rng)
         _settled(s, ns, name, "its plain rollout", timeout)
+        dephase(rng)
         t0 = up.start()
         t = s.first(laptop(), t0, timeout)
         if t:
@@ -224,7 +255,7 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
             "spec"]["template"]["spec"]["containers"][0]["image"]
         noop = {"name": "noop", "image": image, "imagePullPolicy": "Never", "command": ["true"]}
         out["init_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": [noop]}},
-                                             "the init-container rollout", timeout, out["failures"])
+                                             "the init-container rollout", timeout, out["failures"], rng)
         # The floor of any sidecar: the same image serving a port of its own, probed like the
         # agent's /readyz (httpGet, period 5 s). The pod now has two containers to start, and is
         # Ready once both are running and probed. Strategic merge adds it by name.
@@ -233,7 +264,7 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
                    "command": ["tpenv-echo", "--port", "9099"], "ports": [{"containerPort": 9099}],
                    "readinessProbe": {"httpGet": {"path": "/", "port": 9099}, "periodSeconds": 5}}
         out["sidecar_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": None, "containers": [sidecar]}},
-                                                "the sidecar rollout", timeout, out["failures"])
+                                                "the sidecar rollout", timeout, out["failures"], rng)
     finally:
         s.stop()
         if up.stream is not None and up.stream.proc.poll() is None:

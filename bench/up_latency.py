@@ -121,7 +121,7 @@ def main() -> int:
                 try:
                     time.sleep(0.5)  # the watch's first listing
                     t_del = time.monotonic()
-                    kubectl("delete", "pod", *old, "--wait=false", ns=ns)
+                    kubectl("delete", "pod", *old, "--wait=false", "--ignore-not-found", ns=ns)
 
                     def new_ready(line: str) -> bool:
                         parts = line.split()

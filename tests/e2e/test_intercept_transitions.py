@@ -26,7 +26,7 @@ import time
 import pytest
 
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
-from tests.e2e.test_intercept_kit import LocalServer, agent_image, echo_container
+from tests.e2e.test_intercept_kit import LocalServer, agent_image, echo_container, wait_for
 from tests.e2e.test_up_kit import UpSession
 from tests.kit.apps import testapp_image
 
@@ -104,6 +104,11 @@ def settle(ns: str) -> None:
     kubectl("rollout", "status", "deployment/busy", "--timeout=120s", ns=ns, timeout=150)
     kubectl("wait", "--for=delete", "pod", "-l", "app=busy", "--field-selector", "status.phase!=Running",
             "--timeout=120s", ns=ns, timeout=150, check=False)
+    # A pod being deleted keeps phase Running through its grace period: the old template's pods
+    # can still be listed after the wait above, and vanish during the cycles.
+    wait_for("the old template's pods to be gone", lambda: not any(
+        p["metadata"].get("deletionTimestamp") for p in kubectl_json("get", "pods", "-l", "app=busy", ns=ns)["items"]),
+        120)
 
 
 class Load:

@@ -76,6 +76,11 @@ def test_statefulset_every_path_global_and_header(namespace, tmp_path):
         assert len(info["pods"]) == replicas, info
         ways = paths(ns, replicas)
         wait_for("the laptop through the Service", lambda: who(curl(ns, ways["service"])) == "laptop", 60)
+        # A pod's name under the headless Service resolves once CoreDNS has the rolled pod's new
+        # address, which "ready" does not wait for (the Service path above does not need it).
+        for way in ways:
+            if "by name" in way:
+                wait_for(f"{way} to resolve", lambda: curl(ns, ways[way]) is not None, 30)
         got = {way: who(curl(ns, url)) for way, url in ways.items()}
         assert got == {way: "laptop" for way in ways}, got
         # Nothing of the user's objects moved: the app keeps its port name, Services are untouched.

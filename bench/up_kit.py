@@ -185,19 +185,17 @@ class Up:
 DEPHASE_S = 1.0
 
 
-def dephase(rng: random.Random) -> float:
+def dephase() -> None:
     """Sleep a uniformly random part of the kubelet's relist period before a timed step."""
-    wait = rng.uniform(0.0, DEPHASE_S)
-    time.sleep(wait)
-    return wait
+    time.sleep(random.uniform(0.0, DEPHASE_S))
 
 
 def _timed_rollout(s: Stream, ns: str, name: str, template: dict, what: str, timeout: float,
-                   failures: list[str], rng: random.Random) -> float | None:
+                   failures: list[str]) -> float | None:
     """Seconds from patching the Deployment's pod ``template`` to the first answer from a new pod;
     None (and why, in ``failures``) when none answered within ``timeout``."""
     old = pod_names(ns, name)
-    dephase(rng)
+    dephase()
     t_roll = time.monotonic()
     kubectl("patch", "deployment", name, "-p", json.dumps({"spec": {"template": template}}), ns=ns)
     t = s.first(from_new_pod(old), t_roll, timeout)
@@ -215,7 +213,7 @@ def _settled(s: Stream, ns: str, name: str, after: str, timeout: float) -> None:
 
 
 def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, client: str = "client",
-                  image: str | None = None, rng: random.Random | None = None) -> dict:
+                  image: str | None = None) -> dict:
     """One injecting run: a fresh Deployment ``name``; first its floor without tpenv, a plain rollout
     (a template annotation changed) -> the first answer from a new pod; then `tpenv up`, which injects
     the agent (another such rollout plus tpenv's own work) -> the first answer from the laptop. The
@@ -227,7 +225,6 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
     out is None with its reason in "failures". The Deployment and its Service are deleted afterwards."""
     out: dict = {"floor_s": None, "up_s": None, "init_floor_s": None, "sidecar_floor_s": None, "marks": {},
                  "failures": []}
-    rng = rng or random.Random()
     deploy(name, ns)
     up = Up(work, ns, name, port, image)
     s = answers(ns, f"http://{name}.{ns}/", client)
@@ -235,9 +232,9 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
         if s.first(cluster, time.monotonic(), timeout) is None:
             raise RuntimeError(f"{name} does not answer")
         out["floor_s"] = _timed_rollout(s, ns, name, {"metadata": {"annotations": {"bench.tpenv.io/roll": "1"}}},
-                                        "the plain rollout", timeout, out["failures"], rng)
+                                        "the plain rollout", timeout, out["failures"])
         _settled(s, ns, name, "its plain rollout", timeout)
-        dephase(rng)
+        dephase()
         t0 = up.start()
         t = s.first(laptop(), t0, timeout)
         if t:
@@ -255,7 +252,7 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
             "spec"]["template"]["spec"]["containers"][0]["image"]
         noop = {"name": "noop", "image": image, "imagePullPolicy": "Never", "command": ["true"]}
         out["init_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": [noop]}},
-                                             "the init-container rollout", timeout, out["failures"], rng)
+                                             "the init-container rollout", timeout, out["failures"])
         # The floor of any sidecar: the same image serving a port of its own, probed like the
         # agent's /readyz (httpGet, period 5 s). The pod now has two containers to start, and is
         # Ready once both are running and probed. Strategic merge adds it by name.
@@ -264,7 +261,7 @@ def injecting_run(ns: str, work: Path, name: str, port: int, timeout: float, *, 
                    "command": ["tpenv-echo", "--port", "9099"], "ports": [{"containerPort": 9099}],
                    "readinessProbe": {"httpGet": {"path": "/", "port": 9099}, "periodSeconds": 5}}
         out["sidecar_floor_s"] = _timed_rollout(s, ns, name, {"spec": {"initContainers": None, "containers": [sidecar]}},
-                                                "the sidecar rollout", timeout, out["failures"], rng)
+                                                "the sidecar rollout", timeout, out["failures"])
     finally:
         s.stop()
         if up.stream is not None and up.stream.proc.poll() is None:

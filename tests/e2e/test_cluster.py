@@ -373,6 +373,26 @@ def _guard_rejects() -> int:
     return sum(int(line.split()[0]) for line in out.splitlines() if "pods never leave" in line)
 
 
+def _forward_state(ns: str) -> str:
+    """What the host knew when a pod's packet off the machine went unanswered (one failure in a
+    full suite, right after the bench, never alone): the client pod's address and the host's
+    neighbour entry for it (the REJECT's ICMP goes back by that entry), conntrack's fill, the
+    FORWARD chain's counters, the ICMP rate limits' counts and the kernel's last words."""
+    def sh(*cmd: str) -> str:
+        cp = subprocess.run(cmd, capture_output=True, text=True)
+        return (cp.stdout + cp.stderr).strip()
+    ip = kubectl("get", "pod", "client", "-o", "jsonpath={.status.podIP}", ns=ns, check=False).stdout.strip()
+    proc = Path("/proc/sys/net/netfilter")
+    fill = "/".join((proc / f).read_text().strip() for f in ("nf_conntrack_count", "nf_conntrack_max")
+                    if (proc / f).exists())
+    return "\n".join([f"client pod {ip}; neighbour: {sh('ip', 'neigh', 'show', ip)}",
+                      f"conntrack entries/max: {fill}",
+                      sh("iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n"),
+                      sh("iptables", "-w", "-L", "TPENV-FORWARD", "-v", "-x", "-n"),
+                      sh("sh", "-c", "nstat -az 2>&1 | grep -i -e RateLimit -e OutDestUnreachs"),
+                      sh("sh", "-c", "dmesg 2>&1 | tail -n 15")])
+
+
 def test_cluster_addresses_and_names_stay_on_this_machine(kubeconfig, echo):
     if not _local_cluster(kubeconfig):
         pytest.skip("checks the local cluster's host setup; an external cluster has its own")
@@ -393,7 +413,9 @@ def test_cluster_addresses_and_names_stay_on_this_machine(kubeconfig, echo):
                "except OSError as e: print(type(e).__name__)\nelse: print('connected')")
     before = _guard_rejects()
     out = kubectl("exec", "client", "--", "python3", "-c", connect, ns=ns).stdout.strip()
-    assert out == "ConnectionRefusedError", out  # REJECT answers at once; a lost SYN would time out
+    # REJECT answers at once; a lost SYN or a lost ICMP answer would time out.
+    assert out == "ConnectionRefusedError", f"{out}; rejected by the guard meanwhile: " \
+        f"{_guard_rejects() - before}\n{_forward_state(ns)}"
     assert _guard_rejects() > before  # and it was our rule that answered, not something upstream
 
     # Stage 3: names outside the cluster do not resolve (CoreDNS has no upstream).

@@ -12,7 +12,8 @@ from bench.cluster_setup import kjson, kubectl, kubectl_binary
 from bench.common import PathLost, Unavailable
 from bench.processes import Intercept, PortForward
 from bench.session import Bench
-from tpenv.kits.sshfs import sshfs_mount_options
+from tpenv.kits.mounttable import mount_device
+from tpenv.kits.sshfs import raise_read_ahead, sshfs_mount_options
 from tpenv.settings import MountSettings
 
 # Run on the laptop against the mount point: what an editor or a test run does with remote files.
@@ -142,6 +143,11 @@ def mount_peer(bench: Bench, pod: str) -> None:
                             capture_output=True, text=True, timeout=30)
         if cp.returncode != 0:
             raise Unavailable(f"sshfs to the peer's sftp-server failed: {cp.stderr.strip()[-200:]}")
+        # The same kernel read-ahead as tpenv's mount (SshfsMount._read_ahead), so the two differ
+        # only in what carries the SFTP: the setting is the kernel's, not tpenv's protocol.
+        device = mount_device(point)
+        ra = raise_read_ahead(device, m.read_ahead_kb)[1] if device and m.read_ahead_kb else "left"
+        bench.notes.append(f"mount peer: kernel read-ahead {ra}")
         size = bench.m["mount_bytes"]
         cp = subprocess.run([sys.executable, "-c", MOUNT_SCRIPT, str(point), str(size), "-1"],
                             capture_output=True, text=True, timeout=120 + 2 * size / 1e6)

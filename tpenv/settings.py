@@ -166,6 +166,12 @@ class MountSettings(_Section):
         "Bytes sshfs asks the pod for in one SFTP read or write request (sshfs's default is 32 KiB, its most "
         "64 KiB). Larger requests mean fewer round trips through the tunnel and less per-request work in the "
         "agent and the pumps for sequential I/O."))
+    read_ahead_kb: int = Field(4096, ge=0, description=(
+        "KiB the kernel reads ahead of a sequential reader of an sshfs mount (its backing device's read_ahead_kb; "
+        "the kernel's default is 128). A sequential read has about this much in flight through the tunnel, so "
+        "the default 128 KiB caps it near 128 KiB per round trip. Set only when tpenv may (root: sysfs is "
+        "root's); otherwise the kernel's default stays and the mount works the same, only slower to stream "
+        "large files. 0: leave it."))
 
     sync_interval: float = Field(2.0, gt=0, description=(
         "Seconds between two polls of the pod's volumes in sync mode (changes made in the pod show up locally "

@@ -19,6 +19,7 @@ from test_intercept_kit import Intercepting, client_pod, curl, tpenv, wait_for
 from tests.e2e.helpers_up import free_port
 from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
 from tests.kit.apps import testapp_image
+from tpenv.settings import MountSettings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -32,6 +33,8 @@ CHECK = textwrap.dedent("""\
     with open(os.path.join(root, "data/laptop.txt"), "w") as f:
         f.write("written on the laptop\\n")
     out["token"] = open(os.environ["AWS_WEB_IDENTITY_TOKEN_FILE"]).read()
+    dev = os.stat(root).st_dev  # the mount's device, whose kernel read-ahead tpenv raised as root
+    out["read_ahead_kb"] = int(open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read())
     json.dump(out, open(sys.argv[1], "w"))
 """)
 
@@ -113,6 +116,9 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
     assert out["cluster_file"] == "written in the cluster\n"
     assert out["token"].count(".") == 2  # a JWT
     assert kubectl("exec", pod, "-c", "app", "--", "cat", "/data/laptop.txt", ns=ns).stdout == "written on the laptop\n"
+    # The mount streams with the kernel's read-ahead raised (tests run as root, who may; 128 KiB is
+    # the kernel's own default): docs/performance.md, the SFTP mount rows.
+    assert os.geteuid() != 0 or out["read_ahead_kb"] == MountSettings().read_ahead_kb > 128, out["read_ahead_kb"]
 
     # Stage 4: the intercept ended with the command: unmounted, the directory left empty.
     assert not vol.exists() or not any(vol.iterdir())

@@ -33,8 +33,9 @@ from typing import Any, Awaitable, Callable
 
 from tpenv.config.models import MOUNT_MODES
 from tpenv.engine.units import State, UnitState
-from tpenv.kits.mounttable import bounded_run, is_mounted, mount_entry, parent_is_tpenv, sshfs_serving
-from tpenv.kits.sshfs import sshfs_mount_options, widen_pipes
+from tpenv.kits.mounttable import (bounded_run, is_mounted, mount_device, mount_entry, parent_is_tpenv,
+                                   sshfs_serving)
+from tpenv.kits.sshfs import raise_read_ahead, sshfs_mount_options, widen_pipes
 from tpenv.errors import MissingTool, TpenvError, TransientError, UsageError
 from tpenv.settings import Settings
 
@@ -155,6 +156,7 @@ class SshfsMount:
         m = (settings or Settings()).mounts  # none given: the documented defaults, never others
         self.probe_interval, self.probe_timeout = m.probe_interval, m.probe_timeout
         self.unmount_timeout = m.unmount_timeout
+        self.read_ahead_kb = m.read_ahead_kb
         self.remote = remote  # the agent's SFTP root; tests mount a local sftp-server's directory
         self.name = name
         self.key = key or ("mount", name)
@@ -221,9 +223,19 @@ class SshfsMount:
             text = self._stderr.decode(errors="replace").strip()
             raise TransientError(f"[mount/{self.name}] sshfs exited ({exit_code}) before mounting: "
                                  f"{text or 'no output'}")
+        self._read_ahead()
         log.info("[mount/%s] volumes mounted at %s", self.name, self.path)
         self._state.set(State.READY, detail=str(self.path))
         self._probe = asyncio.ensure_future(self._probe_loop())
+
+    def _read_ahead(self) -> None:
+        """Before the handler opens anything: a file's read-ahead is fixed when it is opened."""
+        device = mount_device(self.path) if self.read_ahead_kb else None
+        if device is None:
+            return
+        before, why = raise_read_ahead(device, self.read_ahead_kb)
+        log.log(logging.INFO if before is not None else logging.DEBUG, "[mount/%s] kernel read-ahead: %s",
+                self.name, why)
 
     # -- liveness -------------------------------------------------------------------------------
 

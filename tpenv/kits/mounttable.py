@@ -43,6 +43,20 @@ def mount_entry(path: str | Path) -> tuple[str, str] | None:
     return next(((fstype, source) for point, fstype, source in _entries() if point == target), None)
 
 
+def mount_device(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """``major:minor`` of the mount at ``path`` (mountinfo's third field: what a stat would give as
+    st_dev, without asking the file system); None if not mounted. The last entry wins, as the
+    mount on top is the one a path reaches."""
+    target = os.path.abspath(path)
+    found = None
+    with open(mountinfo, "rb") as f:
+        for line in f:
+            fields = line.decode(errors="surrogateescape").partition(" - ")[0].split()
+            if len(fields) > 4 and unescape(fields[4]) == target:
+                found = fields[2]
+    return found
+
+
 def sshfs_serving(path: str | Path) -> list[int]:
     """Pids of live sshfs processes whose command line names ``path`` (from /proc, no stat)."""
     target = os.fsencode(os.path.abspath(path))

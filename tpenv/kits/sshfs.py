@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+from pathlib import Path
 
 
 def sshfs_cache_options(seconds: int, read_size: int) -> list[str]:
@@ -46,3 +47,29 @@ def widen_pipes(proc: asyncio.subprocess.Process) -> None:
         if pipe is not None:
             with contextlib.suppress(OSError):  # above pipe-max-size or an old kernel: keep the default
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
+BDI_ROOT = Path("/sys/class/bdi")
+
+
+def raise_read_ahead(device: str, kb: int, root: Path = BDI_ROOT) -> tuple[int | None, str]:
+    """The kernel's read-ahead of the FUSE mount on ``device`` (``major:minor``) to ``kb`` KiB.
+
+    Why: a sequential read of an sshfs file has at most the kernel's read-ahead window in flight
+    (128 KiB by default, the mount's backing-device setting), so its speed is that window per
+    round trip through the tunnel, whatever the tunnel's own bandwidth (docs/performance.md, the
+    SFTP mount rows). Only root may raise it (sysfs, 0644): for anyone else this says why not and
+    changes nothing. Never touches the mount itself (a stat of it from the event loop would wait
+    on sshfs, which waits on the loop). Returns (the value before, or None if not changed; why)."""
+    path = root / device / "read_ahead_kb"
+    try:
+        before = int(path.read_text().strip())
+    except (OSError, ValueError) as e:
+        return None, f"{path} unreadable ({e.__class__.__name__})"
+    if before >= kb:
+        return None, f"already {before} KiB"
+    try:
+        path.write_text(str(kb))
+    except OSError as e:  # not root, a read-only /sys (a container): the kernel's default stays
+        return None, f"kept at {before} KiB: {path} not writable ({e.strerror or e.__class__.__name__})"
+    return before, f"{before} -> {kb} KiB"

@@ -36,3 +36,50 @@ def test_the_late_list_loads_what_the_tunnels_need():
     code = ("import sys, tpenv.engine.lateimports as l; l._import_all(); "
             f"print(all(m in sys.modules for m in {tunnels!r}))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+# What the kubernetes package would import that tpenv never uses (tpenv/kits/kubepkg.py): its
+# __init__'s watch (pydoc), dynamic, stream (websocket-client); kube_config's OIDC-only imports.
+NEVER_AT_START = ("kubernetes.watch", "kubernetes.dynamic", "kubernetes.stream", "pydoc", "websocket",
+                  "requests", "requests_oauthlib", "oauthlib.oauth2")
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_way_to_the_rollout_loads_none_of_the_kubernetes_package_extras():
+    code = PATH.replace("{late}", repr(set(NEVER_AT_START)))
+    loaded = [m for m in _run(code).split(",") if m]
+    assert [m for m in loaded if m in NEVER_AT_START or m.split(".")[0] in ("requests", "websocket")] == []
+
+
+def test_what_was_left_out_is_there_on_first_use():
+    # Stage 1: tpenv's kube kit loaded (the light package), then each left-out name used.
+    code = """
+import tpenv.kits.kube
+import kubernetes, kubernetes.config.kube_config as kc
+print(kubernetes.__version__ == __import__("importlib.metadata").metadata.version("kubernetes"))
+print(kubernetes.watch.Watch.__module__, callable(kubernetes.stream.stream))
+# Stage 2: the OIDC refresh's names resolve to the real ones only now.
+import sys
+print("requests_oauthlib" in sys.modules, "oauthlib.oauth2.rfc6749" in sys.modules)
+print(kc.oauthlib.oauth2.rfc6749.errors.InvalidClientIdError.__module__)
+session = kc.OAuth2Session(client_id="x")
+print(type(session).__module__)
+import requests_oauthlib
+print(requests_oauthlib.OAuth2Session is type(session))
+"""
+    assert _run(code).splitlines() == [
+        "True", "kubernetes.watch.watch True", "False False",
+        "oauthlib.oauth2.rfc6749.errors", "requests_oauthlib.oauth2_session", "True"]
+
+
+def test_nothing_changes_when_the_package_is_already_imported():
+    code = """
+import kubernetes, sys
+before = sys.modules["kubernetes"]
+import tpenv.kits.kube
+print(sys.modules["kubernetes"] is before, "kubernetes.watch" in sys.modules)
+"""
+    assert _run(code) == "True True"

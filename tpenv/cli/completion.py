@@ -102,6 +102,8 @@ def _from_cluster(kind: str, words: Sequence[str]) -> list[str]:
 
 def _contexts() -> list[str]:
     try:
+        from tpenv.kits import kubepkg
+        kubepkg.prepare()
         from kubernetes import config as k8s_config
 
         contexts, _ = k8s_config.list_kube_config_contexts()

@@ -24,10 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.rest import ApiException
-from kubernetes.config.config_exception import ConfigException
+
+from tpenv.kits import kubepkg
+
+kubepkg.prepare()  # before the first kubernetes import: see kubepkg
+from kubernetes import client as k8s  # noqa: E402
+from kubernetes import config as k8s_config  # noqa: E402
+from kubernetes.client.rest import ApiException  # noqa: E402
+from kubernetes.config.config_exception import ConfigException  # noqa: E402
 
 from tpenv import logs
 from tpenv.kits.kuberest import ApiGroup

@@ -29,7 +29,10 @@ import re
 from typing import Any, Callable
 from urllib.parse import quote
 
-from kubernetes.client.exceptions import ApiException
+from tpenv.kits import kubepkg
+
+kubepkg.prepare()  # before the first kubernetes import: see kubepkg
+from kubernetes.client.exceptions import ApiException  # noqa: E402
 
 VERBS = ("read", "list", "create", "replace", "patch", "delete")
 _HTTP = {"read": "GET", "list": "GET", "create": "POST", "replace": "PUT", "patch": "PATCH", "delete": "DELETE"}

@@ -11,7 +11,10 @@ import json
 import threading
 from typing import Any, AsyncIterator, Callable
 
-from kubernetes.client.rest import ApiException
+from tpenv.kits import kubepkg
+
+kubepkg.prepare()  # before the first kubernetes import: see kubepkg
+from kubernetes.client.rest import ApiException  # noqa: E402
 
 
 async def tracked(events: AsyncIterator[tuple[str, dict[str, Any]]],

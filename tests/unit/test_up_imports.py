@@ -40,15 +40,16 @@ def test_the_late_list_loads_what_the_tunnels_need():
 
 # What the kubernetes package would import that tpenv never uses (tpenv/kits/kubepkg.py): its
 # __init__'s watch (pydoc), dynamic, stream (websocket-client); kube_config's OIDC-only imports.
+# And jinja2, for a file's env templates, the manager's manifests and --replace only.
 NEVER_AT_START = ("kubernetes.watch", "kubernetes.dynamic", "kubernetes.stream", "pydoc", "websocket",
-                  "requests", "requests_oauthlib", "oauthlib.oauth2")
+                  "requests", "requests_oauthlib", "oauthlib.oauth2", "jinja2")
 
 
 def _run(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_the_way_to_the_rollout_loads_none_of_the_kubernetes_package_extras():
+def test_the_way_to_the_rollout_loads_none_of_the_kubernetes_package_extras_nor_jinja2():
     code = PATH.replace("{late}", repr(set(NEVER_AT_START)))
     loaded = [m for m in _run(code).split(",") if m]
     assert [m for m in loaded if m in NEVER_AT_START or m.split(".")[0] in ("requests", "websocket")] == []

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-import jinja2
-import jinja2.meta
-import jinja2.sandbox
+if TYPE_CHECKING:
+    import jinja2
+
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       WithJsonSchema, model_validator)
 
@@ -144,18 +144,24 @@ MatchField = Annotated[Union[
 
 # --- env ----------------------------------------------------------------------------------------------------------
 
-_JINJA = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
-                                             keep_trailing_newline=True)
+@functools.cache
+def _jinja() -> "jinja2.sandbox.SandboxedEnvironment":
+    # Imported here, on the first templated env value: jinja2 is a sixth of the config's import
+    # time, and most files have no template (every command's start, `tpenv up`'s way to its write).
+    import jinja2.sandbox
+    return jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                               keep_trailing_newline=True)
 
 
 @functools.lru_cache(maxsize=512)
 def compile_template(source: str) -> jinja2.Template:
-    return _JINJA.from_string(source)
+    return _jinja().from_string(source)
 
 
 def _template(source: str) -> str:
+    import jinja2.meta
     try:
-        ast = _JINJA.parse(source)
+        ast = _jinja().parse(source)
     except jinja2.TemplateSyntaxError as e:
         raise _fail(f"template {source!r} does not compile: {e.message}") from e
     unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - set(TEMPLATE_VARIABLES))

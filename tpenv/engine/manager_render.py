@@ -12,9 +12,8 @@ import datetime as dt
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -23,6 +22,9 @@ from tpenv.engine.teammode import NAMESPACE
 from tpenv.errors import PermanentError
 from tpenv_agent.inject import DEFAULT_RESOURCES, HEALTH_PORT, SSH_PORT
 from tpenv.settings import ManagerSettings, Settings
+
+if TYPE_CHECKING:
+    import jinja2
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
 # tpenv/templates is a symlink to the top-level templates/ (DESIGN layout), so wheels carry it too.
@@ -90,6 +92,7 @@ def manager_values(settings: Settings | dict) -> dict[str, Any]:
 
 
 def _environment() -> jinja2.Environment:
+    import jinja2  # here: the manager's manifests only, and jinja2 is heavy for every start
     # StrictUndefined: a value a template expects but we forgot is an error, not an empty string.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                               autoescape=False, keep_trailing_newline=True)

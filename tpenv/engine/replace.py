@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from ruamel.yaml import YAML
 
 from tpenv.engine.agentquery import agent_intercepts, auth_material
@@ -81,6 +80,7 @@ def plan_replace(workload: dict, service: dict, port: str | int, settings: Setti
 
 def render_restore(namespace: str, w: Workload, restore: dict, ca: str) -> list[dict]:
     """The restore right's manifests (templates/replace/restore.yaml.j2), parsed."""
+    import jinja2  # here: rendered only by --replace, and jinja2 is heavy for every start
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              autoescape=False, keep_trailing_newline=True)
     text = env.get_template("restore.yaml.j2").render(

@@ -223,15 +223,23 @@ class SshfsMount:
             text = self._stderr.decode(errors="replace").strip()
             raise TransientError(f"[mount/{self.name}] sshfs exited ({exit_code}) before mounting: "
                                  f"{text or 'no output'}")
-        self._read_ahead()
+        await self._read_ahead()
         log.info("[mount/%s] volumes mounted at %s", self.name, self.path)
         self._state.set(State.READY, detail=str(self.path))
         self._probe = asyncio.ensure_future(self._probe_loop())
 
-    def _read_ahead(self) -> None:
-        """Before the handler opens anything: a file's read-ahead is fixed when it is opened."""
+    async def _read_ahead(self) -> None:
+        """Before the handler opens anything: a file's read-ahead is fixed when it is opened.
+        After FUSE's INIT exchange, which the kernel ends by lowering the read-ahead to what sshfs
+        answered (the kernel's own 128 KiB, as proposed): the mount is in mountinfo before that
+        answer, so a write at once was undone (tests/e2e/test_intercept_env_mount.py saw 128).
+        A statfs waits for INIT like any FUSE request; the liveness probe's, in a child process."""
         device = mount_device(self.path) if self.read_ahead_kb else None
         if device is None:
+            return
+        why_not = await self.check()
+        if why_not is not None:  # the probe loop will say it again and act on it
+            log.debug("[mount/%s] kernel read-ahead left: %s", self.name, why_not)
             return
         before, why = raise_read_ahead(device, self.read_ahead_kb)
         log.log(logging.INFO if before is not None else logging.DEBUG, "[mount/%s] kernel read-ahead: %s",

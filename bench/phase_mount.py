@@ -145,6 +145,7 @@ def mount_peer(bench: Bench, pod: str) -> None:
             raise Unavailable(f"sshfs to the peer's sftp-server failed: {cp.stderr.strip()[-200:]}")
         # The same kernel read-ahead as tpenv's mount (SshfsMount._read_ahead), so the two differ
         # only in what carries the SFTP: the setting is the kernel's, not tpenv's protocol.
+        os.statvfs(point)  # waits for FUSE's INIT, which would lower the read-ahead again (mounts.py)
         device = mount_device(point)
         ra = raise_read_ahead(device, m.read_ahead_kb)[1] if device and m.read_ahead_kb else "left"
         bench.notes.append(f"mount peer: kernel read-ahead {ra}")

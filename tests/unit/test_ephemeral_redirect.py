@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tpenv.engine.ephemeral import STRATEGIC, RedirectSpec, add_redirect, redirect_added, redirect_specs
-from tpenv.errors import Forbidden, NotFound, PermanentError
+from tpenv.engine.ephemeral import PATCH_ATTEMPTS, STRATEGIC, RedirectSpec, add_redirect, redirect_added, redirect_specs
+from tpenv.errors import ClusterUnreachable, Forbidden, NotFound, PermanentError
 
 AGENT = {"name": "tpenv-agent", "image": "tpenv/agent:9", "imagePullPolicy": "Never",
          "args": ["sidecar", "--container", "app", "--listen", "7900:8080:http", "--listen", "7901:9000:tpenv-9000"]}
@@ -81,6 +81,29 @@ def test_a_pod_gone_is_nothing_to_do_and_a_refusal_says_what_to_change():
         asyncio.run(add_redirect(FakeKube(Forbidden("cannot patch resource pods/ephemeralcontainers")), pod("p")))
     assert "tpenv-redirect" in e.value.message and "pods/ephemeralcontainers" in e.value.message
     assert "TPENV_AGENT_REDIRECT_VIA=init-container" in e.value.hint
+
+
+def test_a_server_timeout_is_sent_again_and_a_lasting_one_is_said():
+    # Stage 1: the API server times out twice (its 504), then takes the patch: three sends, added.
+    class Flaky(FakeKube):
+        def __init__(self, failures: int) -> None:
+            super().__init__()
+            self.failures = failures
+
+        def patch(self, *args: Any, **kw: Any) -> dict:
+            self.error = ClusterUnreachable("the API server answered 504 (Timeout)", retry_after=0) \
+                if self.failures > 0 else None
+            self.failures -= 1
+            return super().patch(*args, **kw)
+
+    kube = Flaky(2)
+    assert asyncio.run(add_redirect(kube, pod("p")))
+    assert len(kube.sent) == 3 and len({repr(sent) for sent in kube.sent}) == 1  # the same patch each time
+    # Stage 2: one that keeps timing out is a transient error after the last attempt.
+    kube = Flaky(10)
+    with pytest.raises(ClusterUnreachable):
+        asyncio.run(add_redirect(kube, pod("p")))
+    assert len(kube.sent) == PATCH_ATTEMPTS
 
 
 def test_the_unit_adds_then_idles_and_a_failed_redirect_fails_it_for_good():

@@ -19,17 +19,23 @@ it adds the same one, and a second add is a no-op (the strategic merge keys on t
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpenv.errors import Forbidden, NotFound, PermanentError, UsageError
+from tpenv.errors import Forbidden, NotFound, PermanentError, TransientError, UsageError
 from tpenv.engine.units import Key, Notify, TaskUnit, hash_spec
 from tpenv.kits.kube import Kube, What
 from tpenv_agent.inject import AGENT_CONTAINER
 from tpenv_agent.inpod import EPHEMERAL_CONTAINER, ephemeral_redirect, redirect_state
 
+log = logging.getLogger("tpenv.ephemeral")
+
 STRATEGIC = "application/strategic-merge-patch+json"  # merges ephemeralContainers by name
+# A busy API server answers a patch with 504 (its request timeout) or drops it: sent again, the
+# same container is a no-op if the first one landed after all.
+PATCH_ATTEMPTS = 3
 _HINT = ("let this user patch pods/ephemeralcontainers in the namespace, or have the redirect installed by an "
          "init container: TPENV_AGENT_REDIRECT_VIA=init-container, then `tpenv uninstall --agent` for the "
          "workload and intercept again")
@@ -42,16 +48,23 @@ async def add_redirect(kube: Kube, pod: dict[str, Any]) -> bool:
     if container is None:
         return False
     name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
-    try:
-        await kube.call(kube.core.patch_namespaced_pod_ephemeralcontainers, name, namespace,
-                        {"spec": {"ephemeralContainers": [container]}}, _content_type=STRATEGIC,
-                        what=What("patch", "pods/ephemeralcontainers", namespace, name))
-    except NotFound:
-        return False
-    except (Forbidden, UsageError) as e:  # RBAC, admission (a policy refusing NET_ADMIN), an old server
-        raise PermanentError(f"cannot add the in-pod redirect ({EPHEMERAL_CONTAINER}) to pod {name}: {e.message}",
-                             hint=_HINT) from e
-    return True
+    for attempt in range(PATCH_ATTEMPTS):
+        try:
+            await kube.call(kube.core.patch_namespaced_pod_ephemeralcontainers, name, namespace,
+                            {"spec": {"ephemeralContainers": [container]}}, _content_type=STRATEGIC,
+                            what=What("patch", "pods/ephemeralcontainers", namespace, name))
+            return True
+        except NotFound:
+            return False
+        except (Forbidden, UsageError) as e:  # RBAC, admission (a policy refusing NET_ADMIN), an old server
+            raise PermanentError(f"cannot add the in-pod redirect ({EPHEMERAL_CONTAINER}) to pod {name}: "
+                                 f"{e.message}", hint=_HINT) from e
+        except TransientError as e:
+            if attempt == PATCH_ATTEMPTS - 1:
+                raise
+            log.info("[redirect/%s] %s; sending it again in %.0f s", name, e.message, e.retry_after)
+            await asyncio.sleep(e.retry_after)
+    return True  # not reached: the loop returns or raises
 
 
 def redirect_added(pod: dict[str, Any]) -> bool:

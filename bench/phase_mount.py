@@ -14,7 +14,7 @@ from bench.processes import Intercept, PortForward
 from bench.session import Bench
 from tpenv.kits.mounttable import mount_device
 from tpenv.kits.sshfs import raise_read_ahead, sshfs_mount_options
-from tpenv.settings import MountSettings
+from tpenv.settings import load_settings
 
 # Run on the laptop against the mount point: what an editor or a test run does with remote files.
 MOUNT_SCRIPT = r"""
@@ -137,7 +137,7 @@ def mount_peer(bench: Bench, pod: str) -> None:
         pf = PortForward(bench.ns, pod, int(line))
         point = bench.tmp / "peer-mnt"
         point.mkdir(exist_ok=True)
-        m = MountSettings()
+        m = load_settings().mounts  # TPENV_MOUNTS_* as tpenv reads them, so an A/B run moves both mounts
         opts = [*sshfs_mount_options(m.cache_seconds, m.read_size), f"directport={pf.port}"]
         cp = subprocess.run(["sshfs", "-o", ",".join(opts), "127.0.0.1:/data", str(point)],
                             capture_output=True, text=True, timeout=30)

@@ -16,31 +16,32 @@ from pathlib import Path
 
 
 def _entries(mountinfo: str = "/proc/self/mountinfo"):
-    """(mount point, file system type, source) of every mount of this mount namespace."""
+    """(mount point, file system type, source, ``major:minor``) of every mount of this mount namespace."""
     with open(mountinfo, "rb") as f:
         for line in f:
             before, _, after = line.decode(errors="surrogateescape").partition(" - ")
             fields, rest = before.split(), after.split()
             if len(fields) > 4:
-                yield (unescape(fields[4]), rest[0] if rest else "", unescape(rest[1]) if len(rest) > 1 else "")
+                yield (unescape(fields[4]), rest[0] if rest else "", unescape(rest[1]) if len(rest) > 1 else "",
+                       fields[2])
 
 
 def mount_points(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
     """Every mount point, as absolute paths."""
-    return {point for point, _, _ in _entries(mountinfo)}
+    return {point for point, *_ in _entries(mountinfo)}
 
 
 def is_mounted(path: str | Path) -> bool:
     # abspath, never realpath/stat: a stat of our own FUSE mount from the event loop's thread
     # would wait for sshfs, which waits for the loop to pump its channel: a deadlock.
     target = os.path.abspath(path)
-    return any(point == target for point, _, _ in _entries())
+    return any(point == target for point, *_ in _entries())
 
 
 def mount_entry(path: str | Path) -> tuple[str, str] | None:
     """(file system type, source) of the mount at ``path``, from mountinfo; None if not mounted."""
     target = os.path.abspath(path)
-    return next(((fstype, source) for point, fstype, source in _entries() if point == target), None)
+    return next(((fstype, source) for point, fstype, source, _ in _entries() if point == target), None)
 
 
 def mount_device(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -48,13 +49,7 @@ def mount_device(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> s
     st_dev, without asking the file system); None if not mounted. The last entry wins, as the
     mount on top is the one a path reaches."""
     target = os.path.abspath(path)
-    found = None
-    with open(mountinfo, "rb") as f:
-        for line in f:
-            fields = line.decode(errors="surrogateescape").partition(" - ")[0].split()
-            if len(fields) > 4 and unescape(fields[4]) == target:
-                found = fields[2]
-    return found
+    return ([device for point, _, _, device in _entries(mountinfo) if point == target] or [None])[-1]
 
 
 def sshfs_serving(path: str | Path) -> list[int]:

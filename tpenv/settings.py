@@ -172,6 +172,11 @@ class MountSettings(_Section):
         "the default 128 KiB caps it near 128 KiB per round trip. Set only when tpenv may (root: sysfs is "
         "root's); otherwise the kernel's default stays and the mount works the same, only slower to stream "
         "large files. 0: leave it."))
+    own_stream: bool = Field(True, description=(
+        "Carry a mount's SFTP on a port-forward stream of its own to the agent when the agent offers one "
+        "(authenticated by the session's token, like the parked streams): no SSH framing or encryption on top "
+        "of the API server's TLS, and no queueing behind the SSH connection's other channels. false: over the "
+        "SSH connection's sftp subsystem, as an agent without the feature is always used."))
 
     sync_interval: float = Field(2.0, gt=0, description=(
         "Seconds between two polls of the pod's volumes in sync mode (changes made in the pod show up locally "

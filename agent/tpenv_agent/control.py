@@ -120,7 +120,7 @@ class ControlChannel:
             "agent": __version__, "pod": sc.pod, "namespace": sc.namespace, "container": sc.container,
             "ports": [{"name": p.name, "agent_port": p.agent_port, "app_port": p.app_port} for p in sc.registry.ports],
             "lease": sc.lease,
-            "features": ["mirror", "route-probe", *(["streams"] if streams else [])],
+            "features": ["mirror", "route-probe", *(["streams", "sftp-stream"] if streams else [])],
             **streams,
         }
 

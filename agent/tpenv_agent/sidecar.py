@@ -26,6 +26,7 @@ from .listener import PortListener
 from .registry import PortSpec, Registry
 from .restorer import Restorer
 from .routeprobe import ProbeRecord
+from .sftp import ConfinedSFTPServer
 from .streams import StreamPort
 
 
@@ -145,7 +146,7 @@ class Sidecar:
         self._ssh = await sshd.start(self, *self.args.ssh, self.args.auth_dir)
         ssh_port = self._ssh.sockets[0].getsockname()[1]
         if self.args.streams[0] != "off":
-            port = StreamPort()
+            port = StreamPort(sftp_factory=lambda chan: ConfinedSFTPServer(chan, self.mounts_root))
             try:
                 await port.start(*self.args.streams)
                 self.stream_port = port

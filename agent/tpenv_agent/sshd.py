@@ -74,6 +74,7 @@ class ConnState(CertOnlyServer):
         # Port-forward streams this session parked, and those carrying connections (streams.py).
         self.streams: deque = deque()
         self.live_streams: dict[int, Any] = {}
+        self.sftp_streams: set = set()  # its SFTP on streams of their own (sftp_stream.py)
         self.events: Any = None  # its tpenv-streams channel, once open
         self.stream_token: str | None = None
         self.next_stream = 0
@@ -88,7 +89,7 @@ class ConnState(CertOnlyServer):
         self.sidecar.ssh_conns.pop(self.conn, None)
         if self.sidecar.stream_port is not None:
             self.sidecar.stream_port.forget(self)
-        for s in [*self.streams, *self.live_streams.values()]:  # streams die with their session
+        for s in [*self.streams, *self.live_streams.values(), *self.sftp_streams]:  # streams die with their session
             s.abort()
         self.streams.clear()
         for ctl in list(self.controls):

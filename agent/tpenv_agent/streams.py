@@ -25,6 +25,9 @@ all. The receiver passes the EOF on once it has delivered n bytes; a stream is c
 directions have ended. With no stream parked (none opened yet, all in use, a client that parks
 none, no ``tpenv-streams`` channel) the connection goes over an SSH channel as before: streams
 are a fast path, never the only one.
+
+The same port serves a session's SFTP on a stream of its own: a first line of
+``TPENV-SFTP 1 <token>\n`` (sftp_stream.py).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from . import log as logs
+from .sftp_stream import MAX_SFTP, SFTP_MAGIC, ServerFactory, SftpOverStream
 
 if TYPE_CHECKING:
     from .sshd import ConnState
@@ -50,8 +54,9 @@ MAX_PENDING = 64  # connections that have not said their line yet
 class StreamPort:
     """The loopback listener; sessions register their token here (``ConnState``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sftp_factory: ServerFactory | None = None) -> None:
         self.sessions: dict[bytes, "ConnState"] = {}
+        self.sftp_factory = sftp_factory  # None: SFTP only as the SSH subsystem
         self.pending = 0
         self.log = logs.unit("streams", "port")
         self._server: asyncio.AbstractServer | None = None
@@ -74,11 +79,11 @@ class StreamPort:
         for token in [t for t, s in self.sessions.items() if s is state]:
             del self.sessions[token]
 
-    def session_for(self, line: bytes) -> "ConnState | None":
-        if not line.startswith(MAGIC):
+    def session_for(self, line: bytes, magic: bytes = MAGIC) -> "ConnState | None":
+        if not line.startswith(magic):
             return None
         try:
-            token = bytes.fromhex(line[len(MAGIC):].decode("ascii"))
+            token = bytes.fromhex(line[len(magic):].decode("ascii"))
         except (ValueError, UnicodeDecodeError):
             return None
         for known, state in self.sessions.items():
@@ -209,7 +214,7 @@ class Stream(EofLedger, asyncio.Protocol):
         self.counted = False
         self.ack: asyncio.Future | None = None
         self.sid = 0
-        self.user: Any = None  # the protocol driving a taken stream
+        self.user: Any = None  # the protocol driving a taken stream, or its SFTP server
         self.facade: StreamTransport | None = None
 
     # --- the raw connection ----------------------------------------------------------------
@@ -240,6 +245,8 @@ class Stream(EofLedger, asyncio.Protocol):
             self.received += len(data)
             self.user.data_received(data)
             self._maybe_eof()
+        elif self.phase == "sftp":
+            self.user.data_received(data)
         elif self.phase == "hello":
             self._hello(data)
         elif self.phase == "taken" and self.ack is not None:
@@ -263,8 +270,12 @@ class Stream(EofLedger, asyncio.Protocol):
         if end + 1 != len(self.buf):
             self._refuse("bytes after the hello line")
             return
-        state = self.port.session_for(bytes(self.buf[:end]))
+        line = bytes(self.buf[:end])
         self.buf.clear()
+        if line.startswith(SFTP_MAGIC):
+            self._sftp(line)
+            return
+        state = self.port.session_for(line)
         if state is None:
             self._refuse("unknown token")
             return
@@ -276,8 +287,25 @@ class Stream(EofLedger, asyncio.Protocol):
         state.streams.append(self)
         self.transport.write(b"+\n")  # parked: the client counts it as ready
 
+    def _sftp(self, line: bytes) -> None:
+        state = self.port.session_for(line, SFTP_MAGIC)
+        if state is None or self.port.sftp_factory is None:
+            self._refuse("unknown token" if state is None else "SFTP streams are not served")
+            return
+        self._settled()
+        if len(state.sftp_streams) >= MAX_SFTP:
+            self._refuse(f"more than {MAX_SFTP} SFTP streams for one session")
+            return
+        self.state, self.phase = state, "sftp"
+        state.sftp_streams.add(self)
+        self.transport.write(b"+\n")  # the client starts sshfs on it
+        self.user = SftpOverStream(self.transport, self.port.sftp_factory, state.username)
+
     def eof_received(self) -> bool:
         # The client's port-forward stream ended as a whole (its WebSocket closed): both directions.
+        if self.phase == "sftp":
+            self.user.eof_received()
+            return False  # the stream cannot half-close: closed
         if self.phase == "joined":
             if not self.eof_given:
                 self.eof_given = True
@@ -297,7 +325,8 @@ class Stream(EofLedger, asyncio.Protocol):
             except ValueError:
                 pass
             self.state.live_streams.pop(self.sid, None)
-        if self.phase == "joined":
+            self.state.sftp_streams.discard(self)
+        if self.phase in ("joined", "sftp"):
             self.phase = "closed"
             self.user.connection_lost(exc)
         self.phase = "closed"

@@ -119,6 +119,8 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
     # The mount streams with the kernel's read-ahead raised (tests run as root, who may; 128 KiB is
     # the kernel's own default): docs/performance.md, the SFTP mount rows.
     assert os.geteuid() != 0 or out["read_ahead_kb"] == MountSettings().read_ahead_kb > 128, out["read_ahead_kb"]
+    # Its SFTP rode a port-forward stream of its own, not the SSH connection (the agent offers it).
+    assert "mount SFTP on a port-forward stream of its own" in cp.stderr, cp.stderr
 
     # Stage 4: the intercept ended with the command: unmounted, the directory left empty.
     assert not vol.exists() or not any(vol.iterdir())

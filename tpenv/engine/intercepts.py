@@ -203,6 +203,7 @@ class InterceptRun:
                               pod["metadata"]["uid"], self.session_id, self.material, self.registrations(),
                               ssh_port=s.agent.ssh_port, connect_timeout=s.tunnels.connect_timeout,
                               leave_drain=s.tunnels.leave_drain, streams=s.tunnels.streams,
+                              sftp_stream=s.mounts.own_stream,
                               starting=not pod_is_ready(pod))
             specs[spec.key] = spec
         # A pod that (re)started without its redirect gets it (ephemeral.py); during our rollout

@@ -25,7 +25,7 @@ from tpenv.engine.units import Key, Notify, State, UnitEvent, UnitState, hash_sp
 from tpenv.errors import NotFound, PermanentError, TransientError, TunnelDropped
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What
-from tpenv.settings import AgentSettings, TunnelSettings
+from tpenv.settings import AgentSettings, MountSettings, TunnelSettings
 from tpenv_agent.inject import AUTH_SECRET
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ class TunnelSpec:
     connect_timeout: float = TunnelSettings().connect_timeout
     leave_drain: float = TunnelSettings().leave_drain
     streams: int = TunnelSettings().streams
+    sftp_stream: bool = MountSettings().own_stream
     # The pod is not Ready yet: its agent may not listen yet either, so the unit waits for its
     # SSH banner before connecting (kits/portforward.wait_greeting). Not part of the spec: the
     # pod becoming Ready changes nothing in a session already open.
@@ -171,7 +172,7 @@ class TunnelUnit:
         self._state.set(State.STARTING, detail=f"port-forward to {s.pod}:{s.ssh_port}")
         session = AgentSession(s.session_id, ca_key=s.material["ca_key"], host_key_pub=s.material["host_key.pub"],
                                host=s.pod, port=s.ssh_port, tunnel=self.tunnel, connect_timeout=s.connect_timeout,
-                               token=s.kube.bearer_token(), streams=s.streams)
+                               token=s.kube.bearer_token(), streams=s.streams, sftp_stream=s.sftp_stream)
         try:
             await session.connect()
             for r in s.registrations:

@@ -40,8 +40,10 @@ from asyncssh.constants import OPEN_CONNECT_FAILED
 from tpenv.kits.agent_streams import StreamPool
 from tpenv.kits.sshjson import JsonChannelSession
 from tpenv.logs import unit_logger
-from tpenv.errors import Conflict, Forbidden, NotFound, PermanentError, TransientError, TunnelDropped, UsageError
+from tpenv.errors import (Conflict, Forbidden, NotFound, PermanentError, TpenvError, TransientError, TunnelDropped,
+                          UsageError)
 from tpenv.settings import AgentSettings, TunnelSettings
+from tpenv_agent.sftp_stream import SFTP_MAGIC
 from tpenv_agent.sshtuning import CHANNEL_OPTIONS, CIPHERS
 
 # The documented defaults (TPENV_AGENT_SSH_PORT, TPENV_TUNNELS_CONNECT_TIMEOUT): callers with
@@ -50,6 +52,9 @@ SSH_PORT = AgentSettings().ssh_port
 CONNECT_TIMEOUT = TunnelSettings().connect_timeout
 
 CLIENT_VERSION = "tpenv/0.1.0"
+# The SFTP stream's read buffer: sshfs's replies above twice this pause the stream until its pump
+# catches up (a read reply is read_size and a header; several are in flight).
+SFTP_STREAM_LIMIT = 1 << 20
 CERT_VALIDITY = 12 * 3600
 FORWARD_HOST = "tpenv"
 
@@ -158,7 +163,7 @@ class AgentSession(JsonChannelSession):
     def __init__(self, session_id: str, *, ca_key: bytes | str | asyncssh.SSHKey, host_key_pub: bytes | str,
                  host: str = "127.0.0.1", port: int = SSH_PORT, tunnel: Any = None,
                  client_version: str = CLIENT_VERSION, connect_timeout: float = CONNECT_TIMEOUT,
-                 token: str | None = None, streams: int = 0) -> None:
+                 token: str | None = None, streams: int = 0, sftp_stream: bool = True) -> None:
         if ":" in session_id or not session_id:
             raise UsageError(f"bad session id {session_id!r}: it may not be empty or contain ':'")
         super().__init__(unit_logger("agent", session_id), what="agent session",
@@ -181,6 +186,9 @@ class AgentSession(JsonChannelSession):
         # how many, the pool, and each forward port's (handler port, in-flight counter).
         self._stream_count = streams
         self.streams: StreamPool | None = None
+        # A mount's SFTP on a port-forward stream of its own when the agent offers one
+        # (agent/tpenv_agent/sftp_stream.py); else the SSH connection's sftp subsystem.
+        self._sftp_stream = sftp_stream
         self._routes: dict[int, tuple[int, _Inflight]] = {}
 
     @property
@@ -230,16 +238,18 @@ class AgentSession(JsonChannelSession):
             self.log.info("the agent refused the streams channel (%s): SSH channels only", e)
             self._stream_count = 0
             return
-        if self._tunnel is not None:
-            # A pipe of its own per stream (kits/portforward.py, isolated connections: SPDY first).
-            isolated = getattr(self._tunnel, "isolated", None)
-            connect = (isolated() if isolated is not None else self._tunnel).create_connection
-        else:
-            connect = asyncio.get_running_loop().create_connection
-        self.streams = StreamPool(connect, self._host, int(offer["port"]), str(offer["token"]), self._routes.get,
+        self.streams = StreamPool(self._stream_connect(), self._host, int(offer["port"]), str(offer["token"]), self._routes.get,
                                   size=self._stream_count, log=self.log, events_writer=stdin)
         self._tasks.append(asyncio.ensure_future(self.streams.read_events(stdout)))
         self.streams.start()
+
+    def _stream_connect(self) -> Any:
+        """``create_connection`` for a port-forward stream to the agent's stream port."""
+        if self._tunnel is not None:
+            # A pipe of its own per stream (kits/portforward.py, isolated connections: SPDY first).
+            isolated = getattr(self._tunnel, "isolated", None)
+            return (isolated() if isolated is not None else self._tunnel).create_connection
+        return asyncio.get_running_loop().create_connection
 
     # --- control channel ---------------------------------------------------------------
     async def _ping_loop(self, every: float, lease: float) -> None:
@@ -368,14 +378,45 @@ class AgentSession(JsonChannelSession):
         return {"root": answer["root"], "mounts": answer["mounts"]}
 
     async def open_sftp_channel(self) -> tuple[Any, Any]:
-        """(stdin writer, stdout reader) of a channel running the agent's ``sftp`` subsystem,
-        for ``sshfs -o passive`` (copy bytes between these and sshfs's stdio)."""
+        """(writer, reader) of the agent's SFTP server, for ``sshfs -o passive`` (copy bytes
+        between these and sshfs's stdio): on a port-forward stream of its own when the agent
+        offers one, else a channel running the SSH connection's ``sftp`` subsystem."""
         assert self._conn is not None
+        if self._sftp_stream and "sftp-stream" in (self.info.get("features") or []):
+            try:
+                return await self._open_sftp_stream()
+            except (OSError, asyncio.TimeoutError, TpenvError) as e:  # a fast path: SSH still serves
+                self.log.info("no SFTP stream (%s: %s): the mount goes over SSH", type(e).__name__, e)
         try:
             stdin, stdout, _ = await self._conn.open_session(subsystem="sftp", encoding=None)
         except (OSError, asyncssh.Error) as e:
             raise TunnelDropped(f"the agent refused the sftp channel: {e}") from e
         return stdin, stdout
+
+    async def _open_sftp_stream(self) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
+        """A port-forward stream to the agent's stream port, introduced as this session's SFTP
+        (agent/tpenv_agent/sftp_stream.py): no SSH framing or encryption, no queueing behind the
+        SSH connection's other channels."""
+        offer = self.info.get("streams")
+        if not isinstance(offer, dict):
+            raise TunnelDropped("the agent offered no stream port")
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=SFTP_STREAM_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await asyncio.wait_for(
+            self._stream_connect()(lambda: protocol, self._host, int(offer["port"])), self._connect_timeout)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            writer.write(SFTP_MAGIC + str(offer["token"]).encode("ascii") + b"\n")
+            answer = await asyncio.wait_for(reader.readline(), self._connect_timeout)
+        except BaseException:
+            writer.transport.abort()
+            raise
+        if answer != b"+\n":
+            writer.transport.abort()
+            raise TunnelDropped(f"the agent refused the SFTP stream ({answer[:40]!r})")
+        self.log.info("mount SFTP on a port-forward stream of its own")
+        return writer, reader
 
     async def sftp(self) -> asyncssh.SFTPClient:
         """An asyncssh SFTP client on the agent's mounts (sync mode, tests)."""

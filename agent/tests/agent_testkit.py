@@ -278,6 +278,17 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers, body
 
 
+async def first_answer(port: int, first: bytes, timeout: float = 10) -> bytes:
+    """Connect to ``port`` on 127.0.0.1, send ``first``, and read until the other side closes:
+    what an attacker's line got back (b"" when it was closed with nothing sent)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(first)
+    try:
+        return await asyncio.wait_for(r.read(), timeout)
+    finally:
+        w.close()
+
+
 async def get_once(port: int, path: str = "/", headers: dict[str, str] | None = None) -> dict:
     """One request on a fresh connection; returns the app's JSON answer."""
     async with Http1(port) as c:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent" / "tests"))
-from agent_testkit import App, get_once, run_agent  # noqa: E402
+from agent_testkit import App, first_answer, get_once, run_agent  # noqa: E402
 
 from tpenv.kits.agent_client import AgentSession, make_auth_material  # noqa: E402
 
@@ -139,26 +139,18 @@ async def test_the_stream_port_takes_nothing_without_the_sessions_token(tmp_path
             await asyncio.wait_for(parked(s, 1), 10)
             port, token = s.info["streams"]["port"], s.info["streams"]["token"]
 
-            async def attempt(first: bytes) -> bytes:
-                r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.write(first)
-                try:
-                    return await asyncio.wait_for(r.read(), 10)  # closed by the agent, nothing sent
-                finally:
-                    w.close()
-
             # Stage 1: a wrong token, a malformed line, bytes after a right line, no line at all:
             # each is closed with nothing sent, and no caller is handed to them.
             wrong = bytes(a ^ 1 for a in bytes.fromhex(token)).hex()
-            assert await attempt(b"TPENV-STREAM 1 " + wrong.encode() + b"\n") == b""
-            assert await attempt(b"GET / HTTP/1.1\r\n\r\n") == b""
-            assert await attempt(b"TPENV-STREAM 1 " + token.encode() + b"\nextra") == b""
+            assert await first_answer(port, b"TPENV-STREAM 1 " + wrong.encode() + b"\n") == b""
+            assert await first_answer(port, b"GET / HTTP/1.1\r\n\r\n") == b""
+            assert await first_answer(port, b"TPENV-STREAM 1 " + token.encode() + b"\nextra") == b""
             # Stage 2: callers still reach the handler, on the session's own streams.
             assert (await get_once(agent.port("tcp")))["who"] == "dev"
         # Stage 3: once the session ended, its token parks nothing: the line is refused.
         async with session(m, agent, "s2") as s2:
             assert s2.info["streams"]["token"] != token
-            assert await attempt(b"TPENV-STREAM 1 " + token.encode() + b"\n") == b""
+            assert await first_answer(port, b"TPENV-STREAM 1 " + token.encode() + b"\n") == b""
 
 
 async def test_a_handler_that_closes_at_once_ends_each_caller_promptly(tmp_path):

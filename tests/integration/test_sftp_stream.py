@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent" / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_testkit import App, run_agent  # noqa: E402
+from agent_testkit import App, first_answer, run_agent  # noqa: E402
 from local_sshfs import need_sshfs  # noqa: E402
 
 from tpenv.engine.mounts import SshfsMount, is_mounted  # noqa: E402
@@ -106,20 +106,12 @@ async def test_the_sftp_door_needs_the_token_stays_confined_and_dies_with_its_se
         async with session(m, agent) as s:
             port, token = s.info["streams"]["port"], s.info["streams"]["token"]
 
-            async def attempt(first: bytes) -> bytes:
-                r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.write(first)
-                try:
-                    return await asyncio.wait_for(r.read(), 10)  # closed by the agent, nothing sent
-                finally:
-                    w.close()
-
             # Stage 1: a wrong token, a right token with SFTP bytes in the same write: closed,
             # nothing sent (not even SFTP's VERSION to an INIT).
             wrong = bytes(a ^ 1 for a in bytes.fromhex(token)).hex()
             init = packet(FXP_INIT, (3).to_bytes(4, "big"))
-            assert await attempt(b"TPENV-SFTP 1 " + wrong.encode() + b"\n" + init) == b""
-            assert await attempt(b"TPENV-SFTP 1 " + token.encode() + b"\n" + init) == b""
+            assert await first_answer(port, b"TPENV-SFTP 1 " + wrong.encode() + b"\n" + init) == b""
+            assert await first_answer(port, b"TPENV-SFTP 1 " + token.encode() + b"\n" + init) == b""
 
             # Stage 2: the session's own stream serves the mounts and nothing outside them.
             writer, reader = await s.open_sftp_channel()
@@ -144,4 +136,4 @@ async def test_the_sftp_door_needs_the_token_stays_confined_and_dies_with_its_se
         # other.
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
-        assert await attempt(b"TPENV-SFTP 1 " + token.encode() + b"\n") == b""
+        assert await first_answer(port, b"TPENV-SFTP 1 " + token.encode() + b"\n") == b""

@@ -4,10 +4,8 @@ Their healthy cases run for real in tests/e2e/test_doctor.py; the connect rules'
 real in a network namespace in tests/integration/test_doctor_connect_rules.py."""
 from __future__ import annotations
 
-import errno
 import importlib.metadata as md
 import ipaddress
-import os
 import socket
 from types import SimpleNamespace
 
@@ -111,21 +109,26 @@ MOUNTINFO = """\
 
 
 async def test_a_dead_sshfs_mount_fails_with_its_unmount(monkeypatch):
+    # How each mount answers is faked here (a real dead and a real stuck one:
+    # tests/integration/test_doctor_mounts.py); what the check makes of the answers is not.
     fake_proc(monkeypatch, {"/proc/self/mountinfo": MOUNTINFO})
     assert machine._fuse_mounts() == ["/home/dev/api vol", "/home/dev/live"]
-    real_stat = os.stat
+    states = {"/home/dev/api vol": "dead", "/home/dev/live": "ok"}
 
-    def stat(path, *a, **kw):
-        if path == "/home/dev/api vol":
-            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
-        if path == "/home/dev/live":
-            return real_stat("/")
-        return real_stat(path, *a, **kw)
-    monkeypatch.setattr(machine.os, "stat", stat)
-    assert machine._is_dead_mount("/home/dev/api vol") and not machine._is_dead_mount("/home/dev/live")
-    found = await run_check("machine/mounts", machine.stale_mounts)
+    async def mount_state(path, timeout):
+        return states[path]
+    monkeypatch.setattr(machine, "_mount_state", mount_state)
+    found = await run_check("machine/mounts", machine.stale_mounts(5.0))
     assert found.status == FAIL and "/home/dev/api vol" in found.detail and "/home/dev/live" not in found.detail
+    assert "connection is gone" in found.detail and "not answering" not in found.detail
     assert found.fix == "fusermount3 -uz /home/dev/api vol" and found.fixable
+    # A stuck one is named as such, with the same lazy unmount as its fix; none: ok.
+    states["/home/dev/live"] = "stuck"
+    found = await run_check("machine/mounts", machine.stale_mounts(5.0))
+    assert "not answering within 5s" in found.detail and "/home/dev/live" in found.detail
+    assert found.fix == "fusermount3 -uz /home/dev/api vol && fusermount3 -uz /home/dev/live"
+    states.update({"/home/dev/api vol": "ok", "/home/dev/live": "ok"})
+    assert (await run_check("machine/mounts", machine.stale_mounts(5.0))).status == OK
 
 
 # --- stage 4: connect's leftover rules (nftables and the iptables fallback) -----------------------------------------

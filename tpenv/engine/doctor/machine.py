@@ -21,6 +21,7 @@ from pathlib import Path
 from tpenv.engine.doctor import FAIL, OK, SKIP, WARN, Check, Outcome
 from tpenv.engine.mounts import check_fuse
 from tpenv.errors import MissingTool
+from tpenv.kits.mounttable import bounded_run
 from tpenv.settings import Settings
 
 MIN_PYTHON = (3, 11)
@@ -182,30 +183,42 @@ def _fuse_mounts() -> list[str]:
     return out
 
 
-def _is_dead_mount(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.EIO)
-    return False
+# A stat in a child process: a stuck sshfs (stopped, or its other end gone quiet) holds every
+# process that touches its mount, in an uninterruptible wait. A thread of ours stuck there could
+# never be joined, and Python joins its threads at exit: doctor printed its report, then hung.
+_STAT = "import os, sys\ntry:\n    os.stat(sys.argv[1])\nexcept OSError as e:\n    sys.exit(e.errno % 256 or 1)\n"
 
 
-async def stale_mounts() -> Outcome:
-    mounts = _fuse_mounts()
-    dead = [m for m in await asyncio.to_thread(lambda: [m for m in mounts if _is_dead_mount(m)])]
-    if not dead:
-        return Outcome(OK, f"{len(mounts)} sshfs mount(s), none stale")
+async def _mount_state(path: str, timeout: float) -> str:
+    """``ok``, ``dead`` (its sshfs is gone: ENOTCONN or EIO) or ``stuck`` (no answer in ``timeout``)."""
+    code, _ = await bounded_run([sys.executable, "-I", "-S", "-c", _STAT, path], timeout)
+    if code is None:
+        return "stuck"
+    return "dead" if code in (errno.ENOTCONN, errno.EIO) else "ok"
 
-    async def unmount() -> list[str]:
-        changed = []
-        for m in dead:
-            proc = await asyncio.create_subprocess_exec("fusermount3", "-uz", m, stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.DEVNULL)
-            if await proc.wait() == 0:
-                changed.append(f"unmounted {m}")
-        return changed
-    return Outcome(FAIL, f"sshfs mount(s) whose connection is gone: {', '.join(dead)}",
-                   fix=" && ".join(f"fusermount3 -uz {m}" for m in dead), repair=unmount)
+
+def stale_mounts(timeout: float) -> Check:
+    async def check() -> Outcome:
+        mounts = _fuse_mounts()
+        states = dict(zip(mounts, await asyncio.gather(*(_mount_state(m, timeout) for m in mounts))))
+        dead = [m for m in mounts if states[m] == "dead"]
+        stuck = [m for m in mounts if states[m] == "stuck"]
+        if not dead and not stuck:
+            return Outcome(OK, f"{len(mounts)} sshfs mount(s), none stale")
+
+        async def unmount() -> list[str]:
+            changed = []
+            for m in dead + stuck:  # lazy: detaching never waits on the file system
+                code, _ = await bounded_run(["fusermount3", "-uz", m], timeout)
+                if code == 0:
+                    changed.append(f"unmounted {m}")
+            return changed
+        said = [f"sshfs mount(s) whose connection is gone: {', '.join(dead)}"] if dead else []
+        said += [f"sshfs mount(s) not answering within {timeout:g}s (a process touching one hangs): "
+                 f"{', '.join(stuck)}"] if stuck else []
+        return Outcome(FAIL, "; ".join(said), fix=" && ".join(f"fusermount3 -uz {m}" for m in dead + stuck),
+                       repair=unmount)
+    return check
 
 
 def _nft_tables() -> list[dict] | None:
@@ -282,7 +295,8 @@ def machine_checks(settings: Settings) -> list[tuple[str, Check]]:
     running = len(_live_sessions(state_dir)) if state_dir.exists() else 0
     return [("machine/python", python_and_libraries), ("machine/sshfs", sshfs_fuse),
             ("machine/firewall", firewall_tools), ("machine/userns", user_namespaces), ("machine/tun", tun_device),
-            ("machine/sessions", session_state(state_dir)), ("machine/mounts", stale_mounts),
+            ("machine/sessions", session_state(state_dir)),
+            ("machine/mounts", stale_mounts(settings.mounts.probe_timeout)),
             ("machine/connect-rules", connect_rules(running))]
 
 

@@ -1,6 +1,8 @@
 """Injection survives another writer changing the workload or the Service between our read and our
 update (HTTP 409): it reads both again and redoes the pure plan (the transitions e2e's failure on
-main, where a rollout's status write raced the injection). The cluster is faked; the plan is real."""
+main, where a rollout's status write raced the injection), and an API server that does not answer a
+write in time (HTTP 504 under load: the write may or may not have landed). The cluster is faked;
+the plan is real."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +15,7 @@ from ruamel.yaml import YAML
 
 from tpenv.engine import agents
 from tpenv.engine.agents import UPDATE_ATTEMPTS, ensure_agent
-from tpenv.errors import UpdateConflict
+from tpenv.errors import ClusterUnreachable, UpdateConflict
 from tpenv.kits.kube import Workload
 from tpenv.settings import load_settings
 from tpenv_agent.inject import AGENT_CONTAINER
@@ -30,9 +32,11 @@ def load(name: str) -> dict[str, Any]:
 class FakeKube:
     """Stores one workload and one Service; the first ``conflicts[kind]`` writes of each are stale."""
 
-    def __init__(self, conflicts: dict[str, int]) -> None:
+    def __init__(self, conflicts: dict[str, int], *, lost: int = 0, landed: bool = False) -> None:
         self.obj, self.svc = load("workload.yaml"), load("service.yaml")
         self.conflicts, self.writes, self.reads = dict(conflicts), {"workload": [], "service": []}, 0
+        # The first ``lost`` workload writes get a 504; ``landed``: each was stored all the same.
+        self.lost, self.landed = lost, landed
         self.core = SimpleNamespace(replace_namespaced_service=self.put_service,
                                     read_namespaced_service=self.get_service)
 
@@ -63,8 +67,14 @@ class FakeKube:
     async def replace_workload(self, w: Workload, obj: dict[str, Any], *, dry_run: bool = False) -> Workload:
         self._refuse("workload")
         if not dry_run:
+            if self.lost and not self.landed:
+                self.lost -= 1
+                raise ClusterUnreachable("update deployments: the API server answered 504 (timeout)", retry_after=0.01)
             self.writes["workload"].append(obj)
             self.obj = copy.deepcopy(obj)
+            if self.lost:
+                self.lost -= 1
+                raise ClusterUnreachable("update deployments: the API server answered 504 (timeout)", retry_after=0.01)
         return Workload(w.kind, w.name, w.namespace, copy.deepcopy(obj))
 
 
@@ -93,9 +103,10 @@ def no_cluster_waits(monkeypatch):
     monkeypatch.setattr(agents, "_secret_exists", secret)
 
 
-def start(kube: FakeKube):
+def start(kube: FakeKube, **kw):
     w = Workload("Deployment", kube.obj["metadata"]["name"], "ns", copy.deepcopy(kube.obj))
-    return ensure_agent(kube, w, copy.deepcopy(kube.svc), kube.svc["spec"]["ports"][0], SETTINGS, progress=lambda t: None)
+    return ensure_agent(kube, w, copy.deepcopy(kube.svc), kube.svc["spec"]["ports"][0], SETTINGS, progress=lambda t: None,
+                        **kw)
 
 
 async def test_conflicts_on_workload_and_service_are_read_again_and_redone():
@@ -118,5 +129,25 @@ async def test_a_conflict_on_the_service_after_the_rollout_is_redone_on_the_roll
 async def test_conflicts_without_end_are_reported_and_nothing_is_written():
     kube = FakeKube({"workload": UPDATE_ATTEMPTS})
     with pytest.raises(UpdateConflict):
+        await start(kube)
+    assert kube.writes == {"workload": [], "service": []}
+
+
+async def test_a_write_the_api_server_did_not_answer_is_read_again_and_made_once():
+    # Stage 1: the 504'd write was not stored: read again, planned again, written once.
+    kube = FakeKube({}, lost=2)
+    seen = []
+    ready = await start(kube, written=seen.append)
+    assert len(kube.writes["workload"]) == 1 and ready.rolled_out and len(seen) == 1
+    assert AGENT_CONTAINER in [c["name"] for c in kube.obj["spec"]["template"]["spec"]["containers"]]
+    # Stage 2: it was stored before its answer was lost: not written again, and the rollout is
+    # still ours (restored on leave, and waited for like any rollout of ours).
+    kube = FakeKube({}, lost=1, landed=True)
+    seen = []
+    ready = await start(kube, written=seen.append)
+    assert len(kube.writes["workload"]) == 1 and ready.rolled_out and len(seen) == 1
+    # Stage 3: an API server that never answers: the error, after a bounded number of tries.
+    kube = FakeKube({}, lost=UPDATE_ATTEMPTS)
+    with pytest.raises(ClusterUnreachable):
         await start(kube)
     assert kube.writes == {"workload": [], "service": []}

@@ -32,7 +32,7 @@ from tpenv.engine.ephemeral import add_redirect, redirect_added, redirect_failur
 from tpenv.engine.endpoints import wait_endpoints  # noqa: F401 - replace.py and callers import it from here
 from tpenv.engine.injection import InjectionPlan, plan_injection
 from tpenv.engine.redirect import redirect_choice, redirect_via
-from tpenv.errors import NotFound, PermanentError, RolloutStalled, UpdateConflict, UsageError
+from tpenv.errors import NotFound, PermanentError, RolloutStalled, TransientError, UpdateConflict, UsageError
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What, Workload, pod_is_ready, tracked
 from tpenv_agent.inject import AGENT_CONTAINER, ANN_RESTORE, AUTH_SECRET, MODE_REDIRECT
@@ -169,6 +169,15 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
         # Said once per intercept, where the user looks (the progress lines), never only in a log.
         say(f"Note: {bypass_note(plan.record.get('why') or why or 'the agent was injected without it')}")
     rolled_out = False
+
+    def ours(w: Workload, service: dict[str, Any]) -> None:
+        nonlocal rolled_out
+        rolled_out = True
+        lateimports.begin()  # what the tunnels need loads while the pods start
+        if written is not None:
+            written(AgentReady(w, service, plan.record, port_name, plan.record["container"], True))
+
+    writing = False
     for attempt in range(UPDATE_ATTEMPTS):
         try:
             # Dry runs first: a refusal (RBAC, admission, validation) must come before any change.
@@ -186,20 +195,27 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
                     await ensure_auth_material(kube, w.namespace)
                 if attempt == 0:
                     say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
+                writing = True
                 w = await kube.replace_workload(w, plan.workload)
-                rolled_out = True
-                lateimports.begin()  # what the tunnels need loads while the pods start
-                if written is not None:
-                    written(AgentReady(w, service, plan.record, port_name, plan.record["container"], True))
+                writing = False
+                ours(w, service)
             break
-        except UpdateConflict:
-            # Another writer (a controller's status, a rollout, a second intercept) changed the
-            # workload or the Service since we read them: the plan is a pure function of both,
-            # so read them again and redo it.
+        except TransientError as e:
+            # A 409 (UpdateConflict): another writer (a controller's status, a rollout, a second
+            # intercept) changed the workload or the Service since we read them. A 5xx or a
+            # dropped connection: the API server was busy (a 504 under load). The plan is a pure
+            # function of both objects, so read them again and redo it, after the error's delay.
             if attempt == UPDATE_ATTEMPTS - 1:
                 raise
+            # Only a write whose answer was lost may have landed (a 409 says it did not).
+            maybe_landed, writing = writing and not isinstance(e, UpdateConflict), False
+            if not isinstance(e, UpdateConflict):
+                say(f"The API server did not answer ({e.message}); trying again")
+                await asyncio.sleep(e.retry_after)
             w, service = await kube.reload(w), await _read_service(kube, w.namespace, svc_name)
             plan = planned(w, service)
+            if maybe_landed and not plan.workload_changed:  # it had: the rollout is ours
+                ours(w, service)
     timeout = settings.kube.rollout_timeout
     try:
         w = await wait_rollout(kube, w, port_name, timeout=timeout, progress=say)
@@ -216,9 +232,11 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
             service = await kube.call(kube.core.replace_namespaced_service, svc_name, w.namespace, plan.service,
                                       what=What("update", "services", w.namespace, svc_name))
             break
-        except UpdateConflict:
+        except TransientError as e:  # a 409, or a 5xx (replacing a Service twice is harmless)
             if attempt == UPDATE_ATTEMPTS - 1:
                 raise
+            if not isinstance(e, UpdateConflict):
+                await asyncio.sleep(e.retry_after)
             # The rolled-out workload (wait_rollout read it) with the Service as it is now.
             service = await _read_service(kube, w.namespace, svc_name)
             plan = planned(w, service)

@@ -1,4 +1,4 @@
-"""The agent's SFTP server on a port-forward stream of its own (issue 13, protocol §4.2).
+"""The agent's SFTP server on a port-forward stream of its own (issue 13, protocol §6).
 
 A mount over the SSH connection's ``sftp`` subsystem shares that connection's one port-forward
 stream with every other channel, and each byte pays SSH's framing and encryption on top of the

@@ -13,6 +13,7 @@ Fixtures
 Helpers, importable by any test (``from tests.cluster.pytest_plugin import kubectl``):
     kubectl(*args, ns=None, input=None, check=True, timeout=120) -> CompletedProcess (text)
     kubectl_json(*args, ns=None) -> dict                 `kubectl ... -o json`, parsed
+    live_pods(ns, selector) -> list[dict]                the selected pods not being deleted
     apply(obj_or_list, ns=None)                          `kubectl apply -f -` of dicts
     wait_until(what, fn, timeout=60, interval=0.5)       poll fn() until truthy, return it
 """
@@ -39,7 +40,7 @@ import cli as _cluster_cli  # noqa: E402  (tests/cluster/cli.py)
 # The kubectl helpers live in a plain module the benchmarks import too (tests/kit/kubectl.py);
 # tests keep importing them from here.
 from tests.kit.kubectl import (TEST_LABEL, KubectlError, _kubeconfig_env, apply, kubectl,  # noqa: E402,F401
-                               kubectl_binary, kubectl_json)
+                               kubectl_binary, kubectl_json, live_pods)
 
 def wait_until(what: str, fn: Callable[[], Any], timeout: float = 60, interval: float = 0.5) -> Any:
     """Poll ``fn`` until it returns something truthy; fail the test with ``what`` and the last error."""

@@ -18,7 +18,7 @@ import pytest
 from test_manager_relay import manager_logs  # noqa: F401  (re-exported for the connect tests)
 from test_up_kit import echo_app
 from test_webhook_injection import tpenv
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods, wait_until
 from tests.kit.apps import testapp_image
 
 
@@ -54,8 +54,7 @@ def deploy_apps(ns: str) -> dict:
     apply([*echo_app("hello"), *headless_web()], ns=ns)
     kubectl("rollout", "status", "deployment/hello", "--timeout=120s", ns=ns, timeout=150)
     kubectl("rollout", "status", "statefulset/web", "--timeout=120s", ns=ns, timeout=150)
-    pods = [p for p in kubectl_json("get", "pods", "-l", "app=hello", ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+    pods = live_pods(ns, "app=hello")
     cluster_ip = kubectl_json("get", "service", "hello", ns=ns)["spec"]["clusterIP"]
     # kube-proxy programs a new Service's ClusterIP a moment after it exists (seconds on a busy
     # machine; until then the node answers "no route to host"): wait until a pod reaches it, so

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.cluster.pytest_plugin import kubectl_json
+from tests.cluster.pytest_plugin import live_pods
 from tests.e2e.test_intercept_kit import (Intercepting, LocalServer, client_pod, curl, deploy_hello, tpenv,
                                           wait_for)
 
@@ -41,9 +41,8 @@ def test_non_default_ssh_and_health_ports_reach_the_pod_and_carry_the_tunnel(nam
 
         # Stage 3: the pod spec says what the settings said: SSH on loopback:7962, health and
         # both probes on 7961; the pod is Ready, so the kubelet's probes got answers on 7961.
-        pods = [p for p in kubectl_json("get", "pods", "-l", "app=hello", ns=ns)["items"]
-                if any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"])
-                and not p["metadata"].get("deletionTimestamp")]
+        pods = [p for p in live_pods(ns, "app=hello")
+                if any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"])]
         assert pods, "no injected hello pod"
         for pod in pods:
             agent = agent_of(pod)

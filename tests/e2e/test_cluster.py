@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_binary, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_binary, kubectl_json, live_pods, wait_until
 from tests.kit.apps import testapp_image
 
 pytestmark = pytest.mark.e2e
@@ -37,8 +37,7 @@ def _pod(name: str, command: list[str], labels: dict | None = None, **spec) -> d
 
 
 def _echo_pods(ns: str) -> list[dict]:
-    pods = kubectl_json("get", "pods", "-l", "app=echo", ns=ns)["items"]
-    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return live_pods(ns, "app=echo")
 
 
 def _ready(pod: dict) -> bool:

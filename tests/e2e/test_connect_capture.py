@@ -32,7 +32,7 @@ from laptop_kit import Laptop, UpstreamDns
 from test_manager_relay import manager_logs, relay_manager  # noqa: F401  (module fixture, reused)
 from test_up_kit import echo_app, extra_namespace
 from test_webhook_injection import agent_image, cli_env, tpenv  # noqa: F401  (module fixtures, reused)
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods, wait_until
 from tests.integration.capture_kit import as_user, static_client
 from tests.kit.apps import testapp_image
 
@@ -67,8 +67,7 @@ def cluster_apps(relay_manager, namespace):  # noqa: F811
         kubectl("rollout", "status", "deployment/hello", "--timeout=180s", ns=namespace, timeout=200)
         kubectl("rollout", "status", "statefulset/hl", "--timeout=180s", ns=namespace, timeout=200)
         kubectl("rollout", "status", "deployment/other", "--timeout=180s", ns=mapped, timeout=200)
-        pod = next(p for p in kubectl_json("get", "pods", "-l", "app=hello", ns=namespace)["items"]
-                   if not p["metadata"].get("deletionTimestamp"))
+        pod = live_pods(namespace, "app=hello")[0]
         yield {"ns": namespace, "mapped": mapped, "pod_ip": pod["status"]["podIP"],
                "cluster_ip": kubectl_json("get", "service", "hello", ns=namespace)["spec"]["clusterIP"]}
 

@@ -24,7 +24,7 @@ import pytest
 from connect_kit import deploy_apps, manager  # noqa: F401  (module fixture)
 from test_connect_names import Upstream
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures, reused)
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, live_pods
 from tpenv.engine.outbound import direct as direct_module
 from tpenv.engine.outbound.core import ConnectOptions, OutboundCore
 from tpenv.errors import TpenvError
@@ -66,8 +66,7 @@ async def test_services_go_direct_balanced_and_follow_their_endpoints(manager, k
     apps = deploy_apps(ns)
     kubectl("scale", "deployment/hello", "--replicas=2", ns=ns)
     kubectl("rollout", "status", "deployment/hello", "--timeout=120s", ns=ns, timeout=150)
-    pods = sorted(p["metadata"]["name"] for p in kubectl_json("get", "pods", "-l", "app=hello", ns=ns)["items"]
-                  if not p["metadata"].get("deletionTimestamp"))
+    pods = sorted(p["metadata"]["name"] for p in live_pods(ns, "app=hello"))
     ip = ipaddress.ip_address(apps["cluster_ip"])
 
     async with OutboundCore(kube, ConnectOptions(namespace=ns), upstream=Upstream()) as core:

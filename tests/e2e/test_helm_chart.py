@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 
 from test_intercept_kit import Intercepting, LocalServer, agent_image, client_pod, curl, echo_container, tpenv, \
     wait_for
-from tests.cluster.pytest_plugin import apply, kubectl
+from tests.cluster.pytest_plugin import apply, kubectl, live_pods
 
 import build  # noqa: E402  tests/cluster, on sys.path through the plugin
 
@@ -118,8 +118,7 @@ def test_helm_install_then_an_intercept_through_its_webhook(helm, namespace, tmp
 
         def injected() -> bool:
             # The webhook's Service may lag its pod's readiness: recreate pods until they come up injected.
-            pods = json.loads(kubectl("get", "pods", "-l", "app=gitops", "-o", "json", ns=ns).stdout)["items"]
-            live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+            live = live_pods(ns, "app=gitops")
             if live and all(any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"]) for p in live):
                 return True
             if live:

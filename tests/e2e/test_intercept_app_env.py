@@ -13,7 +13,7 @@ import json
 import pytest
 
 from test_intercept_kit import Intercepting, tpenv
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods
 from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -39,8 +39,7 @@ def imaged_app(ns: str) -> str:
 
 def process_env(ns: str) -> dict[str, str]:
     """What the app process sees, read by hand in its container."""
-    pods = [p for p in kubectl_json("get", "pods", "-l", "app=imaged", ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+    pods = live_pods(ns, "app=imaged")
     raw = kubectl("exec", pods[0]["metadata"]["name"], "-c", "app", "--", "cat", "/proc/1/environ", ns=ns).stdout
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 

@@ -17,7 +17,7 @@ import pytest
 
 from test_intercept_kit import Intercepting, client_pod, curl, tpenv, wait_for
 from tests.e2e.helpers_up import free_port
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, live_pods
 from tests.kit.apps import testapp_image
 from tpenv.settings import MountSettings
 
@@ -94,8 +94,7 @@ def test_env_file_mount_and_token_rewrite(namespace, tmp_path):
     # The leave restored the Deployment, so a rollout may be under way: read a pod it keeps (Running, not
     # being deleted), never one it has finished with.
     kubectl("rollout", "status", "deployment/store", "--timeout=120s", ns=ns, timeout=150)
-    pod = next(p["metadata"]["name"] for p in kubectl_json("get", "pods", "-l", "app=store", ns=ns)["items"]
-               if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp"))
+    pod = next(p["metadata"]["name"] for p in live_pods(ns, "app=store") if p["status"].get("phase") == "Running")
     seen = dict(item.split("=", 1) for item in kubectl("exec", pod, "-c", "app", "--", "cat", "/proc/1/environ",
                                                        ns=ns).stdout.split("\0") if "=" in item)
     expected = dict(seen)

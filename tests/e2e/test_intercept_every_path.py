@@ -17,7 +17,7 @@ import pytest
 from test_intercept_kit import Intercepting, agent_in_pods, client_pod, curl, echo_container, spec_of, tpenv, wait_for
 from test_intercept_personal import LocalEcho
 from security_kit import user_kubeconfig
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods
 from tests.kit.apps import testapp_image
 from tpenv.kits.kubeobjects import pod_is_ready
 from tpenv_agent.inpod import redirect_state
@@ -46,16 +46,10 @@ def statefulset(ns: str, replicas: int) -> None:
     kubectl("rollout", "status", "statefulset/db", "--timeout=240s", ns=ns, timeout=260)
 
 
-def live_pods(ns: str, selector: str) -> list[dict]:
-    return [p for p in kubectl_json("get", "pods", "-l", selector, ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
-
-
 def paths(ns: str, replicas: int) -> dict[str, str]:
     """Every way in: the ClusterIP Service, each pod's DNS name and each pod's IP (app port 8080)."""
     out = {"service": f"http://db.{ns}/"}
-    pods = {p["metadata"]["name"]: p for p in kubectl_json("get", "pods", "-l", "app=db", ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")}
+    pods = {p["metadata"]["name"]: p for p in live_pods(ns, "app=db")}
     for i in range(replicas):
         out[f"db-{i} by name"] = f"http://db-{i}.db-headless.{ns}.svc.cluster.local:8080/"
         out[f"db-{i} by IP"] = f"http://{pods[f'db-{i}']['status']['podIP']}:8080/"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.images import agent_image_ref
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods
 from tests.kit.apps import testapp_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,9 +183,8 @@ def spec_of(kind: str, name: str, ns: str) -> dict:
 
 
 def agent_in_pods(ns: str, selector: str) -> list[str]:
-    pods = kubectl_json("get", "pods", "-l", selector, ns=ns)["items"]
-    return [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")
-            and any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"])]
+    return [p["metadata"]["name"] for p in live_pods(ns, selector)
+            if any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"])]
 
 
 def wait_for(what: str, fn, timeout: float = 30.0):

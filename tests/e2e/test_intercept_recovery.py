@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, deploy_hello, wait_for
-from tests.cluster.pytest_plugin import kubectl, kubectl_json
+from tests.cluster.pytest_plugin import kubectl, live_pods
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -25,8 +25,7 @@ def test_deleted_pod_is_replaced_and_intercepted_again(namespace, tmp_path):
         # Stage 1: the pod goes away; the Deployment makes a new one (with the agent: the template has it).
         kubectl("delete", "pod", first[0], "--wait=false", ns=ns)
         kubectl("rollout", "status", "deployment/hello", "--timeout=120s", ns=ns, timeout=150)
-        new = [p["metadata"]["name"] for p in kubectl_json("get", "pods", "-l", "app=hello", ns=ns)["items"]
-               if not p["metadata"].get("deletionTimestamp")]
+        new = [p["metadata"]["name"] for p in live_pods(ns, "app=hello")]
         assert new and first[0] not in new
         # Stage 2: traffic reaches the laptop through the new pod, tpenv still the same process.
         wait_for("the laptop's answer through the new pod", lambda: curl(ns, f"http://hello.{ns}/") == "laptop", 90)

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from test_intercept_kit import Intercepting, LocalServer, client_pod, curl, deploy_hello, tpenv, wait_for
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods
 from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -50,11 +50,6 @@ def deploy_worker(ns: str) -> None:
     kubectl("rollout", "status", "deployment/worker", "--timeout=120s", ns=ns, timeout=150)
 
 
-def live_pods(ns: str, selector: str = "app=worker") -> list[dict]:
-    return [p for p in kubectl_json("get", "pods", "-l", selector, ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
-
-
 def app_processes(ns: str, pod: str) -> list[str]:
     """The command lines of every process in the pod's app container, read inside it."""
     out = kubectl("exec", pod, "-c", "app", "--", "python3", "-c", PROCS, ns=ns).stdout
@@ -70,7 +65,7 @@ def all_back(ns: str, before_spec: dict) -> bool:
     """The template is the original one and every live pod runs the app's processes again."""
     if kubectl_json("get", "deployment", "worker", ns=ns)["spec"] != before_spec:
         return False
-    pods = live_pods(ns)
+    pods = live_pods(ns, "app=worker")
     if len(pods) != 2 or any(not any(c.get("ready") for c in p["status"].get("containerStatuses") or [])
                              for p in pods):
         return False
@@ -80,7 +75,7 @@ def all_back(ns: str, before_spec: dict) -> bool:
 
 def check_replaced(ns: str, tmp_path, session_marker: str) -> None:
     """While replaced: no app process in any pod, every port of every path to the laptop."""
-    pods = live_pods(ns)
+    pods = live_pods(ns, "app=worker")
     assert len(pods) == 2
     for p in pods:
         name = p["metadata"]["name"]
@@ -104,7 +99,7 @@ def test_replace_stops_the_app_and_it_comes_back_on_leave_and_after_kill_9(names
     deploy_worker(ns)
     client_pod(ns)
     before = settled_template(ns)
-    first_pod = live_pods(ns)[0]["metadata"]["name"]
+    first_pod = live_pods(ns, "app=worker")[0]["metadata"]["name"]
     assert any("tpenv-echo --port 8080" in line for line in app_processes(ns, first_pod))
     main, second = LocalServer("main port on the laptop"), LocalServer("second port on the laptop", SECOND_PORT)
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from test_intercept_kit import (Intercepting, LocalServer, agent_in_pods, client_pod, curl, echo_container, spec_of,
                                 tpenv, wait_for)
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -37,8 +37,7 @@ def test_two_replicas_numeric_target_port(namespace, tmp_path):
         # The numeric targetPort needs no Service rewrite: the pods redirect 8080 to the agent.
         assert spec_of("service", "web", ns) == before[1]
         # Stage 2: each replica's own port 8080, dialled on its pod IP, sends its callers to the laptop.
-        pods = [p for p in kubectl_json("get", "pods", "-l", "app=web", ns=ns)["items"]
-                if not p["metadata"].get("deletionTimestamp")]
+        pods = live_pods(ns, "app=web")
         assert sorted(p["metadata"]["name"] for p in pods) == sorted(info["pods"])
         for p in pods:
             # wait_for: "ready" before every agent serves the intercept is issue 11's transitions

@@ -22,7 +22,7 @@ import pytest
 
 from test_up_kit import echo_app
 from test_webhook_injection import agent_image, cli_env, tpenv  # noqa: F401  (module fixtures, reused)
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods, wait_until
 from tpenv.errors import Forbidden, NotFound, PermanentError, TransientError
 from tpenv.kits.agent_client import make_auth_material
 from tpenv.kits.kube import Kube
@@ -64,8 +64,7 @@ def hello(namespace) -> dict:
     apply(echo_app(name), ns=namespace)
     kubectl("rollout", "status", f"deployment/{name}", "--timeout=120s", ns=namespace, timeout=150)
     svc = kubectl_json("get", "service", name, ns=namespace)
-    pods = [p for p in kubectl_json("get", "pods", "-l", f"app={name}", ns=namespace)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+    pods = live_pods(namespace, f"app={name}")
     return {"cluster_ip": svc["spec"]["clusterIP"], "pod_ip": pods[0]["status"]["podIP"]}
 
 

@@ -27,7 +27,7 @@ import pytest
 from test_doctor import check, doctor
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures)
 from test_webhook_injection import tpenv as tpenv_cli
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods, wait_until
 from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -55,8 +55,7 @@ def roll(ns: str) -> dict:
     kubectl("rollout", "status", "deployment/shop", "--timeout=240s", ns=ns, timeout=260)
 
     def settled() -> dict | None:
-        pods = [p for p in kubectl_json("get", "pods", "-l", "app=shop", ns=ns)["items"]
-                if not p["metadata"].get("deletionTimestamp")]
+        pods = live_pods(ns, "app=shop")
         return pods[0] if len(pods) == 1 and pods[0]["status"].get("phase") == "Running" else None
     return wait_until("one Running pod of shop", settled, timeout=120)
 

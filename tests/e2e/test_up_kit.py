@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, live_pods, wait_until
 from tests.e2e.helpers_up import TPENV, TpenvProcess, free_port
 from tests.e2e.test_intercept_kit import tpenv_env
 # The echo app and the handler, shared with bench/: tests/kit/apps.py.
@@ -114,9 +114,8 @@ def answered_by_cluster(ns: str, url: str, *headers: str):
 
 
 def ready_pods(ns: str, app: str) -> list[str]:
-    pods = kubectl_json("get", "pods", "-l", f"app={app}", ns=ns)["items"]
-    return sorted(p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")
-                  and p["status"].get("phase") == "Running"
+    return sorted(p["metadata"]["name"] for p in live_pods(ns, f"app={app}")
+                  if p["status"].get("phase") == "Running"
                   and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])))
 
 

@@ -22,7 +22,7 @@ import re
 
 import pytest
 
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods, wait_until
 from tests.e2e.test_up_kit import (UpSession, answered_by_laptop, client, echo_app, intercept_yaml, ready_pods,
                                    wait_client, write_handler)
 from tests.e2e.helpers_up import free_port
@@ -41,8 +41,7 @@ def ready_on_demand(name: str) -> list[dict]:
 
 
 def pods(ns: str) -> list[dict]:
-    return [p for p in kubectl_json("get", "pods", "-l", f"app={NAME}", ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+    return live_pods(ns, f"app={NAME}")
 
 
 def is_ready(pod: dict) -> bool:

@@ -28,7 +28,7 @@ from test_intercept_personal import LocalEcho
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures)
 from test_security_webhook import status_warnings
 from test_webhook_injection import tpenv as tpenv_cli
-from tests.cluster.pytest_plugin import kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import kubectl, kubectl_json, live_pods, wait_until
 from tests.kit.apps import testapp_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -114,9 +114,7 @@ def no_diff(repo: Path, ns: str, name: str) -> None:
 
 
 def injected_pods(ns: str, app: str) -> list[dict]:
-    items = kubectl_json("get", "pods", "-l", f"app={app}", ns=ns)["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")
-            and any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"])]
+    return [p for p in live_pods(ns, f"app={app}") if any(c["name"] == "tpenv-agent" for c in p["spec"]["containers"])]
 
 
 @pytest.mark.parametrize("opt_in", ["annotation", "label", "both"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import apply, kubectl, kubectl_json, live_pods, wait_until
 from tpenv.engine.injection import auth_secret_manifest, plan_injection, restore_plan
 from tpenv.kits.agent_client import make_auth_material
 
@@ -122,11 +122,11 @@ def test_patch_mode_round_trip(namespace, agent_image):
     _replace(second.service, namespace)
     kubectl("rollout", "status", "deployment/web", "--timeout=120s", ns=namespace, timeout=140)
 
-    def live_pods():  # the old pod may still be terminating
-        items = kubectl_json("get", "pods", "-l", "app=web", ns=namespace)["items"]
-        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+    def only_one() -> list[dict] | None:  # the old pod may still be terminating
+        pods = live_pods(namespace, "app=web")
+        return pods if len(pods) == 1 else None
 
-    pods = wait_until("only the injected pod left", lambda: len(live_pods()) == 1 and live_pods(), 60)
+    pods = wait_until("only the injected pod left", only_one, 60)
     assert [c["name"] for c in pods[0]["spec"]["containers"]] == ["echo", "tpenv-agent"]
 
     # Both Service ports now resolve to the agent's ports (the data path is the sidecar's tests' job).

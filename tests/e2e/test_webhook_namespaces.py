@@ -27,7 +27,7 @@ import pytest
 from test_security_webhook import app, has_agent
 from test_webhook_injection import agent_image, cli_env  # noqa: F401  (module fixtures)
 from test_webhook_injection import tpenv as tpenv_cli
-from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import TEST_LABEL, apply, kubectl, kubectl_json, live_pods, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -57,8 +57,7 @@ def can_create_secrets(ns: str) -> bool:
 
 
 def running_pod(ns: str) -> dict | None:
-    pods = [p for p in kubectl_json("get", "pods", "-l", "app=shop", ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+    pods = live_pods(ns, "app=shop")
     return pods[0] if len(pods) == 1 and pods[0]["status"].get("phase") == "Running" else None
 
 

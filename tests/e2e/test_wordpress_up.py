@@ -37,7 +37,7 @@ from test_connect_capture import laptop  # noqa: F401  (fixture: the laptop name
 from test_up_kit import UpSession
 from test_webhook_injection import agent_image, cli_env, tpenv  # noqa: F401  (module fixtures, reused)
 from test_wordpress import EXAMPLE, _curl, _deploy, _install_site, _sql, app_images_imported  # noqa: F401
-from tests.cluster.pytest_plugin import kubectl, kubectl_json, wait_until
+from tests.cluster.pytest_plugin import kubectl, kubectl_json, live_pods, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -134,8 +134,7 @@ def _db_reachable(lap) -> bool:
 
 
 def _containers(ns: str, app: str) -> list[list[str]]:
-    pods = kubectl_json("get", "pods", "-l", f"app={app}", ns=ns)["items"]
-    return [[c["name"] for c in p["spec"]["containers"]] for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return [[c["name"] for c in p["spec"]["containers"]] for p in live_pods(ns, f"app={app}")]
 
 
 def test_wordpress_intercepted_to_the_laptop(app_images_imported, manager_as_found, laptop_wordpress_files,  # noqa: F811

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.pytest_plugin import (TEST_LABEL, _cluster_cli, apply, cluster_command, kubectl, kubectl_json,
-                                         wait_until)
+                                         live_pods, wait_until)
 from tests.kit.apps import testapp_image
 
 pytestmark = pytest.mark.e2e
@@ -93,8 +93,7 @@ def test_cluster_down_then_up_gives_a_working_cluster(kubeconfig, namespace):
                "name": "main", "image": TESTAPP, "imagePullPolicy": "Never", "command": ["sleep", "infinity"]}]}},
           ns=ns)
     kubectl("wait", "--for=condition=Ready", "pod/client", "--timeout=120s", ns=ns, timeout=150)
-    pods = {p["metadata"]["name"] for p in kubectl_json("get", "pods", "-l", "app=echo", ns=ns)["items"]
-            if not p["metadata"].get("deletionTimestamp")}
+    pods = {p["metadata"]["name"] for p in live_pods(ns, "app=echo")}
 
     def answer():
         out = kubectl("exec", "client", "--", "curl", "-sSf", "--max-time", "5", f"http://echo.{ns}/", ns=ns,

@@ -2,6 +2,7 @@
 
     kubectl(*args, ns=None, input=None, check=True, timeout=120) -> CompletedProcess (text)
     kubectl_json(*args, ns=None) -> dict                 `kubectl ... -o json`, parsed
+    live_pods(ns, selector) -> list[dict]                the selected pods not being deleted
     apply(obj_or_list, ns=None)                          `kubectl apply -f -` of dicts
     kubectl_binary() -> str                              the kubectl built for the local cluster
 
@@ -59,6 +60,13 @@ def kubectl(*args: str, ns: str | None = None, input: str | None = None, check: 
 
 def kubectl_json(*args: str, ns: str | None = None) -> Any:
     return json.loads(kubectl(*args, "-o", "json", ns=ns).stdout)
+
+
+def live_pods(ns: str, selector: str) -> list[dict]:
+    """The pods ``selector`` matches in ``ns``, less those being deleted: a rollout's old pods stay
+    listed (phase Running) through their grace period."""
+    return [p for p in kubectl_json("get", "pods", "-l", selector, ns=ns)["items"]
+            if not p["metadata"].get("deletionTimestamp")]
 
 
 def apply(obj: dict | list, ns: str | None = None) -> subprocess.CompletedProcess:

@@ -16,29 +16,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .authkeys import auth_material
 from .inject import AUTH_SECRET
 
 log = logging.getLogger("tpenv_agent.manager")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
-
-
-def auth_material() -> dict[str, bytes]:
-    """A fresh user CA and agent host key, OpenSSH-encoded ed25519 (protocol §2's four keys)."""
-    from cryptography.hazmat.primitives import serialization as s
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    def pair() -> tuple[bytes, bytes]:
-        key = Ed25519PrivateKey.generate()
-        private = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.OpenSSH, s.NoEncryption())
-        return private, key.public_key().public_bytes(s.Encoding.OpenSSH, s.PublicFormat.OpenSSH) + b"\n"
-
-    ca_key, ca_pub = pair()
-    host_key, host_pub = pair()
-    return {"ca_key": ca_key, "ca.pub": ca_pub, "host_key": host_key, "host_key.pub": host_pub}
-
-
 def in_cluster() -> bool:
     return (SA_DIR / "token").exists() and "KUBERNETES_SERVICE_HOST" in os.environ
 

@@ -16,11 +16,11 @@ import base64
 from dataclasses import dataclass
 
 from tpenv.errors import PermanentError
+from tpenv_agent.authkeys import AUTH_KEYS
 from tpenv_agent.inject import AGENT_CONTAINER, AUTH_SECRET, InjectError, inject, restore
 from tpenv_agent.inpod import VIA_EPHEMERAL, VIA_INIT
 from tpenv.settings import Settings
 
-AUTH_KEYS = ("ca_key", "ca.pub", "host_key", "host_key.pub")
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tpenv"}
 
 

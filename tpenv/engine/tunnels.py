@@ -26,6 +26,7 @@ from tpenv.errors import NotFound, PermanentError, TransientError, TunnelDropped
 from tpenv.kits.aio import unit_logger
 from tpenv.kits.kube import Kube, What
 from tpenv.settings import AgentSettings, MountSettings, TunnelSettings
+from tpenv_agent.authkeys import auth_material
 from tpenv_agent.inject import AUTH_SECRET
 
 if TYPE_CHECKING:
@@ -48,9 +49,7 @@ async def ensure_auth_material(kube: Kube, namespace: str) -> dict[str, bytes]:
         try:
             secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace, what=what)
         except NotFound:
-            from tpenv.kits.agent_client import make_auth_material
-
-            manifest = auth_secret_manifest(namespace, make_auth_material())
+            manifest = auth_secret_manifest(namespace, auth_material())
             try:
                 secret = await kube.call(kube.core.create_namespaced_secret, namespace, manifest,
                                          what=What("create", "secrets", namespace, AUTH_SECRET))

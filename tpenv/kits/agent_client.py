@@ -43,6 +43,7 @@ from tpenv.logs import unit_logger
 from tpenv.errors import (Conflict, Forbidden, NotFound, PermanentError, TpenvError, TransientError, TunnelDropped,
                           UsageError)
 from tpenv.settings import AgentSettings, TunnelSettings
+from tpenv_agent.authkeys import auth_material
 from tpenv_agent.sftp_stream import SFTP_MAGIC
 from tpenv_agent.sshtuning import CHANNEL_OPTIONS, CIPHERS
 
@@ -61,14 +62,7 @@ FORWARD_HOST = "tpenv"
 
 def make_auth_material() -> dict[str, bytes]:
     """The four keys of Secret ``tpenv-auth`` (§2): a user CA and the agents' host key, ed25519."""
-    ca = asyncssh.generate_private_key("ssh-ed25519", comment="tpenv user CA")
-    host = asyncssh.generate_private_key("ssh-ed25519", comment="tpenv agent host key")
-    return {
-        "ca_key": ca.export_private_key(),
-        "ca.pub": ca.export_public_key(),
-        "host_key": host.export_private_key(),
-        "host_key.pub": host.export_public_key(),
-    }
+    return auth_material()
 
 
 def issue_session_key(ca_key: bytes | str | asyncssh.SSHKey, session_id: str) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:

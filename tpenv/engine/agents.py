@@ -192,7 +192,7 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
                 if not secret_exists:
                     from tpenv.engine.tunnels import ensure_auth_material
 
-                    await ensure_auth_material(kube, w.namespace)
+                    await ensure_auth_material(kube, w.namespace, seen_missing=True)
                 if attempt == 0:
                     say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
                 writing = True

@@ -42,13 +42,21 @@ LEAVE_ANSWER = 3.0
 CLOSE_WAIT = 5.0
 
 
-async def ensure_auth_material(kube: Kube, namespace: str) -> dict[str, bytes]:
-    """The four keys of Secret tpenv-auth in ``namespace``; the Secret is created when missing."""
+async def ensure_auth_material(kube: Kube, namespace: str, *, seen_missing: bool = False) -> dict[str, bytes]:
+    """The four keys of Secret tpenv-auth in ``namespace``; the Secret is created when missing.
+    ``seen_missing``: the caller has just read it as missing (injection does, before its write),
+    so the create goes first; a 409 then reads the one another client made meanwhile."""
     what = What("get", "secrets", namespace, AUTH_SECRET)
+    read = not seen_missing
     for _ in range(2):
-        try:
-            secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace, what=what)
-        except NotFound:
+        secret = None
+        if read:
+            try:
+                secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace, what=what)
+            except NotFound:
+                pass
+        read = True
+        if secret is None:
             manifest = auth_secret_manifest(namespace, auth_material())
             try:
                 secret = await kube.call(kube.core.create_namespaced_secret, namespace, manifest,

@@ -19,9 +19,14 @@ SERVER = (BENCH / "server.py").read_text()
 # The ports of the app pod. APP_PORT is the one bench-app targets, the one tpenv intercepts: the
 # in-pod redirect (tpenv-init's PREROUTING rule) sends everything arriving there to the agent, even
 # through another Service. So the baseline (a) dials DIRECT_PORT, the same server on a second
-# port nothing redirects, and the compiled-proxy peer (e) dials HAPROXY_PORT: HAProxy in a sidecar
-# of the same pod, a plain TCP proxy to 127.0.0.1:APP_PORT, exactly the agent's hop.
-APP_PORT, DIRECT_PORT, HAPROXY_PORT = 8080, 8081, 8082
+# port nothing redirects, and the compiled-proxy peer (e) dials HAPROXY_FRONT: HAProxy in a sidecar
+# of the same pod, a plain TCP proxy to 127.0.0.1:APP_PORT, exactly the agent's hop, reached the
+# agent's way too: nothing listens on HAPROXY_FRONT, a nat PREROUTING REDIRECT of the pod (the
+# bench's own init container, the rule tpenv-init writes for the agent) sends it to HAPROXY_PORT.
+# Before 2026-12-05, (e) was dialled on HAPROXY_PORT itself, so the agent's side alone paid the
+# redirect's NAT on every packet (locally 0.5-1 us of proxy CPU per request, and as much again in
+# the caller; docs/performance.md, "passthrough at the compiled proxy's speed").
+APP_PORT, DIRECT_PORT, HAPROXY_PORT, HAPROXY_FRONT = 8080, 8081, 8082, 8083
 
 # One thread, like the agent's one event loop: the pair compares two single-threaded userspace
 # proxies on this hardware, whatever the core count. TCP mode: bytes relayed, no parsing. maxconn
@@ -55,7 +60,22 @@ def kjson(*args: str, ns: str | None = None) -> Any:
     return json.loads(kubectl(*args, "-o", "json", ns=ns).stdout)
 
 
-def manifests(ns: str) -> list[dict]:
+def redirect_container(image: str | None) -> dict:
+    """The bench's init container: HAPROXY_FRONT -> HAPROXY_PORT, as tpenv-init redirects the app's
+    port to the agent's (agent/tpenv_agent/redirect.py: iptables-nft, nat PREROUTING, REDIRECT; its
+    own rule, not tpenv's chain, which tpenv-init flushes). The agent image: it has iptables-nft."""
+    from tpenv.settings import load_settings
+
+    return {"name": "bench-redirect", "image": image or load_settings({}).agent.image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["iptables-nft", "-w", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport",
+                        str(HAPROXY_FRONT), "-j", "REDIRECT", "--to-ports", str(HAPROXY_PORT)],
+            "securityContext": {"runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}}}
+
+
+def manifests(ns: str, redirect_image: str | None = None) -> list[dict]:
+    """The bench's objects; ``redirect_image``: the image of HAProxy's redirect (the agent's)."""
     labels = {"app": "bench-app"}
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bench-server"},
@@ -63,7 +83,8 @@ def manifests(ns: str) -> list[dict]:
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bench-app", "labels": labels},
          "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
              "metadata": {"labels": labels},
-             "spec": {"terminationGracePeriodSeconds": 2, "containers": [{
+             "spec": {"terminationGracePeriodSeconds": 2, "initContainers": [redirect_container(redirect_image)],
+                      "containers": [{
                  "name": "app", "image": testapp_image(), "imagePullPolicy": "Never",
                  "command": ["python3", "/bench/server.py"],
                  "env": [{"name": "PORT", "value": f"{APP_PORT},{DIRECT_PORT}"},
@@ -85,7 +106,7 @@ def manifests(ns: str) -> list[dict]:
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-direct"},
          "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": DIRECT_PORT}]}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bench-haproxy"},
-         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": HAPROXY_PORT}]}},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": HAPROXY_FRONT}]}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bench-client"},
          "spec": {"terminationGracePeriodSeconds": 0, "activeDeadlineSeconds": 3600, "containers": [{
              "name": "c", "image": testapp_image(), "imagePullPolicy": "Never",

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cluster_setup import kjson, kubectl, manifests  # noqa: E402
+from bench.cluster_setup import agent_image, kjson, kubectl, manifests  # noqa: E402
 from bench.common import BENCH, log  # noqa: E402
 from bench.processes import PortForward, on_host  # noqa: E402
 
@@ -169,7 +169,7 @@ def main() -> int:
         kubectl("rollout", "status", "deployment/tpenv-manager", "--timeout=180s", ns="tpenv", timeout=200)
         kubectl("create", "namespace", ns)
         kubectl("apply", "-f", "-", ns=ns, input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                              "items": manifests(ns)}))
+                                                              "items": manifests(ns, agent_image())}))
         kubectl("rollout", "status", "deployment/bench-app", "--timeout=180s", ns=ns, timeout=200)
         kubectl("wait", "--for=condition=Ready", "pod/bench-client", "--timeout=120s", ns=ns, timeout=150)
         pod = kjson("get", "pods", "-l", "app=bench-app", ns=ns)["items"][0]["metadata"]["name"]

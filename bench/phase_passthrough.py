@@ -1,7 +1,8 @@
 """Issue 4's passthrough cost: the same in-cluster requests to the app directly ((a), Service
 bench-direct, a port nothing redirects), through the agent in passthrough ((d), Service bench-app)
 and through HAProxy in the agent's place ((e), Service bench-haproxy: a plain TCP proxy in a sidecar
-of the same pod, the compiled-proxy peer of issue 13), interleaved in rounds so every side shares the
+of the same pod, the compiled-proxy peer of issue 13, reached through an in-pod REDIRECT like the
+agent's: bench/cluster_setup.py HAPROXY_FRONT), interleaved in rounds so every side shares the
 machine's mood; latency, closed-loop throughput (wrk, then the Python client) with the CPU per
 request, bulk, the agent's CPU per GB, concurrency and gRPC. Every answer says how it reached the app
 (X-Bench-Hop): a direct row that crossed a proxy, or a proxied one that did not, is not counted.

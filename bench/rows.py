@@ -30,7 +30,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency", "port_forward", "(b) kubectl port-forward host -> app pod"),
     ("latency", "direct", "(a) in-cluster -> app"),
     ("latency", "passthrough", "(d) in-cluster -> agent passthrough -> app"),
-    ("latency", "haproxy", "(e) in-cluster -> HAProxy (TCP, 1 thread) in the agent's place -> app"),
+    ("latency", "haproxy", "(e) in-cluster -> in-pod redirect -> HAProxy (TCP, 1 thread) in the agent's place -> app"),
     ("latency", "intercept", "global intercept: in-cluster -> agent -> tunnel -> laptop"),
     ("latency", "header_matched", "header intercept HTTP/1.1, matched -> laptop"),
     ("latency", "header_unmatched", "header intercept HTTP/1.1, unmatched -> app"),

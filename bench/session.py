@@ -153,11 +153,11 @@ class Bench:
         log(f"namespace {self.ns}, mode {self.mode}")
         kubectl("create", "namespace", self.ns)
         kubectl("label", "namespace", self.ns, "tpenv.io/bench=true", check=False)
-        kubectl("apply", "-f", "-", ns=self.ns, input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                                   "items": manifests(self.ns)}))
-        self.server = LocalServer()
         cluster_setup.AGENT_IMAGE = agent_image()
         log(f"agent image {cluster_setup.AGENT_IMAGE or '(tpenv default)'}")
+        objects = manifests(self.ns, cluster_setup.AGENT_IMAGE)
+        kubectl("apply", "-f", "-", ns=self.ns, input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+        self.server = LocalServer()
         kubectl("rollout", "status", "deployment/bench-app", "--timeout=120s", ns=self.ns, timeout=150)
         kubectl("wait", "--for=condition=Ready", "pod/bench-client", "--timeout=120s", ns=self.ns, timeout=150)
         self.app_ip = kjson("get", "service", "bench-app", ns=self.ns)["spec"]["clusterIP"]

@@ -67,6 +67,7 @@ class FakeKube:
     async def replace_workload(self, w: Workload, obj: dict[str, Any], *, dry_run: bool = False) -> Workload:
         self._refuse("workload")
         if not dry_run:
+            self._refuse("workload write")  # refused only when it would be stored (after the dry run)
             if self.lost and not self.landed:
                 self.lost -= 1
                 raise ClusterUnreachable("update deployments: the API server answered 504 (timeout)", retry_after=0.01)
@@ -151,3 +152,23 @@ async def test_a_write_the_api_server_did_not_answer_is_read_again_and_made_once
     with pytest.raises(ClusterUnreachable):
         await start(kube)
     assert kube.writes == {"workload": [], "service": []}
+
+
+async def test_a_first_intercept_makes_the_secret_once_across_a_conflict(monkeypatch):
+    # The namespace has no tpenv-auth yet, and the first workload write meets a 409: the Secret
+    # made before it is there for the retry, which must not make it again.
+    from tpenv.engine import tunnels
+
+    made = []
+
+    async def missing(*a, **kw):
+        return False
+
+    async def ensure(kube, namespace, *, seen_missing=False):
+        made.append((namespace, seen_missing))
+        return {}
+    monkeypatch.setattr(agents, "_secret_exists", missing)
+    monkeypatch.setattr(tunnels, "ensure_auth_material", ensure)
+    kube = FakeKube({"workload write": 1})
+    ready = await start(kube)
+    assert made == [("ns", True)] and len(kube.writes["workload"]) == 1 and ready.rolled_out

@@ -193,6 +193,7 @@ async def ensure_agent(kube: Kube, w: Workload, service: dict[str, Any], sp: dic
                     from tpenv.engine.tunnels import ensure_auth_material
 
                     await ensure_auth_material(kube, w.namespace, seen_missing=True)
+                    secret_exists = True  # a retry below (a 409 on the workload) must not make it again
                 if attempt == 0:
                     say(f"Injecting the tpenv agent into {w.ref} (port {port_key})")
                 writing = True

@@ -47,15 +47,13 @@ async def ensure_auth_material(kube: Kube, namespace: str, *, seen_missing: bool
     ``seen_missing``: the caller has just read it as missing (injection does, before its write),
     so the create goes first; a 409 then reads the one another client made meanwhile."""
     what = What("get", "secrets", namespace, AUTH_SECRET)
-    read = not seen_missing
-    for _ in range(2):
+    for attempt in range(2):
         secret = None
-        if read:
+        if attempt or not seen_missing:
             try:
                 secret = await kube.call(kube.core.read_namespaced_secret, AUTH_SECRET, namespace, what=what)
             except NotFound:
                 pass
-        read = True
         if secret is None:
             manifest = auth_secret_manifest(namespace, auth_material())
             try:

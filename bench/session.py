@@ -156,7 +156,8 @@ class Bench:
         cluster_setup.AGENT_IMAGE = agent_image()
         log(f"agent image {cluster_setup.AGENT_IMAGE or '(tpenv default)'}")
         objects = manifests(self.ns, cluster_setup.AGENT_IMAGE)
-        kubectl("apply", "-f", "-", ns=self.ns, input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+        kubectl("apply", "-f", "-", ns=self.ns,
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
         self.server = LocalServer()
         kubectl("rollout", "status", "deployment/bench-app", "--timeout=120s", ns=self.ns, timeout=150)
         kubectl("wait", "--for=condition=Ready", "pod/bench-client", "--timeout=120s", ns=self.ns, timeout=150)

@@ -14,6 +14,7 @@ from tpenv_agent.incluster import auth_material
 
 
 def test_material_signs_session_certificates_the_host_accepts():
+    assert make_auth_material is auth_material  # one maker: the client's name for the manager's
     for material in (auth_material(), make_auth_material()):
         assert set(material) == {"ca_key", "ca.pub", "host_key", "host_key.pub"}
         key, cert = issue_session_key(material["ca_key"], "sess-1")

@@ -248,7 +248,10 @@ async def t_wrk(t: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
         f.write(WRK_LUA)
         f.flush()
+        # "writes": 2 asks bench/server.py for its headers and body in two writes (answer_parts).
         url = f"http://{t['host']}:{t['port']}/?size={t.get('size', 1024)}"
+        if t.get("writes") == 2:
+            url += "&writes=2"
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = await asyncio.create_subprocess_exec(
             wrk, f"-t{t.get('threads', 1)}", f"-c{t['conns']}", f"-d{seconds}s", "--timeout", f"{int(TIMEOUT)}s",

@@ -6,6 +6,7 @@ agent's: bench/cluster_setup.py HAPROXY_FRONT), interleaved in rounds so every s
 machine's mood; latency, closed-loop throughput (wrk, then the Python client) with the CPU per
 request, bulk, the agent's CPU per GB, concurrency and gRPC. Every answer says how it reached the app
 (X-Bench-Hop): a direct row that crossed a proxy, or a proxied one that did not, is not counted.
+The agent and HAProxy again with the app answering in two writes (bench/server.py answer_parts).
 Then the agent again with ``--http1-passthrough raw`` (its default, switch, splices raw too while no
 intercept holds the port, but watches for one; route parses HTTP/1 per request) next to HAProxy, wrk only."""
 from __future__ import annotations
@@ -170,6 +171,35 @@ def phase_passthrough(bench: Bench) -> None:
         same_agent()
 
     bench.step("(a)/(d)/(e) direct vs agent passthrough vs HAProxy, interleaved", keys, run, again)
+
+    def two_writes() -> None:
+        """The same wrk rounds through the agent and HAProxy, the app answering each request in two
+        writes (headers, then body: bench/server.py answer_parts), as Python's http.server does. A
+        proxy that forwards each segment as it comes wakes the caller twice per answer; one that
+        reads a little later takes both at once. Shown beside the one-write pair, no target."""
+        if why:
+            raise Unavailable(why)
+        try:
+            meters: dict[str, ContainerCpu] | None = cpu_meters()
+        except Unavailable:  # the main step noted it
+            meters = None
+        runs: dict[str, list[dict]] = {"passthrough_2w": [], "haproxy_2w": []}
+        sides = [("passthrough_2w", bench.app_ip), ("haproxy_2w", bench.haproxy_ip)]
+        for n in range(bench.m["pt_wrk_rounds"]):
+            for k, ip in (sides if n % 2 == 0 else sides[::-1]):
+                runs[k].append(closed_loop({"kind": "wrk", "label": f"wrk:{k}", "host": ip, "port": 80,
+                                            "conns": bench.m["pt_conns"], "threads": bench.m["pt_wrk_threads"],
+                                            "seconds": bench.m["pt_wrk_s"], "size": KiB, "writes": 2}, meters))
+        for k, ip in sides:  # wrk reports no headers: the hop of each side, once
+            [r] = bench.cluster([bench.lat(f"hop:{k}", ip, 80, n=20, idle=False)])
+            bench.checked(r, "cluster", "proxy")
+        same_agent()
+        for k in runs:
+            bench.put("throughput", f"{k}_wrk", {**throughput_row(runs[k]), "client": "wrk",
+                                                 "threads": bench.m["pt_wrk_threads"], "app_writes": 2})
+
+    bench.step("agent vs HAProxy, the app answering in two writes, wrk",
+               [("throughput", "passthrough_2w_wrk"), ("throughput", "haproxy_2w_wrk")], two_writes, again)
 
     def raw() -> None:
         """The agent restarted with --http1-passthrough raw (splice, no per-request parsing), then

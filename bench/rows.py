@@ -53,6 +53,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("throughput", "haproxy_wrk", "(e) HAProxy in the agent's place, closed loop, wrk"),
     ("throughput", "passthrough_raw_wrk", "(d) agent --http1-passthrough raw, closed loop, wrk"),
     ("throughput", "haproxy_raw_wrk", "(e) HAProxy, same rounds as the raw agent, closed loop, wrk"),
+    ("throughput", "passthrough_2w_wrk", "(d) agent passthrough, the app answering in two writes, wrk"),
+    ("throughput", "haproxy_2w_wrk", "(e) HAProxy, the app answering in two writes, wrk"),
     ("throughput", "direct", "(a) in-cluster -> app, closed loop, Python client"),
     ("throughput", "passthrough", "(d) agent passthrough, closed loop, Python client"),
     ("throughput", "haproxy", "(e) HAProxy in the agent's place, closed loop, Python client"),
@@ -177,6 +179,12 @@ def targets(rows: dict) -> list[dict]:
             check(name, round(r, 3), ">= 0.95", r >= 0.95, **per_round(ta, th))
         else:
             check(name, None, ">= 0.95", None, "a row is unavailable")
+    ta, th = v("throughput", "passthrough_2w_wrk"), v("throughput", "haproxy_2w_wrk")
+    name = "passthrough req/s / HAProxy req/s (wrk, the app answering in two writes, no target)"
+    if ta and th:  # shown: how each proxy forwards an answer that leaves the app as two segments
+        check(name, round(ta["rps"] / th["rps"], 3), "-", None, **per_round(ta, th))
+    else:
+        check(name, None, "-", None, "a row is unavailable")
     td, tp = v("throughput", "direct"), v("throughput", "passthrough")
     if td and tp:  # the Python client takes most of a core itself: shown, not the target's figure
         check("passthrough throughput / direct (Python client, no target)", round(tp["rps"] / td["rps"], 3), "-",

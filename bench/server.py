@@ -4,7 +4,8 @@
 Standard library only (HTTP/2 and gRPC through tpenv-echo's ``serve_h2`` when it is importable:
 in the tpenv/testapp image, or on the host from tests/cluster/apps with ``h2`` installed).
 
-    GET  /?size=N   200 with an N-byte body (default 1024), incompressible bytes
+    GET  /?size=N   200 with an N-byte body (default 1024), incompressible bytes; up to 64 KiB in
+                    one write with its headers, apart with &writes=2 (answer_parts)
     POST /          reads the body (Content-Length or chunked), answers {"received": n}
     h2c / gRPC      tpenv-echo's answer (a small JSON; gRPC status 0)
 
@@ -74,6 +75,24 @@ async def send_body(writer: asyncio.StreamWriter, size: int) -> None:
         await writer.drain()
 
 
+SMALL = 64 * 1024  # an answer up to this size goes out in one write (unless ?writes=2)
+
+
+def answer_parts(head: bytes, size: int, *, head_only: bool = False, two: bool = False) -> list[bytes]:
+    """The writes of a GET answer (the body of a larger one follows from send_body).
+
+    A small answer leaves in one write, headers and body together, as nginx (one writev) and Go's
+    net/http (one flush of its buffered writer) send it: one segment, one wake-up of whoever reads
+    it. ``?writes=2`` keeps them apart, as Python's http.server does (its headers, then the
+    handler's body): the two-segment answer a proxy in the path may forward as two (issue 13's
+    second passthrough / HAProxy row)."""
+    if head_only or size > len(BLOCK):  # HEAD; or a body send_body writes in blocks
+        return [head]
+    if two or size > SMALL:
+        return [head, BLOCK[:size]]
+    return [head + BLOCK[:size]]
+
+
 async def serve_http1(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     peer = writer.get_extra_info("peername")
     hop = b"proxy" if peer and str(peer[0]).startswith(LOOPBACK) else b"direct"
@@ -106,13 +125,13 @@ async def serve_http1(head: bytes, reader: asyncio.StreamReader, writer: asyncio
                 size = int(q.get("size", ["1024"])[0])
             except ValueError:
                 size = 1024
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Bench-Side: %s\r\nContent-Length: %d\r\n%s\r\n"
-                         % (side, size, tail))
-            if method != b"HEAD":
-                if size <= len(BLOCK):
-                    writer.write(BLOCK[:size])
-                else:
-                    await send_body(writer, size)
+            two = q.get("writes", ["1"])[0] == "2"
+            top = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Bench-Side: %s\r\n"
+                   b"Content-Length: %d\r\n%s\r\n" % (side, size, tail))
+            for part in answer_parts(top, size, head_only=method == b"HEAD", two=two):
+                writer.write(part)
+            if method != b"HEAD" and size > len(BLOCK):
+                await send_body(writer, size)
         await writer.drain()
         if not keep:
             return

@@ -215,9 +215,11 @@ def _sa_namespace() -> str:
         return "default"
 
 
-async def run_sidecar(argv: list[str], loop: tuple[str, str | None] | None = None) -> int:
+async def run_sidecar(argv: list[str], loop: tuple[str, str | None] | None = None,
+                      sched: str | None = "not started by tpenv-agent's main") -> int:
     """``loop``: the event loop main() chose and why it is not uvloop (None when it is);
-    by default, named after the running loop."""
+    by default, named after the running loop. ``sched``: why the CPU policy main() set is not
+    SCHED_BATCH (main.cpu_policy), None when it is."""
     args = parser().parse_args(argv)
     logs.setup(args.log_level)
     if loop is None:
@@ -229,6 +231,10 @@ async def run_sidecar(argv: list[str], loop: tuple[str, str | None] | None = Non
     else:
         # Works the same, at about 1.4 times the agent's CPU per passthrough request.
         logs.unit("sidecar", args.container).warning("event loop: %s (%s)", name, why_not)
+    if sched is None:
+        logs.unit("sidecar", args.container).info("cpu policy: batch")
+    else:
+        logs.unit("sidecar", args.container).info("cpu policy: normal (%s)", sched)
     if not args.listen:
         print("tpenv-agent sidecar: at least one --listen is needed", file=sys.stderr)
         return 2

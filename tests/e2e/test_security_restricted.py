@@ -10,6 +10,7 @@ a read-only root filesystem, and it reads the app's volume.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -23,11 +24,15 @@ RESTRICTED_SC = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "capab
                  "seccompProfile": {"type": "RuntimeDefault"}}
 
 GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
-# Run in the agent container: who it is, and whether its root filesystem takes a write.
+# Run in the agent container: who it is, whether its root filesystem takes a write, and the CPU
+# policy of every thread of the sidecar (SCHED_BATCH, main.cpu_policy: no capability needed).
 PROBE = ("import json, os\n"
          "try:\n    open('/probe', 'w'); ro = False\nexcept OSError as e:\n    ro = e.errno == 30\n"
+         "pid = next(p for p in os.listdir('/proc') if p.isdigit()\n"
+         "           and b'sidecar' in open(f'/proc/{p}/cmdline', 'rb').read().split(b'\\0'))\n"
+         "policies = sorted({os.sched_getscheduler(int(t)) for t in os.listdir(f'/proc/{pid}/task')})\n"
          "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'groups': os.getgroups(), 'ro': ro,\n"
-         "                  'data': open('/tpenv/mounts/data/app.txt').read()}))")
+         "                  'policies': policies, 'data': open('/tpenv/mounts/data/app.txt').read()}))")
 
 
 def restricted_app(ns: str) -> None:
@@ -84,6 +89,7 @@ def test_intercept_in_a_restricted_namespace(namespace, tmp_path):
         probe = json.loads(kubectl("exec", pod, "-c", "tpenv-agent", "--", "python3", "-c", PROBE, ns=ns).stdout)
         assert probe["uid"] == 1000 and 2000 in probe["groups"], probe
         assert probe["ro"] is True and probe["data"] == "app data\n", probe
+        assert probe["policies"] == [os.SCHED_BATCH], probe
     finally:
         run.stop()
         laptop.close()

@@ -116,6 +116,8 @@ async def test_sidecar_runs_on_uvloop_and_falls_back_to_asyncio_with_a_warning_w
             async with run_agent(tmp_path / str(i), m, [f"0:{app.port}:http"], env=env) as agent:
                 line = await asyncio.wait_for(agent.log_seen(text.decode(), past=True), 10)
                 assert level in line, line
+                # Either loop, the sidecar is a batch task (main.cpu_policy, test_cpu_policy.py).
+                await asyncio.wait_for(agent.log_seen("cpu policy: batch", past=True), 10)
                 # Passthrough works either way: keep-alive requests, then a fresh connection.
                 async with Http1(agent.port("http")) as c:
                     for _ in range(3):

@@ -172,6 +172,24 @@ def phase_passthrough(bench: Bench) -> None:
 
     bench.step("(a)/(d)/(e) direct vs agent passthrough vs HAProxy, interleaved", keys, run, again)
 
+    def wrk_pair(tag: str, meters: dict[str, ContainerCpu] | None, **task: object) -> None:
+        """wrk rounds through the agent and HAProxy, alternating who goes first, then the hop of each
+        side once (wrk reports no headers); rows passthrough_<tag>_wrk and haproxy_<tag>_wrk."""
+        sides = [(f"passthrough_{tag}", bench.app_ip), (f"haproxy_{tag}", bench.haproxy_ip)]
+        runs: dict[str, list[dict]] = {k: [] for k, _ in sides}
+        for n in range(bench.m["pt_wrk_rounds"]):
+            for k, ip in (sides if n % 2 == 0 else sides[::-1]):
+                runs[k].append(closed_loop({"kind": "wrk", "label": f"wrk:{k}", "host": ip, "port": 80,
+                                            "conns": bench.m["pt_conns"], "threads": bench.m["pt_wrk_threads"],
+                                            "seconds": bench.m["pt_wrk_s"], "size": KiB, **task}, meters))
+        for k, ip in sides:
+            [r] = bench.cluster([bench.lat(f"hop:{k}", ip, 80, n=20, idle=False)])
+            bench.checked(r, "cluster", "proxy")
+        same_agent()
+        for k in runs:
+            bench.put("throughput", f"{k}_wrk", {**throughput_row(runs[k]), "client": "wrk",
+                                                 "threads": bench.m["pt_wrk_threads"], **task})
+
     def two_writes() -> None:
         """The same wrk rounds through the agent and HAProxy, the app answering each request in two
         writes (headers, then body: bench/server.py answer_parts), as Python's http.server does. A
@@ -183,20 +201,7 @@ def phase_passthrough(bench: Bench) -> None:
             meters: dict[str, ContainerCpu] | None = cpu_meters()
         except Unavailable:  # the main step noted it
             meters = None
-        runs: dict[str, list[dict]] = {"passthrough_2w": [], "haproxy_2w": []}
-        sides = [("passthrough_2w", bench.app_ip), ("haproxy_2w", bench.haproxy_ip)]
-        for n in range(bench.m["pt_wrk_rounds"]):
-            for k, ip in (sides if n % 2 == 0 else sides[::-1]):
-                runs[k].append(closed_loop({"kind": "wrk", "label": f"wrk:{k}", "host": ip, "port": 80,
-                                            "conns": bench.m["pt_conns"], "threads": bench.m["pt_wrk_threads"],
-                                            "seconds": bench.m["pt_wrk_s"], "size": KiB, "writes": 2}, meters))
-        for k, ip in sides:  # wrk reports no headers: the hop of each side, once
-            [r] = bench.cluster([bench.lat(f"hop:{k}", ip, 80, n=20, idle=False)])
-            bench.checked(r, "cluster", "proxy")
-        same_agent()
-        for k in runs:
-            bench.put("throughput", f"{k}_wrk", {**throughput_row(runs[k]), "client": "wrk",
-                                                 "threads": bench.m["pt_wrk_threads"], "app_writes": 2})
+        wrk_pair("2w", meters, writes=2)
 
     bench.step("agent vs HAProxy, the app answering in two writes, wrk",
                [("throughput", "passthrough_2w_wrk"), ("throughput", "haproxy_2w_wrk")], two_writes, again)
@@ -227,22 +232,7 @@ def phase_passthrough(bench: Bench) -> None:
 
         patch([{"op": "add", "path": path, "value": [*args, "--http1-passthrough", "raw"]}])
         try:
-            meters = cpu_meters()
-            runs: dict[str, list[dict]] = {"passthrough_raw": [], "haproxy_raw": []}
-            sides = [("passthrough_raw", bench.app_ip), ("haproxy_raw", bench.haproxy_ip)]
-            for n in range(bench.m["pt_wrk_rounds"]):
-                for k, ip in (sides if n % 2 == 0 else sides[::-1]):
-                    runs[k].append(closed_loop({"kind": "wrk", "label": f"wrk:{k}", "host": ip, "port": 80,
-                                                "conns": bench.m["pt_conns"], "threads": bench.m["pt_wrk_threads"],
-                                                "seconds": bench.m["pt_wrk_s"], "size": KiB}, meters))
-            # The hop of each side, once, now that the agent is the raw one.
-            for k, ip in sides:
-                [r] = bench.cluster([bench.lat(f"hop:{k}", ip, 80, n=20, idle=False)])
-                bench.checked(r, "cluster", "proxy")
-            same_agent()
-            for k in runs:
-                bench.put("throughput", f"{k}_wrk", {**throughput_row(runs[k]), "client": "wrk",
-                                                     "threads": bench.m["pt_wrk_threads"]})
+            wrk_pair("raw", cpu_meters())
         finally:
             patch([{"op": "replace", "path": path, "value": args}] if args else [{"op": "remove", "path": path}])
 

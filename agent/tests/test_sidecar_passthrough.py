@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from agent_testkit import REPO, App, H2Caller, Http1, auth_material, get_once, read_response, run_agent
-from tpenv_agent.main import LOOP_ENV, choose_loop
+from tpenv_agent.main import LOOP_ENV, SCHED_ENV, choose_loop
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,17 +107,20 @@ async def test_sidecar_runs_on_uvloop_and_falls_back_to_asyncio_with_a_warning_w
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "uvloop.py").write_text("raise ImportError('no uvloop in this test')\n")
-    cases = [({LOOP_ENV: "auto"}, b'"level": "info"', b"event loop: uvloop"),
-             ({LOOP_ENV: "auto", "PYTHONPATH": f"{shadow}:{REPO / 'agent'}"}, b'"level": "warning"',
-              b"event loop: asyncio (uvloop cannot be imported (ImportError: no uvloop in this test))")]
+    # The CPU policy's line too (main.cpu_policy, test_cpu_policy.py): batch, or a warning with
+    # the reason when it is not what was asked for.
+    cases = [({LOOP_ENV: "auto"}, b'"level": "info"', b"event loop: uvloop", "cpu policy: batch", "info"),
+             ({LOOP_ENV: "auto", "PYTHONPATH": f"{shadow}:{REPO / 'agent'}", SCHED_ENV: "fifo"}, b'"level": "warning"',
+              b"event loop: asyncio (uvloop cannot be imported (ImportError: no uvloop in this test))",
+              "cpu policy: normal (TPENV_AGENT_SCHED='fifo' is not one of batch, normal)", "warning")]
     async with App("app") as app:
-        for i, (env, level, text) in enumerate(cases):
+        for i, (env, level, text, sched, sched_level) in enumerate(cases):
             (tmp_path / str(i)).mkdir()
             async with run_agent(tmp_path / str(i), m, [f"0:{app.port}:http"], env=env) as agent:
                 line = await asyncio.wait_for(agent.log_seen(text.decode(), past=True), 10)
                 assert level in line, line
-                # Either loop, the sidecar is a batch task (main.cpu_policy, test_cpu_policy.py).
-                await asyncio.wait_for(agent.log_seen("cpu policy: batch", past=True), 10)
+                line = await asyncio.wait_for(agent.log_seen(sched, past=True), 10)
+                assert f'"level": "{sched_level}"'.encode() in line, line
                 # Passthrough works either way: keep-alive requests, then a fresh connection.
                 async with Http1(agent.port("http")) as c:
                     for _ in range(3):

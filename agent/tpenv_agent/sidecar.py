@@ -19,6 +19,7 @@ from . import envreport
 from .agentspec import SSH_HOST, SSH_PORT, STREAMS_PORT
 from . import log as logs
 from . import sshd
+from .main import SCHED_ENV
 from .health import HealthServer
 from .kubelet import KubeletPeers
 from .identity import ApiServer
@@ -233,7 +234,7 @@ async def run_sidecar(argv: list[str], loop: tuple[str, str | None] | None = Non
         logs.unit("sidecar", args.container).warning("event loop: %s (%s)", name, why_not)
     if sched is None:
         logs.unit("sidecar", args.container).info("cpu policy: batch")
-    elif sched.endswith("=normal"):  # asked for (main.SCHED_ENV)
+    elif sched == f"{SCHED_ENV}=normal":  # asked for: main.cpu_policy's reason for that choice
         logs.unit("sidecar", args.container).info("cpu policy: normal (%s)", sched)
     else:
         # Works the same; on a CPU shared with the app, at about half HAProxy's req/s (main.cpu_policy).

@@ -287,6 +287,25 @@ async def t_bulk(t: dict) -> dict:
     return {"answered_by": c.sides, "hops": c.hops, "bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
 
 
+async def t_bulkloop(t: dict) -> dict:
+    """GETs of ``bytes`` back to back for ``seconds``: the bulk of bench/hol_cross.py, which puts the
+    small requests on another path (or in another place) than this transfer."""
+    c = Conn(t["host"], t["port"], t.get("headers"))
+    moved, errs, s = 0, [], time.perf_counter()
+    while time.perf_counter() - s < t["seconds"]:
+        try:
+            moved += await c.request("GET", f"/?size={t['bytes']}")
+        except Exception as e:  # noqa: BLE001 - counted, the loop goes on on a new connection
+            errs.append(str(e)[:200])
+            c.close()
+            c = Conn(t["host"], t["port"], t.get("headers"))
+            await asyncio.sleep(0.1)
+    took = time.perf_counter() - s
+    c.close()
+    return {"bytes": moved, "seconds": took, "MBps": moved / took / 1e6, "errors": len(errs), "error_samples": errs[:3],
+            "answered_by": c.sides}
+
+
 async def t_hol(t: dict) -> dict:
     stop = asyncio.Event()
     moved = [0]
@@ -382,8 +401,8 @@ async def t_routed(t: dict) -> dict:
         await asyncio.sleep(0.2)
 
 
-KINDS = {"latency": t_latency, "conc": t_conc, "rps": t_rps, "wrk": t_wrk, "bulk": t_bulk, "hol": t_hol,
-         "grpc": t_grpc, "routed": t_routed}
+KINDS = {"latency": t_latency, "conc": t_conc, "rps": t_rps, "wrk": t_wrk, "bulk": t_bulk, "bulkloop": t_bulkloop,
+         "hol": t_hol, "grpc": t_grpc, "routed": t_routed}
 
 
 async def amain(tasks: list[dict]) -> None:

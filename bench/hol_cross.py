@@ -11,18 +11,21 @@ requests on one path while the bulk runs on the other.
 - small through the intercept, bulk through `kubectl port-forward` (no byte of it in tpenv)
 - small through `kubectl port-forward`, bulk through the intercept
 - small through `kubectl port-forward`, bulk through `kubectl port-forward` (the peer's row)
-- and each path's small requests with no bulk
+- each path's small requests with no bulk, and with no bulk but two processes spinning on the
+  host's CPUs (``cpu``: a load that uses no network path at all)
 
 If the intercept's small requests wait as long behind a bulk that never touches tpenv as behind its
 own, what holds them is the shared cluster path and the machine's CPUs, not a queue of tpenv's; if
 they wait far longer behind their own, something in tpenv's path queues them.
 
-    .venv/bin/python bench/hol_cross.py [--rounds 2] [--out DIR]
+    .venv/bin/python bench/hol_cross.py [--rounds 2] [--cases intercept/-,pf/cpu,...] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -61,13 +64,23 @@ def crossed(bench: Bench, small_where: str, bulk_where: str | None, pf_port: int
         out[key] = (bench.cluster if place == "cluster" else bench.host)([t])[0]
 
     threads = []
-    if bulk_where is not None:
+    spin: list[subprocess.Popen] = []
+    if bulk_where == "cpu":  # one busy process per CPU, ended with the series (bounded by timeout too)
+        spin = [subprocess.Popen(["timeout", str(N / RATE + 10), sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 2)]
+        time.sleep(0.5)
+    elif bulk_where is not None:
         place, t = task(bulk_where, bulkloop)
         threads.append(threading.Thread(target=run, args=(place, t, "bulk")))
         threads[-1].start()
         time.sleep(1.5)  # the transfer is under way before the first small request
     place, t = task(small_where, small)
-    run(place, t, "small")
+    try:
+        run(place, t, "small")
+    finally:
+        for sp in spin:
+            sp.kill()
+            sp.wait()
     for th in threads:
         th.join()
     s, b = out["small"], out.get("bulk") or {}
@@ -79,8 +92,15 @@ def crossed(bench: Bench, small_where: str, bulk_where: str | None, pf_port: int
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cases", default="intercept/-,pf/-,intercept/intercept,intercept/pf,pf/intercept,pf/pf",
+                   help="SMALL/BULK pairs: SMALL intercept or pf; BULK intercept, pf, cpu or - (none)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
+    pairs = [c.split("/") for c in args.cases.split(",")]
+    if any(len(x) != 2 or x[0] not in ("intercept", "pf") or x[1] not in ("-", "intercept", "pf", "cpu")
+           for x in pairs):
+        p.error(f"--cases {args.cases!r}: each is SMALL/BULK, SMALL intercept or pf, BULK intercept, pf, cpu or -")
+    cases = [(x[0], None if x[1] == "-" else x[1]) for x in pairs]
     bench = Bench("full", args.out, keep=False, only={"intercept"})
     rows: list[dict] = []
     try:
@@ -89,8 +109,6 @@ def main() -> int:
         bench.ic = bench.start_intercept("first_intercept_s", "--mount", "false")
         pf = PortForward(bench.ns, bench.app_pod(), 8080)
         try:
-            cases = [("intercept", None), ("pf", None), ("intercept", "intercept"), ("intercept", "pf"),
-                     ("pf", "intercept"), ("pf", "pf")]
             for r in range(args.rounds):
                 for s, b in cases if r % 2 == 0 else cases[::-1]:  # alternated: drift shows as a spread
                     log(f"round {r + 1}: small through {s}, bulk through {b or 'nothing'}")

@@ -41,6 +41,9 @@ from bench.session import Bench  # noqa: E402
 N, RATE, BULK = 1000, 100, 64 * MiB  # the full bench's head-of-line step: 1000 small at 100/s, 64 MiB bodies
 
 
+SPIN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+
+
 def small(label: str, host: str, port: int) -> dict:
     return {"kind": "latency", "label": label, "host": host, "port": port, "n": N, "rate": RATE, "size": KiB,
             "idle": 0}
@@ -65,8 +68,12 @@ def crossed(bench: Bench, small_where: str, bulk_where: str | None, pf_port: int
 
     threads = []
     spin: list[subprocess.Popen] = []
-    if bulk_where == "cpu":  # one busy process per CPU, ended with the series (bounded by timeout too)
-        spin = [subprocess.Popen(["timeout", str(N / RATE + 10), sys.executable, "-c", "while True: pass"])
+    if bulk_where == "cpu":
+        # One busy process per CPU, killed when the series ends and bounded by its own clock too
+        # (no `timeout` wrapper: killing the wrapper would leave its child spinning), with no
+        # stdout of ours to hold open.
+        spin = [subprocess.Popen([sys.executable, "-c", SPIN, str(N / RATE + 10)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for _ in range(os.cpu_count() or 2)]
         time.sleep(0.5)
     elif bulk_where is not None:
@@ -84,6 +91,9 @@ def crossed(bench: Bench, small_where: str, bulk_where: str | None, pf_port: int
     for th in threads:
         th.join()
     s, b = out["small"], out.get("bulk") or {}
+    want = "laptop" if small_where == "intercept" else "cluster"  # a lost intercept must not pass as a figure
+    if "failed" not in s and set(s.get("answered_by") or {}) != {want}:
+        s["failed"] = f"small requests answered by {s.get('answered_by')}, not all by the {want}"
     return {"small": small_where, "bulk": bulk_where, "p50_ms": s.get("p50_ms"), "p99_ms": s.get("p99_ms"),
             "max_ms": s.get("max_ms"), "errors": s.get("errors"), "answered_by": s.get("answered_by"),
             "bulk_MBps": b.get("MBps"), "bulk_errors": b.get("errors"), "failed": s.get("failed") or b.get("failed")}

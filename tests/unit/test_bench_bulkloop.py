@@ -4,26 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bench import load
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def served():
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "server.py"), "--host", "127.0.0.1", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_it_moves_whole_bodies_for_the_time_given(served):

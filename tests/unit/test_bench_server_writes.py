@@ -4,15 +4,9 @@ bytes are checked through a real server on loopback, both ways the same."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 
 from bench import server
 
-REPO = Path(__file__).resolve().parents[2]
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n"
 
 
@@ -30,17 +24,6 @@ def test_larger_answers_keep_head_and_body_apart():
     assert server.answer_parts(HEAD, server.SMALL + 1) == [HEAD, server.BLOCK[:server.SMALL + 1]]
     assert server.answer_parts(HEAD, len(server.BLOCK) + 1) == [HEAD]  # send_body writes the rest
     assert server.answer_parts(HEAD, 1024, head_only=True) == [HEAD]
-
-
-@pytest.fixture
-def served():
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "server.py"), "--host", "127.0.0.1", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        yield int(proc.stdout.readline())
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def get(port: int, target: str) -> bytes:

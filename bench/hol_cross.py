@@ -11,7 +11,7 @@ requests on one path while the bulk runs on the other.
 - small through the intercept, bulk through `kubectl port-forward` (no byte of it in tpenv)
 - small through `kubectl port-forward`, bulk through the intercept
 - small through `kubectl port-forward`, bulk through `kubectl port-forward` (the peer's row)
-- each path's small requests with no bulk, and with no bulk but two processes spinning on the
+- each path's small requests with no bulk, and with no bulk but a process spinning on each of the
   host's CPUs (``cpu``: a load that uses no network path at all)
 
 If the intercept's small requests wait as long behind a bulk that never touches tpenv as behind its
@@ -91,9 +91,11 @@ def crossed(bench: Bench, small_where: str, bulk_where: str | None, pf_port: int
     for th in threads:
         th.join()
     s, b = out["small"], out.get("bulk") or {}
-    want = "laptop" if small_where == "intercept" else "cluster"  # a lost intercept must not pass as a figure
-    if "failed" not in s and set(s.get("answered_by") or {}) != {want}:
-        s["failed"] = f"small requests answered by {s.get('answered_by')}, not all by the {want}"
+    # A lost intercept must not pass as a figure: every answer from the side its path names.
+    for what, r, where in (("small requests", s, small_where), ("bulk", b, bulk_where)):
+        want = {"intercept": "laptop", "pf": "cluster"}.get(where or "")
+        if want and "failed" not in r and set(r.get("answered_by") or {}) != {want}:
+            r["failed"] = f"{what} answered by {r.get('answered_by')}, not all by the {want}"
     return {"small": small_where, "bulk": bulk_where, "p50_ms": s.get("p50_ms"), "p99_ms": s.get("p99_ms"),
             "max_ms": s.get("max_ms"), "errors": s.get("errors"), "answered_by": s.get("answered_by"),
             "bulk_MBps": b.get("MBps"), "bulk_errors": b.get("errors"), "failed": s.get("failed") or b.get("failed")}
@@ -102,7 +104,8 @@ def crossed(bench: Bench, small_where: str, bulk_where: str | None, pf_port: int
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--cases", default="intercept/-,pf/-,intercept/intercept,intercept/pf,pf/intercept,pf/pf",
+    p.add_argument("--cases", default="intercept/-,pf/-,intercept/intercept,intercept/pf,pf/intercept,pf/pf,"
+                                      "intercept/cpu,pf/cpu",
                    help="SMALL/BULK pairs: SMALL intercept or pf; BULK intercept, pf, cpu or - (none)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
@@ -125,8 +128,8 @@ def main() -> int:
                     row = crossed(bench, s, b, pf.port)
                     row["round"] = r + 1
                     rows.append(row)
-                    log(f"  p50 {row['p50_ms']} p99 {row['p99_ms']} ms, bulk {row['bulk_MBps']} MB/s"
-                        + (f", failed: {row['failed']}" if row["failed"] else ""))
+                    log(f"  p50 {row['p50_ms'] or 0:.2f} p99 {row['p99_ms'] or 0:.2f} ms, bulk "
+                        f"{row['bulk_MBps'] or 0:.0f} MB/s" + (f", failed: {row['failed']}" if row["failed"] else ""))
         finally:
             pf.stop()
     finally:

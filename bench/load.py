@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Callable
 
 BLOCK = os.urandom(1 << 20)
 TIMEOUT = 30.0
@@ -287,23 +288,29 @@ async def t_bulk(t: dict) -> dict:
     return {"answered_by": c.sides, "hops": c.hops, "bytes": t["bytes"], "dir": t["dir"], "seconds": took, "MBps": t["bytes"] / took / 1e6}
 
 
+async def bulk_gets(c: Conn, size: int, moved: list[int], errs: list[str], go_on: Callable[[], bool]) -> None:
+    """GETs of ``size`` back to back on ``c`` while ``go_on()``: the bytes added to ``moved[0]``, a
+    failure kept in ``errs`` and the connection reopened by the next request (the bulk of ``t_hol``
+    and ``t_bulkloop``)."""
+    while go_on():
+        try:
+            moved[0] += await c.request("GET", f"/?size={size}")
+        except Exception as e:  # noqa: BLE001
+            errs.append(str(e)[:200])
+            c.close()
+            await asyncio.sleep(0.1)
+    c.close()
+
+
 async def t_bulkloop(t: dict) -> dict:
     """GETs of ``bytes`` back to back for ``seconds``: the bulk of bench/hol_cross.py, which puts the
     small requests on another path (or in another place) than this transfer."""
     c = Conn(t["host"], t["port"], t.get("headers"))
-    moved, errs, s = 0, [], time.perf_counter()
-    while time.perf_counter() - s < t["seconds"]:
-        try:
-            moved += await c.request("GET", f"/?size={t['bytes']}")
-        except Exception as e:  # noqa: BLE001 - counted, the loop goes on on a new connection
-            errs.append(str(e)[:200])
-            c.close()
-            c = Conn(t["host"], t["port"], t.get("headers"))
-            await asyncio.sleep(0.1)
+    moved, errs, s = [0], [], time.perf_counter()
+    await bulk_gets(c, t["bytes"], moved, errs, lambda: time.perf_counter() - s < t["seconds"])
     took = time.perf_counter() - s
-    c.close()
-    return {"bytes": moved, "seconds": took, "MBps": moved / took / 1e6, "errors": len(errs), "error_samples": errs[:3],
-            "answered_by": c.sides}
+    return {"bytes": moved[0], "seconds": took, "MBps": moved[0] / took / 1e6, "errors": len(errs),
+            "error_samples": errs[:3], "answered_by": c.sides}
 
 
 async def t_hol(t: dict) -> dict:
@@ -311,18 +318,8 @@ async def t_hol(t: dict) -> dict:
     moved = [0]
     bulk_errs: list[str] = []
 
-    async def bulk() -> None:
-        c = Conn(t["host"], t["port"], t.get("headers"))
-        while not stop.is_set():
-            try:
-                moved[0] += await c.request("GET", f"/?size={t['bytes']}")
-            except Exception as e:  # noqa: BLE001
-                bulk_errs.append(str(e)[:200])
-                c.close()
-                await asyncio.sleep(0.1)
-        c.close()
-
-    b = asyncio.ensure_future(bulk())
+    b = asyncio.ensure_future(bulk_gets(Conn(t["host"], t["port"], t.get("headers")), t["bytes"], moved, bulk_errs,
+                                        lambda: not stop.is_set()))
     await asyncio.sleep(t.get("lead", 0.5))  # the transfer is under way before we sample
     conn = Conn(t["host"], t["port"], t.get("headers"))
     lat: list[float] = []

@@ -34,11 +34,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import KiB, MiB, log  # noqa: E402
+from bench.common import KiB, log  # noqa: E402
 from bench.processes import PortForward  # noqa: E402
+from bench.rows import MODES  # noqa: E402
 from bench.session import Bench  # noqa: E402
 
-N, RATE, BULK = 1000, 100, 64 * MiB  # the full bench's head-of-line step: 1000 small at 100/s, 64 MiB bodies
+# The full bench's head-of-line step: 1000 small requests at 100/s, 64 MiB bodies.
+N, RATE, BULK = MODES["full"]["hol_n"], MODES["full"]["hol_rate"], MODES["full"]["hol_bytes"]
 
 
 SPIN = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"

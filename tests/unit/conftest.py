@@ -1,22 +1,16 @@
 """Fixtures shared by the unit tests of bench/ (its load tasks and its server)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def served():
-    """bench/server.py on 127.0.0.1, a port of its own choosing; its port."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "server.py"), "--host", "127.0.0.1", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    """bench/server.py on 127.0.0.1 (the bench's own LocalServer), a port of its own choosing; its port."""
+    from bench.processes import LocalServer  # here, not at collection: it loads the bench's cluster kit
+
+    server = LocalServer()
     try:
-        yield int(proc.stdout.readline())
+        yield server.port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
